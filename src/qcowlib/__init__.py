@@ -1,0 +1,113 @@
+"""qcowlib: read, convert and check virtual disk images, interoperable with qemu-img.
+
+``import qcowlib`` stays light: numpy, construct and the rest load on first use.
+
+>>> import qcowlib
+>>> with qcowlib.open("overlay.qcow2") as disk:          # doctest: +SKIP
+...     data = disk.read(0, 512)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from qcowlib.errors import (
+    BackingChainError,
+    BackingFormatUnknown,
+    BackingLoop,
+    BackingNotFound,
+    BackingTooDeep,
+    CorruptImage,
+    FormatError,
+    ImageLocked,
+    InvalidArgument,
+    QcowlibError,
+    QcowlibIOError,
+    TruncatedImage,
+    UnsafeBackingPath,
+    UnsupportedFeature,
+)
+
+if TYPE_CHECKING:
+    from qcowlib.disk.base import Disk, Extent, ExtentKind
+    from qcowlib.disk.chain import BackingPolicy
+    from qcowlib.ops.compare import CompareResult
+    from qcowlib.ops.convert import convert
+
+__all__ = [
+    "BackingChainError",
+    "BackingFormatUnknown",
+    "BackingLoop",
+    "BackingNotFound",
+    "BackingPolicy",
+    "BackingTooDeep",
+    "CompareResult",
+    "CorruptImage",
+    "Disk",
+    "Extent",
+    "ExtentKind",
+    "FormatError",
+    "ImageLocked",
+    "InvalidArgument",
+    "QcowlibError",
+    "QcowlibIOError",
+    "TruncatedImage",
+    "UnsafeBackingPath",
+    "UnsupportedFeature",
+    "compare",
+    "convert",
+    "info",
+    "open",
+]
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Disk": ("qcowlib.disk.base", "Disk"),
+    "Extent": ("qcowlib.disk.base", "Extent"),
+    "ExtentKind": ("qcowlib.disk.base", "ExtentKind"),
+    "BackingPolicy": ("qcowlib.disk.chain", "BackingPolicy"),
+    "CompareResult": ("qcowlib.ops.compare", "CompareResult"),
+    "convert": ("qcowlib.ops.convert", "convert"),
+    "info": ("qcowlib.ops.info", "info"),
+}
+
+
+def open(
+    path: str,
+    fmt: str | None = None,
+    *,
+    backing: BackingPolicy | None = None,
+) -> Disk:
+    """Open an image read-only with its backing chain; the format is probed unless given.
+
+    Use as a context manager.  ``backing`` controls what may be followed (see
+    :class:`BackingPolicy`; ``BackingPolicy(follow=False)`` opens the top image alone).
+    Raises :class:`QcowlibError` subclasses for anything wrong with the files.
+    """
+    from qcowlib.disk.chain import open_disk
+
+    return open_disk(path, fmt, backing)
+
+
+def compare(
+    a: str, b: str, *, fmt_a: str | None = None, fmt_b: str | None = None, strict: bool = False
+) -> CompareResult:
+    """Compare the guest content of two images, as ``qemu-img compare``."""
+    from qcowlib.disk.chain import open_disk
+    from qcowlib.ops.compare import compare as _compare
+
+    with open_disk(a, fmt_a) as da, open_disk(b, fmt_b) as db:
+        return _compare(da, db, strict=strict)
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'qcowlib' has no attribute {name!r}") from None
+    import importlib
+
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value

@@ -1,0 +1,7 @@
+"""``python -m qcowlib``."""
+
+import sys
+
+from qcowlib.cli import main
+
+sys.exit(main())

@@ -1,0 +1,219 @@
+"""The ``qcowlib`` command line: argparse front end with qemu-img's option spellings.
+
+Exit status follows the contract: 0 success, 1 error (one ``qcowlib: error: ...`` line on
+stderr, never a traceback), 2 usage error; ``compare`` returns 0 identical, 1 different,
+2 error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from qcowlib.errors import InvalidArgument, QcowlibError
+
+log = logging.getLogger("qcowlib")
+
+INPUT_FORMATS = ("raw", "qcow2", "vmdk", "vdi", "vpc", "vhdx")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"qcowlib: error: {message}\n")
+
+
+class _Failed(Exception):
+    """A command failed with a message already formatted, and an exit status."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _add_output(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", choices=("human", "json"), default="human")
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=4) + "\n")
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from qcowlib.cli.render import human_info
+    from qcowlib.ops.info import info
+
+    result = info(args.filename, args.format, backing_chain=args.backing_chain)
+    if args.output == "json":
+        _print_json(result)
+    elif isinstance(result, list):
+        sys.stdout.write("\n".join(human_info(r) for r in result))
+    else:
+        sys.stdout.write(human_info(result))
+    return 0
+
+
+def _cmd_map(args: argparse.Namespace) -> int:
+    from qcowlib.cli.render import human_map, render_map_json
+    from qcowlib.disk.chain import open_disk
+    from qcowlib.ops.map import map_entries
+
+    with open_disk(args.filename, args.format) as disk:
+        entries = list(map_entries(disk))
+    if args.output == "json":
+        sys.stdout.write(render_map_json(entries))
+        return 0
+    text, error = human_map(entries)
+    sys.stdout.write(text)
+    if error:
+        raise _Failed(error)
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from qcowlib.disk.chain import open_disk
+    from qcowlib.ops.compare import compare
+
+    try:
+        with (
+            open_disk(args.filename1, args.format1) as a,
+            open_disk(args.filename2, args.format2) as b,
+        ):
+            result = compare(a, b, strict=args.strict)
+    except QcowlibError as exc:
+        raise _Failed(str(exc), 2) from None
+    for line in result.messages:
+        sys.stdout.write(line + "\n")
+    return 0 if result.identical else 1
+
+
+def _parse_options(text: str | None) -> dict[str, str]:
+    options: dict[str, str] = {}
+    if not text:
+        return options
+    for item in text.split(","):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        options[key.strip()] = value if sep else "on"
+    return options
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from qcowlib._units import parse_size
+    from qcowlib.cli.progress import ProgressBar
+    from qcowlib.ops.convert import convert
+
+    if args.backing is not None:
+        raise InvalidArgument("-B is not supported for this output format yet")
+    sparse = parse_size(args.sparse_size) if args.sparse_size is not None else 4096
+    bar = ProgressBar() if args.progress else None
+    try:
+        convert(
+            args.src,
+            args.dst,
+            args.out_format,
+            src_format=args.format,
+            compress=args.compress,
+            options=_parse_options(args.options),
+            sparse_size=sparse,
+            progress=bar.update if bar else None,
+        )
+    finally:
+        if bar:
+            bar.finish()
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for the CLI reference and tests)."""
+    parser = _Parser(prog="qcowlib", description="Inspect and convert virtual disk images.")
+    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--debug", action="store_true", help="log debugging detail to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("info", help="show image information")
+    p.add_argument("-f", dest="format", choices=INPUT_FORMATS)
+    _add_output(p)
+    p.add_argument("--backing-chain", action="store_true")
+    p.add_argument("filename")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("map", help="show the allocation map")
+    p.add_argument("-f", dest="format", choices=INPUT_FORMATS)
+    _add_output(p)
+    p.add_argument("filename")
+    p.set_defaults(func=_cmd_map)
+
+    p = sub.add_parser("compare", help="compare guest content of two images")
+    p.add_argument("-f", dest="format1", choices=INPUT_FORMATS)
+    p.add_argument("-F", dest="format2", choices=INPUT_FORMATS)
+    p.add_argument("-s", dest="strict", action="store_true", help="strict mode")
+    p.add_argument("filename1")
+    p.add_argument("filename2")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("convert", help="convert an image to another format")
+    p.add_argument("-f", dest="format", choices=INPUT_FORMATS)
+    p.add_argument("-O", dest="out_format", default="raw", choices=INPUT_FORMATS)
+    p.add_argument("-o", dest="options")
+    p.add_argument("-c", dest="compress", action="store_true")
+    p.add_argument("-B", dest="backing")
+    p.add_argument("-S", dest="sparse_size")
+    p.add_argument("-p", dest="progress", action="store_true")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.set_defaults(func=_cmd_convert)
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"qcowlib {version('qcowlib')}"
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "qcowlib (unknown version)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="qcowlib: %(levelname)s: %(message)s",
+    )
+    func: Callable[[argparse.Namespace], int] = args.func
+    error_status = 2 if args.command == "compare" else 1
+    try:
+        return func(args)
+    except _Failed as exc:
+        sys.stderr.write(f"qcowlib: error: {exc}\n")
+        return exc.status
+    except QcowlibError as exc:
+        sys.stderr.write(f"qcowlib: error: {exc}\n")
+        return error_status
+    except KeyboardInterrupt:
+        sys.stderr.write("qcowlib: error: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return error_status
+    except OSError as exc:
+        sys.stderr.write(f"qcowlib: error: {exc}\n")
+        return error_status
+    except Exception as exc:  # a bug: never show users a traceback, keep it in the log
+        log.debug("internal error", exc_info=True)
+        sys.stderr.write(f"qcowlib: error: internal error: {type(exc).__name__}: {exc}\n")
+        return error_status

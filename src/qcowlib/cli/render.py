@@ -1,0 +1,132 @@
+"""Human renderers that print what qemu-img prints for the same data."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from qcowlib.ops.map import MapEntry
+
+
+def size_to_str(value: int) -> str:
+    """qemu's ``size_to_str``: ``%0.3g`` of the value in the unit it reaches past 1000."""
+    suffixes = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"]
+    i = 0
+    scaled = value / (1000.0 / 1024.0)
+    while scaled >= 1024 and i < len(suffixes) - 1:
+        scaled /= 1024
+        i += 1
+    return f"{_g3(value / (1 << (10 * i)))} {suffixes[i]}B"
+
+
+def _g3(x: float) -> str:
+    return f"{x:0.3g}"
+
+
+def _dump_value(key: str, value: Any, indent: int, out: list[str]) -> None:
+    pad = " " * indent
+    name = key.replace("-", " ")
+    if isinstance(value, dict):
+        out.append(f"{pad}{name}:")
+        for k, v in value.items():
+            _dump_value(k, v, indent + 4, out)
+    elif isinstance(value, list):
+        out.append(f"{pad}{name}:")
+        for i, item in enumerate(value):
+            _dump_value(f"[{i}]", item, indent + 4, out)
+    elif isinstance(value, bool):
+        out.append(f"{pad}{name}: {'true' if value else 'false'}")
+    else:
+        out.append(f"{pad}{name}: {value}")
+
+
+def _snapshot_lines(snaps: list[dict[str, Any]]) -> list[str]:
+    lines = ["Snapshot list:"]
+    lines.append(f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}")
+    for s in snaps:
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
+        secs = s["vm-clock-sec"]
+        clock = (
+            f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}."
+            f"{s['vm-clock-nsec'] // 1_000_000:03d}"
+        )
+        icount = str(s["icount"]) if "icount" in s else ""
+        lines.append(
+            f"{s['id']:<9} {s['name']:<16} {size_to_str(s['vm-state-size']):>8}"
+            f"{date:>20}{clock:>13}{icount:>11}"
+        )
+    return lines
+
+
+def human_info(info: dict[str, Any]) -> str:
+    """``qemu-img info`` human output for one image."""
+    lines = [
+        f"image: {info['filename']}",
+        f"file format: {info['format']}",
+        f"virtual size: {size_to_str(info['virtual-size'])} ({info['virtual-size']} bytes)",
+    ]
+    if "actual-size" in info:
+        lines.append(f"disk size: {size_to_str(info['actual-size'])}")
+    else:
+        lines.append("disk size: unavailable")
+    if "cluster-size" in info:
+        lines.append(f"cluster_size: {info['cluster-size']}")
+    if info.get("dirty-flag"):
+        lines.append("cleanly shut down: no")
+    if "backing-filename" in info:
+        line = f"backing file: {info['backing-filename']}"
+        full = info.get("full-backing-filename")
+        if full is not None and full != info["backing-filename"]:
+            line += f" (actual path: {full})"
+        lines.append(line)
+    if "backing-filename-format" in info:
+        lines.append(f"backing file format: {info['backing-filename-format']}")
+    if info.get("snapshots"):
+        lines.extend(_snapshot_lines(info["snapshots"]))
+    spec = info.get("format-specific")
+    if spec is not None:
+        lines.append("Format specific information:")
+        for k, v in spec["data"].items():
+            _dump_value(k, v, 4, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _hex(value: int) -> str:
+    # C's "%#x" prints 0 without the 0x prefix.
+    return f"{value:#x}" if value else "0"
+
+
+def human_map(entries: Iterable[MapEntry]) -> tuple[str, str | None]:
+    """``qemu-img map`` human output, and an error message if it must stop early."""
+    lines = [f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File"]
+    for e in entries:
+        if e.data and e.offset is None:
+            return (
+                "\n".join(lines) + "\n",
+                "File contains external, encrypted or compressed clusters.",
+            )
+        if e.data and not e.zero:
+            lines.append(
+                f"{_hex(e.start):<16}{_hex(e.length):<16}{_hex(e.offset or 0):<16}"
+                f"{e.filename or ''}"
+            )
+    return "\n".join(lines) + "\n", None
+
+
+def render_map_json(entries: Iterable[MapEntry]) -> str:
+    """``qemu-img map --output json``, byte for byte (one entry per line)."""
+    rows = []
+    for e in entries:
+        row = (
+            f'{{ "start": {e.start}, "length": {e.length}, "depth": {e.depth},'
+            f' "present": {_js(e.present)}, "zero": {_js(e.zero)}, "data": {_js(e.data)}'
+        )
+        if e.offset is not None:
+            row += f', "offset": {e.offset}'
+        rows.append(row + "}")
+    return "[" + ",\n".join(rows) + "]\n"
+
+
+def _js(flag: bool) -> str:
+    return "true" if flag else "false"

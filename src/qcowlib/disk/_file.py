@@ -1,0 +1,112 @@
+"""A host file opened for positional I/O, with bounds handled in one place."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+
+from qcowlib.errors import QcowlibIOError, TruncatedImage
+
+
+class HostFile:
+    """An open file: ``pread`` into buffers, its size, and hole/data probing.
+
+    Reads past the end of the file return zeros for the missing part, as a block device
+    of the file's size padded with zeros would (QEMU's file driver does the same);
+    callers that must not read past the end check :attr:`size` first.
+    """
+
+    def __init__(self, path: str, *, writable: bool = False) -> None:
+        self.path = path
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        try:
+            self.fd = os.open(path, flags | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise QcowlibIOError(f"no such file: {path}", file=path) from None
+        except IsADirectoryError:
+            raise QcowlibIOError(f"{path} is a directory", file=path) from None
+        except OSError as exc:
+            raise QcowlibIOError(f"cannot open {path}: {exc.strerror}", file=path) from None
+        try:
+            st = os.fstat(self.fd)
+        except OSError as exc:  # pragma: no cover - fstat on an open fd
+            os.close(self.fd)
+            raise QcowlibIOError(f"cannot stat {path}: {exc.strerror}", file=path) from None
+        self.size = st.st_size
+        self.identity = (st.st_dev, st.st_ino)
+        self.allocated = st.st_blocks * 512
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset``; zeros where the file ends early."""
+        buf = bytearray(length)
+        self.pread_into(offset, memoryview(buf))
+        return bytes(buf)
+
+    def pread_exact(self, offset: int, length: int, what: str) -> bytes:
+        """Like :meth:`pread` but a structure past the end of file is an error."""
+        if offset < 0 or offset + length > self.size:
+            raise TruncatedImage(
+                f"{what} at {offset:#x} ({length} bytes) is past the end of the file",
+                file=self.path,
+                structure=what,
+                offset=offset,
+            )
+        return self.pread(offset, length)
+
+    def pread_into(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` from ``offset``; the part past the end of file reads as zeros."""
+        n = len(buf)
+        done = 0
+        try:
+            while done < n:
+                pos = offset + done
+                if pos >= self.size:
+                    break
+                got = os.preadv(self.fd, [buf[done : min(n, done + (1 << 30))]], pos)
+                if got == 0:
+                    break
+                done += got
+        except OSError as exc:
+            raise QcowlibIOError(
+                f"read error at {offset:#x}: {exc.strerror}", file=self.path, offset=offset
+            ) from None
+        if done < n:
+            buf[done:] = bytes(n - done)
+
+    def segments(self, offset: int, end: int) -> Iterator[tuple[int, int, bool]]:
+        """``(start, stop, is_data)`` runs of ``[offset, end)`` from SEEK_DATA/SEEK_HOLE.
+
+        Past the end of the file is a hole.  Where the file system cannot tell, the whole
+        range is data.
+        """
+        pos = offset
+        file_end = min(end, self.size)
+        while pos < file_end:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    break  # only a hole remains
+                yield pos, file_end, True
+                pos = file_end
+                break
+            if data > pos:
+                yield pos, min(data, file_end), False
+                pos = min(data, file_end)
+                if pos >= file_end:
+                    break
+            try:
+                hole = os.lseek(self.fd, pos, os.SEEK_HOLE)
+            except OSError:
+                hole = file_end
+            hole = min(max(hole, pos + 1), file_end)
+            yield pos, hole, True
+            pos = hole
+        if pos < end:
+            yield pos, end, False
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

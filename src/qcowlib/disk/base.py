@@ -1,0 +1,234 @@
+"""The Disk protocol: random access to an image's guest-visible bytes and its extents.
+
+A :class:`Disk` is one image file (one layer of a chain).  Each format implements
+:meth:`Disk.layer_extents` (what *this* layer says about a range) and
+:meth:`Disk._read_layer` (how to read this layer's data and compressed extents); the base
+class resolves unallocated ranges through the backing disk, for reads and for
+:meth:`Disk.extents`, which yields the same runs as ``qemu-img map``.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from types import TracebackType
+
+from qcowlib.disk._file import HostFile
+from qcowlib.errors import InvalidArgument
+
+
+class ExtentKind(enum.Enum):
+    """What a run of guest bytes is, at the layer that decides it."""
+
+    #: Bytes stored uncompressed at ``host_offset`` in ``file``.
+    DATA = "data"
+    #: Reads as zeros; allocated in the file when ``host_offset`` is set.
+    ZERO = "zero"
+    #: Not decided by this layer: the backing file's content shows through (or zeros
+    #: when there is no backing file or the range lies past its end).
+    UNALLOCATED = "unallocated"
+    #: One compressed cluster at ``host_offset`` (``compressed_length`` bytes at most).
+    COMPRESSED = "compressed"
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A run of guest bytes ``[start, start + length)`` of one kind.
+
+    In resolved extents (:meth:`Disk.extents`), ``depth`` is the chain index of the
+    layer that decided the run (0 is the top image) and an ``UNALLOCATED`` run reads as
+    zeros with nothing allocated anywhere in the chain.
+    """
+
+    start: int
+    length: int
+    kind: ExtentKind
+    host_offset: int | None = None
+    depth: int = 0
+    file: str | None = None
+    compressed_length: int = 0
+    #: DATA whose host range is a hole in the file (qemu's "data" and "zero" both set).
+    hole: bool = False
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+    @property
+    def present(self) -> bool:
+        """Allocated at some layer (qemu-img map's ``present``)."""
+        return self.kind is not ExtentKind.UNALLOCATED
+
+    @property
+    def reads_zero(self) -> bool:
+        """Known to read as zeros without looking at data."""
+        return self.kind in (ExtentKind.ZERO, ExtentKind.UNALLOCATED) or self.hole
+
+    def clip(self, start: int, end: int) -> Extent:
+        """The part of this extent inside ``[start, end)`` (host offsets shifted)."""
+        s = max(start, self.start)
+        e = min(end, self.end)
+        delta = s - self.start
+        host = self.host_offset
+        if host is not None and self.kind is not ExtentKind.COMPRESSED:
+            host += delta
+        return replace(self, start=s, length=e - s, host_offset=host)
+
+
+def mergeable(a: Extent, b: Extent) -> bool:
+    """Whether ``b`` continues ``a`` (same kind, depth and file; contiguous host bytes)."""
+    if a.end != b.start or a.kind is not b.kind or a.depth != b.depth or a.file != b.file:
+        return False
+    if a.hole != b.hole or a.kind is ExtentKind.COMPRESSED:
+        return False
+    if (a.host_offset is None) != (b.host_offset is None):
+        return False
+    return a.host_offset is None or a.host_offset + a.length == b.host_offset
+
+
+def coalesce(extents: Iterator[Extent]) -> Iterator[Extent]:
+    """Merge adjacent extents that :func:`mergeable` joins."""
+    current: Extent | None = None
+    for ext in extents:
+        if ext.length == 0:
+            continue
+        if current is not None and mergeable(current, ext):
+            current = replace(current, length=current.length + ext.length)
+            continue
+        if current is not None:
+            yield current
+        current = ext
+    if current is not None:
+        yield current
+
+
+class Disk(abc.ABC):
+    """One open image (a layer), with its backing disk if the chain was followed."""
+
+    #: qemu-img's name for the format ("qcow2", "raw", ...).
+    format: str
+    #: The name the image was opened by (as qemu-img shows it).
+    filename: str
+    virtual_size: int
+    backing: Disk | None = None
+
+    # -- to implement --------------------------------------------------------------------
+    @abc.abstractmethod
+    def layer_extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        """This layer's runs over ``[offset, offset + length)``, in order, no gaps."""
+
+    @abc.abstractmethod
+    def _read_layer(self, ext: Extent, buf: memoryview) -> None:
+        """Fill ``buf`` (``ext.length`` bytes) from a DATA or COMPRESSED layer extent."""
+
+    @abc.abstractmethod
+    def _close_layer(self) -> None:
+        """Release this layer's resources."""
+
+    def host_file_for(self, ext: Extent) -> HostFile | None:
+        """The file a DATA layer extent's ``host_offset`` refers to (for kernel copies)."""
+        return None
+
+    # -- shared behaviour ----------------------------------------------------------------
+    @property
+    def chain(self) -> list[Disk]:
+        """This disk and its backing disks, top first."""
+        out: list[Disk] = []
+        d: Disk | None = self
+        while d is not None:
+            out.append(d)
+            d = d.backing
+        return out
+
+    def _range(self, offset: int, length: int | None) -> tuple[int, int]:
+        if length is None:
+            length = self.virtual_size - offset
+        if offset < 0 or length < 0 or offset + length > self.virtual_size:
+            raise InvalidArgument(
+                f"range {offset}+{length} is outside the disk (virtual size {self.virtual_size})"
+            )
+        return offset, offset + length
+
+    def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        """Resolved runs through the whole chain, merged as ``qemu-img map`` merges them."""
+        start, end = self._range(offset, length)
+        return coalesce(self._resolve(start, end, 0))
+
+    def _resolve(self, start: int, end: int, depth: int) -> Iterator[Extent]:
+        for ext in self.layer_extents(start, end - start):
+            if ext.kind is not ExtentKind.UNALLOCATED:
+                yield replace(ext, depth=depth)
+                continue
+            backing = self.backing
+            if backing is None:
+                yield replace(ext, depth=depth, host_offset=None)
+                continue
+            split = min(ext.end, max(ext.start, backing.virtual_size))
+            if split > ext.start:
+                yield from backing._resolve(ext.start, split, depth + 1)
+            if split < ext.end:
+                # Past the backing file's end the overlay reads zeros (qemu: ZERO, not
+                # allocated, decided at this layer).
+                yield Extent(split, ext.end - split, ExtentKind.UNALLOCATED, depth=depth)
+
+    def read_into(self, offset: int, buf: memoryview | bytearray) -> None:
+        """Fill ``buf`` with guest bytes from ``offset`` (raises InvalidArgument past the end)."""
+        view = memoryview(buf).cast("B")
+        start, end = self._range(offset, len(view))
+        for ext in self.layer_extents(start, end - start):
+            part = view[ext.start - start : ext.end - start]
+            if ext.kind is ExtentKind.DATA or ext.kind is ExtentKind.COMPRESSED:
+                self._read_layer(ext, part)
+            elif ext.kind is ExtentKind.ZERO or self.backing is None:
+                part[:] = bytes(len(part)) if len(part) < 65536 else _zeros(len(part))
+            else:
+                backing = self.backing
+                split = min(ext.end, max(ext.start, backing.virtual_size))
+                if split > ext.start:
+                    backing.read_into(ext.start, part[: split - ext.start])
+                if split < ext.end:
+                    part[split - ext.start :] = _zeros(ext.end - split)
+
+    def read_extent(self, ext: Extent, buf: memoryview) -> None:
+        """Fill ``buf`` with the bytes of a resolved extent (from :meth:`extents`).
+
+        Reads straight from the layer that holds the data, with no second walk of the
+        chain; ``len(buf)`` must equal ``ext.length``.
+        """
+        if ext.kind is ExtentKind.DATA or ext.kind is ExtentKind.COMPRESSED:
+            self.chain[ext.depth]._read_layer(ext, buf)
+        else:
+            buf[:] = _zeros(len(buf))
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Guest bytes ``[offset, offset + length)``."""
+        buf = bytearray(length)
+        self.read_into(offset, buf)
+        return bytes(buf)
+
+    def close(self) -> None:
+        """Close this disk and its backing chain."""
+        for d in self.chain:
+            d._close_layer()
+
+    def __enter__(self) -> Disk:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+_ZERO_CHUNK = bytes(1 << 20)
+
+
+def _zeros(n: int) -> bytes | bytearray:
+    if n <= len(_ZERO_CHUNK):
+        return _ZERO_CHUNK[:n] if n < len(_ZERO_CHUNK) else _ZERO_CHUNK
+    return bytearray(n)

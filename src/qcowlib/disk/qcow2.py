@@ -1,0 +1,277 @@
+"""qcow2 images: header, L1 table, a bounded cache of decoded L2 tables, reads.
+
+Everything read from the file is validated before use: table offsets and sizes against
+the file size and the caps in :mod:`qcowlib.formats.qcow2.header`, L2 entries by the
+table codec.  Reads go through extents, so a long run of contiguous clusters is one
+``preadv``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import numpy as np
+
+from qcowlib.disk._file import HostFile
+from qcowlib.disk.base import Disk, Extent, ExtentKind
+from qcowlib.errors import CorruptImage, QcowlibError, TruncatedImage, UnsupportedFeature
+from qcowlib.formats.qcow2 import header as hdr
+from qcowlib.formats.qcow2 import tables
+from qcowlib.formats.qcow2.bitmap import (
+    MAX_BITMAP_DIRECTORY_SIZE,
+    BitmapEntry,
+    parse_bitmap_directory,
+)
+from qcowlib.formats.qcow2.compress import decompress_cluster
+from qcowlib.formats.qcow2.snapshot import MAX_SNAPSHOTS_SIZE, Snapshot, parse_snapshot_table
+
+log = logging.getLogger(__name__)
+
+#: Decoded L2 tables kept per image (bytes of raw table they stand for).
+L2_CACHE_BYTES = 32 * 1024 * 1024
+_KINDS = {
+    tables.KIND_UNALLOCATED: ExtentKind.UNALLOCATED,
+    tables.KIND_DATA: ExtentKind.DATA,
+    tables.KIND_ZERO: ExtentKind.ZERO,
+    tables.KIND_COMPRESSED: ExtentKind.COMPRESSED,
+}
+
+
+def read_header(host: HostFile) -> hdr.Header:
+    """Read and parse the header of a qcow2 file (first cluster)."""
+    head = host.pread(0, min(host.size, 4096))
+    if len(head) < hdr.V2_HEADER_LENGTH or host.size < hdr.V2_HEADER_LENGTH:
+        raise TruncatedImage("qcow2 header is truncated", file=host.path, structure="header")
+    cluster_bits = int.from_bytes(head[20:24], "big")
+    if hdr.MIN_CLUSTER_BITS <= cluster_bits <= hdr.MAX_CLUSTER_BITS and (1 << cluster_bits) > 4096:
+        head = host.pread(0, min(host.size, 1 << cluster_bits))
+    try:
+        return hdr.parse_header(head, host.size)
+    except QcowlibError as exc:
+        raise exc.with_file(host.path) from None
+
+
+class Qcow2Disk(Disk):
+    """A qcow2 image opened read-only.  Construct through :func:`qcowlib.disk.open_disk`."""
+
+    format = "qcow2"
+
+    def __init__(
+        self,
+        host: HostFile,
+        filename: str,
+        header: hdr.Header,
+        data_file: HostFile | None = None,
+        data_filename: str | None = None,
+    ) -> None:
+        self.host = host
+        self.filename = filename
+        self.header = header
+        self.virtual_size = header.size
+        self.data_host = data_file if data_file is not None else host
+        self.data_filename = data_filename if data_file is not None else filename
+        h = header
+        if h.crypt_method != hdr.CRYPT_NONE:
+            raise UnsupportedFeature(
+                "encrypted qcow2 images are not supported",
+                file=filename,
+                structure="header",
+                field="crypt_method",
+            )
+        self.cluster_bits = h.cluster_bits
+        self.cluster_size = h.cluster_size
+        self.extended_l2 = h.extended_l2
+        self.unit_size = self.cluster_size // h.subclusters_per_cluster
+        self.l2_entries = h.l2_size
+        self.l2_span = self.l2_entries * self.cluster_size
+        raw_l1 = (
+            host.pread_exact(h.l1_table_offset, h.l1_size * 8, "L1 table") if h.l1_size else b""
+        )
+        try:
+            self.l2_offsets = tables.l1_offsets(tables.decode_table(raw_l1), self.cluster_size)
+        except QcowlibError as exc:
+            raise exc.with_file(filename) from None
+        self._l2_cache: OrderedDict[int, tables.L2Runs] = OrderedDict()
+        self._l2_cache_max = max(4, L2_CACHE_BYTES // self.cluster_size)
+        self._compressed_cache: tuple[int, bytes] | None = None
+        self._snapshots: list[Snapshot] | None = None
+        self._bitmaps: list[BitmapEntry] | None = None
+
+    # -- metadata -----------------------------------------------------------------------
+    def snapshots(self) -> list[Snapshot]:
+        """The internal snapshots (read on first use)."""
+        if self._snapshots is None:
+            h = self.header
+            if h.nb_snapshots == 0:
+                self._snapshots = []
+            else:
+                size = min(self.host.size - h.snapshots_offset, MAX_SNAPSHOTS_SIZE)
+                raw = self.host.pread(h.snapshots_offset, max(0, size))
+                try:
+                    self._snapshots = parse_snapshot_table(raw, h.nb_snapshots, h.snapshots_offset)
+                except QcowlibError as exc:
+                    raise exc.with_file(self.filename) from None
+        return self._snapshots
+
+    def bitmaps(self) -> list[BitmapEntry]:
+        """Persistent bitmaps from the bitmap directory (empty when there are none)."""
+        if self._bitmaps is None:
+            ext = self.header.bitmaps
+            if ext is None or not self.header.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
+                # Without the autoclear bit the extension is stale and must be ignored.
+                self._bitmaps = []
+            else:
+                if ext.bitmap_directory_size > MAX_BITMAP_DIRECTORY_SIZE:
+                    raise CorruptImage(
+                        "bitmap directory is too large",
+                        file=self.filename,
+                        structure="bitmaps extension",
+                        field="bitmap_directory_size",
+                    )
+                raw = self.host.pread_exact(
+                    ext.bitmap_directory_offset, ext.bitmap_directory_size, "bitmap directory"
+                )
+                try:
+                    self._bitmaps = parse_bitmap_directory(raw, ext.nb_bitmaps)
+                except QcowlibError as exc:
+                    raise exc.with_file(self.filename) from None
+        return self._bitmaps
+
+    # -- mapping ------------------------------------------------------------------------
+    def _l2_runs(self, l1_index: int) -> tables.L2Runs | None:
+        """Decoded runs of the L2 table behind L1 entry ``l1_index`` (None: no table)."""
+        cached = self._l2_cache.get(l1_index)
+        if cached is not None:
+            self._l2_cache.move_to_end(l1_index)
+            return cached
+        offset = int(self.l2_offsets[l1_index])
+        if offset == 0:
+            return None
+        what = f"L2 table {l1_index}"
+        if offset + self.cluster_size > self.host.size:
+            raise TruncatedImage(
+                f"{what} at {offset:#x} is past the end of the file",
+                file=self.filename,
+                structure="L1 table",
+                field=f"entry[{l1_index}]",
+                offset=self.header.l1_table_offset + 8 * l1_index,
+            )
+        if offset < self.cluster_size:
+            raise CorruptImage(
+                f"{what} overlaps the header",
+                file=self.filename,
+                structure="L1 table",
+                field=f"entry[{l1_index}]",
+                offset=self.header.l1_table_offset + 8 * l1_index,
+            )
+        raw = tables.decode_table(self.host.pread(offset, self.cluster_size))
+        try:
+            if self.extended_l2:
+                runs = tables.decode_l2(
+                    raw[0::2],
+                    cluster_bits=self.cluster_bits,
+                    bitmaps=raw[1::2],
+                    has_data_file=self.header.has_data_file,
+                    table=what,
+                )
+            else:
+                runs = tables.decode_l2(
+                    raw,
+                    cluster_bits=self.cluster_bits,
+                    has_data_file=self.header.has_data_file,
+                    table=what,
+                )
+        except QcowlibError as exc:
+            raise exc.with_file(self.filename) from None
+        self._l2_cache[l1_index] = runs
+        if len(self._l2_cache) > self._l2_cache_max:
+            self._l2_cache.popitem(last=False)
+        return runs
+
+    def layer_extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        start, end = self._range(offset, length)
+        pos = start
+        unit = self.unit_size
+        while pos < end:
+            l1_index = pos // self.l2_span
+            table_base = l1_index * self.l2_span
+            table_end = min(end, table_base + self.l2_span)
+            runs = self._l2_runs(l1_index) if l1_index < self.l2_offsets.size else None
+            if runs is None:
+                yield Extent(pos, table_end - pos, ExtentKind.UNALLOCATED)
+                pos = table_end
+                continue
+            first_unit = (pos - table_base) // unit
+            i = int(np.searchsorted(runs.start, first_unit, side="right")) - 1
+            while pos < table_end:
+                run_start = int(runs.start[i])
+                run_units = int(runs.count[i])
+                g_start = table_base + run_start * unit
+                g_end = min(table_end, table_base + (run_start + run_units) * unit)
+                kind = _KINDS[int(runs.kind[i])]
+                host = int(runs.host[i])
+                if kind is ExtentKind.COMPRESSED:
+                    ext = Extent(
+                        g_start,
+                        g_end - g_start,
+                        kind,
+                        host_offset=host,
+                        file=self.filename,
+                        compressed_length=int(runs.clen[i]),
+                    )
+                elif kind is ExtentKind.DATA or (kind is ExtentKind.ZERO and host):
+                    ext = Extent(
+                        g_start, g_end - g_start, kind, host_offset=host, file=self.data_filename
+                    )
+                else:
+                    ext = Extent(g_start, g_end - g_start, kind)
+                yield ext.clip(pos, table_end)
+                pos = g_end
+                i += 1
+                if i >= len(runs):
+                    break
+            pos = table_end
+
+    # -- reading ------------------------------------------------------------------------
+    def _read_layer(self, ext: Extent, buf: memoryview) -> None:
+        assert ext.host_offset is not None
+        if ext.kind is ExtentKind.DATA:
+            self.data_host.pread_into(ext.host_offset, buf)
+            return
+        data = self._decompressed(ext)
+        within = ext.start % self.cluster_size
+        buf[:] = data[within : within + len(buf)]
+
+    def _decompressed(self, ext: Extent) -> bytes:
+        host = ext.host_offset
+        assert host is not None
+        cached = self._compressed_cache
+        if cached is not None and cached[0] == host:
+            return cached[1]
+        if host >= self.host.size:
+            raise TruncatedImage(
+                "compressed cluster is past the end of the file",
+                file=self.filename,
+                structure="compressed cluster",
+                offset=host,
+            )
+        length = min(ext.compressed_length, self.host.size - host)
+        raw = self.host.pread(host, length)
+        try:
+            data = decompress_cluster(raw, self.header.compression_type, self.cluster_size)
+        except QcowlibError as exc:
+            exc.offset = host
+            exc.structure = "compressed cluster"
+            raise exc.with_file(self.filename) from None
+        self._compressed_cache = (host, data)
+        return data
+
+    def host_file_for(self, ext: Extent) -> HostFile | None:
+        return self.data_host if ext.kind is ExtentKind.DATA else None
+
+    def _close_layer(self) -> None:
+        self.host.close()
+        if self.data_host is not self.host:
+            self.data_host.close()

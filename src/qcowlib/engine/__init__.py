@@ -1,0 +1,1 @@
+"""The vectorised core: zero detection, data movement and output handling."""

@@ -1,0 +1,126 @@
+"""The one error root of qcowlib and the subclasses that say what went wrong.
+
+Everything qcowlib raises on purpose derives from :class:`QcowlibError`.  Subclasses
+split along *who* was wrong (the caller's arguments, or the data in a file) and *what*
+was wrong with it, so that callers can react without parsing messages.  Errors carry the
+file, the on-disk structure, the field and the file offset at fault where known.
+
+This module imports nothing from qcowlib.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackingChainError",
+    "BackingFormatUnknown",
+    "BackingLoop",
+    "BackingNotFound",
+    "BackingTooDeep",
+    "CorruptImage",
+    "FormatError",
+    "ImageLocked",
+    "InvalidArgument",
+    "QcowlibError",
+    "QcowlibIOError",
+    "TruncatedImage",
+    "UnsafeBackingPath",
+    "UnsupportedFeature",
+]
+
+
+class QcowlibError(Exception):
+    """Root of every error qcowlib raises on purpose.
+
+    ``file``, ``structure``, ``field`` and ``offset`` name the place at fault when known;
+    ``str(err)`` renders them after the message.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        structure: str | None = None,
+        field: str | None = None,
+        offset: int | None = None,
+    ) -> None:
+        self.message = message
+        self.file = file
+        self.structure = structure
+        self.field = field
+        self.offset = offset
+        super().__init__(message)
+
+    def with_file(self, file: str) -> QcowlibError:
+        """Fill in the file name if it is not known yet; returns ``self`` for ``raise``."""
+        if self.file is None:
+            self.file = file
+        return self
+
+    def __str__(self) -> str:
+        where = []
+        if self.structure is not None:
+            place = self.structure
+            if self.field is not None:
+                place += f".{self.field}"
+            where.append(place)
+        if self.offset is not None:
+            where.append(f"offset {self.offset:#x}")
+        text = self.message
+        if where:
+            text += f" ({', '.join(where)})"
+        if self.file is not None:
+            text = f"{self.file}: {text}"
+        return text
+
+
+class InvalidArgument(QcowlibError, ValueError):
+    """The caller asked for something impossible (bad size, option, range)."""
+
+
+class QcowlibIOError(QcowlibError, OSError):
+    """An operating-system error while reading or writing an image."""
+
+
+class FormatError(QcowlibError):
+    """The data is not a valid image of the expected format."""
+
+
+class TruncatedImage(FormatError):
+    """A structure extends past the end of the file."""
+
+
+class CorruptImage(FormatError):
+    """Structures parse but contradict each other or the format's rules."""
+
+
+class UnsupportedFeature(QcowlibError):
+    """A valid image uses a feature qcowlib does not implement (e.g. encryption)."""
+
+
+class ImageLocked(QcowlibError):
+    """Another process holds a lock on the image."""
+
+
+class BackingChainError(QcowlibError):
+    """A backing file cannot be followed."""
+
+
+class BackingNotFound(BackingChainError):
+    """A backing file named by an image does not exist."""
+
+
+class BackingLoop(BackingChainError):
+    """Following backing files leads back to an image already in the chain."""
+
+
+class BackingTooDeep(BackingChainError):
+    """The backing chain is longer than the configured cap."""
+
+
+class UnsafeBackingPath(BackingChainError):
+    """A backing path is absolute or escapes the image's directory, and policy forbids it."""
+
+
+class BackingFormatUnknown(BackingChainError):
+    """The format of a backing file is neither recorded nor acceptable to probe."""

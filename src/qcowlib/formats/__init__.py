@@ -1,0 +1,1 @@
+"""Pure on-disk format codecs: bytes in, values out; no file access."""

@@ -1,0 +1,1 @@
+"""qcow2 on-disk structures (QEMU ``docs/interop/qcow2.txt``)."""

@@ -1,0 +1,75 @@
+"""Persistent dirty bitmaps: the bitmap directory (qcow2.txt "Bitmaps")."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from qcowlib.errors import CorruptImage, TruncatedImage
+
+_DIR = "bitmap directory"
+
+#: QEMU's caps: QCOW2_MAX_BITMAPS and QCOW2_MAX_BITMAP_DIRECTORY_SIZE.
+MAX_BITMAPS: Final = 65535
+MAX_BITMAP_DIRECTORY_SIZE: Final = 1024 * MAX_BITMAPS
+MAX_BITMAP_NAME: Final = 1023
+
+BME_FLAG_IN_USE: Final = 1 << 0
+BME_FLAG_AUTO: Final = 1 << 1
+BME_FLAG_EXTRA_DATA_COMPATIBLE: Final = 1 << 2
+_ENTRY = struct.Struct(">QIIBBHI")
+
+
+@dataclass(frozen=True)
+class BitmapEntry:
+    """One bitmap directory entry."""
+
+    bitmap_table_offset: int
+    bitmap_table_size: int
+    flags: int
+    type: int
+    granularity_bits: int
+    name: str
+
+    @property
+    def granularity(self) -> int:
+        return 1 << self.granularity_bits
+
+    @property
+    def flag_names(self) -> list[str]:
+        """As ``qemu-img info`` lists them."""
+        names = []
+        if self.flags & BME_FLAG_IN_USE:
+            names.append("in-use")
+        if self.flags & BME_FLAG_AUTO:
+            names.append("auto")
+        return names
+
+
+def parse_bitmap_directory(data: bytes | memoryview, nb_bitmaps: int) -> list[BitmapEntry]:
+    """Parse the bitmap directory; raises :class:`TruncatedImage` or :class:`CorruptImage`."""
+    if nb_bitmaps > MAX_BITMAPS:
+        raise CorruptImage("too many bitmaps", structure="bitmaps extension", field="nb_bitmaps")
+    mv = memoryview(data)
+    out: list[BitmapEntry] = []
+    pos = 0
+    for i in range(nb_bitmaps):
+        if pos + _ENTRY.size > len(mv):
+            raise TruncatedImage(f"bitmap directory entry {i} is truncated", structure=_DIR)
+        tab_off, tab_size, flags, btype, gbits, name_size, extra = _ENTRY.unpack_from(mv, pos)
+        pos += _ENTRY.size
+        if name_size > MAX_BITMAP_NAME or name_size == 0:
+            raise CorruptImage(f"bitmap {i} has an invalid name size", structure=_DIR)
+        end = pos + extra + name_size
+        if end > len(mv):
+            raise TruncatedImage(f"bitmap directory entry {i} is truncated", structure=_DIR)
+        try:
+            name = bytes(mv[pos + extra : end]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise CorruptImage(f"bitmap {i} has an undecodable name", structure=_DIR) from None
+        pos = (end + 7) & ~7
+        if not 9 <= gbits <= 31:
+            raise CorruptImage(f"bitmap {name!r} has granularity bits {gbits}", structure=_DIR)
+        out.append(BitmapEntry(tab_off, tab_size, flags, btype, gbits, name))
+    return out

@@ -1,0 +1,611 @@
+"""qcow2 header, feature bits and header extensions (QEMU ``docs/interop/qcow2.txt``).
+
+Pure: :func:`parse_header` takes the bytes of the first cluster (or more) and returns a
+:class:`Header`; :func:`build_header` turns a :class:`Header` back into bytes.  Every
+field is checked against documented caps and, where a file size is given, against the
+file size, before anything is allocated from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import construct as cs
+
+from qcowlib.errors import CorruptImage, FormatError, TruncatedImage, UnsupportedFeature
+
+QCOW_MAGIC: Final = b"QFI\xfb"
+
+# --- sizes and caps (QEMU block/qcow2.h) ------------------------------------------------
+MIN_CLUSTER_BITS: Final = 9
+MAX_CLUSTER_BITS: Final = 21
+#: QCOW_MAX_L1_SIZE: an L1 table larger than 32 MiB would address more than any sane
+#: image needs (and more than QEMU opens); checked before allocating it.
+MAX_L1_SIZE_BYTES: Final = 32 * 1024 * 1024
+#: QCOW_MAX_REFTABLE_SIZE: 8 MiB of refcount table.
+MAX_REFTABLE_SIZE_BYTES: Final = 8 * 1024 * 1024
+#: QCOW_MAX_SNAPSHOTS and the extra-data cap for one snapshot table entry.
+MAX_SNAPSHOTS: Final = 65536
+MAX_SNAPSHOT_EXTRA_DATA: Final = 1024
+#: The spec limits backing file names to 1023 bytes.
+MAX_BACKING_FILE_NAME: Final = 1023
+#: Header extensions live in the first cluster; QEMU caps each one there too.
+V2_HEADER_LENGTH: Final = 72
+V3_HEADER_LENGTH: Final = 104
+#: A header extension with this much data or more is refused (they all fit a cluster).
+MAX_EXTENSION_LENGTH: Final = 1 << MAX_CLUSTER_BITS
+
+# --- feature bits ---------------------------------------------------------------------
+INCOMPAT_DIRTY: Final = 1 << 0
+INCOMPAT_CORRUPT: Final = 1 << 1
+INCOMPAT_DATA_FILE: Final = 1 << 2
+INCOMPAT_COMPRESSION: Final = 1 << 3
+INCOMPAT_EXTL2: Final = 1 << 4
+INCOMPAT_KNOWN: Final = (
+    INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2
+)
+COMPAT_LAZY_REFCOUNTS: Final = 1 << 0
+AUTOCLEAR_BITMAPS: Final = 1 << 0
+AUTOCLEAR_DATA_FILE_RAW: Final = 1 << 1
+
+CRYPT_NONE: Final = 0
+CRYPT_AES: Final = 1
+CRYPT_LUKS: Final = 2
+
+COMPRESSION_TYPE_ZLIB: Final = 0
+COMPRESSION_TYPE_ZSTD: Final = 1
+COMPRESSION_TYPE_NAMES: Final = {COMPRESSION_TYPE_ZLIB: "zlib", COMPRESSION_TYPE_ZSTD: "zstd"}
+
+# --- header extension types -------------------------------------------------------------
+EXT_END: Final = 0x00000000
+EXT_BACKING_FORMAT: Final = 0xE2792ACA
+EXT_FEATURE_TABLE: Final = 0x6803F857
+EXT_BITMAPS: Final = 0x23852875
+EXT_CRYPTO: Final = 0x0537BE77
+EXT_DATA_FILE: Final = 0x44415441
+
+_HeaderV2 = cs.Struct(
+    "magic" / cs.Bytes(4),
+    "version" / cs.Int32ub,
+    "backing_file_offset" / cs.Int64ub,
+    "backing_file_size" / cs.Int32ub,
+    "cluster_bits" / cs.Int32ub,
+    "size" / cs.Int64ub,
+    "crypt_method" / cs.Int32ub,
+    "l1_size" / cs.Int32ub,
+    "l1_table_offset" / cs.Int64ub,
+    "refcount_table_offset" / cs.Int64ub,
+    "refcount_table_clusters" / cs.Int32ub,
+    "nb_snapshots" / cs.Int32ub,
+    "snapshots_offset" / cs.Int64ub,
+)
+_HeaderV3Tail = cs.Struct(
+    "incompatible_features" / cs.Int64ub,
+    "compatible_features" / cs.Int64ub,
+    "autoclear_features" / cs.Int64ub,
+    "refcount_order" / cs.Int32ub,
+    "header_length" / cs.Int32ub,
+)
+_ExtensionHead = struct.Struct(">II")
+_FeatureNameEntry = cs.Struct("type" / cs.Int8ub, "bit" / cs.Int8ub, "name" / cs.Bytes(46))
+_BitmapsExt = cs.Struct(
+    "nb_bitmaps" / cs.Int32ub,
+    "reserved32" / cs.Int32ub,
+    "bitmap_directory_size" / cs.Int64ub,
+    "bitmap_directory_offset" / cs.Int64ub,
+)
+_CryptoExt = cs.Struct("offset" / cs.Int64ub, "length" / cs.Int64ub)
+
+
+@dataclass(frozen=True)
+class HeaderExtension:
+    """One header extension as stored: its type and raw data (unknown ones are kept)."""
+
+    type: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class BitmapsExtension:
+    """The bitmaps header extension (``nb_bitmaps`` and where the directory lies)."""
+
+    nb_bitmaps: int
+    bitmap_directory_size: int
+    bitmap_directory_offset: int
+
+
+@dataclass(frozen=True)
+class CryptoExtension:
+    """Full disk encryption header pointer."""
+
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed qcow2 header with its extensions.  Field names follow qcow2.txt."""
+
+    version: int
+    backing_file_offset: int
+    backing_file_size: int
+    cluster_bits: int
+    size: int
+    crypt_method: int
+    l1_size: int
+    l1_table_offset: int
+    refcount_table_offset: int
+    refcount_table_clusters: int
+    nb_snapshots: int
+    snapshots_offset: int
+    incompatible_features: int = 0
+    compatible_features: int = 0
+    autoclear_features: int = 0
+    refcount_order: int = 4
+    header_length: int = V2_HEADER_LENGTH
+    compression_type: int = COMPRESSION_TYPE_ZLIB
+    backing_file: str | None = None
+    backing_format: str | None = None
+    data_file: str | None = None
+    feature_names: tuple[tuple[int, int, str], ...] = ()
+    bitmaps: BitmapsExtension | None = None
+    crypto: CryptoExtension | None = None
+    #: Every extension in file order, including unknown ones, so writers can keep them.
+    extensions: tuple[HeaderExtension, ...] = field(default=())
+    #: Where the extension area ended (the first byte after the end marker).
+    extensions_end: int = 0
+
+    # -- derived values ------------------------------------------------------------------
+    @property
+    def cluster_size(self) -> int:
+        return 1 << self.cluster_bits
+
+    @property
+    def refcount_bits(self) -> int:
+        return 1 << self.refcount_order
+
+    @property
+    def extended_l2(self) -> bool:
+        return bool(self.incompatible_features & INCOMPAT_EXTL2)
+
+    @property
+    def l2_entry_size(self) -> int:
+        return 16 if self.extended_l2 else 8
+
+    @property
+    def l2_size(self) -> int:
+        """Entries per L2 table."""
+        return self.cluster_size // self.l2_entry_size
+
+    @property
+    def subclusters_per_cluster(self) -> int:
+        return 32 if self.extended_l2 else 1
+
+    @property
+    def compat(self) -> str:
+        return "0.10" if self.version == 2 else "1.1"
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.incompatible_features & INCOMPAT_DIRTY)
+
+    @property
+    def corrupt(self) -> bool:
+        return bool(self.incompatible_features & INCOMPAT_CORRUPT)
+
+    @property
+    def lazy_refcounts(self) -> bool:
+        return bool(self.compatible_features & COMPAT_LAZY_REFCOUNTS)
+
+    @property
+    def has_data_file(self) -> bool:
+        return bool(self.incompatible_features & INCOMPAT_DATA_FILE)
+
+    @property
+    def data_file_raw(self) -> bool:
+        return bool(self.autoclear_features & AUTOCLEAR_DATA_FILE_RAW)
+
+    @property
+    def compression_type_name(self) -> str:
+        return COMPRESSION_TYPE_NAMES.get(self.compression_type, str(self.compression_type))
+
+    def replace(self, **changes: Any) -> Header:
+        """A copy with some fields changed (for writers)."""
+        return dataclasses.replace(self, **changes)
+
+
+def l1_entries_needed(size: int, cluster_bits: int, l2_entry_size: int = 8) -> int:
+    """How many L1 entries address ``size`` bytes (qcow2.txt: "L1 table size")."""
+    l2_bits = cluster_bits - (3 if l2_entry_size == 8 else 4)
+    shift = cluster_bits + l2_bits
+    return (size + (1 << shift) - 1) >> shift
+
+
+def _check_table(
+    name: str, offset: int, entries: int, entry_size: int, cluster_size: int, file_size: int | None
+) -> None:
+    """Validate a table's offset and extent like QEMU's ``qcow2_validate_table``."""
+    if offset % cluster_size:
+        raise CorruptImage(
+            f"{name} is not cluster aligned", structure="header", field=name, offset=offset
+        )
+    if file_size is not None and offset + entries * entry_size > file_size:
+        raise TruncatedImage(
+            f"{name} ({entries} entries) extends past the end of the file",
+            structure="header",
+            field=name,
+            offset=offset,
+        )
+
+
+def parse_header(data: bytes, file_size: int | None = None) -> Header:
+    """Parse a qcow2 header and its extensions from the start of a file.
+
+    ``data`` should hold at least the first cluster (up to 2 MiB); the backing file name
+    must lie inside it (as QEMU requires: it is read from the first cluster).  With
+    ``file_size`` given, tables and names are also checked against the file's end.
+
+    Raises :class:`FormatError` (not qcow2), :class:`TruncatedImage`,
+    :class:`CorruptImage` (a field out of its legal range) or :class:`UnsupportedFeature`
+    (unknown incompatible feature bits, an unknown compression type).
+    """
+    if len(data) < V2_HEADER_LENGTH:
+        raise TruncatedImage("qcow2 header is truncated", structure="header", offset=0)
+    try:
+        v2 = _HeaderV2.parse(data[:V2_HEADER_LENGTH])
+    except cs.ConstructError as exc:  # pragma: no cover - length checked above
+        raise FormatError(f"cannot parse qcow2 header: {exc}", structure="header") from None
+    if v2.magic != QCOW_MAGIC:
+        raise FormatError("not a qcow2 image (bad magic)", structure="header", field="magic")
+    version = v2.version
+    if version not in (2, 3):
+        raise UnsupportedFeature(
+            f"unsupported qcow2 version {version}", structure="header", field="version", offset=4
+        )
+    cluster_bits = v2.cluster_bits
+    if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
+        raise CorruptImage(
+            f"cluster_bits {cluster_bits} is outside {MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS}",
+            structure="header",
+            field="cluster_bits",
+            offset=20,
+        )
+    cluster_size = 1 << cluster_bits
+
+    fields: dict[str, Any] = {k: v for k, v in v2.items() if not k.startswith("_")}
+    del fields["magic"]
+    if version == 3:
+        if len(data) < V3_HEADER_LENGTH:
+            raise TruncatedImage("qcow2 v3 header is truncated", structure="header")
+        v3 = _HeaderV3Tail.parse(data[V2_HEADER_LENGTH:V3_HEADER_LENGTH])
+        fields.update({k: v for k, v in v3.items() if not k.startswith("_")})
+        header_length = v3.header_length
+        if header_length < V3_HEADER_LENGTH or header_length % 8:
+            raise CorruptImage(
+                f"header_length {header_length} is invalid",
+                structure="header",
+                field="header_length",
+                offset=100,
+            )
+        if header_length > cluster_size:
+            raise CorruptImage(
+                "header_length is larger than a cluster",
+                structure="header",
+                field="header_length",
+                offset=100,
+            )
+        if len(data) < header_length:
+            raise TruncatedImage("qcow2 header is truncated", structure="header")
+        if header_length > V3_HEADER_LENGTH:
+            fields["compression_type"] = data[V3_HEADER_LENGTH]
+        if not 0 <= v3.refcount_order <= 6:
+            raise CorruptImage(
+                f"refcount_order {v3.refcount_order} is outside 0..6",
+                structure="header",
+                field="refcount_order",
+                offset=96,
+            )
+    else:
+        fields["header_length"] = V2_HEADER_LENGTH
+
+    incompat = fields.get("incompatible_features", 0)
+    header_length = fields["header_length"]
+    compression_type = fields.get("compression_type", COMPRESSION_TYPE_ZLIB)
+    if bool(incompat & INCOMPAT_COMPRESSION) != (compression_type != COMPRESSION_TYPE_ZLIB):
+        raise CorruptImage(
+            "compression type and its incompatible feature bit disagree",
+            structure="header",
+            field="compression_type",
+            offset=104,
+        )
+    if compression_type not in COMPRESSION_TYPE_NAMES:
+        raise UnsupportedFeature(
+            f"unknown compression type {compression_type}",
+            structure="header",
+            field="compression_type",
+            offset=104,
+        )
+
+    # -- extensions ---------------------------------------------------------------------
+    ext_limit = min(len(data), cluster_size)
+    if v2.backing_file_offset and v2.backing_file_offset < ext_limit:
+        ext_limit = v2.backing_file_offset
+    extensions, ext_end = _parse_extensions(data, header_length, ext_limit)
+    feature_names = _feature_names(extensions)
+
+    unknown = incompat & ~INCOMPAT_KNOWN
+    if unknown:
+        names = [n for (t, b, n) in feature_names if t == 0 and unknown & (1 << b)]
+        what = ", ".join(names) if names else f"bits {unknown:#x}"
+        raise UnsupportedFeature(
+            f"unsupported incompatible qcow2 features: {what}",
+            structure="header",
+            field="incompatible_features",
+            offset=72,
+        )
+
+    backing_format = data_file = None
+    bitmaps = crypto = None
+    for ext in extensions:
+        if ext.type == EXT_BACKING_FORMAT:
+            backing_format = _decode_name(ext.data, "backing format")
+        elif ext.type == EXT_DATA_FILE:
+            data_file = _decode_name(ext.data, "external data file name")
+        elif ext.type == EXT_BITMAPS:
+            if len(ext.data) < _BitmapsExt.sizeof():
+                raise CorruptImage("bitmaps extension is too short", structure="bitmaps extension")
+            b = _BitmapsExt.parse(ext.data)
+            bitmaps = BitmapsExtension(
+                b.nb_bitmaps, b.bitmap_directory_size, b.bitmap_directory_offset
+            )
+        elif ext.type == EXT_CRYPTO:
+            if len(ext.data) < _CryptoExt.sizeof():
+                raise CorruptImage("crypto extension is too short", structure="crypto extension")
+            c = _CryptoExt.parse(ext.data)
+            crypto = CryptoExtension(c.offset, c.length)
+
+    # -- backing file name --------------------------------------------------------------
+    backing_file = None
+    if v2.backing_file_offset:
+        if v2.backing_file_size > MAX_BACKING_FILE_NAME or v2.backing_file_size == 0:
+            raise CorruptImage(
+                f"backing file name length {v2.backing_file_size} is invalid",
+                structure="header",
+                field="backing_file_size",
+                offset=16,
+            )
+        end = v2.backing_file_offset + v2.backing_file_size
+        if end > cluster_size:
+            raise CorruptImage(
+                "backing file name lies outside the first cluster",
+                structure="header",
+                field="backing_file_offset",
+                offset=8,
+            )
+        if end > len(data):
+            raise TruncatedImage(
+                "backing file name is past the end of the file",
+                structure="header",
+                field="backing_file_offset",
+                offset=v2.backing_file_offset,
+            )
+        backing_file = _decode_name(data[v2.backing_file_offset : end], "backing file name")
+
+    header = Header(
+        **fields,
+        backing_file=backing_file,
+        backing_format=backing_format,
+        data_file=data_file,
+        feature_names=feature_names,
+        bitmaps=bitmaps,
+        crypto=crypto,
+        extensions=tuple(extensions),
+        extensions_end=ext_end,
+    )
+    _validate(header, file_size)
+    return header
+
+
+def _decode_name(raw: bytes, what: str) -> str:
+    raw = raw.split(b"\0", 1)[0]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CorruptImage(f"{what} is not valid UTF-8", structure="header") from None
+
+
+def _parse_extensions(data: bytes, start: int, limit: int) -> tuple[list[HeaderExtension], int]:
+    """Walk the extension list from ``start`` to the end marker (or ``limit``)."""
+    extensions: list[HeaderExtension] = []
+    offset = start
+    while True:
+        if offset + 8 > limit:
+            # No room for an end marker: QEMU treats running out of the header area as the
+            # end of the list.
+            return extensions, offset
+        ext_type, length = _ExtensionHead.unpack_from(data, offset)
+        if ext_type == EXT_END:
+            return extensions, offset + 8
+        if length > MAX_EXTENSION_LENGTH or offset + 8 + length > limit:
+            raise CorruptImage(
+                f"header extension {ext_type:#x} of length {length} overruns the header area",
+                structure="header extension",
+                field="length",
+                offset=offset + 4,
+            )
+        extensions.append(HeaderExtension(ext_type, bytes(data[offset + 8 : offset + 8 + length])))
+        offset += 8 + ((length + 7) & ~7)
+
+
+def _feature_names(extensions: list[HeaderExtension]) -> tuple[tuple[int, int, str], ...]:
+    names: list[tuple[int, int, str]] = []
+    for ext in extensions:
+        if ext.type != EXT_FEATURE_TABLE:
+            continue
+        for i in range(len(ext.data) // 48):
+            entry = _FeatureNameEntry.parse(ext.data[i * 48 : (i + 1) * 48])
+            name = entry.name.split(b"\0", 1)[0].decode("utf-8", "replace")
+            names.append((entry.type, entry.bit, name))
+    return tuple(names)
+
+
+def _validate(h: Header, file_size: int | None) -> None:
+    """Range checks that need the whole header (QEMU's qcow2_do_open order)."""
+    cs_ = h.cluster_size
+    if h.size % 512:
+        raise CorruptImage(
+            "virtual size is not a multiple of 512", structure="header", field="size", offset=24
+        )
+    if h.size >= 1 << 63:
+        raise CorruptImage("virtual size is too large", structure="header", field="size", offset=24)
+    if h.l1_size * 8 > MAX_L1_SIZE_BYTES:
+        raise CorruptImage(
+            f"L1 table with {h.l1_size} entries is larger than the "
+            f"{MAX_L1_SIZE_BYTES // (1024 * 1024)} MiB cap",
+            structure="header",
+            field="l1_size",
+            offset=36,
+        )
+    if h.l1_size < l1_entries_needed(h.size, h.cluster_bits, h.l2_entry_size):
+        raise CorruptImage(
+            "L1 table is too small for the virtual size",
+            structure="header",
+            field="l1_size",
+            offset=36,
+        )
+    if h.l1_size:
+        _check_table("l1_table_offset", h.l1_table_offset, h.l1_size, 8, cs_, file_size)
+    if h.refcount_table_clusters * cs_ > MAX_REFTABLE_SIZE_BYTES:
+        raise CorruptImage(
+            "refcount table is larger than the 8 MiB cap",
+            structure="header",
+            field="refcount_table_clusters",
+            offset=56,
+        )
+    if h.refcount_table_clusters == 0:
+        raise CorruptImage(
+            "image has no refcount table",
+            structure="header",
+            field="refcount_table_clusters",
+            offset=56,
+        )
+    _check_table(
+        "refcount_table_offset",
+        h.refcount_table_offset,
+        h.refcount_table_clusters * cs_ // 8,
+        8,
+        cs_,
+        file_size,
+    )
+    if h.nb_snapshots > MAX_SNAPSHOTS:
+        raise CorruptImage(
+            f"too many snapshots ({h.nb_snapshots})",
+            structure="header",
+            field="nb_snapshots",
+            offset=60,
+        )
+    if h.nb_snapshots:
+        _check_table("snapshots_offset", h.snapshots_offset, 1, 40, cs_, file_size)
+    if h.crypt_method not in (CRYPT_NONE, CRYPT_AES, CRYPT_LUKS):
+        raise CorruptImage(
+            f"unknown crypt_method {h.crypt_method}",
+            structure="header",
+            field="crypt_method",
+            offset=32,
+        )
+    if h.has_data_file and h.data_file is None:
+        raise CorruptImage(
+            "external data file bit set but no data file name extension",
+            structure="header",
+            field="incompatible_features",
+            offset=72,
+        )
+    if h.data_file_raw and not h.has_data_file:
+        # QEMU clears the bit on open; reading is unaffected.
+        pass
+    if h.version == 2 and h.refcount_order != 4:
+        raise CorruptImage("v2 images have 16-bit refcounts", structure="header")
+
+
+def build_header(h: Header) -> bytes:
+    """Serialize a header and its extensions (in ``h.extensions`` order) to bytes.
+
+    The result covers the header, the extension area with its end marker and, when
+    ``h.backing_file`` is set, the backing file name at ``h.backing_file_offset``.
+    """
+    out = bytearray(
+        _HeaderV2.build(
+            {
+                "magic": QCOW_MAGIC,
+                "version": h.version,
+                "backing_file_offset": h.backing_file_offset,
+                "backing_file_size": h.backing_file_size,
+                "cluster_bits": h.cluster_bits,
+                "size": h.size,
+                "crypt_method": h.crypt_method,
+                "l1_size": h.l1_size,
+                "l1_table_offset": h.l1_table_offset,
+                "refcount_table_offset": h.refcount_table_offset,
+                "refcount_table_clusters": h.refcount_table_clusters,
+                "nb_snapshots": h.nb_snapshots,
+                "snapshots_offset": h.snapshots_offset,
+            }
+        )
+    )
+    if h.version == 3:
+        out += _HeaderV3Tail.build(
+            {
+                "incompatible_features": h.incompatible_features,
+                "compatible_features": h.compatible_features,
+                "autoclear_features": h.autoclear_features,
+                "refcount_order": h.refcount_order,
+                "header_length": h.header_length,
+            }
+        )
+        if h.header_length > V3_HEADER_LENGTH:
+            out += bytes([h.compression_type])
+            out += bytes(h.header_length - len(out))
+    for ext in h.extensions:
+        out += _ExtensionHead.pack(ext.type, len(ext.data))
+        out += ext.data
+        out += bytes(-len(ext.data) % 8)
+    out += _ExtensionHead.pack(EXT_END, 0)
+    if h.backing_file is not None:
+        name = h.backing_file.encode("utf-8")
+        if h.backing_file_offset < len(out):
+            raise CorruptImage("backing file name would overlap the header extensions")
+        out += bytes(h.backing_file_offset - len(out))
+        out += name
+    return bytes(out)
+
+
+def extension(ext_type: int, data: bytes) -> HeaderExtension:
+    """Build a header extension value."""
+    return HeaderExtension(ext_type, data)
+
+
+def bitmaps_extension(b: BitmapsExtension) -> HeaderExtension:
+    """Encode the bitmaps extension."""
+    return HeaderExtension(
+        EXT_BITMAPS,
+        _BitmapsExt.build(
+            {
+                "nb_bitmaps": b.nb_bitmaps,
+                "reserved32": 0,
+                "bitmap_directory_size": b.bitmap_directory_size,
+                "bitmap_directory_offset": b.bitmap_directory_offset,
+            }
+        ),
+    )
+
+
+def feature_table_extension(entries: list[tuple[int, int, str]]) -> HeaderExtension:
+    """Encode a feature name table."""
+    data = b"".join(
+        _FeatureNameEntry.build({"type": t, "bit": b, "name": n.encode().ljust(46, b"\0")})
+        for t, b, n in entries
+    )
+    return HeaderExtension(EXT_FEATURE_TABLE, data)

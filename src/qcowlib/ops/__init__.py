@@ -1,0 +1,1 @@
+"""User-level operations composed from disk and engine."""

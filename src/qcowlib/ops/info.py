@@ -1,0 +1,105 @@
+"""``info``: what qemu-img info reports, as the same JSON structure."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from qcowlib.disk.base import Disk
+from qcowlib.disk.chain import BackingPolicy, open_disk
+
+
+def _actual_size(disk: Disk) -> int | None:
+    from qcowlib.disk.qcow2 import Qcow2Disk
+    from qcowlib.disk.raw import RawDisk
+
+    if isinstance(disk, Qcow2Disk):
+        total = disk.host.allocated
+        if disk.data_host is not disk.host:
+            total += disk.data_host.allocated
+        return total
+    if isinstance(disk, RawDisk):
+        return disk.host.allocated
+    return None
+
+
+def full_backing_filename(filename: str, backing: str) -> str:
+    """qemu's ``path_combine``: a relative backing name joined to the image's directory."""
+    if os.path.isabs(backing):
+        return backing
+    directory = os.path.dirname(filename)
+    return os.path.join(directory, backing) if directory else backing
+
+
+def image_info(disk: Disk) -> dict[str, Any]:
+    """qemu-img info's JSON object for one layer (keys and meaning as qemu-img 7.2)."""
+    from qcowlib.disk.qcow2 import Qcow2Disk
+
+    info: dict[str, Any] = {}
+    if isinstance(disk, Qcow2Disk):
+        h = disk.header
+        snaps = disk.snapshots()
+        if snaps:
+            info["snapshots"] = [
+                {
+                    **({"icount": s.icount} if s.icount is not None else {}),
+                    "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
+                    "name": s.name,
+                    "date-sec": s.date_sec,
+                    "date-nsec": s.date_nsec,
+                    "vm-clock-sec": s.vm_clock_nsec // 1_000_000_000,
+                    "id": s.id_str,
+                    "vm-state-size": s.vm_state_size,
+                }
+                for s in snaps
+            ]
+        if h.backing_format is not None and h.backing_file is not None:
+            info["backing-filename-format"] = h.backing_format
+    info["virtual-size"] = disk.virtual_size
+    info["filename"] = disk.filename
+    if isinstance(disk, Qcow2Disk):
+        info["cluster-size"] = disk.cluster_size
+    info["format"] = disk.format
+    actual = _actual_size(disk)
+    if actual is not None:
+        info["actual-size"] = actual
+    if isinstance(disk, Qcow2Disk):
+        h = disk.header
+        data: dict[str, Any] = {"compat": h.compat, "compression-type": h.compression_type_name}
+        if h.version >= 3:
+            data["lazy-refcounts"] = h.lazy_refcounts
+            bitmaps = disk.bitmaps()
+            if bitmaps:
+                data["bitmaps"] = [
+                    {"flags": b.flag_names, "name": b.name, "granularity": b.granularity}
+                    for b in bitmaps
+                ]
+        data["refcount-bits"] = h.refcount_bits
+        if h.has_data_file:
+            data["data-file"] = h.data_file
+            data["data-file-raw"] = h.data_file_raw
+        if h.version >= 3:
+            data["corrupt"] = h.corrupt
+            data["extended-l2"] = h.extended_l2
+        info["format-specific"] = {"type": "qcow2", "data": data}
+        if h.backing_file is not None:
+            info["full-backing-filename"] = full_backing_filename(disk.filename, h.backing_file)
+            info["backing-filename"] = h.backing_file
+        info["dirty-flag"] = h.dirty
+    else:
+        info["dirty-flag"] = False
+    return info
+
+
+def info(
+    path: str, fmt: str | None = None, *, backing_chain: bool = False
+) -> dict[str, Any] | list[dict[str, Any]]:
+    """``qemu-img info`` for ``path``: one object, or a list top-first with the chain.
+
+    Without ``backing_chain`` the backing file is not opened (as qemu-img info).
+    """
+    policy = BackingPolicy(follow=backing_chain)
+    with open_disk(path, fmt, policy) as disk:
+        if not backing_chain:
+            return image_info(disk)
+        return [image_info(d) for d in disk.chain]
