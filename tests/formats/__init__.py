@@ -1,1 +1,1 @@
-"""Tests for qcowlib.formats."""
+"""Tests."""

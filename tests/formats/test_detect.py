@@ -24,6 +24,8 @@ from qcowlib.formats.detect import (
 
 # --- helpers ----------------------------------------------------------------------------
 
+_CREATE_ATTEMPTS = 5
+
 
 @pytest.fixture(scope="module")
 def qemu_img() -> str:
@@ -53,24 +55,35 @@ def probe_bytes(data: bytes) -> Probe:
 
 def qemu_format(qemu_img: str, path: Path) -> str:
     """The format qemu-img's own probe reports for ``path``."""
-    out = subprocess.run(
+    done = subprocess.run(
         [qemu_img, "info", "--output=json", str(path)],
-        check=True,
+        check=False,
         capture_output=True,
         text=True,
-    ).stdout
-    fmt = json.loads(out)["format"]
+    )
+    assert done.returncode == 0, f"qemu-img info failed: {done.stderr}"
+    fmt = json.loads(done.stdout)["format"]
     assert isinstance(fmt, str)
     return fmt
 
 
 def create(qemu_img: str, path: Path, fmt: str, *options: str, size: str = "16M") -> Path:
-    """``qemu-img create -f fmt [options] path size``."""
-    subprocess.run(
-        [qemu_img, "create", "-q", "-f", fmt, *options, str(path), size],
-        check=True,
-        capture_output=True,
-    )
+    """``qemu-img create -f fmt [options] path size``.
+
+    For luks, qemu-img times PBKDF2 by thread CPU time and gives up with "Unable to get
+    accurate CPU usage" when a fast machine runs its first round within one clock tick;
+    that is retried.
+    """
+    for _ in range(_CREATE_ATTEMPTS):
+        done = subprocess.run(
+            [qemu_img, "create", "-q", "-f", fmt, *options, str(path), size],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode == 0 or "accurate CPU usage" not in done.stderr:
+            break
+    assert done.returncode == 0, f"qemu-img create failed: {done.stderr}"
     return path
 
 

@@ -205,6 +205,8 @@ def _embedded_create_type(head: bytes) -> str | None:
     """``createType`` from the descriptor embedded in a VMDK4 sparse extent, if in head."""
     if len(head) < _VMDK4_DESC_AT + _VMDK4_DESC.size:
         return None
+    desc_sector: int
+    desc_sectors: int
     desc_sector, desc_sectors = _VMDK4_DESC.unpack_from(head, _VMDK4_DESC_AT)
     if desc_sector == 0 or desc_sectors == 0 or desc_sector >= len(head) // _SECTOR:
         return None
@@ -266,13 +268,13 @@ def _is_fixed_vhd_footer(tail: bytes, file_size: int) -> bool:
     footer = tail[-_VHD_FOOTER_SIZE:]
     if footer[:8] != _VHD_COOKIE:
         return False
-    (disk_type,) = _VHD_DISK_TYPE.unpack_from(footer, _VHD_DISK_TYPE_AT)
+    disk_type: int = _VHD_DISK_TYPE.unpack_from(footer, _VHD_DISK_TYPE_AT)[0]
     if disk_type != _VHD_TYPE_FIXED:
         return False
-    (current_size,) = _VHD_CURRENT_SIZE.unpack_from(footer, _VHD_CURRENT_SIZE_AT)
+    current_size: int = _VHD_CURRENT_SIZE.unpack_from(footer, _VHD_CURRENT_SIZE_AT)[0]
     if current_size > file_size - _VHD_FOOTER_SIZE:
         return False
-    (checksum,) = _VHD_CHECKSUM.unpack_from(footer, _VHD_CHECKSUM_AT)
+    checksum: int = _VHD_CHECKSUM.unpack_from(footer, _VHD_CHECKSUM_AT)[0]
     return checksum == _vhd_checksum(footer)
 
 

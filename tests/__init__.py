@@ -1,0 +1,1 @@
+"""qcowlib tests."""
