@@ -15,7 +15,7 @@ KINDS = [tables.KIND_UNALLOCATED, tables.KIND_DATA, tables.KIND_ZERO, tables.KIN
 
 def expand(runs: tables.L2Runs, unit: int) -> list[tuple[int, int, int]]:
     """Per-unit (kind, host, clen) from runs; host advances inside DATA/allocated runs."""
-    out = []
+    out: list[tuple[int, int, int]] = []
     for start, count, kind, host, clen in zip(
         runs.start, runs.count, runs.kind, runs.host, runs.clen, strict=True
     ):

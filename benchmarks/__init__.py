@@ -1,0 +1,1 @@
+"""Benchmarks against qemu-img (not part of the test run)."""

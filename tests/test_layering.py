@@ -1,0 +1,83 @@
+"""The layers of DESIGN.md import one way only, and ``import qcowlib`` stays light."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "qcowlib"
+
+# Lower number = lower layer.  A module may import from its own layer or lower ones.
+LAYERS = {
+    "errors": 0,
+    "_units": 0,
+    "formats": 1,
+    "disk": 2,
+    "engine": 3,
+    "ops": 4,
+    "cli": 5,
+    "glance": 5,
+    "validate": 5,
+}
+
+
+def _layer_of(module: str) -> int | None:
+    parts = module.split(".")
+    if parts[0] != "qcowlib" or len(parts) < 2:
+        return None
+    return LAYERS.get(parts[1])
+
+
+def _imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.extend(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append(node.module)
+    return found
+
+
+def test_lower_layers_do_not_import_higher_ones() -> None:
+    problems = []
+    for path in SRC.rglob("*.py"):
+        rel = path.relative_to(SRC.parent).with_suffix("")
+        module = ".".join(rel.parts)
+        own = _layer_of(module)
+        if own is None:
+            continue  # qcowlib/__init__.py and __main__ sit above everything
+        for imported in _imports(path):
+            other = _layer_of(imported)
+            if other is not None and other > own:
+                problems.append(f"{module} imports {imported}")
+    assert not problems, "\n".join(problems)
+
+
+def test_formats_layer_does_no_file_io() -> None:
+    banned = {"os", "io.open", "open", "pathlib", "mmap"}
+    problems = []
+    for path in (SRC / "formats").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import) and any(a.name in banned for a in node.names):
+                problems.append(f"{path.name} imports os/pathlib")
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "open"
+            ):
+                problems.append(f"{path.name} calls open()")
+    assert not problems, problems
+
+
+def test_import_qcowlib_is_light() -> None:
+    code = (
+        "import sys, qcowlib; "
+        "heavy = [m for m in ('numpy', 'construct', 'openstack', 'rich', 'zstandard') "
+        "if m in sys.modules]; print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
