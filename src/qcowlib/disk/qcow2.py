@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from qcowlib.disk._file import HostFile
 from qcowlib.disk.base import Disk, Extent, ExtentKind
 from qcowlib.errors import CorruptImage, QcowlibError, TruncatedImage, UnsupportedFeature
 from qcowlib.formats.qcow2 import header as hdr
-from qcowlib.formats.qcow2 import tables
+from qcowlib.formats.qcow2 import refcount, tables
 from qcowlib.formats.qcow2.bitmap import (
     MAX_BITMAP_DIRECTORY_SIZE,
     BitmapEntry,
@@ -96,6 +97,7 @@ class Qcow2Disk(Disk):
         self._l2_cache: OrderedDict[int, tables.L2Runs] = OrderedDict()
         self._l2_cache_max = max(4, L2_CACHE_BYTES // self.cluster_size)
         self._compressed_cache: tuple[int, bytes] | None = None
+        self._metadata_prealloc: bool | None = None
         self._snapshots: list[Snapshot] | None = None
         self._bitmaps: list[BitmapEntry] | None = None
 
@@ -138,6 +140,67 @@ class Qcow2Disk(Disk):
                 except QcowlibError as exc:
                     raise exc.with_file(self.filename) from None
         return self._bitmaps
+
+    # -- refcounts ----------------------------------------------------------------------
+    def refcount_table(self) -> tables.U64:
+        """Refcount block offsets from the refcount table (0: no block)."""
+        h = self.header
+        size = h.refcount_table_clusters * self.cluster_size
+        raw = self.host.pread_exact(h.refcount_table_offset, size, "refcount table")
+        entries = tables.decode_table(raw) & np.uint64(refcount.REFT_OFFSET_MASK)
+        bad = np.flatnonzero(entries & np.uint64(self.cluster_size - 1))
+        if bad.size:
+            raise CorruptImage(
+                f"refcount table entry {int(bad[0])} is not cluster aligned",
+                file=self.filename,
+                structure="refcount table",
+                field=f"entry[{int(bad[0])}]",
+            )
+        return entries
+
+    def refcount_block(self, offset: int) -> tables.U64:
+        """The refcounts in the block at ``offset``, one ``uint64`` per cluster."""
+        raw = self.host.pread_exact(offset, self.cluster_size, "refcount block")
+        return refcount.decode_block(raw, self.header.refcount_order)
+
+    def metadata_preallocated(self) -> bool:
+        """QEMU's ``qcow2_detect_metadata_preallocation``.
+
+        True when clearly more clusters have a refcount than the file has allocated
+        blocks: then data clusters may be holes in the file, and the map reports those
+        as zero (qemu-img map recurses into the file for them).
+        """
+        if self._metadata_prealloc is None:
+            real_clusters = self.host.allocated // self.cluster_size
+            threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+            end_cluster = -(-self.host.size // self.cluster_size)
+            per_block = refcount.entries_per_block(self.cluster_bits, self.header.refcount_order)
+            count = 0
+            try:
+                for block_index, offset in enumerate(self.refcount_table()):
+                    first = block_index * per_block
+                    if first >= end_cluster or count >= threshold:
+                        break
+                    if not offset:
+                        continue
+                    counts = self.refcount_block(int(offset))[: end_cluster - first]
+                    count += int(np.count_nonzero(counts))
+            except QcowlibError as exc:
+                # Only the map's hole detail depends on this; reads must not fail on it.
+                log.debug(
+                    "%s: refcounts unreadable, no preallocation check: %s", self.filename, exc
+                )
+                count = 0
+            self._metadata_prealloc = count >= threshold
+        return self._metadata_prealloc
+
+    def _split_holes(self, ext: Extent) -> Iterator[Extent]:
+        """Mark the parts of a DATA extent that are holes in (or past the end of) the file."""
+        assert ext.host_offset is not None
+        host = ext.host_offset
+        for s, e, is_data in self.data_host.segments(host, host + ext.length):
+            part = ext.clip(ext.start + (s - host), ext.start + (e - host))
+            yield part if is_data else replace(part, hole=True)
 
     # -- mapping ------------------------------------------------------------------------
     def _l2_runs(self, l1_index: int) -> tables.L2Runs | None:
@@ -227,7 +290,11 @@ class Qcow2Disk(Disk):
                     )
                 else:
                     ext = Extent(g_start, g_end - g_start, kind)
-                yield ext.clip(pos, table_end)
+                ext = ext.clip(pos, table_end)
+                if kind is ExtentKind.DATA and self.metadata_preallocated():
+                    yield from self._split_holes(ext)
+                else:
+                    yield ext
                 pos = g_end
                 i += 1
                 if i >= len(runs):
