@@ -5,17 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(_REPO_ROOT) not in sys.path:  # make ``tests.fixtures`` importable under plain `pytest`
-    sys.path.insert(0, str(_REPO_ROOT))
-
-from tests.fixtures.generate import Fixture, ensure_fixtures  # noqa: E402
+from tests.fixtures.generate import Fixture, ensure_fixtures
 
 
 @pytest.fixture(scope="session")
@@ -29,8 +24,7 @@ def fixtures() -> dict[str, Fixture]:
 def _qemu_img_json(fixture_path: Path, *args: str) -> Any:
     """Run a read-only ``qemu-img`` subcommand with JSON output next to the image.
 
-    The working directory is the image's directory because qemu 7.2 resolves relative
-    external data file names against it.
+    Runs in the image's directory, so nothing depends on the caller's working directory.
     """
     proc = subprocess.run(
         ["qemu-img", *args, "--output", "json", fixture_path.name],
@@ -162,8 +156,8 @@ def test_tag_compression(fixtures: dict[str, Fixture]) -> None:
 def test_tag_external_data(fixtures: dict[str, Fixture]) -> None:
     for fixture in _with(fixtures, "external_data"):
         data = _format_data(fixture)
-        assert data.get("data-file"), fixture.name
-        assert (fixture.path.parent / data["data-file"]).is_file(), fixture.name
+        data_file = Path(data["data-file"])
+        assert data_file.is_absolute() and data_file.is_file(), (fixture.name, data_file)
         assert data.get("data-file-raw", False) is ("data_file_raw" in fixture.tags), fixture.name
 
 

@@ -161,9 +161,11 @@ class Disk(abc.ABC):
             if ext.kind is not ExtentKind.UNALLOCATED:
                 yield replace(ext, depth=depth)
                 continue
+            # An unallocated extent may keep a host offset (an allocated cluster whose
+            # subcluster is not): qemu-img map shows it where this layer decides.
             backing = self.backing
             if backing is None:
-                yield replace(ext, depth=depth, host_offset=None)
+                yield replace(ext, depth=depth)
                 continue
             split = min(ext.end, max(ext.start, backing.virtual_size))
             if split > ext.start:
@@ -171,7 +173,7 @@ class Disk(abc.ABC):
             if split < ext.end:
                 # Past the backing file's end the overlay reads zeros (qemu: ZERO, not
                 # allocated, decided at this layer).
-                yield Extent(split, ext.end - split, ExtentKind.UNALLOCATED, depth=depth)
+                yield replace(ext.clip(split, ext.end), depth=depth)
 
     def read_into(self, offset: int, buf: memoryview | bytearray) -> None:
         """Fill ``buf`` with guest bytes from ``offset`` (raises InvalidArgument past the end)."""

@@ -284,7 +284,7 @@ class Qcow2Disk(Disk):
                         file=self.filename,
                         compressed_length=int(runs.clen[i]),
                     )
-                elif kind is ExtentKind.DATA or (kind is ExtentKind.ZERO and host):
+                elif kind is ExtentKind.DATA or host:
                     ext = Extent(
                         g_start, g_end - g_start, kind, host_offset=host, file=self.data_filename
                     )

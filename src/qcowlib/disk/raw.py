@@ -16,7 +16,9 @@ class RawDisk(Disk):
     def __init__(self, host: HostFile, filename: str) -> None:
         self.host = host
         self.filename = filename
-        self.virtual_size = host.size
+        # The block layer counts whole 512-byte sectors: a partial last sector reads as
+        # if padded with zeros (as qemu-img shows it).
+        self.virtual_size = -(-host.size // 512) * 512
 
     def layer_extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
         start, end = self._range(offset, length)

@@ -14,10 +14,8 @@ def _actual_size(disk: Disk) -> int | None:
     from qcowlib.disk.raw import RawDisk
 
     if isinstance(disk, Qcow2Disk):
-        total = disk.host.allocated
-        if disk.data_host is not disk.host:
-            total += disk.data_host.allocated
-        return total
+        # qemu-img 7.2 counts the qcow2 file only, not an external data file.
+        return disk.host.allocated
     if isinstance(disk, RawDisk):
         return disk.host.allocated
     return None

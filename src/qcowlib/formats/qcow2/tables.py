@@ -226,8 +226,9 @@ def decode_l2(
     ukind[compressed, :] = KIND_COMPRESSED
     base = np.where(cluster_allocated | compressed, host, np.uint64(0))
     uhost = base[:, None] + shifts * np.uint64(sc_size)
-    # Allocated subclusters (data or zero) keep their host offset, as QEMU maps them.
-    keep = (ukind == KIND_DATA) | ((ukind == KIND_ZERO) & cluster_allocated[:, None])
+    # Every subcluster of an allocated cluster keeps its host offset, as QEMU maps them
+    # (QCOW2_SUBCLUSTER_ZERO_ALLOC and _UNALLOCATED_ALLOC are OFFSET_VALID).
+    keep = (ukind == KIND_DATA) | cluster_allocated[:, None]
     uhost = np.where(keep, uhost, np.uint64(0))
     uhost[compressed, :] = host[compressed, None]
     uclen = np.zeros((n, SUBCLUSTERS), dtype=np.uint64)
@@ -251,7 +252,9 @@ def _runs(kind: U8, host: U64, clen: U64, unit: int, compressed_group: int = 1) 
         same_kind = kind[1:] == kind[:-1]
         has_host = host != 0
         contiguous = host[1:] == host[:-1] + np.uint64(unit)
-        host_ok = np.where(has_host[1:] | has_host[:-1], contiguous, True)
+        both = has_host[1:] & has_host[:-1]
+        neither = ~(has_host[1:] | has_host[:-1])
+        host_ok = np.where(both, contiguous, neither)
         # Each compressed cluster stays a run of its own (its units share one host).
         idx = np.arange(1, n)
         compressed_ok = (idx % compressed_group) != 0
