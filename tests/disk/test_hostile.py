@@ -66,6 +66,16 @@ def l1_offset(p: Path) -> int:
     return field(p, 40, ">Q")
 
 
+def _snapshots_past_eof(p: Path) -> None:
+    poke(p, 60, ">I", 3)
+    poke(p, 64, ">Q", 1 << 30)
+
+
+def _truncate(p: Path, size: int) -> None:
+    with p.open("r+b") as f:
+        f.truncate(size)
+
+
 Damage = Callable[[Path], None]
 
 CASES: list[tuple[str, Damage, type[qcowlib.QcowlibError]]] = [
@@ -91,20 +101,10 @@ CASES: list[tuple[str, Damage, type[qcowlib.QcowlibError]]] = [
     ("unknown incompat bit", lambda p: poke(p, 72, ">Q", 1 << 20), qcowlib.UnsupportedFeature),
     ("extension overflow", lambda p: poke(p, 112 + 4, ">I", 0x7FFF_FFF0), qcowlib.CorruptImage),
     ("encrypted", lambda p: poke(p, 32, ">I", 2), qcowlib.UnsupportedFeature),
-    ("snapshot table past EOF", lambda p: _snapshots_past_eof(p), qcowlib.TruncatedImage),
+    ("snapshot table past EOF", _snapshots_past_eof, qcowlib.TruncatedImage),
     ("truncated to 50 bytes", lambda p: _truncate(p, 50), qcowlib.TruncatedImage),
     ("truncated after header", lambda p: _truncate(p, 0x10000), qcowlib.TruncatedImage),
 ]
-
-
-def _snapshots_past_eof(p: Path) -> None:
-    poke(p, 60, ">I", 3)
-    poke(p, 64, ">Q", 1 << 30)
-
-
-def _truncate(p: Path, size: int) -> None:
-    with p.open("r+b") as f:
-        f.truncate(size)
 
 
 @pytest.mark.usefixtures("qemu")
