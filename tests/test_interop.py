@@ -137,3 +137,17 @@ def test_random_reads_match_raw(name: str, qemu_raw: dict[str, Path], data: st.D
         assert disk.virtual_size == size
         f.seek(offset)
         assert disk.read(offset, length) == f.read(length)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_info_human_identical(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    fx = _fixture(name)
+    cwd = os.getcwd()
+    os.chdir(fx.path.parent)
+    try:
+        for extra in ([], ["--backing-chain"]):
+            status, out, err = _cli(capsys, "info", *extra, fx.path.name)
+            assert status == 0, err
+            assert out == qemu_img("info", *extra, fx.path.name).stdout
+    finally:
+        os.chdir(cwd)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qcowlib.disk.base import Disk, Extent
+from qcowlib.disk.base import Disk, Extent, ExtentKind
 
 _CHUNK = 4 * 1024 * 1024
 #: qemu-img reports the first differing 512-byte sector.
@@ -23,19 +23,43 @@ class CompareResult:
     mismatch_offset: int | None = None
 
 
-def _pieces(a: Disk, b: Disk, end: int) -> Iterator[tuple[Extent, Extent]]:
-    """Pairs of overlapping resolved extents of ``a`` and ``b`` over ``[0, end)``."""
+def _pieces(a: Disk, b: Disk, end: int) -> Iterator[tuple[Extent, Extent, int, int]]:
+    """Overlapping resolved extents of ``a`` and ``b`` and the range they share."""
     ia, ib = a.extents(0, end), b.extents(0, end)
     ea, eb = next(ia, None), next(ib, None)
     pos = 0
     while ea is not None and eb is not None and pos < end:
         stop = min(ea.end, eb.end)
-        yield ea.clip(pos, stop), eb.clip(pos, stop)
+        yield ea, eb, pos, stop
         pos = stop
         if ea.end == stop:
             ea = next(ia, None)
         if eb.end == stop:
             eb = next(ib, None)
+
+
+# Block status flags as QEMU's bdrv_block_status_above() reports them; strict mode
+# compares these, so an equal-content zero cluster and a data cluster differ.
+_DATA, _ZERO, _OFFSET_VALID, _ALLOCATED, _EOF = 1, 2, 4, 16, 32
+
+
+def _status(disk: Disk, ext: Extent) -> int:
+    """QEMU's status flags for a resolved extent of ``disk``."""
+    kind = ext.kind
+    if kind is ExtentKind.DATA:
+        flags = _DATA | _OFFSET_VALID | _ALLOCATED | (_ZERO if ext.hole else 0)
+    elif kind is ExtentKind.COMPRESSED:
+        flags = _DATA | _ALLOCATED
+    elif kind is ExtentKind.ZERO:
+        flags = _ZERO | _ALLOCATED | (_OFFSET_VALID if ext.host_offset is not None else 0)
+    elif disk.chain[ext.depth].backing is not None:
+        # Past the end of a shorter backing file: zeros "allocated" at that layer.
+        flags = _ZERO | _ALLOCATED
+    else:
+        flags = _ZERO | (_OFFSET_VALID if ext.host_offset is not None else 0)
+    if ext.end == disk.virtual_size:
+        flags |= _EOF
+    return flags
 
 
 def _first_nonzero(disk: Disk, start: int, end: int) -> int | None:
@@ -63,11 +87,12 @@ def compare(a: Disk, b: Disk, *, strict: bool = False) -> CompareResult:
     common = min(size_a, size_b)
     buf_a = bytearray(_CHUNK)
     buf_b = bytearray(_CHUNK)
-    for ea, eb in _pieces(a, b, common):
-        if strict and ea.present != eb.present:
+    for full_a, full_b, start, stop in _pieces(a, b, common):
+        if strict and _status(a, full_a) != _status(b, full_b):
             return CompareResult(
-                False, [f"Strict mode: Offset {ea.start} block status mismatch!"], ea.start
+                False, [f"Strict mode: Offset {start} block status mismatch!"], start
             )
+        ea, eb = full_a.clip(start, stop), full_b.clip(start, stop)
         if ea.reads_zero and eb.reads_zero:
             continue
         pos = ea.start

@@ -1,0 +1,94 @@
+"""Command-line behaviour: entry points, usage errors, output spellings, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import qemu_img
+
+
+def run(*args: str | Path, exe: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*(exe or [sys.executable, "-m", "qcowlib"]), *map(str, args)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_usage_errors_exit_2() -> None:
+    for args in ([], ["nosuchcommand"], ["info"], ["info", "--output", "yaml", "x"]):
+        res = run(*args)
+        assert res.returncode == 2, args
+        assert "Traceback" not in res.stderr
+
+
+@pytest.mark.usefixtures("qemu")
+def test_output_spellings_and_console_script(tmp_path: Path) -> None:
+    img = tmp_path / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "1M")
+    a = run("info", "--output", "json", img)
+    b = run("info", "--output=json", img)
+    assert a.returncode == b.returncode == 0
+    assert json.loads(a.stdout) == json.loads(b.stdout)
+    script = Path(sys.executable).parent / "qcowlib"
+    if script.exists() or shutil.which("qcowlib"):
+        c = run("info", "--output=json", img, exe=[str(script if script.exists() else "qcowlib")])
+        assert c.returncode == 0 and json.loads(c.stdout) == json.loads(a.stdout)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"\0" * 1024, b"QFI\xfb" + b"\xff" * 200, b"QFI\xfb\0\0\0\x03" + b"\0" * 100],
+)
+def test_garbage_never_tracebacks(content: bytes, tmp_path: Path) -> None:
+    f = tmp_path / "junk.img"
+    f.write_bytes(content)
+    for args in (["info", f], ["map", f], ["convert", "-O", "raw", f, tmp_path / "o"]):
+        res = run(*args)
+        assert res.returncode in (0, 1), res.stderr
+        assert "Traceback" not in res.stderr
+        if res.returncode:
+            assert res.stderr.startswith("qcowlib: error: ")
+
+
+@pytest.mark.parametrize(
+    ("magic", "fmt"),
+    [
+        (b"KDMV" + b"\0" * 508, "vmdk"),
+        (b"LUKS\xba\xbe\0\x01" + b"\0" * 504, "luks"),
+        (b"vhdxfile" + b"\0" * 504, "vhdx"),
+    ],
+)
+def test_other_formats_refused_clearly(magic: bytes, fmt: str, tmp_path: Path) -> None:
+    f = tmp_path / "x.img"
+    f.write_bytes(magic + bytes(65536))
+    res = run("map", f)
+    assert res.returncode == 1
+    assert fmt in res.stderr and "not supported" in res.stderr
+
+
+def test_convert_refuses_to_overwrite_its_source(tmp_path: Path) -> None:
+    f = tmp_path / "disk.raw"
+    f.write_bytes(b"x" * 4096)
+    res = run("convert", "-f", "raw", "-O", "raw", f, f)
+    assert res.returncode == 1 and "same file" in res.stderr
+    assert f.read_bytes() == b"x" * 4096
+
+
+def test_convert_output_appears_only_when_complete(tmp_path: Path) -> None:
+    f = tmp_path / "disk.raw"
+    f.write_bytes(os.urandom(1 << 20))
+    out = tmp_path / "out.raw"
+    res = run("convert", "-p", "-O", "raw", f, out)
+    assert res.returncode == 0, res.stderr
+    assert out.read_bytes() == f.read_bytes()
+    assert [p.name for p in tmp_path.iterdir() if "qcowlib-tmp" in p.name] == []
