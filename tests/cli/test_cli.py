@@ -52,7 +52,12 @@ def test_output_spellings_and_console_script(tmp_path: Path) -> None:
 def test_garbage_never_tracebacks(content: bytes, tmp_path: Path) -> None:
     f = tmp_path / "junk.img"
     f.write_bytes(content)
-    for args in (["info", f], ["map", f], ["convert", "-O", "raw", f, tmp_path / "o"]):
+    cases: list[list[str | Path]] = [
+        ["info", f],
+        ["map", f],
+        ["convert", "-O", "raw", f, tmp_path / "o"],
+    ]
+    for args in cases:
         res = run(*args)
         assert res.returncode in (0, 1), res.stderr
         assert "Traceback" not in res.stderr
