@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from qcowlib.errors import InvalidArgument, QcowlibError
+from qcowlib.errors import QcowlibError
 
 log = logging.getLogger("qcowlib")
 
@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"qcowlib: error: {message}\n")
 
 
-class _Failed(Exception):
+class Failed(Exception):
     """A command failed with a message already formatted, and an exit status."""
 
     def __init__(self, message: str, status: int = 1) -> None:
@@ -35,11 +35,11 @@ class _Failed(Exception):
         self.status = status
 
 
-def _add_output(p: argparse.ArgumentParser) -> None:
+def add_output(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", choices=("human", "json"), default="human")
 
 
-def _print_json(value: Any) -> None:
+def print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=4) + "\n")
 
 
@@ -52,7 +52,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     result = info(args.filename, args.format, backing_chain=args.backing_chain)
     if args.output == "json":
-        _print_json(result)
+        print_json(result)
     elif isinstance(result, list):
         sys.stdout.write("\n".join(human_info(r) for r in result))
     else:
@@ -73,7 +73,7 @@ def _cmd_map(args: argparse.Namespace) -> int:
     text, error = human_map(entries)
     sys.stdout.write(text)
     if error:
-        raise _Failed(error)
+        raise Failed(error)
     return 0
 
 
@@ -88,13 +88,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         ):
             result = compare(a, b, strict=args.strict)
     except QcowlibError as exc:
-        raise _Failed(str(exc), 2) from None
+        raise Failed(str(exc), 2) from None
     for line in result.messages:
         sys.stdout.write(line + "\n")
     return 0 if result.identical else 1
 
 
-def _parse_options(text: str | None) -> dict[str, str]:
+def parse_options(text: str | None) -> dict[str, str]:
+    """qemu-img's ``-o key=value,key=value`` (a bare key means ``on``)."""
     options: dict[str, str] = {}
     if not text:
         return options
@@ -111,8 +112,6 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from qcowlib.cli.progress import ProgressBar
     from qcowlib.ops.convert import convert
 
-    if args.backing is not None:
-        raise InvalidArgument("-B is not supported for this output format yet")
     sparse = parse_size(args.sparse_size) if args.sparse_size is not None else 4096
     bar = ProgressBar() if args.progress else None
     try:
@@ -122,7 +121,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             args.out_format,
             src_format=args.format,
             compress=args.compress,
-            options=_parse_options(args.options),
+            options=parse_options(args.options),
+            backing=args.backing,
+            backing_format=args.backing_format,
             sparse_size=sparse,
             progress=bar.update if bar else None,
         )
@@ -145,14 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="show image information")
     p.add_argument("-f", dest="format", choices=INPUT_FORMATS)
-    _add_output(p)
+    add_output(p)
     p.add_argument("--backing-chain", action="store_true")
     p.add_argument("filename")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("map", help="show the allocation map")
     p.add_argument("-f", dest="format", choices=INPUT_FORMATS)
-    _add_output(p)
+    add_output(p)
     p.add_argument("filename")
     p.set_defaults(func=_cmd_map)
 
@@ -170,12 +171,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", dest="options")
     p.add_argument("-c", dest="compress", action="store_true")
     p.add_argument("-B", dest="backing")
+    p.add_argument("-F", dest="backing_format")
     p.add_argument("-S", dest="sparse_size")
     p.add_argument("-p", dest="progress", action="store_true")
     p.add_argument("src")
     p.add_argument("dst")
     p.set_defaults(func=_cmd_convert)
+
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        importlib.import_module(f"qcowlib.cli.{name}").register(sub)
     return parser
+
+
+#: Modules under qcowlib.cli that each add subcommands through ``register(sub)``.
+_COMMAND_MODULES: tuple[str, ...] = ("cmd_create",)
 
 
 def _version() -> str:
@@ -199,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     error_status = 2 if args.command == "compare" else 1
     try:
         return func(args)
-    except _Failed as exc:
+    except Failed as exc:
         sys.stderr.write(f"qcowlib: error: {exc}\n")
         return exc.status
     except QcowlibError as exc:

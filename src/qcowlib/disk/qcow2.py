@@ -9,6 +9,7 @@ table codec.  Reads go through extents, so a long run of contiguous clusters is 
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import replace
@@ -95,6 +96,7 @@ class Qcow2Disk(Disk):
         except QcowlibError as exc:
             raise exc.with_file(filename) from None
         self._l2_cache: OrderedDict[int, tables.L2Runs] = OrderedDict()
+        self._l2_lock = threading.Lock()
         self._l2_cache_max = max(4, L2_CACHE_BYTES // self.cluster_size)
         self._compressed_cache: tuple[int, bytes] | None = None
         self._metadata_prealloc: bool | None = None
@@ -204,7 +206,14 @@ class Qcow2Disk(Disk):
 
     # -- mapping ------------------------------------------------------------------------
     def _l2_runs(self, l1_index: int) -> tables.L2Runs | None:
-        """Decoded runs of the L2 table behind L1 entry ``l1_index`` (None: no table)."""
+        """Decoded runs of the L2 table behind L1 entry ``l1_index`` (None: no table).
+
+        Safe to call from several threads (readers in a worker pool share the cache).
+        """
+        with self._l2_lock:
+            return self._l2_runs_locked(l1_index)
+
+    def _l2_runs_locked(self, l1_index: int) -> tables.L2Runs | None:
         cached = self._l2_cache.get(l1_index)
         if cached is not None:
             self._l2_cache.move_to_end(l1_index)

@@ -8,7 +8,7 @@ import stat
 import tempfile
 from collections.abc import Iterator
 
-from qcowlib.errors import InvalidArgument, QcowlibIOError
+from qcowlib.errors import InvalidArgument, QcowlibError, QcowlibIOError
 
 
 def same_file(a: str, b: str) -> bool:
@@ -66,6 +66,8 @@ def atomic_output(path: str, *, protect: tuple[str, ...] = ()) -> Iterator[int]:
         fd = -1
         os.replace(tmp, path)
         ok = True
+    except QcowlibError:
+        raise
     except OSError as exc:
         raise QcowlibIOError(f"cannot write {path}: {exc.strerror}", file=path) from None
     finally:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from qcowlib.disk.chain import open_disk
+from qcowlib.disk.base import Disk
+from qcowlib.disk.chain import BackingPolicy, open_disk, resolve_linked_path
 from qcowlib.engine.copy import Progress, write_raw
 from qcowlib.engine.output import atomic_output
+from qcowlib.engine.qcow2out import write_qcow2
 from qcowlib.errors import InvalidArgument, UnsupportedFeature
+from qcowlib.formats.qcow2.layout import parse_options
 
-WRITABLE_FORMATS = ("raw",)
+WRITABLE_FORMATS = ("raw", "qcow2")
 
 
 def convert(
@@ -20,25 +23,79 @@ def convert(
     src_format: str | None = None,
     compress: bool = False,
     options: Mapping[str, str] | None = None,
+    backing: str | None = None,
+    backing_format: str | None = None,
     sparse_size: int = 4096,
     progress: Progress | None = None,
 ) -> None:
     """Convert ``src`` (any readable image, with its chain) to ``dst`` in ``out_format``.
 
     The output is written under a temporary name and renamed into place when complete.
-    ``sparse_size`` is qemu-img's ``-S``: all-zero blocks of that many bytes are left as
-    holes (0 disables zero detection).  Raises :class:`UnsupportedFeature` for output
-    formats this version cannot write and :class:`InvalidArgument` for bad options.
+    ``sparse_size`` is qemu-img's ``-S``: all-zero blocks of that many bytes are left out
+    (0 disables zero detection).  ``compress`` (``-c``) compresses qcow2 clusters.
+    ``backing`` (``-B``) makes the qcow2 output an overlay of that image, holding only
+    what differs from it; its format must be given (``backing_format``).  Raises
+    :class:`UnsupportedFeature` for output formats this version cannot write and
+    :class:`InvalidArgument` for bad options.
     """
     if out_format not in WRITABLE_FORMATS:
         raise UnsupportedFeature(f"converting to {out_format} is not supported yet")
-    if compress:
-        raise InvalidArgument(f"{out_format} does not support compression")
-    if options:
-        raise InvalidArgument(f"{out_format} takes no options: {', '.join(options)}")
     if sparse_size < 0 or sparse_size % 512:
         raise InvalidArgument("sparse size must be a multiple of 512")
+    opts_in = dict(options or {})
+    if out_format == "raw":
+        if compress:
+            raise InvalidArgument("Compression not supported for this file format")
+        if backing:
+            raise InvalidArgument("Backing file not supported for file format 'raw'")
+        if opts_in:
+            raise InvalidArgument(f"Invalid parameter '{next(iter(opts_in))}'")
     with open_disk(src, src_format) as disk:
         inputs = tuple(d.filename for d in disk.chain)
+        if out_format == "raw":
+            with atomic_output(dst, protect=inputs) as fd:
+                write_raw(disk, fd, sparse_size=sparse_size, progress=progress)
+            return
+        _convert_qcow2(
+            disk, dst, opts_in, compress, backing, backing_format, sparse_size, progress, inputs
+        )
+
+
+def _convert_qcow2(
+    disk: Disk,
+    dst: str,
+    opts_in: dict[str, str],
+    compress: bool,
+    backing: str | None,
+    backing_format: str | None,
+    sparse_size: int,
+    progress: Progress | None,
+    inputs: tuple[str, ...],
+) -> None:
+    if backing is not None:
+        opts_in["backing_file"] = backing
+    if backing_format is not None:
+        opts_in["backing_fmt"] = backing_format
+    if opts_in.get("backing_file") and not opts_in.get("backing_fmt"):
+        raise InvalidArgument("-B needs the backing format (-F): it is never guessed")
+    opts = parse_options(disk.virtual_size, opts_in)
+    if opts.preallocation != "off":
+        raise InvalidArgument("convert does not support preallocation (create, then write)")
+    base: Disk | None = None
+    if opts.backing_file:
+        full = resolve_linked_path(dst, opts.backing_file, "backing file", BackingPolicy())
+        base = open_disk(full, opts.backing_fmt)
+    try:
         with atomic_output(dst, protect=inputs) as fd:
-            write_raw(disk, fd, sparse_size=sparse_size, progress=progress)
+            write_qcow2(
+                disk,
+                fd,
+                opts,
+                compress=compress,
+                sparse_size=sparse_size,
+                backing=base,
+                progress=progress,
+            )
+    finally:
+        if base is not None:
+            base.close()

@@ -1,0 +1,383 @@
+"""Writing a new qcow2 image from a source disk in one pass (``convert -O qcow2``).
+
+The metadata area (refcount table and blocks, L1, the L2 tables the source needs) is
+planned up front from the source's extent map (:func:`plan_layout`); data clusters
+follow it in guest order, and each L2 table is written as soon as its range is done,
+so memory stays bounded whatever the disk size.  All-zero clusters are not written;
+with ``compress`` each cluster is compressed in a thread pool, output order preserved,
+and kept uncompressed when compression does not shrink it (as QEMU does).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from qcowlib.disk.base import Disk
+from qcowlib.engine.output import pwrite_all
+from qcowlib.errors import QcowlibIOError
+from qcowlib.formats.qcow2 import refcount as rc
+from qcowlib.formats.qcow2 import tables
+from qcowlib.formats.qcow2.compress import compress_cluster
+from qcowlib.formats.qcow2.layout import (
+    CreateOptions,
+    Layout,
+    build_new_header,
+    build_refcount_structures,
+    plan_layout,
+)
+
+Progress = Callable[[int, int], None]
+#: Guest bytes read per step.
+CHUNK = 4 * 1024 * 1024
+WORKERS = 2
+
+_EMPTY, _DATA, _ZERO, _COMPRESSED = 0, 1, 2, 3
+
+
+def candidate_ranges(disk: Disk | None, cluster_size: int) -> list[tuple[int, int]]:
+    """Guest cluster ranges ``[first, end)`` that may hold non-zero data."""
+    out: list[tuple[int, int]] = []
+    if disk is None:
+        return out
+    for ext in disk.extents():
+        if ext.reads_zero:
+            continue
+        first = ext.start // cluster_size
+        end = -(-ext.end // cluster_size)
+        if out and out[-1][1] >= first:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((first, end))
+    return out
+
+
+def _merge(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for first, end in sorted(a + b):
+        if out and out[-1][1] >= first:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((first, end))
+    return out
+
+
+@dataclass
+class _Chunk:
+    """Classified clusters of one read: kind per cluster and the bytes to store."""
+
+    first: int
+    kinds: np.ndarray
+    data: memoryview
+    compressed: list[bytes | None]
+
+
+class Qcow2Writer:
+    """Emit a new image into ``fd`` (a fresh, empty file)."""
+
+    def __init__(self, fd: int, opts: CreateOptions, candidates: list[tuple[int, int]]) -> None:
+        self.fd = fd
+        self.opts = opts
+        self.cs = opts.cluster_size
+        cs = self.cs
+        l2_span_clusters = cs // opts.l2_entry_size
+        l1_size = -(-opts.virtual_size // (l2_span_clusters * cs))
+        l2_needed = np.zeros(max(l1_size, 1), dtype=bool)
+        n_data = 0
+        for first, end in candidates:
+            l2_needed[first // l2_span_clusters : -(-end // l2_span_clusters)] = True
+            n_data += end - first
+        self.l2_span = l2_span_clusters
+        self.layout: Layout = plan_layout(opts, l2_needed, n_data)
+        self.counts = np.zeros(self.layout.data_offset // cs + n_data + 2, dtype=np.uint64)
+        self.max_refcount = rc.max_refcount(opts.refcount_order)
+        self.data_pos = self.layout.data_offset
+        self.cur_l1: int = -1
+        self.cur_l2 = np.zeros(0, dtype=np.uint64)
+        self.pending: list[tuple[int, bytes | memoryview]] = []
+        self.pending_bytes = 0
+        try:
+            os.ftruncate(fd, self.layout.data_offset)
+        except OSError as exc:
+            raise QcowlibIOError(f"cannot size output: {exc.strerror}") from None
+
+    # -- L2 tables -----------------------------------------------------------------------
+    def _switch_l2(self, l1_index: int) -> None:
+        if l1_index == self.cur_l1:
+            return
+        self._flush_l2()
+        self.cur_l1 = l1_index
+        self.cur_l2 = np.zeros(self.l2_span * (self.opts.l2_entry_size // 8), dtype=np.uint64)
+
+    def _flush_l2(self) -> None:
+        if self.cur_l1 < 0:
+            return
+        offset = int(self.layout.l2_offsets[self.cur_l1])
+        if offset == 0:
+            raise QcowlibIOError("internal: writing into an unplanned L2 table")
+        self._flush_data()
+        self._pwrite(tables.encode_table(self.cur_l2), offset)
+
+    def _set_entry(self, cluster: int, entry: int, bitmap: int = 0) -> None:
+        self._switch_l2(cluster // self.l2_span)
+        i = cluster % self.l2_span
+        if self.opts.extended_l2:
+            self.cur_l2[2 * i] = entry
+            self.cur_l2[2 * i + 1] = bitmap
+        else:
+            self.cur_l2[i] = entry
+
+    # -- data --------------------------------------------------------------------------
+    def _pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        try:
+            pwrite_all(self.fd, data, offset)
+        except OSError as exc:
+            raise QcowlibIOError(f"write error: {exc.strerror}", offset=offset) from None
+
+    def _queue(self, data: bytes | memoryview, offset: int) -> None:
+        if self.pending:
+            last_off, last = self.pending[-1]
+            if last_off + len(last) != offset:
+                self._flush_data()
+        self.pending.append((offset, data))
+        self.pending_bytes += len(data)
+        if self.pending_bytes >= CHUNK:
+            self._flush_data()
+
+    def _flush_data(self) -> None:
+        if not self.pending:
+            return
+        start = self.pending[0][0]
+        if len(self.pending) == 1:
+            self._pwrite(self.pending[0][1], start)
+        else:
+            try:
+                done = os.pwritev(self.fd, [p[1] for p in self.pending], start)
+            except OSError as exc:
+                raise QcowlibIOError(f"write error: {exc.strerror}", offset=start) from None
+            if done != self.pending_bytes:
+                self._pwrite(b"".join(bytes(p[1]) for p in self.pending)[done:], start + done)
+        self.pending.clear()
+        self.pending_bytes = 0
+
+    def _grow_counts(self, cluster: int) -> None:
+        if cluster >= self.counts.size:
+            grown = np.zeros(max(cluster + 1, self.counts.size * 2), dtype=np.uint64)
+            grown[: self.counts.size] = self.counts
+            self.counts = grown
+
+    def add_data(self, cluster: int, data: memoryview) -> None:
+        """Store one uncompressed cluster (``len(data)`` may be short at the disk end)."""
+        cs = self.cs
+        self.data_pos = -(-self.data_pos // cs) * cs
+        host = self.data_pos
+        self._queue(data, host)
+        self.data_pos += cs
+        self._grow_counts(host // cs)
+        self.counts[host // cs] = 1
+        bitmap = 0xFFFF_FFFF if self.opts.extended_l2 else 0
+        self._set_entry(cluster, host | tables.OFLAG_COPIED, bitmap)
+
+    def add_zero(self, cluster: int) -> None:
+        """A cluster that must read as zeros (over a backing file)."""
+        if self.opts.version == 2:
+            self.add_data(cluster, memoryview(bytes(self.cs)))
+        elif self.opts.extended_l2:
+            self._set_entry(cluster, 0, 0xFFFF_FFFF << 32)
+        else:
+            self._set_entry(cluster, tables.OFLAG_ZERO)
+
+    def add_compressed(self, cluster: int, payload: bytes) -> None:
+        """Store one compressed cluster, packed after the previous one."""
+        cs = self.cs
+        pos = self.data_pos
+        first = pos // cs
+        self._grow_counts(first + len(payload) // cs + 2)
+        if pos % cs and self.counts[first] >= self.max_refcount:
+            pos = -(-pos // cs) * cs  # the shared cluster's refcount is full
+        end = pos + len(payload)
+        self._queue(payload, pos)
+        self.counts[pos // cs : (end - 1) // cs + 1] += np.uint64(1)
+        self.data_pos = end
+        layout = tables.CompressedLayout(self.opts.cluster_bits)
+        desc = layout.encode(np.array([pos], np.uint64), np.array([len(payload)], np.uint64))
+        self._set_entry(cluster, int(desc[0]))
+
+    def preallocate_all(self) -> None:
+        """preallocation=metadata: every cluster gets a data cluster (not written)."""
+        n = -(-self.opts.virtual_size // self.cs)
+        cs = self.cs
+        start = -(-self.data_pos // cs) * cs
+        self._grow_counts(start // cs + n)
+        self.counts[start // cs : start // cs + n] = 1
+        hosts = np.uint64(start) + np.arange(n, dtype=np.uint64) * np.uint64(cs)
+        for l1 in range(-(-n // self.l2_span)):
+            lo, hi = l1 * self.l2_span, min(n, (l1 + 1) * self.l2_span)
+            self._switch_l2(l1)
+            entries = hosts[lo:hi] | np.uint64(tables.OFLAG_COPIED)
+            if self.opts.extended_l2:
+                self.cur_l2[0 : 2 * (hi - lo) : 2] = entries
+                self.cur_l2[1 : 2 * (hi - lo) : 2] = 0xFFFF_FFFF
+            else:
+                self.cur_l2[: hi - lo] = entries
+        self.data_pos = start + n * cs
+
+    # -- finishing -----------------------------------------------------------------------
+    def finish(self) -> int:
+        """Write L2/L1/refcount structures and the header; returns the file size."""
+        self._flush_l2()
+        self._flush_data()
+        lay = self.layout
+        cs = self.cs
+        l1 = lay.l2_offsets.copy()
+        l1[l1 != 0] |= np.uint64(tables.OFLAG_COPIED)
+        end = max(self.data_pos, lay.data_offset)
+        n_clusters = -(-end // cs)
+        counts = np.zeros(n_clusters, dtype=np.uint64)
+        used = min(n_clusters, self.counts.size)
+        counts[:used] = self.counts[:used]
+        counts[: lay.data_offset // cs] = 1  # all metadata (unused L2 slots stay valid)
+        if np.any(counts > np.uint64(self.max_refcount)):
+            raise QcowlibIOError("internal: refcount overflow")
+        reftable, blocks = build_refcount_structures(lay, counts, self.opts.refcount_order)
+        self._pwrite(tables.encode_table(l1), lay.l1_offset)
+        self._pwrite(reftable, lay.reftable_offset)
+        self._pwrite(blocks, lay.refblocks_offset)
+        self._pwrite(build_new_header(self.opts, lay), 0)
+        try:
+            os.ftruncate(self.fd, end)
+        except OSError as exc:
+            raise QcowlibIOError(f"cannot size output: {exc.strerror}") from None
+        return end
+
+
+def _cluster_chunks(ranges: list[tuple[int, int]], per_chunk: int) -> Iterator[tuple[int, int]]:
+    for first, end in ranges:
+        pos = first
+        while pos < end:
+            n = min(per_chunk, end - pos)
+            yield pos, n
+            pos += n
+
+
+def write_qcow2(
+    src: Disk | None,
+    fd: int,
+    opts: CreateOptions,
+    *,
+    compress: bool = False,
+    sparse_size: int = 4096,
+    backing: Disk | None = None,
+    progress: Progress | None = None,
+) -> int:
+    """Write ``src``'s content (None: an empty disk) into ``fd`` as a new qcow2 image.
+
+    With ``backing`` (the image named by ``opts.backing_file``), clusters equal to the
+    backing's are left unallocated and zeros over non-zero backing data become zero
+    clusters.  Returns the file size.
+    """
+    cs = opts.cluster_size
+    size = opts.virtual_size
+    ranges = candidate_ranges(src, cs)
+    if backing is not None:
+        back_ranges = [(a, min(b, -(-size // cs))) for a, b in candidate_ranges(backing, cs)]
+        ranges = _merge(ranges, [r for r in back_ranges if r[0] < r[1]])
+    if opts.preallocation != "off":
+        # Every cluster is allocated up front; only then is source data copied in.
+        if ranges:
+            raise QcowlibIOError("internal: preallocation applies to new empty images")
+        writer = Qcow2Writer(fd, opts, [(0, -(-size // cs))])
+        writer.preallocate_all()
+    else:
+        writer = Qcow2Writer(fd, opts, ranges)
+    per_chunk = max(1, CHUNK // cs)
+    ctype = opts.compression_type_id
+
+    def read_classify(first: int, n: int) -> _Chunk:
+        start = first * cs
+        length = min(n * cs, size - start)
+        buf = bytearray(n * cs)
+        view = memoryview(buf)
+        if src is not None:
+            src.read_into(start, view[:length])
+        arr = np.frombuffer(buf, dtype=np.uint64).reshape(n, cs // 8)
+        # Zero detection is per cluster: that is what a qcow2 target can leave out.
+        nonzero = arr.any(axis=1) if sparse_size else np.ones(n, dtype=bool)
+        kinds = np.where(nonzero, _DATA, _EMPTY).astype(np.uint8)
+        if backing is not None:
+            bbuf = bytearray(n * cs)
+            blen = max(0, min(length, backing.virtual_size - start))
+            if blen:
+                backing.read_into(start, memoryview(bbuf)[:blen])
+            barr = np.frombuffer(bbuf, dtype=np.uint64).reshape(n, cs // 8)
+            same = ~(arr != barr).any(axis=1)
+            back_nonzero = barr.any(axis=1)
+            kinds = np.where(same, _EMPTY, np.where(nonzero, _DATA, _ZERO)).astype(np.uint8)
+            kinds[~nonzero & ~back_nonzero] = _EMPTY
+        compressed: list[bytes | None] = [None] * n
+        if compress:
+            for i in np.flatnonzero(kinds == _DATA).tolist():
+                payload = compress_cluster(view[i * cs : (i + 1) * cs], ctype)
+                if len(payload) < cs:
+                    compressed[i] = payload
+        return _Chunk(first, kinds, view, compressed)
+
+    def emit(chunk: _Chunk) -> None:
+        for i in range(len(chunk.kinds)):
+            kind = chunk.kinds[i]
+            cluster = chunk.first + i
+            if kind == _DATA:
+                payload = chunk.compressed[i]
+                if payload is not None:
+                    writer.add_compressed(cluster, payload)
+                else:
+                    end = min(cs, size - cluster * cs)
+                    writer.add_data(cluster, chunk.data[i * cs : i * cs + end])
+            elif kind == _ZERO:
+                writer.add_zero(cluster)
+
+    pending: deque[Future[_Chunk]] = deque()
+    with ThreadPoolExecutor(WORKERS, thread_name_prefix="qcowlib-qcow2") as pool:
+        try:
+            for first, n in _cluster_chunks(ranges, per_chunk):
+                pending.append(pool.submit(read_classify, first, n))
+                if len(pending) > 2 * WORKERS:
+                    chunk = pending.popleft().result()
+                    emit(chunk)
+                    if progress:
+                        progress(min(size, (chunk.first + len(chunk.kinds)) * cs), size)
+            while pending:
+                chunk = pending.popleft().result()
+                emit(chunk)
+                if progress:
+                    progress(min(size, (chunk.first + len(chunk.kinds)) * cs), size)
+        finally:
+            for f in pending:
+                f.cancel()
+    end = writer.finish()
+    if opts.preallocation in ("falloc", "full"):
+        _preallocate_file(fd, writer.layout.data_offset, end, opts.preallocation)
+    if progress:
+        progress(size, size)
+    return end
+
+
+def _preallocate_file(fd: int, start: int, end: int, mode: str) -> None:
+    """Allocate the data area on disk: ``falloc`` reserves it, ``full`` writes zeros."""
+    try:
+        if mode == "falloc":
+            os.posix_fallocate(fd, start, end - start)
+            return
+        zero = bytes(1 << 20)
+        pos = start
+        while pos < end:
+            n = min(len(zero), end - pos)
+            pwrite_all(fd, zero[:n], pos)
+            pos += n
+    except OSError as exc:
+        raise QcowlibIOError(f"cannot preallocate: {exc.strerror}") from None
