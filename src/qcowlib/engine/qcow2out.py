@@ -11,6 +11,7 @@ and kept uncompressed when compression does not shrink it (as QEMU does).
 from __future__ import annotations
 
 import os
+import queue
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -75,13 +76,23 @@ class _Chunk:
     kinds: np.ndarray
     data: memoryview
     compressed: list[bytes | None]
+    buffer: bytearray
 
 
 class Qcow2Writer:
     """Emit a new image into ``fd`` (a fresh, empty file)."""
 
-    def __init__(self, fd: int, opts: CreateOptions, candidates: list[tuple[int, int]]) -> None:
+    def __init__(
+        self,
+        fd: int,
+        opts: CreateOptions,
+        candidates: list[tuple[int, int]],
+        executor: ThreadPoolExecutor | None = None,
+    ) -> None:
         self.fd = fd
+        self.executor = executor
+        self.writes: deque[Future[None]] = deque()
+        self.submitted: list[Future[None]] = []
         self.opts = opts
         self.cs = opts.cluster_size
         cs = self.cs
@@ -150,20 +161,41 @@ class Qcow2Writer:
             self._flush_data()
 
     def _flush_data(self) -> None:
+        """Hand the queued contiguous data to a writer thread (or write it now)."""
         if not self.pending:
             return
         start = self.pending[0][0]
-        if len(self.pending) == 1:
-            self._pwrite(self.pending[0][1], start)
-        else:
-            try:
-                done = os.pwritev(self.fd, [p[1] for p in self.pending], start)
-            except OSError as exc:
-                raise QcowlibIOError(f"write error: {exc.strerror}", offset=start) from None
-            if done != self.pending_bytes:
-                self._pwrite(b"".join(bytes(p[1]) for p in self.pending)[done:], start + done)
-        self.pending.clear()
+        parts = [p[1] for p in self.pending]
+        self.pending = []
         self.pending_bytes = 0
+        if self.executor is None:
+            self._write_parts(start, parts)
+            return
+        future = self.executor.submit(self._write_parts, start, parts)
+        self.writes.append(future)
+        self.submitted.append(future)
+        while len(self.writes) > 2 * WORKERS:
+            self.writes.popleft().result()
+
+    def _write_parts(self, start: int, parts: list[bytes | memoryview]) -> None:
+        total = sum(len(p) for p in parts)
+        try:
+            done = os.pwritev(self.fd, parts, start) if len(parts) > 1 else 0
+        except OSError as exc:
+            raise QcowlibIOError(f"write error: {exc.strerror}", offset=start) from None
+        if done != total:
+            rest = b"".join(bytes(p) for p in parts)[done:] if len(parts) > 1 else parts[0]
+            self._pwrite(rest, start + done)
+
+    def take_submitted(self) -> list[Future[None]]:
+        """The write futures submitted since the last call."""
+        out, self.submitted = self.submitted, []
+        return out
+
+    def wait_writes(self) -> None:
+        """Wait for every queued data write (raises the first write error)."""
+        while self.writes:
+            self.writes.popleft().result()
 
     def _grow_counts(self, cluster: int) -> None:
         if cluster >= self.counts.size:
@@ -232,6 +264,7 @@ class Qcow2Writer:
         """Write L2/L1/refcount structures and the header; returns the file size."""
         self._flush_l2()
         self._flush_data()
+        self.wait_writes()
         lay = self.layout
         cs = self.cs
         l1 = lay.l2_offsets.copy()
@@ -287,27 +320,37 @@ def write_qcow2(
     if backing is not None:
         back_ranges = [(a, min(b, -(-size // cs))) for a, b in candidate_ranges(backing, cs)]
         ranges = _merge(ranges, [r for r in back_ranges if r[0] < r[1]])
+    write_pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="qcowlib-write")
     if opts.preallocation != "off":
         # Every cluster is allocated up front; only then is source data copied in.
         if ranges:
             raise QcowlibIOError("internal: preallocation applies to new empty images")
-        writer = Qcow2Writer(fd, opts, [(0, -(-size // cs))])
+        writer = Qcow2Writer(fd, opts, [(0, -(-size // cs))], write_pool)
         writer.preallocate_all()
     else:
-        writer = Qcow2Writer(fd, opts, ranges)
+        writer = Qcow2Writer(fd, opts, ranges, write_pool)
     per_chunk = max(1, CHUNK // cs)
     ctype = opts.compression_type_id
 
     def read_classify(first: int, n: int) -> _Chunk:
         start = first * cs
         length = min(n * cs, size - start)
-        buf = bytearray(n * cs)
-        view = memoryview(buf)
+        buf = buffers.get()
+        view = memoryview(buf)[: n * cs]
         if src is not None:
             src.read_into(start, view[:length])
-        arr = np.frombuffer(buf, dtype=np.uint64).reshape(n, cs // 8)
-        # Zero detection is per cluster: that is what a qcow2 target can leave out.
-        nonzero = arr.any(axis=1) if sparse_size else np.ones(n, dtype=bool)
+        if length < n * cs:
+            view[length:] = bytes(n * cs - length)
+        arr = np.frombuffer(view, dtype=np.uint64).reshape(n, cs // 8)
+        # Zero detection is per cluster: that is what a qcow2 target can leave out.  Most
+        # data clusters have a non-zero first word, so only the rest are scanned whole.
+        if sparse_size:
+            nonzero = arr[:, 0] != 0
+            rest = np.flatnonzero(~nonzero)
+            if rest.size:
+                nonzero[rest] = arr[rest].any(axis=1)
+        else:
+            nonzero = np.ones(n, dtype=bool)
         kinds = np.where(nonzero, _DATA, _EMPTY).astype(np.uint8)
         if backing is not None:
             bbuf = bytearray(n * cs)
@@ -325,7 +368,7 @@ def write_qcow2(
                 payload = compress_cluster(view[i * cs : (i + 1) * cs], ctype)
                 if len(payload) < cs:
                     compressed[i] = payload
-        return _Chunk(first, kinds, view, compressed)
+        return _Chunk(first, kinds, view, compressed, buf)
 
     def emit(chunk: _Chunk) -> None:
         for i in range(len(chunk.kinds)):
@@ -340,9 +383,25 @@ def write_qcow2(
                     writer.add_data(cluster, chunk.data[i * cs : i * cs + end])
             elif kind == _ZERO:
                 writer.add_zero(cluster)
+        # The buffer goes back to the pool once every write that points into it is done.
+        writer._flush_data()
+        chunk_writes = writer.take_submitted()
+        if chunk_writes:
+            releases.append((chunk_writes, chunk.buffer))
+        else:
+            buffers.put(chunk.buffer)
+        while releases and all(f.done() for f in releases[0][0]):
+            for f in releases[0][0]:
+                f.result()
+            buffers.put(releases.popleft()[1])
 
+    # Reused read buffers: enough for every read and write that can be in flight.
+    buffers: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+    for _ in range(5 * WORKERS + 2):
+        buffers.put(bytearray(per_chunk * cs))
+    releases: deque[tuple[list[Future[None]], bytearray]] = deque()
     pending: deque[Future[_Chunk]] = deque()
-    with ThreadPoolExecutor(WORKERS, thread_name_prefix="qcowlib-qcow2") as pool:
+    with write_pool, ThreadPoolExecutor(WORKERS, thread_name_prefix="qcowlib-read") as pool:
         try:
             for first, n in _cluster_chunks(ranges, per_chunk):
                 pending.append(pool.submit(read_classify, first, n))
@@ -356,10 +415,10 @@ def write_qcow2(
                 emit(chunk)
                 if progress:
                     progress(min(size, (chunk.first + len(chunk.kinds)) * cs), size)
+            end = writer.finish()
         finally:
             for f in pending:
                 f.cancel()
-    end = writer.finish()
     if opts.preallocation in ("falloc", "full"):
         _preallocate_file(fd, writer.layout.data_offset, end, opts.preallocation)
     if progress:
