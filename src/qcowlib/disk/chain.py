@@ -137,46 +137,58 @@ def open_disk(path: str, fmt: str | None = None, policy: BackingPolicy | None = 
     seen: set[tuple[int, int]] = set()
     top, _ = _open_layer(path, fmt, seen)
     try:
-        current = top
-        depth = 1
-        while True:
-            _attach_data_file(current, policy)
-            name = backing_name(current)
-            if name is None or not policy.follow:
-                break
-            if depth >= policy.max_depth:
-                raise BackingTooDeep(
-                    f"backing chain is deeper than {policy.max_depth} images", file=current.filename
-                )
-            full = resolve_linked_path(current.filename, name, "backing file", policy)
-            bfmt = backing_format(current)
-            if bfmt is None and not policy.probe_format:
-                raise BackingFormatUnknown(
-                    f"backing file {name!r} has no recorded format and probing is not allowed",
-                    file=current.filename,
-                )
-            if not os.path.lexists(full):
-                raise BackingNotFound(
-                    f"backing file {name!r} (looked for {full!r}) does not exist",
-                    file=current.filename,
-                )
-            try:
-                layer, _ = _open_layer(full, bfmt, seen)
-            except BackingLoop:
-                raise
-            except QcowlibIOError as exc:
-                raise BackingNotFound(
-                    f"cannot open backing file {full!r}: {exc.message}", file=current.filename
-                ) from None
-            except FormatError as exc:
-                raise exc.with_file(full) from None
-            current.backing = layer
-            current = layer
-            depth += 1
+        _attach_backing_chain(top, policy, seen)
     except BaseException:
         top.close()
         raise
     return top
+
+
+def _attach_backing_chain(
+    top: Disk, policy: BackingPolicy, seen: set[tuple[int, int]] | None = None
+) -> None:
+    """Open and attach ``top``'s backing files (and data files) as ``policy`` allows."""
+    if seen is None:
+        seen = set()
+        host = getattr(top, "host", None)
+        if isinstance(host, HostFile):
+            seen.add(host.identity)
+    current = top
+    depth = 1
+    while True:
+        _attach_data_file(current, policy)
+        name = backing_name(current)
+        if name is None or not policy.follow:
+            break
+        if depth >= policy.max_depth:
+            raise BackingTooDeep(
+                f"backing chain is deeper than {policy.max_depth} images", file=current.filename
+            )
+        full = resolve_linked_path(current.filename, name, "backing file", policy)
+        bfmt = backing_format(current)
+        if bfmt is None and not policy.probe_format:
+            raise BackingFormatUnknown(
+                f"backing file {name!r} has no recorded format and probing is not allowed",
+                file=current.filename,
+            )
+        if not os.path.lexists(full):
+            raise BackingNotFound(
+                f"backing file {name!r} (looked for {full!r}) does not exist",
+                file=current.filename,
+            )
+        try:
+            layer, _ = _open_layer(full, bfmt, seen)
+        except BackingLoop:
+            raise
+        except QcowlibIOError as exc:
+            raise BackingNotFound(
+                f"cannot open backing file {full!r}: {exc.message}", file=current.filename
+            ) from None
+        except FormatError as exc:
+            raise exc.with_file(full) from None
+        current.backing = layer
+        current = layer
+        depth += 1
 
 
 def backing_name(disk: Disk) -> str | None:
