@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -186,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Modules under qcowlib.cli that each add subcommands through ``register(sub)``.
-_COMMAND_MODULES: tuple[str, ...] = ("cmd_create",)
+_COMMAND_MODULES: tuple[str, ...] = ("cmd_create", "cmd_modify")
 
 
 def _version() -> str:
@@ -201,6 +202,9 @@ def _version() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "resize" in argv and argv and re.match(r"^-\d", argv[-1]) and "--" not in argv:
+        argv.insert(len(argv) - 1, "--")  # "resize FILE -3M": a size, not an option
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,

@@ -14,6 +14,7 @@ import enum
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from types import TracebackType
+from typing import Self
 
 from qcowlib.disk._file import HostFile
 from qcowlib.errors import InvalidArgument
@@ -215,7 +216,7 @@ class Disk(abc.ABC):
         for d in self.chain:
             d._close_layer()
 
-    def __enter__(self) -> Disk:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

@@ -623,6 +623,33 @@ class Qcow2RWDisk(Qcow2Disk):
                 self._set_l2(l1_index, i, 0)
             self._free(self._host_clusters_of(entry))
 
+    def make_empty(self) -> None:
+        """Drop every cluster of this layer so the backing file shows through
+        (``qemu-img commit`` without ``-d``; QEMU's ``qcow2_make_empty``)."""
+        self._mark_dirty()
+        cs = self.cluster_size
+        for l1_index in range(self.l1.size):
+            if not int(self.l1[l1_index]) & tables.OFFSET_MASK:
+                continue
+            table = self._l2_table(l1_index, allocate=True)
+            assert table is not None
+            entries = table[0::2] if self.extended_l2 else table
+            refs: list[int] = []
+            for i in np.flatnonzero(entries).tolist():
+                refs.extend(self._host_clusters_of(int(entries[i])))
+            if self.extended_l2:
+                refs_bitmaps = np.flatnonzero(table[1::2])
+                if not refs and not refs_bitmaps.size:
+                    continue
+            elif not refs and not np.any(entries):
+                continue
+            base = int(self.l1[l1_index]) & tables.OFFSET_MASK
+            table[:] = 0
+            self._check_overlap(base, cs, base // cs, "L2 table")
+            self._pwrite(base, tables.encode_table(table))
+            self._invalidate(l1_index)
+            self._free(refs)
+
     # -- header changes ----------------------------------------------------------------
     def rewrite_header(self, new: hdr.Header) -> None:
         """Write a changed header (it must fit in the first cluster, as QEMU requires)."""
@@ -658,7 +685,7 @@ class Qcow2RWDisk(Qcow2Disk):
     def resize(self, size: int, *, shrink: bool = False) -> None:
         """Change the virtual size; shrinking frees the clusters past the new end."""
         if size % 512:
-            size = -(-size // 512) * 512
+            raise InvalidArgument("The new size must be a multiple of 512")
         if size < self.virtual_size and not shrink:
             raise InvalidArgument("Use the --shrink option to perform a shrink operation.")
         if size < self.virtual_size and self.header.nb_snapshots:

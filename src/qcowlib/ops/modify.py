@@ -1,0 +1,211 @@
+"""In-place operations: ``resize``, ``rebase`` and ``commit`` (as qemu-img does them)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+from qcowlib.disk._file import HostFile
+from qcowlib.disk.base import Disk, ExtentKind
+from qcowlib.disk.chain import BackingPolicy, open_disk, probe_format, resolve_linked_path
+from qcowlib.errors import InvalidArgument, QcowlibIOError, UnsupportedFeature
+
+Progress = Callable[[int, int], None]
+_CHUNK = 4 * 1024 * 1024
+
+
+def _format_of(path: str, fmt: str | None) -> str:
+    if fmt is not None:
+        return fmt
+    host = HostFile(path)
+    try:
+        return probe_format(host)
+    finally:
+        host.close()
+
+
+def resize(path: str, size_text: str, *, fmt: str | None = None, shrink: bool = False) -> int:
+    """``qemu-img resize``: ``size_text`` is ``SIZE``, ``+SIZE`` or ``-SIZE``.
+
+    Returns the new virtual size.  Shrinking needs ``shrink``, as in qemu-img.
+    """
+    from qcowlib._units import parse_size
+    from qcowlib.disk.qcow2_rw import open_rw
+
+    relative = size_text[:1] if size_text[:1] in "+-" else ""
+    amount = parse_size(size_text[1:] if relative else size_text)
+    fmt = _format_of(path, fmt)
+    if fmt == "qcow2":
+        with open_rw(path, follow_backing=False) as disk:
+            new = _new_size(disk.virtual_size, amount, relative)
+            disk.resize(new, shrink=shrink)
+            return new
+    if fmt == "raw":
+        current = os.path.getsize(path)
+        new = _new_size(current, amount, relative)
+        if new < current and not shrink:
+            raise InvalidArgument("Use the --shrink option to perform a shrink operation.")
+        try:
+            os.truncate(path, new)
+        except OSError as exc:
+            raise QcowlibIOError(f"cannot resize: {exc.strerror}", file=path) from None
+        return new
+    raise UnsupportedFeature(f"resizing {fmt} images is not supported yet")
+
+
+def _new_size(current: int, amount: int, relative: str) -> int:
+    new = current + amount if relative == "+" else current - amount if relative else amount
+    if new < 0:
+        raise InvalidArgument("New image size must be positive")
+    return new
+
+
+def rebase(
+    path: str,
+    backing: str,
+    backing_fmt: str | None,
+    *,
+    unsafe: bool = False,
+    progress: Progress | None = None,
+) -> None:
+    """``qemu-img rebase``: point ``path`` at a new backing file (``""``: none).
+
+    Safe mode first copies into the image every range where the old backing chain
+    and the new backing file differ, so the guest content does not change.  A backing
+    format is required for a non-empty backing name (never guessed).
+    """
+    from qcowlib.disk.qcow2_rw import open_rw
+
+    if backing and not backing_fmt:
+        raise InvalidArgument("-b needs -F: a backing format is never guessed")
+    with open_rw(path, follow_backing=not unsafe) as disk:
+        if not unsafe:
+            new_base: Disk | None = None
+            if backing:
+                full = resolve_linked_path(path, backing, "backing file", BackingPolicy())
+                new_base = open_disk(full, backing_fmt)
+            try:
+                _copy_differences(disk, new_base, progress)
+            finally:
+                if new_base is not None:
+                    new_base.close()
+        disk.set_backing(backing or None, backing_fmt if backing else None)
+
+
+def _copy_differences(disk: Disk, new_base: Disk | None, progress: Progress | None) -> None:
+    """Write into ``disk`` what its old backing shows where the new one differs."""
+    from qcowlib.disk.qcow2_rw import Qcow2RWDisk
+
+    assert isinstance(disk, Qcow2RWDisk)
+    size = disk.virtual_size
+    old_base = disk.backing
+    cs = disk.cluster_size
+    for ext in list(disk.layer_extents()):
+        if ext.kind is not ExtentKind.UNALLOCATED:
+            continue
+        pos = ext.start
+        while pos < ext.end:
+            n = min(_CHUNK, ext.end - pos)
+            old = _read_or_zero(old_base, pos, n)
+            new = _read_or_zero(new_base, pos, n)
+            if old != new:
+                a = np.frombuffer(old, dtype=np.uint8)
+                b = np.frombuffer(new, dtype=np.uint8)
+                # Copy whole clusters that differ, in runs.
+                diff = a != b
+                nclus = -(-n // cs)
+                per = np.zeros(nclus * cs, dtype=bool)
+                per[:n] = diff
+                flags = per.reshape(nclus, cs).any(axis=1)
+                for i in np.flatnonzero(flags).tolist():
+                    s, e = i * cs, min(n, (i + 1) * cs)
+                    disk.write(pos + s, old[s:e])
+            pos += n
+            if progress:
+                progress(pos, size)
+    del disk.backing
+    disk.backing = None
+
+
+def _read_or_zero(disk: Disk | None, offset: int, n: int) -> bytes:
+    buf = bytearray(n)
+    if disk is not None and offset < disk.virtual_size:
+        m = min(n, disk.virtual_size - offset)
+        disk.read_into(offset, memoryview(buf)[:m])
+    return bytes(buf)
+
+
+def commit(path: str, *, drop: bool = False, progress: Progress | None = None) -> None:
+    """``qemu-img commit``: write the image's own data into its backing file, then
+    empty the image unless ``drop`` (``-d``) is given."""
+    from qcowlib.disk.chain import backing_format, backing_name
+    from qcowlib.disk.qcow2_rw import Qcow2RWDisk, open_rw
+
+    with open_rw(path, follow_backing=False) as top:
+        name = backing_name(top)
+        if name is None:
+            raise InvalidArgument("Image does not have a backing file")
+        full = resolve_linked_path(path, name, "backing file", BackingPolicy())
+        bfmt = backing_format(top) or _format_of(full, None)
+        base_rw: Qcow2RWDisk | None = None
+        base_fd = -1
+        if bfmt == "qcow2":
+            base_rw = open_rw(full, follow_backing=True)
+            base_size = base_rw.virtual_size
+        elif bfmt == "raw":
+            try:
+                base_fd = os.open(full, os.O_RDWR | os.O_CLOEXEC)
+            except OSError as exc:
+                raise QcowlibIOError(f"cannot open {full}: {exc.strerror}", file=full) from None
+            base_size = os.fstat(base_fd).st_size
+        else:
+            raise UnsupportedFeature(f"committing into a {bfmt} backing file is not supported yet")
+        try:
+            if base_size < top.virtual_size:
+                if base_rw is not None:
+                    base_rw.resize(top.virtual_size)
+                else:
+                    os.ftruncate(base_fd, top.virtual_size)
+            buf = bytearray(_CHUNK)
+            for ext in list(top.layer_extents()):
+                if ext.kind is ExtentKind.UNALLOCATED:
+                    continue
+                pos = ext.start
+                while pos < ext.end:
+                    n = min(_CHUNK, ext.end - pos)
+                    if ext.kind is ExtentKind.ZERO:
+                        if base_rw is not None:
+                            base_rw.write_zeroes(pos, n)
+                        else:
+                            _pwrite(base_fd, bytes(n), pos)
+                    else:
+                        view = memoryview(buf)[:n]
+                        top.read_into(pos, view)
+                        if base_rw is not None:
+                            base_rw.write(pos, view)
+                        else:
+                            _pwrite(base_fd, view, pos)
+                    pos += n
+                    if progress:
+                        progress(pos, top.virtual_size)
+            if base_fd >= 0:
+                os.fsync(base_fd)
+        finally:
+            if base_rw is not None:
+                base_rw.close()
+            if base_fd >= 0:
+                os.close(base_fd)
+        if not drop:
+            top.make_empty()
+
+
+def _pwrite(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    done = 0
+    try:
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
+    except OSError as exc:
+        raise QcowlibIOError(f"write error: {exc.strerror}", offset=offset) from None
