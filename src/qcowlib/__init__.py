@@ -31,8 +31,10 @@ from qcowlib.errors import (
 if TYPE_CHECKING:
     from qcowlib.disk.base import Disk, Extent, ExtentKind
     from qcowlib.disk.chain import BackingPolicy
+    from qcowlib.disk.qcow2_rw import Qcow2RWDisk
     from qcowlib.ops.compare import CompareResult
     from qcowlib.ops.convert import convert
+    from qcowlib.ops.create import create
 
 __all__ = [
     "BackingChainError",
@@ -56,8 +58,10 @@ __all__ = [
     "UnsupportedFeature",
     "compare",
     "convert",
+    "create",
     "info",
     "open",
+    "open_rw",
 ]
 
 __version__ = "0.1.0"
@@ -69,6 +73,7 @@ _LAZY = {
     "BackingPolicy": ("qcowlib.disk.chain", "BackingPolicy"),
     "CompareResult": ("qcowlib.ops.compare", "CompareResult"),
     "convert": ("qcowlib.ops.convert", "convert"),
+    "create": ("qcowlib.ops.create", "create"),
     "info": ("qcowlib.ops.info", "info"),
 }
 
@@ -88,6 +93,19 @@ def open(
     from qcowlib.disk.chain import open_disk
 
     return open_disk(path, fmt, backing)
+
+
+def open_rw(path: str) -> Qcow2RWDisk:
+    """Open a qcow2 image for writing (its backing chain read-only).
+
+    The disk has ``write(offset, data)``, ``write_zeroes``, ``discard``, ``resize``,
+    ``flush`` and ``close``.  QEMU's image locks are taken: an image that a VM or
+    qemu-io has open for writing raises :class:`ImageLocked`.  Images marked corrupt
+    or left dirty raise :class:`CorruptImage` (repair them with ``check -r all``).
+    """
+    from qcowlib.disk.qcow2_rw import open_rw as _open_rw
+
+    return _open_rw(path)
 
 
 def compare(
