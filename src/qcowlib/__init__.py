@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from qcowlib.ops.compare import CompareResult
     from qcowlib.ops.convert import convert
     from qcowlib.ops.create import create
+    from qcowlib.ops.measure import measure
 
 __all__ = [
     "BackingChainError",
@@ -60,6 +61,7 @@ __all__ = [
     "convert",
     "create",
     "info",
+    "measure",
     "open",
     "open_rw",
 ]
@@ -74,6 +76,7 @@ _LAZY = {
     "CompareResult": ("qcowlib.ops.compare", "CompareResult"),
     "convert": ("qcowlib.ops.convert", "convert"),
     "create": ("qcowlib.ops.create", "create"),
+    "measure": ("qcowlib.ops.measure", "measure"),
     "info": ("qcowlib.ops.info", "info"),
 }
 

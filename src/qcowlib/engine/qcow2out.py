@@ -11,20 +11,18 @@ and kept uncompressed when compression does not shrink it (as QEMU does).
 from __future__ import annotations
 
 import os
-import queue
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 
 from qcowlib.disk.base import Disk
+from qcowlib.engine.classify import DATA, WORKERS, ZERO, Chunk, Classifier
 from qcowlib.engine.output import pwrite_all
 from qcowlib.errors import QcowlibIOError
 from qcowlib.formats.qcow2 import refcount as rc
 from qcowlib.formats.qcow2 import tables
-from qcowlib.formats.qcow2.compress import compress_cluster
 from qcowlib.formats.qcow2.layout import (
     CreateOptions,
     Layout,
@@ -34,11 +32,8 @@ from qcowlib.formats.qcow2.layout import (
 )
 
 Progress = Callable[[int, int], None]
-#: Guest bytes read per step.
+#: Data bytes queued before they are handed to a writer thread.
 CHUNK = 4 * 1024 * 1024
-WORKERS = 2
-
-_EMPTY, _DATA, _ZERO, _COMPRESSED = 0, 1, 2, 3
 
 
 def candidate_ranges(disk: Disk | None, cluster_size: int) -> list[tuple[int, int]]:
@@ -66,17 +61,6 @@ def _merge(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int
         else:
             out.append((first, end))
     return out
-
-
-@dataclass
-class _Chunk:
-    """Classified clusters of one read: kind per cluster and the bytes to store."""
-
-    first: int
-    kinds: np.ndarray
-    data: memoryview
-    compressed: list[bytes | None]
-    buffer: bytearray
 
 
 class Qcow2Writer:
@@ -289,15 +273,6 @@ class Qcow2Writer:
         return end
 
 
-def _cluster_chunks(ranges: list[tuple[int, int]], per_chunk: int) -> Iterator[tuple[int, int]]:
-    for first, end in ranges:
-        pos = first
-        while pos < end:
-            n = min(per_chunk, end - pos)
-            yield pos, n
-            pos += n
-
-
 def write_qcow2(
     src: Disk | None,
     fd: int,
@@ -329,96 +304,48 @@ def write_qcow2(
         writer.preallocate_all()
     else:
         writer = Qcow2Writer(fd, opts, ranges, write_pool)
-    per_chunk = max(1, CHUNK // cs)
-    ctype = opts.compression_type_id
+    classifier = Classifier(
+        src,
+        size,
+        cs,
+        compress=compress,
+        compression_type=opts.compression_type_id,
+        sparse=sparse_size > 0,
+        backing=backing,
+    )
 
-    def read_classify(first: int, n: int) -> _Chunk:
-        start = first * cs
-        length = min(n * cs, size - start)
-        buf = buffers.get()
-        view = memoryview(buf)[: n * cs]
-        if src is not None:
-            src.read_into(start, view[:length])
-        if length < n * cs:
-            view[length:] = bytes(n * cs - length)
-        arr = np.frombuffer(view, dtype=np.uint64).reshape(n, cs // 8)
-        # Zero detection is per cluster: that is what a qcow2 target can leave out.  Most
-        # data clusters have a non-zero first word, so only the rest are scanned whole.
-        if sparse_size:
-            nonzero = arr[:, 0] != 0
-            rest = np.flatnonzero(~nonzero)
-            if rest.size:
-                nonzero[rest] = arr[rest].any(axis=1)
-        else:
-            nonzero = np.ones(n, dtype=bool)
-        kinds = np.where(nonzero, _DATA, _EMPTY).astype(np.uint8)
-        if backing is not None:
-            bbuf = bytearray(n * cs)
-            blen = max(0, min(length, backing.virtual_size - start))
-            if blen:
-                backing.read_into(start, memoryview(bbuf)[:blen])
-            barr = np.frombuffer(bbuf, dtype=np.uint64).reshape(n, cs // 8)
-            same = ~(arr != barr).any(axis=1)
-            back_nonzero = barr.any(axis=1)
-            kinds = np.where(same, _EMPTY, np.where(nonzero, _DATA, _ZERO)).astype(np.uint8)
-            kinds[~nonzero & ~back_nonzero] = _EMPTY
-        compressed: list[bytes | None] = [None] * n
-        if compress:
-            for i in np.flatnonzero(kinds == _DATA).tolist():
-                payload = compress_cluster(view[i * cs : (i + 1) * cs], ctype)
-                if len(payload) < cs:
-                    compressed[i] = payload
-        return _Chunk(first, kinds, view, compressed, buf)
-
-    def emit(chunk: _Chunk) -> None:
+    def emit(chunk: Chunk) -> None:
         for i in range(len(chunk.kinds)):
             kind = chunk.kinds[i]
             cluster = chunk.first + i
-            if kind == _DATA:
+            if kind == DATA:
                 payload = chunk.compressed[i]
                 if payload is not None:
                     writer.add_compressed(cluster, payload)
                 else:
                     end = min(cs, size - cluster * cs)
                     writer.add_data(cluster, chunk.data[i * cs : i * cs + end])
-            elif kind == _ZERO:
+            elif kind == ZERO:
                 writer.add_zero(cluster)
         # The buffer goes back to the pool once every write that points into it is done.
         writer._flush_data()
         chunk_writes = writer.take_submitted()
         if chunk_writes:
-            releases.append((chunk_writes, chunk.buffer))
+            releases.append((chunk_writes, chunk))
         else:
-            buffers.put(chunk.buffer)
+            classifier.release(chunk)
         while releases and all(f.done() for f in releases[0][0]):
             for f in releases[0][0]:
                 f.result()
-            buffers.put(releases.popleft()[1])
+            classifier.release(releases.popleft()[1])
 
-    # Reused read buffers: enough for every read and write that can be in flight.
-    buffers: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-    for _ in range(5 * WORKERS + 2):
-        buffers.put(bytearray(per_chunk * cs))
-    releases: deque[tuple[list[Future[None]], bytearray]] = deque()
-    pending: deque[Future[_Chunk]] = deque()
-    with write_pool, ThreadPoolExecutor(WORKERS, thread_name_prefix="qcowlib-read") as pool:
-        try:
-            for first, n in _cluster_chunks(ranges, per_chunk):
-                pending.append(pool.submit(read_classify, first, n))
-                if len(pending) > 2 * WORKERS:
-                    chunk = pending.popleft().result()
-                    emit(chunk)
-                    if progress:
-                        progress(min(size, (chunk.first + len(chunk.kinds)) * cs), size)
-            while pending:
-                chunk = pending.popleft().result()
-                emit(chunk)
-                if progress:
-                    progress(min(size, (chunk.first + len(chunk.kinds)) * cs), size)
-            end = writer.finish()
-        finally:
-            for f in pending:
-                f.cancel()
+    releases: deque[tuple[list[Future[None]], Chunk]] = deque()
+    with write_pool:
+        for chunk in classifier.chunks(ranges):
+            emit(chunk)
+            if progress:
+                progress(min(size, chunk.end * cs), size)
+        end = writer.finish()
     if opts.preallocation in ("falloc", "full"):
         _preallocate_file(fd, writer.layout.data_offset, end, opts.preallocation)
     if progress:
