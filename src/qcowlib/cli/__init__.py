@@ -187,7 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Modules under qcowlib.cli that each add subcommands through ``register(sub)``.
-_COMMAND_MODULES: tuple[str, ...] = ("cmd_create", "cmd_measure", "cmd_modify")
+_COMMAND_MODULES: tuple[str, ...] = (
+    "cmd_create",
+    "cmd_measure",
+    "cmd_modify",
+    "cmd_flatten",
+    "cmd_check",
+)
 
 
 def _version() -> str:

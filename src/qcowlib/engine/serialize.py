@@ -1,0 +1,287 @@
+"""Serializing a whole disk as a new image emitted strictly in file order.
+
+A :class:`Qcow2Serializer` plans the complete output layout first (one classifying
+pass over the source: which clusters hold data, how large each compresses), so its
+exact size is known before the first byte; then it emits header, refcount table and
+blocks, L1 and L2 tables and data in file order, reading the source a second time.
+Written to a file it is ``flatten``; handed to an HTTP body it is a streamed upload
+with no temporary file.  Memory is bounded: one chunk of output and the per-data-cluster
+plan (16 bytes per stored cluster).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from qcowlib.disk.base import Disk
+from qcowlib.engine.classify import DATA, Classifier
+from qcowlib.engine.qcow2out import candidate_ranges
+from qcowlib.errors import InvalidArgument, QcowlibError
+from qcowlib.formats.qcow2 import refcount as rc
+from qcowlib.formats.qcow2 import tables
+from qcowlib.formats.qcow2.layout import (
+    CreateOptions,
+    build_new_header,
+    build_refcount_structures,
+    plan_layout,
+)
+
+Progress = Callable[[int, int], None]
+#: Output pieces; under uWSGI's 1 MiB chunk limit for Glance uploads.
+STREAM_CHUNK = 512 * 1024
+
+
+class SourceChanged(QcowlibError):
+    """The source disk changed between planning and emitting."""
+
+
+class _Out:
+    """Accumulates output into fixed-size pieces."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.buf = bytearray()
+
+    def add(self, data: bytes | bytearray | memoryview) -> Iterator[bytes]:
+        self.buf += data
+        while len(self.buf) >= self.size:
+            piece = bytes(self.buf[: self.size])
+            del self.buf[: self.size]
+            yield piece
+
+    def zeros(self, n: int) -> Iterator[bytes]:
+        while n > 0:
+            step = min(n, self.size)
+            yield from self.add(bytes(step))
+            n -= step
+
+    def flush(self) -> Iterator[bytes]:
+        if self.buf:
+            yield bytes(self.buf)
+            self.buf = bytearray()
+
+
+class Qcow2Serializer:
+    """A disk as a standalone qcow2 image (no backing file), size known up front."""
+
+    def __init__(
+        self,
+        src: Disk,
+        opts: CreateOptions,
+        *,
+        compress: bool = False,
+        sparse: bool = True,
+        chunk_size: int = STREAM_CHUNK,
+    ) -> None:
+        if opts.backing_file:
+            raise InvalidArgument("a serialized image has no backing file")
+        if opts.preallocation != "off":
+            raise InvalidArgument("preallocation is not supported here")
+        self.src = src
+        self.opts = opts
+        self.compress = compress
+        self.sparse = sparse
+        self.chunk_size = chunk_size
+        cs = opts.cluster_size
+        self.cs = cs
+        self.ranges = candidate_ranges(src, cs)
+        self._plan()
+
+    def _classifier(self) -> Classifier:
+        return Classifier(
+            self.src,
+            self.opts.virtual_size,
+            self.cs,
+            compress=self.compress,
+            compression_type=self.opts.compression_type_id,
+            sparse=self.sparse,
+        )
+
+    def _plan(self) -> None:
+        cs = self.cs
+        idx_parts: list[np.ndarray] = []
+        len_parts: list[np.ndarray] = []
+        classifier = self._classifier()
+        for chunk in classifier.chunks(self.ranges):
+            local = np.flatnonzero(chunk.kinds == DATA)
+            idx_parts.append(local.astype(np.int64) + chunk.first)
+            lengths = np.zeros(local.size, dtype=np.int64)
+            if self.compress:
+                for j, i in enumerate(local.tolist()):
+                    payload = chunk.compressed[i]
+                    lengths[j] = len(payload) if payload is not None else 0
+            len_parts.append(lengths)
+            classifier.release(chunk)
+        self.data_idx = np.concatenate(idx_parts) if idx_parts else np.zeros(0, np.int64)
+        self.clen = np.concatenate(len_parts) if len_parts else np.zeros(0, np.int64)
+        rel, counts, data_end = self._pack()
+        self.data_end_rel = data_end
+        l2_span = cs // self.opts.l2_entry_size
+        l1_size = -(-self.opts.virtual_size // (l2_span * cs))
+        l2_needed = np.zeros(max(l1_size, 1), dtype=bool)
+        l2_needed[np.unique(self.data_idx // l2_span)] = True
+        self.l2_span = l2_span
+        self.layout = plan_layout(self.opts, l2_needed, -(-data_end // cs))
+        base = self.layout.data_offset
+        self.host = rel + np.uint64(base)
+        self.size = base + data_end
+        n_clusters = -(-self.size // cs)
+        all_counts = np.zeros(n_clusters, dtype=np.uint64)
+        all_counts[: base // cs] = 1
+        all_counts[base // cs : base // cs + counts.size] = counts
+        self.refcounts = all_counts
+
+    def _pack(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """Data positions relative to the data area, its refcounts and its length.
+
+        Uncompressed clusters are cluster aligned; compressed ones are packed, moving to
+        the next cluster when the shared cluster's refcount would overflow (QEMU's rule).
+        """
+        cs = self.cs
+        n = self.data_idx.size
+        if not self.compress or not np.any(self.clen):
+            rel = np.arange(n, dtype=np.uint64) * np.uint64(cs)
+            return rel, np.ones(n, dtype=np.uint64), n * cs
+        max_ref = rc.max_refcount(self.opts.refcount_order)
+        rel = np.zeros(n, dtype=np.uint64)
+        counts: dict[int, int] = {}
+        pos = 0
+        for k, length in enumerate(self.clen.tolist()):
+            if length == 0:
+                pos = -(-pos // cs) * cs
+                rel[k] = pos
+                counts[pos // cs] = 1
+                pos += cs
+                continue
+            if pos % cs and counts.get(pos // cs, 0) >= max_ref:
+                pos = -(-pos // cs) * cs
+            rel[k] = pos
+            for c in range(pos // cs, (pos + length - 1) // cs + 1):
+                counts[c] = counts.get(c, 0) + 1
+            pos += length
+        arr = np.zeros(-(-pos // cs), dtype=np.uint64)
+        for c, v in counts.items():
+            arr[c] = v
+        return rel, arr, pos
+
+    # -- emission ------------------------------------------------------------------------
+    def _l2_table(self, l1_index: int) -> bytes:
+        cs = self.cs
+        lo, hi = l1_index * self.l2_span, (l1_index + 1) * self.l2_span
+        a, b = np.searchsorted(self.data_idx, [lo, hi])
+        idx = self.data_idx[a:b] - lo
+        host = self.host[a:b]
+        clen = self.clen[a:b]
+        entries = host | np.uint64(tables.OFLAG_COPIED)
+        comp = clen > 0
+        if comp.any():
+            layout = tables.CompressedLayout(self.opts.cluster_bits)
+            entries[comp] = layout.encode(host[comp], clen[comp].astype(np.uint64))
+        if self.opts.extended_l2:
+            table = np.zeros(2 * self.l2_span, dtype=np.uint64)
+            table[2 * idx] = entries
+            table[2 * idx + 1] = np.where(comp, np.uint64(0), np.uint64(0xFFFF_FFFF))
+        else:
+            table = np.zeros(self.l2_span, dtype=np.uint64)
+            table[idx] = entries
+        raw = tables.encode_table(table)
+        return raw + bytes(cs - len(raw)) if len(raw) < cs else raw
+
+    def metadata(self) -> Iterator[bytes]:
+        """Header cluster, refcount table and blocks, L1 and L2 tables, in file order."""
+        lay = self.layout
+        cs = self.cs
+        header = build_new_header(self.opts, lay)
+        yield header + bytes(cs - len(header))
+        reftable, blocks = build_refcount_structures(lay, self.refcounts, self.opts.refcount_order)
+        yield reftable
+        yield blocks
+        l1 = lay.l2_offsets.copy()
+        l1[l1 != 0] |= np.uint64(tables.OFLAG_COPIED)
+        raw_l1 = tables.encode_table(l1)
+        yield raw_l1 + bytes(-len(raw_l1) % cs)
+        for l1_index in np.flatnonzero(lay.l2_offsets).tolist():
+            yield self._l2_table(l1_index)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self.chunks()
+
+    def chunks(self, progress: Progress | None = None) -> Iterator[bytes]:
+        """The whole image, in pieces of ``chunk_size`` bytes (the last may be shorter)."""
+        out = _Out(self.chunk_size)
+        written = 0
+        for part in self.metadata():
+            written += len(part)
+            yield from out.add(part)
+        if written != self.layout.data_offset:
+            raise QcowlibError("internal: metadata size differs from the plan")
+        cs = self.cs
+        k = 0
+        size = self.opts.virtual_size
+        classifier = self._classifier()
+        for chunk in classifier.chunks(self.ranges):
+            try:
+                for i in np.flatnonzero(chunk.kinds == DATA).tolist():
+                    cluster = chunk.first + i
+                    payload = chunk.compressed[i]
+                    length = len(payload) if payload is not None else 0
+                    if (
+                        k >= self.data_idx.size
+                        or int(self.data_idx[k]) != cluster
+                        or int(self.clen[k]) != length
+                    ):
+                        raise SourceChanged("the source changed while it was being serialized")
+                    target = int(self.host[k])
+                    if target > written:
+                        yield from out.zeros(target - written)
+                        written = target
+                    if payload is not None:
+                        yield from out.add(payload)
+                        written += len(payload)
+                    else:
+                        end = min(cs, size - cluster * cs)
+                        yield from out.add(chunk.data[i * cs : i * cs + end])
+                        if end < cs:
+                            yield from out.zeros(cs - end)
+                        written += cs
+                    k += 1
+            finally:
+                classifier.release(chunk)
+            if progress:
+                progress(min(size, chunk.end * cs), size)
+        if k != self.data_idx.size:
+            raise SourceChanged("the source changed while it was being serialized")
+        if written < self.size:
+            yield from out.zeros(self.size - written)
+        yield from out.flush()
+
+
+class RawSerializer:
+    """A disk as raw bytes (zeros emitted from a shared buffer, not read)."""
+
+    def __init__(self, src: Disk, *, chunk_size: int = STREAM_CHUNK) -> None:
+        self.src = src
+        self.size = src.virtual_size
+        self.chunk_size = chunk_size
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self.chunks()
+
+    def chunks(self, progress: Progress | None = None) -> Iterator[bytes]:
+        zero = bytes(self.chunk_size)
+        buf = bytearray(self.chunk_size)
+        for ext in self.src.extents():
+            pos = ext.start
+            while pos < ext.end:
+                n = min(self.chunk_size, ext.end - pos)
+                if ext.reads_zero:
+                    yield zero[:n]
+                else:
+                    view = memoryview(buf)[:n]
+                    self.src.read_extent(ext.clip(pos, pos + n), view)
+                    yield bytes(view)
+                pos += n
+                if progress:
+                    progress(pos, self.size)

@@ -1,0 +1,128 @@
+"""flatten and flatten_stream: chains of mixed formats into one standalone image."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import qcowlib
+from qcowlib.ops.flatten import flatten, flatten_stream
+from tests.conftest import qemu_img, qemu_json
+
+pytestmark = pytest.mark.usefixtures("qemu")
+
+
+def io(path: Path, fmt: str, *cmds: str) -> None:
+    argv = ["qemu-io", "-f", fmt]
+    for c in cmds:
+        argv += ["-c", c]
+    subprocess.run([*argv, str(path)], check=True, capture_output=True)
+
+
+def make_chain(tmp: Path, depth: int) -> Path:
+    """raw base (3-deep) or qcow2 base, then qcow2 overlays with other cluster sizes."""
+    if depth == 3:
+        base = tmp / "base.raw"
+        qemu_img("create", "-q", "-f", "raw", base, "24M")
+        io(base, "raw", "write -P 0x11 0 3M", "write -P 0x12 20M 1M")
+        bfmt = "raw"
+    else:
+        base = tmp / "base.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", base, "24M")
+        io(base, "qcow2", "write -P 0x11 0 3M", "write -c -P 0x13 8M 64k", "write -P 0x12 20M 1M")
+        bfmt = "qcow2"
+    mid = tmp / "mid.qcow2"
+    qemu_img(
+        "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", "-b", base.name, "-F", bfmt, mid
+    )
+    io(mid, "qcow2", "write -P 0x21 1M 100k", "write -z 2M 64k", "write -P 0x22 21M 7000")
+    top = mid
+    if depth == 3:
+        top = tmp / "top.qcow2"
+        qemu_img(
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=2M",
+            "-b",
+            mid.name,
+            "-F",
+            "qcow2",
+            top,
+        )
+        io(top, "qcow2", "write -P 0x31 5M 3M", "write -z 20M 512k")
+    return top
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+@pytest.mark.parametrize(
+    ("out_format", "compress"), [("qcow2", False), ("qcow2", True), ("raw", False)]
+)
+def test_flatten_chain(depth: int, out_format: str, compress: bool, tmp_path: Path) -> None:
+    top = make_chain(tmp_path, depth)
+    out = tmp_path / f"flat.{out_format}"
+    flatten(str(top), str(out), out_format, compress=compress)
+    info = qemu_json("info", out)
+    assert info["format"] == out_format
+    assert "backing-filename" not in info
+    if out_format == "qcow2":
+        assert qemu_img("check", out, check=False).returncode == 0
+        assert info["format-specific"]["data"]["extended-l2"] is False
+    assert qemu_img("compare", "-F", out_format, top, out).returncode == 0
+    # the stream is the same bytes, and its size is announced before the first byte
+    stream = flatten_stream(str(top), out_format, compress=compress)
+    announced = stream.size
+    digest = hashlib.sha256()
+    total = 0
+    for piece in stream:
+        assert 0 < len(piece) < 1 << 20  # Glance's uWSGI refuses chunks of 1 MiB or more
+        digest.update(piece)
+        total += len(piece)
+    assert total == announced
+    assert digest.hexdigest() == hashlib.sha256(out.read_bytes()).hexdigest()
+
+
+def test_flatten_to_stdout_equals_file(tmp_path: Path) -> None:
+    top = make_chain(tmp_path, 3)
+    flatten(str(top), str(tmp_path / "f.qcow2"))
+    res = subprocess.run(
+        [sys.executable, "-m", "qcowlib", "flatten", str(top), "-"], capture_output=True, check=True
+    )
+    assert res.stdout == (tmp_path / "f.qcow2").read_bytes()
+
+
+def test_flatten_refuses_glance_unsafe_options(tmp_path: Path) -> None:
+    top = make_chain(tmp_path, 2)
+    with pytest.raises(qcowlib.InvalidArgument, match="extended L2"):
+        flatten(str(top), str(tmp_path / "x.qcow2"), options={"extended_l2": "on"})
+    with pytest.raises(qcowlib.InvalidArgument, match="backing"):
+        flatten(
+            str(top), str(tmp_path / "x.qcow2"), options={"backing_file": "a", "backing_fmt": "raw"}
+        )
+    assert not (tmp_path / "x.qcow2").exists()
+
+
+def test_stream_memory_is_bounded(tmp_path: Path) -> None:
+    img = tmp_path / "big.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "64G")
+    io(img, "qcow2", "write -P 1 0 64M", "write -P 2 40G 64M", "write -P 3 63G 16M")
+    code = textwrap.dedent(
+        f"""
+        import re
+        from qcowlib.ops.flatten import flatten_stream
+        s = flatten_stream({str(img)!r})
+        n = sum(len(c) for c in s)
+        assert n == s.size, (n, s.size)
+        hwm = int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+        print(hwm // 1024)
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(res.stdout.strip()) < 160, res.stdout  # MiB: independent of the 64 GiB size
