@@ -192,7 +192,6 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "cmd_measure",
     "cmd_modify",
     "cmd_flatten",
-    "cmd_check",
 )
 
 
