@@ -32,10 +32,15 @@ if TYPE_CHECKING:
     from qcowlib.disk.base import Disk, Extent, ExtentKind
     from qcowlib.disk.chain import BackingPolicy
     from qcowlib.disk.qcow2_rw import Qcow2RWDisk
+    from qcowlib.glance.upload import UploadRequest, upload
+    from qcowlib.ops.check import check
+    from qcowlib.ops.checksum import checksum
     from qcowlib.ops.compare import CompareResult
     from qcowlib.ops.convert import convert
     from qcowlib.ops.create import create
+    from qcowlib.ops.flatten import flatten, flatten_stream
     from qcowlib.ops.measure import measure
+    from qcowlib.validate import validate
 
 __all__ = [
     "BackingChainError",
@@ -57,13 +62,20 @@ __all__ = [
     "TruncatedImage",
     "UnsafeBackingPath",
     "UnsupportedFeature",
+    "UploadRequest",
+    "check",
+    "checksum",
     "compare",
     "convert",
     "create",
+    "flatten",
+    "flatten_stream",
     "info",
     "measure",
     "open",
     "open_rw",
+    "upload",
+    "validate",
 ]
 
 __version__ = "0.1.0"
@@ -77,6 +89,12 @@ _LAZY = {
     "convert": ("qcowlib.ops.convert", "convert"),
     "create": ("qcowlib.ops.create", "create"),
     "measure": ("qcowlib.ops.measure", "measure"),
+    "check": ("qcowlib.ops.check", "check"),
+    "checksum": ("qcowlib.ops.checksum", "checksum"),
+    "flatten": ("qcowlib.ops.flatten", "flatten"),
+    "flatten_stream": ("qcowlib.ops.flatten", "flatten_stream"),
+    "upload": ("qcowlib.glance.upload", "upload"),
+    "UploadRequest": ("qcowlib.glance.upload", "UploadRequest"),
     "info": ("qcowlib.ops.info", "info"),
 }
 
@@ -123,6 +141,13 @@ def compare(
 
 
 def __getattr__(name: str) -> Any:
+    if name == "validate":
+        # qcowlib.validate is a callable package: qcowlib.validate(path, ...) validates and
+        # qcowlib.validate.register(rule) adds a rule.  Return the package, so the name
+        # means the same whether it is first used as a function or imported as a module.
+        import importlib
+
+        return importlib.import_module("qcowlib.validate")
     try:
         module, attr = _LAZY[name]
     except KeyError:

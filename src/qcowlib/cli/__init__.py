@@ -192,6 +192,10 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "cmd_measure",
     "cmd_modify",
     "cmd_flatten",
+    "cmd_check",
+    "cmd_checksum",
+    "cmd_validate",
+    "cmd_upload",
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Iterator
 
 from qcowlib.errors import QcowlibIOError, TruncatedImage
@@ -23,16 +24,19 @@ class HostFile:
         try:
             self.fd = os.open(path, flags | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise QcowlibIOError(f"no such file: {path}", file=path) from None
+            raise QcowlibIOError("no such file", file=path) from None
         except IsADirectoryError:
-            raise QcowlibIOError(f"{path} is a directory", file=path) from None
+            raise QcowlibIOError("is a directory", file=path) from None
         except OSError as exc:
-            raise QcowlibIOError(f"cannot open {path}: {exc.strerror}", file=path) from None
+            raise QcowlibIOError(f"cannot open: {exc.strerror}", file=path) from None
         try:
             st = os.fstat(self.fd)
         except OSError as exc:  # pragma: no cover - fstat on an open fd
             os.close(self.fd)
             raise QcowlibIOError(f"cannot stat {path}: {exc.strerror}", file=path) from None
+        if stat.S_ISDIR(st.st_mode):
+            os.close(self.fd)
+            raise QcowlibIOError("is a directory", file=path)
         self.size = st.st_size
         self.identity = (st.st_dev, st.st_ino)
         self.allocated = st.st_blocks * 512

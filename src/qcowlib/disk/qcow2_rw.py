@@ -314,7 +314,11 @@ class Qcow2RWDisk(Qcow2Disk):
         """Allocate ``n`` contiguous clusters at the end of the file; returns the offset."""
         cs = self.cluster_size
         offset = self.file_end
-        self.file_end += n * cs
+        # Clusters past the end of the file may still carry refcounts (an allocation cut
+        # short by a crash): never hand those out again.
+        while any(self.get_refcount(c) for c in range(offset // cs, offset // cs + n)):
+            offset += cs
+        self.file_end = offset + n * cs
         self._update_refcounts(list(range(offset // cs, offset // cs + n)), 1)
         # Extend the file so the new clusters exist even before data lands in them.
         if self.file_end > self.host.size:

@@ -67,7 +67,8 @@ EXT_BITMAPS: Final = 0x23852875
 EXT_CRYPTO: Final = 0x0537BE77
 EXT_DATA_FILE: Final = 0x44415441
 
-_HeaderV2 = cs.Struct(
+#: The fields every qcow2 header has (QEMUs QCowHeader up to snapshots_offset).
+HEADER_V2 = cs.Struct(
     "magic" / cs.Bytes(4),
     "version" / cs.Int32ub,
     "backing_file_offset" / cs.Int64ub,
@@ -82,7 +83,8 @@ _HeaderV2 = cs.Struct(
     "nb_snapshots" / cs.Int32ub,
     "snapshots_offset" / cs.Int64ub,
 )
-_HeaderV3Tail = cs.Struct(
+#: The version 3 fields after them, up to header_length.
+HEADER_V3_TAIL = cs.Struct(
     "incompatible_features" / cs.Int64ub,
     "compatible_features" / cs.Int64ub,
     "autoclear_features" / cs.Int64ub,
@@ -255,7 +257,7 @@ def parse_header(data: bytes, file_size: int | None = None) -> Header:
     if len(data) < V2_HEADER_LENGTH:
         raise TruncatedImage("qcow2 header is truncated", structure="header", offset=0)
     try:
-        v2 = _HeaderV2.parse(data[:V2_HEADER_LENGTH])
+        v2 = HEADER_V2.parse(data[:V2_HEADER_LENGTH])
     except cs.ConstructError as exc:  # pragma: no cover - length checked above
         raise FormatError(f"cannot parse qcow2 header: {exc}", structure="header") from None
     if v2.magic != QCOW_MAGIC:
@@ -280,7 +282,7 @@ def parse_header(data: bytes, file_size: int | None = None) -> Header:
     if version == 3:
         if len(data) < V3_HEADER_LENGTH:
             raise TruncatedImage("qcow2 v3 header is truncated", structure="header")
-        v3 = _HeaderV3Tail.parse(data[V2_HEADER_LENGTH:V3_HEADER_LENGTH])
+        v3 = HEADER_V3_TAIL.parse(data[V2_HEADER_LENGTH:V3_HEADER_LENGTH])
         fields.update({k: v for k, v in v3.items() if not k.startswith("_")})
         header_length = v3.header_length
         if header_length < V3_HEADER_LENGTH or header_length % 8:
@@ -537,7 +539,7 @@ def build_header(h: Header) -> bytes:
     ``h.backing_file`` is set, the backing file name at ``h.backing_file_offset``.
     """
     out = bytearray(
-        _HeaderV2.build(
+        HEADER_V2.build(
             {
                 "magic": QCOW_MAGIC,
                 "version": h.version,
@@ -556,7 +558,7 @@ def build_header(h: Header) -> bytes:
         )
     )
     if h.version == 3:
-        out += _HeaderV3Tail.build(
+        out += HEADER_V3_TAIL.build(
             {
                 "incompatible_features": h.incompatible_features,
                 "compatible_features": h.compatible_features,

@@ -1,0 +1,1 @@
+"""OpenStack Glance: streamed, verified uploads (needs openstacksdk)."""

@@ -1,0 +1,297 @@
+"""Streamed upload to Glance with checksums both sides agree on.
+
+The image is validated first (``glance`` policy), then sent as a stream of chunks under
+1 MiB with its size announced up front (``X-OpenStack-Image-Size``, which Glance
+enforces), hashed with md5 and sha512 as the bytes go out.  Afterwards the image must be
+``active`` with Glance's ``checksum`` and ``os_hash_value`` equal to ours; on any
+failure or mismatch the Glance image is deleted.  An overlay is refused with advice, or
+flattened on the fly with ``flatten=True`` (no temporary file).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from qcowlib.engine.digest import MultiHasher
+from qcowlib.errors import InvalidArgument, QcowlibError, QcowlibIOError
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+#: Glance behind uWSGI refuses a chunk of 1,048,568 bytes or more: stay well under.
+UPLOAD_CHUNK = 512 * 1024
+GiB = 1 << 30
+#: Glance's disk_format names for qcowlib's probed formats.
+GLANCE_FORMATS = {"qcow2": "qcow2", "raw": "raw", "vmdk": "vmdk", "vdi": "vdi",
+                  "vpc": "vhd", "vhdx": "vhdx", "iso": "iso"}  # fmt: skip
+
+
+class UploadError(QcowlibError):
+    """The upload failed or Glance's record disagrees with what was sent."""
+
+
+class ValidationRefused(QcowlibError):
+    """The image did not pass validation; nothing was sent."""
+
+    def __init__(self, message: str, findings: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.findings = findings
+
+
+@dataclass
+class UploadRequest:
+    """What to upload and the image properties to set (``glance image-create`` options)."""
+
+    path: str
+    name: str
+    disk_format: str | None = None
+    container_format: str = "bare"
+    flatten: bool = False
+    min_disk: int | None = None
+    min_ram: int | None = None
+    visibility: str | None = None
+    protected: bool = False
+    properties: dict[str, str] = field(default_factory=dict)
+    force: bool = False
+    src_format: str | None = None
+
+
+class _Source:
+    """The bytes to send: the file as it is, or its flattened chain."""
+
+    def __init__(self, req: UploadRequest, disk_format: str) -> None:
+        self.virtual_size: int
+        if req.flatten:
+            from qcowlib.ops.flatten import flatten_stream
+
+            out = "raw" if disk_format == "raw" else "qcow2"
+            self._stream = flatten_stream(
+                req.path, out, src_format=req.src_format, chunk_size=UPLOAD_CHUNK
+            )
+            self.size = self._stream.size
+            self.virtual_size = self._stream.virtual_size
+            self._file: int | None = None
+        else:
+            from qcowlib.disk.chain import BackingPolicy, open_disk
+
+            with open_disk(req.path, req.src_format, BackingPolicy(follow=False)) as disk:
+                self.virtual_size = disk.virtual_size
+            try:
+                self._file = os.open(req.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise QcowlibIOError(f"cannot open {req.path}: {exc.strerror}") from None
+            self.size = os.fstat(self._file).st_size
+
+    def chunks(self) -> Iterator[bytes]:
+        if self._file is None:
+            yield from self._stream.chunks()
+            return
+        pos = 0
+        while pos < self.size:
+            n = min(UPLOAD_CHUNK, self.size - pos)
+            try:
+                data = os.pread(self._file, n, pos)
+            except OSError as exc:
+                raise QcowlibIOError(f"read error: {exc.strerror}") from None
+            if not data:
+                raise QcowlibIOError("the file shrank while it was being uploaded")
+            pos += len(data)
+            yield data
+
+    def close(self) -> None:
+        if self._file is not None:
+            os.close(self._file)
+            self._file = None
+        else:
+            self._stream.close()
+
+
+class _Sender:
+    """Iterates the source for the HTTP body, hashing every byte that goes out."""
+
+    def __init__(self, source: _Source, progress: Progress | None) -> None:
+        self.source = source
+        self.hasher = MultiHasher(("md5", "sha512"))
+        self.sent = 0
+        self.progress = progress
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            for piece in self.source.chunks():
+                self.hasher.update(piece)
+                self.sent += len(piece)
+                if self.progress:
+                    self.progress(self.sent, self.source.size)
+                yield piece
+        except BaseException as exc:  # surfaced after the HTTP layer gives up
+            self.error = exc
+            raise
+
+
+def _connect(cloud: str | None) -> Any:
+    try:
+        import openstack
+    except ImportError:
+        raise InvalidArgument("upload needs openstacksdk: pip install 'qcowlib[glance]'") from None
+    try:
+        return openstack.connect(cloud=cloud) if cloud else openstack.connect()
+    except Exception as exc:  # openstacksdk raises many types for bad cloud config
+        raise UploadError(f"cannot configure the cloud connection: {exc}") from None
+
+
+def _validate(req: UploadRequest, disk_format: str) -> list[dict[str, Any]]:
+    from qcowlib.validate import validate
+
+    report = validate(req.path, "glance", disk_format, fmt=req.src_format)
+    errors = []
+    for f in report.findings:
+        if f.severity != "error":
+            continue
+        if req.flatten and "backing" in f.rule:
+            continue  # flattening removes the backing file
+        errors.append(f.to_json())
+    return errors
+
+
+def upload(
+    req: UploadRequest,
+    *,
+    cloud: str | None = None,
+    connection: Any = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Upload ``req.path`` to Glance; returns the contract's summary of the image.
+
+    Raises :class:`ValidationRefused` (nothing sent) when validation finds errors and
+    ``req.force`` is not set, and :class:`UploadError` when the upload fails or Glance's
+    record disagrees (the image is deleted first).  ``connection`` is an
+    ``openstack.connection.Connection`` to use instead of one built from ``cloud``
+    (``--os-cloud``, ``OS_CLOUD``, clouds.yaml and ``OS_*`` variables, as the
+    ``openstack`` client does).
+    """
+    from qcowlib.disk._file import HostFile
+    from qcowlib.disk.chain import probe_format
+
+    host = HostFile(req.path)
+    try:
+        detected = probe_format(host)
+    finally:
+        host.close()
+    if req.flatten and req.disk_format not in (None, "qcow2", "raw"):
+        raise InvalidArgument("--flatten writes qcow2 or raw: use --disk-format qcow2 or raw")
+    disk_format = req.disk_format or (
+        "qcow2" if req.flatten else GLANCE_FORMATS.get(detected, detected)
+    )
+    if req.container_format != "bare":
+        raise InvalidArgument("only container_format bare is supported")
+    errors = _validate(req, disk_format)
+    if errors and not req.force:
+        raise ValidationRefused(
+            "validation refused the image: " + "; ".join(e["message"] for e in errors), errors
+        )
+    conn = connection if connection is not None else _connect(cloud)
+    source = _Source(req, disk_format)
+    try:
+        return _send(conn, req, disk_format, source, progress)
+    finally:
+        source.close()
+
+
+def _send(
+    conn: Any, req: UploadRequest, disk_format: str, source: _Source, progress: Progress | None
+) -> dict[str, Any]:
+    sender = _Sender(source, progress)
+    min_disk = req.min_disk if req.min_disk is not None else math.ceil(source.virtual_size / GiB)
+    kwargs: dict[str, Any] = dict(req.properties)
+    kwargs["min_disk"] = min_disk
+    if req.min_ram is not None:
+        kwargs["min_ram"] = req.min_ram
+    if req.visibility is not None:
+        kwargs["visibility"] = req.visibility
+    if req.protected:
+        kwargs["is_protected"] = True
+    from openstack import exceptions as os_exc
+    from openstack.image.v2 import image as _image
+
+    image_id: str | None = None
+    try:
+        # The record first, so that its id is known and it can be deleted on failure.
+        image = _image.Image.new(
+            name=req.name,
+            disk_format=disk_format,
+            container_format=req.container_format,
+            **kwargs,
+        ).create(conn.image)
+        image_id = image.id
+        image.data = iter(sender)
+        response = image.upload(conn.image, size=source.size)
+        os_exc.raise_from_response(response)
+        record = conn.image.get_image(image_id)
+    except Exception as exc:
+        _delete(conn, image_id)
+        if sender.error is not None and isinstance(sender.error, QcowlibError):
+            raise sender.error from None
+        raise UploadError(f"upload failed: {_describe(exc)} (image deleted)") from None
+    digests = sender.hasher.hexdigests()
+    sender.hasher.close()
+    problems = []
+    if record.status != "active":
+        problems.append(f"image status is {record.status!r}, not 'active'")
+    if sender.sent != source.size:
+        problems.append(f"sent {sender.sent} bytes, announced {source.size}")
+    if record.size is not None and record.size != source.size:
+        problems.append(f"Glance stored {record.size} bytes, we sent {source.size}")
+    if record.checksum != digests["md5"]:
+        problems.append(f"checksum {record.checksum} differs from ours {digests['md5']}")
+    algo = record.hash_algo or "sha512"
+    if algo == "sha512" and record.hash_value != digests["sha512"]:
+        problems.append("os_hash_value differs from our sha512")
+    elif algo != "sha512":
+        problems.append(f"Glance hashes with {algo}; cannot verify os_hash_value")
+    if problems:
+        _delete(conn, image_id)
+        raise UploadError("upload not accepted: " + "; ".join(problems) + " (image deleted)")
+    return {
+        "id": record.id,
+        "name": record.name,
+        "status": record.status,
+        "disk_format": record.disk_format,
+        "size": record.size,
+        "virtual_size": record.virtual_size,
+        "checksum": record.checksum,
+        "os_hash_algo": record.hash_algo,
+        "os_hash_value": record.hash_value,
+    }
+
+
+def _delete(conn: Any, image_id: str | None) -> None:
+    if image_id is None:
+        return
+    try:
+        if conn.image.find_image(image_id) is not None:
+            conn.image.update_image(image_id, is_protected=False)
+            conn.image.delete_image(image_id, ignore_missing=True)
+    except Exception:  # best effort: report the original problem, log this one
+        log.warning("could not delete image %s after a failed upload", image_id, exc_info=True)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def parse_properties(items: list[str]) -> Mapping[str, str]:
+    """``K=V`` strings to a mapping (``--property`` may repeat)."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidArgument(f"property {item!r} is not KEY=VALUE")
+        out[key] = value
+    return out

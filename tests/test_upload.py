@@ -1,0 +1,163 @@
+"""``qcowlib upload`` against a real Glance API on 127.0.0.1 (tests/glance_server.py).
+
+A flattened overlay goes active with Glance's checksum and os_hash_value equal to ours
+and downloads back equal to the chain; an overlay without --flatten is refused before any
+byte is sent; a forced upload of an unsafe image is refused by Glance and leaves no image
+behind; a size or checksum mismatch deletes the image and exits 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qcowlib.engine.digest import MultiHasher
+from qcowlib.glance import upload as up
+from qcowlib.ops.flatten import flatten
+from tests.conftest import qemu_img, require_qemu
+from tests.glance_server import GlanceServer, environment_for_cli
+
+pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning:openstack")
+
+
+@pytest.fixture
+def chain(tmp_path: Path) -> Path:
+    require_qemu()
+    base = tmp_path / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", base, "64M")
+    subprocess.run(
+        ["qemu-io", "-c", "write -P 0xb5 0 2M", str(base)], check=True, capture_output=True
+    )
+    top = tmp_path / "overlay.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
+    subprocess.run(
+        ["qemu-io", "-c", "write -P 0x0e 1M 512k", str(top)], check=True, capture_output=True
+    )
+    return top
+
+
+def run_upload(
+    server: GlanceServer, tmp: Path, *args: str | Path
+) -> subprocess.CompletedProcess[str]:
+    clouds = server.clouds_yaml(tmp / "clouds.yaml", "test")
+    return subprocess.run(
+        [sys.executable, "-m", "qcowlib", "upload", "--os-cloud", "test", *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=environment_for_cli(clouds),
+        timeout=300,
+    )
+
+
+def images_named(server: GlanceServer, name: str) -> list[Any]:
+    return [i for i in server.connection().image.images() if i.name == name]
+
+
+def test_flattened_overlay_goes_active(
+    glance_server: GlanceServer, chain: Path, tmp_path: Path
+) -> None:
+    res = run_upload(
+        glance_server, tmp_path, "--name", "flat-ok", "--flatten", "--output", "json", chain
+    )
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert set(out) == {
+        "id", "name", "status", "disk_format", "size", "virtual_size", "checksum",
+        "os_hash_algo", "os_hash_value",
+    }  # fmt: skip
+    assert out["status"] == "active" and out["disk_format"] == "qcow2"
+    assert out["virtual_size"] == 64 << 20
+    # our digests: the same bytes flatten writes to a file
+    flat = tmp_path / "flat.qcow2"
+    flatten(str(chain), str(flat))
+    data = flat.read_bytes()
+    assert out["size"] == len(data)
+    assert out["checksum"] == hashlib.md5(data).hexdigest()
+    assert out["os_hash_algo"] == "sha512"
+    assert out["os_hash_value"] == hashlib.sha512(data).hexdigest()
+    # downloads back equal to the chain
+    conn = glance_server.connection()
+    got = tmp_path / "down.qcow2"
+    with got.open("wb") as f:
+        for piece in conn.image.download_image(out["id"], stream=True).iter_content(1 << 20):
+            f.write(piece)
+    assert qemu_img("compare", chain, got).returncode == 0
+    record = conn.image.get_image(out["id"])
+    assert record.min_disk == 1  # derived from the 64 MiB virtual size
+
+
+def test_overlay_refused_before_sending(
+    glance_server: GlanceServer, chain: Path, tmp_path: Path
+) -> None:
+    res = run_upload(glance_server, tmp_path, "--name", "overlay-refused", chain)
+    assert res.returncode == 1
+    assert res.stderr.startswith("qcowlib: error: ") and "flatten" in res.stderr
+    assert res.stderr.count("\n") == 1
+    assert images_named(glance_server, "overlay-refused") == []
+
+
+def test_forced_unsafe_upload_refused_by_glance(
+    glance_server: GlanceServer, chain: Path, tmp_path: Path
+) -> None:
+    res = run_upload(glance_server, tmp_path, "--name", "forced-unsafe", "--force", chain)
+    assert res.returncode == 1, res.stdout
+    assert "upload failed" in res.stderr
+    assert images_named(glance_server, "forced-unsafe") == []
+
+
+def test_raw_upload_with_properties(glance_server: GlanceServer, tmp_path: Path) -> None:
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(bytes(range(256)) * 8192)
+    res = run_upload(
+        glance_server, tmp_path, "--name", "raw-props", "--min-ram", "512", "--property",
+        "os_distro=centos", "--visibility", "private", "--output=json", raw,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    record = glance_server.connection().image.get_image(out["id"])
+    assert record.disk_format == "raw" and record.min_ram == 512
+    assert (
+        record.properties.get("os_distro") == "centos"
+        or getattr(record, "os_distro", None) == "centos"
+    )
+    assert out["checksum"] == hashlib.md5(raw.read_bytes()).hexdigest()
+
+
+def test_size_mismatch_deletes_image(
+    glance_server: GlanceServer, chain: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_init = up._Source.__init__
+
+    def lying_init(self: up._Source, req: up.UploadRequest, disk_format: str) -> None:
+        real_init(self, req, disk_format)
+        self.size += 4096  # announce more than will be sent
+
+    monkeypatch.setattr(up._Source, "__init__", lying_init)
+    req = up.UploadRequest(path=str(chain), name="size-mismatch", flatten=True)
+    with pytest.raises(up.UploadError):
+        up.upload(req, connection=glance_server.connection())
+    assert images_named(glance_server, "size-mismatch") == []
+
+
+def test_checksum_mismatch_deletes_image(
+    glance_server: GlanceServer, chain: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = MultiHasher.hexdigests
+
+    def wrong(self: Any) -> dict[str, str]:
+        out = dict(real(self))
+        out["md5"] = "0" * 32
+        return out
+
+    monkeypatch.setattr(MultiHasher, "hexdigests", wrong)
+    req = up.UploadRequest(path=str(chain), name="sum-mismatch", flatten=True)
+    with pytest.raises(up.UploadError, match="checksum"):
+        up.upload(req, connection=glance_server.connection())
+    assert images_named(glance_server, "sum-mismatch") == []
