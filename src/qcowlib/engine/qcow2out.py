@@ -199,6 +199,43 @@ class Qcow2Writer:
         bitmap = 0xFFFF_FFFF if self.opts.extended_l2 else 0
         self._set_entry(cluster, host | tables.OFLAG_COPIED, bitmap)
 
+    def add_data_clusters(self, first: int, local: np.ndarray, data: memoryview) -> None:
+        """Store many uncompressed clusters of one chunk at once (vectorised).
+
+        ``local`` are indexes into the chunk (guest cluster ``first + i``), ascending;
+        ``data`` is the chunk's buffer, whole clusters (zero-padded at the disk end).
+        The clusters get consecutive host clusters, so the write is one ``pwritev``.
+        """
+        if local.size == 0:
+            return
+        cs = self.cs
+        self.data_pos = -(-self.data_pos // cs) * cs
+        start = self.data_pos
+        n = int(local.size)
+        self.data_pos += n * cs
+        self._grow_counts(start // cs + n)
+        self.counts[start // cs : start // cs + n] = 1
+        # Guest runs of consecutive clusters become slices of the buffer.
+        breaks = np.flatnonzero(np.diff(local) != 1) + 1
+        done = 0
+        for run in np.split(local, breaks):
+            lo, hi = int(run[0]), int(run[-1]) + 1
+            self._queue(data[lo * cs : hi * cs], start + done * cs)
+            done += hi - lo
+        hosts = np.uint64(start) + np.arange(n, dtype=np.uint64) * np.uint64(cs)
+        entries = hosts | np.uint64(tables.OFLAG_COPIED)
+        clusters = local.astype(np.int64) + first
+        l1s = clusters // self.l2_span
+        for l1 in np.unique(l1s).tolist():
+            sel = l1s == l1
+            self._switch_l2(l1)
+            within = clusters[sel] % self.l2_span
+            if self.opts.extended_l2:
+                self.cur_l2[2 * within] = entries[sel]
+                self.cur_l2[2 * within + 1] = 0xFFFF_FFFF
+            else:
+                self.cur_l2[within] = entries[sel]
+
     def add_zero(self, cluster: int) -> None:
         """A cluster that must read as zeros (over a backing file)."""
         if self.opts.version == 2:
@@ -315,6 +352,13 @@ def write_qcow2(
     )
 
     def emit(chunk: Chunk) -> None:
+        if not compress and not np.any(chunk.kinds == ZERO):
+            writer.add_data_clusters(chunk.first, np.flatnonzero(chunk.kinds == DATA), chunk.data)
+        else:
+            emit_each(chunk)
+        release(chunk)
+
+    def emit_each(chunk: Chunk) -> None:
         for i in range(len(chunk.kinds)):
             kind = chunk.kinds[i]
             cluster = chunk.first + i
@@ -327,6 +371,8 @@ def write_qcow2(
                     writer.add_data(cluster, chunk.data[i * cs : i * cs + end])
             elif kind == ZERO:
                 writer.add_zero(cluster)
+
+    def release(chunk: Chunk) -> None:
         # The buffer goes back to the pool once every write that points into it is done.
         writer._flush_data()
         chunk_writes = writer.take_submitted()

@@ -1,0 +1,98 @@
+"""Streamed upload to a local Glance: ``qcowlib upload --flatten`` of an overlay vs
+openstacksdk's ``create_image(filename=...)`` of the already-flat file.
+
+    .venv/bin/python -m benchmarks.bench_upload [--size 2G] [--data 512M] [--repeat 2]
+
+Starts the same real Glance the tests use (tests/glance_server.py; run tools/glance-env
+first).  qcowlib's side includes validation, planning the flattened layout (one read of
+the chain), serializing it on the fly and hashing md5+sha512 while sending; the
+reference sends a file that was flattened beforehand.  The ratio is throughput
+qcowlib / openstacksdk, so higher is better (target >= 0.9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks._harness import GNU_TIME, Run, require_qemu
+from benchmarks.bench_flatten import make_chain
+from qcowlib._units import parse_size
+
+REF = """
+import sys, openstack.connection
+conn = openstack.connection.Connection(auth_type="none", image_endpoint_override=sys.argv[1])
+img = conn.image.create_image(name=sys.argv[3], filename=sys.argv[2], disk_format="qcow2",
+                              container_format="bare", allow_duplicates=True, wait=False)
+assert conn.image.get_image(img.id).status == "active"
+"""
+
+
+def timed(argv: list[str], env: dict[str, str]) -> Run:
+    import time
+
+    os.sync()
+    with tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        code = subprocess.call(
+            [GNU_TIME, "-f", "%M", *argv], stdout=subprocess.DEVNULL, stderr=err, env=env
+        )
+        elapsed = time.perf_counter() - t0
+        err.seek(0)
+        lines = err.read().strip().splitlines()
+    if code:
+        raise RuntimeError(f"{argv} failed: {lines[-3:]}")
+    return Run(elapsed, int(lines[-1]) / 1024)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="2G")
+    parser.add_argument("--data", default="512M")
+    parser.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args()
+    require_qemu()
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.glance_server import GlanceServer, ensure_venv, environment_for_cli
+
+    ensure_venv()
+    with tempfile.TemporaryDirectory() as tmp, GlanceServer() as server:
+        d = Path(tmp)
+        top = make_chain(d, parse_size(args.size), parse_size(args.data))
+        flat = d / "flat.qcow2"
+        subprocess.run(
+            [sys.executable, "-m", "qcowlib", "flatten", str(top), str(flat)], check=True
+        )
+        env = environment_for_cli(server.clouds_yaml(d / "clouds.yaml", "bench"))
+        refs, ours = [], []
+        for i in range(args.repeat):
+            refs.append(
+                timed([sys.executable, "-c", REF, server.endpoint, str(flat), f"ref{i}"], env)
+            )
+            ours.append(
+                timed(
+                    [sys.executable, "-m", "qcowlib", "upload", "--os-cloud", "bench",
+                     "--name", f"ours{i}", "--flatten", str(top)],
+                    env,
+                )
+            )  # fmt: skip
+        ref = min(refs, key=lambda r: r.seconds)
+        our = min(ours, key=lambda r: r.seconds)
+        size = flat.stat().st_size
+        print(f"{'case':<44}{'MB/s':>10}{'peak RSS MiB':>14}")
+        for label, run in (
+            ("openstacksdk create_image(filename=flat)", ref),
+            ("qcowlib upload --flatten (overlay)", our),
+        ):
+            print(f"{label:<44}{size / run.seconds / 1e6:>10.1f}{run.peak_rss_mib:>14.1f}")
+        print(
+            f"throughput ratio qcowlib/openstacksdk: {ref.seconds / our.seconds:.2f} ({size} bytes)"
+        )
+
+
+if __name__ == "__main__":
+    main()
