@@ -10,6 +10,7 @@ and kept uncompressed when compression does not shrink it (as QEMU does).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import deque
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from qcowlib.formats.qcow2.layout import (
     build_refcount_structures,
     plan_layout,
 )
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 #: Data bytes queued before they are handed to a writer thread.
@@ -341,6 +344,10 @@ def write_qcow2(
         writer.preallocate_all()
     else:
         writer = Qcow2Writer(fd, opts, ranges, write_pool)
+        if not compress:
+            # Reserve the data area: writes into allocated space are cheaper than delayed
+            # allocation, and the file is trimmed to what was used at the end.
+            reserve(fd, writer.layout.data_offset, sum(b - a for a, b in ranges) * cs)
     classifier = Classifier(
         src,
         size,
@@ -397,6 +404,16 @@ def write_qcow2(
     if progress:
         progress(size, size)
     return end
+
+
+def reserve(fd: int, offset: int, length: int) -> None:
+    """Best-effort ``posix_fallocate``: file systems without it just skip the hint."""
+    if length <= 0:
+        return
+    try:
+        os.posix_fallocate(fd, offset, length)
+    except OSError as exc:
+        log.debug("no preallocation of the output: %s", exc.strerror)
 
 
 def _preallocate_file(fd: int, start: int, end: int, mode: str) -> None:

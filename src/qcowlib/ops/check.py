@@ -61,6 +61,11 @@ from qcowlib.errors import (
     TruncatedImage,
     UnsupportedFeature,
 )
+from qcowlib.formats.qcow2 import bitmap as _bitmap
+from qcowlib.formats.qcow2 import header as _header
+from qcowlib.formats.qcow2 import refcount as _refcount
+from qcowlib.formats.qcow2 import snapshot as _snapshot
+from qcowlib.formats.qcow2 import tables as _tables
 
 if TYPE_CHECKING:
     import numpy as np
@@ -78,24 +83,25 @@ if TYPE_CHECKING:
 __all__ = ["CheckNotSupported", "CheckReport", "check"]
 
 # --- qcow2 constants (QEMU block/qcow2.h) ----------------------------------------------
-L1E_OFFSET_MASK: Final = 0x00FF_FFFF_FFFF_FE00
-L1E_RESERVED_MASK: Final = 0x7F00_0000_0000_01FF
-L2E_OFFSET_MASK: Final = 0x00FF_FFFF_FFFF_FE00
-L2E_STD_RESERVED_MASK: Final = 0x3F00_0000_0000_01FE
-REFT_OFFSET_MASK: Final = 0xFFFF_FFFF_FFFF_FE00
+# The table codecs' constants, under the names QEMU's check code uses.
+L1E_OFFSET_MASK: Final = _tables.OFFSET_MASK
+L1E_RESERVED_MASK: Final = _tables.L1E_RESERVED_MASK
+L2E_OFFSET_MASK: Final = _tables.OFFSET_MASK
+L2E_STD_RESERVED_MASK: Final = _tables.L2E_STD_RESERVED_MASK
+REFT_OFFSET_MASK: Final = _refcount.REFT_OFFSET_MASK
 REFT_RESERVED_MASK: Final = 0x1FF
-QCOW_OFLAG_COPIED: Final = 1 << 63
-QCOW_OFLAG_COMPRESSED: Final = 1 << 62
-QCOW_OFLAG_ZERO: Final = 1
+QCOW_OFLAG_COPIED: Final = _tables.OFLAG_COPIED
+QCOW_OFLAG_COMPRESSED: Final = _tables.OFLAG_COMPRESSED
+QCOW_OFLAG_ZERO: Final = _tables.OFLAG_ZERO
 QCOW_L2_BITMAP_ALL_ALLOC: Final = 0xFFFF_FFFF
 QCOW_L2_BITMAP_ALL_ZEROES: Final = QCOW_L2_BITMAP_ALL_ALLOC << 32
 #: QCOW_MAX_L1_SIZE: a snapshot L1 table larger than this is reported, not read.
-QCOW_MAX_L1_SIZE: Final = 32 * 1024 * 1024
+QCOW_MAX_L1_SIZE: Final = _header.MAX_L1_SIZE_BYTES
 #: QCOW_MAX_SNAPSHOT_EXTRA_DATA and QCOW_MAX_SNAPSHOTS_SIZE (qcow2.h).
-QCOW_MAX_SNAPSHOT_EXTRA_DATA: Final = 1024
-QCOW_MAX_SNAPSHOTS_SIZE: Final = 1024 * 65536
+QCOW_MAX_SNAPSHOT_EXTRA_DATA: Final = _header.MAX_SNAPSHOT_EXTRA_DATA
+QCOW_MAX_SNAPSHOTS_SIZE: Final = _snapshot.MAX_SNAPSHOTS_SIZE
 #: Bitmap directory caps and entry constraints (qcow2-bitmap.c).
-QCOW2_MAX_BITMAP_DIRECTORY_SIZE: Final = 1024 * 65535
+QCOW2_MAX_BITMAP_DIRECTORY_SIZE: Final = _bitmap.MAX_BITMAP_DIRECTORY_SIZE
 BME_MAX_TABLE_SIZE: Final = 0x800_0000
 BME_MAX_PHYS_SIZE: Final = 0x2000_0000
 BME_MAX_GRANULARITY_BITS: Final = 31
@@ -319,6 +325,11 @@ def check(path: str, fmt: str | None = None, repair: str | None = None) -> Check
         raise InvalidArgument(f"unknown format {fmt!r}")
     host = HostFile(path, writable=bool(fix))
     try:
+        if fix:
+            # Repair writes: take QEMU's locks so a running VM's disk is never touched.
+            from qcowlib.disk.qcow2_rw import take_write_locks
+
+            take_write_locks(host.fd, path)
         detected = fmt if fmt is not None else probe_format(host)
         if detected in _NOTHING_TO_CHECK:
             raise CheckNotSupported(f"{detected} images have nothing to check", file=path)

@@ -17,6 +17,7 @@ from qcowlib.disk.base import Disk
 from qcowlib.disk.chain import open_disk
 from qcowlib.engine.copy import write_raw
 from qcowlib.engine.output import atomic_output, pwrite_all
+from qcowlib.engine.qcow2out import reserve
 from qcowlib.engine.serialize import STREAM_CHUNK, Qcow2Serializer, RawSerializer
 from qcowlib.errors import InvalidArgument, QcowlibIOError, UnsupportedFeature
 from qcowlib.formats.qcow2.layout import parse_options
@@ -166,6 +167,8 @@ def flatten(
     ) as stream:  # fmt: skip
         inputs = tuple(d.filename for d in stream._disk.chain)
         with atomic_output(dst, protect=inputs) as fd:
+            if not compress:
+                reserve(fd, 0, stream.size)
             pos = 0
             for piece in stream.chunks(progress):
                 pwrite_all(fd, piece, pos)
