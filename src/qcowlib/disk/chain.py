@@ -33,7 +33,7 @@ from qcowlib.formats import detect
 #: refused so that a crafted set of files cannot make opening unbounded.
 MAX_CHAIN_DEPTH = 64
 #: Formats this version opens.
-READABLE_FORMATS = ("qcow2", "raw")
+READABLE_FORMATS = ("qcow2", "raw", "vdi", "vpc")
 _PROTOCOL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
@@ -118,6 +118,14 @@ def _make_disk(host: HostFile, path: str, fmt: str) -> Disk:
         from qcowlib.disk.qcow2 import Qcow2Disk, read_header
 
         return Qcow2Disk(host, path, read_header(host))
+    if fmt == "vdi":
+        from qcowlib.disk.vdi import VdiDisk
+
+        return VdiDisk(host, path)
+    if fmt == "vpc":
+        from qcowlib.disk.vhd import VhdDisk
+
+        return VhdDisk(host, path)
     if fmt in detect.FORMATS:
         raise UnsupportedFeature(f"{fmt} images are not supported yet", file=path)
     raise InvalidArgument(f"unknown format {fmt!r}", file=path)

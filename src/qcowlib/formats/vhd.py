@@ -33,10 +33,8 @@ __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "DYNAMIC_HEADER",
     "DYNAMIC_HEADER_SIZE",
-    "DynamicHeader",
     "FOOTER",
     "FOOTER_SIZE",
-    "Footer",
     "NO_DATA_OFFSET",
     "PARENT_LOCATOR",
     "SECTOR",
@@ -45,11 +43,13 @@ __all__ = [
     "VHD_MAX_GEOMETRY",
     "VHD_MAX_SECTORS",
     "VHD_MAX_TABLE_ENTRIES",
+    "VHD_TIMESTAMP_BASE",
     "VHD_TYPE_DIFFERENCING",
     "VHD_TYPE_DYNAMIC",
-    "VHD_TIMESTAMP_BASE",
     "VHD_TYPE_FIXED",
     "VHD_TYPE_NAMES",
+    "DynamicHeader",
+    "Footer",
     "bitmap_runs",
     "bitmap_size",
     "build_dynamic_header",
@@ -151,19 +151,19 @@ BatArray = npt.NDArray[np.uint32]
 # checksums
 
 
-def checksum(data: bytes, skip_at: int) -> int:
+def checksum(data: bytes | bytearray, skip_at: int) -> int:
     """Ones' complement of the byte sum of ``data``, the 4-byte field at ``skip_at`` as 0."""
     arr = np.frombuffer(data, dtype=np.uint8)
     total = int(arr.sum(dtype=np.uint64)) - int(arr[skip_at : skip_at + 4].sum(dtype=np.uint64))
     return ~total & 0xFFFFFFFF
 
 
-def footer_checksum(raw: bytes) -> int:
+def footer_checksum(raw: bytes | bytearray) -> int:
     """The checksum a 512-byte footer should carry."""
     return checksum(bytes(raw[:FOOTER_SIZE]), FOOTER_CHECKSUM_AT)
 
 
-def dynamic_header_checksum(raw: bytes) -> int:
+def dynamic_header_checksum(raw: bytes | bytearray) -> int:
     """The checksum a 1024-byte dynamic disk header should carry."""
     return checksum(bytes(raw[:DYNAMIC_HEADER_SIZE]), DYNAMIC_HEADER_CHECKSUM_AT)
 

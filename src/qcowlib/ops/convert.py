@@ -12,7 +12,7 @@ from qcowlib.engine.qcow2out import write_qcow2
 from qcowlib.errors import InvalidArgument, UnsupportedFeature
 from qcowlib.formats.qcow2.layout import parse_options
 
-WRITABLE_FORMATS = ("raw", "qcow2")
+WRITABLE_FORMATS = ("raw", "qcow2", "vdi", "vpc")
 
 
 def convert(
@@ -50,11 +50,46 @@ def convert(
             raise InvalidArgument("Backing file not supported for file format 'raw'")
         if opts_in:
             raise InvalidArgument(f"Invalid parameter '{next(iter(opts_in))}'")
+    static = False
+    if out_format == "vdi":
+        if compress:
+            raise InvalidArgument("Compression not supported for this file format")
+        if backing:
+            raise InvalidArgument("Backing file not supported for file format 'vdi'")
+        value = opts_in.pop("static", "off").lower()
+        if value not in ("on", "off", "true", "false", "yes", "no"):
+            raise InvalidArgument("Parameter 'static' expects 'on' or 'off'")
+        static = value in ("on", "true", "yes")
+        if opts_in:
+            raise InvalidArgument(f"Invalid parameter '{next(iter(opts_in))}'")
+    subformat = "dynamic"
+    if out_format == "vpc":
+        if compress:
+            raise InvalidArgument("Compression not supported for this file format")
+        if backing:
+            raise InvalidArgument("Backing file not supported for file format 'vpc'")
+        subformat = opts_in.pop("subformat", "dynamic")
+        if subformat not in ("dynamic", "fixed"):
+            raise InvalidArgument(f"Invalid subformat '{subformat}'")
+        if opts_in:
+            raise InvalidArgument(f"Invalid parameter '{next(iter(opts_in))}'")
     with open_disk(src, src_format) as disk:
         inputs = tuple(d.filename for d in disk.chain)
+        if out_format == "vpc":
+            from qcowlib.engine.vhdout import write_vhd
+
+            with atomic_output(dst, protect=inputs) as fd:
+                write_vhd(disk, fd, subformat=subformat, progress=progress)
+            return
         if out_format == "raw":
             with atomic_output(dst, protect=inputs) as fd:
                 write_raw(disk, fd, sparse_size=sparse_size, progress=progress)
+            return
+        if out_format == "vdi":
+            from qcowlib.engine.vdiout import write_vdi
+
+            with atomic_output(dst, protect=inputs) as fd:
+                write_vdi(disk, fd, static=static, progress=progress)
             return
         _convert_qcow2(
             disk, dst, opts_in, compress, backing, backing_format, sparse_size, progress, inputs

@@ -5,19 +5,16 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from qcowlib.disk._file import HostFile
 from qcowlib.disk.base import Disk
 from qcowlib.disk.chain import BackingPolicy, open_disk
 
 
 def _actual_size(disk: Disk) -> int | None:
-    from qcowlib.disk.qcow2 import Qcow2Disk
-    from qcowlib.disk.raw import RawDisk
-
-    if isinstance(disk, Qcow2Disk):
-        # qemu-img 7.2 counts the qcow2 file only, not an external data file.
-        return disk.host.allocated
-    if isinstance(disk, RawDisk):
-        return disk.host.allocated
+    # qemu-img 7.2 counts the image file only (not a qcow2 external data file).
+    host = getattr(disk, "host", None)
+    if isinstance(host, HostFile):
+        return host.allocated
     return None
 
 
@@ -32,6 +29,8 @@ def full_backing_filename(filename: str, backing: str) -> str:
 def image_info(disk: Disk) -> dict[str, Any]:
     """qemu-img info's JSON object for one layer (keys and meaning as qemu-img 7.2)."""
     from qcowlib.disk.qcow2 import Qcow2Disk
+    from qcowlib.disk.vdi import VdiDisk
+    from qcowlib.disk.vhd import VhdDisk
 
     info: dict[str, Any] = {}
     if isinstance(disk, Qcow2Disk):
@@ -56,6 +55,10 @@ def image_info(disk: Disk) -> dict[str, Any]:
     info["virtual-size"] = disk.virtual_size
     info["filename"] = disk.filename
     if isinstance(disk, Qcow2Disk):
+        info["cluster-size"] = disk.cluster_size
+    elif isinstance(disk, VdiDisk):
+        info["cluster-size"] = disk.block_size
+    elif isinstance(disk, VhdDisk) and disk.cluster_size is not None:
         info["cluster-size"] = disk.cluster_size
     info["format"] = disk.format
     actual = _actual_size(disk)

@@ -36,6 +36,7 @@ from typing import Any, Final
 import construct as cs
 
 from qcowlib.errors import CorruptImage, FormatError, TruncatedImage
+from qcowlib.formats import vhd
 from qcowlib.formats.qcow2 import header as qcow2_header
 
 SECTOR: Final = 512
@@ -77,10 +78,9 @@ def _cstr(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("ascii", "replace")
 
 
-def ones_complement_checksum(data: bytes, skip_at: int, skip_len: int = 4) -> int:
+def ones_complement_checksum(data: bytes, skip_at: int) -> int:
     """The VHD checksum: ones' complement of the byte sum, the checksum field as zero."""
-    total = sum(data[:skip_at]) + sum(data[skip_at + skip_len :])
-    return ~total & 0xFFFFFFFF
+    return vhd.checksum(bytes(data), skip_at)
 
 
 def _make_crc32c_table() -> tuple[int, ...]:
@@ -443,59 +443,22 @@ def _extent(line: str, number: int) -> VmdkExtent:
 # ---------------------------------------------------------------------------------------
 # VHD (vpc)
 
-VHD_COOKIE: Final = b"conectix"
-VHD_DYNAMIC_COOKIE: Final = b"cxsparse"
-VHD_FOOTER_SIZE: Final = 512
-VHD_DYNAMIC_HEADER_SIZE: Final = 1024
-VHD_TYPE_FIXED: Final = 2
-VHD_TYPE_DYNAMIC: Final = 3
-VHD_TYPE_DIFFERENCING: Final = 4
-VHD_TYPE_NAMES: Final = {2: "fixed", 3: "dynamic", 4: "differencing"}
+# Layouts and constants are declared once, in qcowlib.formats.vhd.
+VHD_COOKIE: Final = vhd.VHD_COOKIE
+VHD_DYNAMIC_COOKIE: Final = vhd.VHD_DYNAMIC_COOKIE
+VHD_FOOTER_SIZE: Final = vhd.FOOTER_SIZE
+VHD_DYNAMIC_HEADER_SIZE: Final = vhd.DYNAMIC_HEADER_SIZE
+VHD_TYPE_FIXED: Final = vhd.VHD_TYPE_FIXED
+VHD_TYPE_DYNAMIC: Final = vhd.VHD_TYPE_DYNAMIC
+VHD_TYPE_DIFFERENCING: Final = vhd.VHD_TYPE_DIFFERENCING
+VHD_TYPE_NAMES: Final = vhd.VHD_TYPE_NAMES
 #: QEMU's cap on the block allocation table (vpc.c: max_table_entries * 4 <= INT_MAX).
-VHD_MAX_TABLE_ENTRIES: Final = (1 << 31) // 4
+VHD_MAX_TABLE_ENTRIES: Final = vhd.VHD_MAX_TABLE_ENTRIES
 #: 2 TiB less a little: the largest VHD the specification's 32-bit sector numbers allow.
 VHD_MAX_SIZE: Final = 0xFFFFFFFF * SECTOR
 
-_VhdFooter = cs.Struct(
-    "cookie" / cs.Bytes(8),
-    "features" / cs.Int32ub,
-    "version" / cs.Int32ub,
-    "data_offset" / cs.Int64ub,
-    "timestamp" / cs.Int32ub,
-    "creator_app" / cs.Bytes(4),
-    "creator_ver" / cs.Int32ub,
-    "creator_os" / cs.Bytes(4),
-    "orig_size" / cs.Int64ub,
-    "current_size" / cs.Int64ub,
-    "cyls" / cs.Int16ub,
-    "heads" / cs.Int8ub,
-    "secs_per_cyl" / cs.Int8ub,
-    "type" / cs.Int32ub,
-    "checksum" / cs.Int32ub,
-    "uuid" / cs.Bytes(16),
-    "in_saved_state" / cs.Int8ub,
-)
-_VhdParentLocator = cs.Struct(
-    "platform" / cs.Bytes(4),
-    "data_space" / cs.Int32ub,
-    "data_length" / cs.Int32ub,
-    "reserved" / cs.Int32ub,
-    "data_offset" / cs.Int64ub,
-)
-_VhdDynamicHeader = cs.Struct(
-    "magic" / cs.Bytes(8),
-    "data_offset" / cs.Int64ub,
-    "table_offset" / cs.Int64ub,
-    "version" / cs.Int32ub,
-    "max_table_entries" / cs.Int32ub,
-    "block_size" / cs.Int32ub,
-    "checksum" / cs.Int32ub,
-    "parent_uuid" / cs.Bytes(16),
-    "parent_timestamp" / cs.Int32ub,
-    "reserved" / cs.Int32ub,
-    "parent_name" / cs.Bytes(512),
-    "parent_locators" / cs.Array(8, _VhdParentLocator),
-)
+_VhdFooter = vhd.FOOTER
+_VhdDynamicHeader = vhd.DYNAMIC_HEADER
 
 
 @dataclass(frozen=True)
