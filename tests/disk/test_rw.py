@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,21 @@ def test_growing_refcount_table(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout
     with qcowlib.open(str(img)) as disk:
         assert disk.read(4096 * 100, 4096) == payload
+
+
+def test_two_writers_exclude_each_other(tmp_path: Path) -> None:
+    img = tmp_path / "w.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "1M")
+    with open_rw(str(img)):
+        with pytest.raises(qcowlib.ImageLocked):
+            open_rw(str(img))
+        res = subprocess.run(
+            [sys.executable, "-m", "qcowlib", "check", "-r", "all", str(img)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert res.returncode == 1
+        assert "in use" in res.stderr or "locked" in res.stderr
+    with open_rw(str(img)) as disk:  # free again
+        disk.write(0, b"ok")

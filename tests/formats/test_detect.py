@@ -24,7 +24,7 @@ from qcowlib.formats.detect import (
 
 # --- helpers ----------------------------------------------------------------------------
 
-_CREATE_ATTEMPTS = 5
+_CREATE_ATTEMPTS = 20
 
 
 @pytest.fixture(scope="module")

@@ -150,3 +150,26 @@ def test_shrink_needs_flag_and_raw_resize(tmp_path: Path) -> None:
     raw.write_bytes(b"x" * 4096)
     assert cli("resize", "-f", "raw", raw, "+1M").returncode == 0
     assert raw.stat().st_size == 4096 + (1 << 20)
+
+
+def test_commit_refuses_unrecorded_backing_format(tmp_path: Path) -> None:
+    base = tmp_path / "base.raw"
+    base.write_bytes(bytes(1 << 20))
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", top)
+    io(top, "write -P 0x51 0 512")  # data that would land in the base's first sector
+    raw = bytearray(top.read_bytes())
+    pos = raw.find((0xE2792ACA).to_bytes(4, "big"))
+    raw[pos : pos + 4] = (0x0BADF00D).to_bytes(4, "big")  # drop the backing format record
+    top.write_bytes(bytes(raw))
+    res = cli("commit", top)
+    assert res.returncode == 1 and "format" in res.stderr
+    assert base.read_bytes() == bytes(1 << 20)
+
+
+def test_convert_never_replaces_its_new_backing_file(tmp_path: Path) -> None:
+    base, _, top = chain(tmp_path)
+    before = base.read_bytes()
+    res = cli("convert", "-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", top, base)
+    assert res.returncode == 1 and "same file" in res.stderr
+    assert base.read_bytes() == before

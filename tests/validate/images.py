@@ -54,7 +54,7 @@ def create_luks(path: Path) -> Path:
     """qemu-img's luks driver sometimes fails with a transient "Unable to get accurate
     CPU usage" while timing its PBKDF; retry a few times as oslo's tests do."""
     last = None
-    for attempt in range(5):
+    for attempt in range(20):
         res = qemu_img(
             "create",
             "-q",
@@ -71,7 +71,7 @@ def create_luks(path: Path) -> Path:
         if res.returncode == 0:
             return path
         last = res.stderr
-        time.sleep(0.2 * (attempt + 1))
+        time.sleep(0.05 * (attempt + 1))
     raise RuntimeError(f"qemu-img create -f luks kept failing: {last}")
 
 
@@ -385,8 +385,10 @@ def _vhdx_has_parent(d: Path) -> Path:
 
 def _vhdx_no_valid_header(d: Path) -> Path:
     p = create(d / "nohead.vhdx", "vhdx", "10M")
-    poke(p, 64 * 1024 + 8, b"\x01")
-    poke(p, 128 * 1024 + 8, b"\x02")
+    # Flip a checksum byte of both headers (writing a fixed value could leave it as it was).
+    data = p.read_bytes()
+    for at in (64 * 1024 + 8, 128 * 1024 + 8):
+        poke(p, at, bytes([data[at] ^ 0xFF]))
     return p
 
 

@@ -114,3 +114,19 @@ class HostFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def pwrite_all(fd: int, data: memoryview | bytes | bytearray, offset: int) -> None:
+    """Write all of ``data`` at ``offset``; raises :class:`QcowlibIOError` on failure."""
+    view = memoryview(data).cast("B")
+    done = 0
+    try:
+        while done < len(view):
+            n = os.pwrite(fd, view[done:], offset + done)
+            if n <= 0:
+                raise QcowlibIOError(f"write at {offset + done:#x} made no progress")
+            done += n
+    except OSError as exc:
+        raise QcowlibIOError(
+            f"write error at {offset + done:#x}: {exc.strerror}", offset=offset + done
+        ) from None

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -28,7 +29,7 @@ from typing import Final
 
 import numpy as np
 
-from qcowlib.disk._file import HostFile
+from qcowlib.disk._file import HostFile, pwrite_all
 from qcowlib.disk.base import ExtentKind
 from qcowlib.disk.qcow2 import Qcow2Disk, read_header
 from qcowlib.errors import (
@@ -56,13 +57,20 @@ _FLOCK = struct.Struct("@hhqqi4x")
 
 
 def _ofd_lock(fd: int, kind: int, byte: int, *, test: bool = False) -> bool:
-    """Take (or with ``test``, probe) an OFD lock on one byte; False on conflict."""
+    """Take (or with ``test``, probe) an OFD lock on one byte; False on a conflict.
+
+    File systems without OFD locks cannot enforce anything: that is logged and treated
+    as no conflict (QEMU too runs without locking there).
+    """
     cmd = fcntl.F_OFD_GETLK if test else fcntl.F_OFD_SETLK
     req = _FLOCK.pack(kind, os.SEEK_SET, byte, 1, 0)
     try:
         out = fcntl.fcntl(fd, cmd, req)
-    except OSError:
-        return False
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        log.debug("image locking unavailable: %s", exc.strerror)
+        return True
     if test:
         return bool(_FLOCK.unpack(out)[0] == fcntl.F_UNLCK)
     return True
@@ -72,11 +80,16 @@ def take_write_locks(fd: int, path: str) -> None:
     """Lock an image the way a QEMU writer does, or raise :class:`ImageLocked`.
 
     We want read, write and resize and share only consistent read and unchanged
-    writes: so nobody may hold "write" or "resize" (bytes 101/103), and nobody may have
-    refused to share what we want (bytes 200/201/203).
+    writes.  As QEMU does, our shared locks are set first and conflicts tested after,
+    so two writers racing each other both see the other (a lock of our own open file
+    never conflicts with our test): nobody else may hold "write" or "resize" (bytes
+    101/103), nor have refused to share what we want (bytes 200/201/203).
     """
     want = (PERM_CONSISTENT_READ, PERM_WRITE, PERM_RESIZE)
     unshared = (PERM_WRITE, PERM_RESIZE)
+    for byte in [LOCK_PERM_BASE + p for p in want] + [LOCK_SHARED_BASE + p for p in unshared]:
+        if not _ofd_lock(fd, fcntl.F_RDLCK, byte):
+            raise ImageLocked("image is locked by another process", file=path)
     for perm in want:
         if not _ofd_lock(fd, fcntl.F_WRLCK, LOCK_SHARED_BASE + perm, test=True):
             raise ImageLocked(
@@ -86,10 +99,6 @@ def take_write_locks(fd: int, path: str) -> None:
     for perm in unshared:
         if not _ofd_lock(fd, fcntl.F_WRLCK, LOCK_PERM_BASE + perm, test=True):
             raise ImageLocked("image is open for writing by another process", file=path)
-    for perm in want:
-        _ofd_lock(fd, fcntl.F_RDLCK, LOCK_PERM_BASE + perm)
-    for perm in unshared:
-        _ofd_lock(fd, fcntl.F_RDLCK, LOCK_SHARED_BASE + perm)
 
 
 class Qcow2RWDisk(Qcow2Disk):
@@ -162,14 +171,9 @@ class Qcow2RWDisk(Qcow2Disk):
     # -- low-level writes ----------------------------------------------------------------
     def _pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         try:
-            view = memoryview(data)
-            done = 0
-            while done < len(view):
-                done += os.pwrite(self.host.fd, view[done:], offset + done)
-        except OSError as exc:
-            raise QcowlibIOError(
-                f"write error at {offset:#x}: {exc.strerror}", file=self.filename
-            ) from None
+            pwrite_all(self.host.fd, data, offset)
+        except QcowlibError as exc:
+            raise exc.with_file(self.filename) from None
         end = offset + len(data)
         self.host.size = max(self.host.size, end)
 
@@ -178,7 +182,7 @@ class Qcow2RWDisk(Qcow2Disk):
             return
         self._pwrite(72, struct.pack(">Q", value))
         self.header = self.header.replace(incompatible_features=value)
-        os.fsync(self.host.fd)
+        self.flush()
 
     def _mark_dirty(self) -> None:
         if not self._dirty_set and self.header.lazy_refcounts:
@@ -299,11 +303,11 @@ class Qcow2RWDisk(Qcow2Disk):
         if covered:
             self._update_refcounts(covered, 1)
         self._pwrite(start * cs, tables.encode_table(self.reftable))
-        os.fsync(self.host.fd)
+        self.flush()
         old_offset = self.header.refcount_table_offset
         old_clusters = self.header.refcount_table_clusters
         self._pwrite(48, struct.pack(">QI", start * cs, t))
-        os.fsync(self.host.fd)
+        self.flush()
         self.header = self.header.replace(
             refcount_table_offset=start * cs, refcount_table_clusters=t
         )
@@ -663,7 +667,7 @@ class Qcow2RWDisk(Qcow2Disk):
         self._pwrite(
             0, raw.ljust(min(self.cluster_size, max(len(raw), 4096)), b"\0")[: self.cluster_size]
         )
-        os.fsync(self.host.fd)
+        self.flush()
         self.header = new
 
     def set_backing(self, name: str | None, fmt: str | None) -> None:
@@ -723,7 +727,7 @@ class Qcow2RWDisk(Qcow2Disk):
         elif need > self.l1.size:
             self._grow_l1(need)
         self._pwrite(24, struct.pack(">Q", size))
-        os.fsync(self.host.fd)
+        self.flush()
         self.header = self.header.replace(size=size)
         self.virtual_size = size
         self._l2_cache.clear()
@@ -738,9 +742,9 @@ class Qcow2RWDisk(Qcow2Disk):
         l1 = np.zeros(entries, dtype=np.uint64)
         l1[: self.l1.size] = self.l1
         self._pwrite(new_offset, tables.encode_table(l1).ljust(n * cs, b"\0"))
-        os.fsync(self.host.fd)
+        self.flush()
         self._pwrite(36, struct.pack(">IQ", entries, new_offset))
-        os.fsync(self.host.fd)
+        self.flush()
         self.header = self.header.replace(l1_size=entries, l1_table_offset=new_offset)
         self.l1 = l1
         offsets = np.zeros(entries, dtype=np.uint64)

@@ -8,8 +8,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from qcowlib.disk._file import pwrite_all
 from qcowlib.disk.base import Disk, Extent, ExtentKind
-from qcowlib.engine.output import pwrite_all
 from qcowlib.engine.zero import nonzero_runs
 from qcowlib.errors import QcowlibIOError
 
@@ -28,10 +28,10 @@ def _copy_range_kernel(src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: 
     while done < n:
         try:
             got = os.copy_file_range(src_fd, dst_fd, n - done, src_off + done, dst_off + done)
-        except OSError:
+        except OSError as exc:
             if done == 0:
-                return False
-            raise
+                return False  # not supported here: the caller reads and writes instead
+            raise QcowlibIOError(f"copy failed: {exc.strerror}", offset=dst_off + done) from None
         if got == 0:
             break
         done += got

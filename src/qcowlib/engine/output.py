@@ -82,11 +82,3 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
-    """Write all of ``data`` at ``offset``."""
-    view = memoryview(data)
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)

@@ -18,9 +18,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from qcowlib.disk._file import pwrite_all
 from qcowlib.disk.base import Disk
 from qcowlib.engine.classify import DATA, WORKERS, ZERO, Chunk, Classifier
-from qcowlib.engine.output import pwrite_all
 from qcowlib.errors import QcowlibIOError
 from qcowlib.formats.qcow2 import refcount as rc
 from qcowlib.formats.qcow2 import tables

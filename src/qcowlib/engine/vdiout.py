@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from qcowlib.disk._file import pwrite_all
 from qcowlib.disk.base import Disk
-from qcowlib.engine.output import pwrite_all
 from qcowlib.engine.zero import nonzero_runs
 from qcowlib.errors import QcowlibIOError
 from qcowlib.formats import vdi

@@ -22,9 +22,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+from qcowlib.disk._file import pwrite_all
 from qcowlib.disk.base import Disk
 from qcowlib.engine.copy import write_raw
-from qcowlib.engine.output import pwrite_all
 from qcowlib.engine.zero import is_zero, nonzero_runs
 from qcowlib.errors import InvalidArgument, QcowlibError, QcowlibIOError
 from qcowlib.formats import vhd

@@ -120,8 +120,9 @@ def _convert_qcow2(
     if opts.backing_file:
         full = resolve_linked_path(dst, opts.backing_file, "backing file", BackingPolicy())
         base = open_disk(full, opts.backing_fmt)
+    protect = inputs + (tuple(d.filename for d in base.chain) if base is not None else ())
     try:
-        with atomic_output(dst, protect=inputs) as fd:
+        with atomic_output(dst, protect=protect) as fd:
             write_qcow2(
                 disk,
                 fd,

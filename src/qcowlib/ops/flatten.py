@@ -13,10 +13,11 @@ from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Self
 
+from qcowlib.disk._file import pwrite_all
 from qcowlib.disk.base import Disk
 from qcowlib.disk.chain import open_disk
 from qcowlib.engine.copy import write_raw
-from qcowlib.engine.output import atomic_output, pwrite_all
+from qcowlib.engine.output import atomic_output
 from qcowlib.engine.qcow2out import reserve
 from qcowlib.engine.serialize import STREAM_CHUNK, Qcow2Serializer, RawSerializer
 from qcowlib.errors import InvalidArgument, QcowlibIOError, UnsupportedFeature

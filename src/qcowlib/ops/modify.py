@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 
-from qcowlib.disk._file import HostFile
+from qcowlib.disk._file import HostFile, pwrite_all
 from qcowlib.disk.base import Disk, ExtentKind
 from qcowlib.disk.chain import BackingPolicy, open_disk, probe_format, resolve_linked_path
 from qcowlib.errors import InvalidArgument, QcowlibIOError, UnsupportedFeature
 
 Progress = Callable[[int, int], None]
+_T = TypeVar("_T")
 _CHUNK = 4 * 1024 * 1024
 
 
@@ -43,7 +45,7 @@ def resize(path: str, size_text: str, *, fmt: str | None = None, shrink: bool = 
             disk.resize(new, shrink=shrink)
             return new
     if fmt == "raw":
-        current = os.path.getsize(path)
+        current = _os_call(os.path.getsize, path)
         new = _new_size(current, amount, relative)
         if new < current and not shrink:
             raise InvalidArgument("Use the --shrink option to perform a shrink operation.")
@@ -125,7 +127,8 @@ def _copy_differences(disk: Disk, new_base: Disk | None, progress: Progress | No
             pos += n
             if progress:
                 progress(pos, size)
-    del disk.backing
+    if old_base is not None:
+        old_base.close()
     disk.backing = None
 
 
@@ -141,14 +144,21 @@ def commit(path: str, *, drop: bool = False, progress: Progress | None = None) -
     """``qemu-img commit``: write the image's own data into its backing file, then
     empty the image unless ``drop`` (``-d``) is given."""
     from qcowlib.disk.chain import backing_format, backing_name
-    from qcowlib.disk.qcow2_rw import Qcow2RWDisk, open_rw
+    from qcowlib.disk.qcow2_rw import Qcow2RWDisk, open_rw, take_write_locks
 
     with open_rw(path, follow_backing=False) as top:
         name = backing_name(top)
         if name is None:
             raise InvalidArgument("Image does not have a backing file")
         full = resolve_linked_path(path, name, "backing file", BackingPolicy())
-        bfmt = backing_format(top) or _format_of(full, None)
+        bfmt = backing_format(top)
+        if bfmt is None:
+            # Never write into a file whose format was guessed (a guest could have made
+            # a raw file look like anything): the format must be recorded.
+            raise InvalidArgument(
+                f"{path} does not record its backing file's format; "
+                "record it first with: qcowlib rebase -u -b NAME -F FMT"
+            )
         base_rw: Qcow2RWDisk | None = None
         base_fd = -1
         if bfmt == "qcow2":
@@ -159,6 +169,11 @@ def commit(path: str, *, drop: bool = False, progress: Progress | None = None) -
                 base_fd = os.open(full, os.O_RDWR | os.O_CLOEXEC)
             except OSError as exc:
                 raise QcowlibIOError(f"cannot open {full}: {exc.strerror}", file=full) from None
+            try:
+                take_write_locks(base_fd, full)
+            except BaseException:
+                os.close(base_fd)
+                raise
             base_size = os.fstat(base_fd).st_size
         else:
             raise UnsupportedFeature(f"committing into a {bfmt} backing file is not supported yet")
@@ -167,7 +182,7 @@ def commit(path: str, *, drop: bool = False, progress: Progress | None = None) -
                 if base_rw is not None:
                     base_rw.resize(top.virtual_size)
                 else:
-                    os.ftruncate(base_fd, top.virtual_size)
+                    _os_call(os.ftruncate, base_fd, top.virtual_size)
             buf = bytearray(_CHUNK)
             for ext in list(top.layer_extents()):
                 if ext.kind is ExtentKind.UNALLOCATED:
@@ -191,7 +206,7 @@ def commit(path: str, *, drop: bool = False, progress: Progress | None = None) -
                     if progress:
                         progress(pos, top.virtual_size)
             if base_fd >= 0:
-                os.fsync(base_fd)
+                _os_call(os.fsync, base_fd)
         finally:
             if base_rw is not None:
                 base_rw.close()
@@ -201,11 +216,13 @@ def commit(path: str, *, drop: bool = False, progress: Progress | None = None) -
             top.make_empty()
 
 
-def _pwrite(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    done = 0
+def _os_call(func: Callable[..., _T], *args: object) -> _T:
+    """Call an ``os`` function; its OSError becomes a QcowlibIOError."""
     try:
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], offset + done)
+        return func(*args)
     except OSError as exc:
-        raise QcowlibIOError(f"write error: {exc.strerror}", offset=offset) from None
+        raise QcowlibIOError(f"{func.__name__} failed: {exc.strerror}") from None
+
+
+def _pwrite(fd: int, data: bytes | memoryview, offset: int) -> None:
+    pwrite_all(fd, data, offset)
