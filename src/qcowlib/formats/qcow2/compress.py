@@ -7,7 +7,9 @@ so a hostile stream cannot make it allocate more.
 from __future__ import annotations
 
 import io
+import threading
 import zlib
+from typing import Any
 
 from qcowlib.errors import CorruptImage, UnsupportedFeature
 from qcowlib.formats.qcow2.header import COMPRESSION_TYPE_ZLIB, COMPRESSION_TYPE_ZSTD
@@ -44,7 +46,10 @@ def _zstd_decompress(data: bytes | memoryview, cluster_size: int) -> bytes:
     import zstandard
 
     try:
-        reader = zstandard.ZstdDecompressor().stream_reader(
+        dctx = getattr(_local, "zstd_d", None)
+        if dctx is None:
+            dctx = _local.zstd_d = zstandard.ZstdDecompressor()
+        reader = dctx.stream_reader(
             io.BytesIO(bytes(data)), read_across_frames=True
         )
         chunks = []
@@ -60,6 +65,23 @@ def _zstd_decompress(data: bytes | memoryview, cluster_size: int) -> bytes:
         raise CorruptImage(f"invalid zstd-compressed cluster: {exc}") from None
 
 
+_local = threading.local()
+
+
+def _zstd_compressor(level: int) -> Any:
+    """One compressor per thread and level: making one per cluster costs more than the
+    compression of a small cluster itself."""
+    import zstandard
+
+    cache: dict[int, Any] | None = getattr(_local, "zstd", None)
+    if cache is None:
+        cache = _local.zstd = {}
+    comp = cache.get(level)
+    if comp is None:
+        comp = cache[level] = zstandard.ZstdCompressor(level=level)
+    return comp
+
+
 def compress_cluster(data: bytes | memoryview, compression_type: int, level: int = -1) -> bytes:
     """Compress one cluster as QEMU does (raw deflate, or one zstd frame)."""
     if compression_type == COMPRESSION_TYPE_ZLIB:
@@ -68,7 +90,5 @@ def compress_cluster(data: bytes | memoryview, compression_type: int, level: int
         )
         return c.compress(data) + c.flush()
     if compression_type == COMPRESSION_TYPE_ZSTD:
-        import zstandard
-
-        return zstandard.ZstdCompressor(level=level if level > 0 else 3).compress(bytes(data))
+        return bytes(_zstd_compressor(level if level > 0 else 3).compress(data))
     raise UnsupportedFeature(f"unknown compression type {compression_type}")
