@@ -85,7 +85,7 @@ def _apply_model(
 @pytest.mark.parametrize("with_backing", [False, True], ids=["alone", "backing"])
 @pytest.mark.parametrize("config", list(CONFIGS))
 @settings(
-    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(plan=st.lists(op, min_size=1, max_size=12))
 def test_write_plan_matches_model(

@@ -210,17 +210,31 @@ class Qcow2RWDisk(Qcow2Disk):
         block = self._block(cluster // self.per_block)
         return 0 if block is None else int(block[cluster % self.per_block])
 
-    def _write_block(self, index: int) -> None:
+    def _write_block(self, index: int, lo: int = 0, hi: int | None = None) -> None:
+        """Write refcount block ``index`` back, only the bytes of entries ``lo..hi``."""
         block = self._blocks[index]
         offset = int(self.reftable[index])
         self._check_overlap(
             offset, self.cluster_size, offset // self.cluster_size, "refcount block"
         )
-        self._pwrite(offset, rc.encode_block(block, self.header.refcount_order))
+        order = self.header.refcount_order
+        if hi is None:
+            self._pwrite(offset, rc.encode_block(block, order))
+            return
+        # Byte span of the changed entries (sub-byte widths round out to whole bytes,
+        # whose other entries are encoded from the same in-memory block).
+        bits = 1 << order
+        first_byte = lo * bits // 8
+        end_byte = -(-(hi * bits) // 8)
+        per_byte = max(1, 8 // bits)
+        entries = block[
+            first_byte * 8 // bits : max(end_byte * 8 // bits, first_byte * 8 // bits + per_byte)
+        ]
+        self._pwrite(offset + first_byte, rc.encode_block(entries, order)[: end_byte - first_byte])
 
     def _update_refcounts(self, clusters: Iterator[int] | list[int], delta: int) -> None:
         """Add ``delta`` to each cluster's refcount, creating blocks as needed."""
-        touched: set[int] = set()
+        touched: dict[int, tuple[int, int]] = {}
         for cluster in clusters:
             index = cluster // self.per_block
             block = self._block(index)
@@ -231,9 +245,10 @@ class Qcow2RWDisk(Qcow2Disk):
             if value < 0 or value > self.max_refcount:
                 self._signal_corruption(f"refcount of cluster {cluster} would become {value}")
             block[i] = value
-            touched.add(index)
+            lo, hi = touched.get(index, (i, i + 1))
+            touched[index] = (min(lo, i), max(hi, i + 1))
         for index in sorted(touched):
-            self._write_block(index)
+            self._write_block(index, *touched[index])
 
     def _new_block(self, index: int) -> tables.U64:
         """Create refcount block ``index`` at the end of the file (it may cover itself)."""
