@@ -49,9 +49,7 @@ def _zstd_decompress(data: bytes | memoryview, cluster_size: int) -> bytes:
         dctx = getattr(_local, "zstd_d", None)
         if dctx is None:
             dctx = _local.zstd_d = zstandard.ZstdDecompressor()
-        reader = dctx.stream_reader(
-            io.BytesIO(bytes(data)), read_across_frames=True
-        )
+        reader = dctx.stream_reader(io.BytesIO(bytes(data)), read_across_frames=True)
         chunks = []
         remaining = cluster_size
         while remaining:
