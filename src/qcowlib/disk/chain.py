@@ -33,7 +33,7 @@ from qcowlib.formats import detect
 #: refused so that a crafted set of files cannot make opening unbounded.
 MAX_CHAIN_DEPTH = 64
 #: Formats this version opens.
-READABLE_FORMATS = ("qcow2", "raw", "vdi", "vpc")
+READABLE_FORMATS = ("qcow2", "raw", "vdi", "vpc", "vmdk", "vhdx")
 _PROTOCOL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
@@ -92,7 +92,9 @@ def resolve_linked_path(image: str, name: str, what: str, policy: BackingPolicy)
     return os.path.join(directory, name) if directory else name
 
 
-def _open_layer(path: str, fmt: str | None, seen: set[tuple[int, int]]) -> tuple[Disk, HostFile]:
+def _open_layer(
+    path: str, fmt: str | None, seen: set[tuple[int, int]], policy: BackingPolicy
+) -> tuple[Disk, HostFile]:
     host = HostFile(path)
     try:
         if host.identity in seen:
@@ -102,14 +104,14 @@ def _open_layer(path: str, fmt: str | None, seen: set[tuple[int, int]]) -> tuple
             fmt = probe_format(host)
             if fmt == "iso":
                 fmt = "raw"  # an ISO 9660 image is a raw disk, as qemu-img treats it
-        disk = _make_disk(host, path, fmt)
+        disk = _make_disk(host, path, fmt, policy)
     except BaseException:
         host.close()
         raise
     return disk, host
 
 
-def _make_disk(host: HostFile, path: str, fmt: str) -> Disk:
+def _make_disk(host: HostFile, path: str, fmt: str, policy: BackingPolicy) -> Disk:
     if fmt == "raw":
         from qcowlib.disk.raw import RawDisk
 
@@ -122,6 +124,14 @@ def _make_disk(host: HostFile, path: str, fmt: str) -> Disk:
         from qcowlib.disk.vdi import VdiDisk
 
         return VdiDisk(host, path)
+    if fmt == "vmdk":
+        from qcowlib.disk.vmdk import open_vmdk
+
+        return open_vmdk(host, path, policy)
+    if fmt == "vhdx":
+        from qcowlib.disk.vhdx import VhdxDisk
+
+        return VhdxDisk(host, path)
     if fmt == "vpc":
         from qcowlib.disk.vhd import VhdDisk
 
@@ -143,7 +153,7 @@ def open_disk(path: str, fmt: str | None = None, policy: BackingPolicy | None = 
     if fmt is not None and fmt not in detect.FORMATS:
         raise InvalidArgument(f"unknown format {fmt!r}")
     seen: set[tuple[int, int]] = set()
-    top, _ = _open_layer(path, fmt, seen)
+    top, _ = _open_layer(path, fmt, seen, policy)
     try:
         _attach_backing_chain(top, policy, seen)
     except BaseException:
@@ -185,7 +195,7 @@ def _attach_backing_chain(
                 file=current.filename,
             )
         try:
-            layer, _ = _open_layer(full, bfmt, seen)
+            layer, _ = _open_layer(full, bfmt, seen, policy)
         except BackingLoop:
             raise
         except QcowlibIOError as exc:

@@ -45,11 +45,21 @@ class _Out:
         self.buf = bytearray()
 
     def add(self, data: bytes | bytearray | memoryview) -> Iterator[bytes]:
-        self.buf += data
-        while len(self.buf) >= self.size:
-            piece = bytes(self.buf[: self.size])
-            del self.buf[: self.size]
-            yield piece
+        """Pieces of exactly ``size`` bytes as they fill; the rest waits for more."""
+        view = memoryview(data).cast("B")
+        if self.buf:
+            need = self.size - len(self.buf)
+            self.buf += view[:need]
+            view = view[need:]
+            if len(self.buf) < self.size:
+                return
+            yield bytes(self.buf)
+            self.buf = bytearray()
+        while len(view) >= self.size:
+            yield bytes(view[: self.size])
+            view = view[self.size :]
+        if view:
+            self.buf += view
 
     def zeros(self, n: int) -> Iterator[bytes]:
         while n > 0:

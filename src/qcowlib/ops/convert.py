@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 from qcowlib.disk.base import Disk
@@ -12,7 +13,7 @@ from qcowlib.engine.qcow2out import write_qcow2
 from qcowlib.errors import InvalidArgument, UnsupportedFeature
 from qcowlib.formats.qcow2.layout import parse_options
 
-WRITABLE_FORMATS = ("raw", "qcow2", "vdi", "vpc")
+WRITABLE_FORMATS = ("raw", "qcow2", "vdi", "vpc", "vmdk", "vhdx")
 
 
 def convert(
@@ -63,11 +64,19 @@ def convert(
         if opts_in:
             raise InvalidArgument(f"Invalid parameter '{next(iter(opts_in))}'")
     subformat = "dynamic"
-    if out_format == "vpc":
+    if out_format == "vmdk":
+        if backing:
+            raise InvalidArgument("Backing file not supported for file format 'vmdk' here")
+        subformat = opts_in.pop("subformat", "monolithicSparse")
+        if compress and subformat != "streamOptimized":
+            raise InvalidArgument("Compression is only supported with subformat=streamOptimized")
+        if opts_in:
+            raise InvalidArgument(f"Invalid parameter '{next(iter(opts_in))}'")
+    if out_format in ("vpc", "vhdx"):
         if compress:
             raise InvalidArgument("Compression not supported for this file format")
         if backing:
-            raise InvalidArgument("Backing file not supported for file format 'vpc'")
+            raise InvalidArgument(f"Backing file not supported for file format '{out_format}'")
         subformat = opts_in.pop("subformat", "dynamic")
         if subformat not in ("dynamic", "fixed"):
             raise InvalidArgument(f"Invalid subformat '{subformat}'")
@@ -75,6 +84,24 @@ def convert(
             raise InvalidArgument(f"Invalid parameter '{next(iter(opts_in))}'")
     with open_disk(src, src_format) as disk:
         inputs = tuple(d.filename for d in disk.chain)
+        if out_format == "vmdk":
+            from qcowlib.engine.vmdkout import write_vmdk
+
+            with atomic_output(dst, protect=inputs) as fd:
+                write_vmdk(
+                    disk,
+                    fd,
+                    subformat=subformat,
+                    progress=progress,
+                    extent_name=os.path.basename(dst),
+                )
+            return
+        if out_format == "vhdx":
+            from qcowlib.engine.vhdxout import write_vhdx
+
+            with atomic_output(dst, protect=inputs) as fd:
+                write_vhdx(disk, fd, subformat=subformat, progress=progress)
+            return
         if out_format == "vpc":
             from qcowlib.engine.vhdout import write_vhd
 

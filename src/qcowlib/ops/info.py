@@ -11,7 +11,13 @@ from qcowlib.disk.chain import BackingPolicy, open_disk
 
 
 def _actual_size(disk: Disk) -> int | None:
-    # qemu-img 7.2 counts the image file only (not a qcow2 external data file).
+    # qemu-img 7.2 counts the image file only (not a qcow2 external data file), but
+    # all the files of a VMDK (descriptor and extents).
+    from qcowlib.disk.vmdk import VmdkDisk
+
+    if isinstance(disk, VmdkDisk):
+        files = {h.identity: h for h in [disk.host, *disk.extent_hosts]}
+        return sum(h.allocated for h in files.values())
     host = getattr(disk, "host", None)
     if isinstance(host, HostFile):
         return host.allocated
@@ -31,6 +37,8 @@ def image_info(disk: Disk) -> dict[str, Any]:
     from qcowlib.disk.qcow2 import Qcow2Disk
     from qcowlib.disk.vdi import VdiDisk
     from qcowlib.disk.vhd import VhdDisk
+    from qcowlib.disk.vhdx import VhdxDisk
+    from qcowlib.disk.vmdk import VmdkDisk
 
     info: dict[str, Any] = {}
     if isinstance(disk, Qcow2Disk):
@@ -58,8 +66,10 @@ def image_info(disk: Disk) -> dict[str, Any]:
         info["cluster-size"] = disk.cluster_size
     elif isinstance(disk, VdiDisk):
         info["cluster-size"] = disk.block_size
-    elif isinstance(disk, VhdDisk) and disk.cluster_size is not None:
+    elif isinstance(disk, (VhdxDisk, VhdDisk)) and disk.cluster_size is not None:
         info["cluster-size"] = disk.cluster_size
+    elif isinstance(disk, VmdkDisk) and any(p.header is not None for p in disk.parts):
+        info["cluster-size"] = next(p.header.grain_bytes for p in disk.parts if p.header)
     info["format"] = disk.format
     actual = _actual_size(disk)
     if actual is not None:
@@ -88,8 +98,33 @@ def image_info(disk: Disk) -> dict[str, Any]:
             info["backing-filename"] = h.backing_file
         info["dirty-flag"] = h.dirty
     else:
+        if isinstance(disk, VmdkDisk):
+            info["format-specific"] = {"type": "vmdk", "data": _vmdk_data(disk)}
         info["dirty-flag"] = False
     return info
+
+
+def _vmdk_data(disk: Any) -> dict[str, Any]:
+    """qemu-img's format-specific data for VMDK (cid, parent-cid, create-type, extents)."""
+    monolithic = len(disk.parts) == 1 and disk.parts[0].filename == disk.filename
+    extents = []
+    for part in disk.parts:
+        ext: dict[str, Any] = {}
+        header = part.header
+        if header is not None and header.compressed:
+            ext["compressed"] = True
+        ext["virtual-size"] = part.length
+        ext["filename"] = part.filename
+        if header is not None:
+            ext["cluster-size"] = header.grain_bytes
+        ext["format"] = "" if monolithic else ("SPARSE" if header is not None else "FLAT")
+        extents.append(ext)
+    return {
+        "cid": disk.cid,
+        "parent-cid": disk.parent_cid,
+        "create-type": disk.create_type,
+        "extents": extents,
+    }
 
 
 def info(

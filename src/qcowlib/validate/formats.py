@@ -26,9 +26,7 @@ that the ``glance`` policy can agree with Glance on format matching.
 
 from __future__ import annotations
 
-import re
 import struct
-import uuid
 import zlib
 from dataclasses import dataclass
 from typing import Any, Final
@@ -36,7 +34,7 @@ from typing import Any, Final
 import construct as cs
 
 from qcowlib.errors import CorruptImage, FormatError, TruncatedImage
-from qcowlib.formats import vhd
+from qcowlib.formats import vhd, vhdx, vmdk
 from qcowlib.formats.qcow2 import header as qcow2_header
 
 SECTOR: Final = 512
@@ -83,26 +81,7 @@ def ones_complement_checksum(data: bytes, skip_at: int) -> int:
     return vhd.checksum(bytes(data), skip_at)
 
 
-def _make_crc32c_table() -> tuple[int, ...]:
-    table = []
-    for n in range(256):
-        c = n
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return tuple(table)
-
-
-_CRC32C_TABLE: Final = _make_crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli), as [MS-VHDX] checksums use.  Callers cap ``data`` (64 KiB)."""
-    crc = 0xFFFFFFFF
-    table = _CRC32C_TABLE
-    for byte in data:
-        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
+crc32c = vhdx.crc32c
 
 
 def _is_zero(raw: bytes) -> bool:
@@ -195,81 +174,23 @@ def _qcow2_data_file_extension(head: bytes, header_length: int, raw: Any) -> str
 # ---------------------------------------------------------------------------------------
 # VMDK
 
-VMDK4_MAGIC: Final = b"KDMV"
-VMDK3_MAGIC: Final = b"COWD"
-#: QEMU's vmdk_read_desc and the inspector both cap a descriptor at 1 MiB - 1.
-VMDK_DESC_MAX: Final = (1 << 20) - 1
-#: The embedded descriptor QEMU and the inspector expect: sector 1 (offset 0x200).
-VMDK_DESC_SECTOR: Final = 1
-VMDK_GD_AT_END: Final = 0xFFFFFFFFFFFFFFFF
-VMDK_MARKER_EOS: Final = 0
-VMDK_MARKER_FOOTER: Final = 3
-#: Extents remembered from one descriptor; QEMU refuses far fewer in practice.
-VMDK_MAX_EXTENTS: Final = 4096
-VMDK_FLAG_COMPRESSED: Final = 1 << 16
-VMDK_FLAG_MARKERS: Final = 1 << 17
-
-_Vmdk4Header = cs.Struct(
-    "magic" / cs.Bytes(4),
-    "version" / cs.Int32ul,
-    "flags" / cs.Int32ul,
-    "capacity" / cs.Int64ul,
-    "grain_size" / cs.Int64ul,
-    "desc_offset" / cs.Int64ul,
-    "desc_size" / cs.Int64ul,
-    "num_gtes_per_gt" / cs.Int32ul,
-    "rgd_offset" / cs.Int64ul,
-    "gd_offset" / cs.Int64ul,
-    "grain_offset" / cs.Int64ul,
-    "filler" / cs.Int8ul,
-    "check_bytes" / cs.Bytes(4),
-    "compress_algorithm" / cs.Int16ul,
-)
-_VmdkMarker = cs.Struct(
-    "val" / cs.Int64ul, "size" / cs.Int32ul, "type" / cs.Int32ul, "pad" / cs.Bytes(496)
-)
-
-
-@dataclass(frozen=True)
-class VmdkSparseHeader:
-    """A hosted sparse extent header (``SparseExtentHeader``, magic ``KDMV``)."""
-
-    version: int
-    flags: int
-    capacity: int
-    grain_size: int
-    desc_offset: int
-    desc_size: int
-    num_gtes_per_gt: int
-    rgd_offset: int
-    gd_offset: int
-    grain_offset: int
-    compress_algorithm: int
-
-    @property
-    def descriptor_range(self) -> tuple[int, int]:
-        """``(offset, length)`` in bytes of the embedded descriptor, capped at 1 MiB."""
-        return self.desc_offset * SECTOR, min(self.desc_size * SECTOR, VMDK_DESC_MAX)
-
-
-def parse_vmdk_sparse_header(data: bytes) -> VmdkSparseHeader:
-    """Parse a ``KDMV`` header (at least 79 bytes).  Raises :class:`FormatError`."""
-    h = _parse(_Vmdk4Header, data, "vmdk header", 0)
-    if h.magic != VMDK4_MAGIC:
-        raise FormatError("not a VMDK sparse extent (bad magic)", structure="vmdk header")
-    return VmdkSparseHeader(
-        version=h.version,
-        flags=h.flags,
-        capacity=h.capacity,
-        grain_size=h.grain_size,
-        desc_offset=h.desc_offset,
-        desc_size=h.desc_size,
-        num_gtes_per_gt=h.num_gtes_per_gt,
-        rgd_offset=h.rgd_offset,
-        gd_offset=h.gd_offset,
-        grain_offset=h.grain_offset,
-        compress_algorithm=h.compress_algorithm,
-    )
+# Layouts and constants are declared once, in qcowlib.formats.vmdk.
+VMDK4_MAGIC: Final = vmdk.VMDK4_MAGIC
+VMDK3_MAGIC: Final = vmdk.VMDK3_MAGIC
+VMDK_DESC_MAX: Final = vmdk.VMDK_DESC_MAX
+VMDK_DESC_SECTOR: Final = vmdk.VMDK_DESC_SECTOR
+VMDK_GD_AT_END: Final = vmdk.VMDK_GD_AT_END
+VMDK_MARKER_EOS: Final = vmdk.VMDK_MARKER_EOS
+VMDK_MARKER_FOOTER: Final = vmdk.VMDK_MARKER_FOOTER
+VMDK_MAX_EXTENTS: Final = vmdk.VMDK_MAX_EXTENTS
+VMDK_FLAG_COMPRESSED: Final = vmdk.VMDK_FLAG_COMPRESSED
+VMDK_FLAG_MARKERS: Final = vmdk.VMDK_FLAG_MARKERS
+VmdkSparseHeader = vmdk.VmdkSparseHeader
+VmdkExtent = vmdk.VmdkExtent
+VmdkDescriptor = vmdk.VmdkDescriptor
+parse_vmdk_sparse_header = vmdk.parse_vmdk_sparse_header
+parse_vmdk_stream_footer = vmdk.parse_vmdk_stream_footer
+parse_vmdk_descriptor = vmdk.parse_vmdk_descriptor
 
 
 def vmdk_sparse_header_problems(h: VmdkSparseHeader, file_size: int) -> list[Problem]:
@@ -293,19 +214,6 @@ def vmdk_sparse_header_problems(h: VmdkSparseHeader, file_size: int) -> list[Pro
     return problems
 
 
-def parse_vmdk_stream_footer(tail: bytes) -> tuple[Any, VmdkSparseHeader, Any]:
-    """The last 1536 bytes of a stream-optimized VMDK: footer marker, footer, EOS marker.
-
-    Raises :class:`TruncatedImage` when fewer bytes are given.
-    """
-    if len(tail) < 3 * SECTOR:
-        raise TruncatedImage("VMDK stream footer is truncated", structure="vmdk footer")
-    marker = _parse(_VmdkMarker, tail[:SECTOR], "vmdk footer marker", 0)
-    footer = parse_vmdk_sparse_header(tail[SECTOR : 2 * SECTOR])
-    eos = _parse(_VmdkMarker, tail[2 * SECTOR : 3 * SECTOR], "vmdk end-of-stream marker", 0)
-    return marker, footer, eos
-
-
 def vmdk_stream_footer_problems(h: VmdkSparseHeader, tail: bytes) -> list[Problem]:
     """The inspector's ``check_footer``: a header with ``gdOffset`` at the end needs a
     footer marker, a footer matching the header, and an end-of-stream marker."""
@@ -326,118 +234,6 @@ def vmdk_stream_footer_problems(h: VmdkSparseHeader, tail: bytes) -> list[Proble
     if eos.val != 0 or eos.size != 0 or eos.type != VMDK_MARKER_EOS or eos.pad != pad:
         problems.append(Problem("VMDK end-of-stream marker is invalid"))
     return problems
-
-
-@dataclass(frozen=True)
-class VmdkExtent:
-    """One extent line of a descriptor: ``ACCESS SECTORS TYPE ["FILENAME" [OFFSET]]``."""
-
-    access: str
-    sectors: int | None
-    type: str
-    filename: str | None
-    line: int
-
-
-@dataclass(frozen=True)
-class VmdkDescriptor:
-    """What a VMDK text descriptor declares, as QEMU and the image inspector read it."""
-
-    fields: tuple[tuple[str, str], ...]
-    extents: tuple[VmdkExtent, ...]
-    #: Lines the image inspector refuses ("Invalid VMDK descriptor data"), with numbers.
-    unsupported_lines: tuple[tuple[int, str], ...]
-    #: Extent lines containing ``/`` (the inspector refuses them: they can name any path).
-    slash_extent_lines: tuple[tuple[int, str], ...]
-
-    def field(self, name: str) -> str | None:
-        """A header field's value, name matched case-insensitively (last one wins)."""
-        value = None
-        for key, val in self.fields:
-            if key.lower() == name.lower():
-                value = val
-        return value
-
-    @property
-    def create_type(self) -> str | None:
-        return self.field("createType")
-
-    @property
-    def parent_file_name_hint(self) -> str | None:
-        return self.field("parentFileNameHint")
-
-
-_EXTENT_ACCESS: Final = ("rw", "rdonly", "noaccess")
-_EXTENT_RE = re.compile(
-    r'^(?P<access>\S+)\s+(?P<sectors>\S+)\s+(?P<type>\S+)(?:\s+"(?P<name>[^"\r\n]*)"(?:\s+(?P<off>\S+))?)?'
-)
-
-
-def _unquote(value: str) -> str:
-    value = value.strip()
-    if len(value) >= 2 and value[0] == value[-1] == '"':
-        return value[1:-1]
-    return value
-
-
-def parse_vmdk_descriptor(raw: bytes) -> VmdkDescriptor:
-    """Parse a text descriptor (embedded or stand-alone), at most 1 MiB of it.
-
-    The text ends at the first NUL byte (embedded descriptors are NUL padded).  Raises
-    :class:`CorruptImage` when the text is not ASCII, as the image inspector refuses it.
-    """
-    raw = bytes(raw[:VMDK_DESC_MAX]).split(b"\0", 1)[0]
-    try:
-        text = raw.decode("ascii")
-    except UnicodeDecodeError as exc:
-        raise CorruptImage(
-            "VMDK descriptor is not ASCII text", structure="vmdk descriptor", offset=exc.start
-        ) from None
-    fields: list[tuple[str, str]] = []
-    extents: list[VmdkExtent] = []
-    unsupported: list[tuple[int, str]] = []
-    slash: list[tuple[int, str]] = []
-    for number, line in enumerate(text.split("\n"), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        lower = line.lower()
-        first_word = lower.split(" ")[0]
-        if lower.startswith("ddb"):
-            continue
-        if "=" in line and " " not in line.split("=")[0]:
-            key, _, value = line.partition("=")
-            fields.append((key.strip(), _unquote(value)))
-            continue
-        if first_word in _EXTENT_ACCESS:
-            if "/" in line:
-                slash.append((number, line))
-            if len(extents) < VMDK_MAX_EXTENTS:
-                extents.append(_extent(line, number))
-            continue
-        # QEMU also reads "key = value" with spaces; the inspector refuses such lines.
-        if "=" in line and " " not in line.split("=")[0].strip():
-            key, _, value = line.partition("=")
-            fields.append((key.strip(), _unquote(value)))
-        unsupported.append((number, line))
-    return VmdkDescriptor(tuple(fields), tuple(extents), tuple(unsupported), tuple(slash))
-
-
-def _extent(line: str, number: int) -> VmdkExtent:
-    match = _EXTENT_RE.match(line)
-    if match is None:
-        return VmdkExtent(line.split(maxsplit=1)[0].upper(), None, "", None, number)
-    try:
-        sectors: int | None = int(match.group("sectors"))
-    except ValueError:
-        sectors = None
-    return VmdkExtent(
-        match.group("access").upper(),
-        sectors,
-        match.group("type").upper(),
-        match.group("name"),
-        number,
-    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -558,88 +354,35 @@ def vhd_dynamic_problems(f: VhdFooter, h: VhdDynamicHeader, file_size: int) -> l
 # ---------------------------------------------------------------------------------------
 # VHDX
 
-VHDX_SIGNATURE: Final = b"vhdxfile"
-VHDX_HEADER_OFFSETS: Final = (64 * 1024, 128 * 1024)
-VHDX_HEADER_SIZE: Final = 4096
-VHDX_REGION_TABLE_OFFSETS: Final = (192 * 1024, 256 * 1024)
-VHDX_REGION_TABLE_SIZE: Final = 64 * 1024
-#: The first 320 KiB hold the identifier, both headers and both region tables.
-VHDX_HEADER_AREA: Final = 320 * 1024
-VHDX_METADATA_TABLE_SIZE: Final = 64 * 1024
-VHDX_MAX_ENTRIES: Final = 2047
-VHDX_MAX_SIZE: Final = 64 * (1 << 40)
-#: A parent locator item larger than this is not read.
-VHDX_MAX_LOCATOR: Final = 64 * 1024
+# The declarations live in qcowlib.formats.vhdx; the names here are kept for the rules.
+VHDX_SIGNATURE: Final = vhdx.VHDX_SIGNATURE
+VHDX_HEADER_OFFSETS: Final = vhdx.VHDX_HEADER_OFFSETS
+VHDX_HEADER_SIZE: Final = vhdx.VHDX_HEADER_SIZE
+VHDX_REGION_TABLE_OFFSETS: Final = vhdx.VHDX_REGION_TABLE_OFFSETS
+VHDX_REGION_TABLE_SIZE: Final = vhdx.VHDX_REGION_TABLE_SIZE
+VHDX_HEADER_AREA: Final = vhdx.VHDX_HEADER_AREA
+VHDX_METADATA_TABLE_SIZE: Final = vhdx.VHDX_METADATA_TABLE_SIZE
+VHDX_MAX_ENTRIES: Final = vhdx.VHDX_MAX_ENTRIES
+VHDX_MAX_SIZE: Final = vhdx.VHDX_MAX_SIZE
+VHDX_MAX_LOCATOR: Final = vhdx.VHDX_MAX_LOCATOR
+VHDX_BAT_GUID: Final = vhdx.VHDX_BAT_GUID
+VHDX_METADATA_GUID: Final = vhdx.VHDX_METADATA_GUID
+VHDX_FILE_PARAMETERS: Final = vhdx.VHDX_FILE_PARAMETERS
+VHDX_VIRTUAL_DISK_SIZE: Final = vhdx.VHDX_VIRTUAL_DISK_SIZE
+VHDX_PAGE83: Final = vhdx.VHDX_PAGE83
+VHDX_LOGICAL_SECTOR_SIZE: Final = vhdx.VHDX_LOGICAL_SECTOR_SIZE
+VHDX_PHYSICAL_SECTOR_SIZE: Final = vhdx.VHDX_PHYSICAL_SECTOR_SIZE
+VHDX_PARENT_LOCATOR: Final = vhdx.VHDX_PARENT_LOCATOR
+_VHDX_KNOWN_METADATA: Final = vhdx.VHDX_KNOWN_METADATA
+VHDX_PARAMS_HAS_PARENT: Final = vhdx.VHDX_PARAMS_HAS_PARENT
 
-
-def _guid(text: str) -> bytes:
-    return uuid.UUID(text).bytes_le
-
-
-VHDX_BAT_GUID: Final = _guid("2DC27766-F623-4200-9D64-115E9BFD4A08")
-VHDX_METADATA_GUID: Final = _guid("8B7CA206-4790-4B9A-B8FE-575F050F886E")
-VHDX_FILE_PARAMETERS: Final = _guid("CAA16737-FA36-4D43-B3B6-33F0AA44E76B")
-VHDX_VIRTUAL_DISK_SIZE: Final = _guid("2FA54224-CD1B-4876-B211-5DBED83BF4B8")
-VHDX_PAGE83: Final = _guid("BECA12AB-B2E6-4523-93EF-C309E000C746")
-VHDX_LOGICAL_SECTOR_SIZE: Final = _guid("8141BF1D-A96F-4709-BA47-F233A8FAAB5F")
-VHDX_PHYSICAL_SECTOR_SIZE: Final = _guid("CDA348C7-445D-4471-9CC9-E9885251C556")
-VHDX_PARENT_LOCATOR: Final = _guid("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C")
-_VHDX_KNOWN_METADATA: Final = (
-    VHDX_FILE_PARAMETERS,
-    VHDX_VIRTUAL_DISK_SIZE,
-    VHDX_PAGE83,
-    VHDX_LOGICAL_SECTOR_SIZE,
-    VHDX_PHYSICAL_SECTOR_SIZE,
-    VHDX_PARENT_LOCATOR,
-)
-VHDX_PARAMS_HAS_PARENT: Final = 1 << 1
-
-_VhdxHeader = cs.Struct(
-    "signature" / cs.Bytes(4),
-    "checksum" / cs.Int32ul,
-    "sequence_number" / cs.Int64ul,
-    "file_write_guid" / cs.Bytes(16),
-    "data_write_guid" / cs.Bytes(16),
-    "log_guid" / cs.Bytes(16),
-    "log_version" / cs.Int16ul,
-    "version" / cs.Int16ul,
-    "log_length" / cs.Int32ul,
-    "log_offset" / cs.Int64ul,
-)
-_VhdxRegionTableHeader = cs.Struct(
-    "signature" / cs.Bytes(4),
-    "checksum" / cs.Int32ul,
-    "entry_count" / cs.Int32ul,
-    "reserved" / cs.Int32ul,
-)
-_VhdxRegionEntry = cs.Struct(
-    "guid" / cs.Bytes(16),
-    "file_offset" / cs.Int64ul,
-    "length" / cs.Int32ul,
-    "data_bits" / cs.Int32ul,
-)
-_VhdxMetadataHeader = cs.Struct(
-    "signature" / cs.Bytes(8),
-    "reserved" / cs.Int16ul,
-    "entry_count" / cs.Int16ul,
-)
-_VhdxMetadataEntry = cs.Struct(
-    "item_id" / cs.Bytes(16),
-    "offset" / cs.Int32ul,
-    "length" / cs.Int32ul,
-    "data_bits" / cs.Int32ul,
-)
-_VhdxLocatorHeader = cs.Struct(
-    "locator_type" / cs.Bytes(16),
-    "reserved" / cs.Int16ul,
-    "key_value_count" / cs.Int16ul,
-)
-_VhdxLocatorEntry = cs.Struct(
-    "key_offset" / cs.Int32ul,
-    "value_offset" / cs.Int32ul,
-    "key_length" / cs.Int16ul,
-    "value_length" / cs.Int16ul,
-)
+_VhdxHeader = vhdx.HEADER
+_VhdxRegionTableHeader = vhdx.REGION_TABLE_HEADER
+_VhdxRegionEntry = vhdx.REGION_ENTRY
+_VhdxMetadataHeader = vhdx.METADATA_HEADER
+_VhdxMetadataEntry = vhdx.METADATA_ENTRY
+_VhdxLocatorHeader = vhdx.LOCATOR_HEADER
+_VhdxLocatorEntry = vhdx.LOCATOR_ENTRY
 
 
 @dataclass(frozen=True)
@@ -740,8 +483,7 @@ def parse_vhdx_layout(area: bytes, file_size: int) -> VhdxLayout:
     )
 
 
-def _guid_text(raw: bytes) -> str:
-    return str(uuid.UUID(bytes_le=bytes(raw))).upper()
+_guid_text = vhdx.guid_text
 
 
 def parse_vhdx_metadata_table(table: bytes, region_length: int) -> list[VhdxMetadataItem]:

@@ -1,0 +1,472 @@
+"""VMware VMDK images, read-only: monolithicSparse, streamOptimized, monolithicFlat,
+twoGbMaxExtentSparse and twoGbMaxExtentFlat.
+
+A VMDK is a list of extents laid end to end in the guest.  A sparse extent's grain
+directory and grain tables are read and checked once on open
+(:mod:`qcowlib.formats.vmdk`) and turned into runs with numpy: consecutive grains that
+are all unallocated, all zeroed (GTE 1), or uncompressed at consecutive sectors form one
+run; a compressed grain is a run of its own.  Extent files named by a descriptor are
+untrusted paths: they are resolved relative to the descriptor with the caller's
+:class:`~qcowlib.disk.chain.BackingPolicy` (:func:`~qcowlib.disk.chain.resolve_linked_path`)
+and opened read-only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from qcowlib.disk._file import HostFile
+from qcowlib.disk.base import Disk, Extent, ExtentKind
+from qcowlib.errors import (
+    CorruptImage,
+    FormatError,
+    QcowlibError,
+    TruncatedImage,
+    UnsupportedFeature,
+)
+from qcowlib.formats import vmdk
+
+if TYPE_CHECKING:
+    from qcowlib.disk.chain import BackingPolicy
+
+I64 = npt.NDArray[np.int64]
+U8 = npt.NDArray[np.uint8]
+SECTOR = vmdk.SECTOR
+
+#: Run kinds of a sparse extent.
+_UNALLOC, _ZERO, _DATA, _COMPRESSED = 0, 1, 2, 3
+#: createType values read from a stand-alone descriptor (QEMU's list, less VMFS).
+DESCRIPTOR_TYPES = ("monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat")
+#: A compressed grain may take a little more than the grain (incompressible data).
+_COMPRESSED_SLACK = 4096
+
+
+@dataclass
+class _Part:
+    """One extent of the disk: guest ``[start, start + length)`` in ``host``."""
+
+    start: int
+    length: int
+    kind: str  # "flat", "sparse" or "zero"
+    host: HostFile | None
+    filename: str
+    flat_offset: int = 0
+    header: vmdk.SparseExtentHeader | None = None
+    #: Sparse runs: first grain, kind, first grain's sector (0 when none).
+    run_start: I64 = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
+    run_kind: U8 = field(default_factory=lambda: np.zeros(1, dtype=np.uint8))
+    run_sector: I64 = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+def open_vmdk(host: HostFile, path: str, policy: BackingPolicy | None = None) -> Disk:
+    """Open the VMDK whose first file is ``host`` (named ``path``); see :class:`VmdkDisk`."""
+    return VmdkDisk(host, path, policy)
+
+
+class VmdkDisk(Disk):
+    """A VMDK image opened read-only.
+
+    Raises :class:`FormatError` subclasses for bad headers, tables, markers and
+    descriptors, :class:`UnsupportedFeature` for delta disks (parentFileNameHint),
+    VMFS, COWD and other extent kinds, and
+    :class:`~qcowlib.errors.UnsafeBackingPath` / :class:`~qcowlib.errors.QcowlibIOError`
+    for extent files the policy refuses or that cannot be opened.
+    """
+
+    format = "vmdk"
+
+    def __init__(self, host: HostFile, filename: str, policy: BackingPolicy | None = None) -> None:
+        from qcowlib.disk.chain import BackingPolicy
+
+        self.host = host
+        self.filename = filename
+        self.policy = policy or BackingPolicy()
+        self.parts: list[_Part] = []
+        self._hosts: list[HostFile] = []
+        self._cache: tuple[tuple[int, int], bytes] | None = None
+        try:
+            self._open()
+        except QcowlibError as exc:
+            self._close_extents()
+            raise exc.with_file(filename) from None
+        except BaseException:
+            self._close_extents()
+            raise
+        self._starts = np.array([p.start for p in self.parts] or [0], dtype=np.int64)
+        self.virtual_size = sum(p.length for p in self.parts)
+
+    # -- opening -------------------------------------------------------------------------
+    def _open(self) -> None:
+        host = self.host
+        if host.size < 4:
+            raise TruncatedImage("file is too small to be a VMDK image", structure="vmdk header")
+        magic = host.pread(0, 4)
+        if magic == vmdk.VMDK3_MAGIC:
+            raise UnsupportedFeature("VMware 3 (COWD) extents are not supported", offset=0)
+        if magic == vmdk.VMDK4_MAGIC:
+            header = self._read_header(host)
+            if header.capacity == 0 and header.desc_offset:
+                # A descriptor-only sparse file (QEMU accepts it): read it as a descriptor.
+                off, length = header.descriptor_range
+                self._open_descriptor(host.pread(off, min(length, host.size - off)))
+                return
+            desc = vmdk.VmdkDescriptor((), (), (), ())
+            if header.desc_offset:
+                off, length = header.descriptor_range
+                desc = vmdk.parse_descriptor(host.pread(off, min(length, host.size - off)))
+            self.descriptor = desc
+            self._check_parent(desc)
+            self.create_type = "streamOptimized" if header.compressed else "monolithicSparse"
+            self.parts.append(self._sparse_part(host, self.filename, 0, header))
+            return
+        self._open_descriptor(host.pread(0, min(host.size, vmdk.VMDK_DESC_MAX)))
+
+    def _read_header(self, host: HostFile) -> vmdk.SparseExtentHeader:
+        head = host.pread(0, min(host.size, SECTOR))
+        header = vmdk.parse_header(head, host.size)
+        if header.gd_offset == vmdk.GD_AT_END:
+            tail_at = max(0, host.size - 3 * SECTOR)
+            tail = host.pread(tail_at, min(host.size, 3 * SECTOR))
+            footer = vmdk.stream_footer_header(tail, host.size)
+            header = footer
+        return header
+
+    def _check_parent(self, desc: vmdk.VmdkDescriptor) -> None:
+        hint = desc.parent_file_name_hint
+        parent_cid = desc.parent_cid
+        if hint is not None or (parent_cid is not None and parent_cid != 0xFFFFFFFF):
+            raise UnsupportedFeature(
+                f"VMDK delta disks (parent {hint!r}) are not supported",
+                structure="vmdk descriptor",
+                field="parentFileNameHint",
+            )
+
+    def _open_descriptor(self, raw: bytes) -> None:
+        from qcowlib.disk.chain import resolve_linked_path
+
+        try:
+            desc = vmdk.parse_descriptor(raw)
+        except FormatError:
+            raise FormatError(
+                "not a VMDK image (no descriptor)", structure="vmdk descriptor"
+            ) from None
+        ct = desc.create_type
+        if ct is None:
+            raise FormatError("VMDK descriptor has no createType", structure="vmdk descriptor")
+        if ct not in DESCRIPTOR_TYPES:
+            raise UnsupportedFeature(
+                f"VMDK createType {ct!r} is not supported",
+                structure="vmdk descriptor",
+                field="createType",
+            )
+        self.descriptor = desc
+        self.create_type = ct
+        self._check_parent(desc)
+        if not desc.extents:
+            raise CorruptImage("VMDK descriptor names no extents", structure="vmdk descriptor")
+        if len(desc.extents) >= vmdk.VMDK_MAX_EXTENTS:
+            raise UnsupportedFeature(
+                f"more than {vmdk.VMDK_MAX_EXTENTS - 1} extents", structure="vmdk descriptor"
+            )
+        pos = 0
+        for ext in desc.extents:
+            where = f"extent line {ext.line}"
+            if ext.access not in ("RW", "RDONLY") or ext.sectors is None or ext.sectors <= 0:
+                raise CorruptImage(f"invalid {where}", structure="vmdk descriptor", field=where)
+            if ext.sectors > vmdk.VMDK_CAPACITY_MAX - pos // SECTOR:
+                raise CorruptImage(f"{where}: disk too large", structure="vmdk descriptor")
+            length = ext.sectors * SECTOR
+            if ext.type == "ZERO":
+                self.parts.append(_Part(pos, length, "zero", None, self.filename))
+                pos += length
+                continue
+            if ext.type not in ("FLAT", "SPARSE"):
+                raise UnsupportedFeature(
+                    f"VMDK extent type {ext.type!r} is not supported",
+                    structure="vmdk descriptor",
+                    field=where,
+                )
+            if ext.filename is None:
+                raise CorruptImage(f"{where} names no file", structure="vmdk descriptor")
+            full = resolve_linked_path(self.filename, ext.filename, "VMDK extent", self.policy)
+            if full == self.filename:
+                raise CorruptImage(f"{where} names the descriptor itself")
+            ehost = HostFile(full)
+            self._hosts.append(ehost)
+            if ext.type == "FLAT":
+                if ext.offset is None or ext.offset < 0:
+                    raise CorruptImage(f"{where}: FLAT extent needs an offset", field=where)
+                self.parts.append(
+                    _Part(pos, length, "flat", ehost, full, flat_offset=ext.offset * SECTOR)
+                )
+                pos += length
+                continue
+            if ehost.size < 4 or ehost.pread(0, 4) != vmdk.VMDK4_MAGIC:
+                raise FormatError(f"extent {full!r} is not a VMDK sparse extent", file=full)
+            try:
+                header = self._read_header(ehost)
+            except QcowlibError as exc:
+                raise exc.with_file(full) from None
+            part = self._sparse_part(ehost, full, pos, header)
+            self.parts.append(part)
+            pos += part.length
+
+    def _sparse_part(
+        self, host: HostFile, filename: str, pos: int, h: vmdk.SparseExtentHeader
+    ) -> _Part:
+        length = h.capacity * SECTOR
+        part = _Part(pos, length, "sparse", host, filename, header=h)
+        if h.capacity == 0:
+            return part
+        try:
+            part.run_start, part.run_kind, part.run_sector = _read_runs(host, h)
+        except QcowlibError as exc:
+            raise exc.with_file(filename) from None
+        return part
+
+    # -- mapping ------------------------------------------------------------------------
+    @property
+    def subformat(self) -> str:
+        return self.create_type
+
+    @property
+    def extent_hosts(self) -> list[HostFile]:
+        """The extent files this image opened (besides the descriptor's own file)."""
+        return list(self._hosts)
+
+    @property
+    def cid(self) -> int | None:
+        return self.descriptor.cid
+
+    @property
+    def parent_cid(self) -> int | None:
+        return self.descriptor.parent_cid
+
+    def _part_at(self, pos: int) -> int:
+        return int(np.searchsorted(self._starts, pos, side="right")) - 1
+
+    def layer_extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        start, end = self._range(offset, length)
+        i = self._part_at(start)
+        pos = start
+        while pos < end:
+            part = self.parts[i]
+            stop = min(end, part.end)
+            if part.kind == "zero":
+                yield Extent(pos, stop - pos, ExtentKind.ZERO)
+            elif part.kind == "flat":
+                yield Extent(
+                    pos,
+                    stop - pos,
+                    ExtentKind.DATA,
+                    host_offset=part.flat_offset + pos - part.start,
+                    file=part.filename,
+                )
+            else:
+                yield from self._sparse_extents(part, pos, stop)
+            pos = stop
+            i += 1
+
+    def _sparse_extents(self, part: _Part, start: int, end: int) -> Iterator[Extent]:
+        h = part.header
+        assert h is not None
+        gb = h.grain_bytes
+        rel = start - part.start
+        starts = part.run_start
+        j = int(np.searchsorted(starts, rel // gb, side="right")) - 1
+        pos = rel
+        rel_end = end - part.start
+        while pos < rel_end:
+            r0 = int(starts[j]) * gb
+            r1 = int(starts[j + 1]) * gb if j + 1 < starts.size else part.length
+            stop = min(rel_end, r1)
+            kind = int(part.run_kind[j])
+            g = part.start + pos
+            if kind == _UNALLOC:
+                yield Extent(g, stop - pos, ExtentKind.UNALLOCATED)
+            elif kind == _ZERO:
+                yield Extent(g, stop - pos, ExtentKind.ZERO)
+            elif kind == _DATA:
+                host = int(part.run_sector[j]) * SECTOR + (pos - r0)
+                yield Extent(g, stop - pos, ExtentKind.DATA, host_offset=host, file=part.filename)
+            else:
+                yield Extent(
+                    g,
+                    stop - pos,
+                    ExtentKind.COMPRESSED,
+                    host_offset=int(part.run_sector[j]) * SECTOR,
+                    file=part.filename,
+                )
+            pos = stop
+            j += 1
+
+    # -- reads --------------------------------------------------------------------------
+    def _read_layer(self, ext: Extent, buf: memoryview) -> None:
+        part = self.parts[self._part_at(ext.start)]
+        assert part.host is not None and ext.host_offset is not None
+        if ext.kind is ExtentKind.DATA:
+            part.host.pread_into(ext.host_offset, buf)
+            return
+        h = part.header
+        assert h is not None
+        gb = h.grain_bytes
+        grain = (ext.start - part.start) // gb
+        data = self._grain(part, grain, ext.host_offset)
+        at = ext.start - part.start - grain * gb
+        buf[:] = data[at : at + len(buf)]
+
+    def _grain(self, part: _Part, grain: int, marker_at: int) -> bytes:
+        key = (id(part), marker_at)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        h = part.header
+        assert h is not None and part.host is not None
+        gb = h.grain_bytes
+        lba, size = vmdk.parse_grain_marker(
+            part.host.pread_exact(marker_at, vmdk.GRAIN_MARKER_HEAD_SIZE, "vmdk grain marker"),
+            marker_at,
+        )
+        if lba != grain * h.grain_size:
+            raise CorruptImage(
+                f"grain marker names sector {lba}, not {grain * h.grain_size}",
+                file=part.filename,
+                structure="vmdk grain marker",
+                field="lba",
+                offset=marker_at,
+            )
+        if size == 0 or size > gb + _COMPRESSED_SLACK:
+            raise CorruptImage(
+                f"compressed grain size {size} is invalid",
+                file=part.filename,
+                structure="vmdk grain marker",
+                field="size",
+                offset=marker_at,
+            )
+        payload = part.host.pread_exact(
+            marker_at + vmdk.GRAIN_MARKER_HEAD_SIZE, size, "vmdk compressed grain"
+        )
+        try:
+            data = vmdk.decompress_grain(payload, gb, offset=marker_at)
+        except QcowlibError as exc:
+            raise exc.with_file(part.filename) from None
+        self._cache = (key, data)
+        return data
+
+    def host_file_for(self, ext: Extent) -> HostFile | None:
+        return self.parts[self._part_at(ext.start)].host
+
+    def _close_extents(self) -> None:
+        for h in self._hosts:
+            h.close()
+        self._hosts = []
+
+    def _close_layer(self) -> None:
+        self._close_extents()
+        self.host.close()
+
+
+def _read_runs(host: HostFile, h: vmdk.SparseExtentHeader) -> tuple[I64, U8, I64]:
+    """Read the grain directory and tables of a sparse extent and turn them into runs."""
+    gd_at, gd_len = vmdk.grain_directory_extent(h)
+    gd = vmdk.decode_table(
+        host.pread_exact(gd_at, gd_len, "vmdk grain directory"),
+        h.num_gd_entries,
+        what="grain directory",
+        offset=gd_at,
+    )
+    gtes = h.num_gtes_per_gt
+    gt_bytes = h.gt_bytes
+    allocated = np.flatnonzero(gd)
+    # Real grain tables are distinct and inside the file: more of them than the file can
+    # hold means a crafted directory, refused before reading or allocating for them.
+    if allocated.size * gt_bytes > host.size:
+        raise CorruptImage(
+            f"{allocated.size} grain tables cannot fit a file of {host.size} bytes",
+            structure="vmdk grain directory",
+            offset=gd_at,
+        )
+    offsets = gd[allocated].astype(np.int64) * SECTOR
+    bad = np.flatnonzero(offsets + gt_bytes > host.size)
+    if bad.size:
+        i = int(allocated[int(bad[0])])
+        raise TruncatedImage(
+            f"grain table {i} lies past the end of the file",
+            structure="vmdk grain directory",
+            field=f"entry[{i}]",
+            offset=gd_at + 4 * i,
+        )
+    k = int(allocated.size)
+    if k and bool(np.all(np.diff(offsets) == gt_bytes)):
+        # QEMU and VMware write the tables back to back: one read.
+        first = int(offsets[0])
+        raw = host.pread(first, k * gt_bytes)
+        tables = vmdk.decode_table(raw, k * gtes, offset=first)
+    else:
+        tables = np.empty(k * gtes, dtype=np.uint32)
+        for r, off in enumerate(offsets.tolist()):
+            tables[r * gtes : (r + 1) * gtes] = vmdk.decode_table(
+                host.pread(off, gt_bytes), gtes, offset=off
+            )
+    return grain_runs(gd, tables, h, host.size)
+
+
+def grain_runs(
+    gd: vmdk.U32, tables: vmdk.U32, h: vmdk.SparseExtentHeader, file_size: int
+) -> tuple[I64, U8, I64]:
+    """Runs of a sparse extent: first grain, kind, first grain's sector.
+
+    ``tables`` holds the entries of the allocated grain tables, in directory order.
+    Unallocated directory entries become one item of ``num_gtes_per_gt`` grains, so the
+    work is bounded by the directory and the tables actually present, never by the
+    capacity.  Raises :class:`TruncatedImage` for a grain past the end of the file.
+    """
+    gtes = h.num_gtes_per_gt
+    n_grains = h.num_grains
+    alloc = gd != 0
+    per_gd = np.where(alloc, gtes, 1).astype(np.int64)
+    total = int(per_gd.sum())
+    gd_of_item = np.repeat(np.arange(gd.size, dtype=np.int64), per_gd)
+    first_item = np.cumsum(per_gd) - per_gd
+    within = np.arange(total, dtype=np.int64) - np.repeat(first_item, per_gd)
+    item_start = gd_of_item * gtes + within
+    item_alloc = alloc[gd_of_item]
+    value = np.zeros(total, dtype=np.int64)
+    value[item_alloc] = tables.astype(np.int64)
+    keep = item_start < n_grains
+    item_start, value = item_start[keep], value[keep]
+    kind = np.full(value.size, _DATA, dtype=np.uint8)
+    kind[value == 0] = _UNALLOC
+    kind[value == vmdk.GTE_ZEROED] = _ZERO
+    is_data = kind == _DATA
+    if h.compressed:
+        kind[is_data] = _COMPRESSED
+    bad = np.flatnonzero(is_data & (value * SECTOR >= file_size))
+    if bad.size:
+        g = int(item_start[int(bad[0])])
+        raise TruncatedImage(
+            f"grain {g} (sector {int(value[int(bad[0])])}) lies past the end of the file",
+            structure="vmdk grain table",
+            field=f"entry[{g}]",
+        )
+    n = value.size
+    if n == 0:
+        return np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.uint8), np.zeros(1, np.int64)
+    item_len = np.diff(np.append(item_start, n_grains))
+    breaks = np.empty(n, dtype=np.bool_)
+    breaks[0] = True
+    breaks[1:] = (
+        (kind[1:] != kind[:-1])
+        | (kind[1:] == _COMPRESSED)
+        | ((kind[1:] == _DATA) & (value[1:] != value[:-1] + item_len[:-1] * h.grain_size))
+    )
+    first = np.flatnonzero(breaks)
+    return item_start[first], kind[first], value[first]

@@ -1,0 +1,174 @@
+"""VDI, VHD and VMDK through the command line, against qemu-img."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import qemu_img, qemu_json
+
+pytestmark = pytest.mark.usefixtures("qemu")
+
+
+def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "qcowlib", *map(str, args)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("static", ["off", "on"])
+def test_vdi_info_map_and_convert(static: str, tmp_path: Path) -> None:
+    img = tmp_path / "disk.vdi"
+    qemu_img("create", "-q", "-f", "vdi", "-o", f"static={static}", img, "20M")
+    subprocess.run(
+        ["qemu-io", "-f", "vdi", "-c", "write -P 7 0 1500k", "-c", "write -P 9 9M 300k", str(img)],
+        check=True,
+        capture_output=True,
+    )
+    res = cli("info", "--output=json", img)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == qemu_json("info", img)
+    res = cli("map", "--output=json", img)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == qemu_img("map", "--output=json", img).stdout
+    # vdi -> qcow2 -> vdi keeps the content
+    q = tmp_path / "d.qcow2"
+    assert cli("convert", "-O", "qcow2", img, q).returncode == 0
+    back = tmp_path / "back.vdi"
+    res = cli("convert", "-O", "vdi", "-o", f"static={static}", q, back)
+    assert res.returncode == 0, res.stderr
+    assert qemu_img("check", back, check=False).returncode == 0
+    assert qemu_img("compare", img, back).returncode == 0
+    assert qemu_json("info", back)["format"] == "vdi"
+
+
+@pytest.mark.parametrize("subformat", ["dynamic", "fixed"])
+def test_vpc_info_and_convert(subformat: str, tmp_path: Path) -> None:
+    img = tmp_path / "disk.vhd"
+    qemu_img("create", "-q", "-f", "vpc", "-o", f"subformat={subformat}", img, "20M")
+    subprocess.run(
+        ["qemu-io", "-f", "vpc", "-c", "write -P 7 0 1500k", "-c", "write -P 9 9M 300k", str(img)],
+        check=True,
+        capture_output=True,
+    )
+    res = cli("info", "-f", "vpc", "--output=json", img)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == qemu_json("info", "-f", "vpc", img)
+    q = tmp_path / "d.qcow2"
+    assert cli("convert", "-f", "vpc", "-O", "qcow2", img, q).returncode == 0
+    assert qemu_img("compare", "-f", "vpc", img, q).returncode == 0
+    back = tmp_path / "back.vhd"
+    res = cli("convert", "-O", "vpc", "-o", f"subformat={subformat}", q, back)
+    assert res.returncode == 0, res.stderr
+    assert qemu_img("compare", "-F", "vpc", q, back).returncode == 0
+    assert (
+        qemu_json("info", "-f", "vpc", back)["virtual-size"] == qemu_json("info", q)["virtual-size"]
+    )
+
+
+@pytest.mark.parametrize(
+    "subformat", ["monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "streamOptimized"]
+)
+def test_vmdk_info_and_convert(subformat: str, tmp_path: Path) -> None:
+    raw = tmp_path / "src.raw"
+    qemu_img("create", "-q", "-f", "raw", raw, "20M")
+    subprocess.run(
+        ["qemu-io", "-f", "raw", "-c", "write -P 7 0 1500k", "-c", "write -P 9 9M 300k", str(raw)],
+        check=True,
+        capture_output=True,
+    )
+    img = tmp_path / "disk.vmdk"
+    qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", f"subformat={subformat}", raw, img)
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        res = cli("info", "--output=json", "disk.vmdk")
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout) == qemu_json("info", "disk.vmdk")
+    finally:
+        os.chdir(cwd)
+    assert cli("compare", img, raw).returncode == 0
+    if subformat in ("monolithicSparse", "streamOptimized"):
+        out = tmp_path / "ours.vmdk"
+        res = cli("convert", "-f", "raw", "-O", "vmdk", "-o", f"subformat={subformat}", raw, out)
+        assert res.returncode == 0, res.stderr
+        assert qemu_img("check", out, check=False).returncode == 0
+        assert qemu_img("compare", "-f", "raw", raw, out).returncode == 0
+        got = qemu_json("info", out)["format-specific"]["data"]["create-type"]
+        assert got == subformat
+
+
+def test_round_trip_through_all_formats(tmp_path: Path) -> None:
+    raw = tmp_path / "start.raw"
+    qemu_img("create", "-q", "-f", "raw", raw, "12M")
+    subprocess.run(
+        [
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x31 4096 3M",
+            "-c",
+            "write -P 0x32 9M 200k",
+            str(raw),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    steps = [
+        ("qcow2", []),
+        ("vmdk", ["-o", "subformat=streamOptimized"]),
+        ("vdi", []),
+        ("vpc", []),
+        ("vhdx", []),
+        ("vmdk", ["-o", "subformat=monolithicSparse"]),
+        ("vhdx", ["-o", "subformat=fixed"]),
+        ("vdi", ["-o", "static=on"]),
+        ("vpc", ["-o", "subformat=fixed"]),
+        ("raw", []),
+    ]
+    current, fmt = raw, "raw"
+    for i, (out_fmt, opts) in enumerate(steps):
+        nxt = tmp_path / f"step{i}.{out_fmt}"
+        res = cli("convert", "-f", fmt, "-O", out_fmt, *opts, current, nxt)
+        assert res.returncode == 0, (out_fmt, res.stderr)
+        current, fmt = nxt, out_fmt
+    assert current.read_bytes()[: 12 << 20] == raw.read_bytes()
+
+
+@pytest.mark.parametrize("subformat", ["dynamic", "fixed"])
+def test_vhdx_info_and_convert(subformat: str, tmp_path: Path) -> None:
+    img = tmp_path / "disk.vhdx"
+    qemu_img("create", "-q", "-f", "vhdx", "-o", f"subformat={subformat}", img, "24M")
+    subprocess.run(
+        [
+            "qemu-io",
+            "-f",
+            "vhdx",
+            "-c",
+            "write -P 7 0 1500k",
+            "-c",
+            "write -P 9 17M 300k",
+            str(img),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    res = cli("info", "--output=json", img)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == qemu_json("info", img)
+    out = tmp_path / "ours.vhdx"
+    res = cli("convert", "-O", "vhdx", "-o", f"subformat={subformat}", img, out)
+    assert res.returncode == 0, res.stderr
+    assert qemu_img("check", out, check=False).returncode == 0
+    assert qemu_img("compare", img, out).returncode == 0
