@@ -124,3 +124,7 @@ class UnsafeBackingPath(BackingChainError):
 
 class BackingFormatUnknown(BackingChainError):
     """The format of a backing file is neither recorded nor acceptable to probe."""
+
+
+class BackingMismatch(BackingChainError):
+    """A backing file is not the one the image was made over (a VMDK parent's CID changed)."""

@@ -80,7 +80,7 @@ def test_qemu_io_images_read_identical(tmp_path: Path, subformat: str) -> None:
         assert exts[0].start == 0 and exts[-1].end == d.virtual_size
         if subformat == "dynamic":
             kinds = {e.kind for e in exts}
-            assert kinds == {ExtentKind.DATA, ExtentKind.UNALLOCATED}
+            assert kinds == {ExtentKind.DATA, ExtentKind.ZERO}  # qemu-img map: zero, present
     assert ours(p) == reference(p, tmp_path)
 
 
@@ -141,7 +141,7 @@ def test_writer_footer_choice(tmp_path: Path) -> None:
         bat_bytes = -(-(-(-size // (1 << 21)) * 4) // 512) * 512
         assert out.stat().st_size == 512 + 1024 + bat_bytes + 512
         with VhdDisk(HostFile(str(out)), str(out)) as d:
-            assert all(e.kind is ExtentKind.UNALLOCATED for e in d.extents())
+            assert all(e.kind is ExtentKind.ZERO and e.host_offset is None for e in d.extents())
 
 
 def test_bitmap_clear_sectors_read_zero(tmp_path: Path) -> None:
@@ -155,7 +155,7 @@ def test_bitmap_clear_sectors_read_zero(tmp_path: Path) -> None:
     with VhdDisk(HostFile(str(p)), str(p)) as d:
         first = list(d.layer_extents(0, 8192))
         assert [(e.start, e.length, e.kind) for e in first] == [
-            (0, 2048, ExtentKind.UNALLOCATED),
+            (0, 2048, ExtentKind.ZERO),
             (2048, 6144, ExtentKind.DATA),
         ]
         data = d.read(0, 8192)

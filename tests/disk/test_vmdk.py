@@ -12,17 +12,19 @@ from pathlib import Path
 import pytest
 
 from qcowlib.disk._file import HostFile
-from qcowlib.disk.chain import SAFE
+from qcowlib.disk.chain import SAFE, BackingPolicy, open_disk
 from qcowlib.disk.raw import RawDisk
 from qcowlib.disk.vmdk import VmdkDisk, open_vmdk
 from qcowlib.engine.vmdkout import write_vmdk
 from qcowlib.errors import (
+    BackingLoop,
+    BackingMismatch,
+    BackingNotFound,
     CorruptImage,
     FormatError,
     QcowlibError,
     TruncatedImage,
     UnsafeBackingPath,
-    UnsupportedFeature,
 )
 from tests.conftest import qemu_img, qemu_json
 
@@ -154,9 +156,71 @@ def test_escaping_extents_refused_under_safe(tmp_path: Path, name: str) -> None:
     _expect(tmp_path, desc.encode(), UnsafeBackingPath, SAFE)
 
 
-def test_parent_refused(tmp_path: Path) -> None:
+def _qemu_io(path: Path, *cmds: str) -> None:
+    args = [a for c in cmds for a in ("-c", c)]
+    subprocess.run(["qemu-io", "-f", "vmdk", *args, str(path)], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("subformat", ["monolithicSparse", "twoGbMaxExtentSparse"])
+def test_delta_disks_read_through_their_parents(tmp_path: Path, subformat: str) -> None:
+    """A 3-deep VMDK chain (parentFileNameHint) reads as qemu-img reads it."""
+    base = make(tmp_path / "base.vmdk", subformat)
+    mid, top = tmp_path / "mid.vmdk", tmp_path / "top.vmdk"
+    writes = {mid: ("write -P 0x21 5M 64k", "write -P 0x22 12M 1M"),
+              top: ("write -P 0x31 12M 4k", "write -P 0x32 28M 2M")}  # fmt: skip
+    for child, parent in ((mid, base), (top, mid)):
+        qemu_img("create", "-q", "-f", "vmdk", "-o", f"subformat={subformat}", "-b", parent.name,
+                 "-F", "vmdk", child)  # fmt: skip
+        _qemu_io(child, *writes[child])
+    with open_disk(str(top), policy=SAFE) as d:
+        assert [layer.filename for layer in d.chain] == [str(top), str(mid), str(base)]
+        assert d.read(0, d.virtual_size) == reference(top)
+        assert isinstance(d, VmdkDisk) and d.parent_file_name == "mid.vmdk"
+
+
+def test_delta_disk_parent_policy(tmp_path: Path) -> None:
+    base = make(tmp_path / "base.vmdk", "monolithicSparse")
+    (tmp_path / "sub").mkdir()
+    top = tmp_path / "sub" / "top.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", "-b", "../base.vmdk", "-F", "vmdk", top)
+    with open_disk(str(top)) as d:  # qemu-img's defaults follow ../
+        assert d.read(0, d.virtual_size) == reference(base)
+    with pytest.raises(UnsafeBackingPath):
+        open_disk(str(top), policy=SAFE)
+    with open_disk(str(top), policy=BackingPolicy(follow=False)) as d:
+        assert d.backing is None and d.read(0, 65536) == bytes(65536)
+    base.unlink()
+    with pytest.raises(BackingNotFound):
+        open_disk(str(top))
+
+
+def test_delta_disk_over_a_changed_parent_is_refused(tmp_path: Path) -> None:
+    base = make(tmp_path / "base.vmdk", "monolithicSparse")
+    top = tmp_path / "top.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", "-b", "base.vmdk", "-F", "vmdk", top)
+    _qemu_io(base, "write -P 0x44 0 4k")  # a write changes the parent's CID
+    assert qemu_img("convert", "-O", "raw", top, tmp_path / "q.raw", check=False).returncode
+    with pytest.raises(BackingMismatch, match="parent changed"):
+        open_disk(str(top))
+
+
+def test_delta_disk_naming_itself_is_a_loop(tmp_path: Path) -> None:
+    p = make(tmp_path / "self.vmdk", "monolithicSparse")
+    blob = p.read_bytes()
+    hint = b'parentFileNameHint="self.vmdk"\n'
+    at = blob.index(b"# Extent description")
+    p.write_bytes(blob[:at] + hint + blob[at + len(hint) :])  # inside the descriptor area
+    with pytest.raises(BackingLoop):
+        open_disk(str(p))
+
+
+def test_parent_cid_without_hint_reads_alone(tmp_path: Path) -> None:
     desc = (
         '# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=2\ncreateType="monolithicFlat"\n'
-        'parentFileNameHint="base.vmdk"\nRW 8 FLAT "x" 0\n'
+        'RW 8 FLAT "x" 0\n'
     )
-    _expect(tmp_path, desc.encode(), UnsupportedFeature)
+    (tmp_path / "x").write_bytes(b"\x5a" * 4096)
+    p = tmp_path / "d.vmdk"
+    p.write_bytes(desc.encode())
+    with open_disk(str(p)) as d:
+        assert d.backing is None and d.read(0, 4096) == b"\x5a" * 4096

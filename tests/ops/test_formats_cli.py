@@ -77,7 +77,9 @@ def test_vpc_info_and_convert(subformat: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "subformat", ["monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "streamOptimized"]
 )
-def test_vmdk_info_and_convert(subformat: str, tmp_path: Path) -> None:
+def test_vmdk_info_and_convert(
+    subformat: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     raw = tmp_path / "src.raw"
     qemu_img("create", "-q", "-f", "raw", raw, "20M")
     subprocess.run(
@@ -87,16 +89,10 @@ def test_vmdk_info_and_convert(subformat: str, tmp_path: Path) -> None:
     )
     img = tmp_path / "disk.vmdk"
     qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", f"subformat={subformat}", raw, img)
-    import os
-
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        res = cli("info", "--output=json", "disk.vmdk")
-        assert res.returncode == 0, res.stderr
-        assert json.loads(res.stdout) == qemu_json("info", "disk.vmdk")
-    finally:
-        os.chdir(cwd)
+    monkeypatch.chdir(tmp_path)
+    res = cli("info", "--output=json", "disk.vmdk")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == qemu_json("info", "disk.vmdk")
     assert cli("compare", img, raw).returncode == 0
     if subformat in ("monolithicSparse", "streamOptimized"):
         out = tmp_path / "ours.vmdk"
@@ -106,6 +102,25 @@ def test_vmdk_info_and_convert(subformat: str, tmp_path: Path) -> None:
         assert qemu_img("compare", "-f", "raw", raw, out).returncode == 0
         got = qemu_json("info", out)["format-specific"]["data"]["create-type"]
         assert got == subformat
+
+
+def test_vmdk_delta_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A VMDK delta disk: info --backing-chain and map as qemu-img, flattened by convert."""
+    monkeypatch.chdir(tmp_path)
+    qemu_img("create", "-q", "-f", "vmdk", "base.vmdk", "8M")
+    io = ["qemu-io", "-f", "vmdk"]
+    subprocess.run([*io, "-c", "write -P 1 0 3M", "base.vmdk"], check=True, capture_output=True)
+    qemu_img("create", "-q", "-f", "vmdk", "-b", "base.vmdk", "-F", "vmdk", "top.vmdk")
+    subprocess.run([*io, "-c", "write -P 2 1M 128k", "top.vmdk"], check=True, capture_output=True)
+    for args in (["info", "--backing-chain"], ["info"], ["map"]):
+        res = cli(*args, "--output=json", "top.vmdk")
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout) == qemu_json(*args, "top.vmdk"), args
+    assert cli("map", "top.vmdk").stdout == qemu_img("map", "top.vmdk").stdout
+    res = cli("convert", "-O", "qcow2", "top.vmdk", "flat.qcow2")
+    assert res.returncode == 0, res.stderr
+    assert qemu_img("compare", "top.vmdk", "flat.qcow2").returncode == 0
+    assert "backing-filename" not in qemu_json("info", "flat.qcow2")
 
 
 def test_round_trip_through_all_formats(tmp_path: Path) -> None:
@@ -172,3 +187,26 @@ def test_vhdx_info_and_convert(subformat: str, tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert qemu_img("check", out, check=False).returncode == 0
     assert qemu_img("compare", img, out).returncode == 0
+
+
+def test_vmdk_adapter_type_and_hwversion(tmp_path: Path) -> None:
+    """``-o adapter_type=lsilogic,hwversion=6``: what ESXi imports ask for, as qemu-img writes."""
+    raw = tmp_path / "src.raw"
+    raw.write_bytes(b"\x42" * (1 << 20) + bytes(1 << 20))
+    ours, ref = tmp_path / "ours.vmdk", tmp_path / "ref.vmdk"
+    opts = "subformat=streamOptimized,adapter_type=lsilogic,hwversion=6"
+    res = cli("convert", "-f", "raw", "-O", "vmdk", "-o", opts, raw, ours)
+    assert res.returncode == 0, res.stderr
+    qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", opts, raw, ref)
+
+    def ddb(path: Path) -> dict[str, str]:
+        text = path.read_bytes()[512 : 21 * 512].split(b"\0", 1)[0].decode()
+        pairs = (line.split("=", 1) for line in text.splitlines() if line.startswith("ddb."))
+        return {k.strip(): v.strip().strip('"') for k, v in pairs}
+
+    want = {k: v for k, v in ddb(ref).items() if k != "ddb.toolsVersion"}
+    assert want["ddb.adapterType"] == "lsilogic" and want["ddb.virtualHWVersion"] == "6"
+    assert ddb(ours) == want
+    assert qemu_img("compare", raw, ours).returncode == 0
+    res = cli("convert", "-f", "raw", "-O", "vmdk", "-o", "adapter_type=scsi", raw, ours)
+    assert res.returncode == 1 and "adapter type" in res.stderr

@@ -18,6 +18,7 @@ from qcowlib.disk.base import Disk
 from qcowlib.errors import (
     BackingFormatUnknown,
     BackingLoop,
+    BackingMismatch,
     BackingNotFound,
     BackingTooDeep,
     FormatError,
@@ -204,23 +205,56 @@ def _attach_backing_chain(
             ) from None
         except FormatError as exc:
             raise exc.with_file(full) from None
+        try:
+            _check_parent_cid(current, layer)
+        except BaseException:
+            layer.close()
+            raise
         current.backing = layer
         current = layer
         depth += 1
 
 
+def _check_parent_cid(child: Disk, parent: Disk) -> None:
+    """A VMDK delta disk reads only over the parent it was made from (QEMU refuses too)."""
+    from qcowlib.disk.vmdk import VmdkDisk
+
+    if not isinstance(child, VmdkDisk):
+        return
+    want = child.parent_cid
+    have = parent.cid if isinstance(parent, VmdkDisk) else None
+    if want != have:
+        shown = "none" if have is None else f"{have:08x}"
+        raise BackingMismatch(
+            f"parent {parent.filename!r} has CID {shown} but this delta disk was made over "
+            f"CID {'none' if want is None else f'{want:08x}'}: the parent changed after the "
+            "delta disk was created, so the chain would read wrong data",
+            file=child.filename,
+            structure="vmdk descriptor",
+            field="parentCID",
+        )
+
+
 def backing_name(disk: Disk) -> str | None:
-    """The backing file name recorded in an image, if any."""
+    """The backing file name recorded in an image, if any (a VMDK delta disk's parent)."""
     from qcowlib.disk.qcow2 import Qcow2Disk
+    from qcowlib.disk.vmdk import VmdkDisk
 
     if isinstance(disk, Qcow2Disk):
         return disk.header.backing_file
+    if isinstance(disk, VmdkDisk):
+        return disk.parent_file_name
     return None
 
 
 def backing_format(disk: Disk) -> str | None:
-    """The backing format recorded in an image, if any (validated)."""
+    """The backing format recorded in an image, if any (validated).
+
+    A VMDK's parent is always a VMDK (QEMU refuses to create anything else), so it is
+    opened as one, never probed.
+    """
     from qcowlib.disk.qcow2 import Qcow2Disk
+    from qcowlib.disk.vmdk import VmdkDisk
 
     if isinstance(disk, Qcow2Disk):
         fmt = disk.header.backing_format
@@ -229,6 +263,8 @@ def backing_format(disk: Disk) -> str | None:
                 f"unknown backing format {fmt!r}", file=disk.filename, structure="header"
             )
         return fmt
+    if isinstance(disk, VmdkDisk) and disk.parent_file_name is not None:
+        return "vmdk"
     return None
 
 

@@ -144,9 +144,11 @@ class VhdDisk(Disk):
             return
         if self.dynamic is None:
             # Fixed: guest offset is file offset; holes in the file read as zeros.
+            # qemu-img map reports the holes as "data" and "zero" (the format says data,
+            # the file system says zero).
             for s, e, is_data in self.host.segments(start, end):
-                kind = ExtentKind.DATA if is_data else ExtentKind.ZERO
-                yield Extent(s, e - s, kind, host_offset=s, file=self.filename)
+                yield Extent(s, e - s, ExtentKind.DATA, host_offset=s, file=self.filename,
+                             hole=not is_data)  # fmt: skip
             return
         bs = self.block_size
         first = start // bs
@@ -157,13 +159,13 @@ class VhdDisk(Disk):
             block = first + int(k)
             b_start = block * bs
             if b_start > pos:
-                yield Extent(pos, b_start - pos, ExtentKind.UNALLOCATED)
+                yield Extent(pos, b_start - pos, ExtentKind.ZERO)
                 pos = b_start
             b_end = min(end, b_start + bs)
             yield from self._block_extents(block, pos, b_end)
             pos = b_end
         if pos < end:
-            yield Extent(pos, end - pos, ExtentKind.UNALLOCATED)
+            yield Extent(pos, end - pos, ExtentKind.ZERO)
 
     def _block_extents(self, block: int, start: int, end: int) -> Iterator[Extent]:
         """Runs of allocated block ``block`` over guest ``[start, end)``, from its bitmap."""
@@ -181,7 +183,7 @@ class VhdDisk(Disk):
                 host = data_at + (pos - b_start)
                 yield Extent(pos, stop - pos, ExtentKind.DATA, host_offset=host, file=self.filename)
             else:
-                yield Extent(pos, stop - pos, ExtentKind.UNALLOCATED)
+                yield Extent(pos, stop - pos, ExtentKind.ZERO)
             pos = stop
             i += 1
 

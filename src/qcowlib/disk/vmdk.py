@@ -1,5 +1,5 @@
 """VMware VMDK images, read-only: monolithicSparse, streamOptimized, monolithicFlat,
-twoGbMaxExtentSparse and twoGbMaxExtentFlat.
+twoGbMaxExtentSparse and twoGbMaxExtentFlat, delta disks included.
 
 A VMDK is a list of extents laid end to end in the guest.  A sparse extent's grain
 directory and grain tables are read and checked once on open
@@ -8,7 +8,9 @@ are all unallocated, all zeroed (GTE 1), or uncompressed at consecutive sectors 
 run; a compressed grain is a run of its own.  Extent files named by a descriptor are
 untrusted paths: they are resolved relative to the descriptor with the caller's
 :class:`~qcowlib.disk.chain.BackingPolicy` (:func:`~qcowlib.disk.chain.resolve_linked_path`)
-and opened read-only.
+and opened read-only.  A delta disk names its parent in ``parentFileNameHint``; the chain
+(:mod:`qcowlib.disk.chain`) opens it as the backing file, with the same policy as a qcow2
+backing file, and unallocated grains read through it.
 """
 
 from __future__ import annotations
@@ -76,8 +78,7 @@ class VmdkDisk(Disk):
     """A VMDK image opened read-only.
 
     Raises :class:`FormatError` subclasses for bad headers, tables, markers and
-    descriptors, :class:`UnsupportedFeature` for delta disks (parentFileNameHint),
-    VMFS, COWD and other extent kinds, and
+    descriptors, :class:`UnsupportedFeature` for VMFS, COWD and other extent kinds, and
     :class:`~qcowlib.errors.UnsafeBackingPath` / :class:`~qcowlib.errors.QcowlibIOError`
     for extent files the policy refuses or that cannot be opened.
     """
@@ -124,7 +125,6 @@ class VmdkDisk(Disk):
                 off, length = header.descriptor_range
                 desc = vmdk.parse_descriptor(host.pread(off, min(length, host.size - off)))
             self.descriptor = desc
-            self._check_parent(desc)
             self.create_type = "streamOptimized" if header.compressed else "monolithicSparse"
             self.parts.append(self._sparse_part(host, self.filename, 0, header))
             return
@@ -140,15 +140,13 @@ class VmdkDisk(Disk):
             header = footer
         return header
 
-    def _check_parent(self, desc: vmdk.VmdkDescriptor) -> None:
-        hint = desc.parent_file_name_hint
-        parent_cid = desc.parent_cid
-        if hint is not None or (parent_cid is not None and parent_cid != 0xFFFFFFFF):
-            raise UnsupportedFeature(
-                f"VMDK delta disks (parent {hint!r}) are not supported",
-                structure="vmdk descriptor",
-                field="parentFileNameHint",
-            )
+    @property
+    def parent_file_name(self) -> str | None:
+        """The parent (backing) file a delta disk names, as written (``parentFileNameHint``).
+
+        As in QEMU, a ``parentCID`` without a hint names no parent: the disk reads alone.
+        """
+        return self.descriptor.parent_file_name_hint
 
     def _open_descriptor(self, raw: bytes) -> None:
         from qcowlib.disk.chain import resolve_linked_path
@@ -170,7 +168,6 @@ class VmdkDisk(Disk):
             )
         self.descriptor = desc
         self.create_type = ct
-        self._check_parent(desc)
         if not desc.extents:
             raise CorruptImage("VMDK descriptor names no extents", structure="vmdk descriptor")
         if len(desc.extents) >= vmdk.VMDK_MAX_EXTENTS:
@@ -264,13 +261,18 @@ class VmdkDisk(Disk):
             if part.kind == "zero":
                 yield Extent(pos, stop - pos, ExtentKind.ZERO)
             elif part.kind == "flat":
-                yield Extent(
-                    pos,
-                    stop - pos,
-                    ExtentKind.DATA,
-                    host_offset=part.flat_offset + pos - part.start,
-                    file=part.filename,
-                )
+                # As qemu-img map: holes in a flat extent file are "data" and "zero".
+                assert part.host is not None
+                host = part.flat_offset + pos - part.start
+                for s, e, is_data in part.host.segments(host, host + stop - pos):
+                    yield Extent(
+                        pos + s - host,
+                        e - s,
+                        ExtentKind.DATA,
+                        host_offset=s,
+                        file=part.filename,
+                        hole=not is_data,
+                    )
             else:
                 yield from self._sparse_extents(part, pos, stop)
             pos = stop

@@ -17,16 +17,15 @@ import os
 from collections.abc import Callable
 
 import numpy as np
+import numpy.typing as npt
 
 from qcowlib.disk._file import pwrite_all
 from qcowlib.disk.base import Disk
-from qcowlib.engine.zero import nonzero_runs
+from qcowlib.engine.classify import DATA, Classifier
 from qcowlib.errors import QcowlibIOError
 from qcowlib.formats import vdi
 
 Progress = Callable[[int, int], None]
-#: Blocks read from the source at a time (8 MiB with 1 MiB blocks).
-CHUNK_BLOCKS = 8
 
 
 def candidate_blocks(src: Disk, block_size: int) -> list[tuple[int, int]]:
@@ -70,29 +69,25 @@ def write_vdi(
     else:
         bmap = np.full(n, vdi.VDI_UNALLOCATED, dtype=np.uint32)
     next_index = 0
-    buf = bytearray(CHUNK_BLOCKS * bs)
-    view = memoryview(buf)
-    for first, stop in candidate_blocks(src, bs):
-        for block in range(first, stop, CHUNK_BLOCKS):
-            nb = min(CHUNK_BLOCKS, stop - block)
-            guest = block * bs
-            glen = min(size, guest + nb * bs) - guest
-            chunk = view[: nb * bs]
-            src.read_into(guest, chunk[:glen])
-            if glen < len(chunk):
-                chunk[glen:] = bytes(len(chunk) - glen)  # the last block, padded
-            for s, e in nonzero_runs(chunk, bs):
-                b0 = block + s // bs
-                count = (e - s) // bs
+    # Blocks are read and scanned for zeros by worker threads, in guest order, while
+    # this thread assigns block indexes and writes.
+    clf = Classifier(src, size, bs)
+    for chunk in clf.chunks(candidate_blocks(src, bs)):
+        try:
+            for s, e in _data_runs(chunk.kinds):
+                b0 = chunk.first + s
+                count = e - s
                 if static:
                     index = b0
                 else:
                     index = next_index
                     bmap[b0 : b0 + count] = np.arange(index, index + count, dtype=np.uint32)
                     next_index += count
-                _pwrite(fd, chunk[s:e], lay.offset_data + index * bs)
-            if progress:
-                progress(min(size, guest + nb * bs), size)
+                _pwrite(fd, chunk.data[s * bs : e * bs], lay.offset_data + index * bs)
+        finally:
+            clf.release(chunk)
+        if progress:
+            progress(min(size, chunk.end * bs), size)
     allocated = n if static else next_index
     header = vdi.new_header(size, static=static, blocks_allocated=allocated)
     _pwrite(fd, vdi.encode_block_map(bmap), lay.offset_bmap)
@@ -102,6 +97,13 @@ def write_vdi(
     if progress:
         progress(size, size)
     return end
+
+
+def _data_runs(kinds: npt.NDArray[np.uint8]) -> list[tuple[int, int]]:
+    """``[start, end)`` index runs of DATA entries in ``kinds``."""
+    flags = np.concatenate(([False], kinds == DATA, [False]))
+    edges = np.flatnonzero(flags[1:] != flags[:-1])
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True))
 
 
 def _pwrite(fd: int, data: memoryview | bytes, offset: int) -> None:

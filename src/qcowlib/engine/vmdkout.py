@@ -30,6 +30,8 @@ from qcowlib.formats import vmdk
 
 Progress = Callable[[int, int], None]
 SUBFORMATS = ("monolithicSparse", "streamOptimized")
+#: ``ddb.adapterType`` values QEMU and VMware accept (ESXi imports want ``lsilogic``).
+ADAPTER_TYPES = ("ide", "buslogic", "lsilogic", "legacyESX")
 #: Grains read (and compressed) per task: 4 MiB with 64 KiB grains.
 CHUNK_GRAINS = 64
 WORKERS = 2
@@ -49,12 +51,16 @@ def write_vmdk(
     """Write ``src``'s guest bytes into ``fd`` (a new, empty file) as a VMDK image.
 
     ``extent_name`` is the file name the embedded descriptor gives the extent (QEMU
-    writes the output's base name).  Returns the file size.  Raises
-    :class:`InvalidArgument` for an unknown subformat and :class:`QcowlibIOError` on
+    writes the output's base name); ``adapter_type`` and ``hw_version`` go into the
+    descriptor's disk database (``ddb.adapterType``, ``ddb.virtualHWVersion``).
+    Returns the file size.  Raises :class:`InvalidArgument` for an unknown subformat or
+    adapter type and :class:`QcowlibIOError` on
     write errors; read errors from ``src`` propagate.
     """
     if subformat not in SUBFORMATS:
         raise InvalidArgument(f"VMDK subformat {subformat!r} is not one of {SUBFORMATS}")
+    if adapter_type not in ADAPTER_TYPES:
+        raise InvalidArgument(f"VMDK adapter type {adapter_type!r} is not one of {ADAPTER_TYPES}")
     stream = subformat == "streamOptimized"
     capacity = -(-src.virtual_size // SECTOR)
     gs = vmdk.DEFAULT_GRAIN_SIZE
@@ -64,7 +70,8 @@ def write_vmdk(
     n_gt = -(-n_grains // gtes)
     gd_sectors = -(-n_gt * 4 // SECTOR)
     gt_sectors = gtes * 4 // SECTOR
-    cyls = min(capacity // (16 * 63), 16383)
+    heads = 16 if adapter_type == "ide" else 255  # as QEMU's geometry
+    cyls = min(capacity // (heads * 63), 16383)
     desc = vmdk.build_descriptor(
         create_type=subformat,
         extents=[("RW", capacity, "SPARSE", extent_name, None)],
@@ -72,7 +79,7 @@ def write_vmdk(
         ddb=[
             ("ddb.virtualHWVersion", hw_version),
             ("ddb.geometry.cylinders", str(cyls)),
-            ("ddb.geometry.heads", "16"),
+            ("ddb.geometry.heads", str(heads)),
             ("ddb.geometry.sectors", "63"),
             ("ddb.adapterType", adapter_type),
         ],

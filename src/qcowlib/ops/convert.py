@@ -10,6 +10,7 @@ from qcowlib.disk.chain import BackingPolicy, open_disk, resolve_linked_path
 from qcowlib.engine.copy import Progress, write_raw
 from qcowlib.engine.output import atomic_output
 from qcowlib.engine.qcow2out import write_qcow2
+from qcowlib.engine.vmdkout import ADAPTER_TYPES
 from qcowlib.errors import InvalidArgument, UnsupportedFeature
 from qcowlib.formats.qcow2.layout import parse_options
 
@@ -64,12 +65,21 @@ def convert(
         if opts_in:
             raise InvalidArgument(f"Invalid parameter '{next(iter(opts_in))}'")
     subformat = "dynamic"
+    adapter_type, hw_version = "ide", "4"
     if out_format == "vmdk":
         if backing:
             raise InvalidArgument("Backing file not supported for file format 'vmdk' here")
         subformat = opts_in.pop("subformat", "monolithicSparse")
         if compress and subformat != "streamOptimized":
             raise InvalidArgument("Compression is only supported with subformat=streamOptimized")
+        adapter_type = opts_in.pop("adapter_type", "ide")
+        if adapter_type not in ADAPTER_TYPES:
+            raise InvalidArgument(f"Unknown adapter type: '{adapter_type}'")
+        hw_version = opts_in.pop("hwversion", "undefined")
+        if hw_version == "undefined":
+            hw_version = "4"
+        elif not hw_version.isdigit() or not 1 <= int(hw_version) <= 99:
+            raise InvalidArgument(f"Invalid hwversion '{hw_version}'")
         if opts_in:
             raise InvalidArgument(f"Invalid parameter '{next(iter(opts_in))}'")
     if out_format in ("vpc", "vhdx"):
@@ -94,6 +104,8 @@ def convert(
                     subformat=subformat,
                     progress=progress,
                     extent_name=os.path.basename(dst),
+                    adapter_type=adapter_type,
+                    hw_version=hw_version,
                 )
             return
         if out_format == "vhdx":

@@ -60,6 +60,8 @@ def image_info(disk: Disk) -> dict[str, Any]:
             ]
         if h.backing_format is not None and h.backing_file is not None:
             info["backing-filename-format"] = h.backing_format
+    elif isinstance(disk, VmdkDisk) and disk.parent_file_name is not None:
+        info["backing-filename-format"] = "vmdk"
     info["virtual-size"] = disk.virtual_size
     info["filename"] = disk.filename
     if isinstance(disk, Qcow2Disk):
@@ -100,6 +102,10 @@ def image_info(disk: Disk) -> dict[str, Any]:
     else:
         if isinstance(disk, VmdkDisk):
             info["format-specific"] = {"type": "vmdk", "data": _vmdk_data(disk)}
+            parent = disk.parent_file_name
+            if parent is not None:
+                info["full-backing-filename"] = full_backing_filename(disk.filename, parent)
+                info["backing-filename"] = parent
         info["dirty-flag"] = False
     return info
 
