@@ -86,8 +86,8 @@ def main() -> None:
         for name, conv, _ in cases:
             if args.only and args.only not in name:
                 continue
-            ref = best_of(["qemu-img", "convert", "-t", "writeback", *conv], args.repeat)
-            ours = best_of(qcowlib_cmd("convert", *conv), args.repeat)
+            ref = best_of(["qemu-img", "convert", "-t", "writeback", *conv], args.repeat, out)
+            ours = best_of(qcowlib_cmd("convert", *conv), args.repeat, out)
             rows.append((name, ref, ours))
         if not args.only or "check" in args.only:
             try:

@@ -69,15 +69,18 @@ def main() -> None:
         top = make_chain(d, parse_size(args.size), parse_size(args.data))
         out = str(d / "flat.qcow2")
         ref = best_of(
-            ["qemu-img", "convert", "-t", "writeback", "-O", "qcow2", str(top), out], args.repeat
+            ["qemu-img", "convert", "-t", "writeback", "-O", "qcow2", str(top), out],
+            args.repeat,
+            out,
         )
-        ours = best_of(qcowlib_cmd("flatten", str(top), out), args.repeat)
+        ours = best_of(qcowlib_cmd("flatten", str(top), out), args.repeat, out)
         rows: list[tuple[str, Run, Run]] = [("flatten 3-deep chain -> qcow2", ref, ours)]
         ref_c = best_of(
             ["qemu-img", "convert", "-t", "writeback", "-c", "-O", "qcow2", str(top), out],
             args.repeat,
+            out,
         )
-        ours_c = best_of(qcowlib_cmd("flatten", "-c", str(top), out), args.repeat)
+        ours_c = best_of(qcowlib_cmd("flatten", "-c", str(top), out), args.repeat, out)
         rows.append(("flatten 3-deep chain -> qcow2 -c", ref_c, ours_c))
     print(report(rows))
 

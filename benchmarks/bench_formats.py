@@ -53,8 +53,8 @@ def main() -> None:
             if args.only and args.only not in name:
                 continue
             out = str(d / f"out.{conv[3]}")
-            ref = best_of(["qemu-img", "convert", "-t", "writeback", *conv, out], args.repeat)
-            ours = best_of(qcowlib_cmd("convert", *conv, out), args.repeat)
+            ref = best_of(["qemu-img", "convert", "-t", "writeback", *conv, out], args.repeat, out)
+            ours = best_of(qcowlib_cmd("convert", *conv, out), args.repeat, out)
             rows.append((name, ref, ours))
     print(report(rows))
 

@@ -55,14 +55,15 @@ def main() -> None:
         out = str(d / "out.raw")
         rows: list[tuple[str, Run, Run]] = []
         ours = best_of(
-            qcowlib_cmd("convert", "-f", "qcow2", "-O", "raw", str(img), out), args.repeat
+            qcowlib_cmd("convert", "-f", "qcow2", "-O", "raw", str(img), out), args.repeat, out
         )
         ref = best_of(
-            ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(img), out], args.repeat
+            ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(img), out], args.repeat, out
         )
         ref_wb = best_of(
             ["qemu-img", "convert", "-t", "writeback", "-f", "qcow2", "-O", "raw", str(img), out],
             args.repeat,
+            out,
         )
         rows.append((f"qcow2->raw {args.size} (default)", ref, ours))
         rows.append((f"qcow2->raw {args.size} (-t writeback)", ref_wb, ours))

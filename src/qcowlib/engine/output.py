@@ -3,12 +3,67 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 
 from qcowlib.errors import InvalidArgument, QcowlibError, QcowlibIOError
+
+log = logging.getLogger(__name__)
+
+#: Seconds between writeback kicks while an output is being written.
+WRITEBACK_INTERVAL = 0.1
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _sync_file_range() -> Callable[[int], None] | None:
+    """Linux ``sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)``, or None elsewhere."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        func = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    func.restype = ctypes.c_int
+
+    def kick(fd: int) -> None:
+        func(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+
+    return kick
+
+
+class _Writeback:
+    """Starts writeback of an output's dirty pages while it is being written.
+
+    The final ``fdatasync`` then waits for little instead of the whole file, and the
+    disk works while the CPU still reads and classifies (QEMU gets the same overlap from
+    its periodic flushes).  The kicks never wait for the disk and change no data.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        kick = _sync_file_range()
+        if kick is not None:
+            self.thread = threading.Thread(
+                target=self._run, args=(kick,), name="qcowlib-writeback", daemon=True
+            )
+            self.thread.start()
+
+    def _run(self, kick: Callable[[int], None]) -> None:
+        while not self.stop.wait(WRITEBACK_INTERVAL):
+            kick(self.fd)
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
 
 
 def same_file(a: str, b: str) -> bool:
@@ -58,8 +113,12 @@ def atomic_output(path: str, *, protect: tuple[str, ...] = ()) -> Iterator[int]:
             f"cannot create output in {directory}: {exc.strerror}", file=path
         ) from None
     ok = False
+    writeback = _Writeback(fd)
     try:
-        yield fd
+        try:
+            yield fd
+        finally:
+            writeback.close()
         os.fdatasync(fd)
         os.fchmod(fd, 0o644 & ~_umask())
         os.close(fd)
