@@ -56,6 +56,26 @@ def candidate_ranges(disk: Disk | None, cluster_size: int) -> list[tuple[int, in
     return out
 
 
+def candidate_l2_tables(
+    opts: CreateOptions, candidates: list[tuple[int, int]]
+) -> tuple[np.ndarray, int]:
+    """Which L2 tables a new image of ``candidates`` gets, and its most data clusters.
+
+    The metadata area is planned from these before any data is read (every L2 table a
+    candidate range touches, refcounts for every candidate cluster), by the one-pass
+    writer and the serializer alike, so both lay out the same image.
+    """
+    cs = opts.cluster_size
+    span = cs // opts.l2_entry_size
+    l1_size = -(-opts.virtual_size // (span * cs))
+    l2_needed = np.zeros(max(l1_size, 1), dtype=bool)
+    n_data = 0
+    for first, end in candidates:
+        l2_needed[first // span : -(-end // span)] = True
+        n_data += end - first
+    return l2_needed, n_data
+
+
 def _merge(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
     for first, end in sorted(a + b):
@@ -83,14 +103,8 @@ class Qcow2Writer:
         self.opts = opts
         self.cs = opts.cluster_size
         cs = self.cs
-        l2_span_clusters = cs // opts.l2_entry_size
-        l1_size = -(-opts.virtual_size // (l2_span_clusters * cs))
-        l2_needed = np.zeros(max(l1_size, 1), dtype=bool)
-        n_data = 0
-        for first, end in candidates:
-            l2_needed[first // l2_span_clusters : -(-end // l2_span_clusters)] = True
-            n_data += end - first
-        self.l2_span = l2_span_clusters
+        l2_needed, n_data = candidate_l2_tables(opts, candidates)
+        self.l2_span = cs // opts.l2_entry_size
         self.layout: Layout = plan_layout(opts, l2_needed, n_data)
         self.counts = np.zeros(self.layout.data_offset // cs + n_data + 2, dtype=np.uint64)
         self.max_refcount = rc.max_refcount(opts.refcount_order)

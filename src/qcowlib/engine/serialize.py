@@ -1,6 +1,7 @@
 """Serializing a whole disk as a new image emitted strictly in file order.
 
-A :class:`Qcow2Serializer` plans the complete output layout first (one classifying
+A :class:`Qcow2Serializer` plans the complete output layout first (metadata from the
+source's extent map as :mod:`qcowlib.engine.qcow2out` plans it, then one classifying
 pass over the source: which clusters hold data, how large each compresses), so its
 exact size is known before the first byte; then it emits header, refcount table and
 blocks, L1 and L2 tables and data in file order, reading the source a second time.
@@ -17,7 +18,7 @@ import numpy as np
 
 from qcowlib.disk.base import Disk
 from qcowlib.engine.classify import DATA, Classifier
-from qcowlib.engine.qcow2out import candidate_ranges
+from qcowlib.engine.qcow2out import candidate_l2_tables, candidate_ranges
 from qcowlib.errors import InvalidArgument, QcowlibError
 from qcowlib.formats.qcow2 import refcount as rc
 from qcowlib.formats.qcow2 import tables
@@ -128,12 +129,14 @@ class Qcow2Serializer:
         self.clen = np.concatenate(len_parts) if len_parts else np.zeros(0, np.int64)
         rel, counts, data_end = self._pack()
         self.data_end_rel = data_end
+        # The metadata area is planned from the source's extent map exactly as the
+        # one-pass writer (convert) plans it: L2 tables for every candidate range, room
+        # for every candidate cluster.  An uncompressed image is then the same bytes
+        # whichever of the two wrote it, so flatten to a file needs one read pass.
         l2_span = cs // self.opts.l2_entry_size
-        l1_size = -(-self.opts.virtual_size // (l2_span * cs))
-        l2_needed = np.zeros(max(l1_size, 1), dtype=bool)
-        l2_needed[np.unique(self.data_idx // l2_span)] = True
         self.l2_span = l2_span
-        self.layout = plan_layout(self.opts, l2_needed, -(-data_end // cs))
+        l2_needed, n_candidates = candidate_l2_tables(self.opts, self.ranges)
+        self.layout = plan_layout(self.opts, l2_needed, n_candidates)
         base = self.layout.data_offset
         self.host = rel + np.uint64(base)
         self.size = base + data_end

@@ -18,10 +18,10 @@ from qcowlib.disk.base import Disk
 from qcowlib.disk.chain import open_disk
 from qcowlib.engine.copy import write_raw
 from qcowlib.engine.output import atomic_output
-from qcowlib.engine.qcow2out import reserve
+from qcowlib.engine.qcow2out import reserve, write_qcow2
 from qcowlib.engine.serialize import STREAM_CHUNK, Qcow2Serializer, RawSerializer
 from qcowlib.errors import InvalidArgument, QcowlibIOError, UnsupportedFeature
-from qcowlib.formats.qcow2.layout import parse_options
+from qcowlib.formats.qcow2.layout import CreateOptions, parse_options
 
 Progress = Callable[[int, int], None]
 FLATTEN_FORMATS = ("qcow2", "raw")
@@ -30,6 +30,12 @@ FLATTEN_FORMATS = ("qcow2", "raw")
 def _qcow2_serializer(
     disk: Disk, options: Mapping[str, str] | None, compress: bool, chunk_size: int
 ) -> Qcow2Serializer:
+    opts = _flatten_options(disk, options)
+    return Qcow2Serializer(disk, opts, compress=compress, chunk_size=chunk_size)
+
+
+def _flatten_options(disk: Disk, options: Mapping[str, str] | None) -> CreateOptions:
+    """qcow2 creation options for a flattened image: no backing, nothing Glance refuses."""
     opts_in = dict(options or {})
     for key in ("backing_file", "backing_fmt"):
         if opts_in.get(key):
@@ -41,7 +47,7 @@ def _qcow2_serializer(
         )
     if opts.preallocation != "off":
         raise InvalidArgument("flatten does not preallocate")
-    return Qcow2Serializer(disk, opts, compress=compress, chunk_size=chunk_size)
+    return opts
 
 
 class FlattenStream:
@@ -162,6 +168,14 @@ def flatten(
             with atomic_output(dst, protect=inputs) as fd:
                 write_raw(disk, fd, progress=progress)
             return disk.virtual_size
+    if out_format == "qcow2" and not compress:
+        # One read pass: the one-pass writer lays the image out exactly as the stream
+        # does (see qcowlib.engine.serialize), so the file holds the stream's bytes.
+        with open_disk(src, src_format) as disk:
+            opts = _flatten_options(disk, options)
+            inputs = tuple(d.filename for d in disk.chain)
+            with atomic_output(dst, protect=inputs) as fd:
+                return write_qcow2(disk, fd, opts, progress=progress)
     with flatten_stream(
         src, out_format, src_format=src_format, options=options, compress=compress,
         chunk_size=4 * 1024 * 1024,
