@@ -175,3 +175,54 @@ def test_one_pass_file_equals_stream(
     assert streamed == out.read_bytes()
     assert qemu_img("check", out, check=False).returncode == 0
     assert qemu_img("compare", "-f", "raw", src, out).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("out_format", "options", "compress"),
+    [
+        ("vmdk", {}, False),
+        ("vmdk", {"subformat": "streamOptimized"}, False),
+        ("vmdk", {"subformat": "streamOptimized", "adapter_type": "lsilogic"}, True),
+        ("vdi", {}, False),
+        ("vdi", {"static": "on"}, False),
+    ],
+)
+def test_flatten_to_vmdk_and_vdi(
+    out_format: str,
+    options: dict[str, str],
+    compress: bool,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 3-deep chain flattened to VMDK and VDI: equal to the chain, clean, no parent;
+    the stream is the file's bytes (with the image identifiers held fixed)."""
+    import random
+    import uuid
+
+    monkeypatch.setattr(random, "getrandbits", lambda bits: 0x1234ABCD)
+    monkeypatch.setattr(uuid, "uuid4", lambda: uuid.UUID(int=42))
+    top = make_chain(tmp_path, 3)
+    out = tmp_path / f"flat.{out_format}"
+    flatten(str(top), str(out), out_format, options=options, compress=compress)
+    assert qemu_img("check", out, check=False).returncode == 0
+    assert qemu_img("compare", "-F", out_format, top, out).returncode == 0
+    info = qemu_json("info", out)
+    assert info["format"] == out_format and "backing-filename" not in info
+    if out_format == "vmdk":
+        want = options.get("subformat", "monolithicSparse")
+        assert info["format-specific"]["data"]["create-type"] == want
+    with flatten_stream(
+        str(top), out_format, options=options, compress=compress, name=out.name
+    ) as stream:
+        data = b"".join(stream.chunks())
+        assert len(data) == stream.size
+    assert data == out.read_bytes()
+    res = subprocess.run(
+        [sys.executable, "-m", "qcowlib", "flatten", "-O", out_format, str(top), "-"],
+        capture_output=True,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    piped = tmp_path / f"piped.{out_format}"
+    piped.write_bytes(res.stdout)
+    assert qemu_img("compare", "-F", out_format, top, piped).returncode == 0

@@ -38,7 +38,7 @@ class SourceChanged(QcowlibError):
     """The source disk changed between planning and emitting."""
 
 
-class _Out:
+class Pieces:
     """Accumulates output into fixed-size pieces."""
 
     def __init__(self, size: int) -> None:
@@ -223,7 +223,7 @@ class Qcow2Serializer:
 
     def chunks(self, progress: Progress | None = None) -> Iterator[bytes]:
         """The whole image, in pieces of ``chunk_size`` bytes (the last may be shorter)."""
-        out = _Out(self.chunk_size)
+        out = Pieces(self.chunk_size)
         written = 0
         for part in self.metadata():
             written += len(part)

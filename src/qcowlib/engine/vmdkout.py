@@ -20,8 +20,10 @@ import random
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from qcowlib.disk._file import pwrite_all
 from qcowlib.disk.base import Disk
@@ -38,34 +40,53 @@ WORKERS = 2
 SECTOR = vmdk.SECTOR
 
 
-def write_vmdk(
-    src: Disk,
-    fd: int,
+@dataclass(frozen=True)
+class VmdkPlan:
+    """Geometry and metadata of a new single-extent sparse VMDK (all in sectors)."""
+
+    stream: bool
+    header: vmdk.SparseExtentHeader
+    #: Header sector and embedded descriptor, up to the end of the descriptor area.
+    head: bytes
+    grain_size: int
+    gtes: int
+    n_grains: int
+    n_gt: int
+    gd_sectors: int
+    gt_sectors: int
+    rgd: int
+    gd: int
+    grain_offset: int
+
+    @property
+    def grain_bytes(self) -> int:
+        return self.grain_size * SECTOR
+
+
+def plan_vmdk(
+    virtual_size: int,
     *,
     subformat: str = "monolithicSparse",
-    progress: Progress | None = None,
     extent_name: str = "image.vmdk",
     adapter_type: str = "ide",
     hw_version: str = "4",
-) -> int:
-    """Write ``src``'s guest bytes into ``fd`` (a new, empty file) as a VMDK image.
+    cid: int | None = None,
+) -> VmdkPlan:
+    """Lay out a new VMDK of ``virtual_size`` bytes (a fresh random CID unless given).
 
-    ``extent_name`` is the file name the embedded descriptor gives the extent (QEMU
-    writes the output's base name); ``adapter_type`` and ``hw_version`` go into the
-    descriptor's disk database (``ddb.adapterType``, ``ddb.virtualHWVersion``).
-    Returns the file size.  Raises :class:`InvalidArgument` for an unknown subformat or
-    adapter type and :class:`QcowlibIOError` on
-    write errors; read errors from ``src`` propagate.
+    monolithicSparse: header, descriptor, redundant directory and tables, directory and
+    tables, grains from ``grain_offset`` on.  streamOptimized: header (directory at the
+    end), descriptor, then grains with markers from ``grain_offset`` on.  Raises
+    :class:`InvalidArgument` for an unknown subformat or adapter type.
     """
     if subformat not in SUBFORMATS:
         raise InvalidArgument(f"VMDK subformat {subformat!r} is not one of {SUBFORMATS}")
     if adapter_type not in ADAPTER_TYPES:
         raise InvalidArgument(f"VMDK adapter type {adapter_type!r} is not one of {ADAPTER_TYPES}")
     stream = subformat == "streamOptimized"
-    capacity = -(-src.virtual_size // SECTOR)
+    capacity = -(-virtual_size // SECTOR)
     gs = vmdk.DEFAULT_GRAIN_SIZE
     gtes = vmdk.DEFAULT_NUM_GTES_PER_GT
-    gb = gs * SECTOR
     n_grains = -(-capacity // gs)
     n_gt = -(-n_grains // gtes)
     gd_sectors = -(-n_gt * 4 // SECTOR)
@@ -75,7 +96,7 @@ def write_vmdk(
     desc = vmdk.build_descriptor(
         create_type=subformat,
         extents=[("RW", capacity, "SPARSE", extent_name, None)],
-        cid=random.getrandbits(32),
+        cid=random.getrandbits(32) if cid is None else cid,
         ddb=[
             ("ddb.virtualHWVersion", hw_version),
             ("ddb.geometry.cylinders", str(cyls)),
@@ -108,10 +129,86 @@ def write_vmdk(
         grain_offset=grain_offset,
         compress_algorithm=vmdk.COMPRESSION_DEFLATE if stream else vmdk.COMPRESSION_NONE,
     )
-    gte = np.zeros(n_gt * gtes, dtype=np.uint32)
-    pos = grain_offset * SECTOR
+    head = vmdk.build_header(header) + desc.ljust(vmdk.DESC_SECTORS * SECTOR, b"\0")
+    return VmdkPlan(
+        stream, header, head, gs, gtes, n_grains, n_gt, gd_sectors, gt_sectors, rgd, gd,
+        grain_offset,
+    )  # fmt: skip
+
+
+def sparse_tables(plan: VmdkPlan, gte: npt.NDArray[np.uint32]) -> bytes:
+    """A monolithicSparse image's redundant and primary directories and tables, as the
+    bytes from sector ``plan.rgd`` to the end of the primary tables."""
+    out = []
+    for dir_at in (plan.rgd, plan.gd):
+        gt_at = dir_at + plan.gd_sectors
+        entries = gt_at + np.arange(plan.n_gt, dtype=np.uint32) * plan.gt_sectors
+        out.append(vmdk.encode_table(entries))
+        out.append(vmdk.encode_table(gte))
+    return b"".join(out)
+
+
+def stream_trailer(plan: VmdkPlan, gte: npt.NDArray[np.uint32], pos: int) -> bytes:
+    """A streamOptimized image's end from byte ``pos`` (after the last grain): a marker
+    and table per grain table in use, the directory, the footer and end-of-stream."""
+    gt_sectors, gtes = plan.gt_sectors, plan.gtes
+    gd_entries = np.zeros(plan.gd_sectors * SECTOR // 4, dtype=np.uint32)
+    out = []
+    for t in range(plan.n_gt):
+        table = gte[t * gtes : (t + 1) * gtes]
+        if not table.any():
+            continue
+        out.append(vmdk.build_marker(vmdk.MARKER_GT, gt_sectors))
+        gd_entries[t] = pos // SECTOR + 1
+        out.append(vmdk.encode_table(table))
+        pos += SECTOR + gt_sectors * SECTOR
+    out.append(vmdk.build_marker(vmdk.MARKER_GD, plan.gd_sectors))
+    gd_at = pos // SECTOR + 1
+    out.append(vmdk.encode_table(gd_entries))
+    footer = plan.header.replace(gd_offset=gd_at)
+    out.append(vmdk.build_marker(vmdk.MARKER_FOOTER, 1))
+    out.append(vmdk.build_header(footer))
+    out.append(vmdk.build_marker(vmdk.MARKER_EOS, 0))
+    return b"".join(out)
+
+
+def grain_record_size(payload_len: int) -> int:
+    """Bytes a compressed grain takes in a stream: marker head and payload, in sectors."""
+    return -(-(vmdk.GRAIN_MARKER_HEAD_SIZE + payload_len) // SECTOR) * SECTOR
+
+
+def write_vmdk(
+    src: Disk,
+    fd: int,
+    *,
+    subformat: str = "monolithicSparse",
+    progress: Progress | None = None,
+    extent_name: str = "image.vmdk",
+    adapter_type: str = "ide",
+    hw_version: str = "4",
+) -> int:
+    """Write ``src``'s guest bytes into ``fd`` (a new, empty file) as a VMDK image.
+
+    ``extent_name`` is the file name the embedded descriptor gives the extent (QEMU
+    writes the output's base name); ``adapter_type`` and ``hw_version`` go into the
+    descriptor's disk database (``ddb.adapterType``, ``ddb.virtualHWVersion``).
+    Returns the file size.  Raises :class:`InvalidArgument` for an unknown subformat or
+    adapter type and :class:`QcowlibIOError` on write errors; read errors from ``src``
+    propagate.
+    """
+    plan = plan_vmdk(
+        src.virtual_size,
+        subformat=subformat,
+        extent_name=extent_name,
+        adapter_type=adapter_type,
+        hw_version=hw_version,
+    )
+    stream = plan.stream
+    gs, gb = plan.grain_size, plan.grain_bytes
+    gte = np.zeros(plan.n_gt * plan.gtes, dtype=np.uint32)
+    pos = plan.grain_offset * SECTOR
     size = src.virtual_size
-    for grain, payload in _grains(src, gb, n_grains, stream):
+    for grain, payload in grains(src, gb, plan.n_grains, stream):
         gte[grain] = pos // SECTOR
         if stream:
             data = vmdk.build_grain_marker(grain * gs, payload)
@@ -122,33 +219,13 @@ def write_vmdk(
         if progress:
             progress(min(size, (grain + 1) * gb), size)
     if stream:
-        gd_entries = np.zeros(gd_sectors * SECTOR // 4, dtype=np.uint32)
-        for t in range(n_gt):
-            table = gte[t * gtes : (t + 1) * gtes]
-            if not table.any():
-                continue
-            _pwrite(fd, vmdk.build_marker(vmdk.MARKER_GT, gt_sectors), pos)
-            gd_entries[t] = pos // SECTOR + 1
-            _pwrite(fd, vmdk.encode_table(table), pos + SECTOR)
-            pos += SECTOR + gt_sectors * SECTOR
-        _pwrite(fd, vmdk.build_marker(vmdk.MARKER_GD, gd_sectors), pos)
-        gd_at = pos // SECTOR + 1
-        _pwrite(fd, vmdk.encode_table(gd_entries), pos + SECTOR)
-        pos += SECTOR + gd_sectors * SECTOR
-        footer = header.replace(gd_offset=gd_at)
-        _pwrite(fd, vmdk.build_marker(vmdk.MARKER_FOOTER, 1), pos)
-        _pwrite(fd, vmdk.build_header(footer), pos + SECTOR)
-        _pwrite(fd, vmdk.build_marker(vmdk.MARKER_EOS, 0), pos + 2 * SECTOR)
-        pos += 3 * SECTOR
+        trailer = stream_trailer(plan, gte, pos)
+        _pwrite(fd, trailer, pos)
+        pos += len(trailer)
     else:
-        tables = vmdk.encode_table(gte)
-        for dir_at in (rgd, gd):
-            gt_at = dir_at + gd_sectors
-            entries = gt_at + np.arange(n_gt, dtype=np.uint32) * gt_sectors
-            _pwrite(fd, vmdk.encode_table(entries), dir_at * SECTOR)
-            _pwrite(fd, tables, gt_at * SECTOR)
-        pos = max(pos, grain_offset * SECTOR)
-    _pwrite(fd, vmdk.build_header(header) + desc.ljust(vmdk.DESC_SECTORS * SECTOR, b"\0"), 0)
+        _pwrite(fd, sparse_tables(plan, gte), plan.rgd * SECTOR)
+        pos = max(pos, plan.grain_offset * SECTOR)
+    _pwrite(fd, plan.head, 0)
     try:
         os.ftruncate(fd, pos)
     except OSError as exc:
@@ -158,7 +235,7 @@ def write_vmdk(
     return pos
 
 
-def _candidate_ranges(src: Disk, gb: int) -> list[tuple[int, int]]:
+def candidate_grains(src: Disk, gb: int) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
     for ext in src.extents():
         if ext.reads_zero:
@@ -184,14 +261,26 @@ def _read_chunk(src: Disk, first: int, n: int, gb: int, compress: bool) -> list[
     return out
 
 
-def _grains(src: Disk, gb: int, n_grains: int, compress: bool) -> Iterator[tuple[int, bytes]]:
-    """Non-zero grains ``(index, bytes)`` in guest order, compressed when asked."""
+def grains(
+    src: Disk,
+    gb: int,
+    n_grains: int,
+    compress: bool,
+    ranges: list[tuple[int, int]] | None = None,
+) -> Iterator[tuple[int, bytes]]:
+    """Non-zero grains ``(index, bytes)`` in guest order, compressed when asked.
+
+    ``ranges`` are the grain ranges to look at (default: :func:`candidate_grains`).
+    """
     pending: deque[Future[list[tuple[int, bytes]]]] = deque()
+    if ranges is None:
+        ranges = candidate_grains(src, gb)
     with ThreadPoolExecutor(WORKERS, thread_name_prefix="qcowlib-vmdk") as pool:
         try:
-            for first, end in _candidate_ranges(src, gb):
-                for g in range(first, min(end, n_grains), CHUNK_GRAINS):
-                    n = min(CHUNK_GRAINS, end - g)
+            for first, end in ranges:
+                stop = min(end, n_grains)
+                for g in range(first, stop, CHUNK_GRAINS):
+                    n = min(CHUNK_GRAINS, stop - g)
                     pending.append(pool.submit(_read_chunk, src, g, n, gb, compress))
                     if len(pending) > 2 * WORKERS:
                         yield from pending.popleft().result()

@@ -11,10 +11,46 @@ from qcowlib.engine.copy import Progress, write_raw
 from qcowlib.engine.output import atomic_output
 from qcowlib.engine.qcow2out import write_qcow2
 from qcowlib.engine.vmdkout import ADAPTER_TYPES
+from qcowlib.engine.vmdkout import SUBFORMATS as VMDK_SUBFORMATS
 from qcowlib.errors import InvalidArgument, UnsupportedFeature
 from qcowlib.formats.qcow2.layout import parse_options
 
 WRITABLE_FORMATS = ("raw", "qcow2", "vdi", "vpc", "vmdk", "vhdx")
+
+
+def vdi_options(opts_in: Mapping[str, str], compress: bool) -> bool:
+    """Checked ``-o`` options of a VDI output: whether it is static."""
+    opts = dict(opts_in)
+    if compress:
+        raise InvalidArgument("Compression not supported for this file format")
+    value = opts.pop("static", "off").lower()
+    if value not in ("on", "off", "true", "false", "yes", "no"):
+        raise InvalidArgument("Parameter 'static' expects 'on' or 'off'")
+    if opts:
+        raise InvalidArgument(f"Invalid parameter '{next(iter(opts))}'")
+    return value in ("on", "true", "yes")
+
+
+def vmdk_options(opts_in: Mapping[str, str], compress: bool) -> tuple[str, str, str]:
+    """Checked ``-o`` options of a VMDK output: subformat, adapter type, hardware version."""
+    opts = dict(opts_in)
+    subformat = opts.pop("subformat", "monolithicSparse")
+    if subformat not in VMDK_SUBFORMATS:
+        raise InvalidArgument(f"Invalid subformat '{subformat}' (this version writes "
+                              "monolithicSparse and streamOptimized)")  # fmt: skip
+    if compress and subformat != "streamOptimized":
+        raise InvalidArgument("Compression is only supported with subformat=streamOptimized")
+    adapter_type = opts.pop("adapter_type", "ide")
+    if adapter_type not in ADAPTER_TYPES:
+        raise InvalidArgument(f"Unknown adapter type: '{adapter_type}'")
+    hw_version = opts.pop("hwversion", "undefined")
+    if hw_version == "undefined":
+        hw_version = "4"
+    elif not hw_version.isdigit() or not 1 <= int(hw_version) <= 99:
+        raise InvalidArgument(f"Invalid hwversion '{hw_version}'")
+    if opts:
+        raise InvalidArgument(f"Invalid parameter '{next(iter(opts))}'")
+    return subformat, adapter_type, hw_version
 
 
 def convert(
@@ -54,34 +90,15 @@ def convert(
             raise InvalidArgument(f"Invalid parameter '{next(iter(opts_in))}'")
     static = False
     if out_format == "vdi":
-        if compress:
-            raise InvalidArgument("Compression not supported for this file format")
         if backing:
             raise InvalidArgument("Backing file not supported for file format 'vdi'")
-        value = opts_in.pop("static", "off").lower()
-        if value not in ("on", "off", "true", "false", "yes", "no"):
-            raise InvalidArgument("Parameter 'static' expects 'on' or 'off'")
-        static = value in ("on", "true", "yes")
-        if opts_in:
-            raise InvalidArgument(f"Invalid parameter '{next(iter(opts_in))}'")
+        static = vdi_options(opts_in, compress)
     subformat = "dynamic"
     adapter_type, hw_version = "ide", "4"
     if out_format == "vmdk":
         if backing:
             raise InvalidArgument("Backing file not supported for file format 'vmdk' here")
-        subformat = opts_in.pop("subformat", "monolithicSparse")
-        if compress and subformat != "streamOptimized":
-            raise InvalidArgument("Compression is only supported with subformat=streamOptimized")
-        adapter_type = opts_in.pop("adapter_type", "ide")
-        if adapter_type not in ADAPTER_TYPES:
-            raise InvalidArgument(f"Unknown adapter type: '{adapter_type}'")
-        hw_version = opts_in.pop("hwversion", "undefined")
-        if hw_version == "undefined":
-            hw_version = "4"
-        elif not hw_version.isdigit() or not 1 <= int(hw_version) <= 99:
-            raise InvalidArgument(f"Invalid hwversion '{hw_version}'")
-        if opts_in:
-            raise InvalidArgument(f"Invalid parameter '{next(iter(opts_in))}'")
+        subformat, adapter_type, hw_version = vmdk_options(opts_in, compress)
     if out_format in ("vpc", "vhdx"):
         if compress:
             raise InvalidArgument("Compression not supported for this file format")

@@ -17,14 +17,18 @@ from qcowlib.disk._file import pwrite_all
 from qcowlib.disk.base import Disk
 from qcowlib.disk.chain import open_disk
 from qcowlib.engine.copy import write_raw
+from qcowlib.engine.formatstream import VdiSerializer, VmdkSerializer
 from qcowlib.engine.output import atomic_output
 from qcowlib.engine.qcow2out import reserve, write_qcow2
 from qcowlib.engine.serialize import STREAM_CHUNK, Qcow2Serializer, RawSerializer
+from qcowlib.engine.zero import is_zero
 from qcowlib.errors import InvalidArgument, QcowlibIOError, UnsupportedFeature
 from qcowlib.formats.qcow2.layout import CreateOptions, parse_options
+from qcowlib.ops.convert import vdi_options, vmdk_options
 
 Progress = Callable[[int, int], None]
-FLATTEN_FORMATS = ("qcow2", "raw")
+FLATTEN_FORMATS = ("qcow2", "raw", "vmdk", "vdi")
+Serializer = Qcow2Serializer | RawSerializer | VdiSerializer | VmdkSerializer
 
 
 def _qcow2_serializer(
@@ -66,15 +70,30 @@ class FlattenStream:
         options: Mapping[str, str] | None = None,
         compress: bool = False,
         chunk_size: int = STREAM_CHUNK,
+        name: str | None = None,
     ) -> None:
         if out_format not in FLATTEN_FORMATS:
             raise UnsupportedFeature(f"flattening to {out_format} is not supported yet")
         self.format = out_format
         self._disk = open_disk(src, src_format)
         try:
+            self._ser: Serializer
             if out_format == "qcow2":
-                self._ser: Qcow2Serializer | RawSerializer = _qcow2_serializer(
-                    self._disk, options, compress, chunk_size
+                self._ser = _qcow2_serializer(self._disk, options, compress, chunk_size)
+            elif out_format == "vdi":
+                static = vdi_options(options or {}, compress)
+                self._ser = VdiSerializer(self._disk, static=static, chunk_size=chunk_size)
+            elif out_format == "vmdk":
+                subformat, adapter, hw = vmdk_options(options or {}, compress)
+                if name is None:
+                    name = os.path.splitext(os.path.basename(src))[0] + ".vmdk"
+                self._ser = VmdkSerializer(
+                    self._disk,
+                    subformat=subformat,
+                    extent_name=name,
+                    adapter_type=adapter,
+                    hw_version=hw,
+                    chunk_size=chunk_size,
                 )
             else:
                 if compress or options:
@@ -119,11 +138,14 @@ def flatten_stream(
     options: Mapping[str, str] | None = None,
     compress: bool = False,
     chunk_size: int = STREAM_CHUNK,
+    name: str | None = None,
 ) -> FlattenStream:
     """Open ``src`` with its chain and return its flattened image as a stream.
 
-    ``stream.size`` is exact before the first byte; nothing is written to disk.
-    Raises :class:`QcowlibError` subclasses for bad sources or options.
+    ``stream.size`` is exact before the first byte; nothing is written to disk.  ``name``
+    is the file name a VMDK's descriptor gives its extent (default: the source's base
+    name with ``.vmdk``).  Raises :class:`QcowlibError` subclasses for bad sources or
+    options.
     """
     return FlattenStream(
         src,
@@ -132,6 +154,7 @@ def flatten_stream(
         options=options,
         compress=compress,
         chunk_size=chunk_size,
+        name=name,
     )
 
 
@@ -178,15 +201,16 @@ def flatten(
                 return write_qcow2(disk, fd, opts, progress=progress)
     with flatten_stream(
         src, out_format, src_format=src_format, options=options, compress=compress,
-        chunk_size=4 * 1024 * 1024,
+        chunk_size=4 * 1024 * 1024, name=os.path.basename(dst),
     ) as stream:  # fmt: skip
         inputs = tuple(d.filename for d in stream._disk.chain)
         with atomic_output(dst, protect=inputs) as fd:
-            if not compress:
+            if not compress and out_format != "vdi":  # a static VDI's holes stay holes
                 reserve(fd, 0, stream.size)
             pos = 0
             for piece in stream.chunks(progress):
-                pwrite_all(fd, piece, pos)
+                if out_format != "vdi" or not is_zero(piece):
+                    pwrite_all(fd, piece, pos)
                 pos += len(piece)
             if pos != stream.size:
                 raise QcowlibIOError("internal: flattened size differs from the plan")
