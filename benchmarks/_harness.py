@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import shutil
@@ -74,6 +75,17 @@ def qcowlib_cmd(*args: str) -> list[str]:
     """
     _compile_qcowlib()
     return [sys.executable, "-m", "qcowlib", *args]
+
+
+def convert_args(doc: str | None) -> argparse.Namespace:
+    """The options of the convert-style benchmarks: input shape, repeats, where, which."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--size", default="2G")
+    parser.add_argument("--data", default="1G")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--dir", default=None)
+    parser.add_argument("--only", default=None, help="run only cases whose name contains this")
+    return parser.parse_args()
 
 
 def require_qemu() -> None:

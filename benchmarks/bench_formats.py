@@ -13,23 +13,16 @@ output (qemu-img with ``-t writeback``).
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
-from benchmarks._harness import Run, best_of, qcowlib_cmd, report, require_qemu
+from benchmarks._harness import Run, best_of, convert_args, qcowlib_cmd, report, require_qemu
 from benchmarks.bench_convert import make_inputs
 from qcowlib._units import parse_size
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="2G")
-    parser.add_argument("--data", default="1G")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--dir", default=None)
-    parser.add_argument("--only", default=None, help="run only cases whose name contains this")
-    args = parser.parse_args()
+    args = convert_args(__doc__)
     require_qemu()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         d = Path(tmp)

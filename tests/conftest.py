@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,17 @@ def qemu_img(*args: str | Path, check: bool = True) -> subprocess.CompletedProce
     """Run qemu-img and return the completed process (text mode)."""
     return subprocess.run(
         ["qemu-img", *map(str, args)], capture_output=True, text=True, check=check
+    )
+
+
+def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m qcowlib ARGS`` and return the completed process (text mode)."""
+    return subprocess.run(
+        [sys.executable, "-m", "qcowlib", *map(str, args)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 

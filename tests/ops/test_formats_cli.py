@@ -4,24 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import qemu_img, qemu_json
+from tests.conftest import cli, qemu_img, qemu_json
 
 pytestmark = pytest.mark.usefixtures("qemu")
-
-
-def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "qcowlib", *map(str, args)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 @pytest.mark.parametrize("static", ["off", "on"])

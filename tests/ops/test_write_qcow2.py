@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,19 +13,9 @@ import pytest
 
 import qcowlib
 from qcowlib._units import parse_size
-from tests.conftest import have_qemu, qemu_img, qemu_json
+from tests.conftest import cli, have_qemu, qemu_img, qemu_json
 
 pytestmark = pytest.mark.usefixtures("qemu")
-
-
-def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "qcowlib", *map(str, args)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def assert_clean(img: Path) -> dict[str, Any]:

@@ -32,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from qcowlib.errors import CorruptImage, FormatError, TruncatedImage, UnsupportedFeature
+from qcowlib.formats._layout import parse_fixed as _parse
 
 __all__ = [
     "BAT_STATE_MASK",
@@ -270,18 +271,6 @@ def _with_checksum(block: bytes) -> bytes:
     out = bytearray(block)
     out[_CHECKSUM_AT : _CHECKSUM_AT + 4] = _checksum(block).to_bytes(4, "little")
     return bytes(out)
-
-
-def _parse(layout: Any, data: bytes, what: str, offset: int) -> Any:
-    size = layout.sizeof()
-    if len(data) < size:
-        raise TruncatedImage(
-            f"{what} is truncated ({len(data)} of {size} bytes)", structure=what, offset=offset
-        )
-    try:
-        return layout.parse(bytes(data[:size]))
-    except cs.ConstructError as exc:  # pragma: no cover - fixed-size layouts
-        raise FormatError(f"cannot parse {what}: {exc}", structure=what, offset=offset) from None
 
 
 def _build(layout: Any, values: Mapping[str, Any], what: str) -> bytes:

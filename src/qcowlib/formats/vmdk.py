@@ -37,6 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from qcowlib.errors import CorruptImage, FormatError, TruncatedImage, UnsupportedFeature
+from qcowlib.formats._layout import parse_fixed as _parse
 
 __all__ = [
     "CHECK_BYTES",
@@ -256,19 +257,6 @@ class SparseExtentHeader:
 
 #: The name qcowlib.validate has always used.
 VmdkSparseHeader = SparseExtentHeader
-
-
-def _parse(layout: Any, data: bytes | bytearray | memoryview, what: str, offset: int) -> Any:
-    """Parse a fixed-size ``layout``; a short buffer is a :class:`TruncatedImage`."""
-    size = layout.sizeof()
-    if len(data) < size:
-        raise TruncatedImage(
-            f"{what} is truncated ({len(data)} of {size} bytes)", structure=what, offset=offset
-        )
-    try:
-        return layout.parse(bytes(data[:size]))
-    except cs.ConstructError as exc:  # pragma: no cover - fixed-size layouts
-        raise FormatError(f"cannot parse {what}: {exc}", structure=what, offset=offset) from None
 
 
 def decode_header(data: bytes | bytearray | memoryview, offset: int = 0) -> SparseExtentHeader:

@@ -35,6 +35,7 @@ import construct as cs
 
 from qcowlib.errors import CorruptImage, FormatError, TruncatedImage
 from qcowlib.formats import vhd, vhdx, vmdk
+from qcowlib.formats._layout import parse_fixed as _parse
 from qcowlib.formats.qcow2 import header as qcow2_header
 
 SECTOR: Final = 512
@@ -51,19 +52,6 @@ class Problem:
     offset: int | None = None
     #: True when QEMU itself refuses the image because of it.
     fatal: bool = True
-
-
-def _parse(layout: Any, data: bytes, what: str, offset: int) -> Any:
-    """Parse ``layout`` from ``data``; a short buffer is a :class:`TruncatedImage`."""
-    size = layout.sizeof()
-    if len(data) < size:
-        raise TruncatedImage(
-            f"{what} is truncated ({len(data)} of {size} bytes)", structure=what, offset=offset
-        )
-    try:
-        return layout.parse(bytes(data[:size]))
-    except cs.ConstructError as exc:  # pragma: no cover - fixed-size layouts
-        raise FormatError(f"cannot parse {what}: {exc}", structure=what, offset=offset) from None
 
 
 def printable(text: str, limit: int = 200) -> str:
