@@ -9,6 +9,7 @@ cluster is compressed in the same worker.  Chunks come back in guest order.
 from __future__ import annotations
 
 import queue
+import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -76,19 +77,34 @@ class Classifier:
         self.sparse = sparse
         self.backing = backing
         self.per_chunk = max(1, CHUNK // cluster_size)
+        # Buffers are made when first needed (a small disk never needs them all), at
+        # most ``buffers`` of them; then reads wait for one to come back.
         self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-        for _ in range(buffers):
-            self._free.put(bytearray(self.per_chunk * cluster_size))
+        self._unmade = buffers
+        self._lock = threading.Lock()
 
     def release(self, chunk: Chunk) -> None:
         """Give a chunk's buffer back once nothing refers to its data any more."""
         self._free.put(chunk.buffer)
 
+    def _buffer(self) -> bytearray:
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            make = self._unmade > 0
+            if make:
+                self._unmade -= 1
+        if make:
+            return bytearray(self.per_chunk * self.cs)
+        return self._free.get()
+
     def _read(self, first: int, n: int) -> Chunk:
         cs = self.cs
         start = first * cs
         length = min(n * cs, self.size - start)
-        buf = self._free.get()
+        buf = self._buffer()
         view = memoryview(buf)[: n * cs]
         if self.src is not None and length > 0:
             self.src.read_into(start, view[:length])

@@ -10,6 +10,7 @@ and kept uncompressed when compression does not shrink it (as QEMU does).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections import deque
@@ -243,15 +244,16 @@ class Qcow2Writer:
         entries = hosts | np.uint64(tables.OFLAG_COPIED)
         clusters = local.astype(np.int64) + first
         l1s = clusters // self.l2_span
-        for l1 in np.unique(l1s).tolist():
-            sel = l1s == l1
-            self._switch_l2(l1)
-            within = clusters[sel] % self.l2_span
+        # ``clusters`` ascend, so each L2 table's entries are one slice.
+        bounds = [0, *(np.flatnonzero(np.diff(l1s)) + 1).tolist(), n]
+        for a, b in itertools.pairwise(bounds):
+            self._switch_l2(int(l1s[a]))
+            within = clusters[a:b] % self.l2_span
             if self.opts.extended_l2:
-                self.cur_l2[2 * within] = entries[sel]
+                self.cur_l2[2 * within] = entries[a:b]
                 self.cur_l2[2 * within + 1] = 0xFFFF_FFFF
             else:
-                self.cur_l2[within] = entries[sel]
+                self.cur_l2[within] = entries[a:b]
 
     def add_zero(self, cluster: int) -> None:
         """A cluster that must read as zeros (over a backing file)."""
