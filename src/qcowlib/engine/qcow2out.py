@@ -242,18 +242,51 @@ class Qcow2Writer:
             done += hi - lo
         hosts = np.uint64(start) + np.arange(n, dtype=np.uint64) * np.uint64(cs)
         entries = hosts | np.uint64(tables.OFLAG_COPIED)
-        clusters = local.astype(np.int64) + first
+        self._set_entries(local.astype(np.int64) + first, entries, 0xFFFF_FFFF)
+
+    def _set_entries(self, clusters: np.ndarray, entries: np.ndarray, bitmap: int) -> None:
+        """L2 entries for ascending guest ``clusters`` (extended L2: with ``bitmap``)."""
         l1s = clusters // self.l2_span
         # ``clusters`` ascend, so each L2 table's entries are one slice.
-        bounds = [0, *(np.flatnonzero(np.diff(l1s)) + 1).tolist(), n]
+        bounds = [0, *(np.flatnonzero(np.diff(l1s)) + 1).tolist(), int(clusters.size)]
         for a, b in itertools.pairwise(bounds):
             self._switch_l2(int(l1s[a]))
             within = clusters[a:b] % self.l2_span
             if self.opts.extended_l2:
                 self.cur_l2[2 * within] = entries[a:b]
-                self.cur_l2[2 * within + 1] = 0xFFFF_FFFF
+                self.cur_l2[2 * within + 1] = bitmap
             else:
                 self.cur_l2[within] = entries[a:b]
+
+    def add_compressed_clusters(self, first: int, local: list[int], payloads: list[bytes]) -> None:
+        """Store compressed clusters ``first + i`` (``i`` in ``local``, ascending), each
+        packed after the previous one as :meth:`add_compressed` packs it, with one
+        refcount update and one L2 update per table for the lot."""
+        if not local:
+            return
+        cs = self.cs
+        pos = self.data_pos
+        self._grow_counts(pos // cs + sum(len(p) // cs + 2 for p in payloads) + 1)
+        counts = self.counts
+        added: dict[int, int] = {}
+        offsets: list[int] = []
+        for payload in payloads:
+            if pos % cs:
+                c = pos // cs
+                if int(counts[c]) + added.get(c, 0) >= self.max_refcount:
+                    pos = (c + 1) * cs  # the shared cluster's refcount is full
+            self._queue(payload, pos)
+            for c in range(pos // cs, (pos + len(payload) - 1) // cs + 1):
+                added[c] = added.get(c, 0) + 1
+            offsets.append(pos)
+            pos += len(payload)
+        self.data_pos = pos
+        which = np.fromiter(added.keys(), dtype=np.int64, count=len(added))
+        counts[which] += np.fromiter(added.values(), dtype=np.uint64, count=len(added))
+        layout = tables.CompressedLayout(self.opts.cluster_bits)
+        lengths = np.fromiter(map(len, payloads), dtype=np.uint64, count=len(payloads))
+        descs = layout.encode(np.array(offsets, dtype=np.uint64), lengths)
+        self._set_entries(np.asarray(local, dtype=np.int64) + first, descs, 0)
 
     def add_zero(self, cluster: int) -> None:
         """A cluster that must read as zeros (over a backing file)."""
@@ -375,11 +408,34 @@ def write_qcow2(
     )
 
     def emit(chunk: Chunk) -> None:
-        if not compress and not np.any(chunk.kinds == ZERO):
+        if np.any(chunk.kinds == ZERO):
+            emit_each(chunk)
+        elif not compress:
             writer.add_data_clusters(chunk.first, np.flatnonzero(chunk.kinds == DATA), chunk.data)
         else:
-            emit_each(chunk)
+            emit_compressed(chunk)
         release(chunk)
+
+    def emit_compressed(chunk: Chunk) -> None:
+        # Runs of clusters that compressed (packed) and that did not (whole clusters),
+        # each stored in one vectorised step, in guest order.
+        payloads = chunk.compressed
+        run: list[int] = []
+        for i in np.flatnonzero(chunk.kinds == DATA).tolist():
+            if run and (payloads[i] is None) != (payloads[run[0]] is None):
+                store_run(chunk, run)
+                run = []
+            run.append(i)
+        store_run(chunk, run)
+
+    def store_run(chunk: Chunk, run: list[int]) -> None:
+        if not run:
+            return
+        parts = [chunk.compressed[i] for i in run]
+        if parts[0] is None:
+            writer.add_data_clusters(chunk.first, np.array(run, dtype=np.int64), chunk.data)
+        else:
+            writer.add_compressed_clusters(chunk.first, run, [p for p in parts if p is not None])
 
     def emit_each(chunk: Chunk) -> None:
         for i in range(len(chunk.kinds)):
