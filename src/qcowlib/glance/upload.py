@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 #: Glance behind uWSGI refuses a chunk of 1,048,568 bytes or more: stay well under.
 UPLOAD_CHUNK = 512 * 1024
+#: Bytes read (or serialized) and hashed at a time: large enough for md5 and sha512 to
+#: run in parallel threads (MultiHasher.THREAD_MIN), then sent as UPLOAD_CHUNK pieces.
+READ_CHUNK = 8 * UPLOAD_CHUNK
 GiB = 1 << 30
 #: Glance's disk_format names for qcowlib's probed formats.
 GLANCE_FORMATS = {"qcow2": "qcow2", "raw": "raw", "vmdk": "vmdk", "vdi": "vdi",
@@ -71,7 +74,7 @@ class _Source:
 
             out = "raw" if disk_format == "raw" else "qcow2"
             self._stream = flatten_stream(
-                req.path, out, src_format=req.src_format, chunk_size=UPLOAD_CHUNK
+                req.path, out, src_format=req.src_format, chunk_size=READ_CHUNK
             )
             self.size = self._stream.size
             self.virtual_size = self._stream.virtual_size
@@ -93,7 +96,7 @@ class _Source:
             return
         pos = 0
         while pos < self.size:
-            n = min(UPLOAD_CHUNK, self.size - pos)
+            n = min(READ_CHUNK, self.size - pos)
             try:
                 data = os.pread(self._file, n, pos)
             except OSError as exc:
@@ -123,12 +126,15 @@ class _Sender:
 
     def __iter__(self) -> Iterator[bytes]:
         try:
-            for piece in self.source.chunks():
-                self.hasher.update(piece)
-                self.sent += len(piece)
-                if self.progress:
-                    self.progress(self.sent, self.source.size)
-                yield piece
+            for block in self.source.chunks():
+                self.hasher.update(block)
+                # Glance's uWSGI refuses body chunks of 1 MiB or more.
+                for at in range(0, len(block), UPLOAD_CHUNK):
+                    piece = block[at : at + UPLOAD_CHUNK]
+                    self.sent += len(piece)
+                    if self.progress:
+                        self.progress(self.sent, self.source.size)
+                    yield piece
         except BaseException as exc:  # surfaced after the HTTP layer gives up
             self.error = exc
             raise
