@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks._harness import GNU_TIME, Run, require_qemu
+from benchmarks._harness import GNU_TIME, Run, qcowlib_cmd, require_qemu
 from benchmarks.bench_flatten import make_chain
 from qcowlib._units import parse_size
 
@@ -75,8 +75,8 @@ def main() -> None:
             )
             ours.append(
                 timed(
-                    [sys.executable, "-m", "qcowlib", "upload", "--os-cloud", "bench",
-                     "--name", f"ours{i}", "--flatten", str(top)],
+                    qcowlib_cmd("upload", "--os-cloud", "bench", "--name", f"ours{i}",
+                                "--flatten", str(top)),
                     env,
                 )
             )  # fmt: skip
