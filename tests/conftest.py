@@ -51,6 +51,29 @@ def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def qemu_io(path: str | Path, fmt: str, *cmds: str) -> None:
+    """Run qemu-io commands (``write -P 1 0 64k`` ...) on an image of format ``fmt``."""
+    args = ["qemu-io", "-f", fmt]
+    for c in cmds:
+        args += ["-c", c]
+    subprocess.run([*args, str(path)], check=True, capture_output=True)
+
+
+def seeded_raw(path: Path, size: int, seed: int, runs: int = 6) -> Path:
+    """A sparse raw file of ``size`` bytes with ``runs`` random runs of random bytes."""
+    import random
+
+    rng = random.Random(seed)
+    with path.open("wb") as f:
+        f.truncate(size)
+        for _ in range(runs):
+            n = rng.randrange(1, 300_000)
+            off = rng.randrange(0, max(1, size - n))
+            f.seek(off)
+            f.write(rng.randbytes(min(n, size - off)))
+    return path
+
+
 def qemu_json(*args: str | Path) -> Any:
     import json
 

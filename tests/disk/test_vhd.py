@@ -5,8 +5,6 @@ images refused with clear errors."""
 from __future__ import annotations
 
 import os
-import random
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,35 +25,16 @@ from qcowlib.errors import (
     UnsupportedFeature,
 )
 from qcowlib.formats import vhd
-from tests.conftest import qemu_img, qemu_json
+from tests.conftest import qemu_img, qemu_io, qemu_json, seeded_raw
 
 pytestmark = pytest.mark.usefixtures("qemu")
 
 WRITES = [(0, 0xAB, "64k"), (5 << 20, 0x11, "1M"), (20 << 20, 0x22, "3000k"), (29 << 20, 7, "512")]
 
 
-def qemu_io(path: Path, *cmds: str) -> None:
-    args = ["qemu-io", "-f", "vpc"]
-    for c in cmds:
-        args += ["-c", c]
-    subprocess.run([*args, str(path)], check=True, capture_output=True)
-
-
 def make_vpc(path: Path, subformat: str, size: str = "30M") -> Path:
     qemu_img("create", "-q", "-f", "vpc", "-o", f"subformat={subformat}", path, size)
-    qemu_io(path, *(f"write -P {p} {off} {n}" for off, p, n in WRITES))
-    return path
-
-
-def seeded_raw(path: Path, size: int, seed: int) -> Path:
-    rng = random.Random(seed)
-    with path.open("wb") as f:
-        f.truncate(size)
-        for _ in range(6):
-            n = rng.randrange(1, 300_000)
-            off = rng.randrange(0, max(1, size - n))
-            f.seek(off)
-            f.write(rng.randbytes(min(n, size - off)))
+    qemu_io(path, "vpc", *(f"write -P {p} {off} {n}" for off, p, n in WRITES))
     return path
 
 
