@@ -20,7 +20,7 @@ import pytest
 from qcowlib.engine.digest import MultiHasher
 from qcowlib.glance import upload as up
 from qcowlib.ops.flatten import flatten
-from tests.conftest import qemu_img, require_qemu
+from tests.conftest import qemu_img, qemu_json, require_qemu
 from tests.glance_server import GlanceServer, environment_for_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning:openstack")
@@ -161,3 +161,35 @@ def test_checksum_mismatch_deletes_image(
     with pytest.raises(up.UploadError, match="checksum"):
         up.upload(req, connection=glance_server.connection())
     assert images_named(glance_server, "sum-mismatch") == []
+
+
+@pytest.mark.parametrize("disk_format", ["vmdk", "vdi"])
+def test_flattened_overlay_as_vmdk_or_vdi(
+    glance_server: GlanceServer, chain: Path, tmp_path: Path, disk_format: str
+) -> None:
+    """--flatten --disk-format vmdk|vdi: Glance's inspector accepts the stream (a VMDK goes
+    as streamOptimized), records our digests, and the image downloads equal to the chain."""
+    name = f"flat-{disk_format}"
+    res = run_upload(
+        glance_server, tmp_path, "--name", name, "--flatten", "--disk-format", disk_format,
+        "--output", "json", chain,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["status"] == "active" and out["disk_format"] == disk_format
+    assert out["virtual_size"] == 64 << 20
+    got = tmp_path / f"down.{disk_format}"
+    conn = glance_server.connection()
+    with got.open("wb") as f:
+        for piece in conn.image.download_image(out["id"], stream=True).iter_content(1 << 20):
+            f.write(piece)
+    data = got.read_bytes()
+    assert out["size"] == len(data)
+    assert out["checksum"] == hashlib.md5(data).hexdigest()
+    assert out["os_hash_value"] == hashlib.sha512(data).hexdigest()
+    info = qemu_json("info", "-f", disk_format, got)
+    assert "backing-filename" not in info
+    if disk_format == "vmdk":
+        assert info["format-specific"]["data"]["create-type"] == "streamOptimized"
+    assert qemu_img("compare", "-F", disk_format, chain, got).returncode == 0
+    assert qemu_img("check", "-f", disk_format, got, check=False).returncode == 0

@@ -29,6 +29,14 @@ UPLOAD_CHUNK = 512 * 1024
 #: run in parallel threads (MultiHasher.THREAD_MIN), then sent as UPLOAD_CHUNK pieces.
 READ_CHUNK = 8 * UPLOAD_CHUNK
 GiB = 1 << 30
+#: What ``--flatten`` can send, by disk_format, with its output options (a VMDK goes as
+#: streamOptimized, the subformat made for transfers that Glance and vSphere accept).
+FLATTEN_TO: dict[str, dict[str, str]] = {
+    "qcow2": {},
+    "raw": {},
+    "vmdk": {"subformat": "streamOptimized"},
+    "vdi": {},
+}
 #: Glance's disk_format names for qcowlib's probed formats.
 GLANCE_FORMATS = {"qcow2": "qcow2", "raw": "raw", "vmdk": "vmdk", "vdi": "vdi",
                   "vpc": "vhd", "vhdx": "vhdx", "iso": "iso"}  # fmt: skip
@@ -72,9 +80,13 @@ class _Source:
         if req.flatten:
             from qcowlib.ops.flatten import flatten_stream
 
-            out = "raw" if disk_format == "raw" else "qcow2"
+            out = disk_format if disk_format in FLATTEN_TO else "qcow2"
             self._stream = flatten_stream(
-                req.path, out, src_format=req.src_format, chunk_size=READ_CHUNK
+                req.path,
+                out,
+                src_format=req.src_format,
+                options=FLATTEN_TO.get(out),
+                chunk_size=READ_CHUNK,
             )
             self.size = self._stream.size
             self.virtual_size = self._stream.virtual_size
@@ -159,8 +171,8 @@ def _validate(req: UploadRequest, disk_format: str) -> list[dict[str, Any]]:
     for f in report.findings:
         if f.severity != "error":
             continue
-        if req.flatten and "backing" in f.rule:
-            continue  # flattening removes the backing file
+        if req.flatten and ("backing" in f.rule or f.rule == "format-match"):
+            continue  # flattening removes the backing file and writes the declared format
         errors.append(f.to_json())
     return errors
 
@@ -189,8 +201,10 @@ def upload(
         detected = probe_format(host)
     finally:
         host.close()
-    if req.flatten and req.disk_format not in (None, "qcow2", "raw"):
-        raise InvalidArgument("--flatten writes qcow2 or raw: use --disk-format qcow2 or raw")
+    if req.flatten and req.disk_format not in (None, *FLATTEN_TO):
+        raise InvalidArgument(
+            f"--flatten writes {', '.join(FLATTEN_TO)}: use --disk-format with one of them"
+        )
     disk_format = req.disk_format or (
         "qcow2" if req.flatten else GLANCE_FORMATS.get(detected, detected)
     )
