@@ -6,6 +6,7 @@ import argparse
 import functools
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -17,8 +18,11 @@ GNU_TIME = "/usr/bin/time"
 
 @dataclass(frozen=True)
 class Run:
+    """One command's figures: best wall time, median wall time, peak RSS of its runs."""
+
     seconds: float
     peak_rss_mib: float
+    median: float = 0.0
 
 
 def measure(argv: list[str], output: str | None = None) -> Run:
@@ -52,9 +56,35 @@ def measure(argv: list[str], output: str | None = None) -> Run:
 def best_of(argv: list[str], repeat: int, output: str | None = None) -> Run:
     """The fastest of ``repeat`` runs after one warm-up run (page cache)."""
     measure(argv, output)
-    runs = [measure(argv, output) for _ in range(repeat)]
-    fastest = min(runs, key=lambda r: r.seconds)
-    return Run(fastest.seconds, max(r.peak_rss_mib for r in runs))
+    return _summary([measure(argv, output) for _ in range(repeat)])
+
+
+def paired(
+    ref: list[str], ours: list[str], repeat: int, output: str | None = None
+) -> tuple[Run, Run]:
+    """Both commands ``repeat`` times, alternating, after one warm-up run of each.
+
+    This machine's write path is bimodal (the same copy takes 0.35 s or 1-4 s from one
+    run to the next, for either tool), so the runs alternate: a slow spell hits both
+    sides instead of all the runs of one.  The report gives the ratio of the best runs
+    and the ratio of the medians.
+    """
+    measure(ref, output)
+    measure(ours, output)
+    ref_runs: list[Run] = []
+    our_runs: list[Run] = []
+    for _ in range(repeat):
+        ref_runs.append(measure(ref, output))
+        our_runs.append(measure(ours, output))
+    return _summary(ref_runs), _summary(our_runs)
+
+
+def _summary(runs: list[Run]) -> Run:
+    return Run(
+        min(r.seconds for r in runs),
+        max(r.peak_rss_mib for r in runs),
+        statistics.median(r.seconds for r in runs),
+    )
 
 
 @functools.cache
@@ -82,7 +112,7 @@ def convert_args(doc: str | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
     parser.add_argument("--size", default="2G")
     parser.add_argument("--data", default="1G")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--dir", default=None)
     parser.add_argument("--only", default=None, help="run only cases whose name contains this")
     return parser.parse_args()
@@ -94,14 +124,16 @@ def require_qemu() -> None:
 
 
 def report(rows: list[tuple[str, Run, Run]]) -> str:
-    """A table: case, qemu-img time, qcowlib time, ratio, peak RSS of both."""
+    """A table: case, best times of both, ratio of best and of median times, peak RSS."""
     lines = [
-        f"{'case':<36}{'qemu-img s':>11}{'qcowlib s':>11}{'ratio':>8}"
+        f"{'case':<36}{'qemu-img s':>11}{'qcowlib s':>11}{'ratio':>8}{'median':>8}"
         f"{'qemu RSS MiB':>14}{'qcowlib RSS MiB':>17}"
     ]
     for name, ref, ours in rows:
+        median = f"{ours.median / ref.median:>8.2f}" if ref.median and ours.median else f"{'':>8}"
         lines.append(
             f"{name:<36}{ref.seconds:>11.3f}{ours.seconds:>11.3f}"
-            f"{ours.seconds / ref.seconds:>8.2f}{ref.peak_rss_mib:>14.1f}{ours.peak_rss_mib:>17.1f}"
+            f"{ours.seconds / ref.seconds:>8.2f}{median}"
+            f"{ref.peak_rss_mib:>14.1f}{ours.peak_rss_mib:>17.1f}"
         )
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """``check`` on images with many clusters: qcowlib vs ``qemu-img check``, same image.
 
-    .venv/bin/python -m benchmarks.bench_check [--repeat 3]
+    .venv/bin/python -m benchmarks.bench_check [--repeat 5]
 
 Cases: the 2 GiB / 1 GiB-data image of bench_convert's size class (few clusters: process
 start-up dominates) and metadata-preallocated images with 4 M and 16 M clusters, where
@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from benchmarks._harness import Run, best_of, qcowlib_cmd, report, require_qemu
+from benchmarks._harness import Run, paired, qcowlib_cmd, report, require_qemu
 
 CASES = [
     ("2G, 64k clusters, 1G data", "2G", "cluster_size=65536", True),
@@ -25,7 +25,7 @@ CASES = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     require_qemu()
     rows: list[tuple[str, Run, Run]] = []
@@ -39,8 +39,9 @@ def main() -> None:
                 subprocess.run(
                     ["qemu-io", "-c", "write -P 7 0 1G", str(img)], check=True, capture_output=True
                 )
-            ref = best_of(["qemu-img", "check", str(img)], args.repeat)
-            ours = best_of(qcowlib_cmd("check", str(img)), args.repeat)
+            ref, ours = paired(
+                ["qemu-img", "check", str(img)], qcowlib_cmd("check", str(img)), args.repeat
+            )
             rows.append((name, ref, ours))
             img.unlink()
     print(report(rows))

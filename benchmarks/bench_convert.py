@@ -1,11 +1,12 @@
 """qcowlib vs qemu-img on the same seeded input, same run: converts and check.
 
-    .venv/bin/python -m benchmarks.bench_convert [--size 2G] [--data 1G] [--repeat 3]
+    .venv/bin/python -m benchmarks.bench_convert [--size 2G] [--data 1G] [--repeat 5]
 
 The input is a 2 GiB virtual disk with about 1 GiB of data scattered over it in runs of
 64 KiB to 4 MiB (half incompressible random bytes, half compressible text), as a sparse
 raw file and as a qcow2 made from it by qemu-img.  Each row is the best wall time of
-``--repeat`` runs after a warm-up, the ratio qcowlib/qemu-img, and each side's peak RSS.
+``--repeat`` runs of each tool, alternating, after a warm-up, the ratios qcowlib/qemu-img
+of the best and of the median times, and each side's peak RSS.
 Both tools flush their output (qemu-img with ``-t writeback``; qcowlib always flushes
 before renaming its output into place).
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks._harness import Run, best_of, convert_args, qcowlib_cmd, report, require_qemu
+from benchmarks._harness import Run, convert_args, paired, qcowlib_cmd, report, require_qemu
 from qcowlib._units import parse_size
 
 TEXT = b"The quick brown fox jumps over the lazy dog; qcowlib benchmark data 0123456789.\n"
@@ -79,17 +80,18 @@ def main() -> None:
         for name, conv, _ in cases:
             if args.only and args.only not in name:
                 continue
-            ref = best_of(["qemu-img", "convert", "-t", "writeback", *conv], args.repeat, out)
-            ours = best_of(qcowlib_cmd("convert", *conv), args.repeat, out)
+            ref, ours = paired(
+                ["qemu-img", "convert", "-t", "writeback", *conv],
+                qcowlib_cmd("convert", *conv),
+                args.repeat,
+                out,
+            )
             rows.append((name, ref, ours))
         if not args.only or "check" in args.only:
-            try:
-                ours = best_of(qcowlib_cmd("check", str(qcow2)), args.repeat)
-            except RuntimeError:
-                pass  # no check command in this build
-            else:
-                ref = best_of(["qemu-img", "check", str(qcow2)], args.repeat)
-                rows.append(("check", ref, ours))
+            ref, ours = paired(
+                ["qemu-img", "check", str(qcow2)], qcowlib_cmd("check", str(qcow2)), args.repeat
+            )
+            rows.append(("check", ref, ours))
     print(report(rows))
 
 

@@ -1,6 +1,6 @@
 """Flatten a 3-deep chain to qcow2: ``qcowlib flatten`` vs ``qemu-img convert`` of the top.
 
-    .venv/bin/python -m benchmarks.bench_flatten [--size 2G] [--data 1G] [--repeat 3]
+    .venv/bin/python -m benchmarks.bench_flatten [--size 2G] [--data 1G] [--repeat 5]
 
 The chain: a raw base with half the data, a 4 KiB-cluster qcow2 overlay and a 64 KiB
 top overlay with a quarter each, all seeded.  Both tools flush their output.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks._harness import Run, best_of, qcowlib_cmd, report, require_qemu
+from benchmarks._harness import Run, paired, qcowlib_cmd, report, require_qemu
 from qcowlib._units import parse_size
 
 TEXT = b"qcowlib flatten benchmark: compressible text between random runs.\n"
@@ -60,7 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="2G")
     parser.add_argument("--data", default="1G")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--dir", default=None)
     args = parser.parse_args()
     require_qemu()
@@ -68,19 +68,19 @@ def main() -> None:
         d = Path(tmp)
         top = make_chain(d, parse_size(args.size), parse_size(args.data))
         out = str(d / "flat.qcow2")
-        ref = best_of(
+        ref, ours = paired(
             ["qemu-img", "convert", "-t", "writeback", "-O", "qcow2", str(top), out],
+            qcowlib_cmd("flatten", str(top), out),
             args.repeat,
             out,
         )
-        ours = best_of(qcowlib_cmd("flatten", str(top), out), args.repeat, out)
         rows: list[tuple[str, Run, Run]] = [("flatten 3-deep chain -> qcow2", ref, ours)]
-        ref_c = best_of(
+        ref_c, ours_c = paired(
             ["qemu-img", "convert", "-t", "writeback", "-c", "-O", "qcow2", str(top), out],
+            qcowlib_cmd("flatten", "-c", str(top), out),
             args.repeat,
             out,
         )
-        ours_c = best_of(qcowlib_cmd("flatten", "-c", str(top), out), args.repeat, out)
         rows.append(("flatten 3-deep chain -> qcow2 -c", ref_c, ours_c))
     print(report(rows))
 

@@ -1,10 +1,11 @@
 """Read a 1 GiB fully allocated qcow2 to raw: qcowlib vs ``qemu-img convert -O raw``.
 
-    .venv/bin/python -m benchmarks.bench_read [--size 1G] [--repeat 3] [--dir DIR]
+    .venv/bin/python -m benchmarks.bench_read [--size 1G] [--repeat 5] [--dir DIR]
 
 Both tools read the same seeded input in the same run; the table shows wall time (best
-of ``--repeat`` after a warm-up run), the ratio qcowlib/qemu-img and the peak RSS of
-each process.  qcowlib flushes its output before renaming it into place; qemu-img's
+of ``--repeat`` after a warm-up run; qcowlib's runs alternate with qemu-img ``-t
+writeback``), the ratios qcowlib/qemu-img of the best and median times and the peak RSS
+of each process.  qcowlib flushes its output before renaming it into place; qemu-img's
 default cache mode for convert output does not flush, so ``-t writeback`` is shown too.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks._harness import Run, best_of, qcowlib_cmd, report, require_qemu
+from benchmarks._harness import Run, best_of, paired, qcowlib_cmd, report, require_qemu
 from qcowlib._units import parse_size
 
 
@@ -44,7 +45,7 @@ def make_input(directory: Path, size: int, seed: int = 1) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="1G")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
     args = parser.parse_args()
     require_qemu()
@@ -54,14 +55,12 @@ def main() -> None:
         img = make_input(d, size)
         out = str(d / "out.raw")
         rows: list[tuple[str, Run, Run]] = []
-        ours = best_of(
-            qcowlib_cmd("convert", "-f", "qcow2", "-O", "raw", str(img), out), args.repeat, out
-        )
         ref = best_of(
             ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(img), out], args.repeat, out
         )
-        ref_wb = best_of(
+        ref_wb, ours = paired(
             ["qemu-img", "convert", "-t", "writeback", "-f", "qcow2", "-O", "raw", str(img), out],
+            qcowlib_cmd("convert", "-f", "qcow2", "-O", "raw", str(img), out),
             args.repeat,
             out,
         )
