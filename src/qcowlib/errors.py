@@ -98,6 +98,17 @@ class UnsupportedFeature(QcowlibError):
     """A valid image uses a feature qcowlib does not implement (e.g. encryption)."""
 
 
+class SourceChanged(QcowlibError):
+    """A source image changed while it was being read for a new image or a stream.
+
+    Writers and streams plan the output from the source first and read it again to emit
+    it; a change in between would make the output disagree with its own plan.
+    """
+
+    def __init__(self, message: str = "the source changed while it was being read") -> None:
+        super().__init__(message)
+
+
 class ImageLocked(QcowlibError):
     """Another process holds a lock on the image."""
 

@@ -111,6 +111,28 @@ def test_flatten_refuses_glance_unsafe_options(tmp_path: Path) -> None:
     assert not (tmp_path / "x.qcow2").exists()
 
 
+@pytest.mark.parametrize(
+    ("out_format", "options"),
+    [("qcow2", {}), ("vdi", {}), ("vmdk", {"subformat": "monolithicSparse"})],
+)
+def test_stream_refuses_a_source_changed_after_planning(
+    out_format: str, options: dict[str, str], tmp_path: Path
+) -> None:
+    """Data planned as a cluster that reads back as zeros when emitted stops the stream."""
+    src = tmp_path / "src.raw"
+    with src.open("wb") as f:
+        f.truncate(8 << 20)
+        f.write(b"\x11" * (1 << 20))
+        f.seek(4 << 20)
+        f.write(b"\x22" * (1 << 20))
+    stream = flatten_stream(str(src), out_format, options=options)
+    with src.open("r+b") as f:
+        f.seek(4 << 20)
+        f.write(bytes(1 << 20))
+    with pytest.raises(qcowlib.SourceChanged, match="source changed"):
+        b"".join(stream)
+
+
 def test_stream_memory_is_bounded(tmp_path: Path) -> None:
     img = tmp_path / "big.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", img, "64G")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from pathlib import Path
 
@@ -59,3 +60,22 @@ def test_output_may_not_replace_an_input(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument), output.atomic_output(str(src), protect=(str(src),)):
         pass
     assert src.read_bytes() == b"y" * 512
+
+
+def test_directory_is_synced_after_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rename is made durable too: the directory is fsynced once the name exists."""
+    dst = tmp_path / "out.img"
+    synced: list[bool] = []
+    real_fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            synced.append(dst.exists())
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    with output.atomic_output(str(dst)) as fd:
+        pwrite_all(fd, b"x" * 4096, 0)
+    assert synced == [True]

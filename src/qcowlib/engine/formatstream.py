@@ -17,7 +17,7 @@ import numpy as np
 
 from qcowlib.disk.base import Disk
 from qcowlib.engine.classify import DATA, Classifier
-from qcowlib.engine.serialize import STREAM_CHUNK, Pieces, SourceChanged
+from qcowlib.engine.serialize import STREAM_CHUNK, Pieces
 from qcowlib.engine.vdiout import candidate_blocks
 from qcowlib.engine.vmdkout import (
     candidate_grains,
@@ -27,6 +27,7 @@ from qcowlib.engine.vmdkout import (
     sparse_tables,
     stream_trailer,
 )
+from qcowlib.errors import SourceChanged
 from qcowlib.formats import vdi, vmdk
 
 Progress = Callable[[int, int], None]
@@ -98,7 +99,7 @@ class VdiSerializer:
                 for i in np.flatnonzero(chunk.kinds == DATA).tolist():
                     block = chunk.first + i
                     if k >= self.data_blocks.size or int(self.data_blocks[k]) != block:
-                        raise SourceChanged("the source changed while it was being serialized")
+                        raise SourceChanged()
                     target = lay.offset_data + int(self.bmap[block]) * bs
                     yield from out.zeros(target - written)
                     yield from out.add(chunk.data[i * bs : (i + 1) * bs])
@@ -109,7 +110,7 @@ class VdiSerializer:
             if progress:
                 progress(min(size, chunk.end * bs), size)
         if k != self.data_blocks.size:
-            raise SourceChanged("the source changed while it was being serialized")
+            raise SourceChanged()
         yield from out.zeros(self.size - written)
         yield from out.flush()
 
@@ -186,14 +187,14 @@ class VmdkSerializer:
                 or int(self.grain_index[k]) != grain
                 or int(self.record_length[k]) != len(data)
             ):
-                raise SourceChanged("the source changed while it was being serialized")
+                raise SourceChanged()
             yield from out.add(data)
             written += len(data)
             k += 1
             if progress:
                 progress(min(size, (grain + 1) * gb), size)
         if k != self.grain_index.size:
-            raise SourceChanged("the source changed while it was being serialized")
+            raise SourceChanged()
         yield from out.add(self.trailer)
         written += len(self.trailer)
         yield from out.zeros(self.size - written)

@@ -78,9 +78,9 @@ def same_file(a: str, b: str) -> bool:
 def atomic_output(path: str, *, protect: tuple[str, ...] = ()) -> Iterator[int]:
     """Yield a file descriptor for a new file that appears at ``path`` only on success.
 
-    The data is flushed to disk before the rename.  ``protect`` lists input files that
-    ``path`` must not name (an output never replaces its own source).  Character and
-    block devices are written in place.
+    The data is flushed to disk before the rename, and the directory after it.
+    ``protect`` lists input files that ``path`` must not name (an output never replaces
+    its own source).  Character and block devices are written in place.
     """
     for src in protect:
         if same_file(path, src):
@@ -125,6 +125,7 @@ def atomic_output(path: str, *, protect: tuple[str, ...] = ()) -> Iterator[int]:
         fd = -1
         os.replace(tmp, path)
         ok = True
+        _sync_directory(directory)
     except QcowlibError:
         raise
     except OSError as exc:
@@ -135,6 +136,21 @@ def atomic_output(path: str, *, protect: tuple[str, ...] = ()) -> Iterator[int]:
         if not ok:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+def _sync_directory(directory: str) -> None:
+    """Make the rename itself durable (best effort: not every file system can)."""
+    try:
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        log.debug("cannot open %s to sync it: %s", directory, exc.strerror)
+        return
+    try:
+        os.fsync(dfd)
+    except OSError as exc:
+        log.debug("cannot sync directory %s: %s", directory, exc.strerror)
+    finally:
+        os.close(dfd)
 
 
 def _umask() -> int:

@@ -19,7 +19,7 @@ import numpy as np
 from qcowlib.disk.base import Disk
 from qcowlib.engine.classify import DATA, Classifier
 from qcowlib.engine.qcow2out import candidate_l2_tables, candidate_ranges
-from qcowlib.errors import InvalidArgument, QcowlibError
+from qcowlib.errors import InvalidArgument, QcowlibError, SourceChanged
 from qcowlib.formats.qcow2 import refcount as rc
 from qcowlib.formats.qcow2 import tables
 from qcowlib.formats.qcow2.layout import (
@@ -32,10 +32,6 @@ from qcowlib.formats.qcow2.layout import (
 Progress = Callable[[int, int], None]
 #: Output pieces; under uWSGI's 1 MiB chunk limit for Glance uploads.
 STREAM_CHUNK = 512 * 1024
-
-
-class SourceChanged(QcowlibError):
-    """The source disk changed between planning and emitting."""
 
 
 class Pieces:
@@ -245,7 +241,7 @@ class Qcow2Serializer:
                         or int(self.data_idx[k]) != cluster
                         or int(self.clen[k]) != length
                     ):
-                        raise SourceChanged("the source changed while it was being serialized")
+                        raise SourceChanged()
                     target = int(self.host[k])
                     if target > written:
                         yield from out.zeros(target - written)
@@ -265,7 +261,7 @@ class Qcow2Serializer:
             if progress:
                 progress(min(size, chunk.end * cs), size)
         if k != self.data_idx.size:
-            raise SourceChanged("the source changed while it was being serialized")
+            raise SourceChanged()
         if written < self.size:
             yield from out.zeros(self.size - written)
         yield from out.flush()
