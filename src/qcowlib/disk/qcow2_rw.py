@@ -24,7 +24,7 @@ import fcntl
 import logging
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable
 from typing import Final
 
 import numpy as np
@@ -232,23 +232,36 @@ class Qcow2RWDisk(Qcow2Disk):
         ]
         self._pwrite(offset + first_byte, rc.encode_block(entries, order)[: end_byte - first_byte])
 
-    def _update_refcounts(self, clusters: Iterator[int] | list[int], delta: int) -> None:
-        """Add ``delta`` to each cluster's refcount, creating blocks as needed."""
-        touched: dict[int, tuple[int, int]] = {}
-        for cluster in clusters:
-            index = cluster // self.per_block
+    def _update_refcounts(self, clusters: Iterable[int] | np.ndarray, delta: int) -> None:
+        """Add ``delta`` to each cluster's refcount (once per occurrence), creating
+        blocks as needed; block-at-a-time, each block written back once."""
+        if not isinstance(clusters, np.ndarray):
+            clusters = np.fromiter(clusters, dtype=np.int64)
+        arr = np.sort(clusters.astype(np.int64))
+        if arr.size == 0:
+            return
+        per = self.per_block
+        indexes = arr // per
+        bounds = np.flatnonzero(np.diff(indexes)) + 1
+        for part in np.split(arr, bounds):
+            index = int(part[0]) // per
             block = self._block(index)
             if block is None:
                 block = self._new_block(index)
-            i = cluster % self.per_block
-            value = int(block[i]) + delta
-            if value < 0 or value > self.max_refcount:
+            local, counts = np.unique(part % per, return_counts=True)
+            step = counts.astype(np.uint64) * np.uint64(abs(delta))
+            current = block[local]
+            if delta >= 0:
+                bad = current > np.uint64(self.max_refcount) - step
+            else:
+                bad = current < step
+            if bad.any():
+                at = int(np.flatnonzero(bad)[0])
+                cluster = index * per + int(local[at])
+                value = int(current[at]) + int(counts[at]) * delta
                 self._signal_corruption(f"refcount of cluster {cluster} would become {value}")
-            block[i] = value
-            lo, hi = touched.get(index, (i, i + 1))
-            touched[index] = (min(lo, i), max(hi, i + 1))
-        for index in sorted(touched):
-            self._write_block(index, *touched[index])
+            block[local] = current + step if delta >= 0 else current - step
+            self._write_block(index, int(local[0]), int(local[-1]) + 1)
 
     def _new_block(self, index: int) -> tables.U64:
         """Create refcount block ``index`` at the end of the file (it may cover itself)."""
@@ -350,8 +363,8 @@ class Qcow2RWDisk(Qcow2Disk):
             self.host.size = self.file_end
         return offset
 
-    def _free(self, clusters: list[int]) -> None:
-        if clusters:
+    def _free(self, clusters: list[int] | np.ndarray) -> None:
+        if len(clusters):
             self._update_refcounts(clusters, -1)
 
     # -- L1/L2 -----------------------------------------------------------------------
@@ -427,14 +440,22 @@ class Qcow2RWDisk(Qcow2Disk):
 
     def _host_clusters_of(self, entry: int) -> list[int]:
         """Host clusters an L2 entry holds a reference to."""
+        return [int(c) for c in self._referenced_clusters(np.array([entry], dtype=np.uint64))]
+
+    def _referenced_clusters(self, entries: np.ndarray) -> np.ndarray:
+        """Host clusters that L2 ``entries`` hold references to (one per reference)."""
         cs = self.cluster_size
-        if entry & tables.OFLAG_COMPRESSED:
+        compressed = (entries & np.uint64(tables.OFLAG_COMPRESSED)) != 0
+        plain = entries[~compressed] & np.uint64(tables.OFFSET_MASK)
+        out = [(plain[plain != 0] // np.uint64(cs)).astype(np.int64)]
+        if compressed.any():
             layout = tables.CompressedLayout(self.cluster_bits)
-            off, length = layout.decode(np.array([entry], dtype=np.uint64))
-            o, n = int(off[0]), int(length[0])
-            return list(range(o // cs, (o + n - 1) // cs + 1))
-        host = entry & tables.OFFSET_MASK
-        return [host // cs] if host else []
+            off, length = layout.decode(entries[compressed])
+            first = (off // np.uint64(cs)).astype(np.int64)
+            span = ((off + length - np.uint64(1)) // np.uint64(cs)).astype(np.int64) - first + 1
+            starts = np.repeat(np.cumsum(span) - span, span)
+            out.append(np.repeat(first, span) + np.arange(int(span.sum())) - starts)
+        return np.concatenate(out)
 
     # -- guest writes -----------------------------------------------------------------
     def _guest_cluster(self, cluster: int) -> bytearray:
@@ -721,31 +742,66 @@ class Qcow2RWDisk(Qcow2Disk):
                 # zero the tail of the last partial cluster so a later grow reads zeros
                 end_partial = min(first * cs, self.virtual_size)
                 self.write_zeroes(size, end_partial - size)
-            last = -(-self.virtual_size // cs)
-            for cluster in range(first, last):
-                l1_index, i = divmod(cluster, self.l2_entries)
-                table = self._l2_table(l1_index, allocate=False)
-                if table is None:
-                    continue
-                table = self._l2_table(l1_index, allocate=True)
-                assert table is not None
-                entry, _ = self._entry(table, i)
-                if entry or (self.extended_l2 and table[2 * i + 1]):
-                    self._set_l2(l1_index, i, 0, 0)
-                    self._free(self._host_clusters_of(entry))
+            self._unmap_tail(first)
             for l1_index in range(need, self.l1.size):
                 entry = int(self.l1[l1_index])
                 if entry & tables.OFFSET_MASK:
                     self._set_l1(l1_index, 0)
                     self._l2_tables.pop(l1_index, None)
                     self._free([(entry & tables.OFFSET_MASK) // cs])
+            self._metadata = None
         elif need > self.l1.size:
             self._grow_l1(need)
         self._pwrite(24, struct.pack(">Q", size))
         self.flush()
+        shrunk = size < self.virtual_size
         self.header = self.header.replace(size=size)
         self.virtual_size = size
         self._l2_cache.clear()
+        if shrunk:
+            self._truncate_unused_tail()
+
+    def _unmap_tail(self, first: int) -> None:
+        """Unmap guest clusters ``first`` onwards, one L2 table at a time."""
+        per = self.l2_entries
+        last = -(-self.virtual_size // self.cluster_size)
+        width = 2 if self.extended_l2 else 1
+        for l1_index in range(first // per, min(self.l1.size, -(-last // per))):
+            if self._l2_table(l1_index, allocate=False) is None:
+                continue
+            table = self._l2_table(l1_index, allocate=True)  # copies a shared table
+            assert table is not None
+            lo, hi = max(first - l1_index * per, 0), min(last - l1_index * per, per)
+            if not table[lo * width : hi * width].any():
+                continue
+            freed = self._referenced_clusters(table[lo * width : hi * width : width])
+            table[lo * width : hi * width] = 0
+            base = int(self.l1[l1_index]) & tables.OFFSET_MASK
+            raw = tables.encode_table(table[lo * width : hi * width])
+            pos = base + lo * width * 8
+            self._check_overlap(pos, len(raw), base // self.cluster_size, "L2 table")
+            self._pwrite(pos, raw)
+            self._invalidate(l1_index)
+            self._free(freed)
+
+    def _truncate_unused_tail(self) -> None:
+        """Cut the file after its last cluster in use, as QEMU does after a shrink."""
+        cs = self.cluster_size
+        last = -1
+        for index in np.flatnonzero(self.reftable).tolist():
+            block = self._block(index)
+            used = np.flatnonzero(block) if block is not None else np.zeros(0, dtype=np.int64)
+            if used.size:
+                last = max(last, index * self.per_block + int(used[-1]))
+        end = (last + 1) * cs
+        if 0 < end < self.host.size:
+            try:
+                os.ftruncate(self.host.fd, end)
+            except OSError as exc:
+                log.warning("%s: cannot truncate the tail: %s", self.filename, exc.strerror)
+                return
+            self.host.size = end
+            self.file_end = end
 
     def _grow_l1(self, entries: int) -> None:
         cs = self.cluster_size
