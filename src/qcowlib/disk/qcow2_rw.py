@@ -345,13 +345,14 @@ class Qcow2RWDisk(Qcow2Disk):
     def alloc_clusters(self, n: int) -> int:
         """Allocate ``n`` contiguous clusters at the end of the file; returns the offset."""
         cs = self.cluster_size
-        offset = self.file_end
+        start = self.file_end // cs
         # Clusters past the end of the file may still carry refcounts (an allocation cut
         # short by a crash): never hand those out again.
-        while any(self.get_refcount(c) for c in range(offset // cs, offset // cs + n)):
-            offset += cs
+        while (busy := self._last_used(start, n)) >= 0:
+            start = busy + 1
+        offset = start * cs
         self.file_end = offset + n * cs
-        self._update_refcounts(list(range(offset // cs, offset // cs + n)), 1)
+        self._update_refcounts(np.arange(start, start + n, dtype=np.int64), 1)
         # Extend the file so the new clusters exist even before data lands in them.
         if self.file_end > self.host.size:
             try:
@@ -362,6 +363,21 @@ class Qcow2RWDisk(Qcow2Disk):
                 ) from None
             self.host.size = self.file_end
         return offset
+
+    def _last_used(self, first: int, count: int) -> int:
+        """The highest cluster of ``first .. first + count - 1`` with a refcount, or -1."""
+        per = self.per_block
+        end = first + count
+        while end > first:
+            index = (end - 1) // per
+            lo = max(first, index * per)
+            block = self._block(index)
+            if block is not None:
+                used = np.flatnonzero(block[lo - index * per : end - index * per])
+                if used.size:
+                    return lo + int(used[-1])
+            end = lo
+        return -1
 
     def _free(self, clusters: list[int] | np.ndarray) -> None:
         if len(clusters):
@@ -479,9 +495,39 @@ class Qcow2RWDisk(Qcow2Disk):
         end = offset + len(view)
         while pos < end:
             cluster = pos // cs
+            if pos % cs == 0 and end - pos >= 2 * cs and not self.extended_l2:
+                done = self._write_new_clusters(cluster, view[pos - offset :])
+                if done:
+                    pos += done * cs
+                    continue
             c_end = min(end, (cluster + 1) * cs)
             self._write_in_cluster(cluster, pos - cluster * cs, view[pos - offset : c_end - offset])
             pos = c_end
+
+    def _write_new_clusters(self, cluster: int, data: memoryview) -> int:
+        """Write whole clusters from ``cluster`` on that this image does not hold yet
+        (unallocated or zero without a host cluster) in one allocation, one data write
+        and one L2 write; returns how many were written (0: none could be)."""
+        cs = self.cluster_size
+        l1_index, i = divmod(cluster, self.l2_entries)
+        table = self._l2_table(l1_index, allocate=True)
+        assert table is not None
+        limit = min(len(data) // cs, self.l2_entries - i)
+        held = table[i : i + limit] & np.uint64(tables.OFFSET_MASK | tables.OFLAG_COMPRESSED)
+        taken = np.flatnonzero(held)
+        n = int(taken[0]) if taken.size else limit
+        if n < 2:
+            return 0
+        target = self.alloc_clusters(n)
+        self._check_overlap(target, n * cs, None, "data")
+        self._pwrite(target, data[: n * cs])
+        hosts = np.uint64(target) + np.arange(n, dtype=np.uint64) * np.uint64(cs)
+        table[i : i + n] = hosts | np.uint64(tables.OFLAG_COPIED)
+        base = int(self.l1[l1_index]) & tables.OFFSET_MASK
+        self._check_overlap(base + 8 * i, 8 * n, base // cs, "L2 entries")
+        self._pwrite(base + 8 * i, tables.encode_table(table[i : i + n]))
+        self._invalidate(l1_index)
+        return n
 
     def _write_in_cluster(self, cluster: int, within: int, data: memoryview) -> None:
         cs = self.cluster_size

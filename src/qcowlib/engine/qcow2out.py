@@ -77,7 +77,8 @@ def candidate_l2_tables(
     return l2_needed, n_data
 
 
-def _merge(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def merge_ranges(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The union of two lists of ``[start, end)`` ranges, sorted and merged."""
     out: list[tuple[int, int]] = []
     for first, end in sorted(a + b):
         if out and out[-1][1] >= first:
@@ -383,7 +384,7 @@ def write_qcow2(
     ranges = candidate_ranges(src, cs)
     if backing is not None:
         back_ranges = [(a, min(b, -(-size // cs))) for a, b in candidate_ranges(backing, cs)]
-        ranges = _merge(ranges, [r for r in back_ranges if r[0] < r[1]])
+        ranges = merge_ranges(ranges, [r for r in back_ranges if r[0] < r[1]])
     write_pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="qcowlib-write")
     if opts.preallocation != "off":
         # Every cluster is allocated up front; only then is source data copied in.

@@ -97,33 +97,30 @@ def rebase(
 
 
 def _copy_differences(disk: Disk, new_base: Disk | None, progress: Progress | None) -> None:
-    """Write into ``disk`` what its old backing shows where the new one differs."""
+    """Write into ``disk`` what its old backing shows where the new one differs.
+
+    Only ranges this image leaves to its backing, and where either backing may hold
+    data (by their extent maps), are read; differing clusters are written in runs.
+    """
     from qcowlib.disk.qcow2_rw import Qcow2RWDisk
+    from qcowlib.engine.qcow2out import candidate_ranges, merge_ranges
 
     assert isinstance(disk, Qcow2RWDisk)
     size = disk.virtual_size
     old_base = disk.backing
     cs = disk.cluster_size
-    for ext in list(disk.layer_extents()):
-        if ext.kind is not ExtentKind.UNALLOCATED:
-            continue
-        pos = ext.start
-        while pos < ext.end:
-            n = min(_CHUNK, ext.end - pos)
-            old = _read_or_zero(old_base, pos, n)
-            new = _read_or_zero(new_base, pos, n)
-            if old != new:
-                a = np.frombuffer(old, dtype=np.uint8)
-                b = np.frombuffer(new, dtype=np.uint8)
-                # Copy whole clusters that differ, in runs.
-                diff = a != b
-                nclus = -(-n // cs)
-                per = np.zeros(nclus * cs, dtype=bool)
-                per[:n] = diff
-                flags = per.reshape(nclus, cs).any(axis=1)
-                for i in np.flatnonzero(flags).tolist():
-                    s, e = i * cs, min(n, (i + 1) * cs)
-                    disk.write(pos + s, old[s:e])
+    maybe = merge_ranges(candidate_ranges(old_base, cs), candidate_ranges(new_base, cs))
+    own = [(e.start, e.end) for e in disk.layer_extents() if e.kind is ExtentKind.UNALLOCATED]
+    old_buf, new_buf = bytearray(_CHUNK), bytearray(_CHUNK)
+    for start, end in _intersect(own, [(a * cs, min(b * cs, size)) for a, b in maybe]):
+        pos = start
+        while pos < end:
+            n = min(_CHUNK, end - pos)
+            old, new = memoryview(old_buf)[:n], memoryview(new_buf)[:n]
+            _read_or_zero(old_base, pos, old)
+            _read_or_zero(new_base, pos, new)
+            for first, last in _runs(_differing_clusters(old, new, cs)):
+                disk.write(pos + first * cs, old[first * cs : min(n, last * cs)])
             pos += n
             if progress:
                 progress(pos, size)
@@ -132,12 +129,47 @@ def _copy_differences(disk: Disk, new_base: Disk | None, progress: Progress | No
     disk.backing = None
 
 
-def _read_or_zero(disk: Disk | None, offset: int, n: int) -> bytes:
-    buf = bytearray(n)
+def _intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Ranges covered by both sorted, non-overlapping lists of ``[start, end)``."""
+    out: list[tuple[int, int]] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if lo < hi:
+            out.append((lo, hi))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def _differing_clusters(old: memoryview, new: memoryview, cs: int) -> np.ndarray:
+    """One flag per ``cs`` bytes (the last part may be short): True where they differ."""
+    n = len(old)
+    unit = 8 if n % 8 == 0 else 1
+    dtype = np.uint64 if unit == 8 else np.uint8
+    diff = np.frombuffer(old, dtype=dtype) != np.frombuffer(new, dtype=dtype)
+    nclus = -(-n // cs)
+    padded = np.zeros(nclus * cs // unit, dtype=bool)
+    padded[: diff.size] = diff
+    return np.asarray(padded.reshape(nclus, cs // unit).any(axis=1))
+
+
+def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """``[first, last)`` index runs where ``flags`` is set."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], flags.astype(np.int8), [0]))))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
+
+
+def _read_or_zero(disk: Disk | None, offset: int, buf: memoryview) -> None:
+    """Fill ``buf`` with ``disk``'s bytes from ``offset``; zeros past its end or without it."""
+    m = 0
     if disk is not None and offset < disk.virtual_size:
-        m = min(n, disk.virtual_size - offset)
-        disk.read_into(offset, memoryview(buf)[:m])
-    return bytes(buf)
+        m = min(len(buf), disk.virtual_size - offset)
+        disk.read_into(offset, buf[:m])
+    if m < len(buf):
+        buf[m:] = bytes(len(buf) - m)
 
 
 def commit(path: str, *, drop: bool = False, progress: Progress | None = None) -> None:
