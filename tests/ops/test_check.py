@@ -424,6 +424,10 @@ def test_repair_leaks_on_leak_only_image(tmp_path: Path) -> None:
     path = tmp_path / "img.qcow2"
     _leak(_base(path))
     assert qemu_img("check", path, check=False).returncode == 3
+    ref = tmp_path / "ref.qcow2"
+    shutil.copyfile(path, ref)
+    qemu_img("check", "-q", "-r", "leaks", ref, check=False)
+    blocks_before = path.stat().st_blocks
     status, out, err = ours(tmp_path, "check", "-r", "leaks", "img.qcow2")
     assert status == 0
     assert out.startswith(
@@ -436,6 +440,10 @@ def test_repair_leaks_on_leak_only_image(tmp_path: Path) -> None:
         == "Leaked cluster 6 refcount=1 reference=0\nRepairing cluster 6 refcount=1 reference=0\n"
     )
     assert qemu_img("check", path, check=False).returncode == 0
+    # the freed cluster is given back to the file system, as qemu-img's repair does
+    cluster = path.read_bytes()[6 * 65536 : 7 * 65536]
+    assert cluster == ref.read_bytes()[6 * 65536 : 7 * 65536] == bytes(65536)
+    assert path.stat().st_blocks <= blocks_before - 65536 // 512
 
 
 def test_refcount_too_low_with_snapshot_is_fixed_in_place(tmp_path: Path) -> None:

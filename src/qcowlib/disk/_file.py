@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import errno
+import functools
+import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from qcowlib.errors import QcowlibIOError, TruncatedImage
+
+log = logging.getLogger(__name__)
+
+# linux/falloc.h
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
 
 
 class HostFile:
@@ -130,3 +138,34 @@ def pwrite_all(fd: int, data: memoryview | bytes | bytearray, offset: int) -> No
         raise QcowlibIOError(
             f"write error at {offset + done:#x}: {exc.strerror}", offset=offset + done
         ) from None
+
+
+@functools.cache
+def _fallocate() -> Callable[[int, int, int, int], int] | None:
+    """Linux ``fallocate(2)`` through libc, or None where it is missing."""
+    try:
+        import ctypes
+
+        func = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    func.restype = ctypes.c_int
+
+    def call(fd: int, mode: int, offset: int, length: int) -> int:
+        return 0 if func(fd, mode, offset, length) == 0 else ctypes.get_errno()
+
+    return call
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Give ``[offset, offset + length)`` of a file back to the file system, keeping the
+    file's size (the range then reads as zeros).  Best effort, as QEMU's discard: False
+    where the system or file system cannot."""
+    call = _fallocate()
+    if call is None or length <= 0:
+        return False
+    err = call(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+    if err:
+        log.debug("no hole punched at %#x+%#x: %s", offset, length, os.strerror(err))
+    return not err

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import struct
 
-from qcowlib.disk._file import HostFile
+from qcowlib.disk._file import HostFile, punch_hole
 from qcowlib.errors import InvalidArgument, QcowlibIOError
 
 #: Byte offsets of header fields a repair rewrites (qcow2.txt "Header").
@@ -64,6 +64,12 @@ class RepairWriter:
             reason = getattr(exc, "strerror", None) or "File too large"
             raise ResizeFailed(reason, file=self.host.path) from None
         self.host.size = size
+
+    def discard(self, offset: int, length: int) -> None:
+        """Deallocate freed clusters inside the file (best effort, as QEMU's discard)."""
+        length = min(length, self.host.size - offset)
+        if offset >= 0 and length > 0:
+            punch_hole(self.host.fd, offset, length)
 
     def write_refcount_table_pointer(self, offset: int, clusters: int) -> None:
         """Point the header at a new refcount table (``refcount_table_offset/_clusters``)."""

@@ -34,9 +34,10 @@ Where qcowlib deliberately differs from qemu-img 7.2:
 
 * Only qcow2 is checked (vmdk, vdi and vhdx raise :class:`UnsupportedFeature`).
   Encrypted images are checked without their key (the check never decrypts).
-* Repair leaves the bytes of clusters it frees in place (QEMU also discards them, i.e.
-  punches holes); they are unreferenced either way.  It does not touch persistent
-  bitmaps (QEMU re-stores them whenever it opens an image read-write).
+* Repair punches holes where the leaked clusters it frees were, as QEMU's discard does,
+  but only when the image has no other error (QEMU discards them even when they only
+  look leaked because a broken table could not be followed).  It does not touch
+  persistent bitmaps (QEMU re-stores them whenever it opens an image read-write).
 * Caps on hostile input: :data:`MAX_CHECK_CLUSTERS`, :data:`MAX_REPAIR_GROWTH` (QEMU
   extends a file to any offset a corrupt refcount table names) and :data:`MAX_MESSAGES`.
 * After QEMU signals a fatal corruption while repairing, it marks the image corrupt and
@@ -1942,6 +1943,7 @@ class _Qcow2Check:
         window = max(rbs, COMPARE_WINDOW // rbs * rbs)
         highest = 0
         rebuild = False
+        freed: list[int] = []
         for lo in range(0, n, window):
             hi = min(n, lo + window)
             stored, errors = self.stored_range(lo, hi)
@@ -1976,6 +1978,8 @@ class _Qcow2Check:
                 self.messages.add(f"{word} cluster {i} refcount={r1} reference={r2}")
                 if num_fixed:
                     self._update_refcount(i, r2)
+                    if r2 == 0:
+                        freed.append(i)
                     setattr(res, num_fixed, getattr(res, num_fixed) + 1)
                     continue
                 if r1 < r2:
@@ -1984,7 +1988,23 @@ class _Qcow2Check:
                     res.leaks += 1
         if self._dirty_refblocks:
             self._flush_refblocks()
+        if not (res.corruptions or res.check_errors or rebuild):
+            # Only for an otherwise sound image: clusters that merely look leaked because
+            # a broken table could not be followed keep their bytes.
+            self._discard_clusters(freed)
         return rebuild, highest
+
+    def _discard_clusters(self, clusters: list[int]) -> None:
+        """Punch holes where freed clusters were (QCOW2_DISCARD_ALWAYS), in runs."""
+        if self.writer is None or not clusters:
+            return
+        cs = self.cluster_size
+        start = prev = clusters[0]
+        for c in [*clusters[1:], -1]:
+            if c != prev + 1:
+                self.writer.discard(start * cs, (prev - start + 1) * cs)
+                start = c
+            prev = c
 
     # -- check_oflag_copied ---------------------------------------------------------------
     def _check_oflag_copied(self, res: _Result, fix: int) -> None:
