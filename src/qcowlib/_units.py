@@ -1,4 +1,5 @@
-"""Sizes: parsing ``10G``-style strings, alignment helpers and documented caps."""
+"""Sizes: parsing ``10G``-style strings, alignment helpers and documented caps; the value
+types of ``-o`` options as QEMU's QemuOpts parses them."""
 
 from __future__ import annotations
 
@@ -71,3 +72,44 @@ def human_size(value: int) -> str:
         return f"{value} B"
     # qemu prints with %0.3g, trimming trailing zeros
     return f"{size:.3g} {units[unit]}"
+
+
+# -- ``-o`` option values, as QemuOpts types them (util/qemu-option.c) ---------------------
+_QEMU_TRUE = ("on", "yes", "true", "y")
+_QEMU_FALSE = ("off", "no", "false", "n")
+_HEX_RE = re.compile(r"^\s*0[xX][0-9a-fA-F]+\s*$")
+_OCTAL_RE = re.compile(r"^\s*0[0-7]+\s*$")
+
+
+def parse_option_bool(key: str, value: str) -> bool:
+    """QEMU's ``qapi_bool_parse``: lower case only."""
+    if value in _QEMU_TRUE:
+        return True
+    if value in _QEMU_FALSE:
+        return False
+    raise InvalidArgument(f"Parameter '{key}' expects 'on' or 'off'")
+
+
+def parse_option_number(key: str, value: str) -> int:
+    """QemuOpts' number type: ``strtoull`` with base 0 (negative values wrap)."""
+    text = value.strip()
+    try:
+        number = int(text, 8) if _OCTAL_RE.match(text) else int(text, 0)
+    except ValueError:
+        raise InvalidArgument(f"Parameter '{key}' expects a number") from None
+    if number >= 1 << 64 or number <= -(1 << 64):
+        raise InvalidArgument(f"Parameter '{key}' expects a number")
+    return number % (1 << 64)
+
+
+def parse_option_size(key: str, value: str) -> int:
+    """QemuOpts' size type: bytes with an optional ``k M G T P E`` suffix, or hex."""
+    if _HEX_RE.match(value):
+        return int(value, 16)
+    try:
+        return parse_size(value)
+    except InvalidArgument:
+        raise InvalidArgument(
+            f"Parameter '{key}' expects a non-negative number below 2^64 (optional suffix "
+            "k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta- and exabytes)"
+        ) from None

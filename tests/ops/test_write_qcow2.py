@@ -78,6 +78,18 @@ def test_create_options(options: dict[str, str], tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    "options",
+    ["lazy_refcounts=y", "cluster_size=0x10000", "refcount_bits=0x10", "refcount_bits=010"],
+)
+def test_create_option_spellings_qemu_accepts(options: str, tmp_path: Path) -> None:
+    """QemuOpts' value types: y/n booleans, hex sizes, base-0 numbers (010 is octal 8)."""
+    ours, ref = tmp_path / "ours.qcow2", tmp_path / "ref.qcow2"
+    assert cli("create", "-q", "-f", "qcow2", "-o", options, ours, "1G").returncode == 0
+    qemu_img("create", "-q", "-f", "qcow2", "-o", options, ref, "1G")
+    assert qemu_json("info", ours)["format-specific"] == qemu_json("info", ref)["format-specific"]
+
+
+@pytest.mark.parametrize(
     ("options", "message"),
     [
         ("compat=0.10,refcount_bits=8", "compatibility level"),
@@ -91,6 +103,9 @@ def test_create_options(options: dict[str, str], tmp_path: Path) -> None:
         ("compat=2.0", "compatibility level"),
         ("backing_fmt=raw", "without backing file"),
         ("nosuchoption=1", "nosuchoption"),
+        ("lazy_refcounts=ON", "expects 'on' or 'off'"),
+        ("refcount_bits=abc", "expects a number"),
+        ("size=1G", "specified only once"),
     ],
 )
 def test_create_refusals(options: str, message: str, tmp_path: Path) -> None:

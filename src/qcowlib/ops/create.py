@@ -44,6 +44,8 @@ def qcow2_options(
         raise InvalidArgument(
             "Backing file specified without backing format (use -F; it is never guessed)"
         )
+    if size is not None and "size" in opts:
+        raise InvalidArgument("The image size must be specified only once")
     if size is None and "size" not in opts:
         if not bfile or unsafe:
             raise InvalidArgument("Image creation needs a size parameter")

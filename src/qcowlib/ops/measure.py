@@ -17,11 +17,16 @@ allocated image, so ``required`` overestimates a little, exactly as qemu-img doe
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from typing import Final
 
-from qcowlib._units import align_up, div_round_up, parse_size
+from qcowlib._units import (
+    align_up,
+    div_round_up,
+    parse_option_bool,
+    parse_option_number,
+    parse_option_size,
+)
 from qcowlib.disk.base import Disk, Extent, ExtentKind
 from qcowlib.errors import InvalidArgument, UnsupportedFeature
 from qcowlib.formats.qcow2 import header as hdr
@@ -91,51 +96,10 @@ _CREATE_OPTIONS: Final[dict[str, dict[str, str]]] = {
     },
     "raw": dict(_FILE_OPTIONS),
 }
-# QEMU's qapi_bool_parse: lower case only.
-_BOOLS: Final = {"on": True, "yes": True, "true": True, "y": True}
-_BOOLS_OFF: Final = ("off", "no", "false", "n")
 _PREALLOC_MODES: Final = ("off", "metadata", "falloc", "full")
-_HEX_RE = re.compile(r"^\s*0[xX][0-9a-fA-F]+\s*$")
-_OCTAL_RE = re.compile(r"^\s*0[0-7]+\s*$")
 
 
 # -- option values --------------------------------------------------------------------------
-
-
-def _parse_bool(key: str, value: str) -> bool:
-    if value in _BOOLS:
-        return True
-    if value in _BOOLS_OFF:
-        return False
-    raise InvalidArgument(f"Parameter '{key}' expects 'on' or 'off'")
-
-
-def _parse_number(key: str, value: str) -> int:
-    """QemuOpts' number type: ``strtoull`` with base 0 (negative values wrap)."""
-    text = value.strip()
-    try:
-        if _OCTAL_RE.match(text):
-            number = int(text, 8)
-        else:
-            number = int(text, 0)
-    except ValueError:
-        raise InvalidArgument(f"Parameter '{key}' expects a number") from None
-    if number >= 1 << 64 or number <= -(1 << 64):
-        raise InvalidArgument(f"Parameter '{key}' expects a number")
-    return number % (1 << 64)
-
-
-def _parse_size_option(key: str, value: str) -> int:
-    """QemuOpts' size type: bytes with an optional ``k M G T P E`` suffix, or hex."""
-    if _HEX_RE.match(value):
-        return int(value, 16)
-    try:
-        return parse_size(value)
-    except InvalidArgument:
-        raise InvalidArgument(
-            f"Parameter '{key}' expects a non-negative number below 2^64 (optional suffix "
-            "k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta- and exabytes)"
-        ) from None
 
 
 def _parse_options(out_format: str, options: Mapping[str, str]) -> dict[str, bool | int | str]:
@@ -150,11 +114,11 @@ def _parse_options(out_format: str, options: Mapping[str, str]) -> dict[str, boo
                 f"Invalid parameter '{key}' (invalid options for file format '{out_format}')"
             )
         if kind == _BOOL:
-            parsed[key] = _parse_bool(key, value)
+            parsed[key] = parse_option_bool(key, value)
         elif kind == _NUMBER:
-            parsed[key] = _parse_number(key, value)
+            parsed[key] = parse_option_number(key, value)
         elif kind == _SIZE:
-            parsed[key] = _parse_size_option(key, value)
+            parsed[key] = parse_option_size(key, value)
         else:
             parsed[key] = value
     return parsed

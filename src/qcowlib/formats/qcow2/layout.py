@@ -72,22 +72,16 @@ class CreateOptions:
         return -(-self.size // 512) * 512
 
 
-_BOOL = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
-
-
-def _flag(key: str, value: str) -> bool:
-    try:
-        return _BOOL[value.lower()]
-    except KeyError:
-        raise InvalidArgument(f"Parameter '{key}' expects 'on' or 'off'") from None
-
-
 def parse_options(size: int, options: dict[str, str]) -> CreateOptions:
     """Build and validate :class:`CreateOptions` from ``-o`` key/values and a size.
 
     Raises :class:`InvalidArgument` with qemu-img's wording for invalid combinations.
     """
-    from qcowlib._units import parse_size
+    from qcowlib._units import (
+        parse_option_bool,
+        parse_option_number,
+        parse_option_size,
+    )
 
     known = {
         "cluster_size", "compat", "refcount_bits", "lazy_refcounts", "extended_l2",
@@ -98,9 +92,9 @@ def parse_options(size: int, options: dict[str, str]) -> CreateOptions:
         raise InvalidArgument(f"Invalid parameter '{unknown[0]}'")
     kw: dict[str, object] = {}
     if "size" in options:
-        size = parse_size(options["size"])
+        size = parse_option_size("size", options["size"])
     if "cluster_size" in options:
-        kw["cluster_size"] = parse_size(options["cluster_size"])
+        kw["cluster_size"] = parse_option_size("cluster_size", options["cluster_size"])
     if "compat" in options:
         compat = options["compat"]
         if compat in ("0.10", "v2"):
@@ -110,15 +104,10 @@ def parse_options(size: int, options: dict[str, str]) -> CreateOptions:
         else:
             raise InvalidArgument(f"Invalid compatibility level: '{compat}'")
     if "refcount_bits" in options:
-        try:
-            kw["refcount_bits"] = int(options["refcount_bits"])
-        except ValueError:
-            raise InvalidArgument(
-                "Refcount width must be a power of two and may not exceed 64 bits"
-            ) from None
+        kw["refcount_bits"] = parse_option_number("refcount_bits", options["refcount_bits"])
     for key in ("lazy_refcounts", "extended_l2"):
         if key in options:
-            kw[key] = _flag(key, options[key])
+            kw[key] = parse_option_bool(key, options[key])
     if "compression_type" in options:
         kw["compression_type"] = options["compression_type"]
     if "preallocation" in options:
