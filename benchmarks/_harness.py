@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 GNU_TIME = "/usr/bin/time"
@@ -25,8 +26,12 @@ class Run:
     median: float = 0.0
 
 
-def measure(argv: list[str], output: str | None = None) -> Run:
+def measure(
+    argv: list[str], output: str | None = None, prepare: Callable[[], None] | None = None
+) -> Run:
     """Run ``argv`` to completion; raise if it fails.
+
+    ``prepare`` runs first, untimed (an in-place operation gets a fresh copy of its input).
 
     ``output`` (the file the command writes) is removed first, untimed: freeing the
     previous run's gigabyte is not part of either tool's work (qemu-img truncates an
@@ -41,6 +46,8 @@ def measure(argv: list[str], output: str | None = None) -> Run:
         raise SystemExit("benchmarks need GNU time: apt-get install time")
     if output is not None and os.path.lexists(output):
         os.unlink(output)
+    if prepare is not None:
+        prepare()
     os.sync()
     with tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
@@ -60,7 +67,11 @@ def best_of(argv: list[str], repeat: int, output: str | None = None) -> Run:
 
 
 def paired(
-    ref: list[str], ours: list[str], repeat: int, output: str | None = None
+    ref: list[str],
+    ours: list[str],
+    repeat: int,
+    output: str | None = None,
+    prepare: Callable[[], None] | None = None,
 ) -> tuple[Run, Run]:
     """Both commands ``repeat`` times, alternating, after one warm-up run of each.
 
@@ -69,13 +80,13 @@ def paired(
     sides instead of all the runs of one.  The report gives the ratio of the best runs
     and the ratio of the medians.
     """
-    measure(ref, output)
-    measure(ours, output)
+    measure(ref, output, prepare)
+    measure(ours, output, prepare)
     ref_runs: list[Run] = []
     our_runs: list[Run] = []
     for _ in range(repeat):
-        ref_runs.append(measure(ref, output))
-        our_runs.append(measure(ours, output))
+        ref_runs.append(measure(ref, output, prepare))
+        our_runs.append(measure(ours, output, prepare))
     return _summary(ref_runs), _summary(our_runs)
 
 

@@ -834,11 +834,13 @@ class Qcow2RWDisk(Qcow2Disk):
         """Cut the file after its last cluster in use, as QEMU does after a shrink."""
         cs = self.cluster_size
         last = -1
-        for index in np.flatnonzero(self.reftable).tolist():
+        # From the last refcount block backwards: usually only the last one is read.
+        for index in reversed(np.flatnonzero(self.reftable).tolist()):
             block = self._block(index)
             used = np.flatnonzero(block) if block is not None else np.zeros(0, dtype=np.int64)
             if used.size:
-                last = max(last, index * self.per_block + int(used[-1]))
+                last = index * self.per_block + int(used[-1])
+                break
         end = (last + 1) * cs
         if 0 < end < self.host.size:
             try:

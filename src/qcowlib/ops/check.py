@@ -101,6 +101,8 @@ QCOW_MAX_L1_SIZE: Final = _header.MAX_L1_SIZE_BYTES
 #: QCOW_MAX_SNAPSHOT_EXTRA_DATA and QCOW_MAX_SNAPSHOTS_SIZE (qcow2.h).
 QCOW_MAX_SNAPSHOT_EXTRA_DATA: Final = _header.MAX_SNAPSHOT_EXTRA_DATA
 QCOW_MAX_SNAPSHOTS_SIZE: Final = _snapshot.MAX_SNAPSHOTS_SIZE
+SNAPSHOT_HEADER_SIZE: Final = _snapshot.SNAPSHOT_HEADER_SIZE
+SNAPSHOT_EXTRA_SIZE: Final = _snapshot.SNAPSHOT_EXTRA_SIZE
 #: Bitmap directory caps and entry constraints (qcow2-bitmap.c).
 QCOW2_MAX_BITMAP_DIRECTORY_SIZE: Final = _bitmap.MAX_BITMAP_DIRECTORY_SIZE
 BME_MAX_TABLE_SIZE: Final = 0x800_0000
@@ -790,21 +792,28 @@ class _Snapshot:
         names up to their first NUL, as QEMU's strlen() sees them)."""
         ident = self.id_raw.split(b"\0", 1)[0]
         name = self.name_raw.split(b"\0", 1)[0]
-        extra_size = max(24, self.extra_data_size)
-        header = struct.pack(
-            ">QIHHIIQII",
-            self.l1_table_offset,
-            self.l1_size,
-            len(ident),
-            len(name),
-            self.date_sec,
-            self.date_nsec,
-            self.vm_clock_nsec,
-            self.vm_state_size if self.vm_state_size <= 0xFFFF_FFFF else 0,
-            extra_size,
+        extra_size = max(SNAPSHOT_EXTRA_SIZE, self.extra_data_size)
+        header = _snapshot.SNAPSHOT_HEADER.build(
+            {
+                "l1_table_offset": self.l1_table_offset,
+                "l1_size": self.l1_size,
+                "id_str_size": len(ident),
+                "name_size": len(name),
+                "date_sec": self.date_sec,
+                "date_nsec": self.date_nsec,
+                "vm_clock_nsec": self.vm_clock_nsec,
+                "vm_state_size": self.vm_state_size if self.vm_state_size <= 0xFFFF_FFFF else 0,
+                "extra_data_size": extra_size,
+            }
         )
-        extra = struct.pack(">QQQ", self.vm_state_size, self.disk_size, self.icount)
-        return header + extra + self.unknown_extra_data + ident + name
+        extra = _snapshot.SNAPSHOT_EXTRA.build(
+            {
+                "vm_state_size_large": self.vm_state_size,
+                "disk_size": self.disk_size,
+                "icount": self.icount,
+            }
+        )
+        return bytes(header + extra + self.unknown_extra_data + ident + name)
 
 
 def _cstr(raw: bytes) -> str:
@@ -1138,7 +1147,10 @@ class _Qcow2Check:
         """qcow2_check_read_snapshot_table and qcow2_do_read_snapshots."""
         repair = bool(fix & BDRV_FIX_ERRORS)
         nb_snapshots, offset = struct.unpack(">IQ", self.host.pread(60, 12))
-        if offset & (self.cluster_size - 1) or INT64_MAX - nb_snapshots * 40 < offset:
+        if (
+            offset & (self.cluster_size - 1)
+            or INT64_MAX - nb_snapshots * SNAPSHOT_HEADER_SIZE < offset
+        ):
             res.check_errors += 1
             self.messages.add("ERROR snapshot table offset invalid")
             raise _CheckFailed(EINVAL)
@@ -1152,10 +1164,11 @@ class _Qcow2Check:
             pre_sn_offset = pos
             table_length = (table_length + 7) & ~7
             pos = (pos + 7) & ~7
-            (l1_off, l1_size, id_len, name_len, dsec, dnsec, clock, vm_state, extra) = (
-                struct.unpack(">QIHHIIQII", self.host.pread(pos, 40))
+            h = _snapshot.SNAPSHOT_HEADER.parse(
+                self.host.pread(pos, SNAPSHOT_HEADER_SIZE).ljust(SNAPSHOT_HEADER_SIZE, b"\0")
             )
-            pos += 40
+            id_len, name_len, extra = h.id_str_size, h.name_size, h.extra_data_size
+            pos += SNAPSHOT_HEADER_SIZE
             kept_extra = extra
             if extra > QCOW_MAX_SNAPSHOT_EXTRA_DATA:
                 if not repair:
@@ -1174,29 +1187,36 @@ class _Qcow2Check:
                 )
                 extra_data_dropped += 1
                 kept_extra = QCOW_MAX_SNAPSHOT_EXTRA_DATA
-            known = self.host.pread(pos, min(24, extra)).ljust(24, b"\0")
-            vm_state_large, disk_size, icount = struct.unpack(">QQQ", known)
-            unknown = self.host.pread(pos + 24, kept_extra - 24) if kept_extra > 24 else b""
+            known = _snapshot.SNAPSHOT_EXTRA.parse(
+                self.host.pread(pos, min(SNAPSHOT_EXTRA_SIZE, extra)).ljust(
+                    SNAPSHOT_EXTRA_SIZE, b"\0"
+                )
+            )
+            unknown = (
+                self.host.pread(pos + SNAPSHOT_EXTRA_SIZE, kept_extra - SNAPSHOT_EXTRA_SIZE)
+                if kept_extra > SNAPSHOT_EXTRA_SIZE
+                else b""
+            )
             pos += extra
             names = self.host.pread(pos, id_len + name_len)
             pos += id_len + name_len
             snapshots.append(
                 _Snapshot(
-                    l1_table_offset=l1_off,
-                    l1_size=l1_size,
+                    l1_table_offset=h.l1_table_offset,
+                    l1_size=h.l1_size,
                     id_raw=names[:id_len],
                     name_raw=names[id_len:],
                     extra_data_size=kept_extra,
-                    vm_state_size=vm_state_large if extra >= 8 else vm_state,
-                    date_sec=dsec,
-                    date_nsec=dnsec,
-                    vm_clock_nsec=clock,
-                    disk_size=disk_size if extra >= 16 else -(-self.h.size // 512) * 512,
-                    icount=icount if extra >= 24 else 2**64 - 1,
+                    vm_state_size=known.vm_state_size_large if extra >= 8 else h.vm_state_size,
+                    date_sec=h.date_sec,
+                    date_nsec=h.date_nsec,
+                    vm_clock_nsec=h.vm_clock_nsec,
+                    disk_size=known.disk_size if extra >= 16 else -(-self.h.size // 512) * 512,
+                    icount=known.icount if extra >= 24 else 2**64 - 1,
                     unknown_extra_data=unknown,
                 )
             )
-            table_length += 40 + kept_extra + id_len + name_len
+            table_length += SNAPSHOT_HEADER_SIZE + kept_extra + id_len + name_len
             if table_length > QCOW_MAX_SNAPSHOTS_SIZE or pos - offset > INT_MAX:
                 if not repair:
                     res.check_errors += 1
@@ -1808,12 +1828,17 @@ class _Qcow2Check:
         out: list[tuple[int, int]] = []
         pos = 0
         while pos < size:
-            if pos + 24 > size or len(out) + 1 > self.nb_bitmaps:
+            if pos + _bitmap.BITMAP_DIR_ENTRY_SIZE > size or len(out) + 1 > self.nb_bitmaps:
                 return None
-            t_off, t_size, flags, btype, gbits, name_size, extra = struct.unpack_from(
-                ">QIIBBHI", data, pos
+            e = _bitmap.BITMAP_DIR_ENTRY.parse(data[pos : pos + _bitmap.BITMAP_DIR_ENTRY_SIZE])
+            t_off, t_size, flags, btype = (
+                e.bitmap_table_offset,
+                e.bitmap_table_size,
+                e.flags,
+                e.type,
             )
-            entry_size = (24 + name_size + extra + 7) & ~7
+            gbits, name_size, extra = e.granularity_bits, e.name_size, e.extra_data_size
+            entry_size = (_bitmap.BITMAP_DIR_ENTRY_SIZE + name_size + extra + 7) & ~7
             if pos + entry_size > size or extra != 0:
                 return None
             if (

@@ -30,6 +30,7 @@ from qcowlib._units import (
 from qcowlib.disk.base import Disk, Extent, ExtentKind
 from qcowlib.errors import InvalidArgument, UnsupportedFeature
 from qcowlib.formats.qcow2 import header as hdr
+from qcowlib.formats.qcow2.bitmap import BITMAP_DIR_ENTRY_SIZE
 from qcowlib.formats.qcow2.layout import DEFAULT_CLUSTER_SIZE, refcount_clusters
 
 __all__ = [
@@ -56,7 +57,7 @@ _L1E_SIZE: Final = 8
 #: QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER * (1 << MIN_CLUSTER_BITS).
 _MIN_EXTL2_CLUSTER_SIZE: Final = 32 * 512
 #: sizeof(Qcow2BitmapDirEntry) without the name and extra data.
-_BITMAP_DIR_ENTRY_SIZE: Final = 24
+_BITMAP_DIR_ENTRY_SIZE: Final = BITMAP_DIR_ENTRY_SIZE
 _BITMAP_TABLE_ENTRY_SIZE: Final = 8
 _SECTOR: Final = 512
 

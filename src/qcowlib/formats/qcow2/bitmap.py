@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from typing import Final
 
+import construct as cs
+
 from qcowlib.errors import CorruptImage, TruncatedImage
+from qcowlib.formats._layout import parse_fixed
 
 _DIR = "bitmap directory"
 
@@ -18,7 +20,18 @@ MAX_BITMAP_NAME: Final = 1023
 BME_FLAG_IN_USE: Final = 1 << 0
 BME_FLAG_AUTO: Final = 1 << 1
 BME_FLAG_EXTRA_DATA_COMPATIBLE: Final = 1 << 2
-_ENTRY = struct.Struct(">QIIBBHI")
+#: The fixed part of a bitmap directory entry; extra data and the name follow, then
+#: padding to 8 bytes.
+BITMAP_DIR_ENTRY = cs.Struct(
+    "bitmap_table_offset" / cs.Int64ub,
+    "bitmap_table_size" / cs.Int32ub,
+    "flags" / cs.Int32ub,
+    "type" / cs.Int8ub,
+    "granularity_bits" / cs.Int8ub,
+    "name_size" / cs.Int16ub,
+    "extra_data_size" / cs.Int32ub,
+)
+BITMAP_DIR_ENTRY_SIZE: Final = BITMAP_DIR_ENTRY.sizeof()
 
 
 @dataclass(frozen=True)
@@ -55,10 +68,11 @@ def parse_bitmap_directory(data: bytes | memoryview, nb_bitmaps: int) -> list[Bi
     out: list[BitmapEntry] = []
     pos = 0
     for i in range(nb_bitmaps):
-        if pos + _ENTRY.size > len(mv):
+        if pos + BITMAP_DIR_ENTRY_SIZE > len(mv):
             raise TruncatedImage(f"bitmap directory entry {i} is truncated", structure=_DIR)
-        tab_off, tab_size, flags, btype, gbits, name_size, extra = _ENTRY.unpack_from(mv, pos)
-        pos += _ENTRY.size
+        e = parse_fixed(BITMAP_DIR_ENTRY, mv[pos:], _DIR, pos)
+        name_size, extra, gbits = e.name_size, e.extra_data_size, e.granularity_bits
+        pos += BITMAP_DIR_ENTRY_SIZE
         if name_size > MAX_BITMAP_NAME or name_size == 0:
             raise CorruptImage(f"bitmap {i} has an invalid name size", structure=_DIR)
         end = pos + extra + name_size
@@ -71,5 +85,7 @@ def parse_bitmap_directory(data: bytes | memoryview, nb_bitmaps: int) -> list[Bi
         pos = (end + 7) & ~7
         if not 9 <= gbits <= 31:
             raise CorruptImage(f"bitmap {name!r} has granularity bits {gbits}", structure=_DIR)
-        out.append(BitmapEntry(tab_off, tab_size, flags, btype, gbits, name))
+        out.append(
+            BitmapEntry(e.bitmap_table_offset, e.bitmap_table_size, e.flags, e.type, gbits, name)
+        )
     return out

@@ -2,16 +2,40 @@
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from typing import Final
 
+import construct as cs
+
 from qcowlib.errors import CorruptImage, TruncatedImage
+from qcowlib.formats._layout import parse_fixed
 from qcowlib.formats.qcow2.header import MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOTS
 
 #: QCOW_MAX_SNAPSHOTS_SIZE: the whole table is capped at 64 MiB.
 MAX_SNAPSHOTS_SIZE: Final = 1024 * MAX_SNAPSHOTS
-_ENTRY = struct.Struct(">QIHHIIQII")
+
+#: The fixed part of a snapshot table entry (QEMU's QCowSnapshotHeader); the extra data,
+#: the ID string and the name follow, then padding to 8 bytes.
+SNAPSHOT_HEADER = cs.Struct(
+    "l1_table_offset" / cs.Int64ub,
+    "l1_size" / cs.Int32ub,
+    "id_str_size" / cs.Int16ub,
+    "name_size" / cs.Int16ub,
+    "date_sec" / cs.Int32ub,
+    "date_nsec" / cs.Int32ub,
+    "vm_clock_nsec" / cs.Int64ub,
+    "vm_state_size" / cs.Int32ub,
+    "extra_data_size" / cs.Int32ub,
+)
+SNAPSHOT_HEADER_SIZE: Final = SNAPSHOT_HEADER.sizeof()
+#: The extra data fields QEMU knows (QCowSnapshotExtraData); each is present only when
+#: ``extra_data_size`` reaches past it, later fields are kept as unknown bytes.
+SNAPSHOT_EXTRA = cs.Struct(
+    "vm_state_size_large" / cs.Int64ub,
+    "disk_size" / cs.Int64ub,
+    "icount" / cs.Int64ub,
+)
+SNAPSHOT_EXTRA_SIZE: Final = SNAPSHOT_EXTRA.sizeof()
 
 
 @dataclass(frozen=True)
@@ -46,13 +70,12 @@ def parse_snapshot_table(
     mv = memoryview(data)
     for i in range(nb_snapshots):
         where = base_offset + pos
-        if pos + _ENTRY.size > len(mv):
+        if pos + SNAPSHOT_HEADER_SIZE > len(mv):
             raise TruncatedImage(
                 f"snapshot table entry {i} is truncated", structure="snapshot table", offset=where
             )
-        (l1_off, l1_size, id_len, name_len, dsec, dnsec, clock, vmsz, extra_len) = (
-            _ENTRY.unpack_from(mv, pos)
-        )
+        h = parse_fixed(SNAPSHOT_HEADER, mv[pos:], "snapshot table", where)
+        extra_len = h.extra_data_size
         if extra_len > MAX_SNAPSHOT_EXTRA_DATA:
             raise CorruptImage(
                 f"snapshot {i} has {extra_len} bytes of extra data",
@@ -60,8 +83,8 @@ def parse_snapshot_table(
                 field="extra_data_size",
                 offset=where + 36,
             )
-        pos += _ENTRY.size
-        end = pos + extra_len + id_len + name_len
+        pos += SNAPSHOT_HEADER_SIZE
+        end = pos + extra_len + h.id_str_size + h.name_size
         if end > len(mv):
             raise TruncatedImage(
                 f"snapshot table entry {i} is truncated", structure="snapshot table", offset=where
@@ -69,34 +92,28 @@ def parse_snapshot_table(
         extra = bytes(mv[pos : pos + extra_len])
         pos += extra_len
         try:
-            id_str = bytes(mv[pos : pos + id_len]).decode("utf-8")
-            pos += id_len
-            name = bytes(mv[pos : pos + name_len]).decode("utf-8")
-            pos += name_len
+            id_str = bytes(mv[pos : pos + h.id_str_size]).decode("utf-8")
+            pos += h.id_str_size
+            name = bytes(mv[pos : pos + h.name_size]).decode("utf-8")
+            pos += h.name_size
         except UnicodeDecodeError:
             raise CorruptImage(
                 f"snapshot {i} has an undecodable name", structure="snapshot table", offset=where
             ) from None
         pos = (pos + 7) & ~7
-        vm_state_size = vmsz
-        disk_size = icount = None
-        if extra_len >= 8:
-            vm_state_size = struct.unpack_from(">Q", extra, 0)[0]
-        if extra_len >= 16:
-            disk_size = struct.unpack_from(">Q", extra, 8)[0]
-        if extra_len >= 24:
-            icount = struct.unpack_from(">Q", extra, 16)[0]
-            if icount == 2**64 - 1:
-                icount = None
+        known = SNAPSHOT_EXTRA.parse(extra[:SNAPSHOT_EXTRA_SIZE].ljust(SNAPSHOT_EXTRA_SIZE, b"\0"))
+        vm_state_size = known.vm_state_size_large if extra_len >= 8 else h.vm_state_size
+        disk_size = known.disk_size if extra_len >= 16 else None
+        icount = known.icount if extra_len >= 24 and known.icount != 2**64 - 1 else None
         out.append(
             Snapshot(
-                l1_off,
-                l1_size,
+                h.l1_table_offset,
+                h.l1_size,
                 id_str,
                 name,
-                dsec,
-                dnsec,
-                clock,
+                h.date_sec,
+                h.date_nsec,
+                h.vm_clock_nsec,
                 vm_state_size,
                 disk_size,
                 icount,
