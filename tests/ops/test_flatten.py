@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 import subprocess
 import sys
 import textwrap
@@ -157,7 +158,7 @@ def _disks(draw: st.DrawFn) -> tuple[int, list[tuple[int, int, int]], dict[str, 
     size = draw(st.integers(1, 6 << 20))
     runs = draw(
         st.lists(
-            st.tuples(st.integers(0, size - 1), st.integers(1, 1 << 20), st.integers(0, 3)),
+            st.tuples(st.integers(0, size - 1), st.integers(1, 1 << 20), st.integers(0, 4)),
             max_size=6,
         )
     )
@@ -170,17 +171,20 @@ def _disks(draw: st.DrawFn) -> tuple[int, list[tuple[int, int, int]], dict[str, 
     return size, runs, opts
 
 
-@given(_disks())
-@example((3 << 20, [(0, 1 << 20, 0), (2 << 20, 4096, 1)], {"cluster_size": "512"}))
+@given(_disks(), st.booleans())
+@example((3 << 20, [(0, 1 << 20, 0), (2 << 20, 4096, 1)], {"cluster_size": "512"}), False)
+@example((3 << 20, [(0, 1 << 20, 4), (2 << 20, 70000, 1)], {"cluster_size": "4096"}), True)
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 def test_one_pass_file_equals_stream(
-    tmp_path: Path, disk: tuple[int, list[tuple[int, int, int]], dict[str, str]]
+    tmp_path: Path, disk: tuple[int, list[tuple[int, int, int]], dict[str, str]], compress: bool
 ) -> None:
     """flatten to a file (one read pass) writes exactly the stream's bytes (two passes),
-    also where allocated data is all zeros (L2 tables planned, nothing stored)."""
+    also where allocated data is all zeros (L2 tables planned, nothing stored) and,
+    compressed, where clusters do not shrink (stored uncompressed among packed ones)."""
     size, runs, opts = disk
+    noise = random.Random(size).randbytes(1 << 20)
     src = tmp_path / "src.raw"
     with src.open("wb") as f:
         f.truncate(size)
@@ -188,10 +192,11 @@ def test_one_pass_file_equals_stream(
             n = min(length, size - start)
             # kind 0: allocated zeros (data in the file system, zeros to the classifier)
             f.seek(start)
-            f.write(bytes(n) if kind == 0 else bytes([kind * 0x41]) * n)
+            # kind 4: incompressible bytes
+            f.write(bytes(n) if kind == 0 else noise[:n] if kind == 4 else bytes([kind * 0x41]) * n)
     out = tmp_path / "flat.qcow2"
-    flatten(str(src), str(out), src_format="raw", options=opts)
-    with flatten_stream(str(src), src_format="raw", options=opts) as stream:
+    flatten(str(src), str(out), src_format="raw", options=opts, compress=compress)
+    with flatten_stream(str(src), src_format="raw", options=opts, compress=compress) as stream:
         streamed = b"".join(stream)
         assert len(streamed) == stream.size
     assert streamed == out.read_bytes()

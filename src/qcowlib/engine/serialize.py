@@ -127,8 +127,9 @@ class Qcow2Serializer:
         self.data_end_rel = data_end
         # The metadata area is planned from the source's extent map exactly as the
         # one-pass writer (convert) plans it: L2 tables for every candidate range, room
-        # for every candidate cluster.  An uncompressed image is then the same bytes
-        # whichever of the two wrote it, so flatten to a file needs one read pass.
+        # for every candidate cluster; data (compressed clusters packed) in guest order.
+        # The image is then the same bytes whichever of the two wrote it, so flatten to a
+        # file needs one read pass (tests/ops/test_flatten.py checks it, -c included).
         l2_span = cs // self.opts.l2_entry_size
         self.l2_span = l2_span
         l2_needed, n_candidates = candidate_l2_tables(self.opts, self.ranges)

@@ -2,7 +2,9 @@
 
 The output never has a backing file and never uses features Glance's image inspector
 refuses (extended L2 entries, external data files), so it can be uploaded as is.  The
-stream and the file are the same bytes: both come from :mod:`qcowlib.engine.serialize`.
+stream and the file are the same bytes: streams come from :mod:`qcowlib.engine.serialize`
+(plan, then emit), a qcow2 file from the one-pass writer of
+:mod:`qcowlib.engine.qcow2out`, which lays clusters out exactly as the serializer plans.
 """
 
 from __future__ import annotations
@@ -191,14 +193,15 @@ def flatten(
             with atomic_output(dst, protect=inputs) as fd:
                 write_raw(disk, fd, progress=progress)
             return disk.virtual_size
-    if out_format == "qcow2" and not compress:
-        # One read pass: the one-pass writer lays the image out exactly as the stream
-        # does (see qcowlib.engine.serialize), so the file holds the stream's bytes.
+    if out_format == "qcow2":
+        # One read pass (and one compression of each cluster): the one-pass writer lays
+        # the image out exactly as the stream does (see qcowlib.engine.serialize), so the
+        # file holds the stream's bytes.
         with open_disk(src, src_format) as disk:
             opts = _flatten_options(disk, options)
             inputs = tuple(d.filename for d in disk.chain)
             with atomic_output(dst, protect=inputs) as fd:
-                return write_qcow2(disk, fd, opts, progress=progress)
+                return write_qcow2(disk, fd, opts, compress=compress, progress=progress)
     with flatten_stream(
         src, out_format, src_format=src_format, options=options, compress=compress,
         chunk_size=4 * 1024 * 1024, name=os.path.basename(dst),
