@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from qcowlib.disk._file import aligned_buffer
 from qcowlib.disk.base import Disk
 from qcowlib.formats.qcow2.compress import compress_cluster
 
@@ -37,7 +38,7 @@ class Chunk:
     data: memoryview
     #: Compressed payload per cluster (None: store uncompressed).
     compressed: list[bytes | None]
-    buffer: bytearray
+    buffer: memoryview
 
     @property
     def end(self) -> int:
@@ -79,15 +80,16 @@ class Classifier:
         self.per_chunk = max(1, CHUNK // cluster_size)
         # Buffers are made when first needed (a small disk never needs them all), at
         # most ``buffers`` of them; then reads wait for one to come back.
-        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        self._free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
         self._unmade = buffers
         self._lock = threading.Lock()
+        self._local = threading.local()
 
     def release(self, chunk: Chunk) -> None:
         """Give a chunk's buffer back once nothing refers to its data any more."""
         self._free.put(chunk.buffer)
 
-    def _buffer(self) -> bytearray:
+    def _buffer(self) -> memoryview:
         try:
             return self._free.get_nowait()
         except queue.Empty:
@@ -97,8 +99,15 @@ class Classifier:
             if make:
                 self._unmade -= 1
         if make:
-            return bytearray(self.per_chunk * self.cs)
+            return aligned_buffer(self.per_chunk * self.cs)
         return self._free.get()
+
+    def _backing_buffer(self, size: int) -> memoryview:
+        """This worker thread's buffer for the backing's bytes (used within one read)."""
+        buf: memoryview | None = getattr(self._local, "backing", None)
+        if buf is None:
+            buf = self._local.backing = aligned_buffer(self.per_chunk * self.cs)
+        return buf[:size]
 
     def _read(self, first: int, n: int) -> Chunk:
         cs = self.cs
@@ -121,10 +130,12 @@ class Classifier:
             nonzero = np.ones(n, dtype=bool)
         kinds = np.where(nonzero, DATA, EMPTY).astype(np.uint8)
         if self.backing is not None:
-            bbuf = bytearray(n * cs)
+            bbuf = self._backing_buffer(n * cs)
             blen = max(0, min(length, self.backing.virtual_size - start))
             if blen:
-                self.backing.read_into(start, memoryview(bbuf)[:blen])
+                self.backing.read_into(start, bbuf[:blen])
+            if blen < n * cs:
+                bbuf[blen:] = bytes(n * cs - blen)
             barr = np.frombuffer(bbuf, dtype=np.uint64).reshape(n, cs // 8)
             same = ~(arr != barr).any(axis=1)
             back_nonzero = barr.any(axis=1)

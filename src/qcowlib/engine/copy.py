@@ -8,7 +8,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from qcowlib.disk._file import pwrite_all
+from qcowlib.disk._file import aligned_buffer, pwrite_all
 from qcowlib.disk.base import Disk, Extent, ExtentKind
 from qcowlib.engine.zero import nonzero_runs
 from qcowlib.errors import QcowlibIOError
@@ -82,8 +82,8 @@ def write_raw(
                 return piece.end
         buf = getattr(local, "buf", None)
         if buf is None:
-            buf = local.buf = bytearray(CHUNK)
-        view = memoryview(buf)[: piece.length]
+            buf = local.buf = aligned_buffer(CHUNK)
+        view = buf[: piece.length]
         disk.read_extent(piece, view)
         try:
             if sparse_size:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from qcowlib.disk._file import aligned_buffer
 from qcowlib.disk.base import Disk
 from qcowlib.engine.classify import DATA, Classifier
 from qcowlib.engine.qcow2out import candidate_l2_tables, candidate_ranges
@@ -281,7 +282,7 @@ class RawSerializer:
 
     def chunks(self, progress: Progress | None = None) -> Iterator[bytes]:
         zero = bytes(self.chunk_size)
-        buf = bytearray(self.chunk_size)
+        buf = aligned_buffer(self.chunk_size)
         for ext in self.src.extents():
             pos = ext.start
             while pos < ext.end:
@@ -289,7 +290,7 @@ class RawSerializer:
                 if ext.reads_zero:
                     yield zero[:n]
                 else:
-                    view = memoryview(buf)[:n]
+                    view = buf[:n]
                     self.src.read_extent(ext.clip(pos, pos + n), view)
                     yield bytes(view)
                 pos += n

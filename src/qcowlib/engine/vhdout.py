@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from qcowlib.disk._file import pwrite_all
+from qcowlib.disk._file import aligned_buffer, pwrite_all
 from qcowlib.disk.base import Disk
 from qcowlib.engine.copy import write_raw
 from qcowlib.engine.zero import is_zero, nonzero_runs
@@ -132,8 +132,7 @@ def _write_dynamic(src: Disk, fd: int, size: int, progress: Progress | None) -> 
     bat_bytes = len(vhd.encode_bat(bat))
     bitmap = b"\xff" * vhd.bitmap_size(bs)
     next_free = table_offset + bat_bytes
-    buf = bytearray(bs)
-    view = memoryview(buf)
+    view = aligned_buffer(bs)
     src_size = src.virtual_size
     candidates = _candidate_blocks(src, bs, n_blocks)
     for block in np.flatnonzero(candidates):

@@ -26,7 +26,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from qcowlib.disk._file import pwrite_all
+from qcowlib.disk._file import aligned_buffer, pwrite_all
 from qcowlib.disk.base import Disk
 from qcowlib.engine.zero import is_zero, nonzero_runs
 from qcowlib.errors import InvalidArgument, QcowlibIOError
@@ -125,8 +125,7 @@ def _truncate(fd: int, end: int) -> None:
 
 
 def _copy_fixed(src: Disk, fd: int, data_start: int, size: int, progress: Progress | None) -> None:
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
+    view = aligned_buffer(_CHUNK)
     src_size = src.virtual_size
     for ext in src.extents():
         if ext.reads_zero:
@@ -159,8 +158,7 @@ def _write_dynamic(
         if not ext.reads_zero:
             candidates[ext.start // bs : -(-ext.end // bs)] = True
     next_free = data_start
-    buf = bytearray(bs)
-    view = memoryview(buf)
+    view = aligned_buffer(bs)
     src_size = src.virtual_size
     for block in np.flatnonzero(candidates).tolist():
         start = block * bs

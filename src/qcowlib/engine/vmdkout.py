@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from qcowlib.disk._file import pwrite_all
+from qcowlib.disk._file import aligned_buffer, pwrite_all
 from qcowlib.disk.base import Disk
 from qcowlib.errors import InvalidArgument, QcowlibIOError
 from qcowlib.formats import vmdk
@@ -251,8 +251,8 @@ def candidate_grains(src: Disk, gb: int) -> list[tuple[int, int]]:
 def _read_chunk(src: Disk, first: int, n: int, gb: int, compress: bool) -> list[tuple[int, bytes]]:
     start = first * gb
     length = min(n * gb, src.virtual_size - start)
-    buf = bytearray(n * gb)
-    src.read_into(start, memoryview(buf)[:length])
+    buf = aligned_buffer(n * gb)
+    src.read_into(start, buf[:length])
     arr = np.frombuffer(buf, dtype=np.uint64).reshape(n, gb // 8)
     out: list[tuple[int, bytes]] = []
     for i in np.flatnonzero(arr.any(axis=1)).tolist():

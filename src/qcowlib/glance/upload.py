@@ -106,17 +106,22 @@ class _Source:
         if self._file is None:
             yield from self._stream.chunks()
             return
+        from qcowlib.disk._file import aligned_buffer
+
+        # Read into an aligned buffer (the kernel's copy is much faster there), then hand
+        # out a copy of it: the HTTP layer may hold on to what it is given.
+        buf = aligned_buffer(READ_CHUNK)
         pos = 0
         while pos < self.size:
             n = min(READ_CHUNK, self.size - pos)
             try:
-                data = os.pread(self._file, n, pos)
+                got = os.preadv(self._file, [buf[:n]], pos)
             except OSError as exc:
                 raise QcowlibIOError(f"read error: {exc.strerror}") from None
-            if not data:
+            if not got:
                 raise QcowlibIOError("the file shrank while it was being uploaded")
-            pos += len(data)
-            yield data
+            pos += got
+            yield bytes(buf[:got])
 
     def close(self) -> None:
         if self._file is not None:

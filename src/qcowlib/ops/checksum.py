@@ -25,7 +25,7 @@ import stat
 from collections.abc import Iterable
 from typing import NotRequired, TypedDict
 
-from qcowlib.disk._file import HostFile
+from qcowlib.disk._file import HostFile, aligned_buffer
 from qcowlib.disk.base import Disk
 from qcowlib.disk.chain import open_disk
 from qcowlib.disk.raw import RawDisk
@@ -130,7 +130,7 @@ def hash_file(path: str, hasher: MultiHasher, *, chunk: int = READ_CHUNK) -> int
             raise QcowlibIOError(f"{path} is a directory", file=path)
         with contextlib.suppress(OSError, AttributeError):  # advice only
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        view = memoryview(bytearray(chunk))
+        view = aligned_buffer(chunk)
         offset = 0
         while True:
             try:
@@ -154,7 +154,7 @@ def hash_disk(disk: Disk, hasher: MultiHasher, *, chunk: int = READ_CHUNK) -> No
     chain that holds it; long zero and unallocated runs are fed as zeros without reading.
     Raises what reading the disk raises (:class:`QcowlibError` subclasses).
     """
-    view = memoryview(bytearray(chunk))
+    view = aligned_buffer(chunk)
     fill = 0
     for ext in disk.extents():
         if ext.reads_zero and ext.length >= ZERO_INLINE:

@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from qcowlib.disk._file import HostFile, pwrite_all
+from qcowlib.disk._file import HostFile, aligned_buffer, pwrite_all
 from qcowlib.disk.base import Disk, ExtentKind
 from qcowlib.disk.chain import BackingPolicy, open_disk, probe_format, resolve_linked_path
 from qcowlib.errors import InvalidArgument, QcowlibIOError, UnsupportedFeature
@@ -111,12 +111,12 @@ def _copy_differences(disk: Disk, new_base: Disk | None, progress: Progress | No
     cs = disk.cluster_size
     maybe = merge_ranges(candidate_ranges(old_base, cs), candidate_ranges(new_base, cs))
     own = [(e.start, e.end) for e in disk.layer_extents() if e.kind is ExtentKind.UNALLOCATED]
-    old_buf, new_buf = bytearray(_CHUNK), bytearray(_CHUNK)
+    old_buf, new_buf = aligned_buffer(_CHUNK), aligned_buffer(_CHUNK)
     for start, end in _intersect(own, [(a * cs, min(b * cs, size)) for a, b in maybe]):
         pos = start
         while pos < end:
             n = min(_CHUNK, end - pos)
-            old, new = memoryview(old_buf)[:n], memoryview(new_buf)[:n]
+            old, new = old_buf[:n], new_buf[:n]
             _read_or_zero(old_base, pos, old)
             _read_or_zero(new_base, pos, new)
             for first, last in _runs(_differing_clusters(old, new, cs)):
@@ -215,7 +215,7 @@ def commit(path: str, *, drop: bool = False, progress: Progress | None = None) -
                     base_rw.resize(top.virtual_size)
                 else:
                     _os_call(os.ftruncate, base_fd, top.virtual_size)
-            buf = bytearray(_CHUNK)
+            buf = aligned_buffer(_CHUNK)
             for ext in list(top.layer_extents()):
                 if ext.kind is ExtentKind.UNALLOCATED:
                     continue
@@ -228,7 +228,7 @@ def commit(path: str, *, drop: bool = False, progress: Progress | None = None) -
                         else:
                             _pwrite(base_fd, bytes(n), pos)
                     else:
-                        view = memoryview(buf)[:n]
+                        view = buf[:n]
                         top.read_into(pos, view)
                         if base_rw is not None:
                             base_rw.write(pos, view)
