@@ -92,6 +92,59 @@ def test_flatten_chain(depth: int, out_format: str, compress: bool, tmp_path: Pa
     assert digest.hexdigest() == hashlib.sha256(out.read_bytes()).hexdigest()
 
 
+@pytest.mark.parametrize(
+    ("out_format", "options", "compress"),
+    [
+        ("qcow2", {}, False),
+        ("qcow2", {"cluster_size": "4096"}, True),
+        ("raw", {}, False),
+        ("vmdk", {"subformat": "streamOptimized"}, True),
+        ("vdi", {}, False),
+    ],
+)
+def test_writers_feed_hashers_in_file_order(
+    out_format: str,
+    options: dict[str, str],
+    compress: bool,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """flatten and convert hand every output byte to the hashers, in file order: their
+    digests equal hashlib's over the written file, which is the image written without
+    hashers (same bytes)."""
+    import random as random_mod
+    import uuid
+
+    monkeypatch.setattr(random_mod, "getrandbits", lambda bits: 0x1234ABCD)
+    monkeypatch.setattr(uuid, "uuid4", lambda: uuid.UUID(int=42))
+    top = make_chain(tmp_path, 3)
+    plain, hashed = tmp_path / f"unhash.{out_format}", tmp_path / f"hashed.{out_format}"
+    flatten(str(top), str(plain), out_format, options=options, compress=compress)
+    for write in (flatten, qcowlib.convert):
+        md5, sha512 = hashlib.md5(), hashlib.sha512()
+        write(str(top), str(hashed), out_format, options=options, compress=compress,
+              hashers=[md5, sha512])  # fmt: skip
+        data = hashed.read_bytes()
+        assert md5.hexdigest() == hashlib.md5(data).hexdigest(), write
+        assert sha512.hexdigest() == hashlib.sha512(data).hexdigest(), write
+        assert data == plain.read_bytes().replace(b"unhash.vmdk", b"hashed.vmdk"), write
+        assert qemu_img("compare", "-F", out_format, top, hashed).returncode == 0
+
+
+def test_convert_refuses_hashers_where_output_is_not_written_in_order(tmp_path: Path) -> None:
+    top = make_chain(tmp_path, 2)
+    md5 = hashlib.md5()
+    for kwargs, message in [
+        ({"out_format": "vpc"}, "not available for vpc"),
+        ({"out_format": "raw", "sparse_size": 0}, "sparse size"),
+        ({"out_format": "qcow2", "options": {"extended_l2": "on"}}, "extended_l2"),
+        ({"out_format": "qcow2", "backing": "x.qcow2", "backing_format": "qcow2"}, "backing"),
+    ]:
+        with pytest.raises(qcowlib.InvalidArgument, match=message):
+            qcowlib.convert(str(top), str(tmp_path / "out"), hashers=[md5], **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
 def test_flatten_to_stdout_equals_file(tmp_path: Path) -> None:
     top = make_chain(tmp_path, 3)
     flatten(str(top), str(tmp_path / "f.qcow2"))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
+from qcowlib._units import parse_option_bool
 from qcowlib.disk.base import Disk
 from qcowlib.disk.chain import BackingPolicy, open_disk, resolve_linked_path
 from qcowlib.engine.copy import Progress, write_raw
@@ -15,6 +17,9 @@ from qcowlib.engine.vmdkout import SUBFORMATS as VMDK_SUBFORMATS
 from qcowlib.errors import InvalidArgument, UnsupportedFeature
 from qcowlib.formats.qcow2.layout import parse_options
 
+if TYPE_CHECKING:
+    from qcowlib.ops.flatten import HashSink
+
 WRITABLE_FORMATS = ("raw", "qcow2", "vdi", "vpc", "vmdk", "vhdx")
 
 
@@ -23,12 +28,10 @@ def vdi_options(opts_in: Mapping[str, str], compress: bool) -> bool:
     opts = dict(opts_in)
     if compress:
         raise InvalidArgument("Compression not supported for this file format")
-    value = opts.pop("static", "off").lower()
-    if value not in ("on", "off", "true", "false", "yes", "no"):
-        raise InvalidArgument("Parameter 'static' expects 'on' or 'off'")
+    static = parse_option_bool("static", opts.pop("static", "off"))
     if opts:
         raise InvalidArgument(f"Invalid parameter '{next(iter(opts))}'")
-    return value in ("on", "true", "yes")
+    return static
 
 
 def vmdk_options(opts_in: Mapping[str, str], compress: bool) -> tuple[str, str, str]:
@@ -65,6 +68,7 @@ def convert(
     backing_format: str | None = None,
     sparse_size: int = 4096,
     progress: Progress | None = None,
+    hashers: Sequence[HashSink] = (),
 ) -> None:
     """Convert ``src`` (any readable image, with its chain) to ``dst`` in ``out_format``.
 
@@ -75,12 +79,25 @@ def convert(
     what differs from it; its format must be given (``backing_format``).  Raises
     :class:`UnsupportedFeature` for output formats this version cannot write and
     :class:`InvalidArgument` for bad options.
+
+    ``hashers`` (for example ``hashlib.md5()``) are fed the output file's bytes in file
+    order as they are written, so their digests are the file's without reading it back:
+    for raw, qcow2, vmdk and vdi outputs with no backing file and the default
+    ``sparse_size``, written from a layout planned first (as :func:`~qcowlib.flatten`
+    writes it; the source is read twice).
     """
     if out_format not in WRITABLE_FORMATS:
         raise UnsupportedFeature(f"converting to {out_format} is not supported yet")
     if sparse_size < 0 or sparse_size % 512:
         raise InvalidArgument("sparse size must be a multiple of 512")
     opts_in = dict(options or {})
+    if hashers:
+        _check_hashed(out_format, opts_in, backing, sparse_size)
+        from qcowlib.ops.flatten import flatten
+
+        flatten(src, dst, out_format, src_format=src_format, options=opts_in,
+                compress=compress, progress=progress, hashers=hashers)  # fmt: skip
+        return
     if out_format == "raw":
         if compress:
             raise InvalidArgument("Compression not supported for this file format")
@@ -149,6 +166,22 @@ def convert(
             return
         _convert_qcow2(
             disk, dst, opts_in, compress, backing, backing_format, sparse_size, progress, inputs
+        )
+
+
+def _check_hashed(
+    out_format: str, opts_in: Mapping[str, str], backing: str | None, sparse_size: int
+) -> None:
+    """Refuse what the in-order writers (which feed hashers) cannot write."""
+    if out_format not in ("raw", "qcow2", "vmdk", "vdi"):
+        raise InvalidArgument(f"digests while converting are not available for {out_format}")
+    if backing or opts_in.get("backing_file"):
+        raise InvalidArgument("digests while converting are not available with a backing file")
+    if sparse_size != 4096:
+        raise InvalidArgument("digests while converting need the default sparse size (-S)")
+    if opts_in.get("extended_l2", "off") != "off" or opts_in.get("preallocation", "off") != "off":
+        raise InvalidArgument(
+            "digests while converting are not available with extended_l2 or preallocation"
         )
 
 

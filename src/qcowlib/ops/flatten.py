@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Self
+from typing import Protocol, Self
 
 from qcowlib.disk._file import pwrite_all
 from qcowlib.disk.base import Disk
@@ -30,6 +30,14 @@ from qcowlib.ops.convert import vdi_options, vmdk_options
 
 Progress = Callable[[int, int], None]
 FLATTEN_FORMATS = ("qcow2", "raw", "vmdk", "vdi")
+
+
+class HashSink(Protocol):
+    """What the writers feed output bytes to: anything with hashlib's ``update``."""
+
+    def update(self, data: bytes, /) -> None: ...
+
+
 Serializer = Qcow2Serializer | RawSerializer | VdiSerializer | VmdkSerializer
 
 
@@ -169,11 +177,16 @@ def flatten(
     options: Mapping[str, str] | None = None,
     compress: bool = False,
     progress: Progress | None = None,
+    hashers: Sequence[HashSink] = (),
 ) -> int:
     """Write ``src``'s whole chain as one standalone image at ``dst`` (``-``: stdout).
 
     Returns the number of bytes written.  The file holds exactly the bytes
-    :func:`flatten_stream` yields (raw files are written sparse).
+    :func:`flatten_stream` yields (raw files are written sparse).  ``hashers`` (for
+    example ``hashlib.md5()`` and ``hashlib.sha512()``) are fed the output's bytes in
+    file order as they are written, so their digests are the file's without reading it
+    back; the image is then written from its planned layout in file order (the chain is
+    read twice, as for a stream).
     """
     if dst == "-":
         out = sys.stdout.buffer
@@ -181,19 +194,21 @@ def flatten(
             src, out_format, src_format=src_format, options=options, compress=compress
         ) as stream:
             for piece in stream.chunks(progress):
+                for h in hashers:
+                    h.update(piece)
                 try:
                     out.write(piece)
                 except OSError as exc:
                     raise QcowlibIOError(f"cannot write to stdout: {exc.strerror}") from None
             out.flush()
             return stream.size
-    if out_format == "raw" and not options and not compress:
+    if out_format == "raw" and not options and not compress and not hashers:
         with open_disk(src, src_format) as disk:
             inputs = tuple(d.filename for d in disk.chain)
             with atomic_output(dst, protect=inputs) as fd:
                 write_raw(disk, fd, progress=progress)
             return disk.virtual_size
-    if out_format == "qcow2":
+    if out_format == "qcow2" and not hashers:
         # One read pass (and one compression of each cluster): the one-pass writer lays
         # the image out exactly as the stream does (see qcowlib.engine.serialize), so the
         # file holds the stream's bytes.
@@ -208,11 +223,14 @@ def flatten(
     ) as stream:  # fmt: skip
         inputs = tuple(d.filename for d in stream._disk.chain)
         with atomic_output(dst, protect=inputs) as fd:
-            if not compress and out_format != "vdi":  # a static VDI's holes stay holes
+            sparse = out_format in ("vdi", "raw")  # their zero runs stay holes
+            if not compress and not sparse:
                 reserve(fd, 0, stream.size)
             pos = 0
             for piece in stream.chunks(progress):
-                if out_format != "vdi" or not is_zero(piece):
+                for h in hashers:
+                    h.update(piece)
+                if not sparse or not is_zero(piece):
                     pwrite_all(fd, piece, pos)
                 pos += len(piece)
             if pos != stream.size:
