@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -134,12 +135,13 @@ def test_writers_feed_hashers_in_file_order(
 def test_convert_refuses_hashers_where_output_is_not_written_in_order(tmp_path: Path) -> None:
     top = make_chain(tmp_path, 2)
     md5 = hashlib.md5()
-    for kwargs, message in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"out_format": "vpc"}, "not available for vpc"),
         ({"out_format": "raw", "sparse_size": 0}, "sparse size"),
         ({"out_format": "qcow2", "options": {"extended_l2": "on"}}, "extended_l2"),
         ({"out_format": "qcow2", "backing": "x.qcow2", "backing_format": "qcow2"}, "backing"),
-    ]:
+    ]
+    for kwargs, message in cases:
         with pytest.raises(qcowlib.InvalidArgument, match=message):
             qcowlib.convert(str(top), str(tmp_path / "out"), hashers=[md5], **kwargs)
     assert not (tmp_path / "out").exists()
