@@ -93,6 +93,15 @@ def test_flatten_chain(depth: int, out_format: str, compress: bool, tmp_path: Pa
     assert digest.hexdigest() == hashlib.sha256(out.read_bytes()).hexdigest()
 
 
+@pytest.fixture
+def fixed_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    """VMDK CIDs and VDI UUIDs held fixed: two writes of one image are the same bytes."""
+    import uuid
+
+    monkeypatch.setattr(random, "getrandbits", lambda bits: 0x1234ABCD)
+    monkeypatch.setattr(uuid, "uuid4", lambda: uuid.UUID(int=42))
+
+
 @pytest.mark.parametrize(
     ("out_format", "options", "compress"),
     [
@@ -103,21 +112,13 @@ def test_flatten_chain(depth: int, out_format: str, compress: bool, tmp_path: Pa
         ("vdi", {}, False),
     ],
 )
+@pytest.mark.usefixtures("fixed_ids")
 def test_writers_feed_hashers_in_file_order(
-    out_format: str,
-    options: dict[str, str],
-    compress: bool,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    out_format: str, options: dict[str, str], compress: bool, tmp_path: Path
 ) -> None:
     """flatten and convert hand every output byte to the hashers, in file order: their
     digests equal hashlib's over the written file, which is the image written without
     hashers (same bytes)."""
-    import random as random_mod
-    import uuid
-
-    monkeypatch.setattr(random_mod, "getrandbits", lambda bits: 0x1234ABCD)
-    monkeypatch.setattr(uuid, "uuid4", lambda: uuid.UUID(int=42))
     top = make_chain(tmp_path, 3)
     plain, hashed = tmp_path / f"unhash.{out_format}", tmp_path / f"hashed.{out_format}"
     flatten(str(top), str(plain), out_format, options=options, compress=compress)
@@ -269,20 +270,12 @@ def test_one_pass_file_equals_stream(
         ("vdi", {"static": "on"}, False),
     ],
 )
+@pytest.mark.usefixtures("fixed_ids")
 def test_flatten_to_vmdk_and_vdi(
-    out_format: str,
-    options: dict[str, str],
-    compress: bool,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    out_format: str, options: dict[str, str], compress: bool, tmp_path: Path
 ) -> None:
     """A 3-deep chain flattened to VMDK and VDI: equal to the chain, clean, no parent;
     the stream is the file's bytes (with the image identifiers held fixed)."""
-    import random
-    import uuid
-
-    monkeypatch.setattr(random, "getrandbits", lambda bits: 0x1234ABCD)
-    monkeypatch.setattr(uuid, "uuid4", lambda: uuid.UUID(int=42))
     top = make_chain(tmp_path, 3)
     out = tmp_path / f"flat.{out_format}"
     flatten(str(top), str(out), out_format, options=options, compress=compress)
