@@ -241,6 +241,18 @@ class Qcow2RWDisk(Qcow2Disk):
         if arr.size == 0:
             return
         per = self.per_block
+        if arr.size == 1:  # one cluster (most allocations): no grouping needed
+            cluster = int(arr[0])
+            index, i = divmod(cluster, per)
+            block = self._block(index)
+            if block is None:
+                block = self._new_block(index)
+            value = int(block[i]) + delta
+            if value < 0 or value > self.max_refcount:
+                self._signal_corruption(f"refcount of cluster {cluster} would become {value}")
+            block[i] = value
+            self._write_block(index, i, i + 1)
+            return
         indexes = arr // per
         bounds = np.flatnonzero(np.diff(indexes)) + 1
         for part in np.split(arr, bounds):
