@@ -234,30 +234,43 @@ class Qcow2Serializer:
         classifier = self._classifier()
         for chunk in classifier.chunks(self.ranges):
             try:
-                for i in np.flatnonzero(chunk.kinds == DATA).tolist():
-                    cluster = chunk.first + i
-                    payload = chunk.compressed[i]
-                    length = len(payload) if payload is not None else 0
-                    if (
-                        k >= self.data_idx.size
-                        or int(self.data_idx[k]) != cluster
-                        or int(self.clen[k]) != length
-                    ):
-                        raise SourceChanged()
-                    target = int(self.host[k])
-                    if target > written:
-                        yield from out.zeros(target - written)
-                        written = target
-                    if payload is not None:
-                        yield from out.add(payload)
-                        written += len(payload)
-                    else:
-                        end = min(cs, size - cluster * cs)
-                        yield from out.add(chunk.data[i * cs : i * cs + end])
-                        if end < cs:
-                            yield from out.zeros(cs - end)
-                        written += cs
-                    k += 1
+                local = np.flatnonzero(chunk.kinds == DATA)
+                n = int(local.size)
+                if k + n > self.data_idx.size or not np.array_equal(
+                    self.data_idx[k : k + n], local + chunk.first
+                ):
+                    raise SourceChanged()
+                if self.compress:
+                    for j, i in enumerate(local.tolist()):
+                        payload = chunk.compressed[i]
+                        length = len(payload) if payload is not None else 0
+                        if int(self.clen[k + j]) != length:
+                            raise SourceChanged()
+                        target = int(self.host[k + j])
+                        if target > written:
+                            yield from out.zeros(target - written)
+                            written = target
+                        stored = (
+                            payload if payload is not None else chunk.data[i * cs : (i + 1) * cs]
+                        )
+                        yield from out.add(stored)
+                        written += len(stored)
+                else:
+                    # Uncompressed clusters lie back to back in the plan, so each run of
+                    # consecutive guest clusters is one slice of the chunk's buffer (zero
+                    # padded past the disk's end, as the image's last cluster is).
+                    breaks = (np.flatnonzero(np.diff(local) != 1) + 1).tolist()
+                    for a, b in zip([0, *breaks], [*breaks, n], strict=True):
+                        if a == b:
+                            continue
+                        target = int(self.host[k + a])
+                        if target > written:
+                            yield from out.zeros(target - written)
+                            written = target
+                        lo, hi = int(local[a]), int(local[b - 1]) + 1
+                        yield from out.add(chunk.data[lo * cs : hi * cs])
+                        written += (hi - lo) * cs
+                k += n
             finally:
                 classifier.release(chunk)
             if progress:
