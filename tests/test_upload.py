@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from qcowlib.engine.digest import MultiHasher
+from qcowlib.errors import QcowlibIOError
 from qcowlib.glance import upload as up
 from qcowlib.ops.flatten import flatten
 from tests.conftest import qemu_img, qemu_json, require_qemu
-from tests.glance_server import GlanceServer, environment_for_cli
+from tests.glance_server import GlanceServer, environment_for_cli, free_port
 
 pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning:openstack")
 
@@ -98,9 +101,26 @@ def test_overlay_refused_before_sending(
 ) -> None:
     res = run_upload(glance_server, tmp_path, "--name", "overlay-refused", chain)
     assert res.returncode == 1
-    assert res.stderr.startswith("qcowlib: error: ") and "flatten" in res.stderr
+    assert res.stderr.startswith("qcowlib: error: ") and "upload with --flatten" in res.stderr
     assert res.stderr.count("\n") == 1
     assert images_named(glance_server, "overlay-refused") == []
+
+
+def test_unreachable_glance_is_one_clear_line(chain: Path, tmp_path: Path) -> None:
+    """Nothing listens at the endpoint: exit 1, one line, and no image to clean up."""
+    clouds = tmp_path / "clouds.yaml"
+    clouds.write_text(
+        "clouds:\n  dead:\n    auth_type: none\n"
+        f"    image_endpoint_override: http://127.0.0.1:{free_port()}/\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "qcowlib", "upload", "--os-cloud", "dead", "--name", "x",
+         "--flatten", str(chain)],
+        capture_output=True, text=True, check=False, env=environment_for_cli(clouds), timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 1
+    assert res.stderr.startswith("qcowlib: error: upload failed: ")
+    assert res.stderr.count("\n") == 1 and "no image was created" in res.stderr
 
 
 def test_forced_unsafe_upload_refused_by_glance(
@@ -114,7 +134,8 @@ def test_forced_unsafe_upload_refused_by_glance(
 
 def test_raw_upload_with_properties(glance_server: GlanceServer, tmp_path: Path) -> None:
     raw = tmp_path / "disk.raw"
-    raw.write_bytes(bytes(range(256)) * 8192)
+    # Over two read blocks (hashed while the previous one is being sent), odd length.
+    raw.write_bytes(bytes(range(256)) * (9 * up.READ_CHUNK // 256 // 4) + b"tail")
     res = run_upload(
         glance_server, tmp_path, "--name", "raw-props", "--min-ram", "512", "--property",
         "os_distro=centos", "--visibility", "private", "--output=json", raw,
@@ -128,6 +149,46 @@ def test_raw_upload_with_properties(glance_server: GlanceServer, tmp_path: Path)
         or getattr(record, "os_distro", None) == "centos"
     )
     assert out["checksum"] == hashlib.md5(raw.read_bytes()).hexdigest()
+
+
+class _Blocks:
+    """A source of given blocks, failing with ``error`` after them when one is given."""
+
+    def __init__(self, blocks: list[bytes], error: Exception | None = None) -> None:
+        self.blocks = blocks
+        self.error = error
+        self.size = sum(map(len, blocks))
+
+    def chunks(self) -> Iterator[bytes]:
+        yield from self.blocks
+        if self.error is not None:
+            raise self.error
+
+
+def test_sender_pieces_and_digests() -> None:
+    """Pieces stay under uWSGI's chunk limit, in order; the digests cover every byte."""
+    rng = random.Random(5)
+    blocks = [rng.randbytes(n) for n in (up.READ_CHUNK, 3, up.UPLOAD_CHUNK + 1, 0, 777_777)]
+    sent: list[tuple[int, int]] = []
+    sender = up._Sender(cast(up._Source, _Blocks(blocks)), lambda n, t: sent.append((n, t)))
+    pieces = [bytes(p) for p in sender]
+    data = b"".join(blocks)
+    assert b"".join(pieces) == data and sender.sent == len(data)
+    assert all(0 < len(p) <= up.UPLOAD_CHUNK for p in pieces)
+    assert sent[-1] == (len(data), len(data)) and len(sent) == len(pieces)
+    digests = sender.hasher.hexdigests()
+    assert digests["md5"] == hashlib.md5(data).hexdigest()
+    assert digests["sha512"] == hashlib.sha512(data).hexdigest()
+
+
+def test_sender_keeps_the_source_error() -> None:
+    """A source failing mid-body: the error is kept for upload() to report."""
+    boom = QcowlibIOError("read error: Input/output error")
+    sender = up._Sender(cast(up._Source, _Blocks([b"x" * 1000] * 3, boom)), None)
+    with pytest.raises(QcowlibIOError):
+        list(sender)
+    assert sender.error is boom and sender.sent == 3000
+    assert sender.hasher.hexdigests()["md5"] == hashlib.md5(b"x" * 3000).hexdigest()
 
 
 def test_size_mismatch_deletes_image(

@@ -71,7 +71,10 @@ def _cmd_upload(args: argparse.Namespace) -> int:
         )
     except ValidationRefused as exc:
         reasons = "; ".join(f"[{f['rule']}] {f['message']}" for f in exc.findings)
-        raise Failed(f"upload refused, nothing was sent: {reasons} (--force overrides)") from None
+        hint = "--force overrides"
+        if any("backing" in f["rule"] for f in exc.findings):
+            hint = "or upload with --flatten, which sends the whole chain as one image; " + hint
+        raise Failed(f"upload refused, nothing was sent: {reasons} ({hint})") from None
     finally:
         if bar:
             bar.finish()

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,26 +133,40 @@ class _Source:
 
 
 class _Sender:
-    """Iterates the source for the HTTP body, hashing every byte that goes out."""
+    """Iterates the source for the HTTP body, hashing every byte that goes out.
+
+    Glance's single request thread is what limits an upload, so the body must keep it
+    fed: block N is hashed (md5, then sha512, in one helper thread, so that the hashing
+    takes at most the one core Glance does not use) while block N is being sent, instead
+    of the socket going quiet for the hashing of every block.
+    """
 
     def __init__(self, source: _Source, progress: Progress | None) -> None:
         self.source = source
-        self.hasher = MultiHasher(("md5", "sha512"))
+        self.hasher = MultiHasher(("md5", "sha512"), threads=False)
         self.sent = 0
         self.progress = progress
         self.error: BaseException | None = None
 
-    def __iter__(self) -> Iterator[bytes]:
+    def __iter__(self) -> Iterator[bytes | memoryview]:
+        pending: Future[None] | None = None
         try:
-            for block in self.source.chunks():
-                self.hasher.update(block)
-                # Glance's uWSGI refuses body chunks of 1 MiB or more.
-                for at in range(0, len(block), UPLOAD_CHUNK):
-                    piece = block[at : at + UPLOAD_CHUNK]
-                    self.sent += len(piece)
-                    if self.progress:
-                        self.progress(self.sent, self.source.size)
-                    yield piece
+            with ThreadPoolExecutor(1, thread_name_prefix="qcowlib-upload-hash") as pool:
+                for block in self.source.chunks():
+                    if pending is not None:
+                        pending.result()
+                    pending = pool.submit(self.hasher.update, block)
+                    # Glance's uWSGI refuses body chunks of 1 MiB or more.  Views, not
+                    # copies: the HTTP layer copies each piece into its chunk framing.
+                    view = memoryview(block)
+                    for at in range(0, len(view), UPLOAD_CHUNK):
+                        piece = view[at : at + UPLOAD_CHUNK]
+                        self.sent += len(piece)
+                        if self.progress:
+                            self.progress(self.sent, self.source.size)
+                        yield piece
+                if pending is not None:
+                    pending.result()
         except BaseException as exc:  # surfaced after the HTTP layer gives up
             self.error = exc
             raise
@@ -262,7 +277,8 @@ def _send(
         _delete(conn, image_id)
         if sender.error is not None and isinstance(sender.error, QcowlibError):
             raise sender.error from None
-        raise UploadError(f"upload failed: {_describe(exc)} (image deleted)") from None
+        done = "image deleted" if image_id is not None else "no image was created"
+        raise UploadError(f"upload failed: {_describe(exc)} ({done})") from None
     digests = sender.hasher.hexdigests()
     sender.hasher.close()
     problems = []
@@ -302,8 +318,9 @@ def _delete(conn: Any, image_id: str | None) -> None:
         if conn.image.find_image(image_id) is not None:
             conn.image.update_image(image_id, is_protected=False)
             conn.image.delete_image(image_id, ignore_missing=True)
-    except Exception:  # best effort: report the original problem, log this one
-        log.warning("could not delete image %s after a failed upload", image_id, exc_info=True)
+    except Exception as exc:  # best effort: report the original problem, log this one
+        log.warning("could not delete image %s after a failed upload: %s", image_id, _describe(exc))
+        log.debug("deleting image %s", image_id, exc_info=True)
 
 
 def _describe(exc: BaseException) -> str:
