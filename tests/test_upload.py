@@ -191,6 +191,19 @@ def test_sender_keeps_the_source_error() -> None:
     assert sender.hasher.hexdigests()["md5"] == hashlib.md5(b"x" * 3000).hexdigest()
 
 
+@pytest.mark.parametrize("extra", [-1, 1])
+def test_sender_refuses_a_body_of_another_length(extra: int) -> None:
+    """The body goes with a Content-Length: a source that ends early or runs long raises
+    (the server is never left waiting for bytes that will not come)."""
+    source = _Blocks([b"a" * 700, b"b" * 700])
+    source.size += extra
+    sender = up._Sender(cast(up._Source, source), None)
+    assert len(sender) == source.size
+    with pytest.raises(up.UploadError, match=r"ended after|grew past"):
+        list(sender)
+    assert sender.sent <= source.size
+
+
 def test_size_mismatch_deletes_image(
     glance_server: GlanceServer, chain: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
