@@ -27,8 +27,7 @@ Progress = Callable[[int, int], None]
 #: Pieces handed to the HTTP layer (and progress steps); also under the 1,048,568 bytes
 #: that Glance behind uWSGI refuses as one chunk of a chunked body.
 UPLOAD_CHUNK = 512 * 1024
-#: Bytes read (or serialized) and hashed at a time: large enough for md5 and sha512 to
-#: run in parallel threads (MultiHasher.THREAD_MIN), then sent as UPLOAD_CHUNK pieces.
+#: Bytes read (or serialized) and hashed at a time, then sent as UPLOAD_CHUNK pieces.
 READ_CHUNK = 8 * UPLOAD_CHUNK
 GiB = 1 << 30
 #: What ``--flatten`` can send, by disk_format, with its output options (a VMDK goes as
@@ -136,10 +135,9 @@ class _Source:
 class _Sender:
     """The HTTP body: iterates the source, hashing every byte that goes out.
 
-    Its length is the source's exact size, so the body goes with a ``Content-Length``
-    instead of chunked transfer encoding (Glance behind uWSGI spends ~10% more CPU
-    reading a chunked body, and its one request thread is what limits an upload); a
-    source that ends early or runs long raises instead of leaving the server waiting.
+    Its length is the source's exact size, so the body goes with a ``Content-Length``,
+    as openstacksdk sends a file, instead of chunked transfer encoding; a source that
+    ends early or runs long raises instead of leaving the server waiting for bytes.
     Block N is hashed (md5, then sha512, in one helper thread) while it is being sent,
     so the socket does not go quiet for the hashing of every block.
     """
