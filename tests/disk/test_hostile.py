@@ -143,6 +143,39 @@ def test_poked_image(label: str, damage: Damage, error: type[Exception], tmp_pat
 
 
 @pytest.mark.usefixtures("qemu")
+@pytest.mark.parametrize("bad", ["entry", "table"])
+def test_bad_entry_among_many_small_l2_tables(bad: str, tmp_path: Path) -> None:
+    """4 KiB clusters: the eight L2 tables of 16 MiB are decoded in one batch, and the
+    error still names the table and entry at fault (an unaligned entry in table 2, or
+    table 3 placed past the end of the file)."""
+    img = tmp_path / "small.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", img, "16M")
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x33 0 16M", str(img)],
+        check=True,
+        capture_output=True,
+    )
+    l1 = l1_offset(img)
+    if bad == "entry":
+        at = (field(img, l1 + 16, ">Q") & 0x00FF_FFFF_FFFF_FE00) + 5 * 8
+        poke(img, at, ">Q", field(img, at, ">Q") + 512)
+        with pytest.raises(qcowlib.CorruptImage, match="unaligned") as err:
+            map_all(img)
+        assert (err.value.structure, err.value.field) == ("L2 table 2", "entry[5]")
+    else:
+        poke(img, l1 + 24, ">Q", (1 << 63) | (1 << 40))
+        with pytest.raises(qcowlib.TruncatedImage, match="L2 table 3") as past:
+            map_all(img)
+        assert past.value.field == "entry[3]"
+
+
+def map_all(path: Path) -> None:
+    """The whole disk's extents in one call (its L2 tables are decoded in batches)."""
+    with qcowlib.open(str(path), "qcow2") as disk:
+        list(disk.extents())
+
+
+@pytest.mark.usefixtures("qemu")
 def test_garbage_compressed_cluster(tmp_path: Path) -> None:
     img = tmp_path / "c.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", img, "1M")

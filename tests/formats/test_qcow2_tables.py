@@ -72,6 +72,45 @@ def test_l2_round_trip(case: tuple[int, list[tuple[int, int, int]]]) -> None:
             assert length <= gl < length + 512
 
 
+@given(
+    st.integers(9, 16),
+    st.integers(1, 6),
+    st.integers(1, 32),
+    st.lists(st.sampled_from(KINDS[:3]), min_size=1, max_size=192),
+    st.booleans(),
+)
+@settings(max_examples=200)
+def test_batched_l2_decode_equals_one_table_at_a_time(
+    cluster_bits: int, n_tables: int, per_table: int, kinds: list[int], contiguous: bool
+) -> None:
+    """Several tables decoded at once give each table's own runs, never one run that
+    crosses from one table into the next (contiguous data across the seam included)."""
+    n = n_tables * per_table
+    kind = np.resize(np.array(kinds, dtype=np.uint8), n)
+    cs = 1 << cluster_bits
+    if contiguous:  # one long run of host clusters through every table
+        host = (np.arange(n, dtype=np.uint64) + 1) * np.uint64(cs)
+    else:
+        host = np.random.default_rng(n).integers(1, 1 << 20, n).astype(np.uint64) * np.uint64(cs)
+    host[kind == tables.KIND_UNALLOCATED] = 0
+    entries = tables.encode_l2_standard(kind, host).reshape(n_tables, per_table)
+    names = [f"L2 table {i}" for i in range(n_tables)]
+    batched = tables.decode_l2_tables(entries, cluster_bits=cluster_bits, tables=names)
+    assert len(batched) == n_tables
+    for row, got in zip(entries, batched, strict=True):
+        one = tables.decode_l2(row, cluster_bits=cluster_bits)
+        for field in ("start", "count", "kind", "host", "clen"):
+            assert np.array_equal(getattr(got, field), getattr(one, field)), field
+
+
+def test_batched_l2_decode_names_the_table_at_fault() -> None:
+    entries = np.zeros((3, 8), dtype=np.uint64)
+    entries[2, 5] = 0x10200 | tables.OFLAG_COPIED
+    with pytest.raises(CorruptImage, match="unaligned") as err:
+        tables.decode_l2_tables(entries, cluster_bits=16, tables=["L2 table 7", "x", "y"])
+    assert err.value.structure == "y" and err.value.field == "entry[5]"
+
+
 def test_runs_merge_contiguous_data() -> None:
     cs = 65536
     host = np.array([cs * 5, cs * 6, cs * 7, cs * 20, 0, 0], dtype=np.uint64)

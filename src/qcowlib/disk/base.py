@@ -71,11 +71,39 @@ class Extent:
         """The part of this extent inside ``[start, end)`` (host offsets shifted)."""
         s = max(start, self.start)
         e = min(end, self.end)
-        delta = s - self.start
         host = self.host_offset
         if host is not None and self.kind is not ExtentKind.COMPRESSED:
-            host += delta
-        return replace(self, start=s, length=e - s, host_offset=host)
+            host += s - self.start
+        # The constructor, not dataclasses.replace: this runs once per run of every map.
+        return Extent(
+            s, e - s, self.kind, host, self.depth, self.file, self.compressed_length, self.hole
+        )
+
+    def at_depth(self, depth: int) -> Extent:
+        """This extent as decided by the chain's layer ``depth``."""
+        return Extent(
+            self.start,
+            self.length,
+            self.kind,
+            self.host_offset,
+            depth,
+            self.file,
+            self.compressed_length,
+            self.hole,
+        )
+
+    def as_hole(self) -> Extent:
+        """This DATA extent marked as a hole in its file."""
+        return Extent(
+            self.start,
+            self.length,
+            self.kind,
+            self.host_offset,
+            self.depth,
+            self.file,
+            self.compressed_length,
+            True,
+        )
 
 
 def mergeable(a: Extent, b: Extent) -> bool:
@@ -160,13 +188,13 @@ class Disk(abc.ABC):
     def _resolve(self, start: int, end: int, depth: int) -> Iterator[Extent]:
         for ext in self.layer_extents(start, end - start):
             if ext.kind is not ExtentKind.UNALLOCATED:
-                yield replace(ext, depth=depth)
+                yield ext.at_depth(depth)
                 continue
             # An unallocated extent may keep a host offset (an allocated cluster whose
             # subcluster is not): qemu-img map shows it where this layer decides.
             backing = self.backing
             if backing is None:
-                yield replace(ext, depth=depth)
+                yield ext.at_depth(depth)
                 continue
             split = min(ext.end, max(ext.start, backing.virtual_size))
             if split > ext.start:
@@ -174,7 +202,7 @@ class Disk(abc.ABC):
             if split < ext.end:
                 # Past the backing file's end the overlay reads zeros (qemu: ZERO, not
                 # allocated, decided at this layer).
-                yield replace(ext.clip(split, ext.end), depth=depth)
+                yield ext.clip(split, ext.end).at_depth(depth)
 
     def read_into(self, offset: int, buf: memoryview | bytearray) -> None:
         """Fill ``buf`` with guest bytes from ``offset`` (raises InvalidArgument past the end)."""

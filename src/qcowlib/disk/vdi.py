@@ -10,7 +10,6 @@ form one run.  Mapping and reads then walk runs, never single blocks.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
 
 import numpy as np
 import numpy.typing as npt
@@ -106,7 +105,7 @@ class VdiDisk(Disk):
         host = ext.host_offset
         for s, e, is_data in self.host.segments(host, host + ext.length):
             part = ext.clip(ext.start + (s - host), ext.start + (e - host))
-            yield part if is_data else replace(part, hole=True)
+            yield part if is_data else part.as_hole()
 
     # -- reads --------------------------------------------------------------------------
     def read_into(self, offset: int, buf: memoryview | bytearray) -> None:

@@ -12,8 +12,6 @@ from qcowlib.disk.chain import BackingPolicy, open_disk, resolve_linked_path
 from qcowlib.engine.copy import Progress, write_raw
 from qcowlib.engine.output import atomic_output
 from qcowlib.engine.qcow2out import write_qcow2
-from qcowlib.engine.vmdkout import ADAPTER_TYPES
-from qcowlib.engine.vmdkout import SUBFORMATS as VMDK_SUBFORMATS
 from qcowlib.errors import InvalidArgument, UnsupportedFeature
 from qcowlib.formats.qcow2.layout import parse_options
 
@@ -36,6 +34,9 @@ def vdi_options(opts_in: Mapping[str, str], compress: bool) -> bool:
 
 def vmdk_options(opts_in: Mapping[str, str], compress: bool) -> tuple[str, str, str]:
     """Checked ``-o`` options of a VMDK output: subformat, adapter type, hardware version."""
+    from qcowlib.engine.vmdkout import ADAPTER_TYPES
+    from qcowlib.engine.vmdkout import SUBFORMATS as VMDK_SUBFORMATS
+
     opts = dict(opts_in)
     subformat = opts.pop("subformat", "monolithicSparse")
     if subformat not in VMDK_SUBFORMATS:

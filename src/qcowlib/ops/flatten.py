@@ -13,13 +13,12 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Protocol, Self
+from typing import TYPE_CHECKING, Protocol, Self, TypeAlias
 
 from qcowlib.disk._file import pwrite_all
 from qcowlib.disk.base import Disk
 from qcowlib.disk.chain import open_disk
 from qcowlib.engine.copy import write_raw
-from qcowlib.engine.formatstream import VdiSerializer, VmdkSerializer
 from qcowlib.engine.output import atomic_output
 from qcowlib.engine.qcow2out import reserve, write_qcow2
 from qcowlib.engine.serialize import STREAM_CHUNK, Qcow2Serializer, RawSerializer
@@ -27,6 +26,10 @@ from qcowlib.engine.zero import is_zero
 from qcowlib.errors import InvalidArgument, QcowlibIOError, UnsupportedFeature
 from qcowlib.formats.qcow2.layout import CreateOptions, parse_options
 from qcowlib.ops.convert import vdi_options, vmdk_options
+
+if TYPE_CHECKING:
+    # The VDI and VMDK serializers load only when those formats are asked for.
+    from qcowlib.engine.formatstream import VdiSerializer, VmdkSerializer
 
 Progress = Callable[[int, int], None]
 FLATTEN_FORMATS = ("qcow2", "raw", "vmdk", "vdi")
@@ -38,7 +41,7 @@ class HashSink(Protocol):
     def update(self, data: bytes, /) -> None: ...
 
 
-Serializer = Qcow2Serializer | RawSerializer | VdiSerializer | VmdkSerializer
+Serializer: TypeAlias = "Qcow2Serializer | RawSerializer | VdiSerializer | VmdkSerializer"
 
 
 def _qcow2_serializer(
@@ -91,9 +94,13 @@ class FlattenStream:
             if out_format == "qcow2":
                 self._ser = _qcow2_serializer(self._disk, options, compress, chunk_size)
             elif out_format == "vdi":
+                from qcowlib.engine.formatstream import VdiSerializer
+
                 static = vdi_options(options or {}, compress)
                 self._ser = VdiSerializer(self._disk, static=static, chunk_size=chunk_size)
             elif out_format == "vmdk":
+                from qcowlib.engine.formatstream import VmdkSerializer
+
                 subformat, adapter, hw = vmdk_options(options or {}, compress)
                 if name is None:
                     name = os.path.splitext(os.path.basename(src))[0] + ".vmdk"
