@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import random
 import stat
+import tempfile
 import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
+from qcowlib.disk import _file
 from qcowlib.disk._file import pwrite_all
 from qcowlib.engine import output
 from qcowlib.errors import InvalidArgument
@@ -79,3 +84,35 @@ def test_directory_is_synced_after_the_rename(
     with output.atomic_output(str(dst)) as fd:
         pwrite_all(fd, b"x" * 4096, 0)
     assert synced == [True]
+
+
+@given(st.lists(st.integers(0, 3 * _file.WRITE_MAX // 2), min_size=1, max_size=12))
+@settings(max_examples=40, deadline=None)
+def test_writes_are_whole_and_at_most_write_max_a_call(sizes: list[int]) -> None:
+    """pwritev_all and pwrite_all write every byte in order, in calls of at most
+    WRITE_MAX bytes (larger writes get 2 MiB page-cache folios, slow on this VM)."""
+    assume(sum(sizes) > 0)
+    rng = random.Random(len(sizes))
+    parts: list[bytes | memoryview] = [rng.randbytes(n) for n in sizes]
+    parts[0] = memoryview(parts[0])
+    calls: list[int] = []
+    real_pwritev, real_pwrite = os.pwritev, os.pwrite
+
+    def pwritev(fd: int, bufs: list[memoryview], offset: int) -> int:
+        calls.append(sum(len(b) for b in bufs))
+        return real_pwritev(fd, bufs, offset)
+
+    def pwrite(fd: int, buf: memoryview, offset: int) -> int:
+        calls.append(len(buf))
+        return real_pwrite(fd, buf, offset)
+
+    with tempfile.TemporaryFile() as f, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "pwritev", pwritev)
+        mp.setattr(os, "pwrite", pwrite)
+        _file.pwritev_all(f.fileno(), parts, 7)
+        _file.pwrite_all(f.fileno(), b"".join(bytes(p) for p in parts), 7 + sum(sizes))
+        f.seek(0)
+        data = f.read()
+    expected = b"".join(bytes(p) for p in parts)
+    assert data == bytes(7) + expected + expected
+    assert calls and max(calls) <= _file.WRITE_MAX

@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from qcowlib.disk._file import pwrite_all
+from qcowlib.disk._file import pwrite_all, pwritev_all
 from qcowlib.disk.base import Disk
 from qcowlib.engine.classify import DATA, WORKERS, ZERO, Chunk, Classifier
 from qcowlib.errors import QcowlibIOError
@@ -181,14 +181,7 @@ class Qcow2Writer:
             self.writes.popleft().result()
 
     def _write_parts(self, start: int, parts: list[bytes | memoryview]) -> None:
-        total = sum(len(p) for p in parts)
-        try:
-            done = os.pwritev(self.fd, parts, start) if len(parts) > 1 else 0
-        except OSError as exc:
-            raise QcowlibIOError(f"write error: {exc.strerror}", offset=start) from None
-        if done != total:
-            rest = b"".join(bytes(p) for p in parts)[done:] if len(parts) > 1 else parts[0]
-            self._pwrite(rest, start + done)
+        pwritev_all(self.fd, parts, start)
 
     def take_submitted(self) -> list[Future[None]]:
         """The write futures submitted since the last call."""
