@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from qcowlib.disk.base import Disk, Extent, ExtentKind
     from qcowlib.disk.chain import BackingPolicy
     from qcowlib.disk.qcow2_rw import Qcow2RWDisk
+    from qcowlib.formats import formats
     from qcowlib.glance.upload import UploadRequest, upload
     from qcowlib.ops.check import check
     from qcowlib.ops.checksum import checksum
@@ -74,6 +75,7 @@ __all__ = [
     "create",
     "flatten",
     "flatten_stream",
+    "formats",
     "info",
     "measure",
     "open",
@@ -145,13 +147,14 @@ def compare(
 
 
 def __getattr__(name: str) -> Any:
-    if name == "validate":
-        # qcowlib.validate is a callable package: qcowlib.validate(path, ...) validates and
-        # qcowlib.validate.register(rule) adds a rule.  Return the package, so the name
-        # means the same whether it is first used as a function or imported as a module.
+    if name in ("validate", "formats"):
+        # Callable packages: qcowlib.validate(path, ...) validates and
+        # qcowlib.validate.register(rule) adds a rule; qcowlib.formats() lists the
+        # registry and qcowlib.formats.registry is importable.  Return the package, so the
+        # name means the same whether it is first used as a function or as a module.
         import importlib
 
-        return importlib.import_module("qcowlib.validate")
+        return importlib.import_module(f"qcowlib.{name}")
     try:
         module, attr = _LAZY[name]
     except KeyError:

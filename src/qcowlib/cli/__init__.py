@@ -17,10 +17,12 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from qcowlib.errors import QcowlibError
+from qcowlib.formats import registry
 
 log = logging.getLogger("qcowlib")
 
-INPUT_FORMATS = ("raw", "qcow2", "vmdk", "vdi", "vpc", "vhdx")
+#: ``-f``/``-F``/``-O`` choices: the formats qcowlib reads (from the registry).
+INPUT_FORMATS = registry.readable()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -97,11 +99,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def parse_options(text: str | None) -> dict[str, str]:
-    """qemu-img's ``-o key=value,key=value`` (a bare key means ``on``)."""
+    """qemu-img's ``-o key=value,key=value`` (a bare key means ``on``; ``,,`` is a comma)."""
     options: dict[str, str] = {}
     if not text:
         return options
-    for item in text.split(","):
+    for item in _split_options(text):
         if not item:
             continue
         key, sep, value = item.partition("=")
@@ -109,11 +111,44 @@ def parse_options(text: str | None) -> dict[str, str]:
     return options
 
 
+def _split_options(text: str) -> list[str]:
+    """Split at single commas; ``,,`` stands for a comma inside a value (QemuOpts)."""
+    items: list[str] = []
+    current: list[str] = []
+    i = 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1 : i + 2] == ",":
+                current.append(",")
+                i += 2
+                continue
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(text[i])
+        i += 1
+    items.append("".join(current))
+    return items
+
+
+def wants_option_help(options: dict[str, str], fmt: str) -> bool:
+    """``-o help``: print the format's creation options (from the registry) and say so."""
+    if options.get("help") != "on" and options.get("?") != "on":
+        return False
+    from qcowlib.formats.registry import option_help
+
+    sys.stdout.write(option_help(fmt))
+    return True
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from qcowlib._units import parse_size
     from qcowlib.cli.progress import ProgressBar
     from qcowlib.ops.convert import convert
 
+    options = parse_options(args.options)
+    if wants_option_help(options, args.out_format):
+        return 0
     sparse = parse_size(args.sparse_size) if args.sparse_size is not None else 4096
     bar = ProgressBar() if args.progress else None
     try:
@@ -123,7 +158,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             args.out_format,
             src_format=args.format,
             compress=args.compress,
-            options=parse_options(args.options),
+            options=options,
             backing=args.backing,
             backing_format=args.backing_format,
             sparse_size=sparse,

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qcowlib.cli import parse_options
+from qcowlib.cli import parse_options, wants_option_help
+from qcowlib.formats import registry
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("create", help="create a new image")
-    p.add_argument("-f", dest="format", default="raw", choices=("raw", "qcow2"))
+    p.add_argument("-f", dest="format", default="raw", choices=registry.creatable())
     p.add_argument("-o", dest="options", action="append", default=[])
     p.add_argument("-b", dest="backing")
     p.add_argument("-F", dest="backing_format")
@@ -31,6 +32,8 @@ def _cmd_create(args: argparse.Namespace) -> int:
     options: dict[str, str] = {}
     for text in args.options:
         options.update(parse_options(text))
+    if wants_option_help(options, args.format):
+        return 0
     size = parse_size(args.size) if args.size is not None else None
     result = create(
         args.filename,

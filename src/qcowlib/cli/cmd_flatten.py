@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from qcowlib.cli import INPUT_FORMATS, parse_options
+from qcowlib.cli import INPUT_FORMATS, parse_options, wants_option_help
+from qcowlib.formats import registry
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("flatten", help="write a backing chain as one standalone image")
     p.add_argument("-f", dest="format", choices=INPUT_FORMATS)
-    p.add_argument(
-        "-O", dest="out_format", default="qcow2", choices=("qcow2", "raw", "vmdk", "vdi")
-    )
+    p.add_argument("-O", dest="out_format", default="qcow2", choices=registry.flattenable())
     p.add_argument("-o", dest="options")
     p.add_argument("-c", dest="compress", action="store_true")
     p.add_argument("-p", dest="progress", action="store_true")
@@ -25,6 +24,9 @@ def _cmd_flatten(args: argparse.Namespace) -> int:
     from qcowlib.cli.progress import ProgressBar
     from qcowlib.ops.flatten import flatten
 
+    options = parse_options(args.options)
+    if wants_option_help(options, args.out_format):
+        return 0
     bar = ProgressBar() if args.progress else None
     try:
         flatten(
@@ -32,7 +34,7 @@ def _cmd_flatten(args: argparse.Namespace) -> int:
             args.dst,
             args.out_format,
             src_format=args.format,
-            options=parse_options(args.options),
+            options=options,
             compress=args.compress,
             progress=bar.update if bar else None,
         )

@@ -11,9 +11,10 @@ import argparse
 import sys
 
 from qcowlib.cli import add_output, print_json
+from qcowlib.formats import registry
 
 #: Formats ``-f`` takes: every format the probe knows.
-_FORMATS = ("raw", "qcow2", "vmdk", "vdi", "vpc", "vhdx", "luks", "iso")
+_FORMATS = registry.known()
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import abc
 import enum
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from qcowlib.disk._file import HostFile
 from qcowlib.errors import InvalidArgument
@@ -160,6 +161,49 @@ class Disk(abc.ABC):
         """The file a DATA layer extent's ``host_offset`` refers to (for kernel copies)."""
         return None
 
+    # -- links to other files (defaults: a standalone image) ---------------------------
+    @property
+    def backing_file_name(self) -> str | None:
+        """The backing file name recorded in the image (a VMDK delta disk's parent)."""
+        return None
+
+    @property
+    def backing_file_format(self) -> str | None:
+        """The backing file's format as the image records it (not yet validated)."""
+        return None
+
+    def check_parent(self, parent: Disk) -> None:  # noqa: B027 - an optional hook
+        """Refuse a backing disk this layer cannot read over (default: any is fine)."""
+
+    @property
+    def data_file_name(self) -> str | None:
+        """The external data file the image names, if any."""
+        return None
+
+    def attach_data_file(self, host: HostFile, path: str) -> None:
+        """Use ``host`` (opened from ``path``) as the external data file."""
+        raise InvalidArgument("this image has no external data file", file=self.filename)
+
+    # -- what ``qemu-img info`` shows (keys and order as qemu-img 7.2) ------------------
+    def info_head(self) -> dict[str, Any]:
+        """Keys qemu-img prints before ``virtual-size`` (snapshots, backing format)."""
+        return {}
+
+    @property
+    def info_cluster_size(self) -> int | None:
+        """The ``cluster-size`` qemu-img reports, if the format has one."""
+        return None
+
+    def info_tail(self) -> dict[str, Any]:
+        """Keys qemu-img prints after ``actual-size`` (format-specific data, backing
+        names, dirty flag)."""
+        return {"dirty-flag": False}
+
+    def actual_size(self) -> int | None:
+        """Bytes the image's files occupy on the host (``actual-size``)."""
+        host = getattr(self, "host", None)
+        return host.allocated if isinstance(host, HostFile) else None
+
     # -- shared behaviour ----------------------------------------------------------------
     @property
     def chain(self) -> list[Disk]:
@@ -254,6 +298,14 @@ class Disk(abc.ABC):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def full_backing_filename(filename: str, backing: str) -> str:
+    """qemu's ``path_combine``: a relative backing name joined to the image's directory."""
+    if os.path.isabs(backing):
+        return backing
+    directory = os.path.dirname(filename)
+    return os.path.join(directory, backing) if directory else backing
 
 
 _ZERO_CHUNK = bytes(1 << 20)

@@ -18,7 +18,6 @@ from qcowlib.disk.base import Disk
 from qcowlib.errors import (
     BackingFormatUnknown,
     BackingLoop,
-    BackingMismatch,
     BackingNotFound,
     BackingTooDeep,
     FormatError,
@@ -28,13 +27,11 @@ from qcowlib.errors import (
     UnsafeBackingPath,
     UnsupportedFeature,
 )
-from qcowlib.formats import detect
+from qcowlib.formats import detect, registry
 
 #: Default cap on the number of images in a chain (top included).  Deeper chains are
 #: refused so that a crafted set of files cannot make opening unbounded.
 MAX_CHAIN_DEPTH = 64
-#: Formats this version opens.
-READABLE_FORMATS = ("qcow2", "raw", "vdi", "vpc", "vmdk", "vhdx")
 _PROTOCOL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
@@ -102,9 +99,7 @@ def _open_layer(
             raise BackingLoop(f"backing chain loops back to {path}", file=path)
         seen.add(host.identity)
         if fmt is None:
-            fmt = probe_format(host)
-            if fmt == "iso":
-                fmt = "raw"  # an ISO 9660 image is a raw disk, as qemu-img treats it
+            fmt = probe_format(host)  # an ISO 9660 image opens as raw (registry)
         disk = _make_disk(host, path, fmt, policy)
     except BaseException:
         host.close()
@@ -113,33 +108,10 @@ def _open_layer(
 
 
 def _make_disk(host: HostFile, path: str, fmt: str, policy: BackingPolicy) -> Disk:
-    if fmt == "raw":
-        from qcowlib.disk.raw import RawDisk
-
-        return RawDisk(host, path)
-    if fmt == "qcow2":
-        from qcowlib.disk.qcow2 import Qcow2Disk, read_header
-
-        return Qcow2Disk(host, path, read_header(host))
-    if fmt == "vdi":
-        from qcowlib.disk.vdi import VdiDisk
-
-        return VdiDisk(host, path)
-    if fmt == "vmdk":
-        from qcowlib.disk.vmdk import open_vmdk
-
-        return open_vmdk(host, path, policy)
-    if fmt == "vhdx":
-        from qcowlib.disk.vhdx import VhdxDisk
-
-        return VhdxDisk(host, path)
-    if fmt == "vpc":
-        from qcowlib.disk.vhd import VhdDisk
-
-        return VhdDisk(host, path)
-    if fmt in detect.FORMATS:
+    entry = registry.by_name(fmt)
+    if not entry.can_read:
         raise UnsupportedFeature(f"{fmt} images are not supported yet", file=path)
-    raise InvalidArgument(f"unknown format {fmt!r}", file=path)
+    return entry.opener()(host, path, policy)
 
 
 def open_disk(path: str, fmt: str | None = None, policy: BackingPolicy | None = None) -> Disk:
@@ -151,7 +123,7 @@ def open_disk(path: str, fmt: str | None = None, policy: BackingPolicy | None = 
     :class:`BackingChainError` subclasses for chains that cannot be followed.
     """
     policy = policy or BackingPolicy()
-    if fmt is not None and fmt not in detect.FORMATS:
+    if fmt is not None and fmt not in registry.known():
         raise InvalidArgument(f"unknown format {fmt!r}")
     seen: set[tuple[int, int]] = set()
     top, _ = _open_layer(path, fmt, seen, policy)
@@ -206,7 +178,7 @@ def _attach_backing_chain(
         except FormatError as exc:
             raise exc.with_file(full) from None
         try:
-            _check_parent_cid(current, layer)
+            current.check_parent(layer)
         except BaseException:
             layer.close()
             raise
@@ -215,66 +187,25 @@ def _attach_backing_chain(
         depth += 1
 
 
-def _check_parent_cid(child: Disk, parent: Disk) -> None:
-    """A VMDK delta disk reads only over the parent it was made from (QEMU refuses too)."""
-    from qcowlib.disk.vmdk import VmdkDisk
-
-    if not isinstance(child, VmdkDisk):
-        return
-    want = child.parent_cid
-    have = parent.cid if isinstance(parent, VmdkDisk) else None
-    if want != have:
-        shown = "none" if have is None else f"{have:08x}"
-        raise BackingMismatch(
-            f"parent {parent.filename!r} has CID {shown} but this delta disk was made over "
-            f"CID {'none' if want is None else f'{want:08x}'}: the parent changed after the "
-            "delta disk was created, so the chain would read wrong data",
-            file=child.filename,
-            structure="vmdk descriptor",
-            field="parentCID",
-        )
-
-
 def backing_name(disk: Disk) -> str | None:
     """The backing file name recorded in an image, if any (a VMDK delta disk's parent)."""
-    from qcowlib.disk.qcow2 import Qcow2Disk
-    from qcowlib.disk.vmdk import VmdkDisk
-
-    if isinstance(disk, Qcow2Disk):
-        return disk.header.backing_file
-    if isinstance(disk, VmdkDisk):
-        return disk.parent_file_name
-    return None
+    return disk.backing_file_name
 
 
 def backing_format(disk: Disk) -> str | None:
-    """The backing format recorded in an image, if any (validated).
-
-    A VMDK's parent is always a VMDK (QEMU refuses to create anything else), so it is
-    opened as one, never probed.
-    """
-    from qcowlib.disk.qcow2 import Qcow2Disk
-    from qcowlib.disk.vmdk import VmdkDisk
-
-    if isinstance(disk, Qcow2Disk):
-        fmt = disk.header.backing_format
-        if fmt is not None and fmt not in detect.FORMATS:
-            raise BackingFormatUnknown(
-                f"unknown backing format {fmt!r}", file=disk.filename, structure="header"
-            )
-        return fmt
-    if isinstance(disk, VmdkDisk) and disk.parent_file_name is not None:
-        return "vmdk"
-    return None
+    """The backing format recorded in an image, if any, refused when no format has it."""
+    fmt = disk.backing_file_format
+    if fmt is not None and fmt not in registry.known():
+        raise BackingFormatUnknown(
+            f"unknown backing format {fmt!r}", file=disk.filename, structure="header"
+        )
+    return fmt
 
 
 def _attach_data_file(disk: Disk, policy: BackingPolicy) -> None:
-    from qcowlib.disk.qcow2 import Qcow2Disk
-
-    if not isinstance(disk, Qcow2Disk) or not disk.header.has_data_file:
+    name = disk.data_file_name
+    if name is None:
         return
-    name = disk.header.data_file
-    assert name is not None  # the header parser insists
     if not policy.follow_data_file:
         raise UnsafeBackingPath(
             f"image uses external data file {name!r}, which this policy does not follow",
@@ -287,5 +218,4 @@ def _attach_data_file(disk: Disk, policy: BackingPolicy) -> None:
         raise QcowlibIOError(
             f"cannot open external data file {full!r}: {exc.message}", file=disk.filename
         ) from None
-    disk.data_host = data
-    disk.data_filename = full
+    disk.attach_data_file(data, full)

@@ -8,25 +8,32 @@ table codec.  Reads go through extents, so a long run of contiguous clusters is 
 
 from __future__ import annotations
 
+import functools
 import logging
+import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from qcowlib.disk._file import HostFile
-from qcowlib.disk.base import Disk, Extent, ExtentKind
-from qcowlib.errors import CorruptImage, QcowlibError, TruncatedImage, UnsupportedFeature
-from qcowlib.formats.qcow2 import header as hdr
-from qcowlib.formats.qcow2 import refcount, tables
-from qcowlib.formats.qcow2.bitmap import (
-    MAX_BITMAP_DIRECTORY_SIZE,
-    BitmapEntry,
-    parse_bitmap_directory,
+from qcowlib.disk.base import Disk, Extent, ExtentKind, full_backing_filename
+from qcowlib.errors import (
+    CorruptImage,
+    QcowlibError,
+    TruncatedImage,
+    UnsupportedFeature,
 )
-from qcowlib.formats.qcow2.compress import decompress_cluster
-from qcowlib.formats.qcow2.snapshot import MAX_SNAPSHOTS_SIZE, Snapshot, parse_snapshot_table
+from qcowlib.formats.qcow2 import header as hdr
+
+if TYPE_CHECKING:
+    from qcowlib.disk.chain import BackingPolicy
+    from qcowlib.formats.qcow2 import tables
+    from qcowlib.formats.qcow2.bitmap import BitmapEntry
+    from qcowlib.formats.qcow2.snapshot import Snapshot
+
+# numpy and the table codecs load on the first mapping or read, not for ``info``: a
+# header read must not pay ~50 ms of imports (DESIGN.md, "metadata-only commands").
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +42,35 @@ L2_CACHE_BYTES = 32 * 1024 * 1024
 #: Raw L2 table bytes decoded in one vectorised step when a range spans many tables
 #: (512 tables of 4 KiB clusters, 32 of 64 KiB; large clusters go one at a time).
 L2_BATCH_BYTES = 2 * 1024 * 1024
-_KINDS = {
-    tables.KIND_UNALLOCATED: ExtentKind.UNALLOCATED,
-    tables.KIND_DATA: ExtentKind.DATA,
-    tables.KIND_ZERO: ExtentKind.ZERO,
-    tables.KIND_COMPRESSED: ExtentKind.COMPRESSED,
-}
+#: L1 tables up to this size are checked for misaligned entries without numpy.
+_L1_PLAIN_CHECK_BYTES = 256 * 1024
+_L1_ENTRY = struct.Struct(">Q")
+#: Bits 9-55 of an L1 entry: the L2 table offset (docs/interop/qcow2.txt, "L1 table entry").
+_L1E_OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00
+
+
+@functools.cache
+def _kinds() -> dict[int, ExtentKind]:
+    from qcowlib.formats.qcow2 import tables
+
+    return {
+        tables.KIND_UNALLOCATED: ExtentKind.UNALLOCATED,
+        tables.KIND_DATA: ExtentKind.DATA,
+        tables.KIND_ZERO: ExtentKind.ZERO,
+        tables.KIND_COMPRESSED: ExtentKind.COMPRESSED,
+    }
+
+
+def _l1_to_offsets(raw_l1: bytes, cluster_size: int) -> tables.U64:
+    from qcowlib.formats.qcow2 import tables
+
+    return tables.l1_offsets(tables.decode_table(raw_l1), cluster_size)
+
+
+def _l1_entries_aligned(raw_l1: bytes, cluster_size: int) -> bool:
+    """Whether every L1 entry's offset is cluster aligned, for a small table (no numpy)."""
+    mask = _L1E_OFFSET_MASK & (cluster_size - 1)
+    return not any(e & mask for (e,) in _L1_ENTRY.iter_unpack(raw_l1))
 
 
 def read_header(host: HostFile) -> hdr.Header:
@@ -93,10 +123,10 @@ class Qcow2Disk(Disk):
         raw_l1 = (
             host.pread_exact(h.l1_table_offset, h.l1_size * 8, "L1 table") if h.l1_size else b""
         )
-        try:
-            self.l2_offsets = tables.l1_offsets(tables.decode_table(raw_l1), self.cluster_size)
-        except QcowlibError as exc:
-            raise exc.with_file(filename) from None
+        self._raw_l1 = raw_l1
+        self._l2_offsets: tables.U64 | None = None
+        if len(raw_l1) > _L1_PLAIN_CHECK_BYTES or not _l1_entries_aligned(raw_l1, h.cluster_size):
+            _ = self.l2_offsets  # decode now: a bad entry is an error at open
         self._l2_cache: OrderedDict[int, tables.L2Runs] = OrderedDict()
         self._l2_lock = threading.Lock()
         self._l2_cache_max = max(4, L2_CACHE_BYTES // self.cluster_size)
@@ -104,6 +134,93 @@ class Qcow2Disk(Disk):
         self._metadata_prealloc: bool | None = None
         self._snapshots: list[Snapshot] | None = None
         self._bitmaps: list[BitmapEntry] | None = None
+
+    @property
+    def l2_offsets(self) -> tables.U64:
+        """L2 table offsets from the L1 table (0: no table), decoded on first use."""
+        if self._l2_offsets is None:
+            try:
+                self._l2_offsets = _l1_to_offsets(self._raw_l1, self.cluster_size)
+            except QcowlibError as exc:
+                raise exc.with_file(self.filename) from None
+            self._raw_l1 = b""
+        return self._l2_offsets
+
+    @l2_offsets.setter
+    def l2_offsets(self, value: tables.U64) -> None:
+        self._l2_offsets = value
+
+    # -- links and info -------------------------------------------------------------------
+    @property
+    def backing_file_name(self) -> str | None:
+        return self.header.backing_file
+
+    @property
+    def backing_file_format(self) -> str | None:
+        return self.header.backing_format
+
+    @property
+    def data_file_name(self) -> str | None:
+        return self.header.data_file if self.header.has_data_file else None
+
+    def attach_data_file(self, host: HostFile, path: str) -> None:
+        self.data_host = host
+        self.data_filename = path
+
+    def info_head(self) -> dict[str, Any]:
+        info: dict[str, Any] = {}
+        snaps = self.snapshots()
+        if snaps:
+            info["snapshots"] = [
+                {
+                    **({"icount": s.icount} if s.icount is not None else {}),
+                    "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
+                    "name": s.name,
+                    "date-sec": s.date_sec,
+                    "date-nsec": s.date_nsec,
+                    "vm-clock-sec": s.vm_clock_nsec // 1_000_000_000,
+                    "id": s.id_str,
+                    "vm-state-size": s.vm_state_size,
+                }
+                for s in snaps
+            ]
+        h = self.header
+        if h.backing_format is not None and h.backing_file is not None:
+            info["backing-filename-format"] = h.backing_format
+        return info
+
+    @property
+    def info_cluster_size(self) -> int | None:
+        return self.cluster_size
+
+    def info_tail(self) -> dict[str, Any]:
+        h = self.header
+        data: dict[str, Any] = {"compat": h.compat, "compression-type": h.compression_type_name}
+        if h.version >= 3:
+            data["lazy-refcounts"] = h.lazy_refcounts
+            bitmaps = self.bitmaps()
+            if bitmaps:
+                data["bitmaps"] = [
+                    {"flags": b.flag_names, "name": b.name, "granularity": b.granularity}
+                    for b in bitmaps
+                ]
+        data["refcount-bits"] = h.refcount_bits
+        if h.has_data_file:
+            data["data-file"] = h.data_file
+            data["data-file-raw"] = h.data_file_raw
+        if h.version >= 3:
+            data["corrupt"] = h.corrupt
+            data["extended-l2"] = h.extended_l2
+        info: dict[str, Any] = {"format-specific": {"type": "qcow2", "data": data}}
+        if h.backing_file is not None:
+            info["full-backing-filename"] = full_backing_filename(self.filename, h.backing_file)
+            info["backing-filename"] = h.backing_file
+        info["dirty-flag"] = h.dirty
+        return info
+
+    def actual_size(self) -> int | None:
+        # qemu-img 7.2 counts the image file only, not an external data file.
+        return self.host.allocated
 
     # -- metadata -----------------------------------------------------------------------
     def snapshots(self) -> list[Snapshot]:
@@ -113,6 +230,11 @@ class Qcow2Disk(Disk):
             if h.nb_snapshots == 0:
                 self._snapshots = []
             else:
+                from qcowlib.formats.qcow2.snapshot import (
+                    MAX_SNAPSHOTS_SIZE,
+                    parse_snapshot_table,
+                )
+
                 size = min(self.host.size - h.snapshots_offset, MAX_SNAPSHOTS_SIZE)
                 raw = self.host.pread(h.snapshots_offset, max(0, size))
                 try:
@@ -129,6 +251,11 @@ class Qcow2Disk(Disk):
                 # Without the autoclear bit the extension is stale and must be ignored.
                 self._bitmaps = []
             else:
+                from qcowlib.formats.qcow2.bitmap import (
+                    MAX_BITMAP_DIRECTORY_SIZE,
+                    parse_bitmap_directory,
+                )
+
                 if ext.bitmap_directory_size > MAX_BITMAP_DIRECTORY_SIZE:
                     raise CorruptImage(
                         "bitmap directory is too large",
@@ -148,6 +275,10 @@ class Qcow2Disk(Disk):
     # -- refcounts ----------------------------------------------------------------------
     def refcount_table(self) -> tables.U64:
         """Refcount block offsets from the refcount table (0: no block)."""
+        import numpy as np
+
+        from qcowlib.formats.qcow2 import refcount, tables
+
         h = self.header
         size = h.refcount_table_clusters * self.cluster_size
         raw = self.host.pread_exact(h.refcount_table_offset, size, "refcount table")
@@ -164,6 +295,8 @@ class Qcow2Disk(Disk):
 
     def refcount_block(self, offset: int) -> tables.U64:
         """The refcounts in the block at ``offset``, one ``uint64`` per cluster."""
+        from qcowlib.formats.qcow2 import refcount
+
         raw = self.host.pread_exact(offset, self.cluster_size, "refcount block")
         return refcount.decode_block(raw, self.header.refcount_order)
 
@@ -174,6 +307,10 @@ class Qcow2Disk(Disk):
         blocks: then data clusters may be holes in the file, and the map reports those
         as zero (qemu-img map recurses into the file for them).
         """
+        import numpy as np
+
+        from qcowlib.formats.qcow2 import refcount
+
         if self._metadata_prealloc is None:
             real_clusters = self.host.allocated // self.cluster_size
             threshold = max(real_clusters * 10 // 9, real_clusters + 2)
@@ -227,6 +364,10 @@ class Qcow2Disk(Disk):
             return self._l2_runs_locked(l1_index)
 
     def _load_l2_batch(self, first: int, last: int) -> None:
+        import numpy as np
+
+        from qcowlib.formats.qcow2 import tables
+
         cs = self.cluster_size
         batch = max(1, min(L2_BATCH_BYTES // cs, self._l2_cache_max // 2))
         last = min(last, first + batch - 1, self.l2_offsets.size - 1)
@@ -258,6 +399,8 @@ class Qcow2Disk(Disk):
             self._l2_cache.popitem(last=False)
 
     def _l2_runs_locked(self, l1_index: int) -> tables.L2Runs | None:
+        from qcowlib.formats.qcow2 import tables
+
         cached = self._l2_cache.get(l1_index)
         if cached is not None:
             self._l2_cache.move_to_end(l1_index)
@@ -307,7 +450,10 @@ class Qcow2Disk(Disk):
         return runs
 
     def layer_extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        import numpy as np
+
         start, end = self._range(offset, length)
+        kinds = _kinds()
         pos = start
         unit = self.unit_size
         last_index = (end - 1) // self.l2_span
@@ -331,7 +477,7 @@ class Qcow2Disk(Disk):
                 run_units = int(runs.count[i])
                 g_start = table_base + run_start * unit
                 g_end = min(table_end, table_base + (run_start + run_units) * unit)
-                kind = _KINDS[int(runs.kind[i])]
+                kind = kinds[int(runs.kind[i])]
                 host = int(runs.host[i])
                 if kind is ExtentKind.COMPRESSED:
                     ext = Extent(
@@ -370,6 +516,8 @@ class Qcow2Disk(Disk):
         buf[:] = data[within : within + len(buf)]
 
     def _decompressed(self, ext: Extent) -> bytes:
+        from qcowlib.formats.qcow2.compress import decompress_cluster
+
         host = ext.host_offset
         assert host is not None
         cached = self._compressed_cache
@@ -400,3 +548,8 @@ class Qcow2Disk(Disk):
         self.host.close()
         if self.data_host is not self.host:
             self.data_host.close()
+
+
+def open_image(host: HostFile, path: str, policy: BackingPolicy) -> Qcow2Disk:
+    """The registry's opener: one qcow2 layer (backing and data files are the chain's)."""
+    return Qcow2Disk(host, path, read_header(host))

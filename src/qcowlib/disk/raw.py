@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from qcowlib.disk._file import HostFile
 from qcowlib.disk.base import Disk, Extent, ExtentKind
+
+if TYPE_CHECKING:
+    from qcowlib.disk.chain import BackingPolicy
 
 
 class RawDisk(Disk):
@@ -41,3 +45,8 @@ class RawDisk(Disk):
 
     def _close_layer(self) -> None:
         self.host.close()
+
+
+def open_image(host: HostFile, path: str, policy: BackingPolicy) -> RawDisk:
+    """The registry's opener."""
+    return RawDisk(host, path)

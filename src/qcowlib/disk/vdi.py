@@ -10,6 +10,7 @@ form one run.  Mapping and reads then walk runs, never single blocks.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -18,6 +19,9 @@ from qcowlib.disk._file import HostFile
 from qcowlib.disk.base import Disk, Extent, ExtentKind
 from qcowlib.errors import QcowlibError, TruncatedImage
 from qcowlib.formats import vdi
+
+if TYPE_CHECKING:
+    from qcowlib.disk.chain import BackingPolicy
 
 I64 = npt.NDArray[np.int64]
 
@@ -90,6 +94,10 @@ class VdiDisk(Disk):
             pos = r_end
             i += 1
 
+    @property
+    def info_cluster_size(self) -> int | None:
+        return self.block_size
+
     def layer_extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
         start, end = self._range(offset, length)
         for ext in self._runs(start, end):
@@ -154,3 +162,8 @@ def _block_runs(bmap: vdi.U32, offset_data: int, block_size: int) -> tuple[I64, 
     count = np.diff(np.append(first, n)).astype(np.int64)
     host = np.where(allocated[first], offset_data + entries[first] * block_size, -1)
     return first, count, host.astype(np.int64)
+
+
+def open_image(host: HostFile, path: str, policy: BackingPolicy) -> VdiDisk:
+    """The registry's opener."""
+    return VdiDisk(host, path)

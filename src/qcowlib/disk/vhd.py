@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -24,6 +25,9 @@ from qcowlib.disk._file import HostFile
 from qcowlib.disk.base import Disk, Extent, ExtentKind
 from qcowlib.errors import CorruptImage, QcowlibError, TruncatedImage, UnsupportedFeature
 from qcowlib.formats import vhd
+
+if TYPE_CHECKING:
+    from qcowlib.disk.chain import BackingPolicy
 
 #: Decoded sector bitmaps kept per image (each stands for one block, 2 MiB by default).
 BITMAP_CACHE_ENTRIES = 4096
@@ -137,6 +141,10 @@ class VhdDisk(Disk):
         """The block size of a dynamic disk (what ``qemu-img info`` shows), else None."""
         return self.block_size if self.dynamic is not None else None
 
+    @property
+    def info_cluster_size(self) -> int | None:
+        return self.cluster_size
+
     # -- mapping ------------------------------------------------------------------------
     def layer_extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
         start, end = self._range(offset, length)
@@ -211,3 +219,8 @@ class VhdDisk(Disk):
 
     def _close_layer(self) -> None:
         self.host.close()
+
+
+def open_image(host: HostFile, path: str, policy: BackingPolicy) -> VhdDisk:
+    """The registry's opener."""
+    return VhdDisk(host, path)

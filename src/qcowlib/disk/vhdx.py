@@ -19,6 +19,7 @@ are unallocated and read zeros (there is no parent).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -27,6 +28,9 @@ from qcowlib.disk._file import HostFile
 from qcowlib.disk.base import Disk, Extent, ExtentKind
 from qcowlib.errors import QcowlibError, TruncatedImage, UnsupportedFeature
 from qcowlib.formats import vhdx
+
+if TYPE_CHECKING:
+    from qcowlib.disk.chain import BackingPolicy
 
 #: Cap on the metadata items read (the known ones are at most 16 bytes).
 _MAX_ITEM = 4096
@@ -133,6 +137,10 @@ class VhdxDisk(Disk):
         """The block size (what ``qemu-img info`` shows as cluster_size)."""
         return self.block_size
 
+    @property
+    def info_cluster_size(self) -> int | None:
+        return self.cluster_size
+
     # -- mapping ------------------------------------------------------------------------
     def layer_extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
         start, end = self._range(offset, length)
@@ -176,3 +184,8 @@ class VhdxDisk(Disk):
 
     def _close_layer(self) -> None:
         self.host.close()
+
+
+def open_image(host: HostFile, path: str, policy: BackingPolicy) -> VhdxDisk:
+    """The registry's opener."""
+    return VhdxDisk(host, path)

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from qcowlib.disk._file import HostFile
-from qcowlib.disk.base import Disk, Extent, ExtentKind
+from qcowlib.disk.base import Disk, Extent, ExtentKind, full_backing_filename
 from qcowlib.errors import (
+    BackingMismatch,
     CorruptImage,
     FormatError,
     QcowlibError,
@@ -74,6 +75,11 @@ def open_vmdk(host: HostFile, path: str, policy: BackingPolicy | None = None) ->
     return VmdkDisk(host, path, policy)
 
 
+def open_image(host: HostFile, path: str, policy: BackingPolicy) -> Disk:
+    """The registry's opener (a delta disk's parent is the chain's to open)."""
+    return VmdkDisk(host, path, policy)
+
+
 class VmdkDisk(Disk):
     """A VMDK image opened read-only.
 
@@ -104,6 +110,74 @@ class VmdkDisk(Disk):
             raise
         self._starts = np.array([p.start for p in self.parts] or [0], dtype=np.int64)
         self.virtual_size = sum(p.length for p in self.parts)
+
+    # -- links and info ------------------------------------------------------------------
+    @property
+    def backing_file_name(self) -> str | None:
+        return self.parent_file_name
+
+    @property
+    def backing_file_format(self) -> str | None:
+        # A VMDK's parent is always a VMDK (QEMU creates nothing else): opened as one.
+        return "vmdk" if self.parent_file_name is not None else None
+
+    def check_parent(self, parent: Disk) -> None:
+        """A delta disk reads only over the parent it was made from (QEMU refuses too)."""
+        want = self.parent_cid
+        have = parent.cid if isinstance(parent, VmdkDisk) else None
+        if want != have:
+            shown = "none" if have is None else f"{have:08x}"
+            raise BackingMismatch(
+                f"parent {parent.filename!r} has CID {shown} but this delta disk was made "
+                f"over CID {'none' if want is None else f'{want:08x}'}: the parent changed "
+                "after the delta disk was created, so the chain would read wrong data",
+                file=self.filename,
+                structure="vmdk descriptor",
+                field="parentCID",
+            )
+
+    def info_head(self) -> dict[str, Any]:
+        return {"backing-filename-format": "vmdk"} if self.parent_file_name is not None else {}
+
+    @property
+    def info_cluster_size(self) -> int | None:
+        return next((p.header.grain_bytes for p in self.parts if p.header), None)
+
+    def info_tail(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"format-specific": {"type": "vmdk", "data": self._info_data()}}
+        parent = self.parent_file_name
+        if parent is not None:
+            info["full-backing-filename"] = full_backing_filename(self.filename, parent)
+            info["backing-filename"] = parent
+        info["dirty-flag"] = False
+        return info
+
+    def _info_data(self) -> dict[str, Any]:
+        """qemu-img's format-specific data (cid, parent-cid, create-type, extents)."""
+        monolithic = len(self.parts) == 1 and self.parts[0].filename == self.filename
+        extents = []
+        for part in self.parts:
+            ext: dict[str, Any] = {}
+            header = part.header
+            if header is not None and header.compressed:
+                ext["compressed"] = True
+            ext["virtual-size"] = part.length
+            ext["filename"] = part.filename
+            if header is not None:
+                ext["cluster-size"] = header.grain_bytes
+            ext["format"] = "" if monolithic else ("SPARSE" if header is not None else "FLAT")
+            extents.append(ext)
+        return {
+            "cid": self.cid,
+            "parent-cid": self.parent_cid,
+            "create-type": self.create_type,
+            "extents": extents,
+        }
+
+    def actual_size(self) -> int | None:
+        # qemu-img 7.2 counts all the files of a VMDK (descriptor and extents).
+        files = {h.identity: h for h in [self.host, *self.extent_hosts]}
+        return sum(h.allocated for h in files.values())
 
     # -- opening -------------------------------------------------------------------------
     def _open(self) -> None:

@@ -9,9 +9,8 @@ from qcowlib.disk.chain import BackingPolicy, open_disk, resolve_linked_path
 from qcowlib.engine.output import atomic_output
 from qcowlib.engine.qcow2out import write_qcow2
 from qcowlib.errors import InvalidArgument, QcowlibError, QcowlibIOError, UnsupportedFeature
+from qcowlib.formats import registry
 from qcowlib.formats.qcow2.layout import CreateOptions, parse_options
-
-CREATABLE = ("qcow2", "raw")
 
 
 def backing_size(image: str, backing: str, backing_fmt: str) -> int:
@@ -72,35 +71,62 @@ def create(
     combinations, a backing file without its format, a backing file that cannot be
     opened unless ``unsafe``).
     """
-    if fmt == "raw":
-        if backing or backing_fmt:
-            raise InvalidArgument("raw images cannot have a backing file")
-        prealloc = "off"
-        for key, value in (options or {}).items():
-            if key == "preallocation":
-                prealloc = value
-            elif key != "size":
-                raise InvalidArgument(f"Invalid parameter '{key}'")
-        if size is None:
-            raise InvalidArgument("Image creation needs a size parameter")
-        with atomic_output(path) as fd:
-            try:
-                os.ftruncate(fd, size)
-                if prealloc == "falloc":
-                    os.posix_fallocate(fd, 0, size) if size else None
-                elif prealloc == "full":
-                    zero = bytes(1 << 20)
-                    for pos in range(0, size, len(zero)):
-                        os.pwrite(fd, zero[: min(len(zero), size - pos)], pos)
-                elif prealloc != "off":
-                    raise InvalidArgument(
-                        f"Invalid parameter value for 'preallocation': '{prealloc}'"
-                    )
-            except OSError as exc:
-                raise QcowlibIOError(f"cannot create {path}: {exc.strerror}", file=path) from None
-        return size
-    if fmt != "qcow2":
+    entry = registry.by_name(fmt)
+    if entry.create is None:
         raise UnsupportedFeature(f"creating {fmt} images is not supported yet")
+    make = entry.implementation("create")
+    result: CreateOptions | int = make(
+        path, size, options or {}, backing, backing_fmt, unsafe=unsafe
+    )
+    return result
+
+
+def create_raw(
+    path: str,
+    size: int | None,
+    options: Mapping[str, str],
+    backing: str | None,
+    backing_fmt: str | None,
+    *,
+    unsafe: bool = False,
+) -> int:
+    """A new raw image of ``size`` bytes (``-o preallocation=off|falloc|full``)."""
+    if backing or backing_fmt:
+        raise InvalidArgument("raw images cannot have a backing file")
+    prealloc = "off"
+    for key, value in options.items():
+        if key == "preallocation":
+            prealloc = value
+        elif key != "size":
+            raise InvalidArgument(f"Invalid parameter '{key}'")
+    if size is None:
+        raise InvalidArgument("Image creation needs a size parameter")
+    with atomic_output(path) as fd:
+        try:
+            os.ftruncate(fd, size)
+            if prealloc == "falloc":
+                os.posix_fallocate(fd, 0, size) if size else None
+            elif prealloc == "full":
+                zero = bytes(1 << 20)
+                for pos in range(0, size, len(zero)):
+                    os.pwrite(fd, zero[: min(len(zero), size - pos)], pos)
+            elif prealloc != "off":
+                raise InvalidArgument(f"Invalid parameter value for 'preallocation': '{prealloc}'")
+        except OSError as exc:
+            raise QcowlibIOError(f"cannot create {path}: {exc.strerror}", file=path) from None
+    return size
+
+
+def create_qcow2(
+    path: str,
+    size: int | None,
+    options: Mapping[str, str],
+    backing: str | None,
+    backing_fmt: str | None,
+    *,
+    unsafe: bool = False,
+) -> CreateOptions:
+    """A new empty qcow2 image with qemu-img create's options."""
     opts = qcow2_options(path, size, options, backing, backing_fmt, unsafe=unsafe)
     with atomic_output(path) as fd:
         write_qcow2(None, fd, opts)

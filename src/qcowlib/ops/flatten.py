@@ -16,23 +16,20 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, Self, TypeAlias
 
 from qcowlib.disk._file import pwrite_all
-from qcowlib.disk.base import Disk
 from qcowlib.disk.chain import open_disk
-from qcowlib.engine.copy import write_raw
 from qcowlib.engine.output import atomic_output
-from qcowlib.engine.qcow2out import reserve, write_qcow2
-from qcowlib.engine.serialize import STREAM_CHUNK, Qcow2Serializer, RawSerializer
+from qcowlib.engine.qcow2out import reserve
+from qcowlib.engine.serialize import STREAM_CHUNK
 from qcowlib.engine.zero import is_zero
-from qcowlib.errors import InvalidArgument, QcowlibIOError, UnsupportedFeature
-from qcowlib.formats.qcow2.layout import CreateOptions, parse_options
-from qcowlib.ops.convert import vdi_options, vmdk_options
+from qcowlib.errors import QcowlibIOError, UnsupportedFeature
+from qcowlib.formats import registry
+from qcowlib.formats.registry import OutputDriver, OutputRequest
 
 if TYPE_CHECKING:
-    # The VDI and VMDK serializers load only when those formats are asked for.
     from qcowlib.engine.formatstream import VdiSerializer, VmdkSerializer
+    from qcowlib.engine.serialize import Qcow2Serializer, RawSerializer
 
 Progress = Callable[[int, int], None]
-FLATTEN_FORMATS = ("qcow2", "raw", "vmdk", "vdi")
 
 
 class HashSink(Protocol):
@@ -44,27 +41,12 @@ class HashSink(Protocol):
 Serializer: TypeAlias = "Qcow2Serializer | RawSerializer | VdiSerializer | VmdkSerializer"
 
 
-def _qcow2_serializer(
-    disk: Disk, options: Mapping[str, str] | None, compress: bool, chunk_size: int
-) -> Qcow2Serializer:
-    opts = _flatten_options(disk, options)
-    return Qcow2Serializer(disk, opts, compress=compress, chunk_size=chunk_size)
-
-
-def _flatten_options(disk: Disk, options: Mapping[str, str] | None) -> CreateOptions:
-    """qcow2 creation options for a flattened image: no backing, nothing Glance refuses."""
-    opts_in = dict(options or {})
-    for key in ("backing_file", "backing_fmt"):
-        if opts_in.get(key):
-            raise InvalidArgument(f"flatten output has no backing file ({key} given)")
-    opts = parse_options(disk.virtual_size, opts_in)
-    if opts.extended_l2:
-        raise InvalidArgument(
-            "flatten does not write extended L2 entries: Glance's image inspector refuses them"
-        )
-    if opts.preallocation != "off":
-        raise InvalidArgument("flatten does not preallocate")
-    return opts
+def _driver(out_format: str) -> OutputDriver:
+    """The writer of ``out_format``, which must have an in-order stream."""
+    if out_format not in registry.flattenable():
+        registry.by_name(out_format)  # an unknown name is an invalid argument
+        raise UnsupportedFeature(f"flattening to {out_format} is not supported yet")
+    return registry.by_name(out_format).output_driver()
 
 
 class FlattenStream:
@@ -85,37 +67,21 @@ class FlattenStream:
         chunk_size: int = STREAM_CHUNK,
         name: str | None = None,
     ) -> None:
-        if out_format not in FLATTEN_FORMATS:
-            raise UnsupportedFeature(f"flattening to {out_format} is not supported yet")
+        driver = _driver(out_format)
+        request = OutputRequest(
+            dict(options or {}),
+            compress=compress,
+            standalone=True,
+            extent_name=name or "",
+        )
+        driver.check(request)
         self.format = out_format
         self._disk = open_disk(src, src_format)
         try:
-            self._ser: Serializer
-            if out_format == "qcow2":
-                self._ser = _qcow2_serializer(self._disk, options, compress, chunk_size)
-            elif out_format == "vdi":
-                from qcowlib.engine.formatstream import VdiSerializer
-
-                static = vdi_options(options or {}, compress)
-                self._ser = VdiSerializer(self._disk, static=static, chunk_size=chunk_size)
-            elif out_format == "vmdk":
-                from qcowlib.engine.formatstream import VmdkSerializer
-
-                subformat, adapter, hw = vmdk_options(options or {}, compress)
-                if name is None:
-                    name = os.path.splitext(os.path.basename(src))[0] + ".vmdk"
-                self._ser = VmdkSerializer(
-                    self._disk,
-                    subformat=subformat,
-                    extent_name=name,
-                    adapter_type=adapter,
-                    hw_version=hw,
-                    chunk_size=chunk_size,
-                )
-            else:
-                if compress or options:
-                    raise InvalidArgument("raw output takes no options and no compression")
-                self._ser = RawSerializer(self._disk, chunk_size=chunk_size)
+            ser = driver.stream(self._disk, request, chunk_size)
+            if ser is None:
+                raise UnsupportedFeature(f"flattening to {out_format} is not supported yet")
+            self._ser: Serializer = ser
         except BaseException:
             self._disk.close()
             raise
@@ -209,38 +175,34 @@ def flatten(
                     raise QcowlibIOError(f"cannot write to stdout: {exc.strerror}") from None
             out.flush()
             return stream.size
-    if out_format == "raw" and not options and not compress and not hashers:
-        with open_disk(src, src_format) as disk:
-            inputs = tuple(d.filename for d in disk.chain)
-            with atomic_output(dst, protect=inputs) as fd:
-                write_raw(disk, fd, progress=progress)
-            return disk.virtual_size
-    if out_format == "qcow2" and not hashers:
-        # One read pass (and one compression of each cluster): the one-pass writer lays
-        # the image out exactly as the stream does (see qcowlib.engine.serialize), so the
-        # file holds the stream's bytes.
-        with open_disk(src, src_format) as disk:
-            opts = _flatten_options(disk, options)
-            inputs = tuple(d.filename for d in disk.chain)
-            with atomic_output(dst, protect=inputs) as fd:
-                return write_qcow2(disk, fd, opts, compress=compress, progress=progress)
-    with flatten_stream(
-        src, out_format, src_format=src_format, options=options, compress=compress,
-        chunk_size=4 * 1024 * 1024, name=os.path.basename(dst),
-    ) as stream:  # fmt: skip
-        inputs = tuple(d.filename for d in stream._disk.chain)
+    driver = _driver(out_format)
+    request = OutputRequest(
+        dict(options or {}),
+        compress=compress,
+        standalone=True,
+        extent_name=os.path.basename(dst),
+    )
+    driver.check(request)
+    with open_disk(src, src_format) as disk:
+        inputs = tuple(d.filename for d in disk.chain)
+        if not hashers:
+            written = driver.flatten_file(disk, dst, request, progress, inputs)
+            if written is not None:
+                return written
+        ser: Serializer | None = driver.stream(disk, request, 4 * 1024 * 1024)
+        if ser is None:
+            raise UnsupportedFeature(f"flattening to {out_format} is not supported yet")
         with atomic_output(dst, protect=inputs) as fd:
-            sparse = out_format in ("vdi", "raw")  # their zero runs stay holes
-            if not compress and not sparse:
-                reserve(fd, 0, stream.size)
+            if not compress and not driver.sparse:
+                reserve(fd, 0, ser.size)
             pos = 0
-            for piece in stream.chunks(progress):
+            for piece in ser.chunks(progress):
                 for h in hashers:
                     h.update(piece)
-                if not sparse or not is_zero(piece):
+                if not driver.sparse or not is_zero(piece):
                     pwrite_all(fd, piece, pos)
                 pos += len(piece)
-            if pos != stream.size:
+            if pos != ser.size:
                 raise QcowlibIOError("internal: flattened size differs from the plan")
             os.ftruncate(fd, pos)
-        return stream.size
+        return ser.size

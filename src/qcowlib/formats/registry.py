@@ -1,0 +1,370 @@
+"""The one list of image formats qcowlib knows, and what each can do.
+
+QEMU's ``block/`` keeps one ``BlockDriver`` table per format (probe, open, create,
+check); Pillow's plugins register open/save/accept functions.  This module is the same
+idea: one :class:`Format` entry per format, with the name qemu-img uses, and the places
+that implement reading, writing a new image, creating and checking it.  Command-line
+choices, probing, opening a chain, ``convert``/``flatten`` dispatch, ``-o help`` and
+validate's detection all come from here; nothing else lists formats.
+
+Implementations are named as ``"module:attribute"`` strings and imported only when
+asked for, so that ``qcowlib info`` of a qcow2 image loads neither the VMDK reader nor
+any writer (and ``import qcowlib.formats.registry`` costs nothing).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+from qcowlib.errors import InvalidArgument, UnsupportedFeature
+
+if TYPE_CHECKING:
+    from qcowlib.disk._file import HostFile
+    from qcowlib.disk.base import Disk
+    from qcowlib.disk.chain import BackingPolicy
+
+__all__ = [
+    "FORMATS",
+    "Format",
+    "FormatInfo",
+    "Opener",
+    "Option",
+    "OutputDriver",
+    "OutputRequest",
+    "by_name",
+    "checkable",
+    "creatable",
+    "describe",
+    "flattenable",
+    "known",
+    "names",
+    "option_help",
+    "readable",
+    "writable",
+]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One ``-o`` creation option, as ``qemu-img create -f FMT -o help`` lists it."""
+
+    name: str
+    type: str  # qemu's QemuOpts type names: "str", "bool", "size", "num"
+    help: str
+
+
+class Opener(Protocol):
+    """A format's reader: open one layer (no backing files) from an open host file."""
+
+    def __call__(self, host: HostFile, path: str, policy: BackingPolicy) -> Disk: ...
+
+
+@dataclass(frozen=True)
+class OutputRequest:
+    """What ``convert`` and ``flatten`` ask of a new image; the format's driver checks it.
+
+    ``options`` are the ``-o`` options; ``backing``/``backing_format`` are ``-B``/``-F``;
+    ``sparse_size`` is ``-S``; ``standalone`` (``flatten``) refuses anything that would
+    make the image depend on another file or that Glance's image inspector refuses;
+    ``extent_name`` is the file name a streamed VMDK's descriptor gives its extent.
+    """
+
+    options: Mapping[str, str]
+    compress: bool = False
+    backing: str | None = None
+    backing_format: str | None = None
+    sparse_size: int = 4096
+    standalone: bool = False
+    extent_name: str = ""
+
+
+Progress = Callable[[int, int], None]
+
+
+class OutputDriver(Protocol):
+    """A format's writer of new images (``convert -O``, ``flatten -O``).
+
+    ``check`` refuses what the format cannot do before the source is opened;
+    ``convert`` writes the whole image to ``dst`` (under a temporary name, never over a
+    file in ``protect``); ``flatten_file`` writes a standalone image faster than
+    streaming it, or returns None; ``stream`` returns the image as an in-order stream of
+    exactly known size, or None when the format has no stream writer.  ``sparse`` says
+    whether zero blocks of a streamed image may be left as holes in a file.
+    """
+
+    name: str
+    sparse: bool
+
+    def check(self, request: OutputRequest) -> None: ...
+
+    def convert(
+        self,
+        disk: Disk,
+        dst: str,
+        request: OutputRequest,
+        progress: Progress | None,
+        protect: tuple[str, ...],
+    ) -> None: ...
+
+    def flatten_file(
+        self,
+        disk: Disk,
+        dst: str,
+        request: OutputRequest,
+        progress: Progress | None,
+        protect: tuple[str, ...],
+    ) -> int | None: ...
+
+    def stream(self, disk: Disk, request: OutputRequest, chunk_size: int) -> Any: ...
+
+
+def _load(ref: str) -> Any:
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@dataclass(frozen=True)
+class Format:
+    """One format: qemu-img's name and where its parts are implemented.
+
+    ``probe_name`` is what the content probe reports for it (``iso`` is probed but read
+    as ``raw``).  ``reader``, ``output``, ``create`` and ``check`` are lazy references
+    (``"module:attribute"``) or None where qcowlib has no such part; ``check`` None with
+    ``nothing_to_check`` means qemu-img's "format does not support checks" (exit 63).
+    """
+
+    name: str
+    title: str
+    reader: str | None = None
+    output: str | None = None
+    stream: bool = False
+    create: str | None = None
+    check: str | None = None
+    nothing_to_check: bool = False
+    user_format: bool = True
+    read_as: str | None = None
+    options: tuple[Option, ...] = field(default=())
+
+    @property
+    def can_read(self) -> bool:
+        return self.reader is not None or self.read_as is not None
+
+    def opener(self) -> Opener:
+        """The reader's open function (imports it)."""
+        if self.read_as is not None:
+            return by_name(self.read_as).opener()
+        if self.reader is None:
+            raise UnsupportedFeature(f"{self.name} images are not supported yet")
+        opener: Opener = _load(self.reader)
+        return opener
+
+    def output_driver(self) -> OutputDriver:
+        """The writer of new images of this format (imports it)."""
+        if self.output is None:
+            raise UnsupportedFeature(f"converting to {self.name} is not supported yet")
+        driver: OutputDriver = _load(self.output)
+        return driver
+
+    def implementation(self, part: str) -> Any:
+        """Another named part (``create``, ``check``), imported."""
+        ref = getattr(self, part)
+        if ref is None:
+            raise UnsupportedFeature(f"{part} is not supported for {self.name} images")
+        return _load(ref)
+
+
+_QCOW2_OPTIONS: Final = (
+    Option("size", "size", "Virtual disk size"),
+    Option("compat", "str", "Compatibility level (v2 [0.10] or v3 [1.1])"),
+    Option("backing_file", "str", "File name of a base image"),
+    Option("backing_fmt", "str", "Image format of the base image"),
+    Option("data_file", "str", "File name of an external data file"),
+    Option("data_file_raw", "bool", "The external data file must stay valid as a raw image"),
+    Option("cluster_size", "size", "qcow2 cluster size"),
+    Option("preallocation", "str", "Preallocation mode (allowed values: off, metadata)"),
+    Option("lazy_refcounts", "bool", "Postpone refcount updates"),
+    Option("refcount_bits", "num", "Width of a reference count entry in bits"),
+    Option("compression_type", "str", "Compression method used for image cluster compression"),
+    Option("extended_l2", "bool", "Extended L2 tables"),
+)
+_VMDK_OPTIONS: Final = (
+    Option("size", "size", "Virtual disk size"),
+    Option(
+        "adapter_type",
+        "str",
+        "Virtual adapter type, can be one of ide (default), lsilogic, buslogic or legacyESX",
+    ),
+    Option("hwversion", "str", "VMDK hardware version"),
+    Option(
+        "subformat",
+        "str",
+        "VMDK flat extent format, can be one of {monolithicSparse (default) | streamOptimized}",
+    ),
+)
+_VDI_OPTIONS: Final = (
+    Option("size", "size", "Virtual disk size"),
+    Option("static", "bool", "Create a static image"),
+)
+_VHD_OPTIONS: Final = (
+    Option("size", "size", "Virtual disk size"),
+    Option(
+        "subformat",
+        "str",
+        "Type of virtual hard disk file. Allowed values are 'dynamic' (default) and 'fixed'",
+    ),
+)
+
+#: Every format, in the order help texts list them.
+FORMATS: Final[tuple[Format, ...]] = (
+    Format(
+        "raw",
+        "raw disk image",
+        reader="qcowlib.disk.raw:open_image",
+        output="qcowlib.engine.drivers:RAW",
+        stream=True,
+        create="qcowlib.ops.create:create_raw",
+        nothing_to_check=True,
+        options=(Option("size", "size", "Virtual disk size"),),
+    ),
+    Format(
+        "qcow2",
+        "QEMU copy-on-write v2/v3",
+        reader="qcowlib.disk.qcow2:open_image",
+        output="qcowlib.engine.drivers:QCOW2",
+        stream=True,
+        create="qcowlib.ops.create:create_qcow2",
+        check="qcowlib.ops.check:check",
+        options=_QCOW2_OPTIONS,
+    ),
+    Format(
+        "vmdk",
+        "VMware virtual disk",
+        reader="qcowlib.disk.vmdk:open_image",
+        output="qcowlib.engine.drivers:VMDK",
+        stream=True,
+        options=_VMDK_OPTIONS,
+    ),
+    Format(
+        "vdi",
+        "VirtualBox disk image",
+        reader="qcowlib.disk.vdi:open_image",
+        output="qcowlib.engine.drivers:VDI",
+        stream=True,
+        options=_VDI_OPTIONS,
+    ),
+    Format(
+        "vpc",
+        "Virtual Hard Disk (VHD)",
+        reader="qcowlib.disk.vhd:open_image",
+        output="qcowlib.engine.drivers:VPC",
+        nothing_to_check=True,
+        options=_VHD_OPTIONS,
+    ),
+    Format(
+        "vhdx",
+        "Hyper-V Virtual Hard Disk v2",
+        reader="qcowlib.disk.vhdx:open_image",
+        output="qcowlib.engine.drivers:VHDX",
+        options=_VHD_OPTIONS,
+    ),
+    Format("luks", "LUKS encrypted volume", nothing_to_check=True),
+    Format(
+        "iso",
+        "ISO 9660 image (a raw disk)",
+        user_format=False,
+        read_as="raw",
+        nothing_to_check=True,
+    ),
+)
+
+_BY_NAME: Final[dict[str, Format]] = {f.name: f for f in FORMATS}
+
+
+def known() -> tuple[str, ...]:
+    """Every format name the probe can report (including ``iso``)."""
+    return tuple(_BY_NAME)
+
+
+def names() -> tuple[str, ...]:
+    """The format names a user can give with ``-f``/``-F``/``-O``."""
+    return tuple(f.name for f in FORMATS if f.user_format)
+
+
+def readable() -> tuple[str, ...]:
+    """Format names qcowlib opens (``-f`` choices)."""
+    return tuple(f.name for f in FORMATS if f.user_format and f.can_read)
+
+
+def writable() -> tuple[str, ...]:
+    """Format names ``convert -O`` writes."""
+    return tuple(f.name for f in FORMATS if f.output is not None)
+
+
+def flattenable() -> tuple[str, ...]:
+    """Format names ``flatten -O`` writes (those with an in-order stream)."""
+    return tuple(f.name for f in FORMATS if f.output is not None and f.stream)
+
+
+def creatable() -> tuple[str, ...]:
+    """Format names ``create -f`` makes."""
+    return tuple(f.name for f in FORMATS if f.create is not None)
+
+
+def checkable() -> tuple[str, ...]:
+    """Format names ``check`` examines."""
+    return tuple(f.name for f in FORMATS if f.check is not None)
+
+
+def by_name(name: str) -> Format:
+    """The entry for ``name``; :class:`InvalidArgument` for a name no format has."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise InvalidArgument(
+            f"Unknown file format '{name}' (known: {', '.join(names())})"
+        ) from None
+
+
+def option_help(name: str) -> str:
+    """``-o help`` for format ``name``: its creation options, one a line, as qemu-img."""
+    fmt = by_name(name)
+    lines = [f"Supported options for {fmt.name}:"]
+    shown = [f"{o.name}=<{o.type}>" for o in fmt.options]
+    width = max(map(len, shown), default=0) + 2
+    lines += [f"  {s:<{width}}- {o.help}" for s, o in zip(shown, fmt.options, strict=True)]
+    if not fmt.options:
+        lines.append("  (none)")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class FormatInfo:
+    """What ``qcowlib.formats()`` says of one format."""
+
+    name: str
+    title: str
+    read: bool
+    write: bool
+    stream: bool
+    create: bool
+    check: bool
+
+
+def describe(entries: Sequence[Format] = FORMATS) -> list[FormatInfo]:
+    """The registry as plain records (``qcowlib.formats()``), formats users can name."""
+    return [
+        FormatInfo(
+            name=f.name,
+            title=f.title,
+            read=f.can_read,
+            write=f.output is not None,
+            stream=f.output is not None and f.stream,
+            create=f.create is not None,
+            check=f.check is not None,
+        )
+        for f in entries
+        if f.user_format
+    ]
