@@ -13,9 +13,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import construct as cs
-
 from qcowlib.errors import CorruptImage, FormatError, TruncatedImage, UnsupportedFeature
+from qcowlib.formats._record import FixedLayout
 
 QCOW_MAGIC: Final = b"QFI\xfb"
 
@@ -68,38 +67,51 @@ EXT_CRYPTO: Final = 0x0537BE77
 EXT_DATA_FILE: Final = 0x44415441
 
 #: The fields every qcow2 header has (QEMUs QCowHeader up to snapshots_offset).
-HEADER_V2 = cs.Struct(
-    "magic" / cs.Bytes(4),
-    "version" / cs.Int32ub,
-    "backing_file_offset" / cs.Int64ub,
-    "backing_file_size" / cs.Int32ub,
-    "cluster_bits" / cs.Int32ub,
-    "size" / cs.Int64ub,
-    "crypt_method" / cs.Int32ub,
-    "l1_size" / cs.Int32ub,
-    "l1_table_offset" / cs.Int64ub,
-    "refcount_table_offset" / cs.Int64ub,
-    "refcount_table_clusters" / cs.Int32ub,
-    "nb_snapshots" / cs.Int32ub,
-    "snapshots_offset" / cs.Int64ub,
+HEADER_V2 = FixedLayout(
+    "qcow2 header",
+    ">",
+    [
+        ("magic", "4s"),
+        ("version", "I"),
+        ("backing_file_offset", "Q"),
+        ("backing_file_size", "I"),
+        ("cluster_bits", "I"),
+        ("size", "Q"),
+        ("crypt_method", "I"),
+        ("l1_size", "I"),
+        ("l1_table_offset", "Q"),
+        ("refcount_table_offset", "Q"),
+        ("refcount_table_clusters", "I"),
+        ("nb_snapshots", "I"),
+        ("snapshots_offset", "Q"),
+    ],
 )
-#: The version 3 fields after them, up to header_length.
-HEADER_V3_TAIL = cs.Struct(
-    "incompatible_features" / cs.Int64ub,
-    "compatible_features" / cs.Int64ub,
-    "autoclear_features" / cs.Int64ub,
-    "refcount_order" / cs.Int32ub,
-    "header_length" / cs.Int32ub,
+HEADER_V3_TAIL = FixedLayout(
+    "qcow2 v3 header",
+    ">",
+    [
+        ("incompatible_features", "Q"),
+        ("compatible_features", "Q"),
+        ("autoclear_features", "Q"),
+        ("refcount_order", "I"),
+        ("header_length", "I"),
+    ],
 )
 _ExtensionHead = struct.Struct(">II")
-_FeatureNameEntry = cs.Struct("type" / cs.Int8ub, "bit" / cs.Int8ub, "name" / cs.Bytes(46))
-_BitmapsExt = cs.Struct(
-    "nb_bitmaps" / cs.Int32ub,
-    "reserved32" / cs.Int32ub,
-    "bitmap_directory_size" / cs.Int64ub,
-    "bitmap_directory_offset" / cs.Int64ub,
+_FeatureNameEntry = FixedLayout(
+    "feature name table entry", ">", [("type", "B"), ("bit", "B"), ("name", "46s")]
 )
-_CryptoExt = cs.Struct("offset" / cs.Int64ub, "length" / cs.Int64ub)
+_BitmapsExt = FixedLayout(
+    "bitmaps extension",
+    ">",
+    [
+        ("nb_bitmaps", "I"),
+        ("reserved32", "I"),
+        ("bitmap_directory_size", "Q"),
+        ("bitmap_directory_offset", "Q"),
+    ],
+)
+_CryptoExt = FixedLayout("crypto extension", ">", [("offset", "Q"), ("length", "Q")])
 
 
 @dataclass(frozen=True)
@@ -256,10 +268,7 @@ def parse_header(data: bytes, file_size: int | None = None) -> Header:
     """
     if len(data) < V2_HEADER_LENGTH:
         raise TruncatedImage("qcow2 header is truncated", structure="header", offset=0)
-    try:
-        v2 = HEADER_V2.parse(data[:V2_HEADER_LENGTH])
-    except cs.ConstructError as exc:  # pragma: no cover - length checked above
-        raise FormatError(f"cannot parse qcow2 header: {exc}", structure="header") from None
+    v2 = HEADER_V2.parse(data)
     if v2.magic != QCOW_MAGIC:
         raise FormatError("not a qcow2 image (bad magic)", structure="header", field="magic")
     version = v2.version
