@@ -131,9 +131,9 @@ class Format:
     """One format: qemu-img's name and where its parts are implemented.
 
     ``probe_name`` is what the content probe reports for it (``iso`` is probed but read
-    as ``raw``).  ``reader``, ``output``, ``create`` and ``check`` are lazy references
-    (``"module:attribute"``) or None where qcowlib has no such part; ``check`` None with
-    ``nothing_to_check`` means qemu-img's "format does not support checks" (exit 63).
+    as ``raw``).  ``reader``, ``output``, ``create``, ``resize`` and ``check`` are lazy
+    references (``"module:attribute"``) or None where qcowlib has no such part;
+    ``check`` None with ``nothing_to_check`` means qemu-img's "format does not support checks" (exit 63).
     """
 
     name: str
@@ -142,6 +142,7 @@ class Format:
     output: str | None = None
     stream: bool = False
     create: str | None = None
+    resize: str | None = None
     check: str | None = None
     nothing_to_check: bool = False
     user_format: bool = True
@@ -226,6 +227,7 @@ FORMATS: Final[tuple[Format, ...]] = (
         output="qcowlib.engine.drivers:RAW",
         stream=True,
         create="qcowlib.ops.create:create_raw",
+        resize="qcowlib.ops.modify:resize_raw",
         nothing_to_check=True,
         options=(Option("size", "size", "Virtual disk size"),),
     ),
@@ -236,6 +238,7 @@ FORMATS: Final[tuple[Format, ...]] = (
         output="qcowlib.engine.drivers:QCOW2",
         stream=True,
         create="qcowlib.ops.create:create_qcow2",
+        resize="qcowlib.ops.modify:resize_qcow2",
         check="qcowlib.ops.check:check",
         options=_QCOW2_OPTIONS,
     ),

@@ -34,27 +34,43 @@ def resize(path: str, size_text: str, *, fmt: str | None = None, shrink: bool = 
     Returns the new virtual size.  Shrinking needs ``shrink``, as in qemu-img.
     """
     from qcowlib._units import parse_size
-    from qcowlib.disk.qcow2_rw import open_rw
+    from qcowlib.formats import registry
 
     relative = size_text[:1] if size_text[:1] in "+-" else ""
     amount = parse_size(size_text[1:] if relative else size_text)
     fmt = _format_of(path, fmt)
-    if fmt == "qcow2":
-        with open_rw(path, follow_backing=False) as disk:
-            new = _new_size(disk.virtual_size, amount, relative)
-            disk.resize(new, shrink=shrink)
-            return new
-    if fmt == "raw":
-        current = _os_call(os.path.getsize, path)
-        new = _new_size(current, amount, relative)
-        if new < current and not shrink:
-            raise InvalidArgument("Use the --shrink option to perform a shrink operation.")
-        try:
-            os.truncate(path, new)
-        except OSError as exc:
-            raise QcowlibIOError(f"cannot resize: {exc.strerror}", file=path) from None
+    entry = registry.by_name(fmt)
+    if entry.resize is None:
+        raise UnsupportedFeature(f"resizing {fmt} images is not supported yet")
+
+    def new_size(current: int) -> int:
+        return _new_size(current, amount, relative)
+
+    result: int = entry.implementation("resize")(path, new_size, shrink=shrink)
+    return result
+
+
+def resize_qcow2(path: str, new_size: Callable[[int], int], *, shrink: bool) -> int:
+    """Resize a qcow2 image in place to ``new_size(current)`` bytes."""
+    from qcowlib.disk.qcow2_rw import open_rw
+
+    with open_rw(path, follow_backing=False) as disk:
+        new = new_size(disk.virtual_size)
+        disk.resize(new, shrink=shrink)
         return new
-    raise UnsupportedFeature(f"resizing {fmt} images is not supported yet")
+
+
+def resize_raw(path: str, new_size: Callable[[int], int], *, shrink: bool) -> int:
+    """Resize a raw image (the file) to ``new_size(current)`` bytes."""
+    current = _os_call(os.path.getsize, path)
+    new = new_size(current)
+    if new < current and not shrink:
+        raise InvalidArgument("Use the --shrink option to perform a shrink operation.")
+    try:
+        os.truncate(path, new)
+    except OSError as exc:
+        raise QcowlibIOError(f"cannot resize: {exc.strerror}", file=path) from None
+    return new
 
 
 def _new_size(current: int, amount: int, relative: str) -> int:
