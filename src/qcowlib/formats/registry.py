@@ -133,7 +133,8 @@ class Format:
     ``probe_name`` is what the content probe reports for it (``iso`` is probed but read
     as ``raw``).  ``reader``, ``output``, ``create``, ``resize`` and ``check`` are lazy
     references (``"module:attribute"``) or None where qcowlib has no such part;
-    ``check`` None with ``nothing_to_check`` means qemu-img's "format does not support checks" (exit 63).
+    ``check`` None with ``nothing_to_check`` means qemu-img's "format does not support
+    checks" (exit 63).
     """
 
     name: str
