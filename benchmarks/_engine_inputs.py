@@ -22,6 +22,7 @@ from __future__ import annotations
 import shutil
 import struct
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def build(directory: Path, log: bool = True) -> Inputs:
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
     rng = np.random.default_rng(SEED)
-    steps = [
+    steps: list[tuple[str, Callable[[], None]]] = [
         ("base", lambda: _make_base(paths.base, rng)),
         ("overlay1", lambda: _make_overlay(paths.overlay1, paths.base, rng)),
         ("overlay2", lambda: _make_overlay(paths.overlay2, paths.overlay1, rng)),
