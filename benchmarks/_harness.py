@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 GNU_TIME = "/usr/bin/time"
@@ -19,11 +19,24 @@ GNU_TIME = "/usr/bin/time"
 
 @dataclass(frozen=True)
 class Run:
-    """One command's figures: best wall time, median wall time, peak RSS of its runs."""
+    """One command's figures: best wall time, median wall time, peak RSS of its runs.
+
+    ``times`` holds every timed run's wall time, in the order they ran.
+    """
 
     seconds: float
     peak_rss_mib: float
     median: float = 0.0
+    times: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class Step:
+    """A command for :func:`alternate`: its argv, the file it writes, what to do first."""
+
+    argv: list[str]
+    output: str | None = None
+    prepare: Callable[[], None] | None = None
 
 
 def measure(
@@ -80,14 +93,24 @@ def paired(
     sides instead of all the runs of one.  The report gives the ratio of the best runs
     and the ratio of the medians.
     """
-    measure(ref, output, prepare)
-    measure(ours, output, prepare)
-    ref_runs: list[Run] = []
-    our_runs: list[Run] = []
+    ref_run, our_run = alternate([Step(ref, output, prepare), Step(ours, output, prepare)], repeat)
+    return ref_run, our_run
+
+
+def alternate(steps: Sequence[Step], repeat: int) -> list[Run]:
+    """Every step once as a warm-up, then ``repeat`` rounds of every step in turn.
+
+    The steps run in the given order within each round, so a step may read what an
+    earlier step of the same round wrote (a copy-limit step copying the reference's
+    output, say).  Returns one summary per step, in the same order.
+    """
+    for step in steps:
+        measure(step.argv, step.output, step.prepare)
+    runs: list[list[Run]] = [[] for _ in steps]
     for _ in range(repeat):
-        ref_runs.append(measure(ref, output, prepare))
-        our_runs.append(measure(ours, output, prepare))
-    return _summary(ref_runs), _summary(our_runs)
+        for step, step_runs in zip(steps, runs, strict=True):
+            step_runs.append(measure(step.argv, step.output, step.prepare))
+    return [_summary(step_runs) for step_runs in runs]
 
 
 def _summary(runs: list[Run]) -> Run:
@@ -95,27 +118,47 @@ def _summary(runs: list[Run]) -> Run:
         min(r.seconds for r in runs),
         max(r.peak_rss_mib for r in runs),
         statistics.median(r.seconds for r in runs),
+        tuple(r.seconds for r in runs),
     )
 
 
 @functools.cache
-def _compile_qcowlib() -> None:
+def _prepare_qcowlib() -> None:
+    """Compile qcowlib's bytecode and make children import the same qcowlib as this process.
+
+    ``PYTHONPATH`` is made absolute, with the directory this process imported qcowlib
+    from first: a relative ``PYTHONPATH=src`` would otherwise depend on the child's
+    working directory, and without it a child would find whatever copy the virtual
+    environment has installed (an editable install of another checkout, say).
+    """
     import compileall
 
     import qcowlib
 
-    compileall.compile_dir(os.path.dirname(qcowlib.__file__), quiet=1)
+    package = os.path.dirname(os.path.abspath(qcowlib.__file__))
+    compileall.compile_dir(package, quiet=1)
+    entries = [os.path.dirname(package)]
+    for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        if entry and os.path.abspath(entry) not in entries:
+            entries.append(os.path.abspath(entry))
+    os.environ["PYTHONPATH"] = os.pathsep.join(entries)
 
 
 def qcowlib_cmd(*args: str) -> list[str]:
-    """``python -m qcowlib ARGS``, with qcowlib's bytecode compiled first.
+    """``python -m qcowlib ARGS`` running the qcowlib this process imports, bytecode compiled.
 
     An installed package ships its ``.pyc`` files; a source checkout run with
     ``PYTHONDONTWRITEBYTECODE`` would compile every module on every run (~0.1 s here),
     which is not what users pay.
     """
-    _compile_qcowlib()
+    _prepare_qcowlib()
     return [sys.executable, "-m", "qcowlib", *args]
+
+
+def python_pass_cmd() -> list[str]:
+    """``python -c pass`` of the interpreter and environment that :func:`qcowlib_cmd` uses."""
+    _prepare_qcowlib()
+    return [sys.executable, "-c", "pass"]
 
 
 def convert_args(doc: str | None) -> argparse.Namespace:
