@@ -10,6 +10,10 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parent.parent / "src" / "qcowlib"
 
 # Lower number = lower layer.  A module may import from its own layer or lower ones.
+# The registry (and the ``qcowlib.formats()`` it backs) sits above the formats'
+# readers and writers, which it names, and below the operations that use it.
+REGISTRY_LAYER = 3.5
+REGISTRY_MODULES = ("qcowlib.formats", "qcowlib.formats.registry", "qcowlib.formats.opener")
 LAYERS = {
     "errors": 0,
     "_units": 0,
@@ -23,7 +27,9 @@ LAYERS = {
 }
 
 
-def _layer_of(module: str) -> int | None:
+def _layer_of(module: str) -> float | None:
+    if module in REGISTRY_MODULES:
+        return REGISTRY_LAYER
     parts = module.split(".")
     if parts[0] != "qcowlib" or len(parts) < 2:
         return None
@@ -37,7 +43,11 @@ def _imports(path: Path) -> list[str]:
         if isinstance(node, ast.Import):
             found.extend(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.append(node.module)
+            if node.module in REGISTRY_MODULES[:1]:
+                # ``from qcowlib.formats import vdi`` imports the submodule, not the package.
+                found.extend(f"{node.module}.{a.name}" for a in node.names)
+            else:
+                found.append(node.module)
     return found
 
 
@@ -45,7 +55,7 @@ def test_lower_layers_do_not_import_higher_ones() -> None:
     problems = []
     for path in SRC.rglob("*.py"):
         rel = path.relative_to(SRC.parent).with_suffix("")
-        module = ".".join(rel.parts)
+        module = ".".join(rel.parts).removesuffix(".__init__")
         own = _layer_of(module)
         if own is None:
             continue  # qcowlib/__init__.py and __main__ sit above everything
@@ -60,6 +70,8 @@ def test_formats_layer_does_no_file_io() -> None:
     banned = {"os", "io.open", "open", "pathlib", "mmap"}
     problems = []
     for path in (SRC / "formats").rglob("*.py"):
+        if path.name == "opener.py":
+            continue  # the registry layer opens files (through disk/), the codecs do not
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Import) and any(a.name in banned for a in node.names):

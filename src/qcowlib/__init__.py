@@ -117,7 +117,7 @@ def open(
     :class:`BackingPolicy`; ``BackingPolicy(follow=False)`` opens the top image alone).
     Raises :class:`QcowlibError` subclasses for anything wrong with the files.
     """
-    from qcowlib.disk.chain import open_disk
+    from qcowlib.formats.opener import open_disk
 
     return open_disk(path, fmt, backing)
 
@@ -130,7 +130,7 @@ def open_rw(path: str) -> Qcow2RWDisk:
     qemu-io has open for writing raises :class:`ImageLocked`.  Images marked corrupt
     or left dirty raise :class:`CorruptImage` (repair them with ``check -r all``).
     """
-    from qcowlib.disk.qcow2_rw import open_rw as _open_rw
+    from qcowlib.formats.opener import open_rw as _open_rw
 
     return _open_rw(path)
 
@@ -139,7 +139,7 @@ def compare(
     a: str, b: str, *, fmt_a: str | None = None, fmt_b: str | None = None, strict: bool = False
 ) -> CompareResult:
     """Compare the guest content of two images, as ``qemu-img compare``."""
-    from qcowlib.disk.chain import open_disk
+    from qcowlib.formats.opener import open_disk
     from qcowlib.ops.compare import compare as _compare
 
     with open_disk(a, fmt_a) as da, open_disk(b, fmt_b) as db:

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qcowlib
-from qcowlib.disk.qcow2_rw import open_rw
+from qcowlib.formats.opener import open_rw
 from tests.conftest import qemu_img
 
 pytestmark = pytest.mark.usefixtures("qemu")

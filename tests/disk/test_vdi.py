@@ -14,12 +14,12 @@ import pytest
 
 from qcowlib.disk._file import HostFile
 from qcowlib.disk.base import Disk, ExtentKind
-from qcowlib.disk.chain import open_disk
 from qcowlib.disk.raw import RawDisk
 from qcowlib.disk.vdi import VdiDisk
 from qcowlib.engine.vdiout import write_vdi
 from qcowlib.errors import CorruptImage, FormatError, TruncatedImage, UnsupportedFeature
 from qcowlib.formats import vdi
+from qcowlib.formats.opener import open_disk
 from tests.conftest import qemu_img, qemu_json
 
 MiB = 1024 * 1024

@@ -13,7 +13,6 @@ import pytest
 
 from qcowlib.disk._file import HostFile
 from qcowlib.disk.base import ExtentKind
-from qcowlib.disk.chain import open_disk
 from qcowlib.disk.vhd import VhdDisk
 from qcowlib.engine.output import atomic_output
 from qcowlib.engine.vhdout import write_vhd
@@ -25,6 +24,7 @@ from qcowlib.errors import (
     UnsupportedFeature,
 )
 from qcowlib.formats import vhd
+from qcowlib.formats.opener import open_disk
 from tests.conftest import qemu_img, qemu_io, qemu_json, seeded_raw
 
 pytestmark = pytest.mark.usefixtures("qemu")

@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 
 from qcowlib.disk._file import HostFile
 from qcowlib.disk.base import ExtentKind
-from qcowlib.disk.chain import open_disk
 from qcowlib.disk.vhdx import VhdxDisk
 from qcowlib.engine.output import atomic_output
 from qcowlib.engine.vhdxout import default_block_size, write_vhdx
@@ -28,6 +27,7 @@ from qcowlib.errors import (
     UnsupportedFeature,
 )
 from qcowlib.formats import vhdx
+from qcowlib.formats.opener import open_disk
 from tests.conftest import qemu_img, qemu_io, qemu_json, seeded_raw
 
 pytestmark = pytest.mark.usefixtures("qemu")

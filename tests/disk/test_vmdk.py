@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from qcowlib.disk._file import HostFile
-from qcowlib.disk.chain import SAFE, BackingPolicy, open_disk
+from qcowlib.disk.chain import SAFE, BackingPolicy
 from qcowlib.disk.raw import RawDisk
 from qcowlib.disk.vmdk import VmdkDisk, open_vmdk
 from qcowlib.engine.vmdkout import write_vmdk
@@ -26,6 +26,7 @@ from qcowlib.errors import (
     TruncatedImage,
     UnsafeBackingPath,
 )
+from qcowlib.formats.opener import open_disk
 from tests.conftest import qemu_img, qemu_json
 
 pytestmark = pytest.mark.usefixtures("qemu")

@@ -25,10 +25,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qcowlib.cli import main as cli_main
-from qcowlib.disk.chain import open_disk
 from qcowlib.engine import digest
 from qcowlib.engine.digest import ALGORITHMS, ZERO_CHUNK, MultiHasher
 from qcowlib.errors import InvalidArgument, QcowlibError
+from qcowlib.formats.opener import open_disk
 from qcowlib.ops import checksum as checksum_mod
 from qcowlib.ops.checksum import READ_CHUNK, checksum
 from tests.conftest import have_qemu, qemu_img

@@ -66,7 +66,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_map(args: argparse.Namespace) -> int:
     from qcowlib.cli.render import human_map, render_map_json
-    from qcowlib.disk.chain import open_disk
+    from qcowlib.formats.opener import open_disk
     from qcowlib.ops.map import map_entries
 
     with open_disk(args.filename, args.format) as disk:
@@ -82,7 +82,7 @@ def _cmd_map(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from qcowlib.disk.chain import open_disk
+    from qcowlib.formats.opener import open_disk
     from qcowlib.ops.compare import compare
 
     try:

@@ -909,13 +909,13 @@ def _span(offset: int, length: int, cs: int) -> range:
     return range(offset // cs, (offset + length - 1) // cs + 1)
 
 
-def open_rw(path: str, *, follow_backing: bool = True) -> Qcow2RWDisk:
-    """Open a qcow2 image for writing, with its backing chain opened read-only.
+def open_rw_layer(path: str) -> Qcow2RWDisk:
+    """Open a qcow2 image for writing, without its backing chain (see
+    :func:`qcowlib.formats.opener.open_rw`, which attaches it).
 
     Raises :class:`ImageLocked` when another process has it open for writing,
     :class:`CorruptImage` for images marked corrupt or dirty, and the usual open errors.
     """
-    from qcowlib.disk.chain import BackingPolicy, _attach_backing_chain
     from qcowlib.formats import detect
 
     host = HostFile(path, writable=True)
@@ -925,17 +925,10 @@ def open_rw(path: str, *, follow_backing: bool = True) -> Qcow2RWDisk:
         if detect.probe(head, tail, host.size).format != "qcow2":
             raise InvalidArgument(f"{path} is not a qcow2 image", file=path)
         take_write_locks(host.fd, path)
-        disk = Qcow2RWDisk(host, path, read_header(host))
+        return Qcow2RWDisk(host, path, read_header(host))
     except BaseException:
         host.close()
         raise
-    if follow_backing:
-        try:
-            _attach_backing_chain(disk, BackingPolicy())
-        except BaseException:
-            disk.close()
-            raise
-    return disk
 
 
-__all__ = ["ExtentKind", "Qcow2RWDisk", "open_rw", "take_write_locks"]
+__all__ = ["ExtentKind", "Qcow2RWDisk", "open_rw_layer", "take_write_locks"]

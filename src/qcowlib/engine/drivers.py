@@ -19,13 +19,12 @@ Writers and serializers load only when their format is asked for.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from qcowlib._units import parse_option_bool
 from qcowlib.errors import InvalidArgument
-from qcowlib.formats.registry import OutputRequest
 
 if TYPE_CHECKING:
     from qcowlib.disk.base import Disk
@@ -37,7 +36,77 @@ if TYPE_CHECKING:
 
 Progress = Callable[[int, int], None]
 
-__all__ = ["QCOW2", "RAW", "VDI", "VHDX", "VMDK", "VPC", "vdi_static", "vmdk_options"]
+
+@dataclass(frozen=True)
+class OutputRequest:
+    """What ``convert`` and ``flatten`` ask of a new image; the format's driver checks it.
+
+    ``options`` are the ``-o`` options; ``backing``/``backing_format`` are ``-B``/``-F``;
+    ``sparse_size`` is ``-S``; ``standalone`` (``flatten``) refuses anything that would
+    make the image depend on another file or that Glance's image inspector refuses;
+    ``extent_name`` is the file name a streamed VMDK's descriptor gives its extent;
+    ``open_backing(path, fmt)`` opens the backing image an overlay output is made over.
+    """
+
+    options: Mapping[str, str]
+    compress: bool = False
+    backing: str | None = None
+    backing_format: str | None = None
+    sparse_size: int = 4096
+    standalone: bool = False
+    extent_name: str = ""
+    open_backing: Callable[[str, str | None], Disk] | None = None
+
+
+class OutputDriver(Protocol):
+    """A format's writer of new images (``convert -O``, ``flatten -O``).
+
+    ``check`` refuses what the format cannot do before the source is opened;
+    ``convert`` writes the whole image to ``dst`` (under a temporary name, never over a
+    file in ``protect``); ``flatten_file`` writes a standalone image faster than
+    streaming it, or returns None; ``stream`` returns the image as an in-order stream of
+    exactly known size, or None when the format has no stream writer.  ``sparse`` says
+    whether zero blocks of a streamed image may be left as holes in a file.
+    """
+
+    name: str
+    sparse: bool
+
+    def check(self, request: OutputRequest) -> None: ...
+
+    def convert(
+        self,
+        disk: Disk,
+        dst: str,
+        request: OutputRequest,
+        progress: Progress | None,
+        protect: tuple[str, ...],
+    ) -> None: ...
+
+    def flatten_file(
+        self,
+        disk: Disk,
+        dst: str,
+        request: OutputRequest,
+        progress: Progress | None,
+        protect: tuple[str, ...],
+    ) -> int | None: ...
+
+    def stream(self, disk: Disk, request: OutputRequest, chunk_size: int) -> Any: ...
+
+
+__all__ = [
+    "QCOW2",
+    "RAW",
+    "VDI",
+    "VHDX",
+    "VMDK",
+    "VPC",
+    "OutputDriver",
+    "OutputRequest",
+    "vdi_static",
+    "vmdk_options",
+]
 
 
 def _no_compress(request: OutputRequest) -> None:
@@ -133,7 +202,7 @@ class _Qcow2:
         progress: Progress | None,
         protect: tuple[str, ...],
     ) -> None:
-        from qcowlib.disk.chain import BackingPolicy, open_disk, resolve_linked_path
+        from qcowlib.disk.chain import BackingPolicy, resolve_linked_path
         from qcowlib.engine.output import atomic_output
         from qcowlib.engine.qcow2out import write_qcow2
         from qcowlib.formats.qcow2.layout import parse_options
@@ -150,8 +219,10 @@ class _Qcow2:
             raise InvalidArgument("convert does not support preallocation (create, then write)")
         base: Disk | None = None
         if opts.backing_file:
+            if request.open_backing is None:
+                raise InvalidArgument("this writer cannot open a backing file here")
             full = resolve_linked_path(dst, opts.backing_file, "backing file", BackingPolicy())
-            base = open_disk(full, opts.backing_fmt)
+            base = request.open_backing(full, opts.backing_fmt)
         if base is not None:
             protect = protect + tuple(d.filename for d in base.chain)
         try:

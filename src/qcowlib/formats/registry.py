@@ -15,7 +15,7 @@ any writer (and ``import qcowlib.formats.registry`` costs nothing).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from qcowlib.disk._file import HostFile
     from qcowlib.disk.base import Disk
     from qcowlib.disk.chain import BackingPolicy
+    from qcowlib.engine.drivers import OutputDriver
 
 __all__ = [
     "FORMATS",
@@ -32,8 +33,6 @@ __all__ = [
     "FormatInfo",
     "Opener",
     "Option",
-    "OutputDriver",
-    "OutputRequest",
     "by_name",
     "checkable",
     "creatable",
@@ -60,65 +59,6 @@ class Opener(Protocol):
     """A format's reader: open one layer (no backing files) from an open host file."""
 
     def __call__(self, host: HostFile, path: str, policy: BackingPolicy) -> Disk: ...
-
-
-@dataclass(frozen=True)
-class OutputRequest:
-    """What ``convert`` and ``flatten`` ask of a new image; the format's driver checks it.
-
-    ``options`` are the ``-o`` options; ``backing``/``backing_format`` are ``-B``/``-F``;
-    ``sparse_size`` is ``-S``; ``standalone`` (``flatten``) refuses anything that would
-    make the image depend on another file or that Glance's image inspector refuses;
-    ``extent_name`` is the file name a streamed VMDK's descriptor gives its extent.
-    """
-
-    options: Mapping[str, str]
-    compress: bool = False
-    backing: str | None = None
-    backing_format: str | None = None
-    sparse_size: int = 4096
-    standalone: bool = False
-    extent_name: str = ""
-
-
-Progress = Callable[[int, int], None]
-
-
-class OutputDriver(Protocol):
-    """A format's writer of new images (``convert -O``, ``flatten -O``).
-
-    ``check`` refuses what the format cannot do before the source is opened;
-    ``convert`` writes the whole image to ``dst`` (under a temporary name, never over a
-    file in ``protect``); ``flatten_file`` writes a standalone image faster than
-    streaming it, or returns None; ``stream`` returns the image as an in-order stream of
-    exactly known size, or None when the format has no stream writer.  ``sparse`` says
-    whether zero blocks of a streamed image may be left as holes in a file.
-    """
-
-    name: str
-    sparse: bool
-
-    def check(self, request: OutputRequest) -> None: ...
-
-    def convert(
-        self,
-        disk: Disk,
-        dst: str,
-        request: OutputRequest,
-        progress: Progress | None,
-        protect: tuple[str, ...],
-    ) -> None: ...
-
-    def flatten_file(
-        self,
-        disk: Disk,
-        dst: str,
-        request: OutputRequest,
-        progress: Progress | None,
-        protect: tuple[str, ...],
-    ) -> int | None: ...
-
-    def stream(self, disk: Disk, request: OutputRequest, chunk_size: int) -> Any: ...
 
 
 def _load(ref: str) -> Any:

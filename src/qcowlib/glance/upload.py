@@ -93,7 +93,8 @@ class _Source:
             self.virtual_size = self._stream.virtual_size
             self._file: int | None = None
         else:
-            from qcowlib.disk.chain import BackingPolicy, open_disk
+            from qcowlib.disk.chain import BackingPolicy
+            from qcowlib.formats.opener import open_disk
 
             with open_disk(req.path, req.src_format, BackingPolicy(follow=False)) as disk:
                 self.virtual_size = disk.virtual_size

@@ -390,8 +390,9 @@ def _validate_bitmaps_extension(h: Header) -> None:
 def _open_linked_files(path: str, h: Header) -> None:
     """qemu-img opens the backing chain and the data file too; fail as it would."""
     from qcowlib.disk._file import HostFile
-    from qcowlib.disk.chain import BackingPolicy, open_disk, resolve_linked_path
+    from qcowlib.disk.chain import BackingPolicy, resolve_linked_path
     from qcowlib.errors import BackingNotFound, QcowlibIOError
+    from qcowlib.formats.opener import open_disk
 
     policy = BackingPolicy()
     if h.has_data_file and h.data_file is not None:

@@ -27,10 +27,10 @@ from typing import NotRequired, TypedDict
 
 from qcowlib.disk._file import HostFile, aligned_buffer
 from qcowlib.disk.base import Disk
-from qcowlib.disk.chain import open_disk
 from qcowlib.disk.raw import RawDisk
 from qcowlib.engine.digest import DEFAULT_ALGORITHMS, MultiHasher, check_algorithms
 from qcowlib.errors import QcowlibIOError
+from qcowlib.formats.opener import open_disk
 
 #: Bytes per read; one buffer of this size is reused for the whole pass.
 READ_CHUNK = 8 * 1024 * 1024
@@ -64,7 +64,7 @@ def checksum(
 
     Raises :class:`InvalidArgument` for unknown algorithm names or format,
     :class:`QcowlibIOError` when the file cannot be read, and for ``content`` whatever
-    :func:`qcowlib.disk.chain.open_disk` and reading the disk raise (all
+    :func:`qcowlib.formats.opener.open_disk` and reading the disk raise (all
     :class:`QcowlibError`).
     """
     file_names = check_algorithms(algos)

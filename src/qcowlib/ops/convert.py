@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from qcowlib.disk.chain import open_disk
 from qcowlib.engine.copy import Progress
+from qcowlib.engine.drivers import OutputRequest
 from qcowlib.errors import InvalidArgument
 from qcowlib.formats import registry
-from qcowlib.formats.registry import OutputRequest
+from qcowlib.formats.opener import open_disk
 
 if TYPE_CHECKING:
     from qcowlib.ops.flatten import HashSink
@@ -62,6 +62,7 @@ def convert(
         backing=backing,
         backing_format=backing_format,
         sparse_size=sparse_size,
+        open_backing=open_disk,
     )
     driver.check(request)
     with open_disk(src, src_format) as disk:

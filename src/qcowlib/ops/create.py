@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from qcowlib.disk.chain import BackingPolicy, open_disk, resolve_linked_path
+from qcowlib.disk.chain import BackingPolicy, resolve_linked_path
 from qcowlib.engine.output import atomic_output
 from qcowlib.engine.qcow2out import write_qcow2
 from qcowlib.errors import InvalidArgument, QcowlibError, QcowlibIOError, UnsupportedFeature
 from qcowlib.formats import registry
+from qcowlib.formats.opener import open_disk
 from qcowlib.formats.qcow2.layout import CreateOptions, parse_options
 
 

@@ -16,14 +16,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, Self, TypeAlias
 
 from qcowlib.disk._file import pwrite_all
-from qcowlib.disk.chain import open_disk
+from qcowlib.engine.drivers import OutputDriver, OutputRequest
 from qcowlib.engine.output import atomic_output
 from qcowlib.engine.qcow2out import reserve
 from qcowlib.engine.serialize import STREAM_CHUNK
 from qcowlib.engine.zero import is_zero
 from qcowlib.errors import QcowlibIOError, UnsupportedFeature
 from qcowlib.formats import registry
-from qcowlib.formats.registry import OutputDriver, OutputRequest
+from qcowlib.formats.opener import open_disk
 
 if TYPE_CHECKING:
     from qcowlib.engine.formatstream import VdiSerializer, VmdkSerializer

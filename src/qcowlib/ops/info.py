@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from qcowlib.disk.base import Disk, full_backing_filename
-from qcowlib.disk.chain import BackingPolicy, open_disk
+from qcowlib.disk.chain import BackingPolicy
+from qcowlib.formats.opener import open_disk
 
 __all__ = ["full_backing_filename", "image_info", "info"]
 

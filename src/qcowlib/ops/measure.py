@@ -346,7 +346,7 @@ def measure(
         raise InvalidArgument("Either --size N or one filename must be specified.")
     if src is None:
         return measure_disk(None, out_format, options, size)
-    from qcowlib.disk.chain import open_disk
+    from qcowlib.formats.opener import open_disk
 
     with open_disk(src, src_format) as disk:
         return measure_disk(disk, out_format, options, None)

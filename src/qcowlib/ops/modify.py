@@ -10,8 +10,9 @@ import numpy as np
 
 from qcowlib.disk._file import HostFile, aligned_buffer, pwrite_all
 from qcowlib.disk.base import Disk, ExtentKind
-from qcowlib.disk.chain import BackingPolicy, open_disk, probe_format, resolve_linked_path
+from qcowlib.disk.chain import BackingPolicy, probe_format, resolve_linked_path
 from qcowlib.errors import InvalidArgument, QcowlibIOError, UnsupportedFeature
+from qcowlib.formats.opener import open_disk
 
 Progress = Callable[[int, int], None]
 _T = TypeVar("_T")
@@ -52,7 +53,7 @@ def resize(path: str, size_text: str, *, fmt: str | None = None, shrink: bool = 
 
 def resize_qcow2(path: str, new_size: Callable[[int], int], *, shrink: bool) -> int:
     """Resize a qcow2 image in place to ``new_size(current)`` bytes."""
-    from qcowlib.disk.qcow2_rw import open_rw
+    from qcowlib.formats.opener import open_rw
 
     with open_rw(path, follow_backing=False) as disk:
         new = new_size(disk.virtual_size)
@@ -94,7 +95,7 @@ def rebase(
     and the new backing file differ, so the guest content does not change.  A backing
     format is required for a non-empty backing name (never guessed).
     """
-    from qcowlib.disk.qcow2_rw import open_rw
+    from qcowlib.formats.opener import open_rw
 
     if backing and not backing_fmt:
         raise InvalidArgument("-b needs -F: a backing format is never guessed")
@@ -191,8 +192,8 @@ def _read_or_zero(disk: Disk | None, offset: int, buf: memoryview) -> None:
 def commit(path: str, *, drop: bool = False, progress: Progress | None = None) -> None:
     """``qemu-img commit``: write the image's own data into its backing file, then
     empty the image unless ``drop`` (``-d``) is given."""
-    from qcowlib.disk.chain import backing_format, backing_name
-    from qcowlib.disk.qcow2_rw import Qcow2RWDisk, open_rw, take_write_locks
+    from qcowlib.disk.qcow2_rw import Qcow2RWDisk, take_write_locks
+    from qcowlib.formats.opener import backing_format, backing_name, open_rw
 
     with open_rw(path, follow_backing=False) as top:
         name = backing_name(top)
