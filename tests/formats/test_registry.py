@@ -25,7 +25,6 @@ NOT_YET_FROM_REGISTRY = {
     "formats/detect.py": "probe order",
     "ops/check.py": "nothing-to-check formats",
     "ops/measure.py": "measurable formats",
-    "glance/upload.py": "Glance disk_format names",
     "cli/cmd_upload.py": "Glance disk_format names",
     "validate/policy.py": "Glance disk_format names",
     "validate/rules.py": "rule scopes",
@@ -70,6 +69,15 @@ def test_entries_are_consistent() -> None:
         assert callable(registry.by_name(name).opener())
     for name in registry.creatable():
         assert callable(registry.by_name(name).implementation("create"))
+
+
+def test_glance_names_and_upload_targets() -> None:
+    assert registry.glance_disk_format("vpc") == "vhd"
+    assert registry.glance_disk_format("qcow2") == "qcow2"
+    assert registry.glance_disk_format("iso") == "iso"
+    targets = registry.upload_targets()
+    assert set(targets) == {registry.glance_disk_format(n) for n in registry.flattenable()}
+    assert targets["vmdk"] == {"subformat": "streamOptimized"}
 
 
 def test_unknown_and_unreadable_formats() -> None:

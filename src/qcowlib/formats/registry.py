@@ -38,10 +38,12 @@ __all__ = [
     "creatable",
     "describe",
     "flattenable",
+    "glance_disk_format",
     "known",
     "names",
     "option_help",
     "readable",
+    "upload_targets",
     "writable",
 ]
 
@@ -74,7 +76,8 @@ class Format:
     as ``raw``).  ``reader``, ``output``, ``create``, ``resize`` and ``check`` are lazy
     references (``"module:attribute"``) or None where qcowlib has no such part;
     ``check`` None with ``nothing_to_check`` means qemu-img's "format does not support
-    checks" (exit 63).
+    checks" (exit 63).  ``glance`` is Glance's ``disk_format`` for it, and
+    ``upload_options`` the ``-o`` options ``upload --flatten`` writes it with.
     """
 
     name: str
@@ -89,6 +92,8 @@ class Format:
     user_format: bool = True
     read_as: str | None = None
     options: tuple[Option, ...] = field(default=())
+    glance: str | None = None
+    upload_options: tuple[tuple[str, str], ...] = ()
 
     @property
     def can_read(self) -> bool:
@@ -171,6 +176,7 @@ FORMATS: Final[tuple[Format, ...]] = (
         resize="qcowlib.ops.modify:resize_raw",
         nothing_to_check=True,
         options=(Option("size", "size", "Virtual disk size"),),
+        glance="raw",
     ),
     Format(
         "qcow2",
@@ -182,6 +188,7 @@ FORMATS: Final[tuple[Format, ...]] = (
         resize="qcowlib.ops.modify:resize_qcow2",
         check="qcowlib.ops.check:check",
         options=_QCOW2_OPTIONS,
+        glance="qcow2",
     ),
     Format(
         "vmdk",
@@ -190,6 +197,8 @@ FORMATS: Final[tuple[Format, ...]] = (
         output="qcowlib.engine.drivers:VMDK",
         stream=True,
         options=_VMDK_OPTIONS,
+        glance="vmdk",
+        upload_options=(("subformat", "streamOptimized"),),
     ),
     Format(
         "vdi",
@@ -198,6 +207,7 @@ FORMATS: Final[tuple[Format, ...]] = (
         output="qcowlib.engine.drivers:VDI",
         stream=True,
         options=_VDI_OPTIONS,
+        glance="vdi",
     ),
     Format(
         "vpc",
@@ -206,6 +216,7 @@ FORMATS: Final[tuple[Format, ...]] = (
         output="qcowlib.engine.drivers:VPC",
         nothing_to_check=True,
         options=_VHD_OPTIONS,
+        glance="vhd",
     ),
     Format(
         "vhdx",
@@ -213,6 +224,7 @@ FORMATS: Final[tuple[Format, ...]] = (
         reader="qcowlib.disk.vhdx:open_image",
         output="qcowlib.engine.drivers:VHDX",
         options=_VHD_OPTIONS,
+        glance="vhdx",
     ),
     Format("luks", "LUKS encrypted volume", nothing_to_check=True),
     Format(
@@ -260,6 +272,21 @@ def creatable() -> tuple[str, ...]:
 def checkable() -> tuple[str, ...]:
     """Format names ``check`` examines."""
     return tuple(f.name for f in FORMATS if f.check is not None)
+
+
+def glance_disk_format(name: str) -> str:
+    """Glance's ``disk_format`` for format ``name`` (its own name where Glance has none)."""
+    entry = _BY_NAME.get(name)
+    return entry.glance if entry is not None and entry.glance else name
+
+
+def upload_targets() -> dict[str, dict[str, str]]:
+    """What ``upload --flatten`` can send: Glance disk_format -> the output's options."""
+    return {
+        f.glance or f.name: dict(f.upload_options)
+        for f in FORMATS
+        if f.output is not None and f.stream
+    }
 
 
 def by_name(name: str) -> Format:

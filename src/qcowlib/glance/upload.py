@@ -20,6 +20,7 @@ from typing import Any
 
 from qcowlib.engine.digest import MultiHasher
 from qcowlib.errors import InvalidArgument, QcowlibError, QcowlibIOError
+from qcowlib.formats import registry
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +33,7 @@ READ_CHUNK = 8 * UPLOAD_CHUNK
 GiB = 1 << 30
 #: What ``--flatten`` can send, by disk_format, with its output options (a VMDK goes as
 #: streamOptimized, the subformat made for transfers that Glance and vSphere accept).
-FLATTEN_TO: dict[str, dict[str, str]] = {
-    "qcow2": {},
-    "raw": {},
-    "vmdk": {"subformat": "streamOptimized"},
-    "vdi": {},
-}
-#: Glance's disk_format names for qcowlib's probed formats.
-GLANCE_FORMATS = {"qcow2": "qcow2", "raw": "raw", "vmdk": "vmdk", "vdi": "vdi",
-                  "vpc": "vhd", "vhdx": "vhdx", "iso": "iso"}  # fmt: skip
+FLATTEN_TO: dict[str, dict[str, str]] = registry.upload_targets()
 
 
 class UploadError(QcowlibError):
@@ -235,7 +228,7 @@ def upload(
             f"--flatten writes {', '.join(FLATTEN_TO)}: use --disk-format with one of them"
         )
     disk_format = req.disk_format or (
-        "qcow2" if req.flatten else GLANCE_FORMATS.get(detected, detected)
+        "qcow2" if req.flatten else registry.glance_disk_format(detected)
     )
     if req.container_format != "bare":
         raise InvalidArgument("only container_format bare is supported")
