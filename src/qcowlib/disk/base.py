@@ -12,10 +12,10 @@ from __future__ import annotations
 import abc
 import enum
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 from qcowlib.disk._file import HostFile
 from qcowlib.errors import InvalidArgument
@@ -134,6 +134,16 @@ def coalesce(extents: Iterator[Extent]) -> Iterator[Extent]:
         yield current
 
 
+class PersistentBitmap(Protocol):
+    """A persistent dirty bitmap stored in an image (what ``measure`` needs of it)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def granularity(self) -> int: ...
+
+
 class Disk(abc.ABC):
     """One open image (a layer), with its backing disk if the chain was followed."""
 
@@ -183,6 +193,20 @@ class Disk(abc.ABC):
     def attach_data_file(self, host: HostFile, path: str) -> None:
         """Use ``host`` (opened from ``path``) as the external data file."""
         raise InvalidArgument("this image has no external data file", file=self.filename)
+
+    @property
+    def file_is_disk(self) -> bool:
+        """Whether the image file's bytes are exactly the guest disk (a plain raw image)."""
+        return False
+
+    @property
+    def supports_persistent_bitmaps(self) -> bool:
+        """Whether the format can store persistent dirty bitmaps (qcow2 v3)."""
+        return False
+
+    def persistent_bitmaps(self) -> Sequence[PersistentBitmap]:
+        """The persistent dirty bitmaps stored in this layer."""
+        return ()
 
     # -- what ``qemu-img info`` shows (keys and order as qemu-img 7.2) ------------------
     def info_head(self) -> dict[str, Any]:

@@ -218,6 +218,13 @@ class Qcow2Disk(Disk):
         info["dirty-flag"] = h.dirty
         return info
 
+    @property
+    def supports_persistent_bitmaps(self) -> bool:
+        return self.header.version >= 3
+
+    def persistent_bitmaps(self) -> list[BitmapEntry]:
+        return self.bitmaps()
+
     def actual_size(self) -> int | None:
         # qemu-img 7.2 counts the image file only, not an external data file.
         return self.host.allocated

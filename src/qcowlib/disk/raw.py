@@ -24,6 +24,10 @@ class RawDisk(Disk):
         # if padded with zeros (as qemu-img shows it).
         self.virtual_size = -(-host.size // 512) * 512
 
+    @property
+    def file_is_disk(self) -> bool:
+        return self.backing is None and self.host.size == self.virtual_size
+
     def layer_extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
         start, end = self._range(offset, length)
         for s, e, is_data in self.host.segments(start, end):

@@ -27,7 +27,6 @@ from typing import NotRequired, TypedDict
 
 from qcowlib.disk._file import HostFile, aligned_buffer
 from qcowlib.disk.base import Disk
-from qcowlib.disk.raw import RawDisk
 from qcowlib.engine.digest import DEFAULT_ALGORITHMS, MultiHasher, check_algorithms
 from qcowlib.errors import QcowlibIOError
 from qcowlib.formats.opener import open_disk
@@ -78,7 +77,7 @@ def checksum(
     _refuse_directory(path)
     # Open the image before the long file pass, so that a bad image fails fast.
     with open_disk(path, fmt) as disk:
-        if _file_is_disk(disk):
+        if disk.file_is_disk:
             # A raw file of whole sectors *is* its disk: one pass gives both kinds.
             extra = tuple(n for n in content_names if n not in file_names)
             with MultiHasher(file_names + extra) as hasher:
@@ -108,12 +107,6 @@ def _refuse_directory(path: str) -> None:
         return  # reported when the file is opened
     if stat.S_ISDIR(mode):
         raise QcowlibIOError(f"{path} is a directory", file=path)
-
-
-def _file_is_disk(disk: Disk) -> bool:
-    return (
-        isinstance(disk, RawDisk) and disk.backing is None and disk.host.size == disk.virtual_size
-    )
 
 
 def hash_file(path: str, hasher: MultiHasher, *, chunk: int = READ_CHUNK) -> int:

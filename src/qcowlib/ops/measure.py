@@ -158,13 +158,9 @@ def bitmaps_size(disk: Disk, cluster_size: int) -> int:
 
     Every bitmap is assumed fully allocated, plus its bitmap table, plus the directory.
     """
-    from qcowlib.disk.qcow2 import Qcow2Disk
-
-    if not isinstance(disk, Qcow2Disk):
-        return 0
     total = 0
     directory = 0
-    for bm in disk.bitmaps():
+    for bm in disk.persistent_bitmaps():
         bits = div_round_up(disk.virtual_size, bm.granularity)
         clusters = div_round_up(div_round_up(bits, 8), cluster_size)
         total += clusters * cluster_size
@@ -198,12 +194,6 @@ def allocated_clusters(extents: Iterable[Extent], cluster_size: int) -> int:
             count += last - first
             counted_until = last
     return count
-
-
-def _supports_persistent_bitmaps(disk: Disk) -> bool:
-    from qcowlib.disk.qcow2 import Qcow2Disk
-
-    return isinstance(disk, Qcow2Disk) and disk.header.version >= 3
 
 
 def _measure_qcow2(opts: Mapping[str, bool | int | str], disk: Disk | None) -> dict[str, int]:
@@ -270,7 +260,7 @@ def _measure_qcow2(opts: Mapping[str, bool | int | str], disk: Disk | None) -> d
     result: dict[str, int] = {}
     # Bitmaps are shown only when both the source and the output could hold them.  The
     # key comes first, as qemu-img's JSON output orders it.
-    if version >= 3 and disk is not None and _supports_persistent_bitmaps(disk):
+    if version >= 3 and disk is not None and disk.supports_persistent_bitmaps:
         result["bitmaps"] = bitmaps_size(disk, cs)
     result["required"] = fully_allocated - virtual_size + required
     result["fully-allocated"] = fully_allocated
