@@ -69,6 +69,10 @@ def test_entries_are_consistent() -> None:
         assert callable(registry.by_name(name).opener())
     for name in registry.creatable():
         assert callable(registry.by_name(name).implementation("create"))
+    for entry in registry.FORMATS:
+        for part in ("resize", "writer", "check"):
+            if getattr(entry, part) is not None:
+                assert callable(entry.implementation(part))
 
 
 def test_glance_names_and_upload_targets() -> None:

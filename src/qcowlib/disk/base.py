@@ -144,6 +144,24 @@ class PersistentBitmap(Protocol):
     def granularity(self) -> int: ...
 
 
+class Writer(Protocol):
+    """An image open for writing in place (``commit`` writes into its backing file
+    through this; a format's registry entry names how to open one)."""
+
+    filename: str
+    virtual_size: int
+
+    def resize(self, size: int, *, shrink: bool = False) -> None: ...
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
+
+    def write_zeroes(self, offset: int, length: int) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class Disk(abc.ABC):
     """One open image (a layer), with its backing disk if the chain was followed."""
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+import os
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Self
 
-from qcowlib.disk._file import HostFile
+from qcowlib.disk._file import HostFile, pwrite_all
 from qcowlib.disk.base import Disk, Extent, ExtentKind
+from qcowlib.errors import QcowlibIOError
 
 if TYPE_CHECKING:
     from qcowlib.disk.chain import BackingPolicy
@@ -54,3 +56,64 @@ class RawDisk(Disk):
 def open_image(host: HostFile, path: str, policy: BackingPolicy) -> RawDisk:
     """The registry's opener."""
     return RawDisk(host, path)
+
+
+class RawWriter:
+    """A raw image open for writing in place (a ``commit`` target), QEMU's locks held."""
+
+    def __init__(self, path: str) -> None:
+        from qcowlib.disk.locks import take_write_locks
+
+        self.filename = path
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise QcowlibIOError(f"cannot open {path}: {exc.strerror}", file=path) from None
+        try:
+            take_write_locks(self.fd, path)
+            self.virtual_size = os.fstat(self.fd).st_size
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _call(self, what: str, func: Callable[[], object]) -> None:
+        try:
+            func()
+        except OSError as exc:
+            raise QcowlibIOError(f"{what} failed: {exc.strerror}", file=self.filename) from None
+
+    def resize(self, size: int, *, shrink: bool = False) -> None:
+        if size < self.virtual_size and not shrink:
+            raise QcowlibIOError("shrinking needs shrink=True", file=self.filename)
+        self._call("ftruncate", lambda: os.ftruncate(self.fd, size))
+        self.virtual_size = size
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._call("write", lambda: pwrite_all(self.fd, data, offset))
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        zero = bytes(min(length, 1 << 20))
+        pos = offset
+        while pos < offset + length:
+            n = min(len(zero), offset + length - pos)
+            self.write(pos, memoryview(zero)[:n])
+            pos += n
+
+    def flush(self) -> None:
+        self._call("fsync", lambda: os.fsync(self.fd))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_writer(path: str) -> RawWriter:
+    """The registry's in-place writer for raw images."""
+    return RawWriter(path)

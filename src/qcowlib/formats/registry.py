@@ -72,12 +72,13 @@ def _load(ref: str) -> Any:
 class Format:
     """One format: qemu-img's name and where its parts are implemented.
 
-    ``probe_name`` is what the content probe reports for it (``iso`` is probed but read
-    as ``raw``).  ``reader``, ``output``, ``create``, ``resize`` and ``check`` are lazy
-    references (``"module:attribute"``) or None where qcowlib has no such part;
-    ``check`` None with ``nothing_to_check`` means qemu-img's "format does not support
-    checks" (exit 63).  ``glance`` is Glance's ``disk_format`` for it, and
-    ``upload_options`` the ``-o`` options ``upload --flatten`` writes it with.
+    ``reader``, ``output``, ``create``, ``resize``, ``writer`` (in place) and ``check``
+    are lazy references (``"module:attribute"``), None where qcowlib has no such part.
+    ``read_as`` opens the format with another's reader (an ISO 9660 image is a raw
+    disk); ``user_format`` False keeps a name the probe reports out of ``-f`` choices.
+    ``nothing_to_check`` is qemu-img's "format does not support checks" (exit 63).
+    ``glance`` is Glance's ``disk_format`` for it, and ``upload_options`` the ``-o``
+    options ``upload --flatten`` writes it with.
     """
 
     name: str
@@ -87,6 +88,7 @@ class Format:
     stream: bool = False
     create: str | None = None
     resize: str | None = None
+    writer: str | None = None
     check: str | None = None
     nothing_to_check: bool = False
     user_format: bool = True
@@ -174,6 +176,7 @@ FORMATS: Final[tuple[Format, ...]] = (
         stream=True,
         create="qcowlib.ops.create:create_raw",
         resize="qcowlib.ops.modify:resize_raw",
+        writer="qcowlib.disk.raw:open_writer",
         nothing_to_check=True,
         options=(Option("size", "size", "Virtual disk size"),),
         glance="raw",
@@ -186,6 +189,7 @@ FORMATS: Final[tuple[Format, ...]] = (
         stream=True,
         create="qcowlib.ops.create:create_qcow2",
         resize="qcowlib.ops.modify:resize_qcow2",
+        writer="qcowlib.formats.opener:open_rw",
         check="qcowlib.ops.check:check",
         options=_QCOW2_OPTIONS,
         glance="qcow2",

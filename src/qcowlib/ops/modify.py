@@ -9,7 +9,7 @@ from typing import TypeVar
 import numpy as np
 
 from qcowlib.disk._file import HostFile, aligned_buffer, pwrite_all
-from qcowlib.disk.base import Disk, ExtentKind
+from qcowlib.disk.base import Disk, ExtentKind, Writer
 from qcowlib.disk.chain import BackingPolicy, probe_format, resolve_linked_path
 from qcowlib.errors import InvalidArgument, QcowlibIOError, UnsupportedFeature
 from qcowlib.formats.opener import open_disk
@@ -192,7 +192,7 @@ def _read_or_zero(disk: Disk | None, offset: int, buf: memoryview) -> None:
 def commit(path: str, *, drop: bool = False, progress: Progress | None = None) -> None:
     """``qemu-img commit``: write the image's own data into its backing file, then
     empty the image unless ``drop`` (``-d``) is given."""
-    from qcowlib.disk.qcow2_rw import Qcow2RWDisk, take_write_locks
+    from qcowlib.formats import registry
     from qcowlib.formats.opener import backing_format, backing_name, open_rw
 
     with open_rw(path, follow_backing=False) as top:
@@ -208,61 +208,39 @@ def commit(path: str, *, drop: bool = False, progress: Progress | None = None) -
                 f"{path} does not record its backing file's format; "
                 "record it first with: qcowlib rebase -u -b NAME -F FMT"
             )
-        base_rw: Qcow2RWDisk | None = None
-        base_fd = -1
-        if bfmt == "qcow2":
-            base_rw = open_rw(full, follow_backing=True)
-            base_size = base_rw.virtual_size
-        elif bfmt == "raw":
-            try:
-                base_fd = os.open(full, os.O_RDWR | os.O_CLOEXEC)
-            except OSError as exc:
-                raise QcowlibIOError(f"cannot open {full}: {exc.strerror}", file=full) from None
-            try:
-                take_write_locks(base_fd, full)
-            except BaseException:
-                os.close(base_fd)
-                raise
-            base_size = os.fstat(base_fd).st_size
-        else:
+        entry = registry.by_name(bfmt)
+        if entry.writer is None:
             raise UnsupportedFeature(f"committing into a {bfmt} backing file is not supported yet")
+        base: Writer = entry.implementation("writer")(full)
         try:
-            if base_size < top.virtual_size:
-                if base_rw is not None:
-                    base_rw.resize(top.virtual_size)
-                else:
-                    _os_call(os.ftruncate, base_fd, top.virtual_size)
-            buf = aligned_buffer(_CHUNK)
-            for ext in list(top.layer_extents()):
-                if ext.kind is ExtentKind.UNALLOCATED:
-                    continue
-                pos = ext.start
-                while pos < ext.end:
-                    n = min(_CHUNK, ext.end - pos)
-                    if ext.kind is ExtentKind.ZERO:
-                        if base_rw is not None:
-                            base_rw.write_zeroes(pos, n)
-                        else:
-                            _pwrite(base_fd, bytes(n), pos)
-                    else:
-                        view = buf[:n]
-                        top.read_into(pos, view)
-                        if base_rw is not None:
-                            base_rw.write(pos, view)
-                        else:
-                            _pwrite(base_fd, view, pos)
-                    pos += n
-                    if progress:
-                        progress(pos, top.virtual_size)
-            if base_fd >= 0:
-                _os_call(os.fsync, base_fd)
+            _copy_layer_into(top, base, progress)
         finally:
-            if base_rw is not None:
-                base_rw.close()
-            if base_fd >= 0:
-                os.close(base_fd)
+            base.close()
         if not drop:
             top.make_empty()
+
+
+def _copy_layer_into(top: Disk, base: Writer, progress: Progress | None) -> None:
+    """Write what ``top`` itself holds (data and zeros) into ``base``, then flush it."""
+    if base.virtual_size < top.virtual_size:
+        base.resize(top.virtual_size)
+    buf = aligned_buffer(_CHUNK)
+    for ext in list(top.layer_extents()):
+        if ext.kind is ExtentKind.UNALLOCATED:
+            continue
+        pos = ext.start
+        while pos < ext.end:
+            n = min(_CHUNK, ext.end - pos)
+            if ext.kind is ExtentKind.ZERO:
+                base.write_zeroes(pos, n)
+            else:
+                view = buf[:n]
+                top.read_into(pos, view)
+                base.write(pos, view)
+            pos += n
+            if progress:
+                progress(pos, top.virtual_size)
+    base.flush()
 
 
 def _os_call(func: Callable[..., _T], *args: object) -> _T:
