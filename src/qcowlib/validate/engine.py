@@ -141,14 +141,7 @@ class Context:
         ``length`` above :data:`MAX_READ` is a programming error
         (:class:`InvalidArgument`); cap it against your format's limit first.
         """
-        if length < 0 or offset < 0:
-            raise InvalidArgument(f"bad read of {length} bytes at {offset}")
-        if length > MAX_READ:
-            raise InvalidArgument(f"a rule may read at most {MAX_READ} bytes at once")
-        end = min(self.size, offset + length)
-        if offset >= end:
-            return b""
-        return self._image.host.pread(offset, end - offset)
+        return self._read(offset, length, MAX_READ)
 
     def read_table(self, offset: int, length: int) -> bytes:
         """Like :meth:`read`, for a table whose place the format's codec has checked
@@ -156,10 +149,13 @@ class Context:
 
         ``length`` above it is a programming error (:class:`InvalidArgument`).
         """
+        return self._read(offset, length, MAX_TABLE_READ)
+
+    def _read(self, offset: int, length: int, cap: int) -> bytes:
         if length < 0 or offset < 0:
             raise InvalidArgument(f"bad read of {length} bytes at {offset}")
-        if length > MAX_TABLE_READ:
-            raise InvalidArgument(f"a rule may read at most {MAX_TABLE_READ} bytes of table")
+        if length > cap:
+            raise InvalidArgument(f"a rule may read at most {cap} bytes at once")
         end = min(self.size, offset + length)
         if offset >= end:
             return b""
