@@ -392,6 +392,46 @@ def _vhdx_no_valid_header(d: Path) -> Path:
     return p
 
 
+def _crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli), bit by bit: independent of the codec under test."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    return crc ^ 0xFFFFFFFF
+
+
+def _vhdx_unreplayed_log(d: Path) -> Path:
+    """A VHDX whose headers name a log GUID (as after a crash mid-update), CRCs valid."""
+    p = create(d / "log.vhdx", "vhdx", "10M")
+    data = p.read_bytes()
+    for at in (64 * 1024, 128 * 1024):
+        header = bytearray(data[at : at + 4096])
+        header[48:64] = uuid.UUID("0D9D3B3C-7A1E-4B8C-9A4B-5C3D2E1F0A9B").bytes_le  # log_guid
+        header[4:8] = bytes(4)
+        header[4:8] = struct.pack("<I", _crc32c(bytes(header)))
+        poke(p, at, bytes(header))
+    return p
+
+
+def _vhd_bad_footer_checksum(d: Path) -> Path:
+    """A dynamic VHD whose footer copy at offset 0 (the one QEMU reads) has a wrong checksum."""
+    p = create(d / "badsum.vhd", "vpc", "10M", "subformat=dynamic")
+    checksum = struct.unpack_from(">I", p.read_bytes(), 64)[0]
+    poke(p, 64, struct.pack(">I", checksum ^ 0x00010000))
+    return p
+
+
+def _vmdk_gd_past_eof(d: Path) -> Path:
+    """A sparse VMDK whose grain directory starts in the last sector but ends past the end
+    of the file (64 GiB: 2048 directory entries, 8 KiB)."""
+    p = create(d / "gd.vmdk", "vmdk", "64G", "subformat=monolithicSparse")
+    last_sector = p.stat().st_size // SECTOR - 1
+    poke(p, 56, struct.pack("<Q", last_sector))  # gd_offset
+    return p
+
+
 def _vdi_poked(offset: int, data: bytes) -> Callable[[Path], Path]:
     def build(d: Path) -> Path:
         p = create(d / "poked.vdi", "vdi", "10M")
@@ -624,6 +664,33 @@ CASES: tuple[Case, ...] = (
         ("structure",),
         says=("no valid VHDX header",),
         stricter="Glance's inspector does not check VHDX header checksums",
+    ),
+    Case(
+        "vhdx-unreplayed-log",
+        _vhdx_unreplayed_log,
+        "vhdx",
+        False,
+        ("structure",),
+        says=("log", "replay"),
+        stricter="Glance's inspector does not look at the VHDX log",
+    ),
+    Case(
+        "vhd-bad-footer-checksum",
+        _vhd_bad_footer_checksum,
+        "vhd",
+        False,
+        ("structure",),
+        says=("footer checksum is wrong",),
+        stricter="Glance's inspector does not check the VHD footer checksum",
+    ),
+    Case(
+        "vmdk-gd-past-eof",
+        _vmdk_gd_past_eof,
+        "vmdk",
+        False,
+        ("structure",),
+        says=("grain directory", "past the end of the file"),
+        stricter="Glance's inspector does not look at the VMDK grain directory",
     ),
     Case(
         "vdi-parent",

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+import qcowlib
+from qcowlib.errors import QcowlibError
+
 pytestmark = pytest.mark.usefixtures("qemu")
 
 
@@ -51,6 +54,29 @@ def test_accepted_and_rejected_json(images: dict[str, Path]) -> None:
     assert [f["rule"] for f in out["findings"]] == ["backing-file"]
     assert out["findings"][0]["offset"] == 8
     assert "qcowlib flatten" in out["findings"][0]["message"]
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("vhd-bad-footer-checksum", "VHD footer checksum is wrong"),
+        ("vhdx-unreplayed-log", "never replayed"),
+        ("vmdk-gd-past-eof", "grain directory (2048 entries"),
+    ],
+)
+def test_never_laxer_than_opening(images: dict[str, Path], name: str, reason: str) -> None:
+    """Images made by qemu-img and poked where qcowlib's reader refuses them: validate
+    refuses them too, under every policy, and says why."""
+    with pytest.raises(QcowlibError):
+        qcowlib.open(str(images[name])).close()
+    for policy in ("glance", "permissive"):
+        res = run("--output", "json", "--policy", policy, images[name])
+        assert res.returncode == 1, res.stdout + res.stderr
+        out = json.loads(res.stdout)
+        check_contract(out)
+        assert out["ok"] is False
+        (finding,) = [f for f in out["findings"] if f["rule"] == "structure"]
+        assert finding["severity"] == "error" and reason in finding["message"], finding
 
 
 def test_format_is_the_detected_one(images: dict[str, Path]) -> None:

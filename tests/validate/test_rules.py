@@ -128,12 +128,25 @@ def test_check_rule_runs_and_reports(images: dict[str, Path], tmp_path: Path) ->
     assert not permissive.ok  # a corruption is structural: refused by every policy
 
 
-def test_check_rule_is_skipped_without_ops_check(
+def test_check_rule_follows_the_policy(
     images: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sys.modules, "qcowlib.ops.check", None)  # import raises ImportError
-    report = validate(images["qcow2-data"])
-    assert report.ok and not report.findings
+    """The check rule runs :func:`qcowlib.ops.check.check`, unless the policy says not to."""
+    import qcowlib.ops.check as ops_check
+
+    calls: list[str] = []
+    real = ops_check.check
+
+    def spy(path: str, fmt: str | None = None, repair: str | None = None) -> Any:
+        calls.append(path)
+        return real(path, fmt, repair)
+
+    monkeypatch.setattr(ops_check, "check", spy)
+    assert validate(images["qcow2-data"]).ok and calls
+    calls.clear()
+    no_check = get_policy("glance").replace(run_check=False)
+    report = validate(images["qcow2-data"], policy=no_check)
+    assert report.ok and not report.findings and not calls
 
 
 def test_policies(images: dict[str, Path]) -> None:

@@ -23,7 +23,7 @@ import numpy.typing as npt
 
 from qcowlib.disk._file import HostFile
 from qcowlib.disk.base import Disk, Extent, ExtentKind
-from qcowlib.errors import CorruptImage, QcowlibError, TruncatedImage, UnsupportedFeature
+from qcowlib.errors import QcowlibError, TruncatedImage
 from qcowlib.formats import vhd
 
 if TYPE_CHECKING:
@@ -38,49 +38,23 @@ _Runs = tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]
 def read_footer(host: HostFile) -> tuple[vhd.Footer, int]:
     """The footer QEMU would use and the file offset it was read from.
 
-    Raises :class:`TruncatedImage` for a file shorter than a footer, :class:`FormatError`
-    when neither offset 0 nor the end holds one, :class:`CorruptImage` for a wrong
-    checksum or disk type, :class:`UnsupportedFeature` for differencing disks.
+    See :func:`qcowlib.formats.vhd.locate_footer` and
+    :func:`~qcowlib.formats.vhd.footer_problems`: raises :class:`TruncatedImage` for a
+    file shorter than a footer, :class:`FormatError` when neither offset 0 nor the end
+    holds one, :class:`CorruptImage` for a wrong checksum or disk type,
+    :class:`UnsupportedFeature` for differencing disks.
     """
     size = host.size
     if size < vhd.FOOTER_SIZE:
         raise TruncatedImage(
             "file is too short for a VHD footer", file=host.path, structure="vhd footer"
         )
-    tail_at = size - vhd.FOOTER_SIZE
     head = host.pread(0, vhd.FOOTER_SIZE)
-    if head[:8] == vhd.VHD_COOKIE:
-        footer = vhd.parse_footer(head, 0)
-        at = 0
-        if footer.type == vhd.VHD_TYPE_FIXED:
-            # A dynamic disk's footer copy never says "fixed": this is a fixed disk whose
-            # data begins like a footer (or one of size 0).  Its real footer is at the end.
-            footer = vhd.parse_footer(host.pread(tail_at, vhd.FOOTER_SIZE), tail_at)
-            at = tail_at
-    else:
-        at = tail_at
-        footer = vhd.parse_footer(host.pread(tail_at, vhd.FOOTER_SIZE), tail_at)
-    if footer.type == vhd.VHD_TYPE_DIFFERENCING:
-        raise UnsupportedFeature(
-            "differencing VHD images are not supported",
-            structure="vhd footer",
-            field="type",
-            offset=at + 60,
-        )
-    if footer.type not in (vhd.VHD_TYPE_FIXED, vhd.VHD_TYPE_DYNAMIC):
-        raise CorruptImage(
-            f"VHD disk type {footer.type} is unknown",
-            structure="vhd footer",
-            field="type",
-            offset=at + 60,
-        )
-    if footer.type == vhd.VHD_TYPE_DYNAMIC and at != 0:
-        raise CorruptImage(
-            "dynamic VHD has no footer copy at offset 0",
-            structure="vhd footer",
-            field="cookie",
-            offset=0,
-        )
+    tail = host.pread(size - vhd.FOOTER_SIZE, vhd.FOOTER_SIZE)
+    footer, at = vhd.locate_footer(head, tail, size)
+    problems = vhd.footer_problems(footer, at)
+    if problems:
+        raise problems[0]
     return footer, at
 
 
@@ -112,15 +86,8 @@ class VhdDisk(Disk):
             raise exc.with_file(filename) from None
 
     def _open_dynamic(self) -> None:
-        at = self.footer.data_offset
         size = self.host.size
-        if at > size - vhd.DYNAMIC_HEADER_SIZE:
-            raise TruncatedImage(
-                "VHD dynamic disk header lies past the end of the file",
-                structure="vhd footer",
-                field="data_offset",
-                offset=16,
-            )
+        at = vhd.dynamic_header_offset(self.footer, size)
         header = vhd.parse_dynamic_header(self.host.pread(at, vhd.DYNAMIC_HEADER_SIZE), at)
         vhd.check_dynamic(header, self.virtual_size, size, at)
         self.dynamic = header

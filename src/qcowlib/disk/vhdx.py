@@ -26,7 +26,7 @@ import numpy.typing as npt
 
 from qcowlib.disk._file import HostFile
 from qcowlib.disk.base import Disk, Extent, ExtentKind
-from qcowlib.errors import QcowlibError, TruncatedImage, UnsupportedFeature
+from qcowlib.errors import QcowlibError, UnsupportedFeature
 from qcowlib.formats import vhdx
 
 if TYPE_CHECKING:
@@ -84,16 +84,7 @@ class VhdxDisk(Disk):
             )
         self.virtual_size = m.virtual_disk_size
         self.block_size = m.block_size
-        entries = vhdx.bat_entries(
-            m.virtual_disk_size, m.block_size, m.chunk_ratio, has_parent=False
-        )
-        if entries * 8 > bat_region.length:
-            raise TruncatedImage(
-                f"VHDX BAT region of {bat_region.length} bytes is too small for {entries} entries",
-                structure="vhdx region table",
-                field="bat.length",
-                offset=vhdx.VHDX_REGION_TABLE_OFFSETS[0],
-            )
+        entries = vhdx.bat_size(m, bat_region)
         # The region lies inside the file (check_regions), so this allocation is bounded
         # by the file size.
         raw = self.host.pread_exact(bat_region.file_offset, entries * 8, "vhdx bat")

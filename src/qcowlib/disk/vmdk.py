@@ -44,7 +44,7 @@ SECTOR = vmdk.SECTOR
 #: Run kinds of a sparse extent.
 _UNALLOC, _ZERO, _DATA, _COMPRESSED = 0, 1, 2, 3
 #: createType values read from a stand-alone descriptor (QEMU's list, less VMFS).
-DESCRIPTOR_TYPES = ("monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat")
+DESCRIPTOR_TYPES = vmdk.DESCRIPTOR_TYPES
 #: A compressed grain may take a little more than the grain (incompressible data).
 _COMPRESSED_SLACK = 4096
 
@@ -231,28 +231,13 @@ class VmdkDisk(Disk):
             raise FormatError(
                 "not a VMDK image (no descriptor)", structure="vmdk descriptor"
             ) from None
-        ct = desc.create_type
-        if ct is None:
-            raise FormatError("VMDK descriptor has no createType", structure="vmdk descriptor")
-        if ct not in DESCRIPTOR_TYPES:
-            raise UnsupportedFeature(
-                f"VMDK createType {ct!r} is not supported",
-                structure="vmdk descriptor",
-                field="createType",
-            )
+        vmdk.check_descriptor(desc)
         self.descriptor = desc
-        self.create_type = ct
-        if not desc.extents:
-            raise CorruptImage("VMDK descriptor names no extents", structure="vmdk descriptor")
-        if len(desc.extents) >= vmdk.VMDK_MAX_EXTENTS:
-            raise UnsupportedFeature(
-                f"more than {vmdk.VMDK_MAX_EXTENTS - 1} extents", structure="vmdk descriptor"
-            )
+        self.create_type = desc.create_type or ""
         pos = 0
         for ext in desc.extents:
             where = f"extent line {ext.line}"
-            if ext.access not in ("RW", "RDONLY") or ext.sectors is None or ext.sectors <= 0:
-                raise CorruptImage(f"invalid {where}", structure="vmdk descriptor", field=where)
+            assert ext.sectors is not None  # check_descriptor
             if ext.sectors > vmdk.VMDK_CAPACITY_MAX - pos // SECTOR:
                 raise CorruptImage(f"{where}: disk too large", structure="vmdk descriptor")
             length = ext.sectors * SECTOR
@@ -260,22 +245,14 @@ class VmdkDisk(Disk):
                 self.parts.append(_Part(pos, length, "zero", None, self.filename))
                 pos += length
                 continue
-            if ext.type not in ("FLAT", "SPARSE"):
-                raise UnsupportedFeature(
-                    f"VMDK extent type {ext.type!r} is not supported",
-                    structure="vmdk descriptor",
-                    field=where,
-                )
-            if ext.filename is None:
-                raise CorruptImage(f"{where} names no file", structure="vmdk descriptor")
+            assert ext.filename is not None  # check_descriptor
             full = resolve_linked_path(self.filename, ext.filename, "VMDK extent", self.policy)
             if full == self.filename:
                 raise CorruptImage(f"{where} names the descriptor itself")
             ehost = HostFile(full)
             self._hosts.append(ehost)
             if ext.type == "FLAT":
-                if ext.offset is None or ext.offset < 0:
-                    raise CorruptImage(f"{where}: FLAT extent needs an offset", field=where)
+                assert ext.offset is not None  # check_descriptor
                 self.parts.append(
                     _Part(pos, length, "flat", ehost, full, flat_offset=ext.offset * SECTOR)
                 )
@@ -461,26 +438,8 @@ def _read_runs(host: HostFile, h: vmdk.SparseExtentHeader) -> tuple[I64, U8, I64
     )
     gtes = h.num_gtes_per_gt
     gt_bytes = h.gt_bytes
-    allocated = np.flatnonzero(gd)
-    # Real grain tables are distinct and inside the file: more of them than the file can
-    # hold means a crafted directory, refused before reading or allocating for them.
-    if allocated.size * gt_bytes > host.size:
-        raise CorruptImage(
-            f"{allocated.size} grain tables cannot fit a file of {host.size} bytes",
-            structure="vmdk grain directory",
-            offset=gd_at,
-        )
-    offsets = gd[allocated].astype(np.int64) * SECTOR
-    bad = np.flatnonzero(offsets + gt_bytes > host.size)
-    if bad.size:
-        i = int(allocated[int(bad[0])])
-        raise TruncatedImage(
-            f"grain table {i} lies past the end of the file",
-            structure="vmdk grain directory",
-            field=f"entry[{i}]",
-            offset=gd_at + 4 * i,
-        )
-    k = int(allocated.size)
+    offsets = vmdk.grain_table_offsets(gd, h, host.size, gd_at)
+    k = int(offsets.size)
     if k and bool(np.all(np.diff(offsets) == gt_bytes)):
         # QEMU and VMware write the tables back to back: one read.
         first = int(offsets[0])
@@ -505,6 +464,7 @@ def grain_runs(
     work is bounded by the directory and the tables actually present, never by the
     capacity.  Raises :class:`TruncatedImage` for a grain past the end of the file.
     """
+    vmdk.check_grain_tables(gd, tables, h, file_size)
     gtes = h.num_gtes_per_gt
     n_grains = h.num_grains
     alloc = gd != 0
@@ -525,14 +485,6 @@ def grain_runs(
     is_data = kind == _DATA
     if h.compressed:
         kind[is_data] = _COMPRESSED
-    bad = np.flatnonzero(is_data & (value * SECTOR >= file_size))
-    if bad.size:
-        g = int(item_start[int(bad[0])])
-        raise TruncatedImage(
-            f"grain {g} (sector {int(value[int(bad[0])])}) lies past the end of the file",
-            structure="vmdk grain table",
-            field=f"entry[{g}]",
-        )
     n = value.size
     if n == 0:
         return np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.uint8), np.zeros(1, np.int64)

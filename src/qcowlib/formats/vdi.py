@@ -26,13 +26,24 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import construct as cs
-import numpy as np
-import numpy.typing as npt
 
-from qcowlib.errors import CorruptImage, FormatError, TruncatedImage, UnsupportedFeature
+from qcowlib.errors import (
+    CorruptImage,
+    FormatError,
+    QcowlibError,
+    TruncatedImage,
+    UnsupportedFeature,
+)
+
+if TYPE_CHECKING:
+    # numpy is imported where the block map is decoded, so that header work stays light.
+    import numpy as np
+    import numpy.typing as npt
+
+    U32 = npt.NDArray[np.uint32]
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -57,14 +68,13 @@ __all__ = [
     "block_map_extent",
     "build_header",
     "decode_block_map",
+    "decode_header",
     "encode_block_map",
+    "header_problems",
     "new_header",
     "parse_header",
     "plan_layout",
 ]
-
-U32 = npt.NDArray[np.uint32]
-LE_U32: Final = np.dtype("<u4")
 
 VDI_SIGNATURE: Final = 0xBEDA107F
 VDI_VERSION_1_1: Final = 0x00010001
@@ -212,19 +222,13 @@ def _unsupported(message: str, field: str) -> UnsupportedFeature:
     return UnsupportedFeature(message, structure="header", field=field, offset=_AT.get(field))
 
 
-def parse_header(data: bytes | bytearray | memoryview, file_size: int | None = None) -> VdiHeader:
-    """Parse the pre-header and version 1.1 header from the first sector of a VDI file.
+def decode_header(data: bytes | bytearray | memoryview) -> VdiHeader:
+    """Decode the pre-header and version 1.1 header from the first sector of a VDI file.
 
-    Follows the checks of QEMU's ``vdi_open`` (``block/vdi.c``).  With ``file_size``
-    given, the block map is also checked to lie inside the file, so a caller can read
-    it without allocating more than the file holds.
-
-    Raises :class:`TruncatedImage` (fewer than 512 bytes, block map past the end of the
-    file), :class:`FormatError` (bad signature), :class:`UnsupportedFeature` (a version
-    other than 1.1, undo or differencing images, linked or parent UUIDs, a block size
-    other than 1 MiB, a sector size other than 512, block extra data, unaligned
-    offsets) or :class:`CorruptImage` (sizes and offsets that contradict each other or
-    exceed :data:`VDI_BLOCKS_IN_IMAGE_MAX` / :data:`VDI_DISK_SIZE_MAX`).
+    Values are not judged (see :func:`header_problems`), except that a version other
+    than 1.1 leaves the rest undecoded (its layout is unknown): the fields keep their
+    defaults.  Raises :class:`TruncatedImage` (fewer than 512 bytes) or
+    :class:`FormatError` (bad signature).
     """
     data = bytes(data[:HEADER_AREA_SIZE])
     if len(data) < PRE_HEADER_SIZE:
@@ -237,70 +241,14 @@ def parse_header(data: bytes | bytearray | memoryview, file_size: int | None = N
             field="signature",
             offset=_AT["signature"],
         )
+    text = pre.text.split(b"\0", 1)[0]
     if pre.version != VDI_VERSION_1_1:
-        raise UnsupportedFeature(
-            f"unsupported VDI version {pre.version >> 16}.{pre.version & 0xFFFF}",
-            structure="pre-header",
-            field="version",
-            offset=_AT["version"],
-        )
+        return VdiHeader(text, 0, 0, 0, 0, 0, 0, _NIL, _NIL, version=pre.version)
     if len(data) < HEADER_AREA_SIZE:
         raise TruncatedImage("VDI header is truncated", structure="header", offset=PRE_HEADER_SIZE)
     h = HEADER_V1_1.parse(data[PRE_HEADER_SIZE : PRE_HEADER_SIZE + HEADER_SIZE_V1_1])
-
-    if not HEADER_SIZE_V1_1 <= h.header_size <= HEADER_AREA_SIZE - PRE_HEADER_SIZE:
-        raise _corrupt(f"header_size {h.header_size:#x} is invalid", "header_size")
-    if h.image_type == VDI_TYPE_DIFF:
-        raise _unsupported("differencing VDI images are not supported", "image_type")
-    if h.image_type == VDI_TYPE_UNDO:
-        raise _unsupported("undo VDI images are not supported", "image_type")
-    if h.image_type not in (VDI_TYPE_DYNAMIC, VDI_TYPE_STATIC):
-        raise _corrupt(f"unknown image type {h.image_type}", "image_type")
-    if h.sector_size != SECTOR_SIZE:
-        raise _unsupported(f"sector size {h.sector_size} is not {SECTOR_SIZE}", "sector_size")
-    if h.block_size != DEFAULT_BLOCK_SIZE:
-        raise _unsupported(f"block size {h.block_size} is not {DEFAULT_BLOCK_SIZE}", "block_size")
-    if h.block_extra != 0:
-        raise _unsupported("blocks with extra data are not supported", "block_extra")
-    if h.offset_bmap % SECTOR_SIZE:
-        raise _unsupported(f"block map offset {h.offset_bmap:#x} is unaligned", "offset_bmap")
-    if h.offset_data % SECTOR_SIZE:
-        raise _unsupported(f"data offset {h.offset_data:#x} is unaligned", "offset_data")
-    uuid_link = uuid.UUID(bytes_le=h.uuid_link)
-    uuid_parent = uuid.UUID(bytes_le=h.uuid_parent)
-    if uuid_link != _NIL:
-        raise _unsupported("linked VDI images (non-null uuid_link) are not supported", "uuid_link")
-    if uuid_parent != _NIL:
-        raise _unsupported(
-            "VDI images with a parent (non-null uuid_parent) are not supported", "uuid_parent"
-        )
-    if h.blocks_in_image > VDI_BLOCKS_IN_IMAGE_MAX:
-        raise _corrupt(
-            f"too many blocks ({h.blocks_in_image}, at most {VDI_BLOCKS_IN_IMAGE_MAX})",
-            "blocks_in_image",
-        )
-    if h.disk_size > VDI_DISK_SIZE_MAX:
-        raise _corrupt(f"disk size {h.disk_size} is larger than VDI allows", "disk_size")
-    if h.disk_size > h.blocks_in_image * h.block_size:
-        raise _corrupt(
-            f"disk size {h.disk_size} exceeds what {h.blocks_in_image} blocks hold", "disk_size"
-        )
-    if h.blocks_allocated > h.blocks_in_image:
-        raise _corrupt("more blocks allocated than the image has", "blocks_allocated")
-    if h.offset_bmap < PRE_HEADER_SIZE + h.header_size:
-        raise _corrupt("block map overlaps the header", "offset_bmap")
-    if h.offset_data < h.offset_bmap + h.blocks_in_image * 4:
-        raise _corrupt("data area overlaps the block map", "offset_data")
-    if file_size is not None and h.offset_bmap + h.blocks_in_image * 4 > file_size:
-        raise TruncatedImage(
-            f"block map ({h.blocks_in_image} entries at {h.offset_bmap:#x}) extends past "
-            "the end of the file",
-            structure="header",
-            field="offset_bmap",
-            offset=_AT["offset_bmap"],
-        )
     return VdiHeader(
-        text=pre.text.split(b"\0", 1)[0],
+        text=text,
         version=pre.version,
         header_size=h.header_size,
         image_type=h.image_type,
@@ -320,9 +268,118 @@ def parse_header(data: bytes | bytearray | memoryview, file_size: int | None = N
         blocks_allocated=h.blocks_allocated,
         uuid_image=uuid.UUID(bytes_le=h.uuid_image),
         uuid_last_snap=uuid.UUID(bytes_le=h.uuid_last_snap),
-        uuid_link=uuid_link,
-        uuid_parent=uuid_parent,
+        uuid_link=uuid.UUID(bytes_le=h.uuid_link),
+        uuid_parent=uuid.UUID(bytes_le=h.uuid_parent),
     )
+
+
+def header_problems(h: VdiHeader, file_size: int | None = None) -> list[QcowlibError]:
+    """Everything QEMU's ``vdi_open`` (``block/vdi.c``) refuses in a decoded header.
+
+    With ``file_size``, the block map must also lie inside the file, so that a caller
+    can read it without allocating more than the file holds.  Returns
+    :class:`UnsupportedFeature` (a version other than 1.1, undo or differencing images,
+    linked or parent UUIDs, a block size other than 1 MiB, a sector size other than
+    512, block extra data, unaligned offsets), :class:`CorruptImage` (sizes and offsets
+    that contradict each other or exceed :data:`VDI_BLOCKS_IN_IMAGE_MAX` /
+    :data:`VDI_DISK_SIZE_MAX`) and :class:`TruncatedImage` (block map past the end of
+    the file), in that order.
+    """
+    if h.version != VDI_VERSION_1_1:
+        return [
+            UnsupportedFeature(
+                f"unsupported VDI version {h.version >> 16}.{h.version & 0xFFFF}",
+                structure="pre-header",
+                field="version",
+                offset=_AT["version"],
+            )
+        ]
+    found: list[QcowlibError] = []
+    if not HEADER_SIZE_V1_1 <= h.header_size <= HEADER_AREA_SIZE - PRE_HEADER_SIZE:
+        found.append(_corrupt(f"header_size {h.header_size:#x} is invalid", "header_size"))
+    if h.image_type == VDI_TYPE_DIFF:
+        found.append(_unsupported("differencing VDI images are not supported", "image_type"))
+    elif h.image_type == VDI_TYPE_UNDO:
+        found.append(_unsupported("undo VDI images are not supported", "image_type"))
+    elif h.image_type not in (VDI_TYPE_DYNAMIC, VDI_TYPE_STATIC):
+        found.append(_corrupt(f"unknown image type {h.image_type}", "image_type"))
+    if h.sector_size != SECTOR_SIZE:
+        found.append(
+            _unsupported(f"sector size {h.sector_size} is not {SECTOR_SIZE}", "sector_size")
+        )
+    if h.block_size != DEFAULT_BLOCK_SIZE:
+        found.append(
+            _unsupported(f"block size {h.block_size} is not {DEFAULT_BLOCK_SIZE}", "block_size")
+        )
+    if h.block_extra != 0:
+        found.append(_unsupported("blocks with extra data are not supported", "block_extra"))
+    if h.offset_bmap % SECTOR_SIZE:
+        found.append(
+            _unsupported(f"block map offset {h.offset_bmap:#x} is unaligned", "offset_bmap")
+        )
+    if h.offset_data % SECTOR_SIZE:
+        found.append(_unsupported(f"data offset {h.offset_data:#x} is unaligned", "offset_data"))
+    if h.uuid_link != _NIL:
+        found.append(
+            _unsupported("linked VDI images (non-null uuid_link) are not supported", "uuid_link")
+        )
+    if h.uuid_parent != _NIL:
+        found.append(
+            _unsupported(
+                "VDI images with a parent (non-null uuid_parent) are not supported", "uuid_parent"
+            )
+        )
+    found += _size_problems(h, file_size)
+    return found
+
+
+def _size_problems(h: VdiHeader, file_size: int | None) -> list[QcowlibError]:
+    if h.blocks_in_image > VDI_BLOCKS_IN_IMAGE_MAX:
+        return [
+            _corrupt(
+                f"too many blocks ({h.blocks_in_image}, at most {VDI_BLOCKS_IN_IMAGE_MAX})",
+                "blocks_in_image",
+            )
+        ]
+    found: list[QcowlibError] = []
+    if h.disk_size > VDI_DISK_SIZE_MAX:
+        found.append(_corrupt(f"disk size {h.disk_size} is larger than VDI allows", "disk_size"))
+    elif h.disk_size > h.blocks_in_image * h.block_size:
+        found.append(
+            _corrupt(
+                f"disk size {h.disk_size} exceeds what {h.blocks_in_image} blocks hold",
+                "disk_size",
+            )
+        )
+    if h.blocks_allocated > h.blocks_in_image:
+        found.append(_corrupt("more blocks allocated than the image has", "blocks_allocated"))
+    if h.offset_bmap < PRE_HEADER_SIZE + h.header_size:
+        found.append(_corrupt("block map overlaps the header", "offset_bmap"))
+    if h.offset_data < h.offset_bmap + h.blocks_in_image * 4:
+        found.append(_corrupt("data area overlaps the block map", "offset_data"))
+    if file_size is not None and h.offset_bmap + h.blocks_in_image * 4 > file_size:
+        found.append(
+            TruncatedImage(
+                f"block map ({h.blocks_in_image} entries at {h.offset_bmap:#x}) extends past "
+                "the end of the file",
+                structure="header",
+                field="offset_bmap",
+                offset=_AT["offset_bmap"],
+            )
+        )
+    return found
+
+
+def parse_header(data: bytes | bytearray | memoryview, file_size: int | None = None) -> VdiHeader:
+    """Parse and check the first sector of a VDI file, as QEMU's ``vdi_open`` does.
+
+    :func:`decode_header`, then the first of :func:`header_problems` is raised.
+    """
+    h = decode_header(data)
+    problems = header_problems(h, file_size)
+    if problems:
+        raise problems[0]
+    return h
 
 
 def build_header(header: VdiHeader) -> bytes:
@@ -387,12 +444,14 @@ def decode_block_map(
     block must lie inside the file.  Raises :class:`TruncatedImage` or
     :class:`CorruptImage` naming the first bad entry and its file offset.
     """
+    import numpy as np
+
     n = header.blocks_in_image
     if len(raw) < n * 4:
         raise TruncatedImage(
             "block map is truncated", structure="block map", offset=header.offset_bmap
         )
-    bmap = np.frombuffer(raw, dtype=LE_U32, count=n).astype(np.uint32)
+    bmap = np.frombuffer(raw, dtype=np.dtype("<u4"), count=n).astype(np.uint32)
     allocated = bmap < np.uint32(VDI_DISCARDED)
     bad = np.flatnonzero(allocated & (bmap >= np.uint32(n)))
     if bad.size:
@@ -422,7 +481,9 @@ def decode_block_map(
 
 def encode_block_map(bmap: U32, padded_to: int = SECTOR_SIZE) -> bytes:
     """Native ``uint32`` entries to little-endian bytes, zero-padded to ``padded_to``."""
-    raw = np.asarray(bmap, dtype=np.uint32).astype(LE_U32).tobytes()
+    import numpy as np
+
+    raw = np.asarray(bmap, dtype=np.uint32).astype(np.dtype("<u4")).tobytes()
     pad = -len(raw) % padded_to
     return raw + bytes(pad)
 

@@ -19,13 +19,24 @@ File layouts:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import construct as cs
-import numpy as np
-import numpy.typing as npt
 
-from qcowlib.errors import CorruptImage, FormatError, TruncatedImage, UnsupportedFeature
+from qcowlib.errors import (
+    CorruptImage,
+    FormatError,
+    QcowlibError,
+    TruncatedImage,
+    UnsupportedFeature,
+)
+
+if TYPE_CHECKING:
+    # numpy is imported where tables are decoded, so that header work stays light.
+    import numpy as np
+    import numpy.typing as npt
+
+    BatArray = npt.NDArray[np.uint32]
 
 __all__ = [
     "BAT_UNALLOCATED",
@@ -61,8 +72,12 @@ __all__ = [
     "create_geometry",
     "decode_bat",
     "dynamic_header_checksum",
+    "dynamic_header_offset",
+    "dynamic_problems",
     "encode_bat",
     "footer_checksum",
+    "footer_problems",
+    "locate_footer",
     "parse_dynamic_header",
     "parse_footer",
     "virtual_size",
@@ -143,9 +158,6 @@ DYNAMIC_HEADER = cs.Struct(
 )
 DYNAMIC_HEADER_CHECKSUM_AT: Final = 36
 
-U32BE = np.dtype(">u4")
-BatArray = npt.NDArray[np.uint32]
-
 
 # ---------------------------------------------------------------------------------------
 # checksums
@@ -153,8 +165,7 @@ BatArray = npt.NDArray[np.uint32]
 
 def checksum(data: bytes | bytearray, skip_at: int) -> int:
     """Ones' complement of the byte sum of ``data``, the 4-byte field at ``skip_at`` as 0."""
-    arr = np.frombuffer(data, dtype=np.uint8)
-    total = int(arr.sum(dtype=np.uint64)) - int(arr[skip_at : skip_at + 4].sum(dtype=np.uint64))
+    total = sum(data) - sum(data[skip_at : skip_at + 4])
     return ~total & 0xFFFFFFFF
 
 
@@ -287,6 +298,63 @@ def build_footer(f: Footer) -> bytes:
     out = bytearray(raw.ljust(FOOTER_SIZE, b"\0"))
     out[FOOTER_CHECKSUM_AT : FOOTER_CHECKSUM_AT + 4] = footer_checksum(out).to_bytes(4, "big")
     return bytes(out)
+
+
+def locate_footer(head: bytes, tail: bytes, file_size: int) -> tuple[Footer, int]:
+    """The footer QEMU's ``vpc_open`` uses and its file offset, checksum checked.
+
+    ``head`` and ``tail`` are the first and the last :data:`FOOTER_SIZE` bytes of the
+    file.  A dynamic disk starts with a copy of its footer; a copy that says "fixed" is
+    the data of a fixed disk that happens to begin like a footer, so the end is used.
+    Raises :class:`TruncatedImage` for a file shorter than a footer and what
+    :func:`parse_footer` raises (no cookie, wrong checksum).
+    """
+    if file_size < FOOTER_SIZE:
+        raise TruncatedImage("file is too short for a VHD footer", structure="vhd footer")
+    tail_at = file_size - FOOTER_SIZE
+    if head[:8] == VHD_COOKIE:
+        footer = parse_footer(head, 0)
+        if footer.type != VHD_TYPE_FIXED:
+            return footer, 0
+    return parse_footer(tail, tail_at), tail_at
+
+
+def footer_problems(footer: Footer, at: int) -> list[QcowlibError]:
+    """What is refused in the footer found at ``at`` (see :func:`locate_footer`).
+
+    :class:`UnsupportedFeature` for differencing disks (read without their parent they
+    give wrong content), :class:`CorruptImage` for an unknown disk type and for a dynamic
+    disk without its footer copy at offset 0 (QEMU would read it as a fixed disk,
+    footer and tables as guest data).
+    """
+    if footer.type == VHD_TYPE_DIFFERENCING:
+        return [
+            UnsupportedFeature(
+                "differencing VHD images are not supported",
+                structure="vhd footer",
+                field="type",
+                offset=at + 60,
+            )
+        ]
+    if footer.type not in (VHD_TYPE_FIXED, VHD_TYPE_DYNAMIC):
+        return [
+            CorruptImage(
+                f"VHD disk type {footer.type} is unknown",
+                structure="vhd footer",
+                field="type",
+                offset=at + 60,
+            )
+        ]
+    if footer.type == VHD_TYPE_DYNAMIC and at != 0:
+        return [
+            CorruptImage(
+                "dynamic VHD has no footer copy at offset 0",
+                structure="vhd footer",
+                field="cookie",
+                offset=0,
+            )
+        ]
+    return []
 
 
 # ---------------------------------------------------------------------------------------
@@ -472,47 +540,86 @@ def bitmap_size(block_size: int) -> int:
     return -(-(block_size // (8 * SECTOR)) // SECTOR) * SECTOR
 
 
-def check_dynamic(h: DynamicHeader, disk_size: int, file_size: int, offset: int = 0) -> None:
-    """What ``vpc_open`` refuses in a dynamic header, before anything is allocated.
+def dynamic_header_offset(footer: Footer, file_size: int) -> int:
+    """Where the dynamic disk header of ``footer``'s disk is (its ``data_offset``).
+
+    Raises :class:`TruncatedImage` when the header would end past the end of the file.
+    """
+    at = footer.data_offset
+    if at > file_size - DYNAMIC_HEADER_SIZE:
+        raise TruncatedImage(
+            "VHD dynamic disk header lies past the end of the file",
+            structure="vhd footer",
+            field="data_offset",
+            offset=16,
+        )
+    return at
+
+
+def dynamic_problems(
+    h: DynamicHeader, disk_size: int, file_size: int, offset: int = 0
+) -> list[QcowlibError]:
+    """Everything ``vpc_open`` refuses in a dynamic header, in the order it looks.
 
     ``disk_size`` is the virtual size (:func:`virtual_size`), ``offset`` where the header
-    is in the file.  Raises :class:`CorruptImage` for a bad block size, a BAT that is too
-    small for the disk or larger than :data:`VHD_MAX_TABLE_ENTRIES`, and
-    :class:`TruncatedImage` when the BAT lies past the end of the file.
+    is in the file.  Returns :class:`CorruptImage` for a bad block size, a BAT that is
+    too small for the disk or larger than :data:`VHD_MAX_TABLE_ENTRIES`, and
+    :class:`TruncatedImage` when the BAT lies past the end of the file; the later checks
+    are skipped when the block size or the table size is unusable.
     """
     what = "vhd dynamic header"
     bs = h.block_size
     if bs < SECTOR or bs & (bs - 1):
-        raise CorruptImage(
-            f"VHD block size {bs} is not a power of two of at least 512",
-            structure=what,
-            field="block_size",
-            offset=offset + 32,
-        )
+        return [
+            CorruptImage(
+                f"VHD block size {bs} is not a power of two of at least 512",
+                structure=what,
+                field="block_size",
+                offset=offset + 32,
+            )
+        ]
     if disk_size // bs > 0xFFFFFFFF:
-        raise CorruptImage("VHD has too many blocks", structure=what, field="block_size")
+        return [CorruptImage("VHD has too many blocks", structure=what, field="block_size")]
     if h.max_table_entries > VHD_MAX_TABLE_ENTRIES:
-        raise CorruptImage(
-            f"VHD block table of {h.max_table_entries} entries is too large",
-            structure=what,
-            field="max_table_entries",
-            offset=offset + 28,
-        )
+        return [
+            CorruptImage(
+                f"VHD block table of {h.max_table_entries} entries is too large",
+                structure=what,
+                field="max_table_entries",
+                offset=offset + 28,
+            )
+        ]
+    problems: list[QcowlibError] = []
     if h.max_table_entries * bs < disk_size:
-        raise CorruptImage(
-            f"VHD block table ({h.max_table_entries} blocks of {bs} bytes) is too small "
-            f"for the disk size {disk_size}",
-            structure=what,
-            field="max_table_entries",
-            offset=offset + 28,
+        problems.append(
+            CorruptImage(
+                f"VHD block table ({h.max_table_entries} blocks of {bs} bytes) is too small "
+                f"for the disk size {disk_size}",
+                structure=what,
+                field="max_table_entries",
+                offset=offset + 28,
+            )
         )
     if h.table_offset + h.max_table_entries * 4 > file_size:
-        raise TruncatedImage(
-            "VHD block allocation table lies past the end of the file",
-            structure=what,
-            field="table_offset",
-            offset=h.table_offset,
+        problems.append(
+            TruncatedImage(
+                "VHD block allocation table lies past the end of the file",
+                structure=what,
+                field="table_offset",
+                offset=h.table_offset,
+            )
         )
+    return problems
+
+
+def check_dynamic(h: DynamicHeader, disk_size: int, file_size: int, offset: int = 0) -> None:
+    """What ``vpc_open`` refuses in a dynamic header, before anything is allocated.
+
+    Raises the first of :func:`dynamic_problems`.
+    """
+    problems = dynamic_problems(h, disk_size, file_size, offset)
+    if problems:
+        raise problems[0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -524,17 +631,21 @@ def decode_bat(raw: bytes, entries: int) -> BatArray:
 
     Raises :class:`TruncatedImage` when ``raw`` holds fewer than ``entries`` entries.
     """
+    import numpy as np
+
     if len(raw) < entries * 4:
         raise TruncatedImage(
             f"VHD block allocation table is truncated ({len(raw)} of {entries * 4} bytes)",
             structure="vhd bat",
         )
-    return np.frombuffer(raw, dtype=U32BE, count=entries).astype(np.uint32)
+    return np.frombuffer(raw, dtype=np.dtype(">u4"), count=entries).astype(np.uint32)
 
 
 def encode_bat(bat: BatArray) -> bytes:
     """The on-disk bytes of a BAT (big-endian), padded to whole sectors with 0xFF."""
-    raw = np.asarray(bat, dtype=np.uint32).astype(U32BE).tobytes()
+    import numpy as np
+
+    raw = np.asarray(bat, dtype=np.uint32).astype(np.dtype(">u4")).tobytes()
     pad = -len(raw) % SECTOR
     return raw + b"\xff" * pad
 
@@ -545,6 +656,8 @@ def check_bat(bat: BatArray, block_size: int, file_size: int, table_offset: int)
     QEMU: "free_data_block_offset points after the end of file".  Raises
     :class:`TruncatedImage` naming the first such entry and where it is in the file.
     """
+    import numpy as np
+
     allocated = bat != BAT_UNALLOCATED
     ends = bat.astype(np.uint64) * np.uint64(SECTOR) + np.uint64(
         bitmap_size(block_size) + block_size
@@ -566,6 +679,8 @@ def bitmap_runs(raw: bytes, sectors: int) -> tuple[npt.NDArray[np.int64], npt.ND
     Returns ``(starts, is_set)``: run ``i`` covers sectors ``starts[i]`` to
     ``starts[i + 1]`` (or ``sectors``).  Bits are most significant first.
     """
+    import numpy as np
+
     bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), count=sectors).astype(np.bool_)
     if sectors == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.bool_)

@@ -25,14 +25,25 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import construct as cs
-import numpy as np
-import numpy.typing as npt
 
-from qcowlib.errors import CorruptImage, FormatError, TruncatedImage, UnsupportedFeature
+from qcowlib.errors import (
+    CorruptImage,
+    FormatError,
+    QcowlibError,
+    TruncatedImage,
+    UnsupportedFeature,
+)
 from qcowlib.formats._layout import parse_fixed as _parse
+
+if TYPE_CHECKING:
+    # numpy is imported where the BAT is decoded, so that header work stays light.
+    import numpy as np
+    import numpy.typing as npt
+
+    BatArray = npt.NDArray[np.uint64]
 
 __all__ = [
     "BAT_STATE_MASK",
@@ -84,6 +95,7 @@ __all__ = [
     "RegionEntry",
     "bat_entries",
     "bat_offsets",
+    "bat_size",
     "bat_states",
     "build_file_identifier",
     "build_header",
@@ -100,11 +112,14 @@ __all__ = [
     "encode_bat",
     "guid",
     "guid_text",
+    "metadata_problems",
     "parse_file_identifier",
     "parse_header",
     "parse_metadata_table",
+    "parse_parent_locator",
     "parse_region_table",
     "payload_bat_index",
+    "region_problems",
 ]
 
 MIB: Final = 1 << 20
@@ -232,8 +247,7 @@ _CHECKSUM_AT: Final = 4
 _REGION_ENTRY_SIZE: Final = 32
 _METADATA_ENTRY_SIZE: Final = 32
 
-U64LE = np.dtype("<u8")
-BatArray = npt.NDArray[np.uint64]
+_U64LE: Final = "<u8"
 
 
 # ---------------------------------------------------------------------------------------
@@ -542,52 +556,78 @@ def build_region_table(entries: Sequence[RegionEntry]) -> bytes:
     return _with_checksum(bytes(out.ljust(VHDX_REGION_TABLE_SIZE, b"\0")))
 
 
+def region_problems(
+    entries: Sequence[RegionEntry], file_size: int, offset: int = 0
+) -> list[QcowlibError]:
+    """Everything refused in the entries of a region table (spec 2.2.3.1), in order.
+
+    ``offset`` is where the table is (for messages).  :class:`UnsupportedFeature` for
+    an unknown required region, :class:`CorruptImage` for a missing BAT or metadata
+    region, one not 1 MiB aligned, inside the header section or overlapping another,
+    and :class:`TruncatedImage` for one past the end of the file.
+    """
+    what = "vhdx region table"
+    found: list[QcowlibError] = []
+    for i, r in enumerate(entries):
+        at = offset + 16 + _REGION_ENTRY_SIZE * i
+        if r.guid not in (VHDX_BAT_GUID, VHDX_METADATA_GUID):
+            if r.required:
+                found.append(
+                    UnsupportedFeature(
+                        f"VHDX has an unknown required region {guid_text(r.guid)}",
+                        structure=what,
+                        field=f"entry[{i}]",
+                        offset=at,
+                    )
+                )
+            continue
+        if r.file_offset % MIB or r.file_offset < VHDX_HEADER_SECTION_END or r.length % MIB:
+            found.append(
+                CorruptImage(
+                    f"VHDX region {guid_text(r.guid)} is not 1 MiB aligned past the headers",
+                    structure=what,
+                    field=f"entry[{i}].file_offset",
+                    offset=at + 16,
+                )
+            )
+        elif r.file_offset + r.length > file_size:
+            found.append(
+                TruncatedImage(
+                    f"VHDX region {guid_text(r.guid)} lies past the end of the file",
+                    structure=what,
+                    field=f"entry[{i}].file_offset",
+                    offset=at + 16,
+                )
+            )
+    by_guid = {r.guid: r for r in entries}
+    for needed, name in ((VHDX_BAT_GUID, "BAT"), (VHDX_METADATA_GUID, "metadata")):
+        if needed not in by_guid:
+            found.append(CorruptImage(f"VHDX has no {name} region", structure=what, offset=offset))
+    bat, meta = by_guid.get(VHDX_BAT_GUID), by_guid.get(VHDX_METADATA_GUID)
+    if (
+        bat is not None
+        and meta is not None
+        and bat.file_offset < meta.file_offset + meta.length
+        and meta.file_offset < bat.file_offset + bat.length
+    ):
+        found.append(
+            CorruptImage("VHDX BAT and metadata regions overlap", structure=what, offset=offset)
+        )
+    return found
+
+
 def check_regions(
     entries: Sequence[RegionEntry], file_size: int, offset: int = 0
 ) -> tuple[RegionEntry, RegionEntry]:
     """The BAT and metadata regions of a region table, checked (spec 2.2.3.1).
 
-    ``offset`` is where the table is (for messages).  Raises :class:`UnsupportedFeature`
-    for an unknown required region, :class:`CorruptImage` for a missing BAT or metadata
-    region, one not 1 MiB aligned, inside the header section or overlapping another,
-    and :class:`TruncatedImage` for one past the end of the file.
+    Raises the first of :func:`region_problems`.
     """
-    what = "vhdx region table"
-    for i, r in enumerate(entries):
-        at = offset + 16 + _REGION_ENTRY_SIZE * i
-        if r.guid not in (VHDX_BAT_GUID, VHDX_METADATA_GUID):
-            if r.required:
-                raise UnsupportedFeature(
-                    f"VHDX has an unknown required region {guid_text(r.guid)}",
-                    structure=what,
-                    field=f"entry[{i}]",
-                    offset=at,
-                )
-            continue
-        if r.file_offset % MIB or r.file_offset < VHDX_HEADER_SECTION_END or r.length % MIB:
-            raise CorruptImage(
-                f"VHDX region {guid_text(r.guid)} is not 1 MiB aligned past the headers",
-                structure=what,
-                field=f"entry[{i}].file_offset",
-                offset=at + 16,
-            )
-        if r.file_offset + r.length > file_size:
-            raise TruncatedImage(
-                f"VHDX region {guid_text(r.guid)} lies past the end of the file",
-                structure=what,
-                field=f"entry[{i}].file_offset",
-                offset=at + 16,
-            )
+    problems = region_problems(entries, file_size, offset)
+    if problems:
+        raise problems[0]
     found = {r.guid: r for r in entries}
-    for needed, name in ((VHDX_BAT_GUID, "BAT"), (VHDX_METADATA_GUID, "metadata")):
-        if needed not in found:
-            raise CorruptImage(f"VHDX has no {name} region", structure=what, offset=offset)
-    bat, meta = found[VHDX_BAT_GUID], found[VHDX_METADATA_GUID]
-    if bat.file_offset < meta.file_offset + meta.length and (
-        meta.file_offset < bat.file_offset + bat.length
-    ):
-        raise CorruptImage("VHDX BAT and metadata regions overlap", structure=what, offset=offset)
-    return bat, meta
+    return found[VHDX_BAT_GUID], found[VHDX_METADATA_GUID]
 
 
 # ---------------------------------------------------------------------------------------
@@ -717,39 +757,38 @@ _ITEM_SIZES: Final = {
 }
 
 
-def decode_metadata(
-    entries: Sequence[MetadataEntry], items: Mapping[bytes, bytes], offset: int = 0
-) -> Metadata:
-    """The known items, from the table ``entries`` and each item's bytes in ``items``.
-
-    ``items`` maps item GUIDs to their bytes (read by the caller from the metadata
-    region at ``offset`` + entry offset; at least the sizes the spec gives).  Raises
-    :class:`UnsupportedFeature` for an unknown required item, :class:`CorruptImage`
-    for a missing or short item, a block size that is not a power of two from 1 MiB to
-    256 MiB, a sector size other than 512 or 4096, or a disk size that is not a
-    multiple of the logical sector size or above 64 TiB.
-    """
+def _metadata(
+    entries: Sequence[MetadataEntry], items: Mapping[bytes, bytes], offset: int
+) -> tuple[Metadata | None, list[QcowlibError]]:
+    """The known items and every problem found in them (None when there is one)."""
     what = "vhdx metadata"
     by_id = {e.item_id: e for e in entries}
-    for e in entries:
-        if e.is_required and e.item_id not in VHDX_KNOWN_METADATA:
-            raise UnsupportedFeature(
-                f"VHDX has an unknown required metadata item {guid_text(e.item_id)}",
-                structure=what,
-                offset=offset + e.offset,
-            )
+    found: list[QcowlibError] = [
+        UnsupportedFeature(
+            f"VHDX has an unknown required metadata item {guid_text(e.item_id)}",
+            structure=what,
+            offset=offset + e.offset,
+        )
+        for e in entries
+        if e.is_required and e.item_id not in VHDX_KNOWN_METADATA
+    ]
     values: dict[bytes, bytes] = {}
     for gid, (name, size) in _ITEM_SIZES.items():
         entry = by_id.get(gid)
         raw = items.get(gid, b"")
         if entry is None or entry.length < size or len(raw) < size:
-            raise CorruptImage(
-                f"VHDX metadata item '{name}' is missing or short",
-                structure=what,
-                field=name,
-                offset=offset + entry.offset if entry is not None else offset,
+            found.append(
+                CorruptImage(
+                    f"VHDX metadata item '{name}' is missing or short",
+                    structure=what,
+                    field=name,
+                    offset=offset + entry.offset if entry is not None else offset,
+                )
             )
-        values[gid] = bytes(raw[:size])
+        else:
+            values[gid] = bytes(raw[:size])
+    if len(values) < len(_ITEM_SIZES):
+        return None, found
 
     def at(gid: bytes) -> int:
         return offset + by_id[gid].offset
@@ -762,11 +801,13 @@ def decode_metadata(
         or block_size > VHDX_BLOCK_SIZE_MAX
         or block_size & (block_size - 1)
     ):
-        raise CorruptImage(
-            f"VHDX block size {block_size} is not a power of two from 1 MiB to 256 MiB",
-            structure=what,
-            field="block_size",
-            offset=at(VHDX_FILE_PARAMETERS),
+        found.append(
+            CorruptImage(
+                f"VHDX block size {block_size} is not a power of two from 1 MiB to 256 MiB",
+                structure=what,
+                field="block_size",
+                offset=at(VHDX_FILE_PARAMETERS),
+            )
         )
     sizes = []
     for gid, name in (
@@ -775,22 +816,28 @@ def decode_metadata(
     ):
         n = int.from_bytes(values[gid], "little")
         if n not in (512, 4096):
-            raise CorruptImage(
-                f"VHDX {name.replace('_', ' ')} {n} is not 512 or 4096",
-                structure=what,
-                field=name,
-                offset=at(gid),
+            found.append(
+                CorruptImage(
+                    f"VHDX {name.replace('_', ' ')} {n} is not 512 or 4096",
+                    structure=what,
+                    field=name,
+                    offset=at(gid),
+                )
             )
         sizes.append(n)
     disk_size = int.from_bytes(values[VHDX_VIRTUAL_DISK_SIZE], "little")
     if disk_size > VHDX_MAX_SIZE or disk_size % sizes[0]:
-        raise CorruptImage(
-            f"VHDX virtual disk size {disk_size} is above 64 TiB or not whole sectors",
-            structure=what,
-            field="virtual_disk_size",
-            offset=at(VHDX_VIRTUAL_DISK_SIZE),
+        found.append(
+            CorruptImage(
+                f"VHDX virtual disk size {disk_size} is above 64 TiB or not whole sectors",
+                structure=what,
+                field="virtual_disk_size",
+                offset=at(VHDX_VIRTUAL_DISK_SIZE),
+            )
         )
-    return Metadata(
+    if found:
+        return None, found
+    metadata = Metadata(
         block_size=block_size,
         leave_blocks_allocated=bool(bits & VHDX_PARAMS_LEAVE_BLOCKS_ALLOCATED),
         has_parent=bool(bits & VHDX_PARAMS_HAS_PARENT),
@@ -799,6 +846,54 @@ def decode_metadata(
         physical_sector_size=sizes[1],
         page83=values[VHDX_PAGE83],
     )
+    return metadata, []
+
+
+def metadata_problems(
+    entries: Sequence[MetadataEntry], items: Mapping[bytes, bytes], offset: int = 0
+) -> list[QcowlibError]:
+    """Everything :func:`decode_metadata` refuses, in order (empty: it decodes)."""
+    return _metadata(entries, items, offset)[1]
+
+
+def decode_metadata(
+    entries: Sequence[MetadataEntry], items: Mapping[bytes, bytes], offset: int = 0
+) -> Metadata:
+    """The known items, from the table ``entries`` and each item's bytes in ``items``.
+
+    ``items`` maps item GUIDs to their bytes (read by the caller from the metadata
+    region at ``offset`` + entry offset; at least the sizes the spec gives).  Raises
+    :class:`UnsupportedFeature` for an unknown required item, :class:`CorruptImage`
+    for a missing or short item, a block size that is not a power of two from 1 MiB to
+    256 MiB, a sector size other than 512 or 4096, or a disk size that is not a
+    multiple of the logical sector size or above 64 TiB.
+    """
+    metadata, problems = _metadata(entries, items, offset)
+    if metadata is None:
+        raise problems[0]
+    return metadata
+
+
+#: Key/value pairs read from one parent locator.
+VHDX_MAX_LOCATOR_ENTRIES: Final = 256
+
+
+def parse_parent_locator(data: bytes) -> dict[str, str]:
+    """The key/value pairs of a parent locator item (spec 2.6.2.6), UTF-16LE decoded.
+
+    Lenient: undecodable text is replaced, at most :data:`VHDX_MAX_LOCATOR_ENTRIES`
+    pairs are read, and a key or value outside ``data`` reads as what of it is inside.
+    Raises :class:`TruncatedImage` when ``data`` is shorter than the entries it lists.
+    """
+    h = _parse(LOCATOR_HEADER, data, "vhdx parent locator", 0)
+    pairs: dict[str, str] = {}
+    for i in range(min(h.key_value_count, VHDX_MAX_LOCATOR_ENTRIES)):
+        at = 20 + 12 * i
+        e = _parse(LOCATOR_ENTRY, data[at:], "vhdx parent locator entry", at)
+        key = data[e.key_offset : e.key_offset + e.key_length]
+        value = data[e.value_offset : e.value_offset + e.value_length]
+        pairs[key.decode("utf-16-le", "replace")] = value.decode("utf-16-le", "replace")
+    return pairs
 
 
 def build_metadata_items(m: Metadata) -> tuple[tuple[MetadataEntry, ...], bytes]:
@@ -859,8 +954,26 @@ def bat_entries(virtual_size: int, block_size: int, ratio: int, *, has_parent: b
     return blocks + (blocks - 1) // ratio
 
 
+def bat_size(m: Metadata, region: RegionEntry) -> int:
+    """The BAT entries of a disk without parent, checked to fit the BAT ``region``.
+
+    Raises :class:`TruncatedImage` when the region is too small for them.
+    """
+    entries = bat_entries(m.virtual_disk_size, m.block_size, m.chunk_ratio, has_parent=False)
+    if entries * 8 > region.length:
+        raise TruncatedImage(
+            f"VHDX BAT region of {region.length} bytes is too small for {entries} entries",
+            structure="vhdx region table",
+            field="bat.length",
+            offset=VHDX_REGION_TABLE_OFFSETS[0],
+        )
+    return entries
+
+
 def payload_bat_index(first: int, stop: int, ratio: int) -> npt.NDArray[np.int64]:
     """BAT indexes of payload blocks ``first`` to ``stop - 1``."""
+    import numpy as np
+
     blocks = np.arange(first, stop, dtype=np.int64)
     return blocks + blocks // ratio
 
@@ -870,27 +983,35 @@ def decode_bat(raw: bytes, entries: int, offset: int = 0) -> BatArray:
 
     Raises :class:`TruncatedImage` when ``raw`` holds fewer than ``entries`` entries.
     """
+    import numpy as np
+
     if entries < 0 or len(raw) < entries * 8:
         raise TruncatedImage(
             f"VHDX BAT is truncated ({len(raw)} of {entries * 8} bytes)",
             structure="vhdx bat",
             offset=offset,
         )
-    return np.frombuffer(raw, dtype=U64LE, count=entries).astype(np.uint64)
+    return np.frombuffer(raw, dtype=np.dtype(_U64LE), count=entries).astype(np.uint64)
 
 
 def encode_bat(bat: BatArray) -> bytes:
     """The on-disk bytes of a BAT (little-endian)."""
-    return np.asarray(bat, dtype=np.uint64).astype(U64LE).tobytes()
+    import numpy as np
+
+    return np.asarray(bat, dtype=np.uint64).astype(np.dtype(_U64LE)).tobytes()
 
 
 def bat_states(bat: BatArray) -> npt.NDArray[np.uint8]:
     """The state (bits 0-2) of each entry."""
+    import numpy as np
+
     return (bat & np.uint64(BAT_STATE_MASK)).astype(np.uint8)
 
 
 def bat_offsets(bat: BatArray) -> npt.NDArray[np.uint64]:
     """The file offset (bits 20-63, in MiB) of each entry, in bytes."""
+    import numpy as np
+
     return (bat >> np.uint64(_BAT_OFFSET_SHIFT)) << np.uint64(_BAT_OFFSET_SHIFT)
 
 
@@ -904,6 +1025,8 @@ def check_bat(
     :class:`TruncatedImage` for a present block whose guest-visible part ends past the
     end of the file (QEMU: "VHDX BAT data block offset past EOF").
     """
+    import numpy as np
+
     ratio = m.chunk_ratio
     n_blocks = -(-m.virtual_disk_size // m.block_size)
     idx = payload_bat_index(0, n_blocks, ratio)

@@ -30,14 +30,26 @@ import dataclasses
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import construct as cs
-import numpy as np
-import numpy.typing as npt
 
-from qcowlib.errors import CorruptImage, FormatError, TruncatedImage, UnsupportedFeature
+from qcowlib.errors import (
+    CorruptImage,
+    FormatError,
+    QcowlibError,
+    TruncatedImage,
+    UnsupportedFeature,
+)
 from qcowlib.formats._layout import parse_fixed as _parse
+
+if TYPE_CHECKING:
+    # numpy is imported where tables are decoded, so that header work stays light.
+    import numpy as np
+    import numpy.typing as npt
+
+    U32 = npt.NDArray[np.uint32]
+    I64 = npt.NDArray[np.int64]
 
 __all__ = [
     "CHECK_BYTES",
@@ -45,6 +57,7 @@ __all__ = [
     "COMPRESSION_NONE",
     "DEFAULT_GRAIN_SIZE",
     "DEFAULT_NUM_GTES_PER_GT",
+    "DESCRIPTOR_TYPES",
     "DESC_SECTORS",
     "GD_AT_END",
     "GRAIN_MARKER_HEAD_SIZE",
@@ -64,41 +77,34 @@ __all__ = [
     "VMDK4_MAGIC",
     "VMDK_DESC_MAX",
     "VMDK_DESC_SECTOR",
-    "VMDK_FLAG_COMPRESSED",
-    "VMDK_FLAG_MARKERS",
-    "VMDK_GD_AT_END",
     "VMDK_GRAIN_SIZE_MAX",
-    "VMDK_MARKER_EOS",
-    "VMDK_MARKER_FOOTER",
     "VMDK_MAX_EXTENTS",
     "Marker",
     "SparseExtentHeader",
     "VmdkDescriptor",
     "VmdkExtent",
-    "VmdkSparseHeader",
     "build_descriptor",
     "build_grain_marker",
     "build_header",
     "build_marker",
+    "check_descriptor",
+    "check_grain_tables",
     "compress_grain",
     "decode_header",
     "decode_table",
     "decompress_grain",
+    "descriptor_problems",
     "encode_table",
     "grain_directory_extent",
+    "grain_table_offsets",
+    "header_problems",
     "parse_descriptor",
     "parse_grain_marker",
     "parse_header",
     "parse_marker",
     "parse_stream_footer",
-    "parse_vmdk_descriptor",
-    "parse_vmdk_sparse_header",
-    "parse_vmdk_stream_footer",
     "stream_footer_header",
 ]
-
-U32 = npt.NDArray[np.uint32]
-LE_U32: Final = np.dtype("<u4")
 
 SECTOR: Final = 512
 VMDK4_MAGIC: Final = b"KDMV"
@@ -141,13 +147,6 @@ VMDK_CAPACITY_MAX: Final = (1 << 63) // SECTOR - 1
 VMDK_MAX_EXTENTS: Final = 4096
 #: A grain marker's head: ``lba`` (uint64) and ``size`` (uint32).
 GRAIN_MARKER_HEAD_SIZE: Final = 12
-
-# The names qcowlib.validate has always used.
-VMDK_GD_AT_END: Final = GD_AT_END
-VMDK_MARKER_EOS: Final = MARKER_EOS
-VMDK_MARKER_FOOTER: Final = MARKER_FOOTER
-VMDK_FLAG_COMPRESSED: Final = VMDK4_FLAG_COMPRESS
-VMDK_FLAG_MARKERS: Final = VMDK4_FLAG_MARKER
 
 #: SparseExtentHeader (VDF 2.2), QEMU's VMDK4Header names, with the magic and padding.
 HEADER = cs.Struct(
@@ -255,10 +254,6 @@ class SparseExtentHeader:
         return dataclasses.replace(self, **changes)
 
 
-#: The name qcowlib.validate has always used.
-VmdkSparseHeader = SparseExtentHeader
-
-
 def decode_header(data: bytes | bytearray | memoryview, offset: int = 0) -> SparseExtentHeader:
     """Decode a ``KDMV`` header (at least 79 bytes) without judging its values.
 
@@ -291,15 +286,107 @@ def decode_header(data: bytes | bytearray | memoryview, offset: int = 0) -> Spar
     )
 
 
-def parse_vmdk_sparse_header(data: bytes | bytearray | memoryview) -> SparseExtentHeader:
-    """:func:`decode_header` under the name :mod:`qcowlib.validate` uses."""
-    return decode_header(data)
-
-
 def _bad(
     cls: type[FormatError] | type[UnsupportedFeature], message: str, field: str, base: int
 ) -> FormatError | UnsupportedFeature:
     return cls(message, structure="vmdk header", field=field, offset=base + _AT[field])
+
+
+def header_problems(
+    h: SparseExtentHeader,
+    file_size: int | None = None,
+    *,
+    offset: int = 0,
+    footer: bool = False,
+) -> list[QcowlibError]:
+    """Everything :func:`parse_header` refuses in a decoded header, in order.
+
+    See :func:`parse_header` for the checks, ``file_size`` and ``footer``.
+    """
+    found: list[QcowlibError] = []
+    if h.version == 0 or h.version > 3:
+        found.append(
+            _bad(UnsupportedFeature, f"unsupported VMDK version {h.version}", "version", offset)
+        )
+    if h.compress_algorithm not in (COMPRESSION_NONE, COMPRESSION_DEFLATE):
+        found.append(
+            _bad(
+                UnsupportedFeature,
+                f"unknown compression algorithm {h.compress_algorithm}",
+                "compress_algorithm",
+                offset,
+            )
+        )
+    elif h.compressed and not h.has_markers:
+        found.append(
+            _bad(
+                UnsupportedFeature,
+                "compressed grains without grain markers are not supported",
+                "flags",
+                offset,
+            )
+        )
+    if not 1 <= h.num_gtes_per_gt <= VMDK_NUM_GTES_MAX:
+        found.append(
+            _bad(
+                CorruptImage,
+                f"grain table size {h.num_gtes_per_gt} is outside 1..{VMDK_NUM_GTES_MAX}",
+                "num_gtes_per_gt",
+                offset,
+            )
+        )
+    gs = h.grain_size
+    if gs == 0 or gs & (gs - 1) or gs > VMDK_GRAIN_SIZE_MAX:
+        found.append(
+            _bad(CorruptImage, f"grain size {gs} sectors is invalid", "grain_size", offset)
+        )
+    if h.capacity > VMDK_CAPACITY_MAX:
+        found.append(
+            _bad(CorruptImage, f"capacity {h.capacity} sectors is too large", "capacity", offset)
+        )
+    if footer and h.gd_offset == GD_AT_END:
+        found.append(
+            _bad(CorruptImage, "the footer points to yet another footer", "gd_offset", offset)
+        )
+    if file_size is not None:
+        found += _placement_problems(h, file_size, offset)
+    return found
+
+
+def _placement_problems(h: SparseExtentHeader, file_size: int, offset: int) -> list[QcowlibError]:
+    """The descriptor, grain directory and first grain lie inside the file."""
+    found: list[QcowlibError] = []
+    if h.grain_offset * SECTOR > file_size:
+        found.append(
+            _bad(
+                TruncatedImage,
+                f"file is truncated: grain_offset {h.grain_offset} is past its end",
+                "grain_offset",
+                offset,
+            )
+        )
+    if h.desc_offset and (h.desc_offset * SECTOR >= file_size or h.desc_size == 0):
+        found.append(
+            _bad(
+                CorruptImage,
+                "embedded descriptor lies past the end of the file",
+                "desc_offset",
+                offset,
+            )
+        )
+    if h.gd_offset != GD_AT_END:
+        start, length = grain_directory_extent(h)
+        if start + length > file_size:
+            found.append(
+                _bad(
+                    TruncatedImage,
+                    f"grain directory ({h.num_gd_entries} entries at {start:#x}) extends "
+                    "past the end of the file",
+                    "gd_offset",
+                    offset,
+                )
+            )
+    return found
 
 
 def parse_header(
@@ -318,64 +405,12 @@ def parse_header(
     :class:`UnsupportedFeature` (version above 3, compression other than deflate,
     compressed grains without markers) or :class:`CorruptImage` (grain size, table size
     or capacity out of range: :data:`VMDK_GRAIN_SIZE_MAX`, :data:`VMDK_NUM_GTES_MAX`,
-    :data:`VMDK_CAPACITY_MAX`).
+    :data:`VMDK_CAPACITY_MAX`): the first of :func:`header_problems`.
     """
     h = decode_header(data, offset)
-    if h.version == 0 or h.version > 3:
-        raise _bad(UnsupportedFeature, f"unsupported VMDK version {h.version}", "version", offset)
-    if h.compress_algorithm not in (COMPRESSION_NONE, COMPRESSION_DEFLATE):
-        raise _bad(
-            UnsupportedFeature,
-            f"unknown compression algorithm {h.compress_algorithm}",
-            "compress_algorithm",
-            offset,
-        )
-    if h.compressed and not h.has_markers:
-        raise _bad(
-            UnsupportedFeature,
-            "compressed grains without grain markers are not supported",
-            "flags",
-            offset,
-        )
-    if not 1 <= h.num_gtes_per_gt <= VMDK_NUM_GTES_MAX:
-        raise _bad(
-            CorruptImage,
-            f"grain table size {h.num_gtes_per_gt} is outside 1..{VMDK_NUM_GTES_MAX}",
-            "num_gtes_per_gt",
-            offset,
-        )
-    gs = h.grain_size
-    if gs == 0 or gs & (gs - 1) or gs > VMDK_GRAIN_SIZE_MAX:
-        raise _bad(CorruptImage, f"grain size {gs} sectors is invalid", "grain_size", offset)
-    if h.capacity > VMDK_CAPACITY_MAX:
-        raise _bad(CorruptImage, f"capacity {h.capacity} sectors is too large", "capacity", offset)
-    if footer and h.gd_offset == GD_AT_END:
-        raise _bad(CorruptImage, "the footer points to yet another footer", "gd_offset", offset)
-    if file_size is not None:
-        if h.grain_offset * SECTOR > file_size:
-            raise _bad(
-                TruncatedImage,
-                f"file is truncated: grain_offset {h.grain_offset} is past its end",
-                "grain_offset",
-                offset,
-            )
-        if h.desc_offset and (h.desc_offset * SECTOR >= file_size or h.desc_size == 0):
-            raise _bad(
-                CorruptImage,
-                "embedded descriptor lies past the end of the file",
-                "desc_offset",
-                offset,
-            )
-        if h.gd_offset != GD_AT_END:
-            start, length = grain_directory_extent(h)
-            if start + length > file_size:
-                raise _bad(
-                    TruncatedImage,
-                    f"grain directory ({h.num_gd_entries} entries at {start:#x}) extends "
-                    "past the end of the file",
-                    "gd_offset",
-                    offset,
-                )
+    problems = header_problems(h, file_size, offset=offset, footer=footer)
+    if problems:
+        raise problems[0]
     return h
 
 
@@ -426,15 +461,74 @@ def decode_table(
 
     Raises :class:`TruncatedImage` when ``raw`` is shorter.
     """
+    import numpy as np
+
     if count < 0 or len(raw) < count * 4:
         raise TruncatedImage(f"{what} is truncated", structure=what, offset=offset)
-    return np.frombuffer(raw, dtype=LE_U32, count=count).astype(np.uint32)
+    return np.frombuffer(raw, dtype=np.dtype("<u4"), count=count).astype(np.uint32)
 
 
 def encode_table(entries: U32, padded_to: int = SECTOR) -> bytes:
     """Native ``uint32`` entries to little-endian bytes, zero-padded to ``padded_to``."""
-    raw = np.asarray(entries, dtype=np.uint32).astype(LE_U32).tobytes()
+    import numpy as np
+
+    raw = np.asarray(entries, dtype=np.uint32).astype(np.dtype("<u4")).tobytes()
     return raw + bytes(-len(raw) % padded_to)
+
+
+def grain_table_offsets(gd: U32, h: SparseExtentHeader, file_size: int, gd_offset: int) -> I64:
+    """File offsets of the grain tables the directory ``gd`` names, in directory order.
+
+    Real grain tables are distinct and inside the file: more of them than the file can
+    hold means a crafted directory, refused (:class:`CorruptImage`) before anything is
+    read or allocated for them; a table past the end of the file is a
+    :class:`TruncatedImage` naming its directory entry.
+    """
+    import numpy as np
+
+    gt_bytes = h.gt_bytes
+    allocated = np.flatnonzero(gd)
+    if allocated.size * gt_bytes > file_size:
+        raise CorruptImage(
+            f"{allocated.size} grain tables cannot fit a file of {file_size} bytes",
+            structure="vmdk grain directory",
+            offset=gd_offset,
+        )
+    offsets = gd[allocated].astype(np.int64) * SECTOR
+    bad = np.flatnonzero(offsets + gt_bytes > file_size)
+    if bad.size:
+        i = int(allocated[int(bad[0])])
+        raise TruncatedImage(
+            f"grain table {i} lies past the end of the file",
+            structure="vmdk grain directory",
+            field=f"entry[{i}]",
+            offset=gd_offset + 4 * i,
+        )
+    return offsets
+
+
+def check_grain_tables(gd: U32, tables: U32, h: SparseExtentHeader, file_size: int) -> None:
+    """Refuse a grain inside the capacity whose grain table entry points past the file.
+
+    ``tables`` holds the entries of the grain tables :func:`grain_table_offsets` names,
+    in directory order.  Raises :class:`TruncatedImage` naming the first such grain.
+    """
+    import numpy as np
+
+    gtes = h.num_gtes_per_gt
+    first = np.flatnonzero(gd).astype(np.int64) * gtes
+    grain = (first[:, None] + np.arange(gtes, dtype=np.int64)).ravel()
+    value = tables[: grain.size].astype(np.int64)
+    past = (value > GTE_ZEROED) & (grain < h.num_grains) & (value * SECTOR >= file_size)
+    bad = np.flatnonzero(past)
+    if bad.size:
+        i = int(bad[0])
+        g = int(grain[i])
+        raise TruncatedImage(
+            f"grain {g} (sector {int(value[i])}) lies past the end of the file",
+            structure="vmdk grain table",
+            field=f"entry[{g}]",
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -492,10 +586,6 @@ def parse_stream_footer(
     footer = decode_header(tail[SECTOR : 2 * SECTOR])
     eos = parse_marker(tail[2 * SECTOR :])
     return marker, footer, eos
-
-
-#: The name qcowlib.validate has always used.
-parse_vmdk_stream_footer = parse_stream_footer
 
 
 def stream_footer_header(
@@ -702,10 +792,6 @@ def parse_descriptor(raw: bytes | bytearray | memoryview) -> VmdkDescriptor:
     )
 
 
-#: The name qcowlib.validate has always used.
-parse_vmdk_descriptor = parse_descriptor
-
-
 def _int_or_none(text: str | None) -> int | None:
     if text is None:
         return None
@@ -727,6 +813,71 @@ def _extent(line: str, number: int) -> VmdkExtent:
         number,
         _int_or_none(match.group("off")),
     )
+
+
+#: createType values a stand-alone descriptor may have (QEMU's list, less VMFS).
+DESCRIPTOR_TYPES: Final = ("monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat")
+_DESCRIPTOR_ACCESS: Final = ("RW", "RDONLY")
+
+
+def descriptor_problems(desc: VmdkDescriptor) -> list[QcowlibError]:
+    """What QEMU's ``vmdk_open_desc_file`` and ``vmdk_parse_extents`` refuse, in order.
+
+    For a descriptor read as the disk (a stand-alone descriptor, or the embedded one of
+    a sparse extent of capacity 0): :class:`FormatError` without a createType,
+    :class:`UnsupportedFeature` for another createType, too many extents or an extent
+    type other than FLAT, SPARSE and ZERO, :class:`CorruptImage` for no extents, a bad
+    extent line (access, size, missing file name or FLAT offset) or a disk too large.
+    The extent files themselves are the caller's to open and check.
+    """
+    what = "vmdk descriptor"
+    found: list[QcowlibError] = []
+    ct = desc.create_type
+    if ct is None:
+        found.append(FormatError("VMDK descriptor has no createType", structure=what))
+    elif ct not in DESCRIPTOR_TYPES:
+        found.append(
+            UnsupportedFeature(
+                f"VMDK createType {ct!r} is not supported", structure=what, field="createType"
+            )
+        )
+    if not desc.extents:
+        found.append(CorruptImage("VMDK descriptor names no extents", structure=what))
+    if len(desc.extents) >= VMDK_MAX_EXTENTS:
+        found.append(
+            UnsupportedFeature(f"more than {VMDK_MAX_EXTENTS - 1} extents", structure=what)
+        )
+    sectors = 0
+    for ext in desc.extents:
+        where = f"extent line {ext.line}"
+        if ext.access not in _DESCRIPTOR_ACCESS or ext.sectors is None or ext.sectors <= 0:
+            found.append(CorruptImage(f"invalid {where}", structure=what, field=where))
+            continue
+        sectors += ext.sectors
+        if sectors > VMDK_CAPACITY_MAX:
+            found.append(CorruptImage(f"{where}: disk too large", structure=what, field=where))
+        if ext.type == "ZERO":
+            continue
+        if ext.type not in ("FLAT", "SPARSE"):
+            found.append(
+                UnsupportedFeature(
+                    f"VMDK extent type {ext.type!r} is not supported", structure=what, field=where
+                )
+            )
+        elif ext.filename is None:
+            found.append(CorruptImage(f"{where} names no file", structure=what, field=where))
+        elif ext.type == "FLAT" and (ext.offset is None or ext.offset < 0):
+            found.append(
+                CorruptImage(f"{where}: FLAT extent needs an offset", structure=what, field=where)
+            )
+    return found
+
+
+def check_descriptor(desc: VmdkDescriptor) -> None:
+    """Raise the first of :func:`descriptor_problems`."""
+    problems = descriptor_problems(desc)
+    if problems:
+        raise problems[0]
 
 
 def build_descriptor(

@@ -24,13 +24,17 @@ if TYPE_CHECKING:
     from qcowlib.formats.qcow2.header import Header
     from qcowlib.validate.formats import InspectorView, Qcow2Fields
 
-__all__ = ["MAX_READ", "Context", "validate"]
+__all__ = ["MAX_READ", "MAX_TABLE_READ", "Context", "validate"]
 
 log = logging.getLogger(__name__)
 
 #: The most one :meth:`Context.read` returns: larger than any structure a rule reads
 #: (a 2 MiB qcow2 cluster, a 1 MiB VMDK descriptor), small enough to allocate freely.
 MAX_READ: Final = 4 * 1024 * 1024
+#: The most one :meth:`Context.read_table` returns: the grain tables of a fully
+#: allocated 2 TiB VMDK (64 KiB grains); the BAT or block map of a VHD, VHDX or VDI of
+#: Glance's 1 TiB cap is far smaller.  Validate refuses what it cannot check.
+MAX_TABLE_READ: Final = 128 * 1024 * 1024
 #: Findings kept per rule; a rule that finds more is summarised.
 MAX_FINDINGS_PER_RULE: Final = 50
 
@@ -137,10 +141,21 @@ class Context:
         ``length`` above :data:`MAX_READ` is a programming error
         (:class:`InvalidArgument`); cap it against your format's limit first.
         """
+        return self._read(offset, length, MAX_READ)
+
+    def read_table(self, offset: int, length: int) -> bytes:
+        """Like :meth:`read`, for a table whose place the format's codec has checked
+        against the file size: up to :data:`MAX_TABLE_READ` bytes.
+
+        ``length`` above it is a programming error (:class:`InvalidArgument`).
+        """
+        return self._read(offset, length, MAX_TABLE_READ)
+
+    def _read(self, offset: int, length: int, cap: int) -> bytes:
         if length < 0 or offset < 0:
             raise InvalidArgument(f"bad read of {length} bytes at {offset}")
-        if length > MAX_READ:
-            raise InvalidArgument(f"a rule may read at most {MAX_READ} bytes at once")
+        if length > cap:
+            raise InvalidArgument(f"a rule may read at most {cap} bytes at once")
         end = min(self.size, offset + length)
         if offset >= end:
             return b""
@@ -203,7 +218,7 @@ class Context:
 
     def virtual_size(self) -> int | None:
         """The guest-visible size the image declares, or None when it cannot be read."""
-        from qcowlib.validate.rules import declared_virtual_size
+        from qcowlib.validate.structures import declared_virtual_size
 
         try:
             return self.cached("virtual-size", lambda: declared_virtual_size(self))

@@ -1,0 +1,114 @@
+"""Format identity: what the content is, against what it is declared as."""
+
+from __future__ import annotations
+
+from qcowlib.validate import formats as fm
+from qcowlib.validate.engine import Context
+from qcowlib.validate.model import rule
+from qcowlib.validate.rules._common import NAMES, Findings, convert_cmd
+
+__all__ = ["banned_format", "format_ambiguous", "format_match"]
+
+
+def _glance_name(fmt: str) -> str:
+    return fm.QEMU_TO_INSPECTOR.get(fmt, fmt)
+
+
+@rule("format-match")
+def format_match(ctx: Context) -> Findings:
+    """The declared disk_format matches the content, as Glance's
+    ``require_image_format_match`` demands (raw may hold anything, as in Glance)."""
+    declared = ctx.disk_format
+    if declared is None:
+        return
+    pol = ctx.policy
+    want = declared
+    if want not in pol.disk_formats:
+        hint = ""
+        if _glance_name(declared) in pol.disk_formats:
+            hint = f"; Glance calls it {_glance_name(declared)!r}"
+        yield ctx.error(
+            f"disk_format {declared!r} is not one Glance accepts "
+            f"(its disk_formats: {', '.join(pol.disk_formats)}){hint}"
+        )
+        return
+    seen = ctx.inspector.format
+    if seen is None:
+        return  # format-ambiguous reports it
+    ours = ctx.format
+    if seen == want:
+        if want == "raw" and ours == "vpc" and ctx.probe.detail == "footer-only":
+            yield ctx.warning(
+                "declared raw, and the content is a fixed VHD: a VM sees its disk followed "
+                "by the 512-byte VHD footer (harmless; `qemu-img convert -f vpc -O raw` "
+                "gives the plain disk)"
+            )
+        elif want == "raw" and ours not in ("raw", "iso"):
+            name = NAMES.get(ours, ours)
+            yield ctx.warning(
+                f"declared raw, but the content is a {name} image that Glance's inspector "
+                f"does not recognise; a VM given it as raw sees the {name} container, not "
+                f"its disk (convert it to raw first)"
+            )
+        return
+    if seen == "raw" and want not in fm.INSPECTOR_FORMATS:
+        return  # ami/ari/aki and friends: Glance cannot inspect them, raw content passes
+    if want == "raw":
+        if seen != "gpt":
+            shown = NAMES.get(fm.INSPECTOR_TO_QEMU.get(seen, seen), seen)
+            yield ctx.warning(
+                f"declared raw, but the content is a {shown} image; Glance accepts it and "
+                f"stores it as raw, so a VM would see the {shown} container as its disk "
+                f"(declare --disk-format {seen} instead)"
+            )
+        return
+    shown = "raw (a disk with a partition table, which Glance calls gpt)" if seen == "gpt" else seen
+    note = ""
+    if ours == "vpc" and ctx.probe.detail == "footer-only":
+        note = (
+            "; Glance's inspector does not recognise fixed VHDs (they have only a footer) "
+            "and sees raw: declare --disk-format raw"
+        )
+    elif ours != fm.INSPECTOR_TO_QEMU.get(shown, shown) and ours != "raw":
+        note = f" (qcowlib detects {NAMES.get(ours, ours)})"
+    text = (
+        f"declared disk_format {declared!r}, but the content is {shown}{note}; Glance refuses "
+        f"a mismatch (require_image_format_match)"
+    )
+    if not note:
+        suggest = "raw" if seen == "gpt" else shown
+        text += f": declare --disk-format {suggest}, or convert the image to {declared}"
+    if pol.require_image_format_match:
+        yield ctx.error(text)
+    else:
+        yield ctx.warning(text)
+
+
+@rule("format-ambiguous")
+def format_ambiguous(ctx: Context) -> Findings:
+    """The content is not several formats at once (Glance: "Multiple formats detected")."""
+    view = ctx.inspector
+    if view.format is None:
+        yield ctx.error(
+            f"the content matches several formats at once ({', '.join(view.matches)}); "
+            "Glance refuses such files because different tools would read them differently"
+        )
+
+
+@rule("banned-format")
+def banned_format(ctx: Context) -> Findings:
+    """Formats Glance always refuses: QED, and legacy QCOW version 1.  qcowlib does not
+    read them either, so every policy refuses them (the findings are structural)."""
+    if "qed" in ctx.inspector.matches:
+        yield ctx.error(
+            "this is a QED image, a format Glance refuses outright; convert it: "
+            + convert_cmd(ctx, "qemu-img"),
+            structural=True,
+        )
+    if ctx.format == "qcow2" and ctx.probe.detail == "qcow1":
+        yield ctx.error(
+            "this is a legacy QCOW version 1 image, which Glance refuses and qcowlib does not "
+            "read; convert it: " + convert_cmd(ctx, "qemu-img"),
+            4,
+            structural=True,
+        )
