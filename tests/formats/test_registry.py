@@ -27,7 +27,7 @@ NOT_YET_FROM_REGISTRY = {
     "ops/measure.py": "measurable formats",
     "cli/cmd_upload.py": "Glance disk_format names",
     "validate/policy.py": "Glance disk_format names",
-    "validate/rules.py": "rule scopes",
+    "validate/rules/external.py": "the formats that can name a parent (a rule's scope)",
     "validate/formats.py": "inspector formats",
 }
 

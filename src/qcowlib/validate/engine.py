@@ -263,12 +263,13 @@ def validate(
     unknown policy or format.  Only the image file itself is opened, read-only.
     """
     from qcowlib.disk._file import HostFile
-    from qcowlib.formats import detect
+    from qcowlib.formats import registry as format_registry
     from qcowlib.validate import registry
 
     pol = get_policy(policy)
-    if fmt is not None and fmt not in detect.FORMATS:
-        raise InvalidArgument(f"unknown format {fmt!r} (known: {', '.join(detect.FORMATS)})")
+    if fmt is not None and fmt not in format_registry.known():
+        known = ", ".join(format_registry.known())
+        raise InvalidArgument(f"unknown format {fmt!r} (known: {known})")
     if disk_format is not None:
         disk_format = disk_format.strip()
         if not disk_format:
