@@ -13,6 +13,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "qcowlib"
 LAYERS = {
     "errors": 0,
     "_units": 0,
+    "checkreport": 0,
     "formats": 1,
     "disk": 2,
     "engine": 3,
