@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 import numpy as np
+import numpy.typing as npt
 
 from qcowlib.errors import CorruptImage
 from qcowlib.formats.qcow2.tables import U64
@@ -61,7 +62,9 @@ def max_refcount(refcount_order: int) -> int:
     return (1 << (1 << refcount_order)) - 1
 
 
-def encode_span(block: U64, lo: int, hi: int, refcount_order: int) -> tuple[int, bytes]:
+def encode_span(
+    block: npt.NDArray[Any], lo: int, hi: int, refcount_order: int
+) -> tuple[int, bytes]:
     """The bytes of a refcount block that hold entries ``lo..hi-1``: ``(byte offset in
     the block, data)``.  Entries narrower than a byte round out to whole bytes, whose
     other entries are encoded from the same ``block``."""

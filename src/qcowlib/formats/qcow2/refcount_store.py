@@ -203,6 +203,15 @@ class RefcountStore:
         the search widens its window as it fails, one array operation per window.
         """
         lo, window, carried = start, max(count, 1), 0
+        if count <= self.per_block - (start & (self.per_block - 1)):
+            # Inside one block (the writer's usual case: the end of the file is free).
+            offset = self.block_offset(start >> self.block_bits, signal=False)
+            if offset == 0:
+                return start
+            if offset is not None:
+                i = start & (self.per_block - 1)
+                if not self.block(offset)[i : i + count].any():
+                    return start
         while True:
             stored, errors = self.stored_range(lo, lo + window)
             free = stored == 0

@@ -124,6 +124,17 @@ def parse_snapshot_table(
     return out
 
 
+def snapshot_table_size(snapshots: list[Snapshot]) -> int:
+    """The bytes a parsed snapshot table spans (entries padded to 8 bytes; the last one
+    ends after its name)."""
+    size = 0
+    for sn in snapshots:
+        size = (size + 7) & ~7
+        size += SNAPSHOT_HEADER_SIZE + len(sn.extra_data)
+        size += len(sn.id_str.encode()) + len(sn.name.encode())
+    return size
+
+
 def known_extra(extra: bytes, vm_state_size_32: int) -> tuple[int, int | None, int | None]:
     """``(vm_state_size, disk_size, icount)`` from an entry's extra data: each field
     counts only when the extra data reaches past it (None where it does not); without
