@@ -28,6 +28,7 @@ import struct
 from typing import NoReturn
 
 import numpy as np
+import numpy.typing as npt
 
 from qcowlib.disk._file import HostFile
 from qcowlib.disk.base import ExtentKind
@@ -43,7 +44,7 @@ from qcowlib.errors import (
 from qcowlib.formats.qcow2 import header as hdr
 from qcowlib.formats.qcow2 import tables
 from qcowlib.formats.qcow2.allocator import Allocator, span
-from qcowlib.formats.qcow2.hostio import write_fields
+from qcowlib.formats.qcow2.hostio import with_backing, write_fields, write_header
 from qcowlib.formats.qcow2.overlap import OL_NAMES, MetadataAreas
 from qcowlib.formats.qcow2.snapshot import snapshot_table_size
 
@@ -217,20 +218,9 @@ class Qcow2RWDisk(Qcow2Disk):
         """Host clusters an L2 entry holds a reference to."""
         return [int(c) for c in self._referenced_clusters(np.array([entry], dtype=np.uint64))]
 
-    def _referenced_clusters(self, entries: np.ndarray) -> np.ndarray:
+    def _referenced_clusters(self, entries: tables.U64) -> npt.NDArray[np.int64]:
         """Host clusters that L2 ``entries`` hold references to (one per reference)."""
-        cs = self.cluster_size
-        compressed = (entries & np.uint64(tables.OFLAG_COMPRESSED)) != 0
-        plain = entries[~compressed] & np.uint64(tables.OFFSET_MASK)
-        out = [(plain[plain != 0] // np.uint64(cs)).astype(np.int64)]
-        if compressed.any():
-            layout = tables.CompressedLayout(self.cluster_bits)
-            off, length = layout.decode(entries[compressed])
-            first = (off // np.uint64(cs)).astype(np.int64)
-            span = ((off + length - np.uint64(1)) // np.uint64(cs)).astype(np.int64) - first + 1
-            starts = np.repeat(np.cumsum(span) - span, span)
-            out.append(np.repeat(first, span) + np.arange(int(span.sum())) - starts)
-        return np.concatenate(out)
+        return tables.referenced_clusters(entries, self.cluster_bits)
 
     # -- guest writes -----------------------------------------------------------------
     def _guest_cluster(self, cluster: int) -> bytearray:
@@ -502,34 +492,13 @@ class Qcow2RWDisk(Qcow2Disk):
     # -- header changes ----------------------------------------------------------------
     def rewrite_header(self, new: hdr.Header) -> None:
         """Write a changed header (it must fit in the first cluster, as QEMU requires)."""
-        raw = hdr.build_header(new)
-        if len(raw) > self.cluster_size:
-            raise InvalidArgument("header, extensions and backing name do not fit in a cluster")
-        self._pwrite(
-            0, raw.ljust(min(self.cluster_size, max(len(raw), 4096)), b"\0")[: self.cluster_size]
-        )
+        write_header(self.host, new)
         self.flush()
         self.header = new
 
     def set_backing(self, name: str | None, fmt: str | None) -> None:
         """Record a new backing file name and format (``rebase -u``)."""
-        h = self.header
-        exts = [e for e in h.extensions if e.type != hdr.EXT_BACKING_FORMAT]
-        if name and fmt:
-            exts.insert(0, hdr.extension(hdr.EXT_BACKING_FORMAT, fmt.encode()))
-        header_len = h.header_length
-        ext_end = header_len + sum(8 + -(-len(e.data) // 8) * 8 for e in exts) + 8
-        raw_name = name.encode() if name else b""
-        if len(raw_name) > hdr.MAX_BACKING_FILE_NAME:
-            raise InvalidArgument("backing file name is too long")
-        new = h.replace(
-            backing_file=name or None,
-            backing_format=fmt if name else None,
-            backing_file_offset=ext_end if name else 0,
-            backing_file_size=len(raw_name),
-            extensions=tuple(exts),
-        )
-        self.rewrite_header(new)
+        self.rewrite_header(with_backing(self.header, name, fmt))
 
     def resize(self, size: int, *, shrink: bool = False) -> None:
         """Change the virtual size; shrinking frees the clusters past the new end."""

@@ -12,6 +12,7 @@ as far as the file goes.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 import numpy as np
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from qcowlib.formats.qcow2.tables import U64
 
     I64 = npt.NDArray[np.int64]
+    Bools = npt.NDArray[np.bool_]
 
 L1E_OFFSET_MASK: Final = _tables.OFFSET_MASK
 L1E_RESERVED_MASK: Final = _tables.L1E_RESERVED_MASK
@@ -115,6 +117,36 @@ def _add_counts(res: Result, scan: L2Scan, times: int, frag: bool) -> None:
         res.fragmented_clusters += scan.fragmented * times
 
 
+@dataclass
+class _L1Entries:
+    """Non-zero L1 entries, classified as check_refcounts_l1 does."""
+
+    entries: U64
+    l2: I64  # the L2 table offsets
+    reserved: Bools
+    unaligned: Bools
+    eof: Bools  # inc_refcounts(l2_offset, cluster_size) refuses them
+    first: I64  # the tables' first clusters
+    own: I64  # how many clusters each table spans (0 past the end)
+
+    @classmethod
+    def classify(cls, chk: CheckState, entries: U64) -> _L1Entries:
+        u = np.uint64
+        cs, cb = chk.cluster_size, chk.cluster_bits
+        l2 = (entries & u(L1E_OFFSET_MASK)).astype(np.int64)
+        eof = l2 >= chk.host.size
+        first = l2 >> cb
+        return cls(
+            entries=entries,
+            l2=l2,
+            reserved=(entries & u(L1E_RESERVED_MASK)) != 0,
+            unaligned=(l2 & (cs - 1)) != 0,
+            eof=eof,
+            first=first,
+            own=np.where(eof, 0, ((l2 + cs - 1) >> cb) - first + 1),
+        )
+
+
 def _entries_bulk(
     chk: CheckState,
     scanner: L2Scanner,
@@ -128,18 +160,11 @@ def _entries_bulk(
     """The loop of check_refcounts_l1 over all (non-zero) ``entries`` at once, no fixes."""
     if entries.size == 0:
         return
-    u = np.uint64
-    cs, cb = chk.cluster_size, chk.cluster_bits
-    l2 = (entries & u(L1E_OFFSET_MASK)).astype(np.int64)
-    reserved = (entries & u(L1E_RESERVED_MASK)) != 0
-    unaligned = (l2 & (cs - 1)) != 0
-    eof = l2 >= chk.host.size  # inc_refcounts(l2_offset, cluster_size) refuses it
-    inside = ~eof
-    first = l2 >> cb
-    own = np.where(eof, 0, ((l2 + cs - 1) >> cb) - first + 1)  # the table's clusters
-    tables, which_inside, uses = np.unique(l2[inside], return_inverse=True, return_counts=True)
+    e = _L1Entries.classify(chk, entries)
+    inside = ~e.eof
+    tables, which_inside, uses = np.unique(e.l2[inside], return_inverse=True, return_counts=True)
     # Entries past the end use a last, empty "table".
-    which = np.full(l2.size, tables.size, dtype=np.int64)
+    which = np.full(e.l2.size, tables.size, dtype=np.int64)
     which[inside] = which_inside
     sizes = np.zeros(tables.size + 1, dtype=np.int64)
     n_table_msgs = np.zeros(tables.size + 1, dtype=np.int64)
@@ -151,25 +176,44 @@ def _entries_bulk(
         sizes[j] = scan.refs.size
         n_table_msgs[j] = len(scan.msgs)
         table_msgs.append(scan.msgs)
-    rec.count(ranges(first[inside], own[inside]))
-    res.corruptions += int(reserved.sum() + eof.sum() + unaligned.sum())
     table_msgs.append([])
-    per_entry = own + sizes[which]
+    rec.count(ranges(e.first[inside], e.own[inside]))
+    res.corruptions += int(e.reserved.sum() + e.eof.sum() + e.unaligned.sum())
+    per_entry = e.own + sizes[which]
     start = rec.n + np.cumsum(per_entry) - per_entry
-    n_msgs = reserved + eof + unaligned + n_table_msgs[which]
+    n_msgs = e.reserved + e.eof + e.unaligned + n_table_msgs[which]
+    _messages(chk, rec, e, start, n_msgs, which, table_msgs)
+    counted = np.flatnonzero(per_entry)
+    rec.add_stream(
+        int(per_entry.sum()), _replay(scanner, e.first[counted], e.own[counted], e.l2[counted])
+    )
+
+
+def _messages(
+    chk: CheckState,
+    rec: Recorder,
+    e: _L1Entries,
+    start: I64,
+    n_msgs: I64,
+    which: I64,
+    table_msgs: list[list[tuple[int, str]]],
+) -> None:
+    """The messages of the entries (``which`` names each one's table in
+    ``table_msgs``), placed where QEMU prints them, as far as they are kept; the others
+    are only counted."""
     noisy = np.flatnonzero(n_msgs)
     done = 0
     for i in noisy[: rec.room].tolist():  # each makes one message at least
         if rec.room <= 0:
             break
         done += 1
-        pos, entry, offset = int(start[i]), int(entries[i]), int(l2[i])
-        after = pos + int(own[i])
-        if reserved[i]:
+        pos, entry, offset = int(start[i]), int(e.entries[i]), int(e.l2[i])
+        after = pos + int(e.own[i])
+        if e.reserved[i]:
             rec.msg(f"ERROR found L1 entry with reserved bits set: {entry:x}", pos)
-        if eof[i]:
-            rec.msg(eof_message(offset, cs), pos)
-        if unaligned[i]:
+        if e.eof[i]:
+            rec.msg(eof_message(offset, chk.cluster_size), pos)
+        if e.unaligned[i]:
             rec.msg(
                 f"ERROR l2_offset={offset:x}: Table is not cluster aligned; L1 entry corrupted",
                 after,
@@ -177,11 +221,6 @@ def _entries_bulk(
         for rel, text in table_msgs[int(which[i])]:
             rec.msg(text, after + rel)
     rec.dropped += int(n_msgs[noisy[done:]].sum())
-
-    counted = np.flatnonzero(per_entry)
-    rec.add_stream(
-        int(per_entry.sum()), _replay(scanner, first[counted], own[counted], l2[counted])
-    )
 
 
 def _replay(scanner: L2Scanner, first: I64, own: I64, l2: I64) -> Callable[[], I64]:

@@ -1,8 +1,9 @@
 """How the qcow2 driver reaches its host file: the header and the fields rewritten in place.
 
 The reader, the in-place writer, ``check`` and its repairs all read the header through
-:func:`read_header` and change header fields through :func:`write_fields`, so the byte
-offsets of those fields are written down once (qcow2.txt "Header").  The file itself
+:func:`read_header`, change header fields through :func:`write_fields` (the byte offsets
+of those fields are written down once, qcow2.txt "Header") and rewrite the whole header
+through :func:`write_header`.  The file itself
 comes from the caller as a :class:`HostIO` (``qcowlib.disk._file.HostFile`` is one);
 this module opens nothing.
 """
@@ -12,11 +13,19 @@ from __future__ import annotations
 import struct
 from typing import Final, Protocol
 
-from qcowlib.errors import CorruptImage, QcowlibError, TruncatedImage
+from qcowlib.errors import CorruptImage, InvalidArgument, QcowlibError, TruncatedImage
 from qcowlib.formats.qcow2 import header as hdr
 from qcowlib.formats.qcow2.bitmap import MAX_BITMAP_DIRECTORY_SIZE
 
-__all__ = ["HEADER_FIELDS", "HostIO", "field_patch", "read_header", "write_fields"]
+__all__ = [
+    "HEADER_FIELDS",
+    "HostIO",
+    "field_patch",
+    "read_header",
+    "with_backing",
+    "write_fields",
+    "write_header",
+]
 
 
 class HostIO(Protocol):
@@ -72,6 +81,36 @@ def write_fields(host: HostIO, **values: int) -> None:
     """Rewrite header fields in place (one write; see :func:`field_patch`)."""
     offset, data = field_patch(**values)
     host.pwrite(offset, data)
+
+
+def write_header(host: HostIO, h: hdr.Header) -> None:
+    """Write a whole header with its extensions (and backing file name) over the first
+    cluster; it must fit there, as QEMU requires.  Raises :class:`InvalidArgument`."""
+    raw = hdr.build_header(h)
+    cs = h.cluster_size
+    if len(raw) > cs:
+        raise InvalidArgument("header, extensions and backing name do not fit in a cluster")
+    host.pwrite(0, raw.ljust(min(cs, max(len(raw), 4096)), b"\0")[:cs])
+
+
+def with_backing(h: hdr.Header, name: str | None, fmt: str | None) -> hdr.Header:
+    """``h`` with a new backing file name and format (or none): the backing format
+    extension first, the name right after the extensions.  Raises
+    :class:`InvalidArgument` for a name longer than the spec allows."""
+    exts = [e for e in h.extensions if e.type != hdr.EXT_BACKING_FORMAT]
+    if name and fmt:
+        exts.insert(0, hdr.extension(hdr.EXT_BACKING_FORMAT, fmt.encode()))
+    ext_end = h.header_length + sum(8 + -(-len(e.data) // 8) * 8 for e in exts) + 8
+    raw_name = name.encode() if name else b""
+    if len(raw_name) > hdr.MAX_BACKING_FILE_NAME:
+        raise InvalidArgument("backing file name is too long")
+    return h.replace(
+        backing_file=name or None,
+        backing_format=fmt if name else None,
+        backing_file_offset=ext_end if name else 0,
+        backing_file_size=len(raw_name),
+        extensions=tuple(exts),
+    )
 
 
 def read_header(host: HostIO, *, for_check: bool = False) -> hdr.Header:
