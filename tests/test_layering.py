@@ -17,6 +17,7 @@ REGISTRY_MODULES = ("qcowlib.formats", "qcowlib.formats.registry", "qcowlib.form
 LAYERS = {
     "errors": 0,
     "_units": 0,
+    "checkreport": 0,
     "formats": 1,
     "disk": 2,
     "engine": 3,

@@ -31,6 +31,7 @@ from qcowlib.errors import (
 )
 
 if TYPE_CHECKING:
+    from qcowlib.checkreport import CheckReport
     from qcowlib.disk.base import Disk, Extent, ExtentKind
     from qcowlib.disk.chain import BackingPolicy
     from qcowlib.disk.qcow2_rw import Qcow2RWDisk
@@ -53,6 +54,7 @@ __all__ = [
     "BackingNotFound",
     "BackingPolicy",
     "BackingTooDeep",
+    "CheckReport",
     "CompareResult",
     "CorruptImage",
     "Disk",
@@ -91,6 +93,7 @@ _LAZY = {
     "Extent": ("qcowlib.disk.base", "Extent"),
     "ExtentKind": ("qcowlib.disk.base", "ExtentKind"),
     "BackingPolicy": ("qcowlib.disk.chain", "BackingPolicy"),
+    "CheckReport": ("qcowlib.checkreport", "CheckReport"),
     "CompareResult": ("qcowlib.ops.compare", "CompareResult"),
     "convert": ("qcowlib.ops.convert", "convert"),
     "create": ("qcowlib.ops.create", "create"),

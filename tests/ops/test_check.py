@@ -589,6 +589,73 @@ def test_shared_l2_table_and_overflowing_refcounts_like_qemu(tmp_path: Path) -> 
             assert_same_after_repair(qdir / src.name, odir / src.name)
 
 
+# -- tables that run past the end of the file -------------------------------------------------
+
+
+def _poke_header(path: Path, offset: int, fmt: str, *values: int) -> None:
+    with path.open("r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(fmt, *values))
+
+
+def _l1_far_past_eof(lay: Layout) -> None:
+    """An L1 table of 2^21 entries (16 MiB) that starts 1 TiB past the end."""
+    _poke_header(lay.path, 36, ">IQ", 1 << 21, 1 << 40)
+
+
+def _reftable_past_eof(lay: Layout) -> None:
+    """The refcount table starts 1 TiB past the end."""
+    _poke_header(lay.path, 48, ">QI", 1 << 40, 1)
+
+
+def _l1_over_data_past_eof(lay: Layout) -> None:
+    """An L1 table of 2^21 entries that starts on 128 KiB of random guest data and
+    runs 15 MiB past the end: tens of thousands of garbage entries to report."""
+    data = lay.u64(lay.l2_entry(0)) & 0x00FF_FFFF_FFFF_FE00
+    with lay.path.open("r+b") as f:
+        f.seek(data)
+        f.write(random.Random(0).randbytes(2 * lay.cluster_size))
+    _poke_header(lay.path, 36, ">IQ", 1 << 21, data)
+
+
+HOSTILE_TABLES = {
+    "L1 table far past EOF": _l1_far_past_eof,
+    "refcount table past EOF": _reftable_past_eof,
+    "L1 table over data, past EOF": _l1_over_data_past_eof,
+}
+
+
+@pytest.mark.parametrize("poke", list(HOSTILE_TABLES))
+def test_tables_past_eof_stop_early_like_qemu(
+    poke: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A header whose tables claim far more than the file holds: the same outcome as
+    qemu-img (status, counts, messages), and no more read than the file holds."""
+    from qcowlib.disk._file import HostFile
+
+    src = tmp_path / "src" / "img.qcow2"
+    src.parent.mkdir()
+    HOSTILE_TABLES[poke](_base(src))
+    qdir, odir = twin(src, tmp_path)
+    ref, got = both(qdir, odir, "check", "--output=json", src.name)
+    assert got == ref
+    assert ref[0] in (1, 2)
+
+    reads: list[tuple[int, int]] = []
+    pread = HostFile.pread
+
+    def counting(self: HostFile, offset: int, length: int) -> bytes:
+        reads.append((offset, length))
+        return pread(self, offset, length)
+
+    monkeypatch.setattr(HostFile, "pread", counting)
+    size = src.stat().st_size
+    report = check(str(odir / src.name))
+    assert report.status == ref[0]
+    assert sum(n for _o, n in reads) <= 2 * size
+    assert all(offset < size for offset, _n in reads)
+
+
 # -- randomized differential corruptions ------------------------------------------------------
 
 

@@ -130,6 +130,41 @@ class HostFile:
         if pos < end:
             yield pos, end, False
 
+    # -- writing (files opened ``writable``); :attr:`size` follows every extension ------
+    def pwrite(self, offset: int, data: memoryview | bytes | bytearray) -> None:
+        """Write all of ``data`` at ``offset``; raises :class:`QcowlibIOError` on failure."""
+        if offset < 0:
+            raise QcowlibIOError(f"negative write offset {offset}", file=self.path)
+        try:
+            pwrite_all(self.fd, data, offset)
+        except QcowlibIOError as exc:
+            raise exc.with_file(self.path) from None
+        self.size = max(self.size, offset + memoryview(data).nbytes)
+
+    def truncate(self, size: int) -> None:
+        """Set the file's length (a hole when it grows).
+
+        Raises :class:`QcowlibIOError` whose message is the system's error text.
+        """
+        try:
+            os.ftruncate(self.fd, size)
+        except (OSError, OverflowError) as exc:
+            reason = getattr(exc, "strerror", None) or "File too large"
+            raise QcowlibIOError(reason, file=self.path) from None
+        self.size = size
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        """Deallocate ``[offset, offset + length)`` inside the file (see :func:`punch_hole`)."""
+        length = min(length, self.size - offset)
+        return offset >= 0 and length > 0 and punch_hole(self.fd, offset, length)
+
+    def sync(self) -> None:
+        """Make everything written durable; raises :class:`QcowlibIOError` on failure."""
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise QcowlibIOError(f"flush failed: {exc.strerror}", file=self.path) from None
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

@@ -25,6 +25,7 @@ from qcowlib.errors import (
     UnsupportedFeature,
 )
 from qcowlib.formats.qcow2 import header as hdr
+from qcowlib.formats.qcow2 import hostio
 
 if TYPE_CHECKING:
     from qcowlib.disk.chain import BackingPolicy
@@ -75,16 +76,7 @@ def _l1_entries_aligned(raw_l1: bytes, cluster_size: int) -> bool:
 
 def read_header(host: HostFile) -> hdr.Header:
     """Read and parse the header of a qcow2 file (first cluster)."""
-    head = host.pread(0, min(host.size, 4096))
-    if len(head) < hdr.V2_HEADER_LENGTH or host.size < hdr.V2_HEADER_LENGTH:
-        raise TruncatedImage("qcow2 header is truncated", file=host.path, structure="header")
-    cluster_bits = int.from_bytes(head[20:24], "big")
-    if hdr.MIN_CLUSTER_BITS <= cluster_bits <= hdr.MAX_CLUSTER_BITS and (1 << cluster_bits) > 4096:
-        head = host.pread(0, min(host.size, 1 << cluster_bits))
-    try:
-        return hdr.parse_header(head, host.size)
-    except QcowlibError as exc:
-        raise exc.with_file(host.path) from None
+    return hostio.read_header(host)
 
 
 class Qcow2Disk(Disk):

@@ -11,22 +11,26 @@
 * Images marked corrupt are refused; dirty images must be repaired (``check -r all``)
   before they are written; with lazy refcounts the dirty bit is set while writing and
   cleared on a clean close.
-* QEMU's advisory locks are taken on the image (OFD locks on bytes 100+ and 200+), so
-  an image a running VM or qemu-io holds for writing is refused, and they cannot open
-  it for writing while we do.
+* QEMU's advisory locks are taken on the image (:mod:`qcowlib.disk.locks`), so an
+  image a running VM or qemu-io holds for writing is refused, and they cannot open it
+  for writing while we do.
+
+Refcounts and allocation are :class:`~qcowlib.formats.qcow2.allocator.Allocator`'s, over
+the refcount model ``check`` uses too; the overlap checks are
+:class:`~qcowlib.formats.qcow2.overlap.MetadataAreas`, as in ``check``'s repairs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import struct
-from collections.abc import Iterable
+from typing import NoReturn
 
 import numpy as np
+import numpy.typing as npt
 
-from qcowlib.disk._file import HostFile, pwrite_all
+from qcowlib.disk._file import HostFile
 from qcowlib.disk.base import ExtentKind
 from qcowlib.disk.locks import take_write_locks
 from qcowlib.disk.qcow2 import Qcow2Disk, read_header
@@ -38,8 +42,11 @@ from qcowlib.errors import (
     UnsupportedFeature,
 )
 from qcowlib.formats.qcow2 import header as hdr
-from qcowlib.formats.qcow2 import refcount as rc
 from qcowlib.formats.qcow2 import tables
+from qcowlib.formats.qcow2.allocator import Allocator, span
+from qcowlib.formats.qcow2.hostio import with_backing, write_fields, write_header
+from qcowlib.formats.qcow2.overlap import OL_NAMES, MetadataAreas
+from qcowlib.formats.qcow2.snapshot import snapshot_table_size
 
 log = logging.getLogger(__name__)
 
@@ -64,48 +71,50 @@ class Qcow2RWDisk(Qcow2Disk):
             raise UnsupportedFeature("writing images with an external data file", file=filename)
         if h.nb_snapshots and h.version == 2:
             log.debug("%s: v2 image with snapshots", filename)
-        self.per_block = rc.entries_per_block(self.cluster_bits, h.refcount_order)
-        self.max_refcount = rc.max_refcount(h.refcount_order)
         raw_l1 = (
             host.pread_exact(h.l1_table_offset, h.l1_size * 8, "L1 table") if h.l1_size else b""
         )
         self.l1 = tables.decode_table(raw_l1)
-        self.reftable = self.refcount_table()
-        self._blocks: dict[int, tables.U64] = {}
+        self.allocator = Allocator(self, host, self.refcount_table())
         self._l2_tables: dict[int, tables.U64] = {}
-        self.file_end = -(-host.size // self.cluster_size) * self.cluster_size
         self._dirty_set = False
-        self._metadata: set[int] | None = None
+        self._metadata: MetadataAreas | None = None
 
     # -- metadata areas (overlap checks) -------------------------------------------------
-    def _metadata_clusters(self) -> set[int]:
+    def _areas(self) -> MetadataAreas:
         if self._metadata is None:
             cs = self.cluster_size
             h = self.header
-            m = {0}
-            m.update(_span(h.l1_table_offset, h.l1_size * 8, cs))
-            m.update(_span(h.refcount_table_offset, h.refcount_table_clusters * cs, cs))
-            m.update(int(o) // cs for o in self.reftable if o)
-            m.update(int(o) // cs for o in (self.l1 & np.uint64(tables.OFFSET_MASK)) if o)
-            if h.nb_snapshots:
-                m.update(_span(h.snapshots_offset, 1, cs))
-                for snap in self.snapshots():
-                    m.update(_span(snap.l1_table_offset, snap.l1_size * 8, cs))
-            if h.bitmaps is not None:
-                m.update(
-                    _span(h.bitmaps.bitmap_directory_offset, h.bitmaps.bitmap_directory_size, cs)
-                )
-            self._metadata = m
+            snaps = self.snapshots() if h.nb_snapshots else []
+            bm = h.bitmaps
+            self._metadata = MetadataAreas(
+                cluster_size=cs,
+                l1=(h.l1_table_offset, h.l1_size * 8),
+                refcount_table=(h.refcount_table_offset, h.refcount_table_clusters * cs),
+                l1_table=self.l1,
+                reftable_entries=self.allocator.reftable,
+                snapshot_table=(h.snapshots_offset, snapshot_table_size(snaps)),
+                inactive_l1=[(sn.l1_table_offset, sn.l1_size * 8) for sn in snaps],
+                bitmap_directory=(
+                    (bm.bitmap_directory_offset, bm.bitmap_directory_size) if bm else (0, 0)
+                ),
+            )
         return self._metadata
 
-    def _check_overlap(self, offset: int, length: int, allowed: int | None, what: str) -> None:
-        """Refuse to write ``what`` over metadata (except the cluster it replaces)."""
-        meta = self._metadata_clusters()
-        for cluster in _span(offset, length, self.cluster_size):
-            if cluster in meta and cluster != allowed:
-                self._signal_corruption(f"{what} write at {offset:#x} would overlap image metadata")
+    def metadata_changed(self) -> None:
+        """A table moved or a new one appeared: recompute the areas on the next check."""
+        self._metadata = None
 
-    def _signal_corruption(self, message: str) -> None:
+    def check_overlap(self, offset: int, length: int, allowed: int | None, what: str) -> None:
+        """Refuse to write ``what`` over metadata (except the cluster ``allowed`` it
+        replaces), as QEMU's overlap checks do."""
+        hit = self._areas().first_overlap(offset, length, allow=allowed)
+        if hit:
+            self.signal_corruption(
+                f"{what} write at {offset:#x} would overlap image metadata ({OL_NAMES[hit]})"
+            )
+
+    def signal_corruption(self, message: str) -> NoReturn:
         """Mark the image corrupt (as QEMU does) and raise."""
         with contextlib.suppress(QcowlibError, OSError):
             self._write_incompat(self.header.incompatible_features | hdr.INCOMPAT_CORRUPT)
@@ -113,17 +122,12 @@ class Qcow2RWDisk(Qcow2Disk):
 
     # -- low-level writes ----------------------------------------------------------------
     def _pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        try:
-            pwrite_all(self.host.fd, data, offset)
-        except QcowlibError as exc:
-            raise exc.with_file(self.filename) from None
-        end = offset + len(data)
-        self.host.size = max(self.host.size, end)
+        self.host.pwrite(offset, data)
 
     def _write_incompat(self, value: int) -> None:
         if self.header.version < 3:
             return
-        self._pwrite(72, struct.pack(">Q", value))
+        write_fields(self.host, incompatible_features=value)
         self.header = self.header.replace(incompatible_features=value)
         self.flush()
 
@@ -133,210 +137,12 @@ class Qcow2RWDisk(Qcow2Disk):
             self._dirty_set = True
 
     # -- refcounts ---------------------------------------------------------------------
-    def _block(self, index: int) -> tables.U64 | None:
-        if index >= self.reftable.size:
-            return None
-        offset = int(self.reftable[index])
-        if not offset:
-            return None
-        block = self._blocks.get(index)
-        if block is None:
-            if offset + self.cluster_size > self.host.size:
-                raise CorruptImage(
-                    f"refcount block {index} is past the end of the file", file=self.filename
-                )
-            block = self.refcount_block(offset).copy()
-            self._blocks[index] = block
-        return block
-
-    def get_refcount(self, cluster: int) -> int:
-        block = self._block(cluster // self.per_block)
-        return 0 if block is None else int(block[cluster % self.per_block])
-
-    def _write_block(self, index: int, lo: int = 0, hi: int | None = None) -> None:
-        """Write refcount block ``index`` back, only the bytes of entries ``lo..hi``."""
-        block = self._blocks[index]
-        offset = int(self.reftable[index])
-        self._check_overlap(
-            offset, self.cluster_size, offset // self.cluster_size, "refcount block"
-        )
-        order = self.header.refcount_order
-        if hi is None:
-            self._pwrite(offset, rc.encode_block(block, order))
-            return
-        # Byte span of the changed entries (sub-byte widths round out to whole bytes,
-        # whose other entries are encoded from the same in-memory block).
-        bits = 1 << order
-        first_byte = lo * bits // 8
-        end_byte = -(-(hi * bits) // 8)
-        per_byte = max(1, 8 // bits)
-        entries = block[
-            first_byte * 8 // bits : max(end_byte * 8 // bits, first_byte * 8 // bits + per_byte)
-        ]
-        self._pwrite(offset + first_byte, rc.encode_block(entries, order)[: end_byte - first_byte])
-
-    def _update_refcounts(self, clusters: Iterable[int] | np.ndarray, delta: int) -> None:
-        """Add ``delta`` to each cluster's refcount (once per occurrence), creating
-        blocks as needed; block-at-a-time, each block written back once."""
-        if not isinstance(clusters, np.ndarray):
-            clusters = np.fromiter(clusters, dtype=np.int64)
-        arr = np.sort(clusters.astype(np.int64))
-        if arr.size == 0:
-            return
-        per = self.per_block
-        if arr.size == 1:  # one cluster (most allocations): no grouping needed
-            cluster = int(arr[0])
-            index, i = divmod(cluster, per)
-            block = self._block(index)
-            if block is None:
-                block = self._new_block(index)
-            value = int(block[i]) + delta
-            if value < 0 or value > self.max_refcount:
-                self._signal_corruption(f"refcount of cluster {cluster} would become {value}")
-            block[i] = value
-            self._write_block(index, i, i + 1)
-            return
-        indexes = arr // per
-        bounds = np.flatnonzero(np.diff(indexes)) + 1
-        for part in np.split(arr, bounds):
-            index = int(part[0]) // per
-            block = self._block(index)
-            if block is None:
-                block = self._new_block(index)
-            local, counts = np.unique(part % per, return_counts=True)
-            step = counts.astype(np.uint64) * np.uint64(abs(delta))
-            current = block[local]
-            if delta >= 0:
-                bad = current > np.uint64(self.max_refcount) - step
-            else:
-                bad = current < step
-            if bad.any():
-                at = int(np.flatnonzero(bad)[0])
-                cluster = index * per + int(local[at])
-                value = int(current[at]) + int(counts[at]) * delta
-                self._signal_corruption(f"refcount of cluster {cluster} would become {value}")
-            block[local] = current + step if delta >= 0 else current - step
-            self._write_block(index, int(local[0]), int(local[-1]) + 1)
-
-    def _new_block(self, index: int) -> tables.U64:
-        """Create refcount block ``index`` at the end of the file (it may cover itself)."""
-        if index >= self.reftable.size:
-            self._grow_reftable(index + 1)
-            existing = self._block(index)
-            if existing is not None:
-                return existing
-        cs = self.cluster_size
-        offset = self.file_end
-        self.file_end += cs
-        block = np.zeros(self.per_block, dtype=np.uint64)
-        own = offset // cs
-        self._blocks[index] = block
-        if own // self.per_block == index:
-            block[own % self.per_block] = 1
-        self._pwrite(offset, rc.encode_block(block, self.header.refcount_order))
-        if own // self.per_block != index:
-            # Temporarily publish the block so the recursive update finds it.
-            self._update_refcounts([own], 1)
-        self.reftable[index] = offset
-        self._metadata_clusters().add(own)
-        self._pwrite(self.header.refcount_table_offset + 8 * index, struct.pack(">Q", offset))
-        return block
-
-    def _grow_reftable(self, min_entries: int) -> None:
-        """Move the refcount table to a larger place at the end of the file.
-
-        The new area holds the table and then the refcount blocks it needs beyond the
-        old table's reach (they cover the area itself).  Order: blocks, refcounts of
-        area clusters covered by old blocks, the table, header switch, then the old
-        table's clusters are freed.
-        """
-        cs = self.cluster_size
-        old = self.reftable
-        start = self.file_end // cs
-        cap = max(min_entries, old.size * 2)
-        while True:
-            t = -(-cap * 8 // cs)
-            k = 0
-            while True:
-                blocks_total = -(-(start + t + k) // self.per_block)
-                k_new = max(0, blocks_total - old.size)
-                if k_new == k:
-                    break
-                k = k_new
-            if blocks_total <= cap:
-                break
-            cap = blocks_total
-        area_end = start + t + k
-        table = np.zeros(t * cs // 8, dtype=np.uint64)
-        table[: old.size] = old
-        for j in range(k):
-            index = old.size + j
-            offset = (start + t + j) * cs
-            block = np.zeros(self.per_block, dtype=np.uint64)
-            lo = max(start, index * self.per_block)
-            hi = min(area_end, (index + 1) * self.per_block)
-            if lo < hi:
-                block[lo - index * self.per_block : hi - index * self.per_block] = 1
-            self._blocks[index] = block
-            table[index] = offset
-            self._pwrite(offset, rc.encode_block(block, self.header.refcount_order))
-        self.file_end = area_end * cs
-        self.reftable = table
-        covered = [c for c in range(start, area_end) if c // self.per_block < old.size]
-        if covered:
-            self._update_refcounts(covered, 1)
-        self._pwrite(start * cs, tables.encode_table(self.reftable))
-        self.flush()
-        old_offset = self.header.refcount_table_offset
-        old_clusters = self.header.refcount_table_clusters
-        self._pwrite(48, struct.pack(">QI", start * cs, t))
-        self.flush()
-        self.header = self.header.replace(
-            refcount_table_offset=start * cs, refcount_table_clusters=t
-        )
-        self._metadata = None
-        self._update_refcounts(list(_span(old_offset, old_clusters * cs, cs)), -1)
-
     def alloc_clusters(self, n: int) -> int:
         """Allocate ``n`` contiguous clusters at the end of the file; returns the offset."""
-        cs = self.cluster_size
-        start = self.file_end // cs
-        # Clusters past the end of the file may still carry refcounts (an allocation cut
-        # short by a crash): never hand those out again.
-        while (busy := self._last_used(start, n)) >= 0:
-            start = busy + 1
-        offset = start * cs
-        self.file_end = offset + n * cs
-        self._update_refcounts(np.arange(start, start + n, dtype=np.int64), 1)
-        # Extend the file so the new clusters exist even before data lands in them.
-        if self.file_end > self.host.size:
-            try:
-                os.ftruncate(self.host.fd, self.file_end)
-            except OSError as exc:
-                raise QcowlibIOError(
-                    f"cannot extend image: {exc.strerror}", file=self.filename
-                ) from None
-            self.host.size = self.file_end
-        return offset
-
-    def _last_used(self, first: int, count: int) -> int:
-        """The highest cluster of ``first .. first + count - 1`` with a refcount, or -1."""
-        per = self.per_block
-        end = first + count
-        while end > first:
-            index = (end - 1) // per
-            lo = max(first, index * per)
-            block = self._block(index)
-            if block is not None:
-                used = np.flatnonzero(block[lo - index * per : end - index * per])
-                if used.size:
-                    return lo + int(used[-1])
-            end = lo
-        return -1
+        return self.allocator.alloc(n)
 
     def _free(self, clusters: list[int] | np.ndarray) -> None:
-        if len(clusters):
-            self._update_refcounts(clusters, -1)
+        self.allocator.free(clusters)
 
     # -- L1/L2 -----------------------------------------------------------------------
     def _l2_table(self, l1_index: int, *, allocate: bool) -> tables.U64 | None:
@@ -354,31 +160,30 @@ class Qcow2RWDisk(Qcow2Disk):
                 return None
             table = np.zeros(cs // 8, dtype=np.uint64)
             new = self.alloc_clusters(1)
-            self._metadata_clusters().add(new // cs)
             self._pwrite(new, tables.encode_table(table))
             self._set_l1(l1_index, new | tables.OFLAG_COPIED)
             self._l2_tables[l1_index] = table
             return table
         table = tables.decode_table(self.host.pread_exact(offset, cs, f"L2 table {l1_index}"))
         if not entry & tables.OFLAG_COPIED and allocate:
-            if self.get_refcount(offset // cs) != 1:
+            if self.allocator.get_refcount(offset // cs) != 1:
                 # Shared with a snapshot: copy it, then drop our reference to the old one.
                 new = self.alloc_clusters(1)
-                self._metadata_clusters().add(new // cs)
                 self._pwrite(new, tables.encode_table(table))
                 self._set_l1(l1_index, new | tables.OFLAG_COPIED)
                 self._free([offset // cs])
-                self._metadata = None
             else:
                 self._set_l1(l1_index, offset | tables.OFLAG_COPIED)
         self._l2_tables[l1_index] = table
         return table
 
     def _set_l1(self, index: int, entry: int) -> None:
+        off = self.header.l1_table_offset + 8 * index
+        self.check_overlap(off, 8, off // self.cluster_size, "L1 entry")
+        if (int(self.l1[index]) ^ entry) & tables.OFFSET_MASK:
+            self._metadata = None  # the active L2 tables changed
         self.l1[index] = entry
         self.l2_offsets[index] = entry & tables.OFFSET_MASK
-        off = self.header.l1_table_offset + 8 * index
-        self._check_overlap(off, 8, off // self.cluster_size, "L1 entry")
         self._pwrite(off, struct.pack(">Q", entry))
         self._invalidate(index)
 
@@ -395,7 +200,7 @@ class Qcow2RWDisk(Qcow2Disk):
             table[i] = entry
             raw = struct.pack(">Q", entry)
             pos = base + 8 * i
-        self._check_overlap(pos, len(raw), base // cs, "L2 entry")
+        self.check_overlap(pos, len(raw), base // cs, "L2 entry")
         self._pwrite(pos, raw)
         self._invalidate(l1_index)
 
@@ -413,20 +218,9 @@ class Qcow2RWDisk(Qcow2Disk):
         """Host clusters an L2 entry holds a reference to."""
         return [int(c) for c in self._referenced_clusters(np.array([entry], dtype=np.uint64))]
 
-    def _referenced_clusters(self, entries: np.ndarray) -> np.ndarray:
+    def _referenced_clusters(self, entries: tables.U64) -> npt.NDArray[np.int64]:
         """Host clusters that L2 ``entries`` hold references to (one per reference)."""
-        cs = self.cluster_size
-        compressed = (entries & np.uint64(tables.OFLAG_COMPRESSED)) != 0
-        plain = entries[~compressed] & np.uint64(tables.OFFSET_MASK)
-        out = [(plain[plain != 0] // np.uint64(cs)).astype(np.int64)]
-        if compressed.any():
-            layout = tables.CompressedLayout(self.cluster_bits)
-            off, length = layout.decode(entries[compressed])
-            first = (off // np.uint64(cs)).astype(np.int64)
-            span = ((off + length - np.uint64(1)) // np.uint64(cs)).astype(np.int64) - first + 1
-            starts = np.repeat(np.cumsum(span) - span, span)
-            out.append(np.repeat(first, span) + np.arange(int(span.sum())) - starts)
-        return np.concatenate(out)
+        return tables.referenced_clusters(entries, self.cluster_bits)
 
     # -- guest writes -----------------------------------------------------------------
     def _guest_cluster(self, cluster: int) -> bytearray:
@@ -474,12 +268,12 @@ class Qcow2RWDisk(Qcow2Disk):
         if n < 2:
             return 0
         target = self.alloc_clusters(n)
-        self._check_overlap(target, n * cs, None, "data")
+        self.check_overlap(target, n * cs, None, "data")
         self._pwrite(target, data[: n * cs])
         hosts = np.uint64(target) + np.arange(n, dtype=np.uint64) * np.uint64(cs)
         table[i : i + n] = hosts | np.uint64(tables.OFLAG_COPIED)
         base = int(self.l1[l1_index]) & tables.OFFSET_MASK
-        self._check_overlap(base + 8 * i, 8 * n, base // cs, "L2 entries")
+        self.check_overlap(base + 8 * i, 8 * n, base // cs, "L2 entries")
         self._pwrite(base + 8 * i, tables.encode_table(table[i : i + n]))
         self._invalidate(l1_index)
         return n
@@ -495,13 +289,13 @@ class Qcow2RWDisk(Qcow2Disk):
         in_place = (
             host
             and not compressed
-            and (entry & tables.OFLAG_COPIED or self.get_refcount(host // cs) == 1)
+            and (entry & tables.OFLAG_COPIED or self.allocator.get_refcount(host // cs) == 1)
         )
         if self.extended_l2:
             self._write_extended(l1_index, i, cluster, within, data, entry, bitmap, bool(in_place))
             return
         if in_place and not entry & tables.OFLAG_ZERO:
-            self._check_overlap(host + within, len(data), None, "data")
+            self.check_overlap(host + within, len(data), None, "data")
             self._pwrite(host + within, data)
             if not entry & tables.OFLAG_COPIED:
                 self._set_l2(l1_index, i, host | tables.OFLAG_COPIED)
@@ -517,7 +311,7 @@ class Qcow2RWDisk(Qcow2Disk):
             target = host
         else:
             target = self.alloc_clusters(1)
-        self._check_overlap(target, cs, None, "data")
+        self.check_overlap(target, cs, None, "data")
         self._pwrite(target, content)
         self._set_l2(l1_index, i, target | tables.OFLAG_COPIED)
         if not in_place:
@@ -559,11 +353,11 @@ class Qcow2RWDisk(Qcow2Disk):
         if old_content is not None:
             # the old cluster was allocated or compressed and is being replaced: carry all
             old_content[lo:hi] = span
-            self._check_overlap(target, cs, None, "data")
+            self.check_overlap(target, cs, None, "data")
             self._pwrite(target, old_content)
             new_bitmap = 0xFFFF_FFFF
         else:
-            self._check_overlap(target + lo, len(span), None, "data")
+            self.check_overlap(target + lo, len(span), None, "data")
             self._pwrite(target + lo, span)
             old_alloc = bitmap & 0xFFFF_FFFF if in_place else 0
             old_zero = (bitmap >> 32) & ~alloc_mask & 0xFFFF_FFFF
@@ -612,7 +406,7 @@ class Qcow2RWDisk(Qcow2Disk):
             keep_allocation
             and host
             and not entry & tables.OFLAG_COMPRESSED
-            and self.get_refcount(host // self.cluster_size) == 1
+            and self.allocator.get_refcount(host // self.cluster_size) == 1
         )
         if own:
             self._set_l2(l1_index, i, host | tables.OFLAG_COPIED | tables.OFLAG_ZERO)
@@ -634,7 +428,7 @@ class Qcow2RWDisk(Qcow2Disk):
             return False
         mask = ((1 << (last + 1)) - 1) ^ ((1 << first) - 1)
         host = entry & tables.OFFSET_MASK
-        if host and self.get_refcount(host // self.cluster_size) != 1:
+        if host and self.allocator.get_refcount(host // self.cluster_size) != 1:
             return False
         new_bitmap = (bitmap & 0xFFFF_FFFF & ~mask) | (((bitmap >> 32) | mask) << 32)
         self._set_l2(l1_index, i, entry, new_bitmap)
@@ -690,7 +484,7 @@ class Qcow2RWDisk(Qcow2Disk):
                 continue
             base = int(self.l1[l1_index]) & tables.OFFSET_MASK
             table[:] = 0
-            self._check_overlap(base, cs, base // cs, "L2 table")
+            self.check_overlap(base, cs, base // cs, "L2 table")
             self._pwrite(base, tables.encode_table(table))
             self._invalidate(l1_index)
             self._free(refs)
@@ -698,34 +492,13 @@ class Qcow2RWDisk(Qcow2Disk):
     # -- header changes ----------------------------------------------------------------
     def rewrite_header(self, new: hdr.Header) -> None:
         """Write a changed header (it must fit in the first cluster, as QEMU requires)."""
-        raw = hdr.build_header(new)
-        if len(raw) > self.cluster_size:
-            raise InvalidArgument("header, extensions and backing name do not fit in a cluster")
-        self._pwrite(
-            0, raw.ljust(min(self.cluster_size, max(len(raw), 4096)), b"\0")[: self.cluster_size]
-        )
+        write_header(self.host, new)
         self.flush()
         self.header = new
 
     def set_backing(self, name: str | None, fmt: str | None) -> None:
         """Record a new backing file name and format (``rebase -u``)."""
-        h = self.header
-        exts = [e for e in h.extensions if e.type != hdr.EXT_BACKING_FORMAT]
-        if name and fmt:
-            exts.insert(0, hdr.extension(hdr.EXT_BACKING_FORMAT, fmt.encode()))
-        header_len = h.header_length
-        ext_end = header_len + sum(8 + -(-len(e.data) // 8) * 8 for e in exts) + 8
-        raw_name = name.encode() if name else b""
-        if len(raw_name) > hdr.MAX_BACKING_FILE_NAME:
-            raise InvalidArgument("backing file name is too long")
-        new = h.replace(
-            backing_file=name or None,
-            backing_format=fmt if name else None,
-            backing_file_offset=ext_end if name else 0,
-            backing_file_size=len(raw_name),
-            extensions=tuple(exts),
-        )
-        self.rewrite_header(new)
+        self.rewrite_header(with_backing(self.header, name, fmt))
 
     def resize(self, size: int, *, shrink: bool = False) -> None:
         """Change the virtual size; shrinking frees the clusters past the new end."""
@@ -750,10 +523,9 @@ class Qcow2RWDisk(Qcow2Disk):
                     self._set_l1(l1_index, 0)
                     self._l2_tables.pop(l1_index, None)
                     self._free([(entry & tables.OFFSET_MASK) // cs])
-            self._metadata = None
         elif need > self.l1.size:
             self._grow_l1(need)
-        self._pwrite(24, struct.pack(">Q", size))
+        write_fields(self.host, size=size)
         self.flush()
         shrunk = size < self.virtual_size
         self.header = self.header.replace(size=size)
@@ -780,31 +552,21 @@ class Qcow2RWDisk(Qcow2Disk):
             base = int(self.l1[l1_index]) & tables.OFFSET_MASK
             raw = tables.encode_table(table[lo * width : hi * width])
             pos = base + lo * width * 8
-            self._check_overlap(pos, len(raw), base // self.cluster_size, "L2 table")
+            self.check_overlap(pos, len(raw), base // self.cluster_size, "L2 table")
             self._pwrite(pos, raw)
             self._invalidate(l1_index)
             self._free(freed)
 
     def _truncate_unused_tail(self) -> None:
         """Cut the file after its last cluster in use, as QEMU does after a shrink."""
-        cs = self.cluster_size
-        last = -1
-        # From the last refcount block backwards: usually only the last one is read.
-        for index in reversed(np.flatnonzero(self.reftable).tolist()):
-            block = self._block(index)
-            used = np.flatnonzero(block) if block is not None else np.zeros(0, dtype=np.int64)
-            if used.size:
-                last = index * self.per_block + int(used[-1])
-                break
-        end = (last + 1) * cs
+        end = (self.allocator.last_used() + 1) * self.cluster_size
         if 0 < end < self.host.size:
             try:
-                os.ftruncate(self.host.fd, end)
-            except OSError as exc:
-                log.warning("%s: cannot truncate the tail: %s", self.filename, exc.strerror)
+                self.host.truncate(end)
+            except QcowlibIOError as exc:
+                log.warning("%s: cannot truncate the tail: %s", self.filename, exc.message)
                 return
-            self.host.size = end
-            self.file_end = end
+            self.allocator.file_end = end
 
     def _grow_l1(self, entries: int) -> None:
         cs = self.cluster_size
@@ -817,7 +579,7 @@ class Qcow2RWDisk(Qcow2Disk):
         l1[: self.l1.size] = self.l1
         self._pwrite(new_offset, tables.encode_table(l1).ljust(n * cs, b"\0"))
         self.flush()
-        self._pwrite(36, struct.pack(">IQ", entries, new_offset))
+        write_fields(self.host, l1_size=entries, l1_table_offset=new_offset)
         self.flush()
         self.header = self.header.replace(l1_size=entries, l1_table_offset=new_offset)
         self.l1 = l1
@@ -826,15 +588,12 @@ class Qcow2RWDisk(Qcow2Disk):
         self.l2_offsets = offsets
         self._metadata = None
         if old_size:
-            self._free(list(_span(old_offset, old_size * 8, cs)))
+            self._free(list(span(old_offset, old_size * 8, cs)))
 
     # -- closing ---------------------------------------------------------------------
     def flush(self) -> None:
         """Make everything written durable."""
-        try:
-            os.fsync(self.host.fd)
-        except OSError as exc:
-            raise QcowlibIOError(f"flush failed: {exc.strerror}", file=self.filename) from None
+        self.host.sync()
 
     def _close_layer(self) -> None:
         if self.host.fd >= 0:
@@ -844,12 +603,6 @@ class Qcow2RWDisk(Qcow2Disk):
                     self._write_incompat(self.header.incompatible_features & ~hdr.INCOMPAT_DIRTY)
             finally:
                 super()._close_layer()
-
-
-def _span(offset: int, length: int, cs: int) -> range:
-    if length <= 0:
-        return range(0)
-    return range(offset // cs, (offset + length - 1) // cs + 1)
 
 
 def open_rw_layer(path: str) -> Qcow2RWDisk:

@@ -89,3 +89,53 @@ def parse_bitmap_directory(data: bytes | memoryview, nb_bitmaps: int) -> list[Bi
             BitmapEntry(e.bitmap_table_offset, e.bitmap_table_size, e.flags, e.type, gbits, name)
         )
     return out
+
+
+# Directory entry constraints QEMU checks (block/qcow2-bitmap.c).
+BME_MAX_TABLE_SIZE: Final = 0x800_0000
+BME_MAX_PHYS_SIZE: Final = 0x2000_0000
+BME_MAX_GRANULARITY_BITS: Final = 31
+BME_MIN_GRANULARITY_BITS: Final = 9
+BME_RESERVED_FLAGS: Final = 0xFFFF_FFFC
+BME_TABLE_ENTRY_RESERVED_MASK: Final = 0xFF00_0000_0000_01FE
+BME_TABLE_ENTRY_OFFSET_MASK: Final = 0x00FF_FFFF_FFFF_FE00
+BME_TABLE_ENTRY_FLAG_ALL_ONES: Final = 1
+BT_DIRTY_TRACKING_BITMAP: Final = 1
+
+
+def bitmap_tables(
+    data: bytes, nb_bitmaps: int, cluster_size: int, virtual_size: int
+) -> list[tuple[int, int]] | None:
+    """The ``(bitmap_table_offset, bitmap_table_size)`` of each entry of a directory, or
+    None when QEMU's ``bitmap_list_load`` and ``check_dir_entry`` would refuse it."""
+    size = len(data)
+    out: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        if pos + BITMAP_DIR_ENTRY_SIZE > size or len(out) + 1 > nb_bitmaps:
+            return None
+        e = BITMAP_DIR_ENTRY.parse(data[pos : pos + BITMAP_DIR_ENTRY_SIZE])
+        t_off, t_size, gbits = e.bitmap_table_offset, e.bitmap_table_size, e.granularity_bits
+        entry_size = (BITMAP_DIR_ENTRY_SIZE + e.name_size + e.extra_data_size + 7) & ~7
+        if pos + entry_size > size or e.extra_data_size != 0:
+            return None
+        if (
+            t_size == 0
+            or t_off == 0
+            or t_off % cluster_size
+            or t_size > BME_MAX_TABLE_SIZE
+            or gbits > BME_MAX_GRANULARITY_BITS
+            or gbits < BME_MIN_GRANULARITY_BITS
+            or e.flags & BME_RESERVED_FLAGS
+            or e.name_size > MAX_BITMAP_NAME
+            or e.type != BT_DIRTY_TRACKING_BITMAP
+        ):
+            return None
+        phys = t_size * cluster_size
+        if phys > BME_MAX_PHYS_SIZE or virtual_size > (phys * 8) << gbits:
+            return None
+        out.append((t_off, t_size))
+        pos += entry_size
+    if len(out) != nb_bitmaps:
+        return None
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 import numpy as np
+import numpy.typing as npt
 
 from qcowlib.errors import CorruptImage
 from qcowlib.formats.qcow2.tables import U64
@@ -59,3 +60,18 @@ def encode_block(refcounts: U64, refcount_order: int) -> bytes:
 def max_refcount(refcount_order: int) -> int:
     """The largest refcount an entry of this width holds."""
     return (1 << (1 << refcount_order)) - 1
+
+
+def encode_span(
+    block: npt.NDArray[Any], lo: int, hi: int, refcount_order: int
+) -> tuple[int, bytes]:
+    """The bytes of a refcount block that hold entries ``lo..hi-1``: ``(byte offset in
+    the block, data)``.  Entries narrower than a byte round out to whole bytes, whose
+    other entries are encoded from the same ``block``."""
+    bits = 1 << refcount_order
+    first_byte = lo * bits // 8
+    end_byte = -(-(hi * bits) // 8)
+    per_byte = max(1, 8 // bits)
+    first_entry = first_byte * 8 // bits
+    entries = block[first_entry : max(end_byte * 8 // bits, first_entry + per_byte)]
+    return first_byte, encode_block(entries, refcount_order)[: end_byte - first_byte]

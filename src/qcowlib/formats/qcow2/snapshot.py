@@ -36,6 +36,8 @@ SNAPSHOT_EXTRA = cs.Struct(
     "icount" / cs.Int64ub,
 )
 SNAPSHOT_EXTRA_SIZE: Final = SNAPSHOT_EXTRA.sizeof()
+#: ``icount`` of a snapshot taken without instruction counting.
+NO_ICOUNT: Final = 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -101,10 +103,9 @@ def parse_snapshot_table(
                 f"snapshot {i} has an undecodable name", structure="snapshot table", offset=where
             ) from None
         pos = (pos + 7) & ~7
-        known = SNAPSHOT_EXTRA.parse(extra[:SNAPSHOT_EXTRA_SIZE].ljust(SNAPSHOT_EXTRA_SIZE, b"\0"))
-        vm_state_size = known.vm_state_size_large if extra_len >= 8 else h.vm_state_size
-        disk_size = known.disk_size if extra_len >= 16 else None
-        icount = known.icount if extra_len >= 24 and known.icount != 2**64 - 1 else None
+        vm_state_size, disk_size, icount = known_extra(extra, h.vm_state_size)
+        if icount == NO_ICOUNT:
+            icount = None
         out.append(
             Snapshot(
                 h.l1_table_offset,
@@ -121,3 +122,96 @@ def parse_snapshot_table(
             )
         )
     return out
+
+
+def snapshot_table_size(snapshots: list[Snapshot]) -> int:
+    """The bytes a parsed snapshot table spans (entries padded to 8 bytes; the last one
+    ends after its name)."""
+    size = 0
+    for sn in snapshots:
+        size = (size + 7) & ~7
+        size += SNAPSHOT_HEADER_SIZE + len(sn.extra_data)
+        size += len(sn.id_str.encode()) + len(sn.name.encode())
+    return size
+
+
+def known_extra(extra: bytes, vm_state_size_32: int) -> tuple[int, int | None, int | None]:
+    """``(vm_state_size, disk_size, icount)`` from an entry's extra data: each field
+    counts only when the extra data reaches past it (None where it does not); without
+    the 64-bit VM state size the 32-bit one in the fixed part stands."""
+    known = SNAPSHOT_EXTRA.parse(extra[:SNAPSHOT_EXTRA_SIZE].ljust(SNAPSHOT_EXTRA_SIZE, b"\0"))
+    n = len(extra)
+    return (
+        known.vm_state_size_large if n >= 8 else vm_state_size_32,
+        known.disk_size if n >= 16 else None,
+        known.icount if n >= 24 else None,
+    )
+
+
+@dataclass(frozen=True)
+class SnapshotEntry:
+    """A snapshot table entry as stored, for rewriting the table (QEMU's QCowSnapshot):
+    the names as raw bytes, the extra data QEMU does not know kept as it was."""
+
+    l1_table_offset: int
+    l1_size: int
+    id_raw: bytes
+    name_raw: bytes
+    extra_data_size: int
+    vm_state_size: int
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int
+    disk_size: int
+    icount: int
+    unknown_extra_data: bytes
+
+    @property
+    def id_str(self) -> str:
+        return _cstr(self.id_raw)
+
+    @property
+    def name(self) -> str:
+        return _cstr(self.name_raw)
+
+    def encode(self) -> bytes:
+        """The entry as qcow2_write_snapshots writes it (extra data at least 24 bytes;
+        names up to their first NUL, as QEMU's strlen() sees them)."""
+        ident = self.id_raw.split(b"\0", 1)[0]
+        name = self.name_raw.split(b"\0", 1)[0]
+        extra_size = max(SNAPSHOT_EXTRA_SIZE, self.extra_data_size)
+        header = SNAPSHOT_HEADER.build(
+            {
+                "l1_table_offset": self.l1_table_offset,
+                "l1_size": self.l1_size,
+                "id_str_size": len(ident),
+                "name_size": len(name),
+                "date_sec": self.date_sec,
+                "date_nsec": self.date_nsec,
+                "vm_clock_nsec": self.vm_clock_nsec,
+                "vm_state_size": self.vm_state_size if self.vm_state_size <= 0xFFFF_FFFF else 0,
+                "extra_data_size": extra_size,
+            }
+        )
+        extra = SNAPSHOT_EXTRA.build(
+            {
+                "vm_state_size_large": self.vm_state_size,
+                "disk_size": self.disk_size,
+                "icount": self.icount,
+            }
+        )
+        return bytes(header + extra + self.unknown_extra_data + ident + name)
+
+
+def encode_snapshot_table(entries: list[SnapshotEntry]) -> bytes:
+    """The snapshot table: each entry padded to 8 bytes (qcow2.txt "Snapshots")."""
+    table = bytearray()
+    for entry in entries:
+        table += bytes(-len(table) % 8)
+        table += entry.encode()
+    return bytes(table)
+
+
+def _cstr(raw: bytes) -> str:
+    """A C string as printf's %s shows it (up to the first NUL)."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")

@@ -338,3 +338,20 @@ def encode_l2_standard(kind: U8, host: U64, *, copied: bool = True) -> U64:
         with_host = (data | zero) & (host != 0)
         out[with_host] |= np.uint64(OFLAG_COPIED)
     return out
+
+
+def referenced_clusters(entries: U64, cluster_bits: int) -> npt.NDArray[np.int64]:
+    """Host clusters that standard L2 ``entries`` hold references to, one per reference:
+    those of the uncompressed entries, then every cluster the compressed ones' bytes
+    touch."""
+    cs = np.uint64(1 << cluster_bits)
+    compressed = (entries & np.uint64(OFLAG_COMPRESSED)) != 0
+    plain = entries[~compressed] & np.uint64(OFFSET_MASK)
+    out = [(plain[plain != 0] // cs).astype(np.int64)]
+    if compressed.any():
+        off, length = CompressedLayout(cluster_bits).decode(entries[compressed])
+        first = (off // cs).astype(np.int64)
+        span = ((off + length - np.uint64(1)) // cs).astype(np.int64) - first + 1
+        starts = np.repeat(np.cumsum(span) - span, span)
+        out.append(np.repeat(first, span) + np.arange(int(span.sum())) - starts)
+    return np.concatenate(out)
