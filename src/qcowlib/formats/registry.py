@@ -190,7 +190,7 @@ FORMATS: Final[tuple[Format, ...]] = (
         create="qcowlib.ops.create:create_qcow2",
         resize="qcowlib.ops.modify:resize_qcow2",
         writer="qcowlib.formats.opener:open_rw",
-        check="qcowlib.ops.check:check",
+        check="qcowlib.formats.qcow2.check:check_file",
         options=_QCOW2_OPTIONS,
         glance="qcow2",
     ),

@@ -26,19 +26,13 @@ Where qcowlib deliberately differs from qemu-img 7.2:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from qcowlib.checkreport import CheckReport
-from qcowlib.errors import InvalidArgument, QcowlibError, UnsupportedFeature
-
-if TYPE_CHECKING:
-    from qcowlib.disk._file import HostFile
-    from qcowlib.formats.qcow2.header import Header
+from qcowlib.errors import InvalidArgument, UnsupportedFeature
 
 __all__ = ["CheckNotSupported", "CheckReport", "check"]
 
-#: Formats qemu-img has no check for (``qemu-img check`` exits 63).
-_NOTHING_TO_CHECK: Final = ("raw", "iso", "vpc", "luks")
 #: BdrvCheckMode bits for each ``repair`` value.
 _MODES: Final = {None: 0, "leaks": 1, "all": 3}
 
@@ -67,60 +61,28 @@ def check(path: str, fmt: str | None = None, repair: str | None = None) -> Check
     """
     from qcowlib.disk._file import HostFile
     from qcowlib.disk.chain import probe_format
-    from qcowlib.formats import detect
+    from qcowlib.formats import registry
+    from qcowlib.formats.opener import open_disk
 
     if repair not in _MODES:
         raise InvalidArgument(f"repair must be 'leaks' or 'all', not {repair!r}")
     fix = _MODES[repair]
-    if fmt is not None and fmt not in detect.FORMATS:
+    if fmt is not None and fmt not in registry.known():
         raise InvalidArgument(f"unknown format {fmt!r}")
     host = HostFile(path, writable=bool(fix))
     try:
         if fix:
             # Repair writes: take QEMU's locks so a running VM's disk is never touched.
-            from qcowlib.disk.qcow2_rw import take_write_locks
+            from qcowlib.disk.locks import take_write_locks
 
             take_write_locks(host.fd, path)
         detected = fmt if fmt is not None else probe_format(host)
-        if detected in _NOTHING_TO_CHECK:
+        entry = registry.by_name(detected)
+        if entry.nothing_to_check:
             raise CheckNotSupported(f"{detected} images have nothing to check", file=path)
-        if detected != "qcow2":
+        if entry.check is None:
             raise UnsupportedFeature(f"checking {detected} images is not supported", file=path)
-        return _check_qcow2(host, path, fix)
+        report: CheckReport = entry.implementation("check")(host, path, fix, open_disk)
+        return report
     finally:
         host.close()
-
-
-def _check_qcow2(host: HostFile, path: str, fix: int) -> CheckReport:
-    from qcowlib.formats.qcow2.check import check_image
-    from qcowlib.formats.qcow2.hostio import read_header
-
-    header = read_header(host, for_check=True)
-    _open_linked_files(path, header)
-    return check_image(host, header, path, fix)
-
-
-def _open_linked_files(path: str, h: Header) -> None:
-    """qemu-img opens the backing chain and the data file too; fail as it would."""
-    from qcowlib.disk._file import HostFile
-    from qcowlib.disk.chain import BackingPolicy, resolve_linked_path
-    from qcowlib.errors import BackingNotFound, QcowlibIOError
-    from qcowlib.formats.opener import open_disk
-
-    policy = BackingPolicy()
-    if h.has_data_file and h.data_file is not None:
-        name = resolve_linked_path(path, h.data_file, "external data file", policy)
-        try:
-            HostFile(name).close()
-        except QcowlibError as exc:
-            raise QcowlibIOError(
-                f"cannot open external data file {name!r}: {exc.message}", file=path
-            ) from None
-    if h.backing_file is not None:
-        name = resolve_linked_path(path, h.backing_file, "backing file", policy)
-        try:
-            open_disk(name, h.backing_format).close()
-        except QcowlibIOError as exc:
-            raise BackingNotFound(
-                f"cannot open backing file {name!r}: {exc.message}", file=path
-            ) from None

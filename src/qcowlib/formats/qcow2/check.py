@@ -75,6 +75,10 @@ from qcowlib.formats.qcow2.refcount_store import BDRV_MAX_LENGTH
 from qcowlib.formats.qcow2.repair import rebuild_refcount_structure
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from qcowlib.disk._file import HostFile
+    from qcowlib.disk.base import Disk
     from qcowlib.formats.qcow2.hostio import HostIO
 
 __all__ = ["BDRV_FIX_ERRORS", "BDRV_FIX_LEAKS", "check_image"]
@@ -307,3 +311,41 @@ class _Pass:
                 res.corruptions += 1
                 raise CheckFailed(EINVAL)
             rec.inc_clusters(offsets[offsets != 0].astype(np.int64))
+
+
+def check_file(
+    host: HostFile, path: str, fix: int, open_backing: Callable[[str, str | None], Disk]
+) -> CheckReport:
+    """The registry's qcow2 checker: read the header as ``qemu-img check`` does, make
+    sure the backing chain (through ``open_backing``) and an external data file open, as
+    qemu-img opens them too, then check the image (:func:`check_image`)."""
+    header = read_header(host, for_check=True)
+    _open_linked_files(path, header, open_backing)
+    return check_image(host, header, path, fix)
+
+
+def _open_linked_files(
+    path: str, h: hdr.Header, open_backing: Callable[[str, str | None], Disk]
+) -> None:
+    """qemu-img opens the backing chain and the data file too; fail as it would."""
+    from qcowlib.disk._file import HostFile
+    from qcowlib.disk.chain import BackingPolicy, resolve_linked_path
+    from qcowlib.errors import BackingNotFound, QcowlibError, QcowlibIOError
+
+    policy = BackingPolicy()
+    if h.has_data_file and h.data_file is not None:
+        name = resolve_linked_path(path, h.data_file, "external data file", policy)
+        try:
+            HostFile(name).close()
+        except QcowlibError as exc:
+            raise QcowlibIOError(
+                f"cannot open external data file {name!r}: {exc.message}", file=path
+            ) from None
+    if h.backing_file is not None:
+        name = resolve_linked_path(path, h.backing_file, "backing file", policy)
+        try:
+            open_backing(name, h.backing_format).close()
+        except QcowlibIOError as exc:
+            raise BackingNotFound(
+                f"cannot open backing file {name!r}: {exc.message}", file=path
+            ) from None
