@@ -9,22 +9,37 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "qcowlib"
 
-# Lower number = lower layer.  A module may import from its own layer or lower ones.
-# The registry (and the ``qcowlib.formats()`` it backs) sits above the formats'
-# readers and writers, which it names, and below the operations that use it.
-REGISTRY_LAYER = 3.5
+# Lower number = lower layer.  A module may import from its own layer or lower ones:
+# errors/_units <- core <- formats/<fmt> <- formats/registry <- ops <- {cli, glance,
+# validate}.  The registry (with ``qcowlib.formats()`` and the opener, which opens
+# chains through it) names the formats' readers and writers and sits above them.
+REGISTRY_LAYER = 3
 REGISTRY_MODULES = ("qcowlib.formats", "qcowlib.formats.registry", "qcowlib.formats.opener")
 LAYERS = {
     "errors": 0,
     "_units": 0,
     "checkreport": 0,
-    "formats": 1,
-    "disk": 2,
-    "engine": 3,
+    "core": 1,
+    "formats": 2,
     "ops": 4,
     "cli": 5,
     "glance": 5,
     "validate": 5,
+}
+#: Modules of a format that only turn bytes into values and back (they open no file).
+PURE_MODULES = {
+    "_layout.py",
+    "_record.py",
+    "detect.py",
+    "registry.py",
+    "codec.py",
+    "header.py",
+    "tables.py",
+    "refcount.py",
+    "snapshot.py",
+    "bitmap.py",
+    "compress.py",
+    "layout.py",
 }
 
 
@@ -67,22 +82,22 @@ def test_lower_layers_do_not_import_higher_ones() -> None:
     assert not problems, "\n".join(problems)
 
 
-def test_formats_layer_does_no_file_io() -> None:
+def test_format_codecs_do_no_file_io() -> None:
     banned = {"os", "io.open", "open", "pathlib", "mmap"}
     problems = []
     for path in (SRC / "formats").rglob("*.py"):
-        if path.name == "opener.py":
-            continue  # the registry layer opens files (through disk/), the codecs do not
+        if path.name not in PURE_MODULES:
+            continue  # readers, writers and checkers do I/O, through core/hostfile.py
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Import) and any(a.name in banned for a in node.names):
-                problems.append(f"{path.name} imports os/pathlib")
+                problems.append(f"{path.relative_to(SRC)} imports os/pathlib")
             if (
                 isinstance(node, ast.Call)
                 and isinstance(node.func, ast.Name)
                 and node.func.id == "open"
             ):
-                problems.append(f"{path.name} calls open()")
+                problems.append(f"{path.relative_to(SRC)} calls open()")
     assert not problems, problems
 
 

@@ -19,7 +19,7 @@ from typing import Any, cast
 
 import pytest
 
-from qcowlib.engine.digest import MultiHasher
+from qcowlib.core.digest import MultiHasher
 from qcowlib.errors import QcowlibIOError
 from qcowlib.glance import upload as up
 from qcowlib.ops.flatten import flatten

@@ -32,10 +32,10 @@ from qcowlib.errors import (
 
 if TYPE_CHECKING:
     from qcowlib.checkreport import CheckReport
-    from qcowlib.disk.base import Disk, Extent, ExtentKind
-    from qcowlib.disk.chain import BackingPolicy
-    from qcowlib.disk.qcow2_rw import Qcow2RWDisk
+    from qcowlib.core.chain import BackingPolicy
+    from qcowlib.core.disk import Disk, Extent, ExtentKind
     from qcowlib.formats import formats
+    from qcowlib.formats.qcow2.writer import Qcow2RWDisk
     from qcowlib.glance.upload import UploadRequest, upload
     from qcowlib.ops.check import check
     from qcowlib.ops.checksum import checksum
@@ -89,10 +89,10 @@ __all__ = [
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Disk": ("qcowlib.disk.base", "Disk"),
-    "Extent": ("qcowlib.disk.base", "Extent"),
-    "ExtentKind": ("qcowlib.disk.base", "ExtentKind"),
-    "BackingPolicy": ("qcowlib.disk.chain", "BackingPolicy"),
+    "Disk": ("qcowlib.core.disk", "Disk"),
+    "Extent": ("qcowlib.core.disk", "Extent"),
+    "ExtentKind": ("qcowlib.core.disk", "ExtentKind"),
+    "BackingPolicy": ("qcowlib.core.chain", "BackingPolicy"),
     "CheckReport": ("qcowlib.checkreport", "CheckReport"),
     "CompareResult": ("qcowlib.ops.compare", "CompareResult"),
     "convert": ("qcowlib.ops.convert", "convert"),

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import qcowlib
-from qcowlib.disk.chain import SAFE, BackingPolicy
+from qcowlib.core.chain import SAFE, BackingPolicy
 from tests.conftest import qemu_img
 
 

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from qcowlib.disk._file import HostFile
-from qcowlib.disk.base import Disk, ExtentKind
-from qcowlib.disk.raw import RawDisk
-from qcowlib.disk.vdi import VdiDisk
-from qcowlib.engine.vdiout import write_vdi
+from qcowlib.core.disk import Disk, ExtentKind
+from qcowlib.core.hostfile import HostFile
 from qcowlib.errors import CorruptImage, FormatError, TruncatedImage, UnsupportedFeature
-from qcowlib.formats import vdi
 from qcowlib.formats.opener import open_disk
+from qcowlib.formats.raw.reader import RawDisk
+from qcowlib.formats.vdi import codec as vdi
+from qcowlib.formats.vdi.output import write_vdi
+from qcowlib.formats.vdi.reader import VdiDisk
 from tests.conftest import qemu_img, qemu_json
 
 MiB = 1024 * 1024

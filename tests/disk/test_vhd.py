@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from qcowlib.disk._file import HostFile
-from qcowlib.disk.base import ExtentKind
-from qcowlib.disk.vhd import VhdDisk
-from qcowlib.engine.output import atomic_output
-from qcowlib.engine.vhdout import write_vhd
+from qcowlib.core.disk import ExtentKind
+from qcowlib.core.hostfile import HostFile
+from qcowlib.core.sinks import atomic_output
 from qcowlib.errors import (
     CorruptImage,
     FormatError,
@@ -23,8 +21,10 @@ from qcowlib.errors import (
     TruncatedImage,
     UnsupportedFeature,
 )
-from qcowlib.formats import vhd
 from qcowlib.formats.opener import open_disk
+from qcowlib.formats.vhd import codec as vhd
+from qcowlib.formats.vhd.output import write_vhd
+from qcowlib.formats.vhd.reader import VhdDisk
 from tests.conftest import qemu_img, qemu_io, qemu_json, seeded_raw
 
 pytestmark = pytest.mark.usefixtures("qemu")

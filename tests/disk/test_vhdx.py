@@ -14,11 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qcowlib.disk._file import HostFile
-from qcowlib.disk.base import ExtentKind
-from qcowlib.disk.vhdx import VhdxDisk
-from qcowlib.engine.output import atomic_output
-from qcowlib.engine.vhdxout import default_block_size, write_vhdx
+from qcowlib.core.disk import ExtentKind
+from qcowlib.core.hostfile import HostFile
+from qcowlib.core.sinks import atomic_output
 from qcowlib.errors import (
     CorruptImage,
     FormatError,
@@ -26,8 +24,10 @@ from qcowlib.errors import (
     TruncatedImage,
     UnsupportedFeature,
 )
-from qcowlib.formats import vhdx
 from qcowlib.formats.opener import open_disk
+from qcowlib.formats.vhdx import codec as vhdx
+from qcowlib.formats.vhdx.output import default_block_size, write_vhdx
+from qcowlib.formats.vhdx.reader import VhdxDisk
 from tests.conftest import qemu_img, qemu_io, qemu_json, seeded_raw
 
 pytestmark = pytest.mark.usefixtures("qemu")

@@ -11,11 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from qcowlib.disk._file import HostFile
-from qcowlib.disk.chain import SAFE, BackingPolicy
-from qcowlib.disk.raw import RawDisk
-from qcowlib.disk.vmdk import VmdkDisk, open_vmdk
-from qcowlib.engine.vmdkout import write_vmdk
+from qcowlib.core.chain import SAFE, BackingPolicy
+from qcowlib.core.hostfile import HostFile
 from qcowlib.errors import (
     BackingLoop,
     BackingMismatch,
@@ -27,6 +24,9 @@ from qcowlib.errors import (
     UnsafeBackingPath,
 )
 from qcowlib.formats.opener import open_disk
+from qcowlib.formats.raw.reader import RawDisk
+from qcowlib.formats.vmdk.output import write_vmdk
+from qcowlib.formats.vmdk.reader import VmdkDisk, open_vmdk
 from tests.conftest import qemu_img, qemu_json
 
 pytestmark = pytest.mark.usefixtures("qemu")

@@ -19,7 +19,7 @@ from qcowlib.errors import (
     TruncatedImage,
     UnsupportedFeature,
 )
-from qcowlib.formats import vdi
+from qcowlib.formats.vdi import codec as vdi
 
 MiB = 1024 * 1024
 

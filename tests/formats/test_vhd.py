@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qcowlib.errors import CorruptImage, FormatError, QcowlibError, TruncatedImage
-from qcowlib.formats import vhd
+from qcowlib.formats.vhd import codec as vhd
 
 FOOTER = vhd.Footer(
     features=2,

@@ -16,7 +16,7 @@ from qcowlib.errors import (
     TruncatedImage,
     UnsupportedFeature,
 )
-from qcowlib.formats import vhdx
+from qcowlib.formats.vhdx import codec as vhdx
 
 MIB = 1 << 20
 

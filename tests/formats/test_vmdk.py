@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qcowlib.errors import CorruptImage, FormatError, QcowlibError, TruncatedImage
-from qcowlib.formats import vmdk
+from qcowlib.formats.vmdk import codec as vmdk
 
 
 @st.composite

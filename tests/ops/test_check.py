@@ -631,7 +631,7 @@ def test_tables_past_eof_stop_early_like_qemu(
 ) -> None:
     """A header whose tables claim far more than the file holds: the same outcome as
     qemu-img (status, counts, messages), and no more read than the file holds."""
-    from qcowlib.disk._file import HostFile
+    from qcowlib.core.hostfile import HostFile
 
     src = tmp_path / "src" / "img.qcow2"
     src.parent.mkdir()

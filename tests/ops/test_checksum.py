@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qcowlib.cli import main as cli_main
-from qcowlib.engine import digest
-from qcowlib.engine.digest import ALGORITHMS, ZERO_CHUNK, MultiHasher
+from qcowlib.core import digest
+from qcowlib.core.digest import ALGORITHMS, ZERO_CHUNK, MultiHasher
 from qcowlib.errors import InvalidArgument, QcowlibError
 from qcowlib.formats.opener import open_disk
 from qcowlib.ops import checksum as checksum_mod

@@ -360,7 +360,7 @@ def test_prealloc_size_small_cases() -> None:
 
 
 def test_allocated_clusters_unions_touched_clusters() -> None:
-    from qcowlib.disk.base import Extent, ExtentKind
+    from qcowlib.core.disk import Extent, ExtentKind
 
     data, zero = ExtentKind.DATA, ExtentKind.ZERO
     runs = [

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from qcowlib.disk import _file
-from qcowlib.disk._file import pwrite_all
-from qcowlib.engine import output
+from qcowlib.core import hostfile as _file
+from qcowlib.core import sinks as output
+from qcowlib.core.hostfile import pwrite_all
 from qcowlib.errors import InvalidArgument
 
 

@@ -16,7 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qcowlib.errors import QcowlibError
-from qcowlib.formats import vdi, vhd, vhdx, vmdk
+from qcowlib.formats.vdi import codec as vdi
+from qcowlib.formats.vhd import codec as vhd
+from qcowlib.formats.vhdx import codec as vhdx
+from qcowlib.formats.vmdk import codec as vmdk
 from qcowlib.validate import formats as fm
 from qcowlib.validate import validate
 from tests.validate.images import write_descriptor, write_gpt_disk, write_iso, write_mbr_disk

@@ -1,9 +1,9 @@
 """Opening images through the registry, and following their backing chains safely.
 
 Each layer is opened by its format's reader (:mod:`qcowlib.formats.registry`); backing
-and external data file names are untrusted and resolved by :mod:`qcowlib.disk.chain`
+and external data file names are untrusted and resolved by :mod:`qcowlib.core.chain`
 (relative to the image's directory, protocols refused, the caller's
-:class:`~qcowlib.disk.chain.BackingPolicy` deciding about absolute and escaping paths);
+:class:`~qcowlib.core.chain.BackingPolicy` deciding about absolute and escaping paths);
 loops are detected by file identity and depth is capped.  This sits above the readers:
 a reader reports the names, the chain is opened here, as QEMU's block layer opens what
 its drivers name.
@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from qcowlib.disk._file import HostFile
-from qcowlib.disk.base import Disk
-from qcowlib.disk.chain import BackingPolicy, probe_format, resolve_linked_path
+from qcowlib.core.chain import BackingPolicy, resolve_linked_path
+from qcowlib.core.disk import Disk
+from qcowlib.core.hostfile import HostFile
 from qcowlib.errors import (
     BackingFormatUnknown,
     BackingLoop,
@@ -29,10 +29,10 @@ from qcowlib.errors import (
     UnsafeBackingPath,
     UnsupportedFeature,
 )
-from qcowlib.formats import registry
+from qcowlib.formats import detect, registry
 
 if TYPE_CHECKING:
-    from qcowlib.disk.qcow2_rw import Qcow2RWDisk
+    from qcowlib.formats.qcow2.writer import Qcow2RWDisk
 
 __all__ = [
     "attach_backing_chain",
@@ -40,7 +40,16 @@ __all__ = [
     "backing_name",
     "open_disk",
     "open_rw",
+    "probe_format",
 ]
+
+
+def probe_format(host: HostFile) -> str:
+    """Probe a file's format from its content (never its name)."""
+    head = host.pread(0, min(host.size, detect.PROBE_HEAD_SIZE))
+    tail_len = min(host.size, detect.PROBE_TAIL_SIZE)
+    tail = host.pread(host.size - tail_len, tail_len)
+    return detect.probe(head, tail, host.size).format
 
 
 def _open_layer(
@@ -181,7 +190,7 @@ def open_rw(path: str, *, follow_backing: bool = True) -> Qcow2RWDisk:
     writing, :class:`~qcowlib.errors.CorruptImage` for images marked corrupt or dirty,
     and the usual open errors.
     """
-    from qcowlib.disk.qcow2_rw import open_rw_layer
+    from qcowlib.formats.qcow2.writer import open_rw_layer
 
     disk = open_rw_layer(path)
     if follow_backing:

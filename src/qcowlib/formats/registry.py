@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from qcowlib.errors import InvalidArgument, UnsupportedFeature
 
 if TYPE_CHECKING:
-    from qcowlib.disk._file import HostFile
-    from qcowlib.disk.base import Disk
-    from qcowlib.disk.chain import BackingPolicy
-    from qcowlib.engine.drivers import OutputDriver
+    from qcowlib.core.chain import BackingPolicy
+    from qcowlib.core.disk import Disk
+    from qcowlib.core.drivers import OutputDriver
+    from qcowlib.core.hostfile import HostFile
 
 __all__ = [
     "FORMATS",
@@ -171,12 +171,12 @@ FORMATS: Final[tuple[Format, ...]] = (
     Format(
         "raw",
         "raw disk image",
-        reader="qcowlib.disk.raw:open_image",
-        output="qcowlib.engine.drivers:RAW",
+        reader="qcowlib.formats.raw.reader:open_image",
+        output="qcowlib.formats.raw.driver:RAW",
         stream=True,
         create="qcowlib.ops.create:create_raw",
         resize="qcowlib.ops.modify:resize_raw",
-        writer="qcowlib.disk.raw:open_writer",
+        writer="qcowlib.formats.raw.reader:open_writer",
         nothing_to_check=True,
         options=(Option("size", "size", "Virtual disk size"),),
         glance="raw",
@@ -184,8 +184,8 @@ FORMATS: Final[tuple[Format, ...]] = (
     Format(
         "qcow2",
         "QEMU copy-on-write v2/v3",
-        reader="qcowlib.disk.qcow2:open_image",
-        output="qcowlib.engine.drivers:QCOW2",
+        reader="qcowlib.formats.qcow2.reader:open_image",
+        output="qcowlib.formats.qcow2.driver:QCOW2",
         stream=True,
         create="qcowlib.ops.create:create_qcow2",
         resize="qcowlib.ops.modify:resize_qcow2",
@@ -197,8 +197,8 @@ FORMATS: Final[tuple[Format, ...]] = (
     Format(
         "vmdk",
         "VMware virtual disk",
-        reader="qcowlib.disk.vmdk:open_image",
-        output="qcowlib.engine.drivers:VMDK",
+        reader="qcowlib.formats.vmdk.reader:open_image",
+        output="qcowlib.formats.vmdk.driver:VMDK",
         stream=True,
         options=_VMDK_OPTIONS,
         glance="vmdk",
@@ -207,8 +207,8 @@ FORMATS: Final[tuple[Format, ...]] = (
     Format(
         "vdi",
         "VirtualBox disk image",
-        reader="qcowlib.disk.vdi:open_image",
-        output="qcowlib.engine.drivers:VDI",
+        reader="qcowlib.formats.vdi.reader:open_image",
+        output="qcowlib.formats.vdi.driver:VDI",
         stream=True,
         options=_VDI_OPTIONS,
         glance="vdi",
@@ -216,8 +216,8 @@ FORMATS: Final[tuple[Format, ...]] = (
     Format(
         "vpc",
         "Virtual Hard Disk (VHD)",
-        reader="qcowlib.disk.vhd:open_image",
-        output="qcowlib.engine.drivers:VPC",
+        reader="qcowlib.formats.vhd.reader:open_image",
+        output="qcowlib.formats.vhd.driver:VPC",
         nothing_to_check=True,
         options=_VHD_OPTIONS,
         glance="vhd",
@@ -225,8 +225,8 @@ FORMATS: Final[tuple[Format, ...]] = (
     Format(
         "vhdx",
         "Hyper-V Virtual Hard Disk v2",
-        reader="qcowlib.disk.vhdx:open_image",
-        output="qcowlib.engine.drivers:VHDX",
+        reader="qcowlib.formats.vhdx.reader:open_image",
+        output="qcowlib.formats.vhdx.driver:VHDX",
         options=_VHD_OPTIONS,
         glance="vhdx",
     ),

@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from qcowlib.engine.digest import MultiHasher
+from qcowlib.core.digest import MultiHasher
 from qcowlib.errors import InvalidArgument, QcowlibError, QcowlibIOError
 from qcowlib.formats import registry
 
@@ -86,7 +86,7 @@ class _Source:
             self.virtual_size = self._stream.virtual_size
             self._file: int | None = None
         else:
-            from qcowlib.disk.chain import BackingPolicy
+            from qcowlib.core.chain import BackingPolicy
             from qcowlib.formats.opener import open_disk
 
             with open_disk(req.path, req.src_format, BackingPolicy(follow=False)) as disk:
@@ -101,7 +101,7 @@ class _Source:
         if self._file is None:
             yield from self._stream.chunks()
             return
-        from qcowlib.disk._file import aligned_buffer
+        from qcowlib.core.hostfile import aligned_buffer
 
         # Read into an aligned buffer (the kernel's copy is much faster there), then hand
         # out a copy of it: the HTTP layer may hold on to what it is given.
@@ -215,8 +215,8 @@ def upload(
     (``--os-cloud``, ``OS_CLOUD``, clouds.yaml and ``OS_*`` variables, as the
     ``openstack`` client does).
     """
-    from qcowlib.disk._file import HostFile
-    from qcowlib.disk.chain import probe_format
+    from qcowlib.core.hostfile import HostFile
+    from qcowlib.formats.opener import probe_format
 
     host = HostFile(req.path)
     try:

@@ -59,10 +59,9 @@ def check(path: str, fmt: str | None = None, repair: str | None = None) -> Check
     :class:`QcowlibError` subclasses when the image cannot be opened at all (bad header,
     missing file, backing file or data file) or written while repairing.
     """
-    from qcowlib.disk._file import HostFile
-    from qcowlib.disk.chain import probe_format
+    from qcowlib.core.hostfile import HostFile
     from qcowlib.formats import registry
-    from qcowlib.formats.opener import open_disk
+    from qcowlib.formats.opener import open_disk, probe_format
 
     if repair not in _MODES:
         raise InvalidArgument(f"repair must be 'leaks' or 'all', not {repair!r}")
@@ -73,7 +72,7 @@ def check(path: str, fmt: str | None = None, repair: str | None = None) -> Check
     try:
         if fix:
             # Repair writes: take QEMU's locks so a running VM's disk is never touched.
-            from qcowlib.disk.locks import take_write_locks
+            from qcowlib.core.locks import take_write_locks
 
             take_write_locks(host.fd, path)
         detected = fmt if fmt is not None else probe_format(host)

@@ -25,9 +25,9 @@ import stat
 from collections.abc import Iterable
 from typing import NotRequired, TypedDict
 
-from qcowlib.disk._file import HostFile, aligned_buffer
-from qcowlib.disk.base import Disk
-from qcowlib.engine.digest import DEFAULT_ALGORITHMS, MultiHasher, check_algorithms
+from qcowlib.core.digest import DEFAULT_ALGORITHMS, MultiHasher, check_algorithms
+from qcowlib.core.disk import Disk
+from qcowlib.core.hostfile import HostFile, aligned_buffer
 from qcowlib.errors import QcowlibIOError
 from qcowlib.formats.opener import open_disk
 
@@ -56,7 +56,7 @@ def checksum(
 ) -> ChecksumResult:
     """Digests of the file at ``path`` as stored and, if asked, of the disk it holds.
 
-    ``algos`` are names from :data:`qcowlib.engine.digest.ALGORITHMS`.  Content digests
+    ``algos`` are names from :data:`qcowlib.core.digest.ALGORITHMS`.  Content digests
     are computed when ``content`` is true or ``content_algos`` is given (default: the
     same algorithms as ``algos``); ``fmt`` forces the image format for them (probed from
     the content otherwise) and the backing chain is followed as ``qemu-img`` does.

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qcowlib.disk._file import aligned_buffer
-from qcowlib.disk.base import Disk, Extent, ExtentKind
+from qcowlib.core.disk import Disk, Extent, ExtentKind
+from qcowlib.core.hostfile import aligned_buffer
 
 _CHUNK = 4 * 1024 * 1024
 #: qemu-img reports the first differing 512-byte sector.

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from qcowlib.engine.copy import Progress
-from qcowlib.engine.drivers import OutputRequest
+from qcowlib.core.copy import Progress
+from qcowlib.core.drivers import OutputRequest
 from qcowlib.errors import InvalidArgument
 from qcowlib.formats import registry
 from qcowlib.formats.opener import open_disk

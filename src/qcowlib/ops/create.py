@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from qcowlib.disk.chain import BackingPolicy, resolve_linked_path
-from qcowlib.engine.output import atomic_output
-from qcowlib.engine.qcow2out import write_qcow2
+from qcowlib.core.chain import BackingPolicy, resolve_linked_path
+from qcowlib.core.sinks import atomic_output
 from qcowlib.errors import InvalidArgument, QcowlibError, QcowlibIOError, UnsupportedFeature
 from qcowlib.formats import registry
 from qcowlib.formats.opener import open_disk
 from qcowlib.formats.qcow2.layout import CreateOptions, parse_options
+from qcowlib.formats.qcow2.output import write_qcow2
 
 
 def backing_size(image: str, backing: str, backing_fmt: str) -> int:

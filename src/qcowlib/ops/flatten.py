@@ -2,9 +2,9 @@
 
 The output never has a backing file and never uses features Glance's image inspector
 refuses (extended L2 entries, external data files), so it can be uploaded as is.  The
-stream and the file are the same bytes: streams come from :mod:`qcowlib.engine.serialize`
+stream and the file are the same bytes: streams come from :mod:`qcowlib.formats.qcow2.stream`
 (plan, then emit), a qcow2 file from the one-pass writer of
-:mod:`qcowlib.engine.qcow2out`, which lays clusters out exactly as the serializer plans.
+:mod:`qcowlib.formats.qcow2.output`, which lays clusters out exactly as the serializer plans.
 """
 
 from __future__ import annotations
@@ -15,19 +15,20 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, Self, TypeAlias
 
-from qcowlib.disk._file import pwrite_all
-from qcowlib.engine.drivers import OutputDriver, OutputRequest
-from qcowlib.engine.output import atomic_output
-from qcowlib.engine.qcow2out import reserve
-from qcowlib.engine.serialize import STREAM_CHUNK
-from qcowlib.engine.zero import is_zero
+from qcowlib.core.drivers import OutputDriver, OutputRequest
+from qcowlib.core.hostfile import pwrite_all
+from qcowlib.core.sinks import atomic_output
+from qcowlib.core.zero import is_zero
 from qcowlib.errors import QcowlibIOError, UnsupportedFeature
 from qcowlib.formats import registry
 from qcowlib.formats.opener import open_disk
+from qcowlib.formats.qcow2.output import reserve
+from qcowlib.formats.qcow2.stream import STREAM_CHUNK
 
 if TYPE_CHECKING:
-    from qcowlib.engine.formatstream import VdiSerializer, VmdkSerializer
-    from qcowlib.engine.serialize import Qcow2Serializer, RawSerializer
+    from qcowlib.formats.qcow2.stream import Qcow2Serializer, RawSerializer
+    from qcowlib.formats.vdi.stream import VdiSerializer
+    from qcowlib.formats.vmdk.stream import VmdkSerializer
 
 Progress = Callable[[int, int], None]
 

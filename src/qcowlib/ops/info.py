@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from qcowlib.disk.base import Disk, full_backing_filename
-from qcowlib.disk.chain import BackingPolicy
+from qcowlib.core.chain import BackingPolicy
+from qcowlib.core.disk import Disk, full_backing_filename
 from qcowlib.formats.opener import open_disk
 
 __all__ = ["full_backing_filename", "image_info", "info"]

@@ -27,7 +27,7 @@ from qcowlib._units import (
     parse_option_number,
     parse_option_size,
 )
-from qcowlib.disk.base import Disk, Extent, ExtentKind
+from qcowlib.core.disk import Disk, Extent, ExtentKind
 from qcowlib.errors import InvalidArgument, UnsupportedFeature
 from qcowlib.formats.qcow2 import header as hdr
 from qcowlib.formats.qcow2.bitmap import BITMAP_DIR_ENTRY_SIZE
@@ -326,7 +326,7 @@ def measure(
     Exactly one of ``src`` and ``size`` must be given.  Raises :class:`InvalidArgument`
     for bad combinations, options or sizes (with qemu-img's wording),
     :class:`UnsupportedFeature` for output formats that cannot be measured, and the
-    errors of :func:`qcowlib.disk.open_disk` for a source that cannot be opened.
+    errors of :func:`qcowlib.formats.opener.open_disk` for a source that cannot be opened.
     """
     if src is None and src_format is not None:
         raise InvalidArgument("--image-opts, -f, and -l require a filename argument.")

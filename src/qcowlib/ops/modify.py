@@ -8,11 +8,11 @@ from typing import TypeVar
 
 import numpy as np
 
-from qcowlib.disk._file import HostFile, aligned_buffer, pwrite_all
-from qcowlib.disk.base import Disk, ExtentKind, Writer
-from qcowlib.disk.chain import BackingPolicy, probe_format, resolve_linked_path
+from qcowlib.core.chain import BackingPolicy, resolve_linked_path
+from qcowlib.core.disk import Disk, ExtentKind, Writer
+from qcowlib.core.hostfile import HostFile, aligned_buffer, pwrite_all
 from qcowlib.errors import InvalidArgument, QcowlibIOError, UnsupportedFeature
-from qcowlib.formats.opener import open_disk
+from qcowlib.formats.opener import open_disk, probe_format
 
 Progress = Callable[[int, int], None]
 _T = TypeVar("_T")
@@ -119,8 +119,8 @@ def _copy_differences(disk: Disk, new_base: Disk | None, progress: Progress | No
     Only ranges this image leaves to its backing, and where either backing may hold
     data (by their extent maps), are read; differing clusters are written in runs.
     """
-    from qcowlib.disk.qcow2_rw import Qcow2RWDisk
-    from qcowlib.engine.qcow2out import candidate_ranges, merge_ranges
+    from qcowlib.formats.qcow2.output import candidate_ranges, merge_ranges
+    from qcowlib.formats.qcow2.writer import Qcow2RWDisk
 
     assert isinstance(disk, Qcow2RWDisk)
     size = disk.virtual_size

@@ -19,7 +19,7 @@ from qcowlib.validate.model import Finding, Rule, ValidationReport, as_rule
 from qcowlib.validate.policy import Policy, get_policy
 
 if TYPE_CHECKING:
-    from qcowlib.disk._file import HostFile
+    from qcowlib.core.hostfile import HostFile
     from qcowlib.formats.detect import Probe
     from qcowlib.formats.qcow2.header import Header
     from qcowlib.validate.formats import InspectorView, Qcow2Fields
@@ -262,7 +262,7 @@ def validate(
     regular file, does not exist, cannot be read) and :class:`InvalidArgument` for an
     unknown policy or format.  Only the image file itself is opened, read-only.
     """
-    from qcowlib.disk._file import HostFile
+    from qcowlib.core.hostfile import HostFile
     from qcowlib.formats import registry as format_registry
     from qcowlib.validate import registry
 

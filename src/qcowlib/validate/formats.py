@@ -29,9 +29,12 @@ from typing import Any, Final
 import construct as cs
 
 from qcowlib.errors import CorruptImage, FormatError, QcowlibError, TruncatedImage
-from qcowlib.formats import vdi, vhd, vhdx, vmdk
 from qcowlib.formats._layout import parse_fixed as _parse
 from qcowlib.formats.qcow2 import header as qcow2_header
+from qcowlib.formats.vdi import codec as vdi
+from qcowlib.formats.vhd import codec as vhd
+from qcowlib.formats.vhdx import codec as vhdx
+from qcowlib.formats.vmdk import codec as vmdk
 
 SECTOR: Final = 512
 

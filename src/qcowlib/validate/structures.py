@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from typing import Final
 
 from qcowlib.errors import CorruptImage, FormatError, QcowlibError
-from qcowlib.formats import vdi, vhd, vhdx, vmdk
+from qcowlib.formats.vdi import codec as vdi
+from qcowlib.formats.vhd import codec as vhd
+from qcowlib.formats.vhdx import codec as vhdx
+from qcowlib.formats.vmdk import codec as vmdk
 from qcowlib.validate.engine import Context
 from qcowlib.validate.formats import (
     ISO_DESCRIPTOR_SIZE,
@@ -127,7 +130,7 @@ class VhdInfo:
 
 
 def vhd_info(ctx: Context) -> VhdInfo:
-    """Raises what :func:`qcowlib.formats.vhd.locate_footer` raises (no footer, bad
+    """Raises what :func:`qcowlib.formats.vhd.codec.locate_footer` raises (no footer, bad
     checksum): the reader refuses such a file outright."""
     return ctx.cached("vpc", lambda: _parse_vhd(ctx))
 
@@ -281,7 +284,7 @@ def _vhdx_regions(area: bytes, problems: list[Problem]) -> tuple[tuple[vhdx.Regi
 
 
 def vdi_header(ctx: Context) -> vdi.VdiHeader:
-    """The decoded header (values unjudged: see :func:`qcowlib.formats.vdi.header_problems`)."""
+    """The decoded header (values unjudged: see ``vdi.header_problems``)."""
     return ctx.cached("vdi", lambda: vdi.decode_header(ctx.read(0, vdi.HEADER_AREA_SIZE)))
 
 

@@ -77,8 +77,8 @@ from qcowlib.formats.qcow2.repair import rebuild_refcount_structure
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from qcowlib.disk._file import HostFile
-    from qcowlib.disk.base import Disk
+    from qcowlib.core.disk import Disk
+    from qcowlib.core.hostfile import HostFile
     from qcowlib.formats.qcow2.hostio import HostIO
 
 __all__ = ["BDRV_FIX_ERRORS", "BDRV_FIX_LEAKS", "check_image"]
@@ -328,8 +328,8 @@ def _open_linked_files(
     path: str, h: hdr.Header, open_backing: Callable[[str, str | None], Disk]
 ) -> None:
     """qemu-img opens the backing chain and the data file too; fail as it would."""
-    from qcowlib.disk._file import HostFile
-    from qcowlib.disk.chain import BackingPolicy, resolve_linked_path
+    from qcowlib.core.chain import BackingPolicy, resolve_linked_path
+    from qcowlib.core.hostfile import HostFile
     from qcowlib.errors import BackingNotFound, QcowlibError, QcowlibIOError
 
     policy = BackingPolicy()

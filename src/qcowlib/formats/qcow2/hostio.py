@@ -4,7 +4,7 @@ The reader, the in-place writer, ``check`` and its repairs all read the header t
 :func:`read_header`, change header fields through :func:`write_fields` (the byte offsets
 of those fields are written down once, qcow2.txt "Header") and rewrite the whole header
 through :func:`write_header`.  The file itself
-comes from the caller as a :class:`HostIO` (``qcowlib.disk._file.HostFile`` is one);
+comes from the caller as a :class:`HostIO` (``qcowlib.core.hostfile.HostFile`` is one);
 this module opens nothing.
 """
 

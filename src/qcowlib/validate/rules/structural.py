@@ -15,7 +15,10 @@ from itertools import pairwise
 from typing import Final
 
 from qcowlib.errors import QcowlibError, UnsupportedFeature
-from qcowlib.formats import vdi, vhd, vhdx, vmdk
+from qcowlib.formats.vdi import codec as vdi
+from qcowlib.formats.vhd import codec as vhd
+from qcowlib.formats.vhdx import codec as vhdx
+from qcowlib.formats.vmdk import codec as vmdk
 from qcowlib.validate.engine import MAX_TABLE_READ, Context
 from qcowlib.validate.formats import Problem
 from qcowlib.validate.model import rule

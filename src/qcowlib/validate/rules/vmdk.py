@@ -6,7 +6,7 @@ Extent files are reported by name, never opened.
 from __future__ import annotations
 
 from qcowlib.errors import QcowlibError
-from qcowlib.formats import vmdk
+from qcowlib.formats.vmdk import codec as vmdk
 from qcowlib.validate.engine import Context
 from qcowlib.validate.model import rule
 from qcowlib.validate.rules._common import Findings, convert_cmd, out_name, quote, shown_name

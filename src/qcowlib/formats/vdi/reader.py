@@ -1,7 +1,7 @@
 """VirtualBox VDI images (static and dynamic), read-only.
 
 The header and block map are read and validated once on open
-(:mod:`qcowlib.formats.vdi`), and the whole block map is turned into runs with numpy:
+(:mod:`qcowlib.formats.vdi.codec`), and the whole block map is turned into runs with numpy:
 consecutive blocks that are both zero (VDI_UNALLOCATED or VDI_DISCARDED, which read as
 zeros since a VDI has no backing file here) or both data at consecutive block indexes
 form one run.  Mapping and reads then walk runs, never single blocks.
@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from qcowlib.disk._file import HostFile
-from qcowlib.disk.base import Disk, Extent, ExtentKind
+from qcowlib.core.disk import Disk, Extent, ExtentKind
+from qcowlib.core.hostfile import HostFile
 from qcowlib.errors import QcowlibError, TruncatedImage
-from qcowlib.formats import vdi
+from qcowlib.formats.vdi import codec as vdi
 
 if TYPE_CHECKING:
-    from qcowlib.disk.chain import BackingPolicy
+    from qcowlib.core.chain import BackingPolicy
 
 I64 = npt.NDArray[np.int64]
 
@@ -41,7 +41,7 @@ class VdiDisk(Disk):
 
     Raises :class:`qcowlib.errors.FormatError` subclasses for a bad header or block map
     and :class:`qcowlib.errors.UnsupportedFeature` for differencing, undo and linked
-    images (see :func:`qcowlib.formats.vdi.parse_header`).
+    images (see :func:`qcowlib.formats.vdi.codec.parse_header`).
     """
 
     format = "vdi"

@@ -6,12 +6,12 @@ import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Self
 
-from qcowlib.disk._file import HostFile, pwrite_all
-from qcowlib.disk.base import Disk, Extent, ExtentKind
+from qcowlib.core.disk import Disk, Extent, ExtentKind
+from qcowlib.core.hostfile import HostFile, pwrite_all
 from qcowlib.errors import QcowlibIOError
 
 if TYPE_CHECKING:
-    from qcowlib.disk.chain import BackingPolicy
+    from qcowlib.core.chain import BackingPolicy
 
 
 class RawDisk(Disk):
@@ -62,7 +62,7 @@ class RawWriter:
     """A raw image open for writing in place (a ``commit`` target), QEMU's locks held."""
 
     def __init__(self, path: str) -> None:
-        from qcowlib.disk.locks import take_write_locks
+        from qcowlib.core.locks import take_write_locks
 
         self.filename = path
         try:

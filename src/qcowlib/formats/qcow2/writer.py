@@ -11,7 +11,7 @@
 * Images marked corrupt are refused; dirty images must be repaired (``check -r all``)
   before they are written; with lazy refcounts the dirty bit is set while writing and
   cleared on a clean close.
-* QEMU's advisory locks are taken on the image (:mod:`qcowlib.disk.locks`), so an
+* QEMU's advisory locks are taken on the image (:mod:`qcowlib.core.locks`), so an
   image a running VM or qemu-io holds for writing is refused, and they cannot open it
   for writing while we do.
 
@@ -30,10 +30,9 @@ from typing import NoReturn
 import numpy as np
 import numpy.typing as npt
 
-from qcowlib.disk._file import HostFile
-from qcowlib.disk.base import ExtentKind
-from qcowlib.disk.locks import take_write_locks
-from qcowlib.disk.qcow2 import Qcow2Disk, read_header
+from qcowlib.core.disk import ExtentKind
+from qcowlib.core.hostfile import HostFile
+from qcowlib.core.locks import take_write_locks
 from qcowlib.errors import (
     CorruptImage,
     InvalidArgument,
@@ -46,6 +45,7 @@ from qcowlib.formats.qcow2 import tables
 from qcowlib.formats.qcow2.allocator import Allocator, span
 from qcowlib.formats.qcow2.hostio import with_backing, write_fields, write_header
 from qcowlib.formats.qcow2.overlap import OL_NAMES, MetadataAreas
+from qcowlib.formats.qcow2.reader import Qcow2Disk, read_header
 from qcowlib.formats.qcow2.snapshot import snapshot_table_size
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from qcowlib.disk._file import HostFile
+from qcowlib.core.hostfile import HostFile
 from qcowlib.errors import InvalidArgument
 
 

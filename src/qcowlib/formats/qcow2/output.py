@@ -19,12 +19,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from qcowlib.disk._file import pwrite_all, pwritev_all
-from qcowlib.disk.base import Disk
-from qcowlib.engine.classify import DATA, WORKERS, ZERO, Chunk, Classifier
+from qcowlib.core.disk import Disk
+from qcowlib.core.hostfile import pwrite_all, pwritev_all
 from qcowlib.errors import QcowlibIOError
 from qcowlib.formats.qcow2 import refcount as rc
 from qcowlib.formats.qcow2 import tables
+from qcowlib.formats.qcow2.classify import DATA, WORKERS, ZERO, Chunk, Classifier
 from qcowlib.formats.qcow2.layout import (
     CreateOptions,
     Layout,

@@ -2,7 +2,7 @@
 
 The layout is the one QEMU's ``vdi_co_do_create`` writes: the header sector at 0, the
 block map at 0x200 padded to a whole sector, then the data area with 1 MiB blocks
-(:func:`qcowlib.formats.vdi.plan_layout`).  Data blocks are written first, in guest
+(:func:`qcowlib.formats.vdi.codec.plan_layout`).  Data blocks are written first, in guest
 order, then the block map, then the header that points at them.
 
 A dynamic image allocates only blocks that hold a non-zero byte; consecutive non-zero
@@ -19,11 +19,11 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
-from qcowlib.disk._file import pwrite_all
-from qcowlib.disk.base import Disk
-from qcowlib.engine.classify import DATA, Classifier
+from qcowlib.core.disk import Disk
+from qcowlib.core.hostfile import pwrite_all
 from qcowlib.errors import QcowlibIOError
-from qcowlib.formats import vdi
+from qcowlib.formats.qcow2.classify import DATA, Classifier
+from qcowlib.formats.vdi import codec as vdi
 
 Progress = Callable[[int, int], None]
 
@@ -54,7 +54,7 @@ def write_vdi(
 
     Fresh image and snapshot UUIDs are generated.  Returns the size of the file.
     Raises :class:`qcowlib.errors.UnsupportedFeature` when ``src`` is larger than VDI
-    allows (:data:`qcowlib.formats.vdi.VDI_DISK_SIZE_MAX`) and
+    allows (:data:`qcowlib.formats.vdi.codec.VDI_DISK_SIZE_MAX`) and
     :class:`qcowlib.errors.QcowlibIOError` on write errors; read errors from ``src``
     propagate.
     """

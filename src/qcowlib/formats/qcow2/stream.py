@@ -1,7 +1,7 @@
 """Serializing a whole disk as a new image emitted strictly in file order.
 
 A :class:`Qcow2Serializer` plans the complete output layout first (metadata from the
-source's extent map as :mod:`qcowlib.engine.qcow2out` plans it, then one classifying
+source's extent map as :mod:`qcowlib.formats.qcow2.output` plans it, then one classifying
 pass over the source: which clusters hold data, how large each compresses), so its
 exact size is known before the first byte; then it emits header, refcount table and
 blocks, L1 and L2 tables and data in file order, reading the source a second time.
@@ -16,19 +16,19 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from qcowlib.disk._file import aligned_buffer
-from qcowlib.disk.base import Disk
-from qcowlib.engine.classify import DATA, Classifier
-from qcowlib.engine.qcow2out import candidate_l2_tables, candidate_ranges
+from qcowlib.core.disk import Disk
+from qcowlib.core.hostfile import aligned_buffer
 from qcowlib.errors import InvalidArgument, QcowlibError, SourceChanged
 from qcowlib.formats.qcow2 import refcount as rc
 from qcowlib.formats.qcow2 import tables
+from qcowlib.formats.qcow2.classify import DATA, Classifier
 from qcowlib.formats.qcow2.layout import (
     CreateOptions,
     build_new_header,
     build_refcount_structures,
     plan_layout,
 )
+from qcowlib.formats.qcow2.output import candidate_l2_tables, candidate_ranges
 
 Progress = Callable[[int, int], None]
 #: Output pieces; under uWSGI's 1 MiB chunk limit for Glance uploads.

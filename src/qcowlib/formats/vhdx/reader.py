@@ -1,6 +1,6 @@
 """VHDX images, dynamic and fixed, opened read-only.
 
-What is read and refused follows QEMU's ``vhdx_open`` (see :mod:`qcowlib.formats.vhdx`),
+What is read and refused follows QEMU's ``vhdx_open`` (see :mod:`qcowlib.formats.vhdx.codec`),
 with these deliberate differences:
 
 * an image whose current header names a log (non-zero log GUID) is refused with
@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from qcowlib.disk._file import HostFile
-from qcowlib.disk.base import Disk, Extent, ExtentKind
+from qcowlib.core.disk import Disk, Extent, ExtentKind
+from qcowlib.core.hostfile import HostFile
 from qcowlib.errors import QcowlibError, UnsupportedFeature
-from qcowlib.formats import vhdx
+from qcowlib.formats.vhdx import codec as vhdx
 
 if TYPE_CHECKING:
-    from qcowlib.disk.chain import BackingPolicy
+    from qcowlib.core.chain import BackingPolicy
 
 #: Cap on the metadata items read (the known ones are at most 16 bytes).
 _MAX_ITEM = 4096

@@ -16,8 +16,8 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from qcowlib.disk._file import HostFile
-from qcowlib.disk.base import Disk, Extent, ExtentKind, full_backing_filename
+from qcowlib.core.disk import Disk, Extent, ExtentKind, full_backing_filename
+from qcowlib.core.hostfile import HostFile
 from qcowlib.errors import (
     CorruptImage,
     QcowlibError,
@@ -28,7 +28,7 @@ from qcowlib.formats.qcow2 import header as hdr
 from qcowlib.formats.qcow2 import hostio
 
 if TYPE_CHECKING:
-    from qcowlib.disk.chain import BackingPolicy
+    from qcowlib.core.chain import BackingPolicy
     from qcowlib.formats.qcow2 import tables
     from qcowlib.formats.qcow2.bitmap import BitmapEntry
     from qcowlib.formats.qcow2.snapshot import Snapshot
@@ -80,7 +80,7 @@ def read_header(host: HostFile) -> hdr.Header:
 
 
 class Qcow2Disk(Disk):
-    """A qcow2 image opened read-only.  Construct through :func:`qcowlib.disk.open_disk`."""
+    """A qcow2 image opened read-only (see :func:`qcowlib.formats.opener.open_disk`)."""
 
     format = "qcow2"
 

@@ -26,11 +26,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from qcowlib.disk._file import aligned_buffer, pwrite_all
-from qcowlib.disk.base import Disk
-from qcowlib.engine.zero import is_zero, nonzero_runs
+from qcowlib.core.disk import Disk
+from qcowlib.core.hostfile import aligned_buffer, pwrite_all
+from qcowlib.core.zero import is_zero, nonzero_runs
 from qcowlib.errors import InvalidArgument, QcowlibIOError
-from qcowlib.formats import vhdx
+from qcowlib.formats.vhdx import codec as vhdx
 
 Progress = Callable[[int, int], None]
 SUBFORMATS = ("dynamic", "fixed")

@@ -3,13 +3,13 @@ twoGbMaxExtentSparse and twoGbMaxExtentFlat, delta disks included.
 
 A VMDK is a list of extents laid end to end in the guest.  A sparse extent's grain
 directory and grain tables are read and checked once on open
-(:mod:`qcowlib.formats.vmdk`) and turned into runs with numpy: consecutive grains that
+(:mod:`qcowlib.formats.vmdk.codec`) and turned into runs with numpy: consecutive grains that
 are all unallocated, all zeroed (GTE 1), or uncompressed at consecutive sectors form one
 run; a compressed grain is a run of its own.  Extent files named by a descriptor are
 untrusted paths: they are resolved relative to the descriptor with the caller's
-:class:`~qcowlib.disk.chain.BackingPolicy` (:func:`~qcowlib.disk.chain.resolve_linked_path`)
+:class:`~qcowlib.core.chain.BackingPolicy` (:func:`~qcowlib.core.chain.resolve_linked_path`)
 and opened read-only.  A delta disk names its parent in ``parentFileNameHint``; the chain
-(:mod:`qcowlib.disk.chain`) opens it as the backing file, with the same policy as a qcow2
+(:mod:`qcowlib.core.chain`) opens it as the backing file, with the same policy as a qcow2
 backing file, and unallocated grains read through it.
 """
 
@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from qcowlib.disk._file import HostFile
-from qcowlib.disk.base import Disk, Extent, ExtentKind, full_backing_filename
+from qcowlib.core.disk import Disk, Extent, ExtentKind, full_backing_filename
+from qcowlib.core.hostfile import HostFile
 from qcowlib.errors import (
     BackingMismatch,
     CorruptImage,
@@ -32,10 +32,10 @@ from qcowlib.errors import (
     TruncatedImage,
     UnsupportedFeature,
 )
-from qcowlib.formats import vmdk
+from qcowlib.formats.vmdk import codec as vmdk
 
 if TYPE_CHECKING:
-    from qcowlib.disk.chain import BackingPolicy
+    from qcowlib.core.chain import BackingPolicy
 
 I64 = npt.NDArray[np.int64]
 U8 = npt.NDArray[np.uint8]
@@ -92,7 +92,7 @@ class VmdkDisk(Disk):
     format = "vmdk"
 
     def __init__(self, host: HostFile, filename: str, policy: BackingPolicy | None = None) -> None:
-        from qcowlib.disk.chain import BackingPolicy
+        from qcowlib.core.chain import BackingPolicy
 
         self.host = host
         self.filename = filename
@@ -223,7 +223,7 @@ class VmdkDisk(Disk):
         return self.descriptor.parent_file_name_hint
 
     def _open_descriptor(self, raw: bytes) -> None:
-        from qcowlib.disk.chain import resolve_linked_path
+        from qcowlib.core.chain import resolve_linked_path
 
         try:
             desc = vmdk.parse_descriptor(raw)

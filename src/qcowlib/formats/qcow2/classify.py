@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from qcowlib.disk._file import aligned_buffer
-from qcowlib.disk.base import Disk
+from qcowlib.core.disk import Disk
+from qcowlib.core.hostfile import aligned_buffer
 from qcowlib.formats.qcow2.compress import compress_cluster
 
 #: Guest bytes read per chunk.

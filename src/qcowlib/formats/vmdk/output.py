@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from qcowlib.disk._file import aligned_buffer, pwrite_all
-from qcowlib.disk.base import Disk
+from qcowlib.core.disk import Disk
+from qcowlib.core.hostfile import aligned_buffer, pwrite_all
 from qcowlib.errors import InvalidArgument, QcowlibIOError
-from qcowlib.formats import vmdk
+from qcowlib.formats.vmdk import codec as vmdk
 
 Progress = Callable[[int, int], None]
 SUBFORMATS = ("monolithicSparse", "streamOptimized")

@@ -8,9 +8,9 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from qcowlib.disk._file import aligned_buffer, pwrite_all
-from qcowlib.disk.base import Disk, Extent, ExtentKind
-from qcowlib.engine.zero import nonzero_runs
+from qcowlib.core.disk import Disk, Extent, ExtentKind
+from qcowlib.core.hostfile import aligned_buffer, pwrite_all
+from qcowlib.core.zero import nonzero_runs
 from qcowlib.errors import QcowlibIOError
 
 #: Bytes moved per task; each worker reuses one buffer of this size.

@@ -13,11 +13,9 @@ import os
 import re
 from dataclasses import dataclass
 
-from qcowlib.disk._file import HostFile
 from qcowlib.errors import (
     UnsafeBackingPath,
 )
-from qcowlib.formats import detect
 
 #: Default cap on the number of images in a chain (top included).  Deeper chains are
 #: refused so that a crafted set of files cannot make opening unbounded.
@@ -44,14 +42,6 @@ class BackingPolicy:
 
 
 SAFE = BackingPolicy(allow_absolute=False, allow_escape=False, probe_format=False)
-
-
-def probe_format(host: HostFile) -> str:
-    """Probe a file's format from its content (never its name)."""
-    head = host.pread(0, min(host.size, detect.PROBE_HEAD_SIZE))
-    tail_len = min(host.size, detect.PROBE_TAIL_SIZE)
-    tail = host.pread(host.size - tail_len, tail_len)
-    return detect.probe(head, tail, host.size).format
 
 
 def resolve_linked_path(image: str, name: str, what: str, policy: BackingPolicy) -> str:

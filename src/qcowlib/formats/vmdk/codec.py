@@ -746,7 +746,7 @@ def parse_descriptor(raw: bytes | bytearray | memoryview) -> VmdkDescriptor:
     """Parse a text descriptor (embedded or stand-alone), at most 1 MiB of it (VDF 3).
 
     The text ends at the first NUL byte (embedded descriptors are NUL padded).  Lines
-    are kept as found; :mod:`qcowlib.disk.vmdk` decides what it opens.  Raises
+    are kept as found; :mod:`qcowlib.formats.vmdk.reader` decides what it opens.  Raises
     :class:`CorruptImage` when the text is not ASCII, as the image inspector refuses it.
     """
     data = bytes(raw[:VMDK_DESC_MAX]).split(b"\0", 1)[0]

@@ -1,7 +1,7 @@
 """VHD ("vpc") images, fixed and dynamic, opened read-only.
 
 Where the footer is looked for, which size the disk has and what is refused follow
-QEMU's ``vpc_open`` (see :mod:`qcowlib.formats.vhd`), with these deliberate differences:
+QEMU's ``vpc_open`` (see :mod:`qcowlib.formats.vhd.codec`), with these deliberate differences:
 
 * differencing disks (type 4) are refused with :class:`UnsupportedFeature` (QEMU reads
   them as dynamic disks without their parent, which gives wrong content);
@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from qcowlib.disk._file import HostFile
-from qcowlib.disk.base import Disk, Extent, ExtentKind
+from qcowlib.core.disk import Disk, Extent, ExtentKind
+from qcowlib.core.hostfile import HostFile
 from qcowlib.errors import QcowlibError, TruncatedImage
-from qcowlib.formats import vhd
+from qcowlib.formats.vhd import codec as vhd
 
 if TYPE_CHECKING:
-    from qcowlib.disk.chain import BackingPolicy
+    from qcowlib.core.chain import BackingPolicy
 
 #: Decoded sector bitmaps kept per image (each stands for one block, 2 MiB by default).
 BITMAP_CACHE_ENTRIES = 4096
@@ -38,8 +38,8 @@ _Runs = tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]
 def read_footer(host: HostFile) -> tuple[vhd.Footer, int]:
     """The footer QEMU would use and the file offset it was read from.
 
-    See :func:`qcowlib.formats.vhd.locate_footer` and
-    :func:`~qcowlib.formats.vhd.footer_problems`: raises :class:`TruncatedImage` for a
+    See :func:`qcowlib.formats.vhd.codec.locate_footer` and
+    :func:`~qcowlib.formats.vhd.codec.footer_problems`: raises :class:`TruncatedImage` for a
     file shorter than a footer, :class:`FormatError` when neither offset 0 nor the end
     holds one, :class:`CorruptImage` for a wrong checksum or disk type,
     :class:`UnsupportedFeature` for differencing disks.
@@ -63,7 +63,7 @@ class VhdDisk(Disk):
 
     Raises :class:`QcowlibError` subclasses naming the structure, field and offset at
     fault when the image cannot be read (see :func:`read_footer` and
-    :func:`qcowlib.formats.vhd.check_dynamic`).
+    :func:`qcowlib.formats.vhd.codec.check_dynamic`).
     """
 
     format = "vpc"

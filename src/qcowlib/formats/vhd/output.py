@@ -22,12 +22,12 @@ from collections.abc import Callable
 
 import numpy as np
 
-from qcowlib.disk._file import aligned_buffer, pwrite_all
-from qcowlib.disk.base import Disk
-from qcowlib.engine.copy import write_raw
-from qcowlib.engine.zero import is_zero, nonzero_runs
+from qcowlib.core.copy import write_raw
+from qcowlib.core.disk import Disk
+from qcowlib.core.hostfile import aligned_buffer, pwrite_all
+from qcowlib.core.zero import is_zero, nonzero_runs
 from qcowlib.errors import InvalidArgument, QcowlibError, QcowlibIOError
-from qcowlib.formats import vhd
+from qcowlib.formats.vhd import codec as vhd
 
 Progress = Callable[[int, int], None]
 SUBFORMATS = ("dynamic", "fixed")

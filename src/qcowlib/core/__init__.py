@@ -1,0 +1,1 @@
+"""Format-neutral machinery: host files, the Disk protocol, chains, copying, sinks."""

@@ -1,1 +1,0 @@
-"""The vectorised core: zero detection, data movement and output handling."""

@@ -1,0 +1,1 @@
+"""raw images: the file is the disk."""

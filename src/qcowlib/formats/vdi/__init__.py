@@ -1,0 +1,1 @@
+"""VirtualBox VDI images: codec, reader and writer."""

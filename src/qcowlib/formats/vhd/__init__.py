@@ -1,0 +1,1 @@
+"""VHD (qemu-img's ``vpc``) images: codec, reader and writer."""

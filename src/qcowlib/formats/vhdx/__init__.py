@@ -1,0 +1,1 @@
+"""Hyper-V VHDX images: codec, reader and writer."""

@@ -1,0 +1,1 @@
+"""VMware VMDK images: codec, reader and writer."""
