@@ -106,6 +106,18 @@ def test_cli_choices_come_from_the_registry() -> None:
     assert tuple(choices["convert"]["format"]) == registry.readable()
 
 
+def test_command_table_matches_what_modules_register() -> None:
+    from qcowlib.cli import COMMANDS
+
+    full = next(a for a in build_parser()._actions if a.dest == "command")
+    assert isinstance(full.choices, dict)
+    assert list(full.choices) == list(COMMANDS)
+    for name in COMMANDS:
+        one = next(a for a in build_parser(name)._actions if a.dest == "command")
+        assert isinstance(one.choices, dict)
+        assert name in one.choices
+
+
 def test_formats_api_lists_the_registry() -> None:
     infos = qcowlib.formats()
     by_name = {i.name: i for i in infos}

@@ -173,66 +173,87 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 # -- parser -------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (exposed for the CLI reference and tests)."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser (exposed for the CLI reference and tests).
+
+    With ``only`` (a command name), just that command's parser is built: a run of one
+    command does not pay for building (and importing) every other command's options.
+    """
     parser = _Parser(prog="qcowlib", description="Inspect and convert virtual disk images.")
     parser.add_argument("--version", action=_VersionAction, nargs=0)
     parser.add_argument("--debug", action="store_true", help="log debugging detail to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-
-    p = sub.add_parser("info", help="show image information")
-    p.add_argument("-f", dest="format", choices=INPUT_FORMATS)
-    add_output(p)
-    p.add_argument("--backing-chain", action="store_true")
-    p.add_argument("filename")
-    p.set_defaults(func=_cmd_info)
-
-    p = sub.add_parser("map", help="show the allocation map")
-    p.add_argument("-f", dest="format", choices=INPUT_FORMATS)
-    add_output(p)
-    p.add_argument("filename")
-    p.set_defaults(func=_cmd_map)
-
-    p = sub.add_parser("compare", help="compare guest content of two images")
-    p.add_argument("-f", dest="format1", choices=INPUT_FORMATS)
-    p.add_argument("-F", dest="format2", choices=INPUT_FORMATS)
-    p.add_argument("-s", dest="strict", action="store_true", help="strict mode")
-    p.add_argument("filename1")
-    p.add_argument("filename2")
-    p.set_defaults(func=_cmd_compare)
-
-    p = sub.add_parser("convert", help="convert an image to another format")
-    p.add_argument("-f", dest="format", choices=INPUT_FORMATS)
-    p.add_argument("-O", dest="out_format", default="raw", choices=INPUT_FORMATS)
-    p.add_argument("-o", dest="options")
-    p.add_argument("-c", dest="compress", action="store_true")
-    p.add_argument("-B", dest="backing")
-    p.add_argument("-F", dest="backing_format")
-    p.add_argument("-S", dest="sparse_size")
-    p.add_argument("-p", dest="progress", action="store_true")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.set_defaults(func=_cmd_convert)
-
+    wanted = [only] if only in COMMANDS else list(COMMANDS)
     import importlib
 
-    for name in _COMMAND_MODULES:
-        importlib.import_module(f"qcowlib.cli.{name}").register(sub)
+    registered: set[str] = set()
+    for name in wanted:
+        module = COMMANDS[name]
+        if module is None:
+            _register_core(sub, name)
+        elif module not in registered:
+            importlib.import_module(f"qcowlib.cli.{module}").register(sub)
+            registered.add(module)
     return parser
 
 
-#: Modules under qcowlib.cli that each add subcommands through ``register(sub)``.
-_COMMAND_MODULES: tuple[str, ...] = (
-    "cmd_create",
-    "cmd_measure",
-    "cmd_modify",
-    "cmd_flatten",
-    "cmd_check",
-    "cmd_checksum",
-    "cmd_validate",
-    "cmd_upload",
-)
+def _register_core(sub: argparse._SubParsersAction[_Parser], name: str) -> None:
+    """The commands this module implements itself."""
+    if name == "info":
+        p = sub.add_parser("info", help="show image information")
+        p.add_argument("-f", dest="format", choices=INPUT_FORMATS)
+        add_output(p)
+        p.add_argument("--backing-chain", action="store_true")
+        p.add_argument("filename")
+        p.set_defaults(func=_cmd_info)
+    elif name == "map":
+        p = sub.add_parser("map", help="show the allocation map")
+        p.add_argument("-f", dest="format", choices=INPUT_FORMATS)
+        add_output(p)
+        p.add_argument("filename")
+        p.set_defaults(func=_cmd_map)
+    elif name == "compare":
+        p = sub.add_parser("compare", help="compare guest content of two images")
+        p.add_argument("-f", dest="format1", choices=INPUT_FORMATS)
+        p.add_argument("-F", dest="format2", choices=INPUT_FORMATS)
+        p.add_argument("-s", dest="strict", action="store_true", help="strict mode")
+        p.add_argument("filename1")
+        p.add_argument("filename2")
+        p.set_defaults(func=_cmd_compare)
+    elif name == "convert":
+        p = sub.add_parser("convert", help="convert an image to another format")
+        p.add_argument("-f", dest="format", choices=INPUT_FORMATS)
+        p.add_argument("-O", dest="out_format", default="raw", choices=INPUT_FORMATS)
+        p.add_argument("-o", dest="options")
+        p.add_argument("-c", dest="compress", action="store_true")
+        p.add_argument("-B", dest="backing")
+        p.add_argument("-F", dest="backing_format")
+        p.add_argument("-S", dest="sparse_size")
+        p.add_argument("-p", dest="progress", action="store_true")
+        p.add_argument("src")
+        p.add_argument("dst")
+        p.set_defaults(func=_cmd_convert)
+
+
+#: Every command, in help order, and the module under qcowlib.cli that registers it
+#: through ``register(sub)`` (None: this module).
+COMMANDS: dict[str, str | None] = {
+    "info": None,
+    "map": None,
+    "compare": None,
+    "convert": None,
+    "create": "cmd_create",
+    "measure": "cmd_measure",
+    "resize": "cmd_modify",
+    "rebase": "cmd_modify",
+    "commit": "cmd_modify",
+    "flatten": "cmd_flatten",
+    "check": "cmd_check",
+    "checksum": "cmd_checksum",
+    "validate": "cmd_validate",
+    "upload": "cmd_upload",
+}
 
 
 class _VersionAction(argparse.Action):
@@ -258,8 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # a thread per core in this process, which costs ~0.1 s of CPU per run.
     if "numpy" not in sys.modules:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     if "resize" in argv and argv and re.match(r"^-\d", argv[-1]) and "--" not in argv:
         argv.insert(len(argv) - 1, "--")  # "resize FILE -3M": a size, not an option
     args = parser.parse_args(argv)
