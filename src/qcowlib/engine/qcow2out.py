@@ -4,8 +4,13 @@ The metadata area (refcount table and blocks, L1, the L2 tables the source needs
 planned up front from the source's extent map (:func:`plan_layout`); data clusters
 follow it in guest order, and each L2 table is written as soon as its range is done,
 so memory stays bounded whatever the disk size.  All-zero clusters are not written;
-with ``compress`` each cluster is compressed in a thread pool, output order preserved,
-and kept uncompressed when compression does not shrink it (as QEMU does).
+with ``compress`` each cluster is compressed by the reading workers, output order
+preserved, and kept uncompressed when compression does not shrink it (as QEMU does).
+
+Data moves through a bounded pipeline (:mod:`qcowlib.engine.pipeline`): two reader
+threads fill and classify chunks, this thread lays them out, and two writer threads
+write each chunk's data (whole pages straight to the disk, :class:`DataWriter`) and
+then give its buffer back.
 """
 
 from __future__ import annotations
@@ -13,15 +18,15 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from qcowlib.disk._file import pwrite_all, pwritev_all
+from qcowlib.disk._file import DataWriter, pwrite_all
 from qcowlib.disk.base import Disk
 from qcowlib.engine.classify import DATA, WORKERS, ZERO, Chunk, Classifier
+from qcowlib.engine.pipeline import TaskQueue
+from qcowlib.engine.runs import RunSource
 from qcowlib.errors import QcowlibIOError
 from qcowlib.formats.qcow2 import refcount as rc
 from qcowlib.formats.qcow2 import tables
@@ -36,25 +41,14 @@ from qcowlib.formats.qcow2.layout import (
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
-#: Data bytes queued before they are handed to a writer thread.
-CHUNK = 4 * 1024 * 1024
 
 
 def candidate_ranges(disk: Disk | None, cluster_size: int) -> list[tuple[int, int]]:
     """Guest cluster ranges ``[first, end)`` that may hold non-zero data."""
-    out: list[tuple[int, int]] = []
     if disk is None:
-        return out
-    for ext in disk.extents():
-        if ext.reads_zero:
-            continue
-        first = ext.start // cluster_size
-        end = -(-ext.end // cluster_size)
-        if out and out[-1][1] >= first:
-            out[-1] = (out[-1][0], max(out[-1][1], end))
-        else:
-            out.append((first, end))
-    return out
+        return []
+    first, end = RunSource(disk).nonzero_units(cluster_size)
+    return list(zip(first.tolist(), end.tolist(), strict=True))
 
 
 def candidate_l2_tables(
@@ -96,12 +90,12 @@ class Qcow2Writer:
         fd: int,
         opts: CreateOptions,
         candidates: list[tuple[int, int]],
-        executor: ThreadPoolExecutor | None = None,
+        sink: DataWriter | None = None,
+        tasks: TaskQueue | None = None,
     ) -> None:
         self.fd = fd
-        self.executor = executor
-        self.writes: deque[Future[None]] = deque()
-        self.submitted: list[Future[None]] = []
+        self.sink = sink if sink is not None else DataWriter(fd, direct=False)
+        self.tasks = tasks
         self.opts = opts
         self.cs = opts.cluster_size
         cs = self.cs
@@ -113,8 +107,9 @@ class Qcow2Writer:
         self.data_pos = self.layout.data_offset
         self.cur_l1: int = -1
         self.cur_l2 = np.zeros(0, dtype=np.uint64)
-        self.pending: list[tuple[int, bytes | memoryview]] = []
-        self.pending_bytes = 0
+        #: Data not yet handed to a writer: groups of parts written back to back.
+        self.pending: list[tuple[int, list[bytes | memoryview]]] = []
+        self.pending_end = -1
         try:
             os.ftruncate(fd, self.layout.data_offset)
         except OSError as exc:
@@ -134,7 +129,6 @@ class Qcow2Writer:
         offset = int(self.layout.l2_offsets[self.cur_l1])
         if offset == 0:
             raise QcowlibIOError("internal: writing into an unplanned L2 table")
-        self._flush_data()
         self._pwrite(tables.encode_table(self.cur_l2), offset)
 
     def _set_entry(self, cluster: int, entry: int, bitmap: int = 0) -> None:
@@ -154,44 +148,37 @@ class Qcow2Writer:
             raise QcowlibIOError(f"write error: {exc.strerror}", offset=offset) from None
 
     def _queue(self, data: bytes | memoryview, offset: int) -> None:
-        if self.pending:
-            last_off, last = self.pending[-1]
-            if last_off + len(last) != offset:
-                self._flush_data()
-        self.pending.append((offset, data))
-        self.pending_bytes += len(data)
-        if self.pending_bytes >= CHUNK:
-            self._flush_data()
+        if self.pending and self.pending_end == offset:
+            self.pending[-1][1].append(data)
+        else:
+            self.pending.append((offset, [data]))
+        self.pending_end = offset + len(data)
 
-    def _flush_data(self) -> None:
-        """Hand the queued contiguous data to a writer thread (or write it now)."""
-        if not self.pending:
+    def end_chunk(self, done: Callable[[], None] | None = None) -> None:
+        """Hand the data queued so far to a writer thread (or write it now), then call
+        ``done`` (which gives back the buffer the data lies in)."""
+        groups, self.pending, self.pending_end = self.pending, [], -1
+        sink = self.sink
+
+        def write() -> None:
+            for offset, parts in groups:
+                sink.write(offset, parts)
+
+        if self.tasks is not None:
+            if groups or done is not None:
+                self.tasks.submit(write, done)
             return
-        start = self.pending[0][0]
-        parts = [p[1] for p in self.pending]
-        self.pending = []
-        self.pending_bytes = 0
-        if self.executor is None:
-            self._write_parts(start, parts)
-            return
-        future = self.executor.submit(self._write_parts, start, parts)
-        self.writes.append(future)
-        self.submitted.append(future)
-        while len(self.writes) > 2 * WORKERS:
-            self.writes.popleft().result()
-
-    def _write_parts(self, start: int, parts: list[bytes | memoryview]) -> None:
-        pwritev_all(self.fd, parts, start)
-
-    def take_submitted(self) -> list[Future[None]]:
-        """The write futures submitted since the last call."""
-        out, self.submitted = self.submitted, []
-        return out
+        try:
+            write()
+        finally:
+            if done is not None:
+                done()
 
     def wait_writes(self) -> None:
         """Wait for every queued data write (raises the first write error)."""
-        while self.writes:
-            self.writes.popleft().result()
+        self.end_chunk()
+        if self.tasks is not None:
+            self.tasks.join()
 
     def _grow_counts(self, cluster: int) -> None:
         if cluster >= self.counts.size:
@@ -330,7 +317,6 @@ class Qcow2Writer:
     def finish(self) -> int:
         """Write L2/L1/refcount structures and the header; returns the file size."""
         self._flush_l2()
-        self._flush_data()
         self.wait_writes()
         lay = self.layout
         cs = self.cs
@@ -378,19 +364,52 @@ def write_qcow2(
     if backing is not None:
         back_ranges = [(a, min(b, -(-size // cs))) for a, b in candidate_ranges(backing, cs)]
         ranges = merge_ranges(ranges, [r for r in back_ranges if r[0] < r[1]])
-    write_pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="qcowlib-write")
     if opts.preallocation != "off":
         # Every cluster is allocated up front; only then is source data copied in.
         if ranges:
             raise QcowlibIOError("internal: preallocation applies to new empty images")
-        writer = Qcow2Writer(fd, opts, [(0, -(-size // cs))], write_pool)
+        writer = Qcow2Writer(fd, opts, [(0, -(-size // cs))])
         writer.preallocate_all()
-    else:
-        writer = Qcow2Writer(fd, opts, ranges, write_pool)
-        if not compress:
-            # Reserve the data area: writes into allocated space are cheaper than delayed
-            # allocation, and the file is trimmed to what was used at the end.
-            reserve(fd, writer.layout.data_offset, sum(b - a for a, b in ranges) * cs)
+        return _finish(writer, fd, opts, progress)
+    sink = DataWriter(fd)
+    try:
+        with TaskQueue(WORKERS, 2 * WORKERS, name="qcowlib-write") as tasks:
+            writer = Qcow2Writer(fd, opts, ranges, sink, tasks)
+            _copy(writer, src, ranges, compress, sparse_size, backing, progress)
+            writer.wait_writes()
+        writer.tasks = None
+        return _finish(writer, fd, opts, progress)
+    finally:
+        sink.close()
+
+
+def _finish(writer: Qcow2Writer, fd: int, opts: CreateOptions, progress: Progress | None) -> int:
+    end = writer.finish()
+    if opts.preallocation in ("falloc", "full"):
+        _preallocate_file(fd, writer.layout.data_offset, end, opts.preallocation)
+    if progress:
+        progress(opts.virtual_size, opts.virtual_size)
+    return end
+
+
+def _copy(
+    writer: Qcow2Writer,
+    src: Disk | None,
+    ranges: list[tuple[int, int]],
+    compress: bool,
+    sparse_size: int,
+    backing: Disk | None,
+    progress: Progress | None,
+) -> None:
+    """Classify ``src``'s candidate clusters and store them, in guest order."""
+    opts = writer.opts
+    cs = opts.cluster_size
+    size = opts.virtual_size
+    fd = writer.fd
+    if ranges and not compress:
+        # Reserve the data area: writes into allocated space are cheaper than delayed
+        # allocation, and the file is trimmed to what was used at the end.
+        reserve(fd, writer.layout.data_offset, sum(b - a for a, b in ranges) * cs)
     classifier = Classifier(
         src,
         size,
@@ -408,7 +427,8 @@ def write_qcow2(
             writer.add_data_clusters(chunk.first, np.flatnonzero(chunk.kinds == DATA), chunk.data)
         else:
             emit_compressed(chunk)
-        release(chunk)
+        # The buffer goes back to the pool once the writes that point into it are done.
+        writer.end_chunk(lambda: classifier.release(chunk))
 
     def emit_compressed(chunk: Chunk) -> None:
         # Runs of clusters that compressed (packed) and that did not (whole clusters),
@@ -445,31 +465,10 @@ def write_qcow2(
             elif kind == ZERO:
                 writer.add_zero(cluster)
 
-    def release(chunk: Chunk) -> None:
-        # The buffer goes back to the pool once every write that points into it is done.
-        writer._flush_data()
-        chunk_writes = writer.take_submitted()
-        if chunk_writes:
-            releases.append((chunk_writes, chunk))
-        else:
-            classifier.release(chunk)
-        while releases and all(f.done() for f in releases[0][0]):
-            for f in releases[0][0]:
-                f.result()
-            classifier.release(releases.popleft()[1])
-
-    releases: deque[tuple[list[Future[None]], Chunk]] = deque()
-    with write_pool:
-        for chunk in classifier.chunks(ranges):
-            emit(chunk)
-            if progress:
-                progress(min(size, chunk.end * cs), size)
-        end = writer.finish()
-    if opts.preallocation in ("falloc", "full"):
-        _preallocate_file(fd, writer.layout.data_offset, end, opts.preallocation)
-    if progress:
-        progress(size, size)
-    return end
+    for chunk in classifier.chunks(ranges):
+        emit(chunk)
+        if progress:
+            progress(min(size, chunk.end * cs), size)
 
 
 def reserve(fd: int, offset: int, length: int) -> None:
