@@ -1,23 +1,34 @@
-"""Data movement from a disk's extents into a raw output, holes left as holes."""
+"""Data movement from a disk's extents into a raw output, holes left as holes.
+
+The chain's map is resolved into run arrays (:mod:`qcowlib.engine.runs`); the ranges
+that may hold data are cut into chunks, read by two long-lived threads into reused
+page-aligned buffers (one positional read per run), scanned for zero blocks with numpy,
+and the non-zero blocks written at their guest offsets by two writer threads, whole
+pages straight to the disk (:class:`qcowlib.disk._file.DataWriter`).  Where the output
+cannot be written that way and zero detection is off (``-S 0``), data runs are copied
+in the kernel with ``copy_file_range`` instead.
+"""
 
 from __future__ import annotations
 
 import os
-import threading
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
-from qcowlib.disk._file import aligned_buffer, pwrite_all
-from qcowlib.disk.base import Disk, Extent, ExtentKind
+from qcowlib.disk._file import DataWriter
+from qcowlib.disk.base import RUN_COMPRESSED, RUN_DATA, Disk, Runs
+from qcowlib.engine.pipeline import BufferPool, TaskQueue, ordered_map
+from qcowlib.engine.runs import ChainReader, RunSource
 from qcowlib.engine.zero import nonzero_runs
 from qcowlib.errors import QcowlibIOError
 
-#: Bytes moved per task; each worker reuses one buffer of this size.
+#: Guest bytes per chunk; each buffer of the pool is this large.
 CHUNK = 4 * 1024 * 1024
-#: Worker threads: reads, zero scans and writes release the GIL, so two keep both
-#: cores busy; more only adds memory.
+#: Reader threads and writer threads: reads, zero scans and writes release the GIL,
+#: so two of each keep both cores and the disk busy; more only adds memory.
 WORKERS = 2
+#: Buffers: chunks being read, waiting in order, and being written.
+BUFFERS = 5 * WORKERS + 2
 
 Progress = Callable[[int, int], None]
 
@@ -38,15 +49,34 @@ def _copy_range_kernel(src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: 
     return done == n
 
 
-def _pieces(disk: Disk) -> Iterator[Extent]:
-    """Data extents of ``disk`` cut into pieces of at most :data:`CHUNK` bytes."""
-    for ext in disk.extents():
-        if ext.reads_zero:
-            continue
-        pos = ext.start
-        while pos < ext.end:
-            n = min(CHUNK, ext.end - pos)
-            yield ext if n == ext.length else ext.clip(pos, pos + n)
+@dataclass
+class _Job:
+    start: int
+    length: int
+    buffer: memoryview
+    runs: Runs
+    a: int
+    b: int
+
+
+@dataclass
+class _Done:
+    """A chunk read: the ``(start, end)`` byte ranges of its buffer left to write."""
+
+    job: _Job
+    writes: list[tuple[int, int]]
+
+
+def data_chunks(disk: Disk, unit: int, chunk: int) -> Iterator[tuple[int, int]]:
+    """``(start, length)`` pieces of the guest ranges that may hold data, rounded out to
+    ``unit`` bytes, at most ``chunk`` bytes each (``chunk`` a multiple of ``unit``)."""
+    size = disk.virtual_size
+    first, end = RunSource(disk).nonzero_units(unit)
+    for f, e in zip(first.tolist(), end.tolist(), strict=True):
+        pos, stop = f * unit, min(size, e * unit)
+        while pos < stop:
+            n = min(chunk, stop - pos)
+            yield pos, n
             pos += n
 
 
@@ -62,54 +92,99 @@ def write_raw(
     Zero and unallocated extents are not written (the file is truncated to size first,
     so they read as zeros).  With ``sparse_size`` > 0, data is also scanned in blocks of
     that size and all-zero blocks are skipped, as ``qemu-img convert -S``; with 0, data
-    extents are copied as they are, in the kernel where possible.  Pieces are processed
-    by :data:`WORKERS` threads with at most ``2 * WORKERS`` buffers in flight.
+    extents are copied as they are.  Memory is bounded by :data:`BUFFERS` chunks.
     """
     total = disk.virtual_size
     try:
         os.ftruncate(fd, total)
     except OSError as exc:
         raise QcowlibIOError(f"cannot size output: {exc.strerror}") from None
-    local = threading.local()
-
-    def work(piece: Extent) -> int:
-        """Copy one piece; returns the guest offset it ends at (for progress)."""
-        if sparse_size == 0 and piece.kind is ExtentKind.DATA and piece.host_offset is not None:
-            host = disk.chain[piece.depth].host_file_for(piece)
-            if host is not None and _copy_range_kernel(
-                host.fd, piece.host_offset, fd, piece.start, piece.length
-            ):
-                return piece.end
-        buf = getattr(local, "buf", None)
-        if buf is None:
-            buf = local.buf = aligned_buffer(CHUNK)
-        view = buf[: piece.length]
-        disk.read_extent(piece, view)
-        try:
-            if sparse_size:
-                for s, e in nonzero_runs(view, sparse_size):
-                    pwrite_all(fd, view[s:e], piece.start + s)
-            else:
-                pwrite_all(fd, view, piece.start)
-        except OSError as exc:
-            raise QcowlibIOError(f"write error: {exc.strerror}", offset=piece.start) from None
-        return piece.end
-
-    pending: deque[Future[int]] = deque()
-    with ThreadPoolExecutor(WORKERS, thread_name_prefix="qcowlib-copy") as pool:
-        try:
-            for piece in _pieces(disk):
-                pending.append(pool.submit(work, piece))
-                if len(pending) >= 2 * WORKERS:
-                    reached = pending.popleft().result()
-                    if progress:
-                        progress(reached, total)
-            while pending:
-                reached = pending.popleft().result()
-                if progress:
-                    progress(reached, total)
-        finally:
-            for f in pending:
-                f.cancel()
+    sink = DataWriter(fd)
+    try:
+        _copy(disk, sink, sparse_size, progress)
+    finally:
+        sink.close()
     if progress:
         progress(total, total)
+
+
+def _copy(disk: Disk, sink: DataWriter, sparse_size: int, progress: Progress | None) -> None:
+    total = disk.virtual_size
+    unit = sparse_size or 4096
+    chunk = max(unit, CHUNK // unit * unit)
+    pool = BufferPool(chunk, BUFFERS)
+    source = RunSource(disk)
+    reader = ChainReader(disk)
+    in_kernel = sparse_size == 0 and not sink.use_direct
+
+    def jobs() -> Iterator[_Job]:
+        for start, length in data_chunks(disk, unit, chunk):
+            runs, a, b = source.get(start, start + length)
+            yield _Job(start, length, pool.get(), runs, a, b)
+
+    def work(job: _Job) -> _Done:
+        view = job.buffer[: job.length]
+        if in_kernel:
+            return _Done(job, _copy_in_kernel(reader, sink, job))
+        reader.read(job.runs, job.a, job.b, job.start, view)
+        if sparse_size:
+            return _Done(job, nonzero_runs(view, sparse_size))
+        return _Done(job, [(0, job.length)])
+
+    def write(done: _Done) -> Callable[[], None]:
+        def run() -> None:
+            view = done.job.buffer
+            for s, e in done.writes:
+                sink.write(done.job.start + s, [view[s:e]])
+
+        return run
+
+    results = ordered_map(
+        jobs(), work, workers=WORKERS, ahead=2 * WORKERS + 1, on_close=pool.close,
+        name="qcowlib-read",
+    )  # fmt: skip
+    try:
+        with TaskQueue(WORKERS, 2 * WORKERS, name="qcowlib-write") as tasks:
+            for done in results:
+                tasks.submit(write(done), _giver(pool, done.job.buffer))
+                if progress:
+                    progress(done.job.start + done.job.length, total)
+            tasks.join()
+    finally:
+        results.close()
+
+
+def _giver(pool: BufferPool, buf: memoryview) -> Callable[[], None]:
+    def give() -> None:
+        pool.put(buf)
+
+    return give
+
+
+def _copy_in_kernel(reader: ChainReader, sink: DataWriter, job: _Job) -> list[tuple[int, int]]:
+    """Copy a chunk's data runs with ``copy_file_range`` where the kernel can; read the
+    rest into the chunk's buffer and return the byte ranges of it to write."""
+    runs = job.runs
+    view = job.buffer[: job.length]
+    end = job.start + job.length
+    rest: list[tuple[int, int]] = []
+    for i in range(job.a, job.b):
+        s = max(job.start, int(runs.start[i]))
+        e = min(end, int(runs.start[i] + runs.length[i]))
+        if e <= s:
+            continue
+        kind = int(runs.kind[i])
+        if runs.hole[i] or kind not in (RUN_DATA, RUN_COMPRESSED):
+            continue  # reads as zeros: the output is a hole there already
+        host_file = reader.files[int(runs.depth[i])]
+        if (
+            kind == RUN_DATA
+            and host_file is not None
+            and _copy_range_kernel(
+                host_file.fd, int(runs.host[i]) + s - int(runs.start[i]), sink.fd, s, e - s
+            )
+        ):
+            continue
+        reader.read(runs, i, i + 1, s, view[s - job.start : e - job.start])
+        rest.append((s - job.start, e - job.start))
+    return rest
