@@ -12,7 +12,7 @@ chunks are planned on a feeder thread and read by :data:`WORKERS` long-lived thr
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,11 +104,14 @@ class Classifier:
         sparse: bool = True,
         backing: Disk | None = None,
         buffers: int = 5 * WORKERS + 2,
+        compressor: Callable[[memoryview], bytes | None] | None = None,
     ) -> None:
         self.src = src
         self.size = size
         self.cs = cluster_size
-        self.compress = compress
+        self.compress = compress or compressor is not None
+        #: Payload of a data cluster (None: store it as it is), in the reading worker.
+        self.compressor = compressor if compressor is not None else self._qcow2_payload
         self.ctype = compression_type
         self.sparse = sparse
         self.backing = backing
@@ -132,6 +135,14 @@ class Classifier:
         if buf is None:
             buf = self._local.backing = aligned_buffer(self.per_chunk * self.cs)
         return buf[:size]
+
+    def _qcow2_payload(self, cluster: memoryview) -> bytes | None:
+        """A qcow2 compressed cluster, or None where compression does not pay."""
+        if self.ctype == COMPRESSION_TYPE_ZLIB and not worth_compressing(cluster):
+            return None
+        payload = compress_cluster(cluster, self.ctype)
+        # QEMU keeps a cluster uncompressed unless compression makes it smaller.
+        return payload if len(payload) < self.cs else None
 
     def _jobs(self, ranges: list[tuple[int, int]], pool: BufferPool) -> Iterator[_Job]:
         cs = self.cs
@@ -188,15 +199,9 @@ class Classifier:
             kinds[~nonzero & ~back_nonzero] = EMPTY
         compressed: list[bytes | None] = [None] * n
         if self.compress:
-            probe = self.ctype == COMPRESSION_TYPE_ZLIB
+            compressor = self.compressor
             for i in np.flatnonzero(kinds == DATA).tolist():
-                cluster = view[i * cs : (i + 1) * cs]
-                if probe and not worth_compressing(cluster):
-                    continue
-                payload = compress_cluster(cluster, self.ctype)
-                # QEMU keeps a cluster uncompressed unless compression makes it smaller.
-                if len(payload) < cs:
-                    compressed[i] = payload
+                compressed[i] = compressor(view[i * cs : (i + 1) * cs])
         return Chunk(first, kinds, view, compressed, buf)
 
     def chunks(self, ranges: list[tuple[int, int]]) -> Iterator[Chunk]:

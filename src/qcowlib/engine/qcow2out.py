@@ -27,6 +27,7 @@ from qcowlib.disk.base import Disk
 from qcowlib.engine.classify import DATA, WORKERS, ZERO, Chunk, Classifier
 from qcowlib.engine.pipeline import TaskQueue
 from qcowlib.engine.runs import RunSource
+from qcowlib.engine.sink import AppendWriter
 from qcowlib.errors import QcowlibIOError
 from qcowlib.formats.qcow2 import refcount as rc
 from qcowlib.formats.qcow2 import tables
@@ -92,6 +93,7 @@ class Qcow2Writer:
         candidates: list[tuple[int, int]],
         sink: DataWriter | None = None,
         tasks: TaskQueue | None = None,
+        stage: bool = False,
     ) -> None:
         self.fd = fd
         self.sink = sink if sink is not None else DataWriter(fd, direct=False)
@@ -110,6 +112,13 @@ class Qcow2Writer:
         #: Data not yet handed to a writer: groups of parts written back to back.
         self.pending: list[tuple[int, list[bytes | memoryview]]] = []
         self.pending_end = -1
+        #: With ``stage`` (compressed images: small payloads between whole clusters),
+        #: data is copied into aligned staging buffers instead (it only moves forward).
+        self.stager = (
+            AppendWriter(self.sink, tasks, self.layout.data_offset)
+            if stage and tasks is not None
+            else None
+        )
         try:
             os.ftruncate(fd, self.layout.data_offset)
         except OSError as exc:
@@ -148,6 +157,10 @@ class Qcow2Writer:
             raise QcowlibIOError(f"write error: {exc.strerror}", offset=offset) from None
 
     def _queue(self, data: bytes | memoryview, offset: int) -> None:
+        if self.stager is not None:
+            self.stager.skip_to(offset)
+            self.stager.append(data)
+            return
         if self.pending and self.pending_end == offset:
             self.pending[-1][1].append(data)
         else:
@@ -177,6 +190,9 @@ class Qcow2Writer:
     def wait_writes(self) -> None:
         """Wait for every queued data write (raises the first write error)."""
         self.end_chunk()
+        if self.stager is not None:
+            self.stager.close()
+            self.stager = None
         if self.tasks is not None:
             self.tasks.join()
 
@@ -374,7 +390,7 @@ def write_qcow2(
     sink = DataWriter(fd)
     try:
         with TaskQueue(WORKERS, 2 * WORKERS, name="qcowlib-write") as tasks:
-            writer = Qcow2Writer(fd, opts, ranges, sink, tasks)
+            writer = Qcow2Writer(fd, opts, ranges, sink, tasks, stage=compress)
             _copy(writer, src, ranges, compress, sparse_size, backing, progress)
             writer.wait_writes()
         writer.tasks = None
