@@ -26,10 +26,16 @@ from qcowlib.disk._file import DataWriter, pwrite_all
 from qcowlib.disk.base import Disk
 from qcowlib.engine.classify import DATA, WORKERS, ZERO, Chunk, Classifier
 from qcowlib.engine.pipeline import TaskQueue
+from qcowlib.engine.qcow2data import (
+    DataPlacer,
+    chunk_payload_lengths,
+    chunk_records,
+    data_clusters,
+    l2_entries,
+)
 from qcowlib.engine.runs import RunSource
 from qcowlib.engine.sink import AppendWriter
 from qcowlib.errors import QcowlibIOError
-from qcowlib.formats.qcow2 import refcount as rc
 from qcowlib.formats.qcow2 import tables
 from qcowlib.formats.qcow2.layout import (
     CreateOptions,
@@ -104,9 +110,10 @@ class Qcow2Writer:
         l2_needed, n_data = candidate_l2_tables(opts, candidates)
         self.l2_span = cs // opts.l2_entry_size
         self.layout: Layout = plan_layout(opts, l2_needed, n_data)
-        self.counts = np.zeros(self.layout.data_offset // cs + n_data + 2, dtype=np.uint64)
-        self.max_refcount = rc.max_refcount(opts.refcount_order)
-        self.data_pos = self.layout.data_offset
+        self.placer = DataPlacer(
+            cs, opts.refcount_order, self.layout.data_offset,
+            self.layout.data_offset // cs + n_data + 2,
+        )  # fmt: skip
         self.cur_l1: int = -1
         self.cur_l2 = np.zeros(0, dtype=np.uint64)
         #: Data not yet handed to a writer: groups of parts written back to back.
@@ -140,14 +147,28 @@ class Qcow2Writer:
             raise QcowlibIOError("internal: writing into an unplanned L2 table")
         self._pwrite(tables.encode_table(self.cur_l2), offset)
 
+    def _set_entries(
+        self, clusters: np.ndarray, entries: np.ndarray, bitmap: int | np.ndarray
+    ) -> None:
+        """L2 entries for ascending guest ``clusters`` (extended L2: with ``bitmap``)."""
+        l1s = clusters // self.l2_span
+        # ``clusters`` ascend, so each L2 table's entries are one slice.
+        bounds = [0, *(np.flatnonzero(np.diff(l1s)) + 1).tolist(), int(clusters.size)]
+        for a, b in itertools.pairwise(bounds):
+            self._switch_l2(int(l1s[a]))
+            within = clusters[a:b] % self.l2_span
+            if self.opts.extended_l2:
+                self.cur_l2[2 * within] = entries[a:b]
+                self.cur_l2[2 * within + 1] = (
+                    bitmap[a:b] if isinstance(bitmap, np.ndarray) else bitmap
+                )
+            else:
+                self.cur_l2[within] = entries[a:b]
+
     def _set_entry(self, cluster: int, entry: int, bitmap: int = 0) -> None:
-        self._switch_l2(cluster // self.l2_span)
-        i = cluster % self.l2_span
-        if self.opts.extended_l2:
-            self.cur_l2[2 * i] = entry
-            self.cur_l2[2 * i + 1] = bitmap
-        else:
-            self.cur_l2[i] = entry
+        self._set_entries(
+            np.array([cluster], dtype=np.int64), np.array([entry], dtype=np.uint64), bitmap
+        )
 
     # -- data --------------------------------------------------------------------------
     def _pwrite(self, data: bytes | memoryview, offset: int) -> None:
@@ -196,94 +217,34 @@ class Qcow2Writer:
         if self.tasks is not None:
             self.tasks.join()
 
-    def _grow_counts(self, cluster: int) -> None:
-        if cluster >= self.counts.size:
-            grown = np.zeros(max(cluster + 1, self.counts.size * 2), dtype=np.uint64)
-            grown[: self.counts.size] = self.counts
-            self.counts = grown
+    def store_chunk(self, chunk: Chunk) -> None:
+        """Store a classified chunk's data clusters, placed as the serializer places
+        them (:mod:`qcowlib.engine.qcow2data`): one placement and one L2 update per
+        table for the lot, the data queued in file order."""
+        local = data_clusters(chunk)
+        if local.size == 0:
+            return
+        clen = chunk_payload_lengths(chunk, local)
+        host = self.placer.place_chunk(clen)
+        entries = l2_entries(host, clen, self.opts.cluster_bits)
+        bitmap = np.where(clen > 0, np.uint64(0), np.uint64(0xFFFF_FFFF))
+        self._set_entries(local + chunk.first, entries, bitmap)
+        for offset, data in chunk_records(chunk, local, host, clen, self.cs):
+            self._queue(data, offset)
 
     def add_data(self, cluster: int, data: memoryview) -> None:
         """Store one uncompressed cluster (``len(data)`` may be short at the disk end)."""
-        cs = self.cs
-        self.data_pos = -(-self.data_pos // cs) * cs
-        host = self.data_pos
+        host = self.placer.plain(1)
         self._queue(data, host)
-        self.data_pos += cs
-        self._grow_counts(host // cs)
-        self.counts[host // cs] = 1
         bitmap = 0xFFFF_FFFF if self.opts.extended_l2 else 0
         self._set_entry(cluster, host | tables.OFLAG_COPIED, bitmap)
 
-    def add_data_clusters(self, first: int, local: np.ndarray, data: memoryview) -> None:
-        """Store many uncompressed clusters of one chunk at once (vectorised).
-
-        ``local`` are indexes into the chunk (guest cluster ``first + i``), ascending;
-        ``data`` is the chunk's buffer, whole clusters (zero-padded at the disk end).
-        The clusters get consecutive host clusters, so the write is one ``pwritev``.
-        """
-        if local.size == 0:
-            return
-        cs = self.cs
-        self.data_pos = -(-self.data_pos // cs) * cs
-        start = self.data_pos
-        n = int(local.size)
-        self.data_pos += n * cs
-        self._grow_counts(start // cs + n)
-        self.counts[start // cs : start // cs + n] = 1
-        # Guest runs of consecutive clusters become slices of the buffer.
-        breaks = np.flatnonzero(np.diff(local) != 1) + 1
-        done = 0
-        for run in np.split(local, breaks):
-            lo, hi = int(run[0]), int(run[-1]) + 1
-            self._queue(data[lo * cs : hi * cs], start + done * cs)
-            done += hi - lo
-        hosts = np.uint64(start) + np.arange(n, dtype=np.uint64) * np.uint64(cs)
-        entries = hosts | np.uint64(tables.OFLAG_COPIED)
-        self._set_entries(local.astype(np.int64) + first, entries, 0xFFFF_FFFF)
-
-    def _set_entries(self, clusters: np.ndarray, entries: np.ndarray, bitmap: int) -> None:
-        """L2 entries for ascending guest ``clusters`` (extended L2: with ``bitmap``)."""
-        l1s = clusters // self.l2_span
-        # ``clusters`` ascend, so each L2 table's entries are one slice.
-        bounds = [0, *(np.flatnonzero(np.diff(l1s)) + 1).tolist(), int(clusters.size)]
-        for a, b in itertools.pairwise(bounds):
-            self._switch_l2(int(l1s[a]))
-            within = clusters[a:b] % self.l2_span
-            if self.opts.extended_l2:
-                self.cur_l2[2 * within] = entries[a:b]
-                self.cur_l2[2 * within + 1] = bitmap
-            else:
-                self.cur_l2[within] = entries[a:b]
-
-    def add_compressed_clusters(self, first: int, local: list[int], payloads: list[bytes]) -> None:
-        """Store compressed clusters ``first + i`` (``i`` in ``local``, ascending), each
-        packed after the previous one as :meth:`add_compressed` packs it, with one
-        refcount update and one L2 update per table for the lot."""
-        if not local:
-            return
-        cs = self.cs
-        pos = self.data_pos
-        self._grow_counts(pos // cs + sum(len(p) // cs + 2 for p in payloads) + 1)
-        counts = self.counts
-        added: dict[int, int] = {}
-        offsets: list[int] = []
-        for payload in payloads:
-            if pos % cs:
-                c = pos // cs
-                if int(counts[c]) + added.get(c, 0) >= self.max_refcount:
-                    pos = (c + 1) * cs  # the shared cluster's refcount is full
-            self._queue(payload, pos)
-            for c in range(pos // cs, (pos + len(payload) - 1) // cs + 1):
-                added[c] = added.get(c, 0) + 1
-            offsets.append(pos)
-            pos += len(payload)
-        self.data_pos = pos
-        which = np.fromiter(added.keys(), dtype=np.int64, count=len(added))
-        counts[which] += np.fromiter(added.values(), dtype=np.uint64, count=len(added))
-        layout = tables.CompressedLayout(self.opts.cluster_bits)
-        lengths = np.fromiter(map(len, payloads), dtype=np.uint64, count=len(payloads))
-        descs = layout.encode(np.array(offsets, dtype=np.uint64), lengths)
-        self._set_entries(np.asarray(local, dtype=np.int64) + first, descs, 0)
+    def add_compressed(self, cluster: int, payload: bytes) -> None:
+        """Store one compressed cluster, packed after the previous one."""
+        clen = np.array([len(payload)], dtype=np.int64)
+        host = self.placer.packed(clen)
+        self._queue(payload, int(host[0]))
+        self._set_entry(cluster, int(l2_entries(host, clen, self.opts.cluster_bits)[0]))
 
     def add_zero(self, cluster: int) -> None:
         """A cluster that must read as zeros (over a backing file)."""
@@ -294,29 +255,11 @@ class Qcow2Writer:
         else:
             self._set_entry(cluster, tables.OFLAG_ZERO)
 
-    def add_compressed(self, cluster: int, payload: bytes) -> None:
-        """Store one compressed cluster, packed after the previous one."""
-        cs = self.cs
-        pos = self.data_pos
-        first = pos // cs
-        self._grow_counts(first + len(payload) // cs + 2)
-        if pos % cs and self.counts[first] >= self.max_refcount:
-            pos = -(-pos // cs) * cs  # the shared cluster's refcount is full
-        end = pos + len(payload)
-        self._queue(payload, pos)
-        self.counts[pos // cs : (end - 1) // cs + 1] += np.uint64(1)
-        self.data_pos = end
-        layout = tables.CompressedLayout(self.opts.cluster_bits)
-        desc = layout.encode(np.array([pos], np.uint64), np.array([len(payload)], np.uint64))
-        self._set_entry(cluster, int(desc[0]))
-
     def preallocate_all(self) -> None:
         """preallocation=metadata: every cluster gets a data cluster (not written)."""
         n = -(-self.opts.virtual_size // self.cs)
         cs = self.cs
-        start = -(-self.data_pos // cs) * cs
-        self._grow_counts(start // cs + n)
-        self.counts[start // cs : start // cs + n] = 1
+        start = self.placer.plain(n)
         hosts = np.uint64(start) + np.arange(n, dtype=np.uint64) * np.uint64(cs)
         for l1 in range(-(-n // self.l2_span)):
             lo, hi = l1 * self.l2_span, min(n, (l1 + 1) * self.l2_span)
@@ -327,7 +270,6 @@ class Qcow2Writer:
                 self.cur_l2[1 : 2 * (hi - lo) : 2] = 0xFFFF_FFFF
             else:
                 self.cur_l2[: hi - lo] = entries
-        self.data_pos = start + n * cs
 
     # -- finishing -----------------------------------------------------------------------
     def finish(self) -> int:
@@ -335,17 +277,11 @@ class Qcow2Writer:
         self._flush_l2()
         self.wait_writes()
         lay = self.layout
-        cs = self.cs
         l1 = lay.l2_offsets.copy()
         l1[l1 != 0] |= np.uint64(tables.OFLAG_COPIED)
-        end = max(self.data_pos, lay.data_offset)
-        n_clusters = -(-end // cs)
-        counts = np.zeros(n_clusters, dtype=np.uint64)
-        used = min(n_clusters, self.counts.size)
-        counts[:used] = self.counts[:used]
-        counts[: lay.data_offset // cs] = 1  # all metadata (unused L2 slots stay valid)
-        if np.any(counts > np.uint64(self.max_refcount)):
-            raise QcowlibIOError("internal: refcount overflow")
+        end = max(self.placer.pos, lay.data_offset)
+        # All metadata counts once (unused L2 slots stay valid).
+        counts = self.placer.refcounts(lay.data_offset)
         reftable, blocks = build_refcount_structures(lay, counts, self.opts.refcount_order)
         self._pwrite(tables.encode_table(l1), lay.l1_offset)
         self._pwrite(reftable, lay.reftable_offset)
@@ -439,35 +375,13 @@ def _copy(
     def emit(chunk: Chunk) -> None:
         if np.any(chunk.kinds == ZERO):
             emit_each(chunk)
-        elif not compress:
-            writer.add_data_clusters(chunk.first, np.flatnonzero(chunk.kinds == DATA), chunk.data)
         else:
-            emit_compressed(chunk)
+            writer.store_chunk(chunk)
         # The buffer goes back to the pool once the writes that point into it are done.
         writer.end_chunk(lambda: classifier.release(chunk))
 
-    def emit_compressed(chunk: Chunk) -> None:
-        # Runs of clusters that compressed (packed) and that did not (whole clusters),
-        # each stored in one vectorised step, in guest order.
-        payloads = chunk.compressed
-        run: list[int] = []
-        for i in np.flatnonzero(chunk.kinds == DATA).tolist():
-            if run and (payloads[i] is None) != (payloads[run[0]] is None):
-                store_run(chunk, run)
-                run = []
-            run.append(i)
-        store_run(chunk, run)
-
-    def store_run(chunk: Chunk, run: list[int]) -> None:
-        if not run:
-            return
-        parts = [chunk.compressed[i] for i in run]
-        if parts[0] is None:
-            writer.add_data_clusters(chunk.first, np.array(run, dtype=np.int64), chunk.data)
-        else:
-            writer.add_compressed_clusters(chunk.first, run, [p for p in parts if p is not None])
-
     def emit_each(chunk: Chunk) -> None:
+        # Only over a backing file: zero clusters among the data, cluster by cluster.
         for i in range(len(chunk.kinds)):
             kind = chunk.kinds[i]
             cluster = chunk.first + i
