@@ -257,16 +257,18 @@ class RunSource:
         elif len(runs) > WINDOW_RUNS * 4:
             self.window = max(self.window // 4, WINDOW_ALIGN)
         self.lo, self.hi = start, hi
+        self.runs = runs
+        self._ends = runs.start + runs.length
         return runs
 
     def get(self, start: int, end: int) -> tuple[Runs, int, int]:
         """The window's runs and the index range ``[a, b)`` of those over ``[start, end)``."""
-        if self.runs is None or start < self.lo or end > self.hi:
-            self.runs = self._resolve(start, end)
-            self._ends = self.runs.start + self.runs.length
+        runs = self.runs
+        if runs is None or start < self.lo or end > self.hi:
+            runs = self._resolve(start, end)
         a = int(np.searchsorted(self._ends, start, side="right"))
-        b = int(np.searchsorted(self.runs.start, end, side="left"))
-        return self.runs, a, b
+        b = int(np.searchsorted(runs.start, end, side="left"))
+        return runs, a, b
 
     def nonzero_units(self, unit: int) -> tuple[I64, I64]:
         """Unit ranges ``[first, end)`` of the whole disk that may hold non-zero data
