@@ -94,10 +94,10 @@ def test_merge_unit_ranges(pairs: list[tuple[int, int]]) -> None:
     first = np.array([a for a, _ in pairs], dtype=np.int64)
     end = first + np.array([n for _, n in pairs], dtype=np.int64)
     got_first, got_end = merge_unit_ranges(first, end)
-    covered = set()
+    covered: set[int] = set()
     for a, n in pairs:
         covered.update(range(a, a + n))
-    got = set()
+    got: set[int] = set()
     for a, e in zip(got_first.tolist(), got_end.tolist(), strict=True):
         got.update(range(a, e))
     assert got == covered
