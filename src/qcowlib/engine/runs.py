@@ -34,7 +34,7 @@ I64 = npt.NDArray[np.int64]
 #: Guest bytes resolved at once to start with; the window then grows or shrinks so
 #: that it holds about :data:`WINDOW_RUNS` runs (bounded memory on any disk, few
 #: windows on sparse or contiguous ones).
-WINDOW_BYTES = 256 << 20
+WINDOW_BYTES = 64 << 20
 WINDOW_RUNS = 1 << 16
 #: Windows are whole multiples of this (a large power of two, so they start on
 #: cluster and table boundaries).
