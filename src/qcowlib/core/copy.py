@@ -1,23 +1,35 @@
-"""Data movement from a disk's extents into a raw output, holes left as holes."""
+"""Data movement from a disk's extents into a raw output, holes left as holes.
+
+The chain's map is resolved into run arrays (:mod:`qcowlib.core.runs`); the ranges
+that may hold data are cut into chunks, read by two long-lived threads into reused
+page-aligned buffers (one positional read per run), scanned for zero blocks with numpy,
+and the non-zero blocks written at their guest offsets by two writer threads, whole
+pages straight to the disk (:class:`qcowlib.core.hostfile.DataWriter`).  Where the output
+cannot be written that way and zero detection is off (``-S 0``), data runs are copied
+in the kernel with ``copy_file_range`` instead.
+"""
 
 from __future__ import annotations
 
 import os
-import threading
-from collections import deque
+import stat
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
-from qcowlib.core.disk import Disk, Extent, ExtentKind
-from qcowlib.core.hostfile import aligned_buffer, pwrite_all
+from qcowlib.core.disk import RUN_COMPRESSED, RUN_DATA, Disk, Runs
+from qcowlib.core.hostfile import DataWriter, punch_hole
+from qcowlib.core.pipeline import BufferPool, TaskQueue, ordered_map
+from qcowlib.core.runs import ChainReader, RunSource
 from qcowlib.core.zero import nonzero_runs
 from qcowlib.errors import QcowlibIOError
 
-#: Bytes moved per task; each worker reuses one buffer of this size.
+#: Guest bytes per chunk; each buffer of the pool is this large.
 CHUNK = 4 * 1024 * 1024
-#: Worker threads: reads, zero scans and writes release the GIL, so two keep both
-#: cores busy; more only adds memory.
+#: Reader threads and writer threads: reads, zero scans and writes release the GIL,
+#: so two of each keep both cores and the disk busy; more only adds memory.
 WORKERS = 2
+#: Buffers: chunks being read, waiting in order, and being written.
+BUFFERS = 5 * WORKERS + 2
 
 Progress = Callable[[int, int], None]
 
@@ -38,16 +50,71 @@ def _copy_range_kernel(src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: 
     return done == n
 
 
-def _pieces(disk: Disk) -> Iterator[Extent]:
-    """Data extents of ``disk`` cut into pieces of at most :data:`CHUNK` bytes."""
-    for ext in disk.extents():
-        if ext.reads_zero:
-            continue
-        pos = ext.start
-        while pos < ext.end:
-            n = min(CHUNK, ext.end - pos)
-            yield ext if n == ext.length else ext.clip(pos, pos + n)
+@dataclass
+class _Job:
+    start: int
+    length: int
+    buffer: memoryview
+    runs: Runs
+    a: int
+    b: int
+
+
+@dataclass
+class _Done:
+    """A chunk read: the ``(start, end)`` byte ranges of its buffer left to write, and
+    those found to be zeros (holes to punch where the output was reserved)."""
+
+    job: _Job
+    writes: list[tuple[int, int]]
+    zeros: list[tuple[int, int]]
+
+
+def data_ranges(disk: Disk, unit: int) -> list[tuple[int, int]]:
+    """``(start, end)`` guest byte ranges that may hold data, rounded out to ``unit``."""
+    size = disk.virtual_size
+    first, end = RunSource(disk).nonzero_units(unit)
+    return [
+        (f * unit, min(size, e * unit)) for f, e in zip(first.tolist(), end.tolist(), strict=True)
+    ]
+
+
+def _pieces(ranges: list[tuple[int, int]], chunk: int) -> Iterator[tuple[int, int]]:
+    """``(start, length)`` pieces of ``ranges``, at most ``chunk`` bytes each."""
+    for pos, stop in ranges:
+        while pos < stop:
+            n = min(chunk, stop - pos)
+            yield pos, n
             pos += n
+
+
+def _reserve(fd: int, ranges: list[tuple[int, int]]) -> bool:
+    """Allocate the ranges data will go to in a regular output file (best effort).
+
+    Direct writes into allocated (unwritten) blocks were ~10% faster here than into
+    holes inside the file's size; blocks found to be zeros are punched out again.
+    """
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        for start, end in ranges:
+            os.posix_fallocate(fd, start, end - start)
+    except OSError:
+        return False
+    return True
+
+
+def _gaps(runs: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
+    """The parts of ``[0, length)`` outside the sorted disjoint ``runs``."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    for s, e in runs:
+        if s > pos:
+            out.append((pos, s))
+        pos = e
+    if pos < length:
+        out.append((pos, length))
+    return out
 
 
 def write_raw(
@@ -62,54 +129,105 @@ def write_raw(
     Zero and unallocated extents are not written (the file is truncated to size first,
     so they read as zeros).  With ``sparse_size`` > 0, data is also scanned in blocks of
     that size and all-zero blocks are skipped, as ``qemu-img convert -S``; with 0, data
-    extents are copied as they are, in the kernel where possible.  Pieces are processed
-    by :data:`WORKERS` threads with at most ``2 * WORKERS`` buffers in flight.
+    extents are copied as they are.  Memory is bounded by :data:`BUFFERS` chunks.
     """
     total = disk.virtual_size
     try:
         os.ftruncate(fd, total)
     except OSError as exc:
         raise QcowlibIOError(f"cannot size output: {exc.strerror}") from None
-    local = threading.local()
-
-    def work(piece: Extent) -> int:
-        """Copy one piece; returns the guest offset it ends at (for progress)."""
-        if sparse_size == 0 and piece.kind is ExtentKind.DATA and piece.host_offset is not None:
-            host = disk.chain[piece.depth].host_file_for(piece)
-            if host is not None and _copy_range_kernel(
-                host.fd, piece.host_offset, fd, piece.start, piece.length
-            ):
-                return piece.end
-        buf = getattr(local, "buf", None)
-        if buf is None:
-            buf = local.buf = aligned_buffer(CHUNK)
-        view = buf[: piece.length]
-        disk.read_extent(piece, view)
-        try:
-            if sparse_size:
-                for s, e in nonzero_runs(view, sparse_size):
-                    pwrite_all(fd, view[s:e], piece.start + s)
-            else:
-                pwrite_all(fd, view, piece.start)
-        except OSError as exc:
-            raise QcowlibIOError(f"write error: {exc.strerror}", offset=piece.start) from None
-        return piece.end
-
-    pending: deque[Future[int]] = deque()
-    with ThreadPoolExecutor(WORKERS, thread_name_prefix="qcowlib-copy") as pool:
-        try:
-            for piece in _pieces(disk):
-                pending.append(pool.submit(work, piece))
-                if len(pending) >= 2 * WORKERS:
-                    reached = pending.popleft().result()
-                    if progress:
-                        progress(reached, total)
-            while pending:
-                reached = pending.popleft().result()
-                if progress:
-                    progress(reached, total)
-        finally:
-            for f in pending:
-                f.cancel()
+    sink = DataWriter(fd)
+    try:
+        _copy(disk, sink, sparse_size, progress)
+    finally:
+        sink.close()
     if progress:
         progress(total, total)
+
+
+def _copy(disk: Disk, sink: DataWriter, sparse_size: int, progress: Progress | None) -> None:
+    total = disk.virtual_size
+    unit = sparse_size or 4096
+    chunk = max(unit, CHUNK // unit * unit)
+    pool = BufferPool(chunk, BUFFERS)
+    source = RunSource(disk)
+    reader = ChainReader(disk)
+    in_kernel = sparse_size == 0 and not sink.use_direct
+    ranges = data_ranges(disk, unit)
+    reserved = _reserve(sink.fd, ranges)
+
+    def jobs() -> Iterator[_Job]:
+        for start, length in _pieces(ranges, chunk):
+            runs, a, b = source.get(start, start + length)
+            yield _Job(start, length, pool.get(), runs, a, b)
+
+    def work(job: _Job) -> _Done:
+        view = job.buffer[: job.length]
+        if in_kernel:
+            return _Done(job, _copy_in_kernel(reader, sink, job), [])
+        reader.read(job.runs, job.a, job.b, job.start, view)
+        if sparse_size:
+            writes = nonzero_runs(view, sparse_size)
+            return _Done(job, writes, _gaps(writes, job.length) if reserved else [])
+        return _Done(job, [(0, job.length)], [])
+
+    def write(done: _Done) -> Callable[[], None]:
+        def run() -> None:
+            view = done.job.buffer
+            start = done.job.start
+            for s, e in done.writes:
+                sink.write(start + s, [view[s:e]])
+            for s, e in done.zeros:
+                punch_hole(sink.fd, start + s, e - s)
+
+        return run
+
+    results = ordered_map(
+        jobs(), work, workers=WORKERS, ahead=2 * WORKERS + 1, on_close=pool.close,
+        name="qcowlib-read",
+    )  # fmt: skip
+    try:
+        with TaskQueue(WORKERS, 2 * WORKERS, name="qcowlib-write") as tasks:
+            for done in results:
+                tasks.submit(write(done), _giver(pool, done.job.buffer))
+                if progress:
+                    progress(done.job.start + done.job.length, total)
+            tasks.join()
+    finally:
+        results.close()
+
+
+def _giver(pool: BufferPool, buf: memoryview) -> Callable[[], None]:
+    def give() -> None:
+        pool.put(buf)
+
+    return give
+
+
+def _copy_in_kernel(reader: ChainReader, sink: DataWriter, job: _Job) -> list[tuple[int, int]]:
+    """Copy a chunk's data runs with ``copy_file_range`` where the kernel can; read the
+    rest into the chunk's buffer and return the byte ranges of it to write."""
+    runs = job.runs
+    view = job.buffer[: job.length]
+    end = job.start + job.length
+    rest: list[tuple[int, int]] = []
+    for i in range(job.a, job.b):
+        s = max(job.start, int(runs.start[i]))
+        e = min(end, int(runs.start[i] + runs.length[i]))
+        if e <= s:
+            continue
+        kind = int(runs.kind[i])
+        if runs.hole[i] or kind not in (RUN_DATA, RUN_COMPRESSED):
+            continue  # reads as zeros: the output is a hole there already
+        host_file = reader.files[int(runs.depth[i])]
+        if (
+            kind == RUN_DATA
+            and host_file is not None
+            and _copy_range_kernel(
+                host_file.fd, int(runs.host[i]) + s - int(runs.start[i]), sink.fd, s, e - s
+            )
+        ):
+            continue
+        reader.read(runs, i, i + 1, s, view[s - job.start : e - job.start])
+        rest.append((s - job.start, e - job.start))
+    return rest

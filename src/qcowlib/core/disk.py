@@ -15,10 +15,14 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Final, Protocol, Self
 
 from qcowlib.core.hostfile import HostFile
 from qcowlib.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 
 class ExtentKind(enum.Enum):
@@ -105,6 +109,95 @@ class Extent:
             self.compressed_length,
             True,
         )
+
+
+# Run kinds in run arrays (small ints; the numbers qcow2's table codec uses).
+RUN_UNALLOCATED: Final = 0
+RUN_DATA: Final = 1
+RUN_ZERO: Final = 2
+RUN_COMPRESSED: Final = 3
+RUN_KINDS: Final = (
+    ExtentKind.UNALLOCATED,
+    ExtentKind.DATA,
+    ExtentKind.ZERO,
+    ExtentKind.COMPRESSED,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Runs:
+    """Extents as parallel numpy arrays, in guest order with no gaps.
+
+    Row ``i`` is the extent ``[start[i], start[i] + length[i])`` of kind
+    ``RUN_KINDS[kind[i]]``; ``host`` is its host offset (-1: none), ``clen`` the
+    compressed length bound, ``hole`` marks DATA that is a hole in its file, ``depth``
+    the chain index of the layer that decided it and ``file`` an index into ``files``
+    (the extent's file name).  A layer's runs (:meth:`Disk.layer_runs`) have depth 0.
+    """
+
+    start: npt.NDArray[np.int64]
+    length: npt.NDArray[np.int64]
+    kind: npt.NDArray[np.uint8]
+    host: npt.NDArray[np.int64]
+    clen: npt.NDArray[np.int64]
+    hole: npt.NDArray[np.bool_]
+    depth: npt.NDArray[np.int64]
+    file: npt.NDArray[np.int64]
+    files: tuple[str | None, ...]
+
+    def __len__(self) -> int:
+        return int(self.start.size)
+
+    def extent(self, i: int) -> Extent:
+        """Row ``i`` as an :class:`Extent`."""
+        host = int(self.host[i])
+        return Extent(
+            int(self.start[i]),
+            int(self.length[i]),
+            RUN_KINDS[int(self.kind[i])],
+            host if host >= 0 else None,
+            int(self.depth[i]),
+            self.files[int(self.file[i])],
+            int(self.clen[i]),
+            bool(self.hole[i]),
+        )
+
+    def extents(self) -> Iterator[Extent]:
+        """Every row as an :class:`Extent` (for callers that want objects)."""
+        for i in range(len(self)):
+            yield self.extent(i)
+
+
+def runs_from_extents(extents: Iterator[Extent]) -> Runs:
+    """Run arrays of ``extents`` (the generic path for formats without a vectorised map)."""
+    import numpy as np
+
+    files: dict[str | None, int] = {}
+    rows = [
+        (
+            e.start,
+            e.length,
+            RUN_KINDS.index(e.kind),
+            -1 if e.host_offset is None else e.host_offset,
+            e.compressed_length,
+            e.hole,
+            e.depth,
+            files.setdefault(e.file, len(files)),
+        )
+        for e in extents
+    ]
+    cols = list(zip(*rows, strict=True)) if rows else [()] * 8
+    return Runs(
+        np.array(cols[0], dtype=np.int64),
+        np.array(cols[1], dtype=np.int64),
+        np.array(cols[2], dtype=np.uint8),
+        np.array(cols[3], dtype=np.int64),
+        np.array(cols[4], dtype=np.int64),
+        np.array(cols[5], dtype=np.bool_),
+        np.array(cols[6], dtype=np.int64),
+        np.array(cols[7], dtype=np.int64),
+        tuple(files),
+    )
 
 
 def mergeable(a: Extent, b: Extent) -> bool:
@@ -245,6 +338,17 @@ class Disk(abc.ABC):
         """Bytes the image's files occupy on the host (``actual-size``)."""
         host = getattr(self, "host", None)
         return host.allocated if isinstance(host, HostFile) else None
+
+    def layer_runs(self, offset: int, end: int) -> Runs:
+        """This layer's runs over ``[offset, end)`` as arrays (what :meth:`layer_extents`
+        yields).  Formats with many runs override this with a vectorised version."""
+        return runs_from_extents(self.layer_extents(offset, end - offset))
+
+    def runs_data_file(self) -> HostFile | None:
+        """The file every DATA run of this layer is plain bytes of, at ``host`` (None:
+        read through :meth:`_read_layer`).  Lets copies read runs without building
+        :class:`Extent` objects."""
+        return None
 
     # -- shared behaviour ----------------------------------------------------------------
     @property

@@ -219,11 +219,20 @@ def pwritev_all(fd: int, parts: list[bytes | memoryview], offset: int) -> None:
         _pwritev_batch(fd, batch, start, size)
 
 
-def _pwritev_batch(fd: int, batch: list[memoryview], offset: int, size: int) -> None:
-    try:
-        done = os.pwritev(fd, batch, offset) if len(batch) > 1 else 0
-    except OSError as exc:
-        raise QcowlibIOError(f"write error at {offset:#x}: {exc.strerror}", offset=offset) from None
+def _pwritev_batch(
+    fd: int, batch: list[memoryview], offset: int, size: int, *, skip: int | None = None
+) -> None:
+    """One vectored write of ``batch`` (``size`` bytes); with ``skip``, only what is left
+    after the first ``skip`` bytes (already written)."""
+    if skip is not None:
+        done = skip
+    else:
+        try:
+            done = os.pwritev(fd, batch, offset) if len(batch) > 1 else 0
+        except OSError as exc:
+            raise QcowlibIOError(
+                f"write error at {offset:#x}: {exc.strerror}", offset=offset
+            ) from None
     if done < size:  # a short vectored write (or a single part): finish it piece by piece
         pos = 0
         for view in batch:
@@ -231,6 +240,129 @@ def _pwritev_batch(fd: int, batch: list[memoryview], offset: int, size: int) -> 
                 skip = max(0, done - pos)
                 pwrite_all(fd, view[skip:], offset + pos + skip)
             pos += len(view)
+
+
+#: Offsets, lengths and buffer addresses of direct (O_DIRECT) writes are multiples of
+#: this (the largest logical block size Linux file systems ask for).
+DIRECT_ALIGN = 4096
+
+
+def _address(view: memoryview) -> int | None:
+    """The address of a writable buffer's first byte (None: read-only, not ours to use)."""
+    import ctypes
+
+    if view.readonly or not view.contiguous:
+        return None
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+    except (TypeError, ValueError):
+        return None
+
+
+def _direct_ok(parts: list[memoryview], offset: int) -> bool:
+    if offset % DIRECT_ALIGN:
+        return False
+    for view in parts:
+        if len(view) % DIRECT_ALIGN:
+            return False
+        addr = _address(view)
+        if addr is None or addr % DIRECT_ALIGN:
+            return False
+    return True
+
+
+class DataWriter:
+    """Writes the data of a new output file, large aligned writes bypassing the page cache.
+
+    A new image is flushed to disk before it is renamed into place, so copying its data
+    into the page cache first only costs time: the copy, and allocating the page cache,
+    which on this kind of VM (free page reporting) is where most of a convert's kernel
+    time went (measured: 1 GiB buffered then ``fdatasync``ed took 1.0-2.6 s and
+    0.35-1.0 s of system time; written ``O_DIRECT`` in 1 MiB calls from two threads
+    0.4-0.65 s and 0.06-0.1 s).  Writes whose offset, lengths and buffer addresses are
+    multiples of :data:`DIRECT_ALIGN` go through a second descriptor opened with
+    ``O_DIRECT`` (whole pages only, so they never share a page with a buffered write);
+    everything else, and everything where the file system refuses ``O_DIRECT``, goes
+    through ``fd`` as before.  Safe to use from several threads.
+    """
+
+    def __init__(self, fd: int, *, direct: bool = True) -> None:
+        self.fd = fd
+        self.direct_fd = _open_direct(fd) if direct else -1
+        #: False once the file system has refused a direct write.
+        self.use_direct = self.direct_fd >= 0
+
+    def write(self, offset: int, parts: list[bytes | memoryview]) -> None:
+        """Write ``parts`` back to back from ``offset`` (at most :data:`WRITE_MAX` bytes a
+        call).  Raises :class:`QcowlibIOError` on failure."""
+        if self.use_direct:
+            views = [memoryview(p).cast("B") for p in parts]
+            if _direct_ok(views, offset) and self._write_direct(views, offset):
+                return
+        pwritev_all(self.fd, parts, offset)
+
+    def _write_direct(self, views: list[memoryview], offset: int) -> bool:
+        """Whole pages through the O_DIRECT descriptor; False (nothing written) where
+        the file system refuses them, which turns direct writes off."""
+        batch: list[memoryview] = []
+        size = 0
+        pos = offset
+        first = True
+        for view in views:
+            while view:
+                take = view[: WRITE_MAX - size]
+                batch.append(take)
+                size += len(take)
+                view = view[len(take) :]
+                if size == WRITE_MAX:
+                    if not self._direct_batch(batch, pos, size, first):
+                        return False
+                    first = False
+                    pos += size
+                    batch, size = [], 0
+        return not batch or self._direct_batch(batch, pos, size, first)
+
+    def _direct_batch(self, batch: list[memoryview], offset: int, size: int, first: bool) -> bool:
+        fd = self.direct_fd
+        try:
+            done = os.pwritev(fd, batch, offset)
+        except OSError as exc:
+            if first and exc.errno == errno.EINVAL:
+                log.debug("O_DIRECT writes refused here, writing through the page cache")
+                self.use_direct = False
+                return False
+            raise QcowlibIOError(
+                f"write error at {offset:#x}: {exc.strerror}", offset=offset
+            ) from None
+        if done < size:  # short (a full disk?): finish through the page cache
+            _pwritev_batch(self.fd, batch, offset, size, skip=done)
+        return True
+
+    def close(self) -> None:
+        """Close the direct descriptor (the caller's ``fd`` stays open)."""
+        fd, self.direct_fd = self.direct_fd, -1
+        self.use_direct = False
+        if fd >= 0:
+            os.close(fd)
+
+
+def _open_direct(fd: int) -> int:
+    """A second descriptor of ``fd``'s file opened for ``O_DIRECT`` writes, or -1."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return -1
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return -1
+        direct = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | flag | os.O_CLOEXEC)
+    except OSError as exc:
+        log.debug("no O_DIRECT descriptor for the output: %s", exc.strerror)
+        return -1
+    if os.fstat(direct).st_ino != st.st_ino:  # pragma: no cover - /proc lied
+        os.close(direct)
+        return -1
+    return direct
 
 
 @functools.cache

@@ -4,8 +4,13 @@ The metadata area (refcount table and blocks, L1, the L2 tables the source needs
 planned up front from the source's extent map (:func:`plan_layout`); data clusters
 follow it in guest order, and each L2 table is written as soon as its range is done,
 so memory stays bounded whatever the disk size.  All-zero clusters are not written;
-with ``compress`` each cluster is compressed in a thread pool, output order preserved,
-and kept uncompressed when compression does not shrink it (as QEMU does).
+with ``compress`` each cluster is compressed by the reading workers, output order
+preserved, and kept uncompressed when compression does not shrink it (as QEMU does).
+
+Data moves through a bounded pipeline (:mod:`qcowlib.core.pipeline`): two reader
+threads fill and classify chunks, this thread lays them out, and two writer threads
+write each chunk's data (whole pages straight to the disk, :class:`DataWriter`) and
+then give its buffer back.
 """
 
 from __future__ import annotations
@@ -13,16 +18,16 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from qcowlib.core.appendsink import AppendWriter
 from qcowlib.core.disk import Disk
-from qcowlib.core.hostfile import pwrite_all, pwritev_all
+from qcowlib.core.hostfile import DataWriter, pwrite_all
+from qcowlib.core.pipeline import TaskQueue
+from qcowlib.core.runs import RunSource
 from qcowlib.errors import QcowlibIOError
-from qcowlib.formats.qcow2 import refcount as rc
 from qcowlib.formats.qcow2 import tables
 from qcowlib.formats.qcow2.classify import DATA, WORKERS, ZERO, Chunk, Classifier
 from qcowlib.formats.qcow2.layout import (
@@ -32,29 +37,25 @@ from qcowlib.formats.qcow2.layout import (
     build_refcount_structures,
     plan_layout,
 )
+from qcowlib.formats.qcow2.placement import (
+    DataPlacer,
+    chunk_payload_lengths,
+    chunk_records,
+    data_clusters,
+    l2_entries,
+)
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
-#: Data bytes queued before they are handed to a writer thread.
-CHUNK = 4 * 1024 * 1024
 
 
 def candidate_ranges(disk: Disk | None, cluster_size: int) -> list[tuple[int, int]]:
     """Guest cluster ranges ``[first, end)`` that may hold non-zero data."""
-    out: list[tuple[int, int]] = []
     if disk is None:
-        return out
-    for ext in disk.extents():
-        if ext.reads_zero:
-            continue
-        first = ext.start // cluster_size
-        end = -(-ext.end // cluster_size)
-        if out and out[-1][1] >= first:
-            out[-1] = (out[-1][0], max(out[-1][1], end))
-        else:
-            out.append((first, end))
-    return out
+        return []
+    first, end = RunSource(disk).nonzero_units(cluster_size)
+    return list(zip(first.tolist(), end.tolist(), strict=True))
 
 
 def candidate_l2_tables(
@@ -96,25 +97,35 @@ class Qcow2Writer:
         fd: int,
         opts: CreateOptions,
         candidates: list[tuple[int, int]],
-        executor: ThreadPoolExecutor | None = None,
+        sink: DataWriter | None = None,
+        tasks: TaskQueue | None = None,
+        stage: bool = False,
     ) -> None:
         self.fd = fd
-        self.executor = executor
-        self.writes: deque[Future[None]] = deque()
-        self.submitted: list[Future[None]] = []
+        self.sink = sink if sink is not None else DataWriter(fd, direct=False)
+        self.tasks = tasks
         self.opts = opts
         self.cs = opts.cluster_size
         cs = self.cs
         l2_needed, n_data = candidate_l2_tables(opts, candidates)
         self.l2_span = cs // opts.l2_entry_size
         self.layout: Layout = plan_layout(opts, l2_needed, n_data)
-        self.counts = np.zeros(self.layout.data_offset // cs + n_data + 2, dtype=np.uint64)
-        self.max_refcount = rc.max_refcount(opts.refcount_order)
-        self.data_pos = self.layout.data_offset
+        self.placer = DataPlacer(
+            cs, opts.refcount_order, self.layout.data_offset,
+            self.layout.data_offset // cs + n_data + 2,
+        )  # fmt: skip
         self.cur_l1: int = -1
         self.cur_l2 = np.zeros(0, dtype=np.uint64)
-        self.pending: list[tuple[int, bytes | memoryview]] = []
-        self.pending_bytes = 0
+        #: Data not yet handed to a writer: groups of parts written back to back.
+        self.pending: list[tuple[int, list[bytes | memoryview]]] = []
+        self.pending_end = -1
+        #: With ``stage`` (compressed images: small payloads between whole clusters),
+        #: data is copied into aligned staging buffers instead (it only moves forward).
+        self.stager = (
+            AppendWriter(self.sink, tasks, self.layout.data_offset)
+            if stage and tasks is not None
+            else None
+        )
         try:
             os.ftruncate(fd, self.layout.data_offset)
         except OSError as exc:
@@ -134,111 +145,11 @@ class Qcow2Writer:
         offset = int(self.layout.l2_offsets[self.cur_l1])
         if offset == 0:
             raise QcowlibIOError("internal: writing into an unplanned L2 table")
-        self._flush_data()
         self._pwrite(tables.encode_table(self.cur_l2), offset)
 
-    def _set_entry(self, cluster: int, entry: int, bitmap: int = 0) -> None:
-        self._switch_l2(cluster // self.l2_span)
-        i = cluster % self.l2_span
-        if self.opts.extended_l2:
-            self.cur_l2[2 * i] = entry
-            self.cur_l2[2 * i + 1] = bitmap
-        else:
-            self.cur_l2[i] = entry
-
-    # -- data --------------------------------------------------------------------------
-    def _pwrite(self, data: bytes | memoryview, offset: int) -> None:
-        try:
-            pwrite_all(self.fd, data, offset)
-        except OSError as exc:
-            raise QcowlibIOError(f"write error: {exc.strerror}", offset=offset) from None
-
-    def _queue(self, data: bytes | memoryview, offset: int) -> None:
-        if self.pending:
-            last_off, last = self.pending[-1]
-            if last_off + len(last) != offset:
-                self._flush_data()
-        self.pending.append((offset, data))
-        self.pending_bytes += len(data)
-        if self.pending_bytes >= CHUNK:
-            self._flush_data()
-
-    def _flush_data(self) -> None:
-        """Hand the queued contiguous data to a writer thread (or write it now)."""
-        if not self.pending:
-            return
-        start = self.pending[0][0]
-        parts = [p[1] for p in self.pending]
-        self.pending = []
-        self.pending_bytes = 0
-        if self.executor is None:
-            self._write_parts(start, parts)
-            return
-        future = self.executor.submit(self._write_parts, start, parts)
-        self.writes.append(future)
-        self.submitted.append(future)
-        while len(self.writes) > 2 * WORKERS:
-            self.writes.popleft().result()
-
-    def _write_parts(self, start: int, parts: list[bytes | memoryview]) -> None:
-        pwritev_all(self.fd, parts, start)
-
-    def take_submitted(self) -> list[Future[None]]:
-        """The write futures submitted since the last call."""
-        out, self.submitted = self.submitted, []
-        return out
-
-    def wait_writes(self) -> None:
-        """Wait for every queued data write (raises the first write error)."""
-        while self.writes:
-            self.writes.popleft().result()
-
-    def _grow_counts(self, cluster: int) -> None:
-        if cluster >= self.counts.size:
-            grown = np.zeros(max(cluster + 1, self.counts.size * 2), dtype=np.uint64)
-            grown[: self.counts.size] = self.counts
-            self.counts = grown
-
-    def add_data(self, cluster: int, data: memoryview) -> None:
-        """Store one uncompressed cluster (``len(data)`` may be short at the disk end)."""
-        cs = self.cs
-        self.data_pos = -(-self.data_pos // cs) * cs
-        host = self.data_pos
-        self._queue(data, host)
-        self.data_pos += cs
-        self._grow_counts(host // cs)
-        self.counts[host // cs] = 1
-        bitmap = 0xFFFF_FFFF if self.opts.extended_l2 else 0
-        self._set_entry(cluster, host | tables.OFLAG_COPIED, bitmap)
-
-    def add_data_clusters(self, first: int, local: np.ndarray, data: memoryview) -> None:
-        """Store many uncompressed clusters of one chunk at once (vectorised).
-
-        ``local`` are indexes into the chunk (guest cluster ``first + i``), ascending;
-        ``data`` is the chunk's buffer, whole clusters (zero-padded at the disk end).
-        The clusters get consecutive host clusters, so the write is one ``pwritev``.
-        """
-        if local.size == 0:
-            return
-        cs = self.cs
-        self.data_pos = -(-self.data_pos // cs) * cs
-        start = self.data_pos
-        n = int(local.size)
-        self.data_pos += n * cs
-        self._grow_counts(start // cs + n)
-        self.counts[start // cs : start // cs + n] = 1
-        # Guest runs of consecutive clusters become slices of the buffer.
-        breaks = np.flatnonzero(np.diff(local) != 1) + 1
-        done = 0
-        for run in np.split(local, breaks):
-            lo, hi = int(run[0]), int(run[-1]) + 1
-            self._queue(data[lo * cs : hi * cs], start + done * cs)
-            done += hi - lo
-        hosts = np.uint64(start) + np.arange(n, dtype=np.uint64) * np.uint64(cs)
-        entries = hosts | np.uint64(tables.OFLAG_COPIED)
-        self._set_entries(local.astype(np.int64) + first, entries, 0xFFFF_FFFF)
-
-    def _set_entries(self, clusters: np.ndarray, entries: np.ndarray, bitmap: int) -> None:
+    def _set_entries(
+        self, clusters: np.ndarray, entries: np.ndarray, bitmap: int | np.ndarray
+    ) -> None:
         """L2 entries for ascending guest ``clusters`` (extended L2: with ``bitmap``)."""
         l1s = clusters // self.l2_span
         # ``clusters`` ascend, so each L2 table's entries are one slice.
@@ -248,39 +159,92 @@ class Qcow2Writer:
             within = clusters[a:b] % self.l2_span
             if self.opts.extended_l2:
                 self.cur_l2[2 * within] = entries[a:b]
-                self.cur_l2[2 * within + 1] = bitmap
+                self.cur_l2[2 * within + 1] = (
+                    bitmap[a:b] if isinstance(bitmap, np.ndarray) else bitmap
+                )
             else:
                 self.cur_l2[within] = entries[a:b]
 
-    def add_compressed_clusters(self, first: int, local: list[int], payloads: list[bytes]) -> None:
-        """Store compressed clusters ``first + i`` (``i`` in ``local``, ascending), each
-        packed after the previous one as :meth:`add_compressed` packs it, with one
-        refcount update and one L2 update per table for the lot."""
-        if not local:
+    def _set_entry(self, cluster: int, entry: int, bitmap: int = 0) -> None:
+        self._set_entries(
+            np.array([cluster], dtype=np.int64), np.array([entry], dtype=np.uint64), bitmap
+        )
+
+    # -- data --------------------------------------------------------------------------
+    def _pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        try:
+            pwrite_all(self.fd, data, offset)
+        except OSError as exc:
+            raise QcowlibIOError(f"write error: {exc.strerror}", offset=offset) from None
+
+    def _queue(self, data: bytes | memoryview, offset: int) -> None:
+        if self.stager is not None:
+            self.stager.skip_to(offset)
+            self.stager.append(data)
             return
-        cs = self.cs
-        pos = self.data_pos
-        self._grow_counts(pos // cs + sum(len(p) // cs + 2 for p in payloads) + 1)
-        counts = self.counts
-        added: dict[int, int] = {}
-        offsets: list[int] = []
-        for payload in payloads:
-            if pos % cs:
-                c = pos // cs
-                if int(counts[c]) + added.get(c, 0) >= self.max_refcount:
-                    pos = (c + 1) * cs  # the shared cluster's refcount is full
-            self._queue(payload, pos)
-            for c in range(pos // cs, (pos + len(payload) - 1) // cs + 1):
-                added[c] = added.get(c, 0) + 1
-            offsets.append(pos)
-            pos += len(payload)
-        self.data_pos = pos
-        which = np.fromiter(added.keys(), dtype=np.int64, count=len(added))
-        counts[which] += np.fromiter(added.values(), dtype=np.uint64, count=len(added))
-        layout = tables.CompressedLayout(self.opts.cluster_bits)
-        lengths = np.fromiter(map(len, payloads), dtype=np.uint64, count=len(payloads))
-        descs = layout.encode(np.array(offsets, dtype=np.uint64), lengths)
-        self._set_entries(np.asarray(local, dtype=np.int64) + first, descs, 0)
+        if self.pending and self.pending_end == offset:
+            self.pending[-1][1].append(data)
+        else:
+            self.pending.append((offset, [data]))
+        self.pending_end = offset + len(data)
+
+    def end_chunk(self, done: Callable[[], None] | None = None) -> None:
+        """Hand the data queued so far to a writer thread (or write it now), then call
+        ``done`` (which gives back the buffer the data lies in)."""
+        groups, self.pending, self.pending_end = self.pending, [], -1
+        sink = self.sink
+
+        def write() -> None:
+            for offset, parts in groups:
+                sink.write(offset, parts)
+
+        if self.tasks is not None:
+            if groups or done is not None:
+                self.tasks.submit(write, done)
+            return
+        try:
+            write()
+        finally:
+            if done is not None:
+                done()
+
+    def wait_writes(self) -> None:
+        """Wait for every queued data write (raises the first write error)."""
+        self.end_chunk()
+        if self.stager is not None:
+            self.stager.close()
+            self.stager = None
+        if self.tasks is not None:
+            self.tasks.join()
+
+    def store_chunk(self, chunk: Chunk) -> None:
+        """Store a classified chunk's data clusters, placed as the serializer places
+        them (:mod:`qcowlib.formats.qcow2.placement`): one placement and one L2 update per
+        table for the lot, the data queued in file order."""
+        local = data_clusters(chunk)
+        if local.size == 0:
+            return
+        clen = chunk_payload_lengths(chunk, local)
+        host = self.placer.place_chunk(clen)
+        entries = l2_entries(host, clen, self.opts.cluster_bits)
+        bitmap = np.where(clen > 0, np.uint64(0), np.uint64(0xFFFF_FFFF))
+        self._set_entries(local + chunk.first, entries, bitmap)
+        for offset, data in chunk_records(chunk, local, host, clen, self.cs):
+            self._queue(data, offset)
+
+    def add_data(self, cluster: int, data: memoryview) -> None:
+        """Store one uncompressed cluster (``len(data)`` may be short at the disk end)."""
+        host = self.placer.plain(1)
+        self._queue(data, host)
+        bitmap = 0xFFFF_FFFF if self.opts.extended_l2 else 0
+        self._set_entry(cluster, host | tables.OFLAG_COPIED, bitmap)
+
+    def add_compressed(self, cluster: int, payload: bytes) -> None:
+        """Store one compressed cluster, packed after the previous one."""
+        clen = np.array([len(payload)], dtype=np.int64)
+        host = self.placer.packed(clen)
+        self._queue(payload, int(host[0]))
+        self._set_entry(cluster, int(l2_entries(host, clen, self.opts.cluster_bits)[0]))
 
     def add_zero(self, cluster: int) -> None:
         """A cluster that must read as zeros (over a backing file)."""
@@ -291,29 +255,11 @@ class Qcow2Writer:
         else:
             self._set_entry(cluster, tables.OFLAG_ZERO)
 
-    def add_compressed(self, cluster: int, payload: bytes) -> None:
-        """Store one compressed cluster, packed after the previous one."""
-        cs = self.cs
-        pos = self.data_pos
-        first = pos // cs
-        self._grow_counts(first + len(payload) // cs + 2)
-        if pos % cs and self.counts[first] >= self.max_refcount:
-            pos = -(-pos // cs) * cs  # the shared cluster's refcount is full
-        end = pos + len(payload)
-        self._queue(payload, pos)
-        self.counts[pos // cs : (end - 1) // cs + 1] += np.uint64(1)
-        self.data_pos = end
-        layout = tables.CompressedLayout(self.opts.cluster_bits)
-        desc = layout.encode(np.array([pos], np.uint64), np.array([len(payload)], np.uint64))
-        self._set_entry(cluster, int(desc[0]))
-
     def preallocate_all(self) -> None:
         """preallocation=metadata: every cluster gets a data cluster (not written)."""
         n = -(-self.opts.virtual_size // self.cs)
         cs = self.cs
-        start = -(-self.data_pos // cs) * cs
-        self._grow_counts(start // cs + n)
-        self.counts[start // cs : start // cs + n] = 1
+        start = self.placer.plain(n)
         hosts = np.uint64(start) + np.arange(n, dtype=np.uint64) * np.uint64(cs)
         for l1 in range(-(-n // self.l2_span)):
             lo, hi = l1 * self.l2_span, min(n, (l1 + 1) * self.l2_span)
@@ -324,26 +270,18 @@ class Qcow2Writer:
                 self.cur_l2[1 : 2 * (hi - lo) : 2] = 0xFFFF_FFFF
             else:
                 self.cur_l2[: hi - lo] = entries
-        self.data_pos = start + n * cs
 
     # -- finishing -----------------------------------------------------------------------
     def finish(self) -> int:
         """Write L2/L1/refcount structures and the header; returns the file size."""
         self._flush_l2()
-        self._flush_data()
         self.wait_writes()
         lay = self.layout
-        cs = self.cs
         l1 = lay.l2_offsets.copy()
         l1[l1 != 0] |= np.uint64(tables.OFLAG_COPIED)
-        end = max(self.data_pos, lay.data_offset)
-        n_clusters = -(-end // cs)
-        counts = np.zeros(n_clusters, dtype=np.uint64)
-        used = min(n_clusters, self.counts.size)
-        counts[:used] = self.counts[:used]
-        counts[: lay.data_offset // cs] = 1  # all metadata (unused L2 slots stay valid)
-        if np.any(counts > np.uint64(self.max_refcount)):
-            raise QcowlibIOError("internal: refcount overflow")
+        end = max(self.placer.pos, lay.data_offset)
+        # All metadata counts once (unused L2 slots stay valid).
+        counts = self.placer.refcounts(lay.data_offset)
         reftable, blocks = build_refcount_structures(lay, counts, self.opts.refcount_order)
         self._pwrite(tables.encode_table(l1), lay.l1_offset)
         self._pwrite(reftable, lay.reftable_offset)
@@ -378,19 +316,52 @@ def write_qcow2(
     if backing is not None:
         back_ranges = [(a, min(b, -(-size // cs))) for a, b in candidate_ranges(backing, cs)]
         ranges = merge_ranges(ranges, [r for r in back_ranges if r[0] < r[1]])
-    write_pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="qcowlib-write")
     if opts.preallocation != "off":
         # Every cluster is allocated up front; only then is source data copied in.
         if ranges:
             raise QcowlibIOError("internal: preallocation applies to new empty images")
-        writer = Qcow2Writer(fd, opts, [(0, -(-size // cs))], write_pool)
+        writer = Qcow2Writer(fd, opts, [(0, -(-size // cs))])
         writer.preallocate_all()
-    else:
-        writer = Qcow2Writer(fd, opts, ranges, write_pool)
-        if not compress:
-            # Reserve the data area: writes into allocated space are cheaper than delayed
-            # allocation, and the file is trimmed to what was used at the end.
-            reserve(fd, writer.layout.data_offset, sum(b - a for a, b in ranges) * cs)
+        return _finish(writer, fd, opts, progress)
+    sink = DataWriter(fd)
+    try:
+        with TaskQueue(WORKERS, 2 * WORKERS, name="qcowlib-write") as tasks:
+            writer = Qcow2Writer(fd, opts, ranges, sink, tasks, stage=compress)
+            _copy(writer, src, ranges, compress, sparse_size, backing, progress)
+            writer.wait_writes()
+        writer.tasks = None
+        return _finish(writer, fd, opts, progress)
+    finally:
+        sink.close()
+
+
+def _finish(writer: Qcow2Writer, fd: int, opts: CreateOptions, progress: Progress | None) -> int:
+    end = writer.finish()
+    if opts.preallocation in ("falloc", "full"):
+        _preallocate_file(fd, writer.layout.data_offset, end, opts.preallocation)
+    if progress:
+        progress(opts.virtual_size, opts.virtual_size)
+    return end
+
+
+def _copy(
+    writer: Qcow2Writer,
+    src: Disk | None,
+    ranges: list[tuple[int, int]],
+    compress: bool,
+    sparse_size: int,
+    backing: Disk | None,
+    progress: Progress | None,
+) -> None:
+    """Classify ``src``'s candidate clusters and store them, in guest order."""
+    opts = writer.opts
+    cs = opts.cluster_size
+    size = opts.virtual_size
+    fd = writer.fd
+    if ranges and not compress:
+        # Reserve the data area: writes into allocated space are cheaper than delayed
+        # allocation, and the file is trimmed to what was used at the end.
+        reserve(fd, writer.layout.data_offset, sum(b - a for a, b in ranges) * cs)
     classifier = Classifier(
         src,
         size,
@@ -404,34 +375,13 @@ def write_qcow2(
     def emit(chunk: Chunk) -> None:
         if np.any(chunk.kinds == ZERO):
             emit_each(chunk)
-        elif not compress:
-            writer.add_data_clusters(chunk.first, np.flatnonzero(chunk.kinds == DATA), chunk.data)
         else:
-            emit_compressed(chunk)
-        release(chunk)
-
-    def emit_compressed(chunk: Chunk) -> None:
-        # Runs of clusters that compressed (packed) and that did not (whole clusters),
-        # each stored in one vectorised step, in guest order.
-        payloads = chunk.compressed
-        run: list[int] = []
-        for i in np.flatnonzero(chunk.kinds == DATA).tolist():
-            if run and (payloads[i] is None) != (payloads[run[0]] is None):
-                store_run(chunk, run)
-                run = []
-            run.append(i)
-        store_run(chunk, run)
-
-    def store_run(chunk: Chunk, run: list[int]) -> None:
-        if not run:
-            return
-        parts = [chunk.compressed[i] for i in run]
-        if parts[0] is None:
-            writer.add_data_clusters(chunk.first, np.array(run, dtype=np.int64), chunk.data)
-        else:
-            writer.add_compressed_clusters(chunk.first, run, [p for p in parts if p is not None])
+            writer.store_chunk(chunk)
+        # The buffer goes back to the pool once the writes that point into it are done.
+        writer.end_chunk(lambda: classifier.release(chunk))
 
     def emit_each(chunk: Chunk) -> None:
+        # Only over a backing file: zero clusters among the data, cluster by cluster.
         for i in range(len(chunk.kinds)):
             kind = chunk.kinds[i]
             cluster = chunk.first + i
@@ -445,31 +395,10 @@ def write_qcow2(
             elif kind == ZERO:
                 writer.add_zero(cluster)
 
-    def release(chunk: Chunk) -> None:
-        # The buffer goes back to the pool once every write that points into it is done.
-        writer._flush_data()
-        chunk_writes = writer.take_submitted()
-        if chunk_writes:
-            releases.append((chunk_writes, chunk))
-        else:
-            classifier.release(chunk)
-        while releases and all(f.done() for f in releases[0][0]):
-            for f in releases[0][0]:
-                f.result()
-            classifier.release(releases.popleft()[1])
-
-    releases: deque[tuple[list[Future[None]], Chunk]] = deque()
-    with write_pool:
-        for chunk in classifier.chunks(ranges):
-            emit(chunk)
-            if progress:
-                progress(min(size, chunk.end * cs), size)
-        end = writer.finish()
-    if opts.preallocation in ("falloc", "full"):
-        _preallocate_file(fd, writer.layout.data_offset, end, opts.preallocation)
-    if progress:
-        progress(size, size)
-    return end
+    for chunk in classifier.chunks(ranges):
+        emit(chunk)
+        if progress:
+            progress(min(size, chunk.end * cs), size)
 
 
 def reserve(fd: int, offset: int, length: int) -> None:

@@ -16,14 +16,17 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from qcowlib.core.disk import Disk, Extent, ExtentKind, full_backing_filename
-from qcowlib.core.hostfile import HostFile
-from qcowlib.errors import (
-    CorruptImage,
-    QcowlibError,
-    TruncatedImage,
-    UnsupportedFeature,
+from qcowlib.core.disk import (
+    RUN_COMPRESSED,
+    RUN_DATA,
+    Disk,
+    Extent,
+    ExtentKind,
+    Runs,
+    full_backing_filename,
 )
+from qcowlib.core.hostfile import HostFile
+from qcowlib.errors import CorruptImage, QcowlibError, TruncatedImage, UnsupportedFeature
 from qcowlib.formats.qcow2 import header as hdr
 from qcowlib.formats.qcow2 import hostio
 
@@ -503,6 +506,74 @@ class Qcow2Disk(Disk):
                 if i >= len(runs):
                     break
             pos = table_end
+
+    def layer_runs(self, offset: int, end: int) -> Runs:
+        """:meth:`layer_extents` as arrays, built a decoded L2 table at a time."""
+        import numpy as np
+
+        self._range(offset, end - offset)
+        if self.metadata_preallocated():
+            return super().layer_runs(offset, end)  # data may be holes: ask the file
+        span, unit = self.l2_span, self.unit_size
+        parts: list[tuple[np.ndarray, ...]] = []
+        first, last = offset // span, max(offset, end - 1) // span
+        present = self.l2_offsets[first : last + 1] != 0
+        absent = np.flatnonzero(~present) + first
+        if last >= self.l2_offsets.size:  # tables past the L1 table's end
+            absent = np.concatenate((absent, np.arange(max(first, self.l2_offsets.size), last + 1)))
+        for l1_index in (np.flatnonzero(present) + first).tolist():
+            runs = self._l2_runs_ahead(l1_index, last)
+            base = l1_index * span
+            if runs is None:  # pragma: no cover - present tables decode to runs
+                absent = np.append(absent, l1_index)
+                continue
+            parts.append(
+                (runs.start * unit + base, runs.count * unit, runs.kind, runs.host, runs.clen)
+            )
+        if absent.size:
+            starts = absent.astype(np.int64) * span
+            zeros = np.zeros(starts.size, dtype=np.int64)
+            parts.append((starts, zeros + span, zeros.astype(np.uint8), zeros, zeros))
+        start = np.concatenate([p[0] for p in parts])
+        length = np.concatenate([p[1] for p in parts])
+        kind = np.concatenate([p[2] for p in parts]).astype(np.uint8)
+        host = np.concatenate([p[3] for p in parts]).astype(np.int64)
+        clen = np.concatenate([p[4] for p in parts]).astype(np.int64)
+        # In order (tables absent from L1 come last), clipped to [offset, end): runs
+        # never cross a table, so only the ends need it.
+        order = np.argsort(start, kind="stable") if absent.size else np.arange(start.size)
+        keep = order[np.minimum(start + length, end)[order] > np.maximum(start, offset)[order]]
+        start, length, kind, host, clen = (
+            start[keep],
+            length[keep],
+            kind[keep],
+            host[keep],
+            clen[keep],
+        )
+        stop = np.minimum(start + length, end)
+        clipped = np.maximum(start, offset)
+        shift = clipped - start
+        compressed = kind == RUN_COMPRESSED
+        has_host = (kind == RUN_DATA) | (host != 0)
+        host = np.where(has_host, host + np.where(compressed, 0, shift), -1)
+        # Files as layer_extents names them: data runs and runs with a host offset
+        # live in the data file, compressed ones in the image, the rest nowhere.
+        file = np.where(compressed, 1, np.where(has_host, 2, 0)).astype(np.int64)
+        n = clipped.size
+        return Runs(
+            clipped,
+            stop - clipped,
+            kind,
+            host,
+            np.where(compressed, clen, 0),
+            np.zeros(n, dtype=np.bool_),
+            np.zeros(n, dtype=np.int64),
+            file,
+            (None, self.filename, self.data_filename),
+        )
+
+    def runs_data_file(self) -> HostFile | None:
+        return self.data_host
 
     # -- reading ------------------------------------------------------------------------
     def _read_layer(self, ext: Extent, buf: memoryview) -> None:

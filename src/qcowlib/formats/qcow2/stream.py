@@ -19,9 +19,8 @@ import numpy as np
 from qcowlib.core.disk import Disk
 from qcowlib.core.hostfile import aligned_buffer
 from qcowlib.errors import InvalidArgument, QcowlibError, SourceChanged
-from qcowlib.formats.qcow2 import refcount as rc
 from qcowlib.formats.qcow2 import tables
-from qcowlib.formats.qcow2.classify import DATA, Classifier
+from qcowlib.formats.qcow2.classify import Classifier
 from qcowlib.formats.qcow2.layout import (
     CreateOptions,
     build_new_header,
@@ -29,6 +28,13 @@ from qcowlib.formats.qcow2.layout import (
     plan_layout,
 )
 from qcowlib.formats.qcow2.output import candidate_l2_tables, candidate_ranges
+from qcowlib.formats.qcow2.placement import (
+    DataPlacer,
+    chunk_payload_lengths,
+    chunk_records,
+    data_clusters,
+    l2_entries,
+)
 
 Progress = Callable[[int, int], None]
 #: Output pieces; under uWSGI's 1 MiB chunk limit for Glance uploads.
@@ -109,73 +115,35 @@ class Qcow2Serializer:
 
     def _plan(self) -> None:
         cs = self.cs
-        idx_parts: list[np.ndarray] = []
-        len_parts: list[np.ndarray] = []
-        classifier = self._classifier()
-        for chunk in classifier.chunks(self.ranges):
-            local = np.flatnonzero(chunk.kinds == DATA)
-            idx_parts.append(local.astype(np.int64) + chunk.first)
-            lengths = np.zeros(local.size, dtype=np.int64)
-            if self.compress:
-                for j, i in enumerate(local.tolist()):
-                    payload = chunk.compressed[i]
-                    lengths[j] = len(payload) if payload is not None else 0
-            len_parts.append(lengths)
-            classifier.release(chunk)
-        self.data_idx = np.concatenate(idx_parts) if idx_parts else np.zeros(0, np.int64)
-        self.clen = np.concatenate(len_parts) if len_parts else np.zeros(0, np.int64)
-        rel, counts, data_end = self._pack()
-        self.data_end_rel = data_end
         # The metadata area is planned from the source's extent map exactly as the
         # one-pass writer (convert) plans it: L2 tables for every candidate range, room
-        # for every candidate cluster; data (compressed clusters packed) in guest order.
-        # The image is then the same bytes whichever of the two wrote it, so flatten to a
-        # file needs one read pass (tests/ops/test_flatten.py checks it, -c included).
-        l2_span = cs // self.opts.l2_entry_size
-        self.l2_span = l2_span
+        # for every candidate cluster; the data is placed chunk by chunk by the same
+        # DataPlacer.  The image is then the same bytes whichever of the two wrote it,
+        # so flatten to a file needs one read pass (tests/ops/test_flatten.py checks
+        # it, -c included).
+        self.l2_span = cs // self.opts.l2_entry_size
         l2_needed, n_candidates = candidate_l2_tables(self.opts, self.ranges)
         self.layout = plan_layout(self.opts, l2_needed, n_candidates)
         base = self.layout.data_offset
-        self.host = rel + np.uint64(base)
-        self.size = base + data_end
-        n_clusters = -(-self.size // cs)
-        all_counts = np.zeros(n_clusters, dtype=np.uint64)
-        all_counts[: base // cs] = 1
-        all_counts[base // cs : base // cs + counts.size] = counts
-        self.refcounts = all_counts
-
-    def _pack(self) -> tuple[np.ndarray, np.ndarray, int]:
-        """Data positions relative to the data area, its refcounts and its length.
-
-        Uncompressed clusters are cluster aligned; compressed ones are packed, moving to
-        the next cluster when the shared cluster's refcount would overflow (QEMU's rule).
-        """
-        cs = self.cs
-        n = self.data_idx.size
-        if not self.compress or not np.any(self.clen):
-            rel = np.arange(n, dtype=np.uint64) * np.uint64(cs)
-            return rel, np.ones(n, dtype=np.uint64), n * cs
-        max_ref = rc.max_refcount(self.opts.refcount_order)
-        rel = np.zeros(n, dtype=np.uint64)
-        counts: dict[int, int] = {}
-        pos = 0
-        for k, length in enumerate(self.clen.tolist()):
-            if length == 0:
-                pos = -(-pos // cs) * cs
-                rel[k] = pos
-                counts[pos // cs] = 1
-                pos += cs
-                continue
-            if pos % cs and counts.get(pos // cs, 0) >= max_ref:
-                pos = -(-pos // cs) * cs
-            rel[k] = pos
-            for c in range(pos // cs, (pos + length - 1) // cs + 1):
-                counts[c] = counts.get(c, 0) + 1
-            pos += length
-        arr = np.zeros(-(-pos // cs), dtype=np.uint64)
-        for c, v in counts.items():
-            arr[c] = v
-        return rel, arr, pos
+        placer = DataPlacer(cs, self.opts.refcount_order, base, base // cs + n_candidates + 2)
+        idx_parts: list[np.ndarray] = []
+        len_parts: list[np.ndarray] = []
+        host_parts: list[np.ndarray] = []
+        classifier = self._classifier()
+        for chunk in classifier.chunks(self.ranges):
+            try:
+                local = data_clusters(chunk)
+                clen = chunk_payload_lengths(chunk, local)
+                idx_parts.append(local + chunk.first)
+                len_parts.append(clen)
+                host_parts.append(placer.place_chunk(clen))
+            finally:
+                classifier.release(chunk)
+        self.data_idx = np.concatenate(idx_parts) if idx_parts else np.zeros(0, np.int64)
+        self.clen = np.concatenate(len_parts) if len_parts else np.zeros(0, np.int64)
+        self.host = np.concatenate(host_parts) if host_parts else np.zeros(0, np.uint64)
+        self.size = max(placer.pos, base)
+        self.refcounts = placer.refcounts(base)
 
     # -- emission ------------------------------------------------------------------------
     def _l2_table(self, l1_index: int) -> bytes:
@@ -183,17 +151,12 @@ class Qcow2Serializer:
         lo, hi = l1_index * self.l2_span, (l1_index + 1) * self.l2_span
         a, b = np.searchsorted(self.data_idx, [lo, hi])
         idx = self.data_idx[a:b] - lo
-        host = self.host[a:b]
         clen = self.clen[a:b]
-        entries = host | np.uint64(tables.OFLAG_COPIED)
-        comp = clen > 0
-        if comp.any():
-            layout = tables.CompressedLayout(self.opts.cluster_bits)
-            entries[comp] = layout.encode(host[comp], clen[comp].astype(np.uint64))
+        entries = l2_entries(self.host[a:b], clen, self.opts.cluster_bits)
         if self.opts.extended_l2:
             table = np.zeros(2 * self.l2_span, dtype=np.uint64)
             table[2 * idx] = entries
-            table[2 * idx + 1] = np.where(comp, np.uint64(0), np.uint64(0xFFFF_FFFF))
+            table[2 * idx + 1] = np.where(clen > 0, np.uint64(0), np.uint64(0xFFFF_FFFF))
         else:
             table = np.zeros(self.l2_span, dtype=np.uint64)
             table[idx] = entries
@@ -234,42 +197,22 @@ class Qcow2Serializer:
         classifier = self._classifier()
         for chunk in classifier.chunks(self.ranges):
             try:
-                local = np.flatnonzero(chunk.kinds == DATA)
+                local = data_clusters(chunk)
                 n = int(local.size)
-                if k + n > self.data_idx.size or not np.array_equal(
-                    self.data_idx[k : k + n], local + chunk.first
+                clen = chunk_payload_lengths(chunk, local)
+                if (
+                    k + n > self.data_idx.size
+                    or not np.array_equal(self.data_idx[k : k + n], local + chunk.first)
+                    or not np.array_equal(self.clen[k : k + n], clen)
                 ):
                     raise SourceChanged()
-                if self.compress:
-                    for j, i in enumerate(local.tolist()):
-                        payload = chunk.compressed[i]
-                        length = len(payload) if payload is not None else 0
-                        if int(self.clen[k + j]) != length:
-                            raise SourceChanged()
-                        target = int(self.host[k + j])
-                        if target > written:
-                            yield from out.zeros(target - written)
-                            written = target
-                        stored = (
-                            payload if payload is not None else chunk.data[i * cs : (i + 1) * cs]
-                        )
-                        yield from out.add(stored)
-                        written += len(stored)
-                else:
-                    # Uncompressed clusters lie back to back in the plan, so each run of
-                    # consecutive guest clusters is one slice of the chunk's buffer (zero
-                    # padded past the disk's end, as the image's last cluster is).
-                    breaks = (np.flatnonzero(np.diff(local) != 1) + 1).tolist()
-                    for a, b in zip([0, *breaks], [*breaks, n], strict=True):
-                        if a == b:
-                            continue
-                        target = int(self.host[k + a])
-                        if target > written:
-                            yield from out.zeros(target - written)
-                            written = target
-                        lo, hi = int(local[a]), int(local[b - 1]) + 1
-                        yield from out.add(chunk.data[lo * cs : hi * cs])
-                        written += (hi - lo) * cs
+                host = self.host[k : k + n]
+                for target, data in chunk_records(chunk, local, host, clen, cs):
+                    if target > written:
+                        yield from out.zeros(target - written)
+                        written = target
+                    yield from out.add(data)
+                    written += len(data)
                 k += n
             finally:
                 classifier.release(chunk)

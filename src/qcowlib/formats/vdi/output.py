@@ -19,8 +19,11 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
+from qcowlib.core.appendsink import AppendWriter
 from qcowlib.core.disk import Disk
-from qcowlib.core.hostfile import pwrite_all
+from qcowlib.core.hostfile import DataWriter, pwrite_all
+from qcowlib.core.pipeline import TaskQueue
+from qcowlib.core.runs import RunSource
 from qcowlib.errors import QcowlibIOError
 from qcowlib.formats.qcow2.classify import DATA, Classifier
 from qcowlib.formats.vdi import codec as vdi
@@ -30,17 +33,8 @@ Progress = Callable[[int, int], None]
 
 def candidate_blocks(src: Disk, block_size: int) -> list[tuple[int, int]]:
     """Block ranges ``[first, end)`` of ``src`` that may hold non-zero data."""
-    out: list[tuple[int, int]] = []
-    for ext in src.extents():
-        if ext.reads_zero:
-            continue
-        first = ext.start // block_size
-        end = -(-ext.end // block_size)
-        if out and out[-1][1] >= first:
-            out[-1] = (out[-1][0], max(out[-1][1], end))
-        else:
-            out.append((first, end))
-    return out
+    first, end = RunSource(src).nonzero_units(block_size)
+    return list(zip(first.tolist(), end.tolist(), strict=True))
 
 
 def write_vdi(
@@ -70,24 +64,34 @@ def write_vdi(
         bmap = np.full(n, vdi.VDI_UNALLOCATED, dtype=np.uint32)
     next_index = 0
     # Blocks are read and scanned for zeros by worker threads, in guest order, while
-    # this thread assigns block indexes and writes.
+    # this thread assigns block indexes.  The data area starts 0x1200 bytes into the
+    # file (not on a page), so blocks are staged into aligned buffers and written from
+    # there (:class:`AppendWriter`): whole pages straight to the disk.
     clf = Classifier(src, size, bs)
-    for chunk in clf.chunks(candidate_blocks(src, bs)):
-        try:
-            for s, e in _data_runs(chunk.kinds):
-                b0 = chunk.first + s
-                count = e - s
-                if static:
-                    index = b0
-                else:
-                    index = next_index
-                    bmap[b0 : b0 + count] = np.arange(index, index + count, dtype=np.uint32)
-                    next_index += count
-                _pwrite(fd, chunk.data[s * bs : e * bs], lay.offset_data + index * bs)
-        finally:
-            clf.release(chunk)
-        if progress:
-            progress(min(size, chunk.end * bs), size)
+    sink = DataWriter(fd)
+    try:
+        with TaskQueue(2, 4, name="qcowlib-write") as tasks:
+            out = AppendWriter(sink, tasks, lay.offset_data)
+            for chunk in clf.chunks(candidate_blocks(src, bs)):
+                try:
+                    for s, e in _data_runs(chunk.kinds):
+                        b0 = chunk.first + s
+                        count = e - s
+                        if static:
+                            index = b0
+                        else:
+                            index = next_index
+                            bmap[b0 : b0 + count] = np.arange(index, index + count, dtype=np.uint32)
+                            next_index += count
+                        out.skip_to(lay.offset_data + index * bs)
+                        out.append(chunk.data[s * bs : e * bs])
+                finally:
+                    clf.release(chunk)
+                if progress:
+                    progress(min(size, chunk.end * bs), size)
+            out.close()
+    finally:
+        sink.close()
     allocated = n if static else next_index
     header = vdi.new_header(size, static=static, blocks_allocated=allocated)
     _pwrite(fd, vdi.encode_block_map(bmap), lay.offset_bmap)

@@ -9,33 +9,34 @@ GD_AT_END and the compressed and markers flags, the embedded descriptor, then ea
 non-zero grain behind a grain marker (zlib data) in guest order, a GT marker and table
 for every grain table with a grain, the GD marker and directory, the footer marker and
 footer header (the real ``gd_offset``), and the end-of-stream marker.  Grains are read
-and compressed in a thread pool; results come back in guest order.  All-zero grains are
-never written.
+and compressed by the reading workers of :class:`qcowlib.formats.qcow2.classify.Classifier`
+(results in guest order) and each chunk's records are written in one call by a writer
+thread.  All-zero grains are never written.
 """
 
 from __future__ import annotations
 
 import os
 import random
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
+from qcowlib.core.appendsink import AppendWriter
 from qcowlib.core.disk import Disk
-from qcowlib.core.hostfile import aligned_buffer, pwrite_all
+from qcowlib.core.hostfile import DataWriter, pwrite_all
+from qcowlib.core.pipeline import TaskQueue
+from qcowlib.core.runs import RunSource
 from qcowlib.errors import InvalidArgument, QcowlibIOError
+from qcowlib.formats.qcow2.classify import DATA, Chunk, Classifier, worth_compressing
 from qcowlib.formats.vmdk import codec as vmdk
 
 Progress = Callable[[int, int], None]
 SUBFORMATS = ("monolithicSparse", "streamOptimized")
 #: ``ddb.adapterType`` values QEMU and VMware accept (ESXi imports want ``lsilogic``).
 ADAPTER_TYPES = ("ide", "buslogic", "lsilogic", "legacyESX")
-#: Grains read (and compressed) per task: 4 MiB with 64 KiB grains.
-CHUNK_GRAINS = 64
 WORKERS = 2
 SECTOR = vmdk.SECTOR
 
@@ -208,16 +209,31 @@ def write_vmdk(
     gte = np.zeros(plan.n_gt * plan.gtes, dtype=np.uint32)
     pos = plan.grain_offset * SECTOR
     size = src.virtual_size
-    for grain, payload in grains(src, gb, plan.n_grains, stream):
-        gte[grain] = pos // SECTOR
-        if stream:
-            data = vmdk.build_grain_marker(grain * gs, payload)
-        else:
-            data = payload + bytes(-len(payload) % gb)
-        _pwrite(fd, data, pos)
-        pos += len(data)
-        if progress:
-            progress(min(size, (grain + 1) * gb), size)
+    sink = DataWriter(fd)
+    try:
+        with TaskQueue(WORKERS, 2 * WORKERS, name="qcowlib-write") as tasks:
+            # Stream records are staged into aligned buffers; sparse grains are written
+            # from the chunk's buffer.
+            out = AppendWriter(sink, tasks, pos) if stream else None
+            for batch in grain_batches(src, gb, plan.n_grains, stream):
+                records = batch.records(gs)
+                lengths = np.fromiter(map(len, records), dtype=np.int64, count=len(records))
+                starts = pos + np.concatenate(([0], np.cumsum(lengths)[:-1]))
+                gte[batch.index] = (starts // SECTOR).astype(np.uint32)
+                if out is not None:
+                    for record in records:
+                        out.append(record)
+                    batch.release()
+                else:
+                    tasks.submit(_writer(sink, pos, records), batch.release)
+                pos += int(lengths.sum())
+                if progress and batch.index.size:
+                    progress(min(size, (int(batch.index[-1]) + 1) * gb), size)
+            if out is not None:
+                out.close()
+            tasks.join()
+    finally:
+        sink.close()
     if stream:
         trailer = stream_trailer(plan, gte, pos)
         _pwrite(fd, trailer, pos)
@@ -235,30 +251,83 @@ def write_vmdk(
     return pos
 
 
+def _writer(sink: DataWriter, pos: int, records: list[bytes | memoryview]) -> Callable[[], None]:
+    def write() -> None:
+        if records:
+            sink.write(pos, records)
+
+    return write
+
+
 def candidate_grains(src: Disk, gb: int) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for ext in src.extents():
-        if ext.reads_zero:
-            continue
-        first, end = ext.start // gb, -(-ext.end // gb)
-        if out and out[-1][1] >= first:
-            out[-1] = (out[-1][0], max(out[-1][1], end))
+    """Grain ranges ``[first, end)`` of ``src`` that may hold non-zero data."""
+    first, end = RunSource(src).nonzero_units(gb)
+    return list(zip(first.tolist(), end.tolist(), strict=True))
+
+
+def stream_payload(grain: memoryview) -> bytes:
+    """A grain's zlib stream for a streamOptimized extent (whose grains are always
+    compressed): stored blocks where deflating would not shrink it (see
+    :func:`qcowlib.formats.qcow2.classify.worth_compressing`), about the size deflate gives
+    such data, for a fraction of its cost."""
+    if worth_compressing(grain):
+        return vmdk.compress_grain(grain)
+    return vmdk.compress_grain(grain, 0)
+
+
+@dataclass
+class GrainBatch:
+    """The non-zero grains of one chunk, in guest order."""
+
+    index: npt.NDArray[np.int64]
+    #: Compressed payloads (streamOptimized) or views of the grains' bytes.
+    payloads: list[bytes | memoryview]
+    release: Callable[[], None]
+
+    def records(self, gs: int) -> list[bytes | memoryview]:
+        """What the grains take in the file: marker and payload (padded to whole
+        sectors) in a stream, the grain itself in a sparse extent."""
+        if self.payloads and isinstance(self.payloads[0], memoryview):
+            return self.payloads
+        return [
+            vmdk.build_grain_marker(g * gs, bytes(p))
+            for g, p in zip(self.index.tolist(), self.payloads, strict=True)
+        ]
+
+
+def grain_batches(
+    src: Disk,
+    gb: int,
+    n_grains: int,
+    compress: bool,
+    ranges: list[tuple[int, int]] | None = None,
+) -> Iterator[GrainBatch]:
+    """Non-zero grains chunk by chunk in guest order, compressed when asked (each
+    batch's ``release`` gives its buffer back once its views are no longer needed).
+
+    ``ranges`` are the grain ranges to look at (default: :func:`candidate_grains`).
+    """
+    if ranges is None:
+        ranges = candidate_grains(src, gb)
+    ranges = [(a, min(b, n_grains)) for a, b in ranges if a < n_grains]
+    clf = Classifier(src, src.virtual_size, gb, compressor=stream_payload if compress else None)
+    for chunk in clf.chunks(ranges):
+        local = np.flatnonzero(chunk.kinds == DATA)
+        if compress:
+            payloads: list[bytes | memoryview] = [
+                p for p in (chunk.compressed[i] for i in local.tolist()) if p is not None
+            ]
         else:
-            out.append((first, end))
-    return out
+            payloads = [chunk.data[i * gb : (i + 1) * gb] for i in local.tolist()]
+
+        yield GrainBatch(local.astype(np.int64) + chunk.first, payloads, _releaser(clf, chunk))
 
 
-def _read_chunk(src: Disk, first: int, n: int, gb: int, compress: bool) -> list[tuple[int, bytes]]:
-    start = first * gb
-    length = min(n * gb, src.virtual_size - start)
-    buf = aligned_buffer(n * gb)
-    src.read_into(start, buf[:length])
-    arr = np.frombuffer(buf, dtype=np.uint64).reshape(n, gb // 8)
-    out: list[tuple[int, bytes]] = []
-    for i in np.flatnonzero(arr.any(axis=1)).tolist():
-        grain = bytes(buf[i * gb : (i + 1) * gb])
-        out.append((first + i, vmdk.compress_grain(grain) if compress else grain))
-    return out
+def _releaser(clf: Classifier, chunk: Chunk) -> Callable[[], None]:
+    def release() -> None:
+        clf.release(chunk)
+
+    return release
 
 
 def grains(
@@ -272,23 +341,12 @@ def grains(
 
     ``ranges`` are the grain ranges to look at (default: :func:`candidate_grains`).
     """
-    pending: deque[Future[list[tuple[int, bytes]]]] = deque()
-    if ranges is None:
-        ranges = candidate_grains(src, gb)
-    with ThreadPoolExecutor(WORKERS, thread_name_prefix="qcowlib-vmdk") as pool:
+    for batch in grain_batches(src, gb, n_grains, compress, ranges):
         try:
-            for first, end in ranges:
-                stop = min(end, n_grains)
-                for g in range(first, stop, CHUNK_GRAINS):
-                    n = min(CHUNK_GRAINS, stop - g)
-                    pending.append(pool.submit(_read_chunk, src, g, n, gb, compress))
-                    if len(pending) > 2 * WORKERS:
-                        yield from pending.popleft().result()
-            while pending:
-                yield from pending.popleft().result()
+            for g, p in zip(batch.index.tolist(), batch.payloads, strict=True):
+                yield g, bytes(p)
         finally:
-            for f in pending:
-                f.cancel()
+            batch.release()
 
 
 def _pwrite(fd: int, data: memoryview | bytes, offset: int) -> None:
