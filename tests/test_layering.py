@@ -40,6 +40,13 @@ PURE_MODULES = {
     "bitmap.py",
     "compress.py",
     "layout.py",
+    "spec.py",
+    "metadata.py",
+    "bat.py",
+    "grains.py",
+    "descriptor.py",
+    "footer.py",
+    "dynamic.py",
 }
 
 
@@ -108,4 +115,28 @@ def test_import_qcowlib_is_light() -> None:
         "if m in sys.modules]; print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_every_module_imports_first() -> None:
+    """No import cycle: each module imports when it is the first qcowlib module loaded."""
+    code = """
+import importlib, pathlib, sys
+src = pathlib.Path(sys.argv[1])
+failed = []
+for path in sorted(src.rglob("*.py")):
+    name = ".".join(path.relative_to(src.parent).with_suffix("").parts).removesuffix(".__init__")
+    if name.endswith(".__main__"):
+        continue
+    for loaded in [m for m in sys.modules if m == "qcowlib" or m.startswith("qcowlib.")]:
+        del sys.modules[loaded]
+    try:
+        importlib.import_module(name)
+    except Exception as exc:
+        failed.append(f"{name}: {type(exc).__name__}: {exc}")
+print("\\n".join(failed))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(SRC)], capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == ""

@@ -20,9 +20,9 @@ give every driver qemu-img's refusals with qemu-img's words.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from qcowlib.errors import InvalidArgument
 
@@ -51,6 +51,15 @@ class OutputRequest:
     standalone: bool = False
     extent_name: str = ""
     open_backing: Callable[[str, str | None], Disk] | None = None
+
+
+class Serializer(Protocol):
+    """An image as an in-order stream whose exact ``size`` is known before its first
+    byte (each format's ``stream.py``)."""
+
+    size: int
+
+    def chunks(self, progress: Progress | None = None) -> Iterator[bytes]: ...
 
 
 class OutputDriver(Protocol):
@@ -87,13 +96,14 @@ class OutputDriver(Protocol):
         protect: tuple[str, ...],
     ) -> int | None: ...
 
-    def stream(self, disk: Disk, request: OutputRequest, chunk_size: int) -> Any: ...
+    def stream(self, disk: Disk, request: OutputRequest, chunk_size: int) -> Serializer | None: ...
 
 
 __all__ = [
     "OutputDriver",
     "OutputRequest",
     "Progress",
+    "Serializer",
     "SubformatDriver",
     "no_backing",
     "no_compress",

@@ -394,3 +394,13 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     if err:
         log.debug("no hole punched at %#x+%#x: %s", offset, length, os.strerror(err))
     return not err
+
+
+def reserve(fd: int, offset: int, length: int) -> None:
+    """Best-effort ``posix_fallocate``: file systems without it just skip the hint."""
+    if length <= 0:
+        return
+    try:
+        os.posix_fallocate(fd, offset, length)
+    except OSError as exc:
+        log.debug("no preallocation of the output: %s", exc.strerror)

@@ -13,22 +13,16 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol, Self, TypeAlias
+from typing import Protocol, Self
 
-from qcowlib.core.drivers import OutputDriver, OutputRequest
-from qcowlib.core.hostfile import pwrite_all
+from qcowlib.core.drivers import OutputDriver, OutputRequest, Serializer
+from qcowlib.core.hostfile import pwrite_all, reserve
 from qcowlib.core.sinks import atomic_output
 from qcowlib.core.zero import is_zero
 from qcowlib.errors import QcowlibIOError, UnsupportedFeature
 from qcowlib.formats import registry
 from qcowlib.formats.opener import open_disk
-from qcowlib.formats.qcow2.output import reserve
 from qcowlib.formats.qcow2.stream import STREAM_CHUNK
-
-if TYPE_CHECKING:
-    from qcowlib.formats.qcow2.stream import Qcow2Serializer, RawSerializer
-    from qcowlib.formats.vdi.stream import VdiSerializer
-    from qcowlib.formats.vmdk.stream import VmdkSerializer
 
 Progress = Callable[[int, int], None]
 
@@ -37,9 +31,6 @@ class HashSink(Protocol):
     """What the writers feed output bytes to: anything with hashlib's ``update``."""
 
     def update(self, data: bytes, /) -> None: ...
-
-
-Serializer: TypeAlias = "Qcow2Serializer | RawSerializer | VdiSerializer | VmdkSerializer"
 
 
 def _driver(out_format: str) -> OutputDriver:

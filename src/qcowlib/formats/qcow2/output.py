@@ -24,7 +24,7 @@ import numpy as np
 
 from qcowlib.core.appendsink import AppendWriter
 from qcowlib.core.disk import Disk
-from qcowlib.core.hostfile import DataWriter, pwrite_all
+from qcowlib.core.hostfile import DataWriter, pwrite_all, reserve
 from qcowlib.core.pipeline import TaskQueue
 from qcowlib.core.runs import RunSource
 from qcowlib.errors import QcowlibIOError
@@ -399,16 +399,6 @@ def _copy(
         emit(chunk)
         if progress:
             progress(min(size, chunk.end * cs), size)
-
-
-def reserve(fd: int, offset: int, length: int) -> None:
-    """Best-effort ``posix_fallocate``: file systems without it just skip the hint."""
-    if length <= 0:
-        return
-    try:
-        os.posix_fallocate(fd, offset, length)
-    except OSError as exc:
-        log.debug("no preallocation of the output: %s", exc.strerror)
 
 
 def _preallocate_file(fd: int, start: int, end: int, mode: str) -> None:

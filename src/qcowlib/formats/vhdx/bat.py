@@ -1,0 +1,167 @@
+"""VHDX block allocation table (MS-VHDX 2.5): sizes, decoding and checks."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from qcowlib.errors import (
+    CorruptImage,
+    TruncatedImage,
+)
+from qcowlib.formats.vhdx.header import RegionEntry
+from qcowlib.formats.vhdx.spec import (
+    _BAT_OFFSET_SHIFT,
+    _PAYLOAD_STATES,
+    _U64LE,
+    BAT_STATE_MASK,
+    PAYLOAD_BLOCK_FULLY_PRESENT,
+    VHDX_HEADER_SECTION_END,
+    VHDX_MAX_SECTORS_PER_BLOCK,
+    VHDX_REGION_TABLE_OFFSETS,
+)
+
+if TYPE_CHECKING:
+    # numpy is imported where the BAT is decoded, so that header work stays light.
+    import numpy as np
+    import numpy.typing as npt
+
+    from qcowlib.formats.vhdx.metadata import Metadata
+
+    BatArray = npt.NDArray[np.uint64]
+
+
+# ---------------------------------------------------------------------------------------
+# block allocation table (spec 2.5)
+
+
+def chunk_ratio(block_size: int, logical_sector_size: int) -> int:
+    """Payload blocks per sector bitmap block: 2**23 sectors over sectors per block."""
+    return VHDX_MAX_SECTORS_PER_BLOCK * logical_sector_size // block_size
+
+
+def bat_entries(virtual_size: int, block_size: int, ratio: int, *, has_parent: bool) -> int:
+    """The number of BAT entries (spec 2.5; QEMU ``vhdx_calc_bat_entries``).
+
+    A non-differencing disk has no sector bitmap entry after its last chunk.
+    """
+    blocks = -(-virtual_size // block_size)
+    bitmaps = -(-blocks // ratio)
+    if has_parent:
+        return bitmaps * (ratio + 1)
+    if blocks == 0:
+        return 0
+    return blocks + (blocks - 1) // ratio
+
+
+def bat_size(m: Metadata, region: RegionEntry) -> int:
+    """The BAT entries of a disk without parent, checked to fit the BAT ``region``.
+
+    Raises :class:`TruncatedImage` when the region is too small for them.
+    """
+    entries = bat_entries(m.virtual_disk_size, m.block_size, m.chunk_ratio, has_parent=False)
+    if entries * 8 > region.length:
+        raise TruncatedImage(
+            f"VHDX BAT region of {region.length} bytes is too small for {entries} entries",
+            structure="vhdx region table",
+            field="bat.length",
+            offset=VHDX_REGION_TABLE_OFFSETS[0],
+        )
+    return entries
+
+
+def payload_bat_index(first: int, stop: int, ratio: int) -> npt.NDArray[np.int64]:
+    """BAT indexes of payload blocks ``first`` to ``stop - 1``."""
+    import numpy as np
+
+    blocks = np.arange(first, stop, dtype=np.int64)
+    return blocks + blocks // ratio
+
+
+def decode_bat(raw: bytes, entries: int, offset: int = 0) -> BatArray:
+    """The BAT as native ``uint64`` entries.
+
+    Raises :class:`TruncatedImage` when ``raw`` holds fewer than ``entries`` entries.
+    """
+    import numpy as np
+
+    if entries < 0 or len(raw) < entries * 8:
+        raise TruncatedImage(
+            f"VHDX BAT is truncated ({len(raw)} of {entries * 8} bytes)",
+            structure="vhdx bat",
+            offset=offset,
+        )
+    return np.frombuffer(raw, dtype=np.dtype(_U64LE), count=entries).astype(np.uint64)
+
+
+def encode_bat(bat: BatArray) -> bytes:
+    """The on-disk bytes of a BAT (little-endian)."""
+    import numpy as np
+
+    return np.asarray(bat, dtype=np.uint64).astype(np.dtype(_U64LE)).tobytes()
+
+
+def bat_states(bat: BatArray) -> npt.NDArray[np.uint8]:
+    """The state (bits 0-2) of each entry."""
+    import numpy as np
+
+    return (bat & np.uint64(BAT_STATE_MASK)).astype(np.uint8)
+
+
+def bat_offsets(bat: BatArray) -> npt.NDArray[np.uint64]:
+    """The file offset (bits 20-63, in MiB) of each entry, in bytes."""
+    import numpy as np
+
+    return (bat >> np.uint64(_BAT_OFFSET_SHIFT)) << np.uint64(_BAT_OFFSET_SHIFT)
+
+
+def check_bat(
+    bat: BatArray, m: Metadata, file_size: int, bat_offset: int = 0
+) -> npt.NDArray[np.uint64]:
+    """Check the payload entries of a non-differencing disk; returns them.
+
+    Raises :class:`CorruptImage` for an unknown state, a partially present block (only
+    differencing disks have them) or a present block inside the header section, and
+    :class:`TruncatedImage` for a present block whose guest-visible part ends past the
+    end of the file (QEMU: "VHDX BAT data block offset past EOF").
+    """
+    import numpy as np
+
+    ratio = m.chunk_ratio
+    n_blocks = -(-m.virtual_disk_size // m.block_size)
+    idx = payload_bat_index(0, n_blocks, ratio)
+    if idx.size and int(idx[-1]) >= bat.size:
+        raise TruncatedImage(
+            "VHDX BAT is too short for the disk size", structure="vhdx bat", offset=bat_offset
+        )
+    payload = bat[idx]
+    states = bat_states(payload)
+    bad = np.flatnonzero(~np.isin(states, _PAYLOAD_STATES) | (states == 7))
+    if bad.size:
+        i = int(bad[0])
+        raise CorruptImage(
+            f"VHDX payload block {i} has state {int(states[i])}, invalid in a disk without parent",
+            structure="vhdx bat",
+            field=f"entry[{int(idx[i])}]",
+            offset=bat_offset + 8 * int(idx[i]),
+        )
+    present = states == PAYLOAD_BLOCK_FULLY_PRESENT
+    offsets = bat_offsets(payload)
+    lengths = np.full(n_blocks, m.block_size, dtype=np.uint64)
+    if n_blocks:
+        lengths[-1] = m.virtual_disk_size - (n_blocks - 1) * m.block_size
+    low = present & (offsets < np.uint64(VHDX_HEADER_SECTION_END))
+    past = present & (offsets + lengths > np.uint64(file_size))
+    for mask, error, text in (
+        (low, CorruptImage, "lies inside the VHDX header section"),
+        (past, TruncatedImage, "lies past the end of the file"),
+    ):
+        hit = np.flatnonzero(mask)
+        if hit.size:
+            i = int(hit[0])
+            raise error(
+                f"VHDX payload block {i} at {int(offsets[i]):#x} {text}",
+                structure="vhdx bat",
+                field=f"entry[{int(idx[i])}]",
+                offset=bat_offset + 8 * int(idx[i]),
+            )
+    return payload
