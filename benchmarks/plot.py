@@ -95,7 +95,7 @@ def draw(meta: dict[str, Any], bars: list[Bars], out: Path) -> None:
         f"qcowlib ratios, medians of {meta.get('repeat')} alternating runs "
         f"({meta.get('metadata_repeat')} for metadata-only commands)\n"
         f"{str(meta.get('date', ''))[:10]}, commit {meta.get('commit')}, "
-        f"{meta.get('cpus')} cores shared with other work (noisy)",
+        f"{meta.get('cpus')} cores",
         fontsize=9,
     )
     fig.tight_layout()
