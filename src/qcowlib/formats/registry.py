@@ -130,8 +130,6 @@ _QCOW2_OPTIONS: Final = (
     Option("compat", "str", "Compatibility level (v2 [0.10] or v3 [1.1])"),
     Option("backing_file", "str", "File name of a base image"),
     Option("backing_fmt", "str", "Image format of the base image"),
-    Option("data_file", "str", "File name of an external data file"),
-    Option("data_file_raw", "bool", "The external data file must stay valid as a raw image"),
     Option("cluster_size", "size", "qcow2 cluster size"),
     Option("preallocation", "str", "Preallocation mode (allowed values: off, metadata)"),
     Option("lazy_refcounts", "bool", "Postpone refcount updates"),
