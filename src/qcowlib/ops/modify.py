@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -49,29 +48,6 @@ def resize(path: str, size_text: str, *, fmt: str | None = None, shrink: bool = 
 
     result: int = entry.implementation("resize")(path, new_size, shrink=shrink)
     return result
-
-
-def resize_qcow2(path: str, new_size: Callable[[int], int], *, shrink: bool) -> int:
-    """Resize a qcow2 image in place to ``new_size(current)`` bytes."""
-    from qcowlib.formats.opener import open_rw
-
-    with open_rw(path, follow_backing=False) as disk:
-        new = new_size(disk.virtual_size)
-        disk.resize(new, shrink=shrink)
-        return new
-
-
-def resize_raw(path: str, new_size: Callable[[int], int], *, shrink: bool) -> int:
-    """Resize a raw image (the file) to ``new_size(current)`` bytes."""
-    current = _os_call(os.path.getsize, path)
-    new = new_size(current)
-    if new < current and not shrink:
-        raise InvalidArgument("Use the --shrink option to perform a shrink operation.")
-    try:
-        os.truncate(path, new)
-    except OSError as exc:
-        raise QcowlibIOError(f"cannot resize: {exc.strerror}", file=path) from None
-    return new
 
 
 def _new_size(current: int, amount: int, relative: str) -> int:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Final
 
+from qcowlib.core.chain import BackingPolicy, resolve_linked_path
 from qcowlib.core.drivers import OutputRequest, Progress
-from qcowlib.errors import InvalidArgument
+from qcowlib.errors import InvalidArgument, QcowlibError
 
 if TYPE_CHECKING:
     from qcowlib.core.disk import Disk
@@ -109,3 +111,84 @@ class _Qcow2:
 
 
 QCOW2: Final = _Qcow2()
+
+
+# -- new empty images and resizing (the registry's create and resize) --------------
+def backing_size(
+    image: str, backing: str, backing_fmt: str, open_backing: Callable[[str, str | None], Disk]
+) -> int:
+    """The virtual size of a backing file named as it will be recorded in ``image``."""
+    full = resolve_linked_path(image, backing, "backing file", BackingPolicy())
+    try:
+        with open_backing(full, backing_fmt) as disk:
+            return disk.virtual_size
+    except QcowlibError as exc:
+        raise InvalidArgument(f"Could not open backing image {backing!r}: {exc}") from None
+
+
+def qcow2_options(
+    path: str,
+    size: int | None,
+    options: Mapping[str, str] | None,
+    backing: str | None,
+    backing_fmt: str | None,
+    *,
+    unsafe: bool = False,
+    open_backing: Callable[[str, str | None], Disk],
+) -> CreateOptions:
+    """Resolve ``-o`` options, ``-b``/``-F`` and the size as qemu-img create does."""
+    from qcowlib.formats.qcow2.layout import parse_options
+
+    opts = dict(options or {})
+    if backing is not None:
+        opts["backing_file"] = backing
+    if backing_fmt is not None:
+        opts["backing_fmt"] = backing_fmt
+    bfile = opts.get("backing_file")
+    if bfile and not opts.get("backing_fmt"):
+        raise InvalidArgument(
+            "Backing file specified without backing format (use -F; it is never guessed)"
+        )
+    if size is not None and "size" in opts:
+        raise InvalidArgument("The image size must be specified only once")
+    if size is None and "size" not in opts:
+        if not bfile or unsafe:
+            raise InvalidArgument("Image creation needs a size parameter")
+        size = backing_size(path, bfile, opts["backing_fmt"], open_backing)
+    elif bfile and not unsafe:
+        backing_size(path, bfile, opts["backing_fmt"], open_backing)  # qemu-img opens it too
+    return parse_options(size or 0, opts)
+
+
+def create(
+    path: str,
+    size: int | None,
+    options: Mapping[str, str],
+    backing: str | None,
+    backing_fmt: str | None,
+    *,
+    unsafe: bool = False,
+    open_backing: Callable[[str, str | None], Disk],
+) -> CreateOptions:
+    """A new empty qcow2 image with qemu-img create's options; ``open_backing(path, fmt)``
+    opens the backing file to learn its size (and to check it opens, unless ``unsafe``)."""
+    from qcowlib.core.sinks import atomic_output
+    from qcowlib.formats.qcow2.output import write_qcow2
+
+    opts = qcow2_options(
+        path, size, options, backing, backing_fmt, unsafe=unsafe, open_backing=open_backing
+    )
+    with atomic_output(path) as fd:
+        write_qcow2(None, fd, opts)
+    return opts
+
+
+def resize(path: str, new_size: Callable[[int], int], *, shrink: bool) -> int:
+    """Resize a qcow2 image in place to ``new_size(current)`` bytes (its backing file is
+    not opened)."""
+    from qcowlib.formats.qcow2.writer import open_rw_layer
+
+    with open_rw_layer(path) as disk:
+        new = new_size(disk.virtual_size)
+        disk.resize(new, shrink=shrink)
+        return new
