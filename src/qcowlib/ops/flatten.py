@@ -2,9 +2,9 @@
 
 The output never has a backing file and never uses features Glance's image inspector
 refuses (extended L2 entries, external data files), so it can be uploaded as is.  The
-stream and the file are the same bytes: streams come from :mod:`qcowlib.formats.qcow2.stream`
-(plan, then emit), a qcow2 file from the one-pass writer of
-:mod:`qcowlib.formats.qcow2.output`, which lays clusters out exactly as the serializer plans.
+stream and the file are the same bytes: both come from the output format's one layout
+through the one emitter (:mod:`qcowlib.core.emit`), which writes a file in one read
+pass and plans a stream's exact size before its first byte.
 """
 
 from __future__ import annotations
@@ -13,24 +13,16 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Self
 
 from qcowlib.core.drivers import OutputDriver, OutputRequest, Serializer
-from qcowlib.core.hostfile import pwrite_all, reserve
-from qcowlib.core.sinks import atomic_output
-from qcowlib.core.zero import is_zero
+from qcowlib.core.emit import STREAM_CHUNK, HashSink
 from qcowlib.errors import QcowlibIOError, UnsupportedFeature
 from qcowlib.formats import registry
 from qcowlib.formats.opener import open_disk
-from qcowlib.formats.qcow2.stream import STREAM_CHUNK
 
 Progress = Callable[[int, int], None]
-
-
-class HashSink(Protocol):
-    """What the writers feed output bytes to: anything with hashlib's ``update``."""
-
-    def update(self, data: bytes, /) -> None: ...
+__all__ = ["FlattenStream", "HashSink", "flatten", "flatten_stream"]
 
 
 def _driver(out_format: str) -> OutputDriver:
@@ -70,10 +62,7 @@ class FlattenStream:
         self.format = out_format
         self._disk = open_disk(src, src_format)
         try:
-            ser = driver.stream(self._disk, request, chunk_size)
-            if ser is None:
-                raise UnsupportedFeature(f"flattening to {out_format} is not supported yet")
-            self._ser: Serializer = ser
+            self._ser: Serializer = driver.stream(self._disk, request, chunk_size)
         except BaseException:
             self._disk.close()
             raise
@@ -81,9 +70,12 @@ class FlattenStream:
         self.size: int = self._ser.size
         self.virtual_size = self._disk.virtual_size
 
-    def chunks(self, progress: Progress | None = None) -> Iterator[bytes]:
+    def chunks(
+        self, progress: Progress | None = None, hashers: Sequence[HashSink] = ()
+    ) -> Iterator[bytes]:
+        """The image in file order; ``hashers`` are fed each piece as it goes."""
         try:
-            yield from self._ser.chunks(progress)
+            yield from self._ser.chunks(progress, hashers)
         finally:
             self.close()
 
@@ -147,20 +139,18 @@ def flatten(
     """Write ``src``'s whole chain as one standalone image at ``dst`` (``-``: stdout).
 
     Returns the number of bytes written.  The file holds exactly the bytes
-    :func:`flatten_stream` yields (raw files are written sparse).  ``hashers`` (for
-    example ``hashlib.md5()`` and ``hashlib.sha512()``) are fed the output's bytes in
-    file order as they are written, so their digests are the file's without reading it
-    back; the image is then written from its planned layout in file order (the chain is
-    read twice, as for a stream).
+    :func:`flatten_stream` yields (raw files are written sparse).  The chain is read once
+    to a file (a stream reads it twice: to plan its exact size, then to emit).
+    ``hashers`` (for example ``hashlib.md5()`` and ``hashlib.sha512()``) are fed the
+    output's bytes in file order, so their digests are the file's, without a second
+    read of the chain.
     """
     if dst == "-":
         out = sys.stdout.buffer
         with flatten_stream(
             src, out_format, src_format=src_format, options=options, compress=compress
         ) as stream:
-            for piece in stream.chunks(progress):
-                for h in hashers:
-                    h.update(piece)
+            for piece in stream.chunks(progress, hashers):
                 try:
                     out.write(piece)
                 except OSError as exc:
@@ -177,24 +167,4 @@ def flatten(
     driver.check(request)
     with open_disk(src, src_format) as disk:
         inputs = tuple(d.filename for d in disk.chain)
-        if not hashers:
-            written = driver.flatten_file(disk, dst, request, progress, inputs)
-            if written is not None:
-                return written
-        ser: Serializer | None = driver.stream(disk, request, 4 * 1024 * 1024)
-        if ser is None:
-            raise UnsupportedFeature(f"flattening to {out_format} is not supported yet")
-        with atomic_output(dst, protect=inputs) as fd:
-            if not compress and not driver.sparse:
-                reserve(fd, 0, ser.size)
-            pos = 0
-            for piece in ser.chunks(progress):
-                for h in hashers:
-                    h.update(piece)
-                if not driver.sparse or not is_zero(piece):
-                    pwrite_all(fd, piece, pos)
-                pos += len(piece)
-            if pos != ser.size:
-                raise QcowlibIOError("internal: flattened size differs from the plan")
-            os.ftruncate(fd, pos)
-        return ser.size
+        return driver.convert(disk, dst, request, progress, inputs, hashers)
