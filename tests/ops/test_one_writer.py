@@ -21,6 +21,7 @@ import pytest
 
 import qcowlib
 from qcowlib.core import runs as runs_mod
+from qcowlib.core.disk import Runs
 from qcowlib.ops.flatten import flatten, flatten_stream
 from tests.conftest import qemu_img
 
@@ -117,7 +118,7 @@ def bytes_read(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     def counting(
         self: runs_mod.ChainReader,
-        runs: runs_mod.Runs,
+        runs: Runs,
         a: int,
         b: int,
         start: int,
