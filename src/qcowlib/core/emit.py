@@ -24,6 +24,7 @@ is read once either way.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -211,8 +212,9 @@ def write_file(
     total = layout.virtual_size
     with TaskQueue(WORKERS, 2 * WORKERS, name="qcowlib-write") as tasks:
         sink = _FileSink(fd, layout, tasks)
+        chunks = clf.chunks(layout.ranges())
         try:
-            for chunk in clf.chunks(layout.ranges()):
+            for chunk in chunks:
                 try:
                     records = layout.place(chunk)
                 except BaseException:
@@ -224,6 +226,7 @@ def write_file(
                 if progress:
                     progress(min(total, chunk.end * layout.unit), total)
         finally:
+            chunks.close()
             sink.close()
     for offset, data in layout.finish():
         _pwrite(fd, data, offset)
@@ -273,8 +276,10 @@ def _next_data(fd: int, pos: int, size: int) -> int:
     """Where data starts at or after ``pos`` (``pos`` where holes are not reported)."""
     try:
         return min(os.lseek(fd, pos, os.SEEK_DATA), size)
-    except OSError:
-        return size  # ENXIO: nothing but a hole up to the end
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            return size  # nothing but a hole up to the end
+        return pos  # holes not reported here (a device): read everything
 
 
 # -- the stream sink -------------------------------------------------------------------

@@ -15,7 +15,7 @@ and read by :data:`WORKERS` long-lived threads
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -193,7 +193,7 @@ class Classifier:
                 compressed[i] = compressor(view[i * cs : (i + 1) * cs])
         return Chunk(first, kinds, view, compressed, buf)
 
-    def chunks(self, ranges: list[tuple[int, int]]) -> Iterator[Chunk]:
+    def chunks(self, ranges: list[tuple[int, int]]) -> Generator[Chunk, None, None]:
         """Classified chunks over ``ranges`` in guest order (the caller releases them)."""
         pool = self._pool = BufferPool(self.per_chunk * self.cs, self.buffers)
         self._reader = ChainReader(self.src) if self.src is not None else None
