@@ -65,6 +65,14 @@ class OutputLayout(Protocol):
     data into aligned staging buffers (small records at unaligned offsets); ``holes``
     asks it to leave all-zero runs of that many bytes inside records unwritten (0:
     write records whole).
+
+    ``ranges()`` are the unit ranges to read (from the chain's map); ``classifier()`` a
+    fresh reader of them; ``begin(stream)`` starts placing (again: a stream places
+    twice, and keeps all its metadata until the end); ``place(chunk)`` returns a
+    chunk's data records, in file order after every earlier one; ``early()`` metadata
+    already final (a file sink writes it at once, to bound memory); ``finish()`` the
+    rest of the metadata once every chunk is placed; ``size()`` the file's size then;
+    ``reserved()`` how many bytes from ``data_start`` a file sink allocates up front.
     """
 
     unit: int
@@ -247,29 +255,42 @@ def _releaser(clf: Classifier, chunk: Chunk) -> Callable[[], None]:
 
 
 def hash_written(fd: int, size: int, hashers: Sequence[HashSink]) -> None:
-    """Feed ``size`` bytes of ``fd`` from offset 0 to ``hashers`` (holes as zeros)."""
+    """Feed ``size`` bytes of ``fd`` from offset 0 to ``hashers`` (holes as zeros, not
+    read).  Each buffer goes to all hashers at once, one thread each (hashlib releases
+    the GIL on large buffers, as :class:`qcowlib.core.digest.MultiHasher` relies on)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     view = aligned_buffer(HASH_CHUNK)
-    zeros = bytes(HASH_CHUNK)
-    pos = 0
-    while pos < size:
-        data_at = _next_data(fd, pos, size)
-        while pos < data_at:  # a hole: zeros, not read
-            n = min(HASH_CHUNK, data_at - pos)
-            for h in hashers:
-                h.update(zeros[:n])
+    zeros = memoryview(bytes(HASH_CHUNK))
+    first, *rest = hashers
+    with ThreadPoolExecutor(max(1, len(rest)), thread_name_prefix="qcowlib-hash") as pool:
+
+        def feed(data: memoryview) -> None:
+            futures = [pool.submit(h.update, data) for h in rest]  # type: ignore[arg-type]
+            try:
+                first.update(data)  # type: ignore[arg-type]
+            finally:
+                for f in futures:
+                    f.result()
+
+        pos = 0
+        while pos < size:
+            data_at = _next_data(fd, pos, size)
+            while pos < data_at:  # a hole
+                n = min(HASH_CHUNK, data_at - pos)
+                feed(zeros[:n])
+                pos += n
+            if pos >= size:
+                break
+            n = min(HASH_CHUNK, size - pos)
+            try:
+                got = os.preadv(fd, [view[:n]], pos)
+            except OSError as exc:
+                raise QcowlibIOError(f"read error: {exc.strerror}", offset=pos) from None
+            if got != n:
+                raise QcowlibIOError("output file shorter than written", offset=pos + got)
+            feed(view[:n])
             pos += n
-        if pos >= size:
-            break
-        n = min(HASH_CHUNK, size - pos)
-        try:
-            got = os.preadv(fd, [view[:n]], pos)
-        except OSError as exc:
-            raise QcowlibIOError(f"read error: {exc.strerror}", offset=pos) from None
-        if got != n:
-            raise QcowlibIOError("output file shorter than written", offset=pos + got)
-        for h in hashers:
-            h.update(view[:n])  # type: ignore[arg-type]
-        pos += n
 
 
 def _next_data(fd: int, pos: int, size: int) -> int:
