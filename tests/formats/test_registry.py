@@ -148,7 +148,7 @@ def test_option_help_of_create_and_flatten() -> None:
     out = cli("create", "-f", "qcow2", "-o", "help", "x")
     assert out.returncode == 0 and "refcount_bits=<num>" in out.stdout
     out = cli("flatten", "-O", "vdi", "-o", "?", "x", "y")
-    assert out.returncode == 0 and "static=<bool>" in out.stdout
+    assert out.returncode == 0 and "static=<bool (on/off)>" in out.stdout
 
 
 def test_option_commas_escape_as_in_qemu() -> None:

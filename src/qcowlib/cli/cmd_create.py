@@ -11,14 +11,21 @@ from qcowlib.formats import registry
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("create", help="create a new image")
-    p.add_argument("-f", dest="format", default="raw", choices=registry.creatable())
-    p.add_argument("-o", dest="options", action="append", default=[])
-    p.add_argument("-b", dest="backing")
-    p.add_argument("-F", dest="backing_format")
+    p.add_argument(
+        "-f", dest="format", default="raw", choices=registry.creatable(),
+        help="format of the new image (default raw)",
+    )  # fmt: skip
+    p.add_argument(
+        "-o", dest="options", action="append", default=[],
+        help="comma list of the format's creation options (-o help lists them), "
+        "e.g. subformat=fixed, preallocation=falloc",
+    )  # fmt: skip
+    p.add_argument("-b", dest="backing", help="backing file (qcow2; needs -F)")
+    p.add_argument("-F", dest="backing_format", help="format of the backing file")
     p.add_argument("-u", dest="unsafe", action="store_true", help="do not open the backing file")
-    p.add_argument("-q", dest="quiet", action="store_true")
-    p.add_argument("filename")
-    p.add_argument("size", nargs="?")
+    p.add_argument("-q", dest="quiet", action="store_true", help="print nothing on success")
+    p.add_argument("filename", nargs="?", help="the new image (not needed with -o help)")
+    p.add_argument("size", nargs="?", help="virtual size (suffixes k M G T ...)")
     p.set_defaults(func=_cmd_create)
 
 
@@ -34,6 +41,8 @@ def _cmd_create(args: argparse.Namespace) -> int:
         options.update(parse_options(text))
     if wants_option_help(options, args.format):
         return 0
+    if args.filename is None:
+        raise InvalidArgument("Expecting image file name")
     size = parse_size(args.size) if args.size is not None else None
     result = create(
         args.filename,

@@ -480,3 +480,28 @@ def _zeros(n: int) -> bytes | bytearray:
     if n <= len(_ZERO_CHUNK):
         return _ZERO_CHUNK[:n] if n < len(_ZERO_CHUNK) else _ZERO_CHUNK
     return bytearray(n)
+
+
+class EmptyDisk(Disk):
+    """A disk of ``virtual_size`` bytes that are all zeros, with nothing allocated:
+    what ``create`` hands a format's writer, so that a new empty image is the writer's
+    output for a source with no data (no second writer per format)."""
+
+    format = "empty"
+
+    def __init__(self, virtual_size: int, filename: str = "") -> None:
+        if virtual_size < 0:
+            raise InvalidArgument("Image size must be a non-negative number")
+        self.virtual_size = virtual_size
+        self.filename = filename
+
+    def layer_extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        start, end = self._range(offset, length)
+        if end > start:
+            yield Extent(start, end - start, ExtentKind.UNALLOCATED)
+
+    def _read_layer(self, ext: Extent, buf: memoryview) -> None:
+        buf[:] = _zeros(len(buf))
+
+    def _close_layer(self) -> None:
+        return None

@@ -119,26 +119,40 @@ def no_more_options(opts: dict[str, str]) -> None:
 
 
 class SubformatDriver:
-    """A driver for writers that take only ``-o subformat=dynamic|fixed`` (VHD and
-    VHDX).  ``layout(disk, subformat)`` is given as a callable, so each format's room
-    names its own writer."""
+    """A driver for writers that take ``-o subformat=dynamic|fixed`` plus options of
+    their own (VHD and VHDX).  ``layout(disk, subformat, options)`` is given as a
+    callable, so each format's room names its own writer and checks the ``options``
+    left (the format's own, such as ``force_size`` or ``block_size``); ``extra`` names
+    them, anything else is refused."""
 
-    def __init__(self, name: str, layout: Callable[[Disk, str], OutputLayout]) -> None:
+    def __init__(
+        self,
+        name: str,
+        layout: Callable[[Disk, str, dict[str, str]], OutputLayout],
+        extra: tuple[str, ...] = (),
+    ) -> None:
         self.name = name
         self._layout = layout
+        self.extra = extra
 
-    def _subformat(self, request: OutputRequest) -> str:
+    def parse(self, request: OutputRequest) -> tuple[str, dict[str, str]]:
         no_compress(request)
         no_backing(request, self.name)
         opts = dict(request.options)
         subformat = opts.pop("subformat", "dynamic")
         if subformat not in ("dynamic", "fixed"):
             raise InvalidArgument(f"Invalid subformat '{subformat}'")
+        own = {k: opts.pop(k) for k in self.extra if k in opts}
         no_more_options(opts)
-        return subformat
+        return subformat, own
+
+    def layout(self, disk: Disk, request: OutputRequest) -> OutputLayout:
+        """The writer's layout of ``disk`` for ``request`` (options checked)."""
+        subformat, own = self.parse(request)
+        return self._layout(disk, subformat, own)
 
     def check(self, request: OutputRequest) -> None:
-        self._subformat(request)
+        self.parse(request)
 
     def convert(
         self,
@@ -151,10 +165,10 @@ class SubformatDriver:
     ) -> int:
         from qcowlib.core.emit import write_image
 
-        layout = self._layout(disk, self._subformat(request))
+        layout = self.layout(disk, request)
         return write_image(layout, dst, protect=protect, progress=progress, hashers=hashers)
 
     def stream(self, disk: Disk, request: OutputRequest, chunk_size: int) -> Serializer:
         from qcowlib.core.emit import LayoutStream
 
-        return LayoutStream(self._layout(disk, self._subformat(request)), chunk_size=chunk_size)
+        return LayoutStream(self.layout(disk, request), chunk_size=chunk_size)

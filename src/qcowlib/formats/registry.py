@@ -128,7 +128,11 @@ _QCOW2_OPTIONS: Final = (
     Option("backing_file", "str", "File name of a base image"),
     Option("backing_fmt", "str", "Image format of the base image"),
     Option("cluster_size", "size", "qcow2 cluster size"),
-    Option("preallocation", "str", "Preallocation mode (allowed values: off, metadata)"),
+    Option(
+        "preallocation",
+        "str",
+        "Preallocation mode (allowed values: off, metadata, falloc, full)",
+    ),
     Option("lazy_refcounts", "bool", "Postpone refcount updates"),
     Option("refcount_bits", "num", "Width of a reference count entry in bits"),
     Option("compression_type", "str", "Compression method used for image cluster compression"),
@@ -141,23 +145,57 @@ _VMDK_OPTIONS: Final = (
         "str",
         "Virtual adapter type, can be one of ide (default), lsilogic, buslogic or legacyESX",
     ),
+    Option("compat6", "bool (on/off)", "VMDK version 6 image"),
     Option("hwversion", "str", "VMDK hardware version"),
+    Option("toolsversion", "str", "VMware guest tools version"),
     Option(
         "subformat",
         "str",
-        "VMDK flat extent format, can be one of {monolithicSparse (default) | streamOptimized}",
+        "VMDK flat extent format, can be one of {monolithicSparse (default) | "
+        "monolithicFlat | twoGbMaxExtentSparse | twoGbMaxExtentFlat | streamOptimized}",
+    ),
+    Option(
+        "zeroed_grain",
+        "bool (on/off)",
+        "Enable efficient zero writes using the zeroed-grain GTE feature",
     ),
 )
 _VDI_OPTIONS: Final = (
     Option("size", "size", "Virtual disk size"),
-    Option("static", "bool", "Create a static image"),
+    Option("static", "bool (on/off)", "VDI static (pre-allocated) image"),
 )
 _VHD_OPTIONS: Final = (
     Option("size", "size", "Virtual disk size"),
     Option(
         "subformat",
         "str",
-        "Type of virtual hard disk file. Allowed values are 'dynamic' (default) and 'fixed'",
+        "Type of virtual hard disk format. Supported formats are {dynamic (default) | fixed}",
+    ),
+    Option(
+        "force_size",
+        "bool (on/off)",
+        "Force disk size calculation to use the actual size specified, rather than using "
+        "the nearest CHS-based calculation",
+    ),
+)
+_VHDX_OPTIONS: Final = (
+    Option("size", "size", "Virtual disk size; max of 64TB."),
+    Option(
+        "subformat",
+        "str",
+        "VHDX format type, can be either 'dynamic' or 'fixed'. Default is 'dynamic'.",
+    ),
+    Option(
+        "block_size",
+        "size",
+        "Block Size; min 1MB, max 256MB. 0 means auto-calculate based on image size.",
+    ),
+    Option("log_size", "size", "Log size; min 1MB."),
+    Option(
+        "block_state_zero",
+        "bool (on/off)",
+        "Use payload blocks of type 'ZERO' for absent blocks (create: on by default, as "
+        "qemu-img; convert: off, blocks left NOT_PRESENT as Hyper-V writes them)",
     ),
 )
 
@@ -173,7 +211,14 @@ FORMATS: Final[tuple[Format, ...]] = (
         resize="qcowlib.formats.raw.driver:resize",
         writer="qcowlib.formats.raw.reader:open_writer",
         nothing_to_check=True,
-        options=(Option("size", "size", "Virtual disk size"),),
+        options=(
+            Option("size", "size", "Virtual disk size"),
+            Option(
+                "preallocation",
+                "str",
+                "Preallocation mode (allowed values: off, falloc, full)",
+            ),
+        ),
         glance="raw",
     ),
     Format(
@@ -194,6 +239,7 @@ FORMATS: Final[tuple[Format, ...]] = (
         "VMware virtual disk",
         reader="qcowlib.formats.vmdk.reader:open_image",
         output="qcowlib.formats.vmdk.driver:VMDK",
+        create="qcowlib.formats.vmdk.driver:create",
         check="qcowlib.formats.vmdk.check:check_file",
         stream=True,
         options=_VMDK_OPTIONS,
@@ -205,6 +251,7 @@ FORMATS: Final[tuple[Format, ...]] = (
         "VirtualBox disk image",
         reader="qcowlib.formats.vdi.reader:open_image",
         output="qcowlib.formats.vdi.driver:VDI",
+        create="qcowlib.formats.vdi.driver:create",
         check="qcowlib.formats.vdi.check:check_file",
         stream=True,
         options=_VDI_OPTIONS,
@@ -215,6 +262,7 @@ FORMATS: Final[tuple[Format, ...]] = (
         "Virtual Hard Disk (VHD)",
         reader="qcowlib.formats.vhd.reader:open_image",
         output="qcowlib.formats.vhd.driver:VPC",
+        create="qcowlib.formats.vhd.driver:create",
         stream=True,
         nothing_to_check=True,
         options=_VHD_OPTIONS,
@@ -225,9 +273,10 @@ FORMATS: Final[tuple[Format, ...]] = (
         "Hyper-V Virtual Hard Disk v2",
         reader="qcowlib.formats.vhdx.reader:open_image",
         output="qcowlib.formats.vhdx.driver:VHDX",
+        create="qcowlib.formats.vhdx.driver:create",
         stream=True,
         check="qcowlib.formats.vhdx.check:check_file",
-        options=_VHD_OPTIONS,
+        options=_VHDX_OPTIONS,
         glance="vhdx",
     ),
     Format(

@@ -1,9 +1,10 @@
-"""``create``: new empty images (qcow2 with every qemu-img option, or raw)."""
+"""``create``: new empty images of every format with a writer (qemu-img's options)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+from qcowlib.core.newimage import Created
 from qcowlib.errors import UnsupportedFeature
 from qcowlib.formats import registry
 from qcowlib.formats.opener import open_disk
@@ -19,10 +20,11 @@ def create(
     backing: str | None = None,
     backing_fmt: str | None = None,
     unsafe: bool = False,
-) -> CreateOptions | int:
+) -> CreateOptions | Created | int:
     """Create an empty image at ``path`` (replacing any file there once complete).
 
-    Returns the qcow2 :class:`CreateOptions` used, or the raw size.  Raises
+    Returns the qcow2 :class:`CreateOptions` used, the raw size, or for the other
+    formats a :class:`Created` (size and qemu-img's "Formatting" line).  Raises
     :class:`InvalidArgument` for qemu-img's refusals (bad sizes, options or
     combinations, a backing file without its format, a backing file that cannot be
     opened unless ``unsafe``).
@@ -31,14 +33,16 @@ def create(
     if entry.create is None:
         raise UnsupportedFeature(f"creating {fmt} images is not supported yet")
     make = entry.implementation("create")
-    result: CreateOptions | int = make(
+    result: CreateOptions | Created | int = make(
         path, size, options or {}, backing, backing_fmt, unsafe=unsafe, open_backing=open_disk
     )
     return result
 
 
-def describe(path: str, fmt: str, opts: CreateOptions | int) -> str:
+def describe(path: str, fmt: str, opts: CreateOptions | Created | int) -> str:
     """qemu-img create's "Formatting ..." line."""
+    if isinstance(opts, Created):
+        return opts.line
     if isinstance(opts, int):
         return f"Formatting '{path}', fmt={fmt} size={opts}"
     parts = [

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Final
 
 from qcowlib._units import parse_option_bool
 from qcowlib.core.drivers import OutputRequest, Progress, no_backing, no_compress, no_more_options
+from qcowlib.core.newimage import Created
 
 if TYPE_CHECKING:
     from qcowlib.core.disk import Disk
@@ -52,3 +53,27 @@ class _Vdi:
 
 
 VDI: Final = _Vdi()
+
+
+# -- new empty images (the registry's create) ----------------------------------------
+def create(
+    path: str,
+    size: int | None,
+    options: Mapping[str, str],
+    backing: str | None,
+    backing_fmt: str | None,
+    *,
+    unsafe: bool = False,
+    open_backing: Callable[[str, str | None], Disk] | None = None,  # VDI has no backing
+) -> Created:
+    """A new empty VDI (``-o static=on|off``): the writer's image of an empty disk."""
+    from qcowlib.core.disk import EmptyDisk
+    from qcowlib.core.emit import write_image
+    from qcowlib.core.newimage import formatting_line, take_size
+    from qcowlib.formats.vdi.output import VdiLayout
+
+    size, opts = take_size("vdi", size, options, backing, backing_fmt)
+    static = vdi_static(OutputRequest(opts))
+    write_image(VdiLayout(EmptyDisk(size), static=static), path)
+    shown = {"static": "on" if static else "off"}
+    return Created(size, formatting_line(path, "vdi", size, shown, [("static", None)]))

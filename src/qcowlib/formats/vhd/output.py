@@ -38,8 +38,13 @@ _VERSION = 0x00010000
 _FEATURES_RESERVED = 0x2  # the "reserved" feature bit the specification says is always set
 
 
-def vhd_footer(size: int, disk_type: int, *, timestamp: int | None = None) -> vhd.Footer:
+def vhd_footer(
+    size: int, disk_type: int, *, timestamp: int | None = None, force_size: bool | None = None
+) -> vhd.Footer:
     """The footer of a new image of exactly ``size`` bytes (a multiple of 512).
+
+    ``force_size`` None picks qemu-img create's footer when ``size`` is CHS-exact and
+    ``-o force_size=on``'s otherwise; True or False asks for one of them.
 
     Raises :class:`InvalidArgument` for sizes that are not whole sectors or are above
     2040 GiB.
@@ -48,7 +53,8 @@ def vhd_footer(size: int, disk_type: int, *, timestamp: int | None = None) -> vh
         raise InvalidArgument(f"VHD size {size} is not a multiple of 512")
     try:
         cyls, heads, secs, total = vhd.create_geometry(size)
-        force_size = total * vhd.SECTOR != size
+        if force_size is None:
+            force_size = total * vhd.SECTOR != size
         if force_size:
             cyls, heads, secs, total = vhd.create_geometry(size, force_size=True)
     except QcowlibError as exc:
@@ -83,14 +89,25 @@ class VhdLayout:
 
     stage = False
 
-    def __init__(self, src: Disk, *, subformat: str = "dynamic") -> None:
+    def __init__(
+        self,
+        src: Disk,
+        *,
+        subformat: str = "dynamic",
+        force_size: bool | None = None,
+        first_block: bool = False,
+    ) -> None:
         if subformat not in SUBFORMATS:
             raise InvalidArgument(f"VHD subformat {subformat!r} is not one of {SUBFORMATS}")
         self.src = src
         self.fixed = subformat == "fixed"
+        #: Write the first 4 KiB of a fixed disk's data even if zero, as QEMU's file
+        #: driver allocates the first block of every file it creates (``create`` only:
+        #: the source must be empty there).
+        self.first_block = first_block
         self.virtual_size = size = -(-src.virtual_size // vhd.SECTOR) * vhd.SECTOR
         disk_type = vhd.VHD_TYPE_FIXED if self.fixed else vhd.VHD_TYPE_DYNAMIC
-        self.footer = vhd.build_footer(vhd_footer(size, disk_type))
+        self.footer = vhd.build_footer(vhd_footer(size, disk_type, force_size=force_size))
         if self.fixed:
             # The data is the disk itself, from offset 0; zero blocks stay holes.
             self.unit, self.holes, self.data_start = SPARSE_SIZE, 0, 0
@@ -140,7 +157,8 @@ class VhdLayout:
 
     def finish(self) -> list[Record]:
         if self.fixed:
-            return [(self.virtual_size, self.footer)]
+            head = min(4096, self.virtual_size) if self.first_block else 0
+            return [(0, bytes(head)), (self.virtual_size, self.footer)]
         header = vhd.build_dynamic_header(
             vhd.DynamicHeader(
                 data_offset=vhd.NO_DATA_OFFSET,

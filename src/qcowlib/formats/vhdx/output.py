@@ -33,6 +33,7 @@ from qcowlib.core.emit import Record, write_file
 from qcowlib.core.plan import DATA, Chunk, Classifier, candidate_units, data_runs
 from qcowlib.errors import InvalidArgument
 from qcowlib.formats.vhdx import codec as vhdx
+from qcowlib.formats.vhdx.spec import PAYLOAD_BLOCK_ZERO, VHDX_BLOCK_SIZE_MAX
 
 Progress = Callable[[int, int], None]
 SUBFORMATS = ("dynamic", "fixed")
@@ -58,6 +59,19 @@ def default_block_size(size: int) -> int:
     return 8 * vhdx.MIB
 
 
+def check_sizes(block_size: int, log_size: int) -> tuple[int, int]:
+    """``-o block_size`` (0: QEMU's default for the size) and ``-o log_size`` as
+    ``vhdx_co_create`` takes them: rounded up to whole MiB, the block size capped at
+    256 MiB and refused unless a power of two."""
+    log_size = _round_mib(max(log_size, 1))
+    if block_size == 0:
+        return 0, log_size
+    block_size = min(_round_mib(block_size), VHDX_BLOCK_SIZE_MAX)
+    if block_size & (block_size - 1):
+        raise InvalidArgument("Block size must be a power of two")
+    return block_size, log_size
+
+
 def _round_mib(n: int) -> int:
     return -(-n // vhdx.MIB) * vhdx.MIB
 
@@ -69,7 +83,16 @@ class VhdxLayout:
 
     stage = False
 
-    def __init__(self, src: Disk, *, subformat: str = "dynamic") -> None:
+    def __init__(
+        self,
+        src: Disk,
+        *,
+        subformat: str = "dynamic",
+        block_size: int = 0,
+        log_size: int = LOG_SIZE,
+        block_state_zero: bool = False,
+    ) -> None:
+        block_size, log_size = check_sizes(block_size, log_size)
         if subformat not in SUBFORMATS:
             raise InvalidArgument(f"VHDX subformat {subformat!r} is not one of {SUBFORMATS}")
         size = -(-src.virtual_size // SECTOR) * SECTOR
@@ -79,7 +102,7 @@ class VhdxLayout:
         self.virtual_size = size
         self.fixed = fixed = subformat == "fixed"
         self.meta = vhdx.Metadata(
-            block_size=default_block_size(size),
+            block_size=block_size or default_block_size(size),
             leave_blocks_allocated=fixed,
             has_parent=False,
             virtual_disk_size=size,
@@ -90,7 +113,8 @@ class VhdxLayout:
         bs = self.block_size = self.meta.block_size
         self.n_blocks = -(-size // bs)
         self.entries = vhdx.bat_entries(size, bs, self.meta.chunk_ratio, has_parent=False)
-        self.bat_offset = vhdx.VHDX_HEADER_SECTION_END + LOG_SIZE
+        self.zero_state = block_state_zero and not fixed
+        self.bat_offset = vhdx.VHDX_HEADER_SECTION_END + log_size
         self.bat_length = max(vhdx.MIB, _round_mib(self.entries * 8))
         self.meta_offset = self.bat_offset + self.bat_length
         self.data_start = self.bat_offset + self.bat_length + _DATA_GAP
@@ -105,7 +129,7 @@ class VhdxLayout:
             log_guid=bytes(16),
             log_version=0,
             version=1,
-            log_length=LOG_SIZE,
+            log_length=log_size,
             log_offset=vhdx.VHDX_HEADER_SECTION_END,
         )
         self._ranges = candidate_units(src, self.unit)
@@ -163,6 +187,9 @@ class VhdxLayout:
                 ),
             ]
         )
+        if self.zero_state:
+            absent = self.bat[self.index] == np.uint64(vhdx.PAYLOAD_BLOCK_NOT_PRESENT)
+            self.bat[self.index[absent]] = np.uint64(PAYLOAD_BLOCK_ZERO)
         second = replace(self.header, sequence_number=self.header.sequence_number + 1)
         out: list[Record] = [
             (self.meta_offset, vhdx.build_metadata_table(entries)),

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from qcowlib._units import parse_option_bool
 from qcowlib.core.drivers import OutputRequest, Progress, no_more_options
+from qcowlib.core.newimage import Created
 from qcowlib.errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -21,29 +23,37 @@ class VmdkOptions:
     subformat: str
     adapter_type: str
     hw_version: str
+    zeroed_grain: bool = False
+    tools_version: str = "2147483647"
 
 
 def vmdk_options(request: OutputRequest) -> VmdkOptions:
-    """Checked ``-o`` options of a VMDK output."""
-    from qcowlib.formats.vmdk.output import ADAPTER_TYPES, SUBFORMATS
+    """Checked ``-o`` options of a VMDK output (qemu-img's names and refusals)."""
+    from qcowlib.formats.vmdk.output import ADAPTER_TYPES, SUBFORMATS, TOOLS_VERSION
 
     opts = dict(request.options)
     subformat = opts.pop("subformat", "monolithicSparse")
     if subformat not in SUBFORMATS:
-        raise InvalidArgument(f"Invalid subformat '{subformat}' (this version writes "
-                              "monolithicSparse and streamOptimized)")  # fmt: skip
+        raise InvalidArgument(f"Unknown subformat: {subformat}")
     if request.compress and subformat != "streamOptimized":
         raise InvalidArgument("Compression is only supported with subformat=streamOptimized")
     adapter_type = opts.pop("adapter_type", "ide")
     if adapter_type not in ADAPTER_TYPES:
         raise InvalidArgument(f"Unknown adapter type: '{adapter_type}'")
+    compat6 = parse_option_bool("compat6", opts.pop("compat6", "off"))
     hw_version = opts.pop("hwversion", "undefined")
+    if compat6 and hw_version != "undefined":
+        raise InvalidArgument("compat6 cannot be enabled with hwversion set")
     if hw_version == "undefined":
-        hw_version = "4"
+        hw_version = "6" if compat6 else "4"
     elif not hw_version.isdigit() or not 1 <= int(hw_version) <= 99:
         raise InvalidArgument(f"Invalid hwversion '{hw_version}'")
+    zeroed = parse_option_bool("zeroed_grain", opts.pop("zeroed_grain", "off"))
+    tools = opts.pop("toolsversion", TOOLS_VERSION)
+    if not tools.isdigit():
+        raise InvalidArgument(f"Invalid toolsversion '{tools}'")
     no_more_options(opts)
-    return VmdkOptions(subformat, adapter_type, hw_version)
+    return VmdkOptions(subformat, adapter_type, hw_version, zeroed, tools)
 
 
 class _Vmdk:
@@ -54,7 +64,7 @@ class _Vmdk:
             raise InvalidArgument("Backing file not supported for file format 'vmdk' here")
         vmdk_options(request)
 
-    def _layout(self, disk: Disk, request: OutputRequest, extent_name: str) -> VmdkLayout:
+    def layout(self, disk: Disk, request: OutputRequest, extent_name: str) -> VmdkLayout:
         from qcowlib.formats.vmdk.output import VmdkLayout
 
         o = vmdk_options(request)
@@ -64,6 +74,8 @@ class _Vmdk:
             extent_name=extent_name,
             adapter_type=o.adapter_type,
             hw_version=o.hw_version,
+            zeroed_grain=o.zeroed_grain,
+            tools_version=o.tools_version,
         )
 
     def convert(
@@ -77,14 +89,53 @@ class _Vmdk:
     ) -> int:
         from qcowlib.core.emit import write_image
 
-        layout = self._layout(disk, request, os.path.basename(dst))
+        layout = self.layout(disk, request, os.path.basename(dst))
         return write_image(layout, dst, protect=protect, progress=progress, hashers=hashers)
 
     def stream(self, disk: Disk, request: OutputRequest, chunk_size: int) -> LayoutStream:
         from qcowlib.core.emit import LayoutStream
 
         name = request.extent_name or os.path.splitext(os.path.basename(disk.filename))[0] + ".vmdk"
-        return LayoutStream(self._layout(disk, request, name), chunk_size=chunk_size)
+        return LayoutStream(self.layout(disk, request, name), chunk_size=chunk_size)
 
 
 VMDK: Final = _Vmdk()
+
+
+# -- new empty images (the registry's create) ----------------------------------------
+#: qemu-img create's order of VMDK options in its "Formatting" line, with the defaults
+#: it prints.
+_SHOWN: Final = (
+    ("adapter_type", None),
+    ("compat6", "off"),
+    ("hwversion", "undefined"),
+    ("toolsversion", None),
+    ("subformat", None),
+    ("zeroed_grain", None),
+)
+
+
+def create(
+    path: str,
+    size: int | None,
+    options: Mapping[str, str],
+    backing: str | None,
+    backing_fmt: str | None,
+    *,
+    unsafe: bool = False,
+    open_backing: Callable[[str, str | None], Disk] | None = None,  # no delta disks yet
+) -> Created:
+    """A new empty VMDK as ``qemu-img create -f vmdk``: the writer's image of an empty
+    disk, whose descriptor names the file itself."""
+    from qcowlib.core.disk import EmptyDisk
+    from qcowlib.core.emit import write_image
+    from qcowlib.core.newimage import formatting_line, take_size
+
+    size, opts = take_size("vmdk", size, options, backing, backing_fmt)
+    request = OutputRequest(opts)
+    write_image(VMDK.layout(EmptyDisk(size), request, os.path.basename(path)), path)
+    shown = dict(opts)
+    for key in ("compat6", "zeroed_grain"):
+        if key in shown:
+            shown[key] = "on" if parse_option_bool(key, shown[key]) else "off"
+    return Created(size, formatting_line(path, "vmdk", size, shown, _SHOWN))

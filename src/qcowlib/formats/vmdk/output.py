@@ -41,6 +41,8 @@ SUBFORMATS = ("monolithicSparse", "streamOptimized")
 #: ``ddb.adapterType`` values QEMU and VMware accept (ESXi imports want ``lsilogic``).
 ADAPTER_TYPES = ("ide", "buslogic", "lsilogic", "legacyESX")
 SECTOR = vmdk.SECTOR
+#: ``ddb.toolsVersion`` QEMU writes unless ``-o toolsversion`` is given.
+TOOLS_VERSION = "2147483647"
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,8 @@ def plan_vmdk(
     adapter_type: str = "ide",
     hw_version: str = "4",
     cid: int | None = None,
+    zeroed_grain: bool = False,
+    tools_version: str = TOOLS_VERSION,
 ) -> VmdkPlan:
     """Lay out a new VMDK of ``virtual_size`` bytes (a fresh random CID unless given).
 
@@ -106,6 +110,7 @@ def plan_vmdk(
             ("ddb.geometry.heads", str(heads)),
             ("ddb.geometry.sectors", "63"),
             ("ddb.adapterType", adapter_type),
+            ("ddb.toolsVersion", tools_version),
         ],
     )
     if len(desc) > vmdk.DESC_SECTORS * SECTOR:
@@ -118,9 +123,10 @@ def plan_vmdk(
         rgd = desc_end
         gd = rgd + gd_sectors + n_gt * gt_sectors
         grain_offset = -(-(gd + gd_sectors + n_gt * gt_sectors) // gs) * gs
+    flags = vmdk.VMDK4_FLAG_NL_DETECT | (vmdk.VMDK4_FLAG_ZERO_GRAIN if zeroed_grain else 0)
     header = vmdk.SparseExtentHeader(
-        version=3 if stream else 1,
-        flags=vmdk.VMDK4_FLAG_NL_DETECT
+        version=3 if stream else 2 if zeroed_grain else 1,
+        flags=flags
         | (vmdk.VMDK4_FLAG_COMPRESS | vmdk.VMDK4_FLAG_MARKER if stream else vmdk.VMDK4_FLAG_RGD),
         capacity=capacity,
         grain_size=gs,
@@ -200,6 +206,8 @@ class VmdkLayout:
         adapter_type: str = "ide",
         hw_version: str = "4",
         cid: int | None = None,
+        zeroed_grain: bool = False,
+        tools_version: str = TOOLS_VERSION,
     ) -> None:
         self.src = src
         self.plan = plan = plan_vmdk(
@@ -209,6 +217,8 @@ class VmdkLayout:
             adapter_type=adapter_type,
             hw_version=hw_version,
             cid=cid,
+            zeroed_grain=zeroed_grain,
+            tools_version=tools_version,
         )
         self.virtual_size = src.virtual_size
         self.unit = plan.grain_bytes
