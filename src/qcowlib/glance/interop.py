@@ -155,8 +155,9 @@ def describe(exc: BaseException) -> str:
         return str(exc)
     status = getattr(exc, "status_code", None)
     if status is not None:
-        details = _clean(getattr(exc, "details", None)) or _clean(getattr(exc, "message", None))
-        details = _strip_sdk_prefix(details)
+        details = _body_message(getattr(exc, "response", None)) or _strip_sdk_prefix(
+            _clean(getattr(exc, "details", None)) or _clean(getattr(exc, "message", None))
+        )
         return f"{details} (HTTP {status})" if details else f"HTTP {status}"
     name = type(exc).__name__
     text = _first_line(exc)
@@ -171,6 +172,38 @@ def describe(exc: BaseException) -> str:
     if name in ("ConnectFailure", "ConnectionError", "ConnectTimeout"):
         return f"cannot connect to {url}" if url else f"cannot connect: {text}"
     return text
+
+
+def _body_message(response: Any) -> str:
+    """Glance's own message in an error body: its last line that is not the status.
+
+    Glance's errors are webob pages (plain text or HTML): the status (``415 Unsupported
+    Media Type``), webob's generic explanation, then Glance's detail (``Image failed
+    safety checks``); JSON bodies carry ``message``.
+    """
+    import html
+    import re
+
+    try:
+        text = str(response.text or "")
+        status = f"{response.status_code} {response.reason}"
+    except Exception:  # no response, or one that cannot be decoded
+        return ""
+    if text.lstrip().startswith("{"):
+        try:
+            import json
+
+            body = json.loads(text)
+            for value in (body, *(v for v in body.values() if isinstance(v, dict))):
+                if isinstance(value, dict) and value.get("message"):
+                    return " ".join(str(value["message"]).split())
+        except (ValueError, AttributeError):
+            pass
+    text = re.sub(r"<br\s*/?>", "\n", text)
+    text = html.unescape(re.sub(r"<[^>]+>", "\n", text))
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    lines = [line for line in lines if line and line != status]
+    return lines[-1] if lines else ""
 
 
 def _clean(value: object) -> str:
