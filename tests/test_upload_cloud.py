@@ -170,9 +170,8 @@ def test_unreachable_endpoint_in_plain_words(image: Path, tmp_path: Path) -> Non
 
 def _upload_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = build_parser("upload")
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[
-        "upload"
-    ]
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub: argparse.ArgumentParser = action.choices["upload"]
     sub.parse_known_args(argv)  # the cloud options are added on the first parse
     return sub
 
