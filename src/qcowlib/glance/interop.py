@@ -25,6 +25,8 @@ IMPORT_TIMEOUT = 3600.0
 #: First and longest pause between two looks at an importing image.
 POLL_FIRST = 0.2
 POLL_MAX = 5.0
+#: How long to wait for a failed import's task to end, for its message.
+TASK_SETTLE = 10.0
 #: Statuses from which an image never goes active by itself.
 _DEAD = frozenset({"killed", "deleted", "pending_delete", "deactivated"})
 
@@ -109,7 +111,7 @@ def wait_for_import(
         props = record.properties or {}
         failed = _store_list(props.get("os_glance_failed_import"))
         if failed:
-            reason = task_message(conn, image_id)
+            reason = task_message(conn, image_id, clock=clock, sleep=sleep)
             because = f": {reason}" if reason else ""
             raise ImportFailed(f"Glance's import into store {', '.join(failed)} failed{because}")
         importing = _store_list(props.get("os_glance_importing_to_stores"))
@@ -125,18 +127,33 @@ def wait_for_import(
         delay = min(delay * 1.5, POLL_MAX)
 
 
-def task_message(conn: Any, image_id: str) -> str:
-    """The message of the image's latest import task ('' when there is none to read)."""
-    try:
-        tasks = list(conn.image.image_tasks(image_id))
-    except Exception:  # older Glance (no /images/ID/tasks) or a policy that hides tasks
-        log.debug("cannot list the tasks of image %s", image_id, exc_info=True)
-        return ""
-    tasks.sort(key=lambda t: str(t.created_at or ""))
-    for task in reversed(tasks):
-        if task.message:
-            return " ".join(str(task.message).split())
-    return ""
+def task_message(
+    conn: Any,
+    image_id: str,
+    *,
+    settle: float = TASK_SETTLE,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> str:
+    """The message of the image's failed import task ('' when there is none to read).
+
+    Glance marks the store failed before the task itself ends (its message then is
+    still progress, ``Copied 0 MiB``): wait up to ``settle`` seconds for a failed task.
+    """
+    deadline = clock() + settle
+    while True:
+        try:
+            tasks = list(conn.image.image_tasks(image_id))
+        except Exception:  # older Glance (no /images/ID/tasks) or a policy that hides tasks
+            log.debug("cannot list the tasks of image %s", image_id, exc_info=True)
+            return ""
+        tasks.sort(key=lambda t: str(t.created_at or ""))
+        failed = [t for t in tasks if t.status == "failure" and t.message]
+        if failed:
+            return " ".join(str(failed[-1].message).split())
+        if clock() >= deadline:
+            return ""
+        sleep(POLL_FIRST)
 
 
 def _store_list(value: object) -> list[str]:
