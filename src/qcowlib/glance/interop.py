@@ -11,14 +11,14 @@ property, not only ``status``.  The reason is the import task's message.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
+from qcowlib._log import get_logger
 from qcowlib.errors import QcowlibError
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: How long an import may take after the data is staged (Glance copies it into the store).
 IMPORT_TIMEOUT = 3600.0
