@@ -160,7 +160,7 @@ class _FakeImages:
 
 
 class _Conn:
-    def __init__(self, images: _FakeImages) -> None:
+    def __init__(self, images: Any) -> None:
         self.image = images
 
 
@@ -219,3 +219,86 @@ def test_dead_status_and_timeout() -> None:
     with pytest.raises(interop.ImportFailed, match=r"within 30 s \(image status 'importing'\)"):
         _wait(images, timeout=30)
     assert images.looks < 30  # the pauses grow to POLL_MAX
+
+
+# -- requests that need no image, and Glance's words ---------------------------------------
+
+
+class _Info:
+    def __init__(self, methods: list[str]) -> None:
+        self.import_methods = {"value": methods}
+
+
+class _StoresAndInfo:
+    def __init__(self, methods: list[str], stores_error: Exception | None = None) -> None:
+        self.methods = methods
+        self.stores_error = stores_error
+
+    def get_import_info(self) -> _Info:
+        return _Info(self.methods)
+
+    def stores(self) -> list[Any]:
+        if self.stores_error is not None:
+            raise self.stores_error
+        return []
+
+
+def _http_error(status: int, reason: str, content_type: str, body: str) -> Exception:
+    import requests
+    from openstack import exceptions as os_exc
+
+    response = requests.Response()
+    response.status_code = status
+    response.reason = reason
+    response.headers["content-type"] = content_type
+    response._content = body.encode()
+    try:
+        os_exc.raise_from_response(response)
+    except os_exc.HttpException as exc:
+        return exc
+    raise AssertionError("no exception raised")
+
+
+def test_cloud_without_glance_direct() -> None:
+    conn = _Conn(_StoresAndInfo(["web-download", "copy-image"]))
+    with pytest.raises(interop.ImportFailed, match=r"offers web-download, copy-image\)"):
+        interop.check_glance_direct(conn)
+    interop.check_glance_direct(_Conn(_StoresAndInfo(["glance-direct"])))
+
+
+def test_store_on_a_single_store_cloud() -> None:
+    error = _http_error(
+        404, "Not Found", "text/plain", "404 Not Found\n\nMulti backend is not supported."
+    )
+    conn = _Conn(_StoresAndInfo([], error))
+    with pytest.raises(interop.ImportFailed) as caught:
+        interop.check_store(conn, "fs2")
+    assert "Multi backend is not supported. (HTTP 404)" in str(caught.value)
+    assert "needs Glance with multiple stores" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "expected"),
+    [
+        # webob's plain page: status, generic explanation, then Glance's detail
+        ("text/plain; charset=UTF-8",
+         "415 Unsupported Media Type\n\nThe request media type application/octet-stream is "
+         "not supported by this server. \n\n Image failed safety checks",
+         "Image failed safety checks (HTTP 415)"),
+        ("text/html; charset=UTF-8",
+         "<html>\n <head>\n  <title>409 Conflict</title>\n </head>\n <body>\n  <h1>409 "
+         "Conflict</h1>\n  Image needs to be staged before &#x27;glance-direct&#x27; method "
+         "can be used<br /><br />\n\n\n\n </body>\n</html>",
+         "Image needs to be staged before 'glance-direct' method can be used (HTTP 409)"),
+        ("application/json", '{"badRequest": {"message": "Invalid tag", "code": 400}}',
+         "Invalid tag (HTTP 409)"),
+        ("text/plain", "", "Conflict (HTTP 409)"),
+    ],
+)  # fmt: skip
+def test_glance_errors_in_glances_words(content_type: str, body: str, expected: str) -> None:
+    status = 415 if expected.endswith("415)") else 409
+    reason = "Unsupported Media Type" if status == 415 else "Conflict"
+    exc = _http_error(status, reason, content_type, body)
+    text = interop.describe(exc)
+    assert text == expected
+    assert "Error for url" not in text and "HttpException" not in text
