@@ -286,6 +286,8 @@ def test_ova_container(glance_server: GlanceServer, image: Path, tmp_path: Path)
     assert out["container_format"] == "ova" and out["status"] == "active"
     data = ova.read_bytes()
     assert out["size"] == len(data) and out["computed"]["md5"] == hashlib.md5(data).hexdigest()
+    # no min_disk derived from the size of a tar
+    assert glance_server.connection().image.get_image(out["id"]).min_disk == 0
 
 
 def test_import_refused_with_5xx_is_an_error(

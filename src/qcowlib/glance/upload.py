@@ -40,7 +40,7 @@ GiB = 1 << 30
 #: Glance's default ``container_formats``.  Glance inspects the data only for ``bare``.
 CONTAINER_FORMATS = ("bare", "ovf", "ova", "aki", "ari", "ami", "docker", "compressed")
 VISIBILITIES = ("public", "private", "shared", "community")
-#: Glance's limit on the length of a tag.
+#: Glance's limit on the length of a tag (its schema: maxLength 255).
 TAG_MAX = 255
 #: What ``--flatten`` can send, by disk_format, with its output options (a VMDK goes as
 #: streamOptimized, the subformat made for transfers that Glance and vSphere accept).
@@ -303,9 +303,10 @@ def upload(
 def _image_attributes(req: UploadRequest, source: _Source) -> dict[str, Any]:
     """The image record's attributes, as openstacksdk's ``Image`` spells them."""
     kwargs: dict[str, Any] = dict(req.properties)
-    kwargs["min_disk"] = (
-        req.min_disk if req.min_disk is not None else math.ceil(source.virtual_size / GiB)
-    )
+    if req.min_disk is not None:
+        kwargs["min_disk"] = req.min_disk
+    elif req.container_format == "bare":  # else the file's size says nothing of the disk's
+        kwargs["min_disk"] = math.ceil(source.virtual_size / GiB)
     if req.min_ram is not None:
         kwargs["min_ram"] = req.min_ram
     if req.visibility is not None:
