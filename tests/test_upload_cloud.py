@@ -118,6 +118,15 @@ def test_unknown_cloud_without_any_file(image: Path, tmp_path: Path) -> None:
     assert "'mycloud'" in res.stderr and "not found: no clouds.yaml" in res.stderr
 
 
+def test_help_despite_an_unknown_cloud(tmp_path: Path) -> None:
+    env = bare_env(tmp_path)
+    env["OS_CLOUD"] = "nope"
+    res = cli("--help", env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "--tag TAG" in res.stdout and "--os-cloud" in res.stdout
+    assert "The cloud configuration has a problem: cloud 'nope'" in " ".join(res.stdout.split())
+
+
 def test_cloud_lacking_auth_url(image: Path, tmp_path: Path) -> None:
     clouds = tmp_path / "clouds.yaml"
     clouds.write_text("clouds:\n  half:\n    auth:\n      username: u\n")

@@ -63,7 +63,13 @@ class _CloudParser(_Parser):
         try:
             setup = register_arguments(self, argv)
         except CloudConfigError as exc:
-            self.exit(1, f"qcowlib: error: {exc}\n")
+            if "-h" not in argv and "--help" not in argv:
+                self.exit(1, f"qcowlib: error: {exc}\n")
+            # --help still works with a broken configuration (and says what is wrong)
+            if "--os-cloud" not in self._option_string_actions:
+                self.add_argument("--os-cloud", help="cloud name in clouds.yaml (or OS_CLOUD)")
+            self.epilog = f"The cloud configuration has a problem: {exc}"
+            setup = None
         self.set_defaults(cloud_setup=setup)
 
 
