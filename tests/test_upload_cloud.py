@@ -234,6 +234,9 @@ def test_os_variables_and_options_without_clouds_yaml(
 def run_upload(
     server: GlanceServer, tmp: Path, *args: str | Path
 ) -> subprocess.CompletedProcess[str]:
+    # Another cloud beside it, that would fail: --os-cloud must choose.
+    dead = {"auth_type": "none", "image_endpoint_override": f"http://127.0.0.1:{free_port()}/"}
+    (tmp / "clouds.yaml").write_text(json.dumps({"clouds": {"dead": dead}}))
     clouds = server.clouds_yaml(tmp / "clouds.yaml", "test")
     return cli("--os-cloud", "test", *args, env=environment_for_cli(clouds))
 

@@ -57,7 +57,6 @@ class _CloudParser(_Parser):
         try:
             import openstack  # noqa: F401
         except ImportError:  # reported when the upload gets that far
-            self.add_argument("--os-cloud", help="cloud name in clouds.yaml (or OS_CLOUD)")
             self.set_defaults(cloud_setup=None)
             return
         try:
@@ -66,8 +65,6 @@ class _CloudParser(_Parser):
             if "-h" not in argv and "--help" not in argv:
                 self.exit(1, f"qcowlib: error: {exc}\n")
             # --help still works with a broken configuration (and says what is wrong)
-            if "--os-cloud" not in self._option_string_actions:
-                self.add_argument("--os-cloud", help="cloud name in clouds.yaml (or OS_CLOUD)")
             self.epilog = f"The cloud configuration has a problem: {exc}"
             setup = None
         self.set_defaults(cloud_setup=setup)
@@ -83,9 +80,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             description="Validate, stream and verify an upload to Glance "
             "(openstack image create). Cloud options are openstacksdk's: --os-cloud or "
             "OS_CLOUD with clouds.yaml, or the OS_* variables and --os-* options.",
+            # openstacksdk's --os-cloud replaces the stand-in below when it is registered
+            conflict_handler="resolve",
         )
     finally:
         sub._parser_class = default_class
+    # A stand-in, for the parser built without arguments (the reference, `qcowlib
+    # --help`) and without openstacksdk; the first parse registers openstacksdk's own.
+    p.add_argument(
+        "--os-cloud", metavar="NAME", help="cloud name in clouds.yaml (default: OS_CLOUD)"
+    )
     p.add_argument("--name", required=True, help="the image's name in Glance")
     p.add_argument(
         "--disk-format",

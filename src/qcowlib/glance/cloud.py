@@ -66,12 +66,12 @@ def register_arguments(parser: argparse.ArgumentParser, argv: Sequence[str]) -> 
     :class:`CloudConfigError` for a cloud that does not exist or an unknown auth type.
     """
     config = _openstack_config()
-    before = {a.dest for a in parser._actions}
+    before = {id(a) for a in parser._actions}  # by identity: --os-cloud may be replaced
     try:
         config.register_argparse_arguments(parser, list(argv), service_keys=["image"])
     except Exception as exc:
         raise CloudConfigError(explain(exc, config, _peek_cloud(argv))) from None
-    dests = tuple(dict.fromkeys(a.dest for a in parser._actions if a.dest not in before))
+    dests = tuple(dict.fromkeys(a.dest for a in parser._actions if id(a) not in before))
     return CloudSetup(config, dests)
 
 
