@@ -137,6 +137,23 @@ def test_cloud_lacking_auth_url(image: Path, tmp_path: Path) -> None:
     assert "--os-auth-url" in res.stderr and "OS_AUTH_URL" in res.stderr
 
 
+def test_library_cloud_name_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``upload(req, cloud=NAME)`` reads the same configuration, with the same errors."""
+    from qcowlib.glance.cloud import CloudConfigError, connect
+
+    for key in [k for k in os.environ if k.startswith("OS_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    clouds = tmp_path / "clouds.yaml"
+    clouds.write_text("clouds:\n  one:\n    auth_type: none\n")
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(clouds))
+    with pytest.raises(
+        CloudConfigError, match=r"'two' .* is not in .*clouds.yaml \(it defines one\)"
+    ):
+        connect(cloud="two")
+    assert connect(cloud="one") is not None  # no request is made yet
+
+
 # -- local problems first -------------------------------------------------------------
 
 
