@@ -95,12 +95,12 @@ def test_no_cloud_configured_says_what_to_set(image: Path, tmp_path: Path) -> No
     assert str(tmp_path) in err and str(tmp_path / "home" / ".config" / "openstack") in err
 
 
-@pytest.mark.parametrize("how", ["option", "environment"])
+@pytest.mark.parametrize("how", ["--os-cloud", "--os_cloud", "environment"])
 def test_unknown_cloud_names_the_files(image: Path, tmp_path: Path, how: str) -> None:
     env = dead_cloud(tmp_path)
     args: list[str | Path] = ["--name", "x", image]
-    if how == "option":
-        args = ["--os-cloud", "mycloud", *args]
+    if how.startswith("--"):  # openstack's spelling with _ is accepted too
+        args = [how, "mycloud", *args]
     else:
         env["OS_CLOUD"] = "mycloud"
     res = cli(*args, env=env, cwd=tmp_path)

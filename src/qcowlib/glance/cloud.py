@@ -58,17 +58,19 @@ def _openstack_config() -> Any:
         raise CloudConfigError(f"cannot read the cloud configuration: {_first_line(exc)}") from None
 
 
-def register_arguments(parser: argparse.ArgumentParser, argv: Sequence[str]) -> CloudSetup:
+def register_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> CloudSetup:
     """Add openstacksdk's ``--os-*`` options (and ``OS_*`` defaults) to ``parser``.
 
     ``argv`` is the command's own arguments: openstacksdk peeks at ``--os-cloud`` and
-    ``--os-auth-type`` in it to register the options of the right auth plugin.  Raises
-    :class:`CloudConfigError` for a cloud that does not exist or an unknown auth type.
+    ``--os-auth-type`` in it to register the options of the right auth plugin, and
+    rewrites ``--os_x`` spellings to ``--os-x`` in place, as the ``openstack`` client
+    accepts them.  Raises :class:`CloudConfigError` for a cloud that does not exist or
+    an unknown auth type.
     """
     config = _openstack_config()
     before = {id(a) for a in parser._actions}  # by identity: --os-cloud may be replaced
     try:
-        config.register_argparse_arguments(parser, list(argv), service_keys=["image"])
+        config.register_argparse_arguments(parser, argv, service_keys=["image"])
     except Exception as exc:
         raise CloudConfigError(explain(exc, config, _peek_cloud(argv))) from None
     dests = tuple(dict.fromkeys(a.dest for a in parser._actions if id(a) not in before))
