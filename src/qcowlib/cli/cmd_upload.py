@@ -85,6 +85,30 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         )
     finally:
         sub._parser_class = default_class
+    _add_image_options(p)
+    p.add_argument(
+        "--import",
+        dest="use_import",
+        action="store_true",
+        help="use interoperable image import (stage, then glance-direct) instead of "
+        "a direct upload",
+    )
+    p.add_argument(
+        "--store",
+        metavar="ID",
+        help="store the image in this store of a multi-store Glance (with --import: "
+        "the store to import into)",
+    )
+    p.add_argument("--force", action="store_true", help="upload despite validation errors")
+    p.add_argument("-f", dest="format", choices=INPUT_FORMATS, help="the file's format")
+    p.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    add_output(p)
+    p.add_argument("filename", help="the image file")
+    p.set_defaults(func=_cmd_upload, cloud_setup=None)
+
+
+def _add_image_options(p: argparse.ArgumentParser) -> None:
+    """The image record's options, as ``openstack image create`` spells them."""
     # A stand-in, for the parser built without arguments (the reference, `qcowlib
     # --help`) and without openstacksdk; the first parse registers openstacksdk's own.
     p.add_argument(
@@ -133,25 +157,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--tag", action="append", default=[], metavar="TAG", help="add a tag (repeatable)"
     )
-    p.add_argument(
-        "--import",
-        dest="use_import",
-        action="store_true",
-        help="use interoperable image import (stage, then glance-direct) instead of "
-        "a direct upload",
-    )
-    p.add_argument(
-        "--store",
-        metavar="ID",
-        help="store the image in this store of a multi-store Glance (with --import: "
-        "the store to import into)",
-    )
-    p.add_argument("--force", action="store_true", help="upload despite validation errors")
-    p.add_argument("-f", dest="format", choices=INPUT_FORMATS, help="the file's format")
-    p.add_argument("-p", dest="progress", action="store_true", help="show progress")
-    add_output(p)
-    p.add_argument("filename", help="the image file")
-    p.set_defaults(func=_cmd_upload, cloud_setup=None)
 
 
 def _cmd_upload(args: argparse.Namespace) -> int:

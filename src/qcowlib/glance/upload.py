@@ -365,6 +365,11 @@ def _send(
     if problems:
         _delete(conn, image_id)
         raise UploadError("upload not accepted: " + "; ".join(problems) + " (image deleted)")
+    return _summary(record, sender.sent, digests)
+
+
+def _summary(record: Any, sent: int, digests: dict[str, str]) -> dict[str, Any]:
+    """The contract's keys as Glance reports them, then ours beside them."""
     props = record.properties or {}
     stores = [s for s in str(props.get("stores") or "").split(",") if s]
     return {
@@ -382,7 +387,7 @@ def _send(
         "protected": bool(record.is_protected),
         "tags": sorted(record.tags or []),
         "stores": stores,
-        "computed": {"size": sender.sent, "md5": digests["md5"], "sha512": digests["sha512"]},
+        "computed": {"size": sent, "md5": digests["md5"], "sha512": digests["sha512"]},
     }
 
 
