@@ -42,21 +42,36 @@ MAX_CHUNK_CLUSTERS = 1 << 16
 
 
 class ClusterMap:
-    """What a format says of clusters ``[first, first + len(kind))``.
+    """What a format says of clusters ``[first, first + span)``.
 
     ``kind`` holds ``RUN_*`` values, ``host`` host offsets (-1: none), ``clen`` the
-    compressed length bound of compressed clusters (0 elsewhere).
+    compressed length bound of compressed clusters (0 elsewhere).  ``span`` may exceed
+    ``len(kind)`` when the last entry is not data: it then stands for all the clusters
+    up to ``first + span`` (a whole unallocated table's range in one entry).
     """
 
-    __slots__ = ("clen", "first", "host", "kind")
+    __slots__ = ("clen", "first", "host", "kind", "span")
 
-    def __init__(self, first: int, kind: U8, host: I64, clen: I64 | None = None) -> None:
+    def __init__(
+        self, first: int, kind: U8, host: I64, clen: I64 | None = None, span: int | None = None
+    ) -> None:
         import numpy as np
 
         self.first = first
         self.kind = kind
         self.host = host
         self.clen = clen if clen is not None else np.zeros(kind.size, dtype=np.int64)
+        self.span = int(kind.size) if span is None else span
+
+    @classmethod
+    def unallocated(cls, first: int, span: int) -> ClusterMap:
+        """Clusters ``[first, first + span)``, none of them allocated."""
+        import numpy as np
+
+        from qcowlib.core.disk import RUN_UNALLOCATED
+
+        kind = np.full(1, RUN_UNALLOCATED, dtype=np.uint8)
+        return cls(first, kind, np.full(1, -1, dtype=np.int64), span=span)
 
 
 def cluster_runs(cmap: ClusterMap, cluster_size: int) -> tuple[I64, I64]:
@@ -111,13 +126,13 @@ class ClusterMapDisk(Disk):
         pos = start
         while cluster < last:
             cmap = self._cluster_map(cluster, self._chunk_end(cluster, last))
-            n = int(cmap.kind.size)
             firsts, counts = cluster_runs(cmap, cs)
+            counts[-1] += cmap.span - int(cmap.kind.size)
             for i, count in zip(firsts.tolist(), counts.tolist(), strict=True):
                 run_end = min(end, (cmap.first + i + count) * cs)
                 yield self._extent(cmap, i, pos, run_end)
                 pos = run_end
-            cluster += n
+            cluster += cmap.span
 
     def _extent(self, cmap: ClusterMap, i: int, pos: int, run_end: int) -> Extent:
         kind = int(cmap.kind[i])

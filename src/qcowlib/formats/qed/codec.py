@@ -73,6 +73,10 @@ QED_MAX_TABLE_SIZE: Final = 16
 #: The longest backing file name QEMU reads (``bs->backing_file`` is PATH_MAX bytes,
 #: with the NUL).
 QED_MAX_BACKING_NAME: Final = 4095
+#: Largest table qcowlib reads (QEMU allows 16 clusters of 64 MiB, 1 GiB, a table;
+#: qemu-img creates 256 KiB ones).  Decoding a table costs about ten times its size in
+#: memory, so larger ones are refused as unsupported rather than read.
+QED_MAX_TABLE_BYTES: Final = 256 << 20
 #: L2 entry of a zero cluster (QEMU ``qed_offset_is_zero_cluster``).
 QED_ZERO_CLUSTER: Final = 1
 SECTOR: Final = 512
@@ -207,6 +211,12 @@ def parse_header(data: bytes | bytearray | memoryview, file_size: int) -> QedHea
     ts = rec.table_size
     if not _power_of_two_in(ts, QED_MIN_TABLE_SIZE, QED_MAX_TABLE_SIZE):
         raise _field_error(CorruptImage, f"QED table size {ts} is invalid", "table_size")
+    if cs * ts > QED_MAX_TABLE_BYTES:
+        raise _field_error(
+            UnsupportedFeature,
+            f"QED tables of {cs * ts} bytes are larger than qcowlib reads ({QED_MAX_TABLE_BYTES})",
+            "table_size",
+        )
     if rec.image_size % SECTOR or rec.image_size > max_image_size(cs, ts):
         raise _field_error(
             CorruptImage, f"QED image size {rec.image_size} is invalid", "image_size"

@@ -140,17 +140,12 @@ class QedDisk(ClusterMapDisk):
         return min(end, (first // n + 1) * n)
 
     def _cluster_map(self, first: int, end: int) -> ClusterMap:
-        import numpy as np
-
-        from qcowlib.core.disk import RUN_UNALLOCATED
-
         n = self.header.table_nelems
         index, lo = divmod(first, n)
         hi = lo + (end - first)
         decoded = self._l2_map(index)
         if decoded is None:
-            kind = np.full(end - first, RUN_UNALLOCATED, dtype=np.uint8)
-            return ClusterMap(first, kind, np.full(end - first, -1, dtype=np.int64))
+            return ClusterMap.unallocated(first, end - first)
         kind, host = decoded
         return ClusterMap(first, kind[lo:hi], host[lo:hi])
 
