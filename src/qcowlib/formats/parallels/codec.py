@@ -25,8 +25,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import uuid
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 from qcowlib.errors import (
     CorruptImage,
@@ -107,8 +106,7 @@ _FEATURE = struct.Struct("<QQII")
 _BITMAP = struct.Struct("<Q16sII")
 
 
-@dataclass(frozen=True)
-class ParallelsHeader:
+class ParallelsHeader(NamedTuple):
     """A checked Parallels header (QEMU's field names) and what QEMU derives from it."""
 
     magic: bytes
@@ -242,8 +240,7 @@ def classify_bat(h: ParallelsHeader, bat: U32, file_size: int) -> tuple[U8, I64]
     return kind, np.where(data, offsets, -1).astype(np.int64)
 
 
-@dataclass(frozen=True)
-class ParallelsBitmap:
+class ParallelsBitmap(NamedTuple):
     """A dirty bitmap of the Format Extension (QEMU names it by its id)."""
 
     name: str

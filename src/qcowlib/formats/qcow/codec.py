@@ -23,8 +23,7 @@ data cluster, or, with bit 63 set, a compressed cluster: its offset in the low
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 from qcowlib.errors import (
     CorruptImage,
@@ -99,8 +98,7 @@ _AT: Final = {
 }
 
 
-@dataclass(frozen=True)
-class QcowHeader:
+class QcowHeader(NamedTuple):
     """A checked qcow v1 header (QEMU's field names)."""
 
     backing_file_offset: int

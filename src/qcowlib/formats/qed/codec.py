@@ -22,8 +22,7 @@ cluster.  Data is never compressed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 from qcowlib.errors import (
     CorruptImage,
@@ -114,8 +113,7 @@ _AT: Final = {
 }
 
 
-@dataclass(frozen=True)
-class QedHeader:
+class QedHeader(NamedTuple):
     """A QED header, QEMU's field names; ``file_size`` is the file's size rounded down
     to whole clusters, as QEMU keeps it (``BDRVQEDState.file_size``)."""
 
