@@ -5,10 +5,12 @@ the L1 table is read the first time the image is mapped or read (``info`` needs 
 the header), and L2 tables as their range is asked for, each validated whole with numpy
 and kept in a small cache.
 
-``QED_F_NEED_CHECK`` (the image was not closed cleanly) is reported as ``dirty-flag``, as
-qemu-img does; reading such an image is safe (QEMU repairs it only when it opens it
-read-write, which qcowlib never does while reading).  A backing file is named in the
-header cluster; ``QED_F_BACKING_FORMAT_NO_PROBE`` records that it is raw.
+``QED_F_NEED_CHECK`` (the image was not closed cleanly) is kept in :attr:`QedDisk.header`;
+``info`` shows ``dirty-flag`` false as qemu-img 7.2 does (see :meth:`QedDisk.info_tail`),
+and ``check -r`` clears it as QEMU does.  Reading such an image is safe (QEMU repairs
+it only when it opens it read-write, which qcowlib never does while reading).  A
+backing file is named in the header cluster; ``QED_F_BACKING_FORMAT_NO_PROBE`` records
+that it is raw.
 """
 
 from __future__ import annotations
@@ -86,7 +88,10 @@ class QedDisk(ClusterMapDisk):
         if self._backing_name is not None:
             info["full-backing-filename"] = full_backing_filename(self.filename, self._backing_name)
             info["backing-filename"] = self._backing_name
-        info["dirty-flag"] = self.header.need_check
+        # QEMU reports QED_F_NEED_CHECK as the dirty flag, but draining the freshly
+        # opened image fires its need-check timer, which clears the flag in memory (the
+        # read-only file keeps it) before qemu-img asks: qemu-img info always says false.
+        info["dirty-flag"] = False
         return info
 
     # -- tables -------------------------------------------------------------------------
