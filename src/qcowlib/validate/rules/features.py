@@ -65,9 +65,10 @@ def _qcow1_encrypted(ctx: Context) -> Findings:
         )
 
 
-@rule("encrypted", formats=["luks", "qcow2", "qcow"])
+@rule("encrypted", formats=["luks", "qcow2"])
 def encrypted(ctx: Context) -> Findings:
-    """No encryption: LUKS volumes, encrypted qcow2 and qcow (v1).  Stricter than Glance, which
+    """No encryption: LUKS volumes, encrypted qcow2 and qcow (v1) (whose magic Glance's
+    inspector takes for qcow2, so the rule runs for it).  Stricter than Glance, which
     accepts LUKS1 declared raw: an encrypted image cannot be checked inside.  qcowlib
     does not read encrypted images either, so every policy refuses them (structural)."""
     if "luks" in ctx.formats and ctx.head[:6] == fm.LUKS_MAGIC:
