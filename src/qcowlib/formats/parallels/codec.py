@@ -208,6 +208,19 @@ def decode_bat(raw: bytes | bytearray | memoryview, h: ParallelsHeader) -> U32:
     return np.frombuffer(raw, dtype=np.dtype("<u4"), count=h.bat_entries).astype(np.uint32)
 
 
+def decode_bat_range(raw: bytes | bytearray | memoryview, count: int, offset: int) -> U32:
+    """``count`` BAT entries from ``raw`` (read from file offset ``offset``)."""
+    import numpy as np
+
+    if len(raw) < count * 4:
+        raise TruncatedImage(
+            f"Parallels BAT is truncated ({len(raw)} of {count * 4} bytes)",
+            structure="parallels bat",
+            offset=offset,
+        )
+    return np.frombuffer(raw, dtype=np.dtype("<u4"), count=count).astype(np.uint32)
+
+
 def bat_offsets(h: ParallelsHeader, bat: U32) -> npt.NDArray[np.int64]:
     """File offsets in bytes of the clusters the BAT entries name (0: not allocated)."""
     import numpy as np
@@ -215,8 +228,8 @@ def bat_offsets(h: ParallelsHeader, bat: U32) -> npt.NDArray[np.int64]:
     return bat.astype(np.int64) * (h.off_multiplier * SECTOR)
 
 
-def classify_bat(h: ParallelsHeader, bat: U32, file_size: int) -> tuple[U8, I64]:
-    """Cluster kinds (``RUN_*``) and host offsets of the BAT's entries.
+def classify_bat(h: ParallelsHeader, bat: U32, file_size: int, first: int = 0) -> tuple[U8, I64]:
+    """Cluster kinds (``RUN_*``) and host offsets of BAT entries (from entry ``first``).
 
     Raises :class:`CorruptImage` for a cluster that starts past the end of the file
     (QEMU's check: "cluster is outside image"; QEMU reads zeros there), naming it.
@@ -228,9 +241,10 @@ def classify_bat(h: ParallelsHeader, bat: U32, file_size: int) -> tuple[U8, I64]
     offsets = bat_offsets(h, bat)
     bad = np.flatnonzero(offsets > file_size)
     if bad.size:
-        i = int(bad[0])
+        j = int(bad[0])
+        i = first + j
         raise CorruptImage(
-            f"Parallels cluster {i} (at {int(offsets[i]):#x}) is outside the image",
+            f"Parallels cluster {i} (at {int(offsets[j]):#x}) is outside the image",
             structure="parallels bat",
             field=f"entry[{i}]",
             offset=HEADER_SIZE + 4 * i,

@@ -3,7 +3,7 @@
 The header is read and checked on open (:func:`qcowlib.formats.parallels.codec.parse_header`)
 and, when it points at one, the Format Extension cluster is checked as QEMU checks it on
 a read-only open (its dirty bitmaps do not change what the disk reads).  The BAT is
-decoded the first time the image is mapped or read (``info`` needs only the header).
+read a chunk at a time as the image is mapped or read (``info`` needs only the header).
 
 An image whose ``inuse`` field says it was not closed cleanly reads as it is (QEMU
 refuses only to open it read-write); ``check`` reports it.  Like qemu-img, ``info``
@@ -65,20 +65,21 @@ class ParallelsDisk(ClusterMapDisk):
         self.bitmaps = read_extension(host, self.header)
         self.virtual_size = self.header.virtual_size
         self.cluster_size = self.header.cluster_size
-        self._bat: tuple[U8, I64] | None = None
 
     def info_tail(self) -> dict[str, Any]:
         return {}
 
-    def _decoded_bat(self) -> tuple[U8, I64]:
-        if self._bat is None:
-            h = self.header
-            raw = self.host.pread_exact(prl.HEADER_SIZE, h.bat_bytes, "parallels bat")
-            try:
-                self._bat = prl.classify_bat(h, prl.decode_bat(raw, h), self.host.size)
-            except QcowlibError as exc:
-                raise exc.with_file(self.filename) from None
-        return self._bat
+    def _bat_map(self, first: int, end: int) -> tuple[U8, I64]:
+        """Kinds and host offsets of BAT entries ``[first, end)``, read from the file
+        (a chunk at a time: QEMU allows a 2 GiB BAT)."""
+        h = self.header
+        at = prl.HEADER_SIZE + 4 * first
+        raw = self.host.pread_exact(at, 4 * (end - first), "parallels bat")
+        try:
+            bat = prl.decode_bat_range(raw, end - first, at)
+            return prl.classify_bat(h, bat, self.host.size, first)
+        except QcowlibError as exc:
+            raise exc.with_file(self.filename) from None
 
     def _chunk_end(self, first: int, end: int) -> int:
         n = self.header.bat_entries
@@ -87,11 +88,11 @@ class ParallelsDisk(ClusterMapDisk):
         return min(end, n, first + MAX_CHUNK_CLUSTERS)
 
     def _cluster_map(self, first: int, end: int) -> ClusterMap:
-        kind, host = self._decoded_bat()
-        if first >= kind.size:
+        if first >= self.header.bat_entries:
             # Past the BAT the disk is not allocated (QEMU ``seek_to_sector``).
             return ClusterMap.unallocated(first, end - first)
-        return ClusterMap(first, kind[first:end], host[first:end])
+        kind, host = self._bat_map(first, end)
+        return ClusterMap(first, kind, host)
 
     def runs_data_file(self) -> HostFile | None:
         return self.host

@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 
 #: L2 tables kept decoded per image.
 L2_CACHE_ENTRIES = 256
+#: The L1 table is read in pieces of this many entries (QEMU allows 2 GiB of L1 table;
+#: a map or read only ever needs the piece it is in), at most this many pieces kept.
+L1_PIECE_ENTRIES = 1 << 16
+L1_PIECES_KEPT = 64
 
 
 def read_header(host: HostFile) -> tuple[qcow.QcowHeader, str | None]:
@@ -56,7 +60,7 @@ class QcowDisk(ClusterMapDisk):
         self.header, self._backing_name = read_header(host)
         self.virtual_size = self.header.virtual_size
         self.cluster_size = self.header.cluster_size
-        self._l1: U64 | None = None
+        self._l1: dict[int, U64] = {}
         self._l2: dict[int, tuple[U8, I64, I64]] = {}
         self._lock = threading.Lock()
         self._cluster: tuple[int, bytes] | None = None
@@ -79,17 +83,27 @@ class QcowDisk(ClusterMapDisk):
         return info
 
     # -- tables -------------------------------------------------------------------------
-    @property
-    def l1_table(self) -> U64:
-        """The L1 table (read on first use; inside the file: checked on open)."""
-        if self._l1 is None:
+    def l1_entry(self, index: int) -> int:
+        """L1 entry ``index`` (its piece of the table is read on first use; the table
+        lies inside the file: checked on open)."""
+        piece, at = divmod(index, L1_PIECE_ENTRIES)
+        with self._lock:
+            entries = self._l1.get(piece)
+        if entries is None:
             h = self.header
-            raw = self.host.pread_exact(h.l1_table_offset, h.l1_size * 8, "qcow l1 table")
-            self._l1 = qcow.decode_table(raw, h.l1_size, h.l1_table_offset)
-        return self._l1
+            first = piece * L1_PIECE_ENTRIES
+            n = min(L1_PIECE_ENTRIES, h.l1_size - first)
+            offset = h.l1_table_offset + first * 8
+            raw = self.host.pread_exact(offset, n * 8, "qcow l1 table")
+            entries = qcow.decode_table(raw, n, offset)
+            with self._lock:
+                if len(self._l1) >= L1_PIECES_KEPT:
+                    self._l1.clear()
+                self._l1[piece] = entries
+        return int(entries[at])
 
     def _l2_map(self, index: int) -> tuple[U8, I64, I64] | None:
-        l2_offset = int(self.l1_table[index])
+        l2_offset = self.l1_entry(index)
         if l2_offset == 0:
             return None
         with self._lock:
