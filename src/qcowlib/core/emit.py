@@ -33,7 +33,7 @@ from typing import Protocol
 import numpy as np
 
 from qcowlib.core.appendsink import AppendWriter
-from qcowlib.core.hostfile import DataWriter, aligned_buffer, pwrite_all, reserve
+from qcowlib.core.hostfile import DataWriter, aligned_buffer, preallocate, pwrite_all, reserve
 from qcowlib.core.pipeline import TaskQueue
 from qcowlib.core.plan import Chunk, Classifier
 from qcowlib.core.zero import nonzero_runs
@@ -206,9 +206,12 @@ def write_file(
     *,
     progress: Progress | None = None,
     hashers: Sequence[HashSink] = (),
+    preallocation: str = "off",
 ) -> int:
     """Write the image ``layout`` plans into ``fd`` (a new, empty file) in one read pass.
 
+    ``preallocation`` ``falloc`` or ``full`` then allocates the data area from
+    ``layout.data_start`` to the end (:func:`qcowlib.core.hostfile.preallocate`).
     Returns the file size.  ``hashers`` are fed the file's bytes in file order once it
     is complete (from the file: the source is not read again).  Raises
     :class:`QcowlibIOError` on write errors; read errors from the source propagate.
@@ -240,6 +243,7 @@ def write_file(
         _pwrite(fd, data, offset)
     size = layout.size()
     truncate(fd, size)
+    preallocate(fd, layout.data_start, size, preallocation)
     if hashers:
         hash_written(fd, size, hashers)
     if progress:
@@ -397,10 +401,13 @@ def write_image(
     protect: tuple[str, ...] = (),
     progress: Progress | None = None,
     hashers: Sequence[HashSink] = (),
+    preallocation: str = "off",
 ) -> int:
     """:func:`write_file` into a new file at ``dst`` (a temporary name, renamed into
     place when complete; never over a file in ``protect``).  Returns its size."""
     from qcowlib.core.sinks import atomic_output
 
     with atomic_output(dst, protect=protect) as fd:
-        return write_file(layout, fd, progress=progress, hashers=hashers)
+        return write_file(
+            layout, fd, progress=progress, hashers=hashers, preallocation=preallocation
+        )

@@ -21,6 +21,8 @@ class _Qcow2:
 
     def check(self, request: OutputRequest) -> None:
         opts = request.options
+        if opts.get("preallocation", "off") != "off" and request.compress:
+            raise InvalidArgument("Compression and preallocation not supported at the same time")
         if request.standalone:
             for key in ("backing_file", "backing_fmt"):
                 if opts.get(key):
@@ -62,9 +64,12 @@ class _Qcow2:
         try:
             layout = Qcow2Layout(
                 disk, opts, compress=request.compress, sparse=request.sparse_size > 0,
-                backing=base,
+                backing=base, preallocate=opts.preallocation != "off",
             )  # fmt: skip
-            return write_image(layout, dst, protect=protect, progress=progress, hashers=hashers)
+            return write_image(
+                layout, dst, protect=protect, progress=progress, hashers=hashers,
+                preallocation=opts.preallocation,
+            )  # fmt: skip
         finally:
             if base is not None:
                 base.close()
@@ -83,8 +88,8 @@ class _Qcow2:
         if opts_in.get("backing_file") and not opts_in.get("backing_fmt"):
             raise InvalidArgument("-B needs the backing format (-F): it is never guessed")
         opts = parse_options(disk.virtual_size, opts_in)
-        if opts.preallocation != "off":
-            raise InvalidArgument("convert does not support preallocation (create, then write)")
+        if opts.preallocation != "off" and request.compress:
+            raise InvalidArgument("Compression and preallocation not supported at the same time")
         base: Disk | None = None
         if opts.backing_file:
             if request.open_backing is None:

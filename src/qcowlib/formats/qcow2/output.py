@@ -14,14 +14,12 @@ range is done, so memory stays bounded whatever the disk size.
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Callable
 
 import numpy as np
 
 from qcowlib.core.disk import Disk
 from qcowlib.core.emit import LayoutStream, Record, write_file
-from qcowlib.core.hostfile import pwrite_all
 from qcowlib.core.plan import (
     DATA,
     ZERO,
@@ -88,7 +86,9 @@ class Qcow2Layout:
 
     With ``backing`` (the image named by ``opts.backing_file``), clusters equal to the
     backing's are left unallocated and zeros over non-zero backing data become zero
-    clusters.
+    clusters.  With ``preallocate`` (``preallocation=metadata`` and up) every cluster
+    of the disk gets an L2 entry and a data cluster, contiguous in guest order, and each
+    data cluster is written in its place (compression cannot be combined with it).
     """
 
     holes = 0
@@ -117,6 +117,10 @@ class Qcow2Layout:
             ranges = merge_ranges(ranges, [r for r in back if r[0] < r[1]])
         self._ranges = ranges
         self.preallocate = preallocate
+        if preallocate and sparse:
+            # Clusters are written in their preallocated places: all-zero 4 KiB runs in
+            # them stay unwritten, as qemu-img convert -S 4k leaves them.
+            self.holes = 4096
         planned = [(0, -(-size // cs))] if preallocate else ranges
         self.l2_span = cs // opts.l2_entry_size
         l2_needed, self.n_data = candidate_l2_tables(opts, planned)
@@ -128,7 +132,9 @@ class Qcow2Layout:
         return self._ranges
 
     def reserved(self) -> int:
-        return 0 if self.compress else sum(b - a for a, b in self._ranges) * self.unit
+        if self.compress or self.preallocate:
+            return 0  # packed payloads; or data in place (the mode decides allocation)
+        return sum(b - a for a, b in self._ranges) * self.unit
 
     def classifier(self) -> Classifier:
         compressor = (
@@ -202,6 +208,10 @@ class Qcow2Layout:
         local = np.flatnonzero(kinds == DATA).astype(np.int64)
         if local.size == 0:
             return []
+        if self.preallocate:  # every cluster already has its place
+            guest = (local + chunk.first).astype(np.uint64)
+            host = np.uint64(self.prealloc_start) + guest * np.uint64(self.unit)
+            return chunk_records(chunk, local, host, np.zeros(local.size, np.int64), self.unit)
         clen = chunk_payload_lengths(chunk, local)
         host = self.placer.place_chunk(clen)
         entries = l2_entries(host, clen, self.opts.cluster_bits)
@@ -218,7 +228,7 @@ class Qcow2Layout:
         """preallocation=metadata: every cluster gets a data cluster (not written)."""
         cs = self.unit
         n = -(-self.virtual_size // cs)
-        start = self.placer.plain(n)
+        start = self.prealloc_start = self.placer.plain(n)
         hosts = np.uint64(start) + np.arange(n, dtype=np.uint64) * np.uint64(cs)
         entries = hosts | np.uint64(tables.OFLAG_COPIED)
         bitmap = np.full(n, np.uint64(0xFFFF_FFFF))
@@ -241,7 +251,12 @@ class Qcow2Layout:
         return out
 
     def size(self) -> int:
-        return max(self.placer.pos, self.data_start)
+        end = max(self.placer.pos, self.data_start)
+        lay = self.layout
+        if end == self.data_start and lay.l1_size and not lay.l2_offsets.any():
+            # Nothing after the L1 table: the file ends with it, as QEMU's does.
+            return lay.l1_offset + lay.l1_size * 8
+        return end
 
 
 def write_qcow2(
@@ -260,17 +275,11 @@ def write_qcow2(
     backing's are left unallocated and zeros over non-zero backing data become zero
     clusters.  Returns the file size.
     """
-    prealloc = opts.preallocation != "off"
-    if prealloc and src is not None and candidate_units(src, opts.cluster_size):
-        raise QcowlibIOError("internal: preallocation applies to new empty images")
     layout = Qcow2Layout(
         src, opts, compress=compress, sparse=sparse_size > 0, backing=backing,
-        preallocate=prealloc,
+        preallocate=opts.preallocation != "off",
     )  # fmt: skip
-    end = write_file(layout, fd, progress=progress)
-    if opts.preallocation in ("falloc", "full"):
-        _preallocate_file(fd, layout.data_start, end, opts.preallocation)
-    return end
+    return write_file(layout, fd, progress=progress, preallocation=opts.preallocation)
 
 
 def qcow2_stream(
@@ -278,19 +287,3 @@ def qcow2_stream(
 ) -> LayoutStream:
     """``src`` as a standalone qcow2 image streamed in file order, its size known first."""
     return LayoutStream(Qcow2Layout(src, opts, compress=compress), chunk_size=chunk_size)
-
-
-def _preallocate_file(fd: int, start: int, end: int, mode: str) -> None:
-    """Allocate the data area on disk: ``falloc`` reserves it, ``full`` writes zeros."""
-    try:
-        if mode == "falloc":
-            os.posix_fallocate(fd, start, end - start)
-            return
-        zero = bytes(1 << 20)
-        pos = start
-        while pos < end:
-            n = min(len(zero), end - pos)
-            pwrite_all(fd, zero[:n], pos)
-            pos += n
-    except OSError as exc:
-        raise QcowlibIOError(f"cannot preallocate: {exc.strerror}") from None

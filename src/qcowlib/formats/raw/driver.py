@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Final
 
 from qcowlib.core.drivers import OutputRequest, Progress, no_backing, no_compress, no_more_options
+from qcowlib.core.hostfile import allocate_first_block, preallocate
 from qcowlib.core.sinks import atomic_output
 from qcowlib.errors import InvalidArgument, QcowlibIOError
 
@@ -19,12 +20,19 @@ class _Raw:
     name: Final = "raw"
 
     def check(self, request: OutputRequest) -> None:
+        self.preallocation(request)
+
+    def preallocation(self, request: OutputRequest) -> str:
+        """The checked ``-o preallocation=off|falloc|full`` (the only raw option)."""
         if request.compress or request.options:
             if request.standalone:
                 raise InvalidArgument("raw output takes no options and no compression")
             no_compress(request)
         no_backing(request, "raw")
-        no_more_options(dict(request.options))
+        opts = dict(request.options)
+        mode = opts.pop("preallocation", "off")
+        no_more_options(opts)
+        return raw_preallocation(mode)
 
     def convert(
         self,
@@ -38,8 +46,11 @@ class _Raw:
         from qcowlib.core.copy import write_raw
         from qcowlib.core.emit import hash_written
 
+        mode = self.preallocation(request)
         with atomic_output(dst, protect=protect) as fd:
             write_raw(disk, fd, sparse_size=request.sparse_size, progress=progress)
+            preallocate(fd, 0, disk.virtual_size, mode)
+            allocate_first_block(fd, disk.virtual_size)
             if hashers:
                 hash_written(fd, disk.virtual_size, hashers)
         return disk.virtual_size
@@ -52,6 +63,15 @@ class _Raw:
 
 
 RAW: Final = _Raw()
+
+
+def raw_preallocation(mode: str) -> str:
+    """A raw image's ``preallocation`` mode, refused as qemu refuses it."""
+    if mode == "metadata":
+        raise InvalidArgument("Unsupported preallocation mode: metadata")
+    if mode not in ("off", "falloc", "full"):
+        raise InvalidArgument(f"Invalid parameter value for 'preallocation': '{mode}'")
+    return mode
 
 
 # -- new empty images and resizing (the registry's create and resize) --------------
@@ -71,7 +91,7 @@ def create(
     prealloc = "off"
     for key, value in options.items():
         if key == "preallocation":
-            prealloc = value
+            prealloc = raw_preallocation(value)
         elif key != "size":
             raise InvalidArgument(f"Invalid parameter '{key}'")
     if size is None:
@@ -79,16 +99,10 @@ def create(
     with atomic_output(path) as fd:
         try:
             os.ftruncate(fd, size)
-            if prealloc == "falloc":
-                os.posix_fallocate(fd, 0, size) if size else None
-            elif prealloc == "full":
-                zero = bytes(1 << 20)
-                for pos in range(0, size, len(zero)):
-                    os.pwrite(fd, zero[: min(len(zero), size - pos)], pos)
-            elif prealloc != "off":
-                raise InvalidArgument(f"Invalid parameter value for 'preallocation': '{prealloc}'")
         except OSError as exc:
             raise QcowlibIOError(f"cannot create {path}: {exc.strerror}", file=path) from None
+        preallocate(fd, 0, size, prealloc)
+        allocate_first_block(fd, size)
     return size
 
 

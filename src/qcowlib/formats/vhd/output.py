@@ -158,7 +158,8 @@ class VhdLayout:
     def finish(self) -> list[Record]:
         if self.fixed:
             head = min(4096, self.virtual_size) if self.first_block else 0
-            return [(0, bytes(head)), (self.virtual_size, self.footer)]
+            first = [(0, bytes(head))] if head else []
+            return [*first, (self.virtual_size, self.footer)]
         header = vhd.build_dynamic_header(
             vhd.DynamicHeader(
                 data_offset=vhd.NO_DATA_OFFSET,
