@@ -505,3 +505,34 @@ class EmptyDisk(Disk):
 
     def _close_layer(self) -> None:
         return None
+
+
+class SliceDisk(Disk):
+    """``length`` bytes of ``inner``'s guest disk from ``offset``, as a disk of its own
+    (one extent of a split output: each is written by the format's one writer).  Runs
+    come from ``inner``'s resolved map; data is read through ``inner``.  Closing the
+    slice leaves ``inner`` open."""
+
+    format = "slice"
+
+    def __init__(self, inner: Disk, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > inner.virtual_size:
+            raise InvalidArgument(f"slice {offset}+{length} is outside the disk")
+        self.inner = inner
+        self.offset = offset
+        self.virtual_size = length
+        self.filename = inner.filename
+
+    def layer_extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        start, end = self._range(offset, length)
+        if end <= start:
+            return
+        for ext in self.inner.extents(self.offset + start, end - start):
+            kind = ExtentKind.ZERO if ext.reads_zero else ExtentKind.DATA
+            yield Extent(ext.start - self.offset, ext.length, kind)
+
+    def _read_layer(self, ext: Extent, buf: memoryview) -> None:
+        self.inner.read_into(self.offset + ext.start, buf)
+
+    def _close_layer(self) -> None:
+        return None

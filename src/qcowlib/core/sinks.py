@@ -138,6 +138,24 @@ def atomic_output(path: str, *, protect: tuple[str, ...] = ()) -> Iterator[int]:
                 os.unlink(tmp)
 
 
+@contextlib.contextmanager
+def atomic_outputs(paths: list[str], *, protect: tuple[str, ...] = ()) -> Iterator[list[int]]:
+    """:func:`atomic_output` for an image of several files (a descriptor and its
+    extents): yield one file descriptor per path; every file is written under a
+    temporary name, and only once all are complete and flushed are they renamed into
+    place, in the order given (so list the file that names the others last: it appears
+    only when they are there).  On failure no temporary file is left."""
+    with contextlib.ExitStack() as stack:
+        if len({os.path.abspath(p) for p in paths}) != len(paths):
+            raise InvalidArgument("an output file is named twice")
+        fds: list[int] = []
+        # An ExitStack leaves its contexts last-entered first: enter the last path
+        # first, so that it is renamed into place last.
+        for path in reversed(paths):
+            fds.append(stack.enter_context(atomic_output(path, protect=protect)))
+        yield fds[::-1]
+
+
 def _sync_directory(directory: str) -> None:
     """Make the rename itself durable (best effort: not every file system can)."""
     try:

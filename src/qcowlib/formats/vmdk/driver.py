@@ -30,10 +30,11 @@ class VmdkOptions:
 def vmdk_options(request: OutputRequest) -> VmdkOptions:
     """Checked ``-o`` options of a VMDK output (qemu-img's names and refusals)."""
     from qcowlib.formats.vmdk.output import ADAPTER_TYPES, SUBFORMATS, TOOLS_VERSION
+    from qcowlib.formats.vmdk.split import SPLIT_SUBFORMATS
 
     opts = dict(request.options)
     subformat = opts.pop("subformat", "monolithicSparse")
-    if subformat not in SUBFORMATS:
+    if subformat not in SUBFORMATS + SPLIT_SUBFORMATS:
         raise InvalidArgument(f"Unknown subformat: {subformat}")
     if request.compress and subformat != "streamOptimized":
         raise InvalidArgument("Compression is only supported with subformat=streamOptimized")
@@ -89,17 +90,36 @@ class _Vmdk:
     ) -> int:
         from qcowlib.core.emit import write_image
 
+        o = vmdk_options(request)
+        if o.subformat in _split():
+            from qcowlib.formats.vmdk.split import write_split
+
+            if hashers:
+                raise InvalidArgument(f"a {o.subformat} VMDK is several files: no one checksum")
+            return write_split(
+                disk, dst, o, sparse_size=request.sparse_size, protect=protect, progress=progress
+            )
         layout = self.layout(disk, request, os.path.basename(dst))
         return write_image(layout, dst, protect=protect, progress=progress, hashers=hashers)
 
     def stream(self, disk: Disk, request: OutputRequest, chunk_size: int) -> LayoutStream:
         from qcowlib.core.emit import LayoutStream
 
+        subformat = vmdk_options(request).subformat
+        if subformat in _split():
+            raise InvalidArgument(f"a {subformat} VMDK is several files: it cannot be streamed")
+
         name = request.extent_name or os.path.splitext(os.path.basename(disk.filename))[0] + ".vmdk"
         return LayoutStream(self.layout(disk, request, name), chunk_size=chunk_size)
 
 
 VMDK: Final = _Vmdk()
+
+
+def _split() -> tuple[str, ...]:
+    from qcowlib.formats.vmdk.split import SPLIT_SUBFORMATS
+
+    return SPLIT_SUBFORMATS
 
 
 # -- new empty images (the registry's create) ----------------------------------------
@@ -133,7 +153,13 @@ def create(
 
     size, opts = take_size("vmdk", size, options, backing, backing_fmt)
     request = OutputRequest(opts)
-    write_image(VMDK.layout(EmptyDisk(size), request, os.path.basename(path)), path)
+    o = vmdk_options(request)
+    if o.subformat in _split():
+        from qcowlib.formats.vmdk.split import write_split
+
+        write_split(EmptyDisk(size), path, o)
+    else:
+        write_image(VMDK.layout(EmptyDisk(size), request, os.path.basename(path)), path)
     shown = dict(opts)
     for key in ("compat6", "zeroed_grain"):
         if key in shown:

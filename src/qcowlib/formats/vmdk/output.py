@@ -78,6 +78,7 @@ def plan_vmdk(
     cid: int | None = None,
     zeroed_grain: bool = False,
     tools_version: str = TOOLS_VERSION,
+    embed_descriptor: bool = True,
 ) -> VmdkPlan:
     """Lay out a new VMDK of ``virtual_size`` bytes (a fresh random CID unless given).
 
@@ -98,21 +99,14 @@ def plan_vmdk(
     n_gt = -(-n_grains // gtes)
     gd_sectors = -(-n_gt * 4 // SECTOR)
     gt_sectors = gtes * 4 // SECTOR
-    heads = 16 if adapter_type == "ide" else 255  # as QEMU's geometry
-    cyls = min(capacity // (heads * 63), 16383)
     desc = vmdk.build_descriptor(
         create_type=subformat,
         extents=[("RW", capacity, "SPARSE", extent_name, None)],
         cid=random.getrandbits(32) if cid is None else cid,
-        ddb=[
-            ("ddb.virtualHWVersion", hw_version),
-            ("ddb.geometry.cylinders", str(cyls)),
-            ("ddb.geometry.heads", str(heads)),
-            ("ddb.geometry.sectors", "63"),
-            ("ddb.adapterType", adapter_type),
-            ("ddb.toolsVersion", tools_version),
-        ],
+        ddb=disk_database(capacity, adapter_type, hw_version, tools_version),
     )
+    if not embed_descriptor:  # an extent of a split image: its descriptor is a file
+        desc = b""
     if len(desc) > vmdk.DESC_SECTORS * SECTOR:
         raise InvalidArgument("VMDK descriptor does not fit 20 sectors")
     desc_end = vmdk.VMDK_DESC_SECTOR + vmdk.DESC_SECTORS
@@ -143,6 +137,23 @@ def plan_vmdk(
         stream, header, head, gs, gtes, n_grains, n_gt, gd_sectors, gt_sectors, rgd, gd,
         grain_offset,
     )  # fmt: skip
+
+
+def disk_database(
+    capacity: int, adapter_type: str, hw_version: str, tools_version: str
+) -> list[tuple[str, str]]:
+    """A new image's ``ddb.`` entries as QEMU writes them (geometry from the capacity
+    in sectors and the adapter type)."""
+    heads = 16 if adapter_type == "ide" else 255  # as QEMU's geometry
+    cyls = min(capacity // (heads * 63), 16383)
+    return [
+        ("ddb.virtualHWVersion", hw_version),
+        ("ddb.geometry.cylinders", str(cyls)),
+        ("ddb.geometry.heads", str(heads)),
+        ("ddb.geometry.sectors", "63"),
+        ("ddb.adapterType", adapter_type),
+        ("ddb.toolsVersion", tools_version),
+    ]
 
 
 def sparse_tables(plan: VmdkPlan, gte: npt.NDArray[np.uint32]) -> bytes:
@@ -208,6 +219,7 @@ class VmdkLayout:
         cid: int | None = None,
         zeroed_grain: bool = False,
         tools_version: str = TOOLS_VERSION,
+        embed_descriptor: bool = True,
     ) -> None:
         self.src = src
         self.plan = plan = plan_vmdk(
@@ -219,6 +231,7 @@ class VmdkLayout:
             cid=cid,
             zeroed_grain=zeroed_grain,
             tools_version=tools_version,
+            embed_descriptor=embed_descriptor,
         )
         self.virtual_size = src.virtual_size
         self.unit = plan.grain_bytes
