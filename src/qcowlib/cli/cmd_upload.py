@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qcowlib.cli import INPUT_FORMATS, Failed, add_output, print_json
+from qcowlib.cli import INPUT_FORMATS, Failed, add_output, add_read_options, print_json
 
 GLANCE_DISK_FORMATS = (
     "raw",
@@ -38,6 +38,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-f", dest="format", choices=INPUT_FORMATS)
     p.add_argument("-p", dest="progress", action="store_true")
     add_output(p)
+    add_read_options(p)
     p.add_argument("filename")
     p.set_defaults(func=_cmd_upload)
 
@@ -45,6 +46,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _cmd_upload(args: argparse.Namespace) -> int:
     import os
 
+    from qcowlib.cli.cmd_flatten import chain_reporter
     from qcowlib.cli.progress import ProgressBar
     from qcowlib.glance.upload import UploadRequest, ValidationRefused, parse_properties, upload
 
@@ -61,6 +63,8 @@ def _cmd_upload(args: argparse.Namespace) -> int:
         properties=dict(parse_properties(args.property)),
         force=args.force,
         src_format=args.format,
+        backing_policy=args.backing_policy,
+        force_share=args.force_share,
     )
     bar = ProgressBar() if args.progress else None
     try:
@@ -68,6 +72,7 @@ def _cmd_upload(args: argparse.Namespace) -> int:
             req,
             cloud=args.cloud or os.environ.get("OS_CLOUD"),
             progress=bar.update if bar else None,
+            on_chain=chain_reporter(args),
         )
     except ValidationRefused as exc:
         reasons = "; ".join(f"[{f['rule']}] {f['message']}" for f in exc.findings)

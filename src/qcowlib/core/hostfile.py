@@ -247,6 +247,12 @@ def _refuse_special(path: str, get_stat: Callable[[str], os.stat_result]) -> Non
         )
 
 
+def refuse_special(path: str) -> None:
+    """Raise :class:`QcowlibIOError` unless ``path`` may be opened as a linked file (a
+    regular file outside /proc and /sys); for callers that open it some other way."""
+    _refuse_special(path, os.stat)
+
+
 def _clear_nonblock(fd: int) -> None:
     import fcntl
 

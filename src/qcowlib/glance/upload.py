@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,12 +64,21 @@ class UploadRequest:
     properties: dict[str, str] = field(default_factory=dict)
     force: bool = False
     src_format: str | None = None
+    #: What of the chain ``flatten`` reads: ``follow``, ``contained`` or ``none``.
+    backing_policy: str = "follow"
+    #: Read an image another process has open for writing (qemu-img ``-U``).
+    force_share: bool = False
 
 
 class _Source:
     """The bytes to send: the file as it is, or its flattened chain."""
 
-    def __init__(self, req: UploadRequest, disk_format: str) -> None:
+    def __init__(
+        self,
+        req: UploadRequest,
+        disk_format: str,
+        on_chain: Callable[[Sequence[tuple[str, str]]], None] | None = None,
+    ) -> None:
         self.virtual_size: int
         if req.flatten:
             from qcowlib.ops.flatten import flatten_stream
@@ -81,20 +90,34 @@ class _Source:
                 src_format=req.src_format,
                 options=FLATTEN_TO.get(out),
                 chunk_size=READ_CHUNK,
+                backing_policy=req.backing_policy,
+                force_share=req.force_share,
             )
+            if on_chain is not None:
+                on_chain(self._stream.chain)
             self.size = self._stream.size
             self.virtual_size = self._stream.virtual_size
             self._file: int | None = None
         else:
-            from qcowlib.core.chain import BackingPolicy
+            import dataclasses
+
+            from qcowlib.core.chain import as_policy
+            from qcowlib.core.locks import take_read_locks
             from qcowlib.formats.opener import open_disk
 
-            with open_disk(req.path, req.src_format, BackingPolicy(follow=False)) as disk:
+            policy = as_policy(req.backing_policy, force_share=req.force_share)
+            policy = dataclasses.replace(policy, follow=False)
+            with open_disk(req.path, req.src_format, policy) as disk:
                 self.virtual_size = disk.virtual_size
             try:
                 self._file = os.open(req.path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as exc:
                 raise QcowlibIOError(f"cannot open {req.path}: {exc.strerror}") from None
+            try:  # held while it is sent: a VM cannot start writing it meanwhile
+                take_read_locks(self._file, req.path, force_share=req.force_share)
+            except BaseException:
+                os.close(self._file)
+                raise
             self.size = os.fstat(self._file).st_size
 
     def chunks(self) -> Iterator[bytes]:
@@ -205,6 +228,7 @@ def upload(
     cloud: str | None = None,
     connection: Any = None,
     progress: Progress | None = None,
+    on_chain: Callable[[Sequence[tuple[str, str]]], None] | None = None,
 ) -> dict[str, Any]:
     """Upload ``req.path`` to Glance; returns the contract's summary of the image.
 
@@ -213,7 +237,8 @@ def upload(
     record disagrees (the image is deleted first).  ``connection`` is an
     ``openstack.connection.Connection`` to use instead of one built from ``cloud``
     (``--os-cloud``, ``OS_CLOUD``, clouds.yaml and ``OS_*`` variables, as the
-    ``openstack`` client does).
+    ``openstack`` client does).  With ``req.flatten``, ``on_chain`` is told the chain
+    read, top first, as ``(filename, format)`` pairs.
     """
     from qcowlib.core.hostfile import HostFile
     from qcowlib.formats.opener import probe_format
@@ -238,7 +263,7 @@ def upload(
             "validation refused the image: " + "; ".join(e["message"] for e in errors), errors
         )
     conn = connection if connection is not None else _connect(cloud)
-    source = _Source(req, disk_format)
+    source = _Source(req, disk_format, on_chain)
     try:
         return _send(conn, req, disk_format, source, progress)
     finally:
