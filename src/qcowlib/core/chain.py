@@ -12,11 +12,9 @@ needs the registry of formats) is :mod:`qcowlib.formats.opener`'s job.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from qcowlib.core.hostfile import HostFile, is_within
 from qcowlib.errors import InvalidArgument, QcowlibError, QcowlibIOError, UnsafeBackingPath
@@ -41,8 +39,7 @@ POLICY_NAMES: Final = ("follow", "contained", "none")
 _PROTOCOL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
-@dataclass(frozen=True)
-class BackingPolicy:
+class BackingPolicy(NamedTuple):
     """What opening may follow, and how.  The defaults behave like qemu-img (``follow``).
 
     :meth:`named` builds the three policies of ``--backing-policy``; the fields allow
@@ -102,7 +99,7 @@ class BackingPolicy:
     def name(self) -> str:
         """The :data:`POLICY_NAMES` entry this policy matches, or ``custom``."""
         for name in POLICY_NAMES:
-            if dataclasses.replace(self, force_share=False, root=None) == BackingPolicy.named(name):
+            if self._replace(force_share=False, root=None) == BackingPolicy.named(name):
                 return name
         return "custom"
 
@@ -111,7 +108,7 @@ class BackingPolicy:
         ``contained`` keeps linked files in)."""
         if not self.contained or self.root is not None:
             return self
-        return dataclasses.replace(self, root=os.path.realpath(os.path.dirname(top) or "."))
+        return self._replace(root=os.path.realpath(os.path.dirname(top) or "."))
 
 
 #: The strict policy: ``contained``.
@@ -130,7 +127,7 @@ def as_policy(value: str | BackingPolicy | None, *, force_share: bool = False) -
     else:
         raise InvalidArgument(f"backing_policy must be one of {', '.join(POLICY_NAMES)}")
     if force_share and not policy.force_share:
-        policy = dataclasses.replace(policy, force_share=True)
+        policy = policy._replace(force_share=True)
     return policy
 
 

@@ -11,11 +11,10 @@ its drivers name.
 
 from __future__ import annotations
 
-import logging
 import os
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from qcowlib._log import get_logger
 from qcowlib.core.chain import BackingPolicy, as_policy, open_linked, resolve_linked_path
 from qcowlib.core.disk import Disk
 from qcowlib.core.hostfile import HostFile
@@ -38,7 +37,7 @@ from qcowlib.formats import detect, registry
 if TYPE_CHECKING:
     from qcowlib.formats.qcow2.writer import Qcow2RWDisk
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 __all__ = [
     "ChainOpener",
@@ -114,12 +113,12 @@ def open_disk(
     return _open_chain(path, fmt, as_policy(policy, force_share=force_share).rooted(path))
 
 
-@dataclass(frozen=True)
 class ChainOpener:
     """Opens a backing file that an image names, ``(path, fmt) -> Disk``, as the chain
     opener would: a regular file only, with ``policy`` (also for its own chain)."""
 
-    policy: BackingPolicy = field(default_factory=BackingPolicy)
+    def __init__(self, policy: BackingPolicy | None = None) -> None:
+        self.policy = policy if policy is not None else BackingPolicy()
 
     def __call__(self, path: str, fmt: str | None) -> Disk:
         return _open_chain(path, fmt, self.policy, linked=True)
@@ -177,8 +176,6 @@ def attach_backing_chain(
         current.backing = layer
         current = layer
         depth += 1
-    if depth > 1:
-        log.debug("opened a chain of %d images under %s", depth, top.filename)
 
 
 def _of(top: Disk, current: Disk) -> str:

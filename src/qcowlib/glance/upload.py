@@ -10,7 +10,6 @@ flattened on the fly with ``flatten=True`` (no temporary file).
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -18,11 +17,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from qcowlib._log import get_logger
 from qcowlib.core.digest import MultiHasher
 from qcowlib.errors import InvalidArgument, QcowlibError, QcowlibIOError
 from qcowlib.formats import registry
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 Progress = Callable[[int, int], None]
 #: Pieces handed to the HTTP layer (and progress steps); also under the 1,048,568 bytes
@@ -99,14 +99,12 @@ class _Source:
             self.virtual_size = self._stream.virtual_size
             self._file: int | None = None
         else:
-            import dataclasses
-
             from qcowlib.core.chain import as_policy
             from qcowlib.core.locks import take_read_locks
             from qcowlib.formats.opener import open_disk
 
             policy = as_policy(req.backing_policy, force_share=req.force_share)
-            policy = dataclasses.replace(policy, follow=False)
+            policy = policy._replace(follow=False)
             with open_disk(req.path, req.src_format, policy) as disk:
                 self.virtual_size = disk.virtual_size
             try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from qcowlib.core.chain import BackingPolicy, as_policy
@@ -49,7 +48,7 @@ def info(
     """
     policy = as_policy(backing_policy, force_share=force_share)
     if not backing_chain:
-        policy = dataclasses.replace(policy, follow=False)
+        policy = policy._replace(follow=False)
     with open_disk(path, fmt, policy) as disk:
         if not backing_chain:
             return image_info(disk)
