@@ -269,3 +269,37 @@ def test_missing_layer_deep_in_the_chain_names_the_top_image(tmp_path: Path) -> 
     line = res.stderr.strip()
     assert line.startswith(f"qcowlib: error: {top}:") and "l0002.qcow2" in line
     assert "l0003.qcow2" in line  # the image that names it
+
+
+# -- what flatten and upload --flatten say about the chain ---------------------------------
+
+
+def test_flatten_reports_the_chain_only_when_there_is_one(tmp_path: Path) -> None:
+    top = make_chain(tmp_path / "c", 3)
+    res = cli("flatten", top, tmp_path / "f.qcow2")
+    assert res.returncode == 0
+    names = [line.strip() for line in res.stderr.splitlines()[1:]]
+    assert res.stderr.startswith("reading 3 images (top first):")
+    assert names == [f"{tmp_path / 'c' / f'l000{i}.qcow2'} (qcow2)" for i in (2, 1, 0)]
+    base = tmp_path / "c" / "l0000.qcow2"
+    assert cli("flatten", base, tmp_path / "g.qcow2").stderr == ""  # a lone image
+    assert "reading 1 image " in cli("flatten", "-p", base, tmp_path / "g.qcow2").stderr
+    res = cli("flatten", "--backing-policy", "none", top, tmp_path / "h.qcow2")
+    assert res.returncode == 0 and res.stderr == ""
+
+
+def test_upload_flatten_source_follows_the_policy(tmp_path: Path, outside: Path) -> None:
+    from qcowlib.glance.upload import UploadRequest, _Source
+
+    top = make_chain(tmp_path / "c", 2)
+    seen: list[list[tuple[str, str]]] = []
+    for policy, depth in (("follow", 2), ("none", 1)):
+        req = UploadRequest(str(top), "x", flatten=True, backing_policy=policy)
+        src = _Source(req, "qcow2", lambda chain: seen.append(list(chain)))
+        src.close()
+        assert len(seen[-1]) == depth
+    os.symlink(outside / "secret.raw", tmp_path / "c" / "link")
+    evil = overlay(tmp_path / "c" / "evil.qcow2", "link")
+    req = UploadRequest(str(evil), "x", flatten=True, backing_policy="contained")
+    with pytest.raises(qcowlib.UnsafeBackingPath):
+        _Source(req, "qcow2")
