@@ -134,17 +134,19 @@ def open(
     return open_disk(path, fmt, policy, force_share=force_share)
 
 
-def open_rw(path: str) -> Qcow2RWDisk:
+def open_rw(path: str, *, backing_policy: BackingPolicy | str | None = None) -> Qcow2RWDisk:
     """Open a qcow2 image for writing (its backing chain read-only).
 
     The disk has ``write(offset, data)``, ``write_zeroes``, ``discard``, ``resize``,
     ``flush`` and ``close``.  QEMU's image locks are taken: an image that a VM or
     qemu-io has open for writing raises :class:`ImageLocked`.  Images marked corrupt
     or left dirty raise :class:`CorruptImage` (repair them with ``check -r all``).
+    The backing chain is opened as ``backing_policy`` allows (see :func:`open`), with
+    the shared read locks QEMU takes on the backing files of an image it writes.
     """
     from qcowlib.formats.opener import open_rw as _open_rw
 
-    return _open_rw(path)
+    return _open_rw(path, policy=backing_policy)
 
 
 def compare(
