@@ -295,7 +295,8 @@ def test_upload_flatten_source_follows_the_policy(tmp_path: Path, outside: Path)
     seen: list[list[tuple[str, str]]] = []
     for policy, depth in (("follow", 2), ("none", 1)):
         req = UploadRequest(str(top), "x", flatten=True, backing_policy=policy)
-        src = _Source(req, "qcow2", lambda chain: seen.append(list(chain)))
+        src = _Source(req, "qcow2")
+        seen.append(src.chain)
         src.close()
         assert len(seen[-1]) == depth
     os.symlink(outside / "secret.raw", tmp_path / "c" / "link")

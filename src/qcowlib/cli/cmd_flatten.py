@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from qcowlib.cli import INPUT_FORMATS, add_read_options, parse_options, wants_option_help
 from qcowlib.formats import registry
@@ -23,21 +23,36 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=_cmd_flatten)
 
 
-def chain_reporter(args: argparse.Namespace) -> Callable[[Sequence[tuple[str, str]]], None]:
-    """What flatten and ``upload --flatten`` say about the chain they read, on stderr:
-    nothing with ``-q``; with ``-p`` or ``--debug`` always, otherwise only when there is
-    a backing file (a lone image needs no mention); ``--debug`` lists every image."""
+class ChainReport:
+    """What flatten and ``upload --flatten`` say about the chain they read, on stderr.
 
-    def report(chain: Sequence[tuple[str, str]]) -> None:
+    Nothing with ``-q``.  With ``-p`` or ``--debug``, as soon as the chain is open (so
+    a long run shows what it reads; ``--debug`` lists every image).  Otherwise once the
+    command has succeeded, and only when there is a backing file: a failure stays the
+    contract's one ``qcowlib: error:`` line.
+    """
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.quiet = bool(getattr(args, "quiet", False))
+        self.early = bool(args.progress or args.debug)
+        self.every = bool(args.debug)
+        self.chain: Sequence[tuple[str, str]] = ()
+
+    def __call__(self, chain: Sequence[tuple[str, str]]) -> None:
+        self.chain = chain
+        if self.early and not self.quiet:
+            self._print()
+
+    def finish(self) -> None:
+        """The command succeeded: report the chain unless that was done already."""
+        if not self.early and not self.quiet and len(self.chain) > 1:
+            self._print()
+
+    def _print(self) -> None:
         from qcowlib.cli.render import describe_chain
 
-        if getattr(args, "quiet", False):
-            return
-        if len(chain) > 1 or args.progress or args.debug:
-            sys.stderr.write(describe_chain(chain, every=args.debug))
-            sys.stderr.flush()
-
-    return report
+        sys.stderr.write(describe_chain(self.chain, every=self.every))
+        sys.stderr.flush()
 
 
 def _cmd_flatten(args: argparse.Namespace) -> int:
@@ -48,6 +63,7 @@ def _cmd_flatten(args: argparse.Namespace) -> int:
     if wants_option_help(options, args.out_format):
         return 0
     bar = ProgressBar() if args.progress else None
+    report = ChainReport(args)
     try:
         flatten(
             args.src,
@@ -59,9 +75,10 @@ def _cmd_flatten(args: argparse.Namespace) -> int:
             progress=bar.update if bar else None,
             backing_policy=args.backing_policy,
             force_share=args.force_share,
-            on_chain=chain_reporter(args),
+            on_chain=report,
         )
     finally:
         if bar:
             bar.finish()
+    report.finish()
     return 0

@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _cmd_upload(args: argparse.Namespace) -> int:
     import os
 
-    from qcowlib.cli.cmd_flatten import chain_reporter
+    from qcowlib.cli.cmd_flatten import ChainReport
     from qcowlib.cli.progress import ProgressBar
     from qcowlib.glance.upload import UploadRequest, ValidationRefused, parse_properties, upload
 
@@ -67,12 +67,13 @@ def _cmd_upload(args: argparse.Namespace) -> int:
         force_share=args.force_share,
     )
     bar = ProgressBar() if args.progress else None
+    report = ChainReport(args)
     try:
         result = upload(
             req,
             cloud=args.cloud or os.environ.get("OS_CLOUD"),
             progress=bar.update if bar else None,
-            on_chain=chain_reporter(args),
+            on_chain=report,
         )
     except ValidationRefused as exc:
         reasons = "; ".join(f"[{f['rule']}] {f['message']}" for f in exc.findings)
@@ -83,6 +84,7 @@ def _cmd_upload(args: argparse.Namespace) -> int:
     finally:
         if bar:
             bar.finish()
+    report.finish()
     if args.output == "json":
         print_json(result)
     else:

@@ -10,7 +10,7 @@ import stat
 from collections.abc import Callable, Iterator
 
 from qcowlib._log import get_logger
-from qcowlib.errors import QcowlibIOError, TruncatedImage
+from qcowlib.errors import QcowlibError, QcowlibIOError, TruncatedImage
 
 log = get_logger(__name__)
 
@@ -73,6 +73,9 @@ class HostFile:
                 _clear_nonblock(self.fd)
                 if within is not None:
                     _check_within(self.fd, path, within)
+        except QcowlibError:
+            os.close(self.fd)
+            raise
         except OSError as exc:  # pragma: no cover - fstat/fcntl on an open fd
             os.close(self.fd)
             raise QcowlibIOError(f"cannot stat {path}: {exc.strerror}", file=path) from None

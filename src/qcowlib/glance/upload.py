@@ -73,13 +73,10 @@ class UploadRequest:
 class _Source:
     """The bytes to send: the file as it is, or its flattened chain."""
 
-    def __init__(
-        self,
-        req: UploadRequest,
-        disk_format: str,
-        on_chain: Callable[[Sequence[tuple[str, str]]], None] | None = None,
-    ) -> None:
+    def __init__(self, req: UploadRequest, disk_format: str) -> None:
         self.virtual_size: int
+        #: The chain read (``flatten``), top first: ``(filename, format)`` pairs.
+        self.chain: list[tuple[str, str]] = []
         if req.flatten:
             from qcowlib.ops.flatten import flatten_stream
 
@@ -93,8 +90,7 @@ class _Source:
                 backing_policy=req.backing_policy,
                 force_share=req.force_share,
             )
-            if on_chain is not None:
-                on_chain(self._stream.chain)
+            self.chain = self._stream.chain
             self.size = self._stream.size
             self.virtual_size = self._stream.virtual_size
             self._file: int | None = None
@@ -261,7 +257,9 @@ def upload(
             "validation refused the image: " + "; ".join(e["message"] for e in errors), errors
         )
     conn = connection if connection is not None else _connect(cloud)
-    source = _Source(req, disk_format, on_chain)
+    source = _Source(req, disk_format)
+    if on_chain is not None and source.chain:
+        on_chain(source.chain)
     try:
         return _send(conn, req, disk_format, source, progress)
     finally:
