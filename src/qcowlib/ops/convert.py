@@ -12,6 +12,7 @@ from qcowlib.formats import registry
 from qcowlib.formats.opener import open_disk
 
 if TYPE_CHECKING:
+    from qcowlib.core.chain import BackingPolicy
     from qcowlib.core.emit import HashSink
 
 
@@ -28,6 +29,8 @@ def convert(
     sparse_size: int = 4096,
     progress: Progress | None = None,
     hashers: Sequence[HashSink] = (),
+    backing_policy: BackingPolicy | str | None = None,
+    force_share: bool = False,
 ) -> None:
     """Convert ``src`` (any readable image, with its chain) to ``dst`` in ``out_format``.
 
@@ -41,6 +44,11 @@ def convert(
 
     ``hashers`` (for example ``hashlib.md5()``) are fed the output file's bytes in file
     order once it is written, so their digests are the file's; the source is read once.
+
+    ``backing_policy`` (``follow``, ``contained``, ``none``) decides what of the
+    source's chain is read and ``force_share`` (qemu-img ``-U``) reads a source another
+    process has open for writing, as for :func:`qcowlib.open`.  An existing ``dst`` that
+    another process (a running VM) holds is refused (:class:`ImageLocked`).
     """
     driver = registry.by_name(out_format).output_driver()
     if sparse_size < 0 or sparse_size % 512:
@@ -55,6 +63,6 @@ def convert(
         open_backing=open_disk,
     )
     driver.check(request)
-    with open_disk(src, src_format) as disk:
+    with open_disk(src, src_format, backing_policy, force_share=force_share) as disk:
         inputs = tuple(d.filename for d in disk.chain)
         driver.convert(disk, dst, request, progress, inputs, hashers)
