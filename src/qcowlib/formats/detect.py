@@ -37,12 +37,25 @@ what a file is, with the deliberate differences listed below.
   ``LUKS\\xba\\xbe`` and big-endian version 1 at offset 6.  QEMU only knows LUKS1;
   qcowlib also reports version 2 (cryptsetup's LUKS2) as ``luks`` so that it is refused
   as unsupported rather than read as a raw disk.
+* ``bochs`` -- ``block/bochs.c`` ``bochs_probe``: NUL-terminated magic ``Bochs Virtual
+  HD Image``, type ``Redolog``, subtype ``Growing`` and version 1 or 2
+  (:func:`qcowlib.formats.bochs.codec.is_bochs`).  Like QEMU, a file shorter than the
+  header is looked at as if padded with zeros.
+* ``cloop`` -- ``block/cloop.c`` ``cloop_probe``: the file starts with the V2.0 shell
+  script header (:data:`qcowlib.formats.cloop.codec.CLOOP_MAGIC`), all of it (QEMU
+  compares its zero-padded 2 KiB buffer).
+* ``dmg`` -- QEMU's ``dmg_probe`` looks only at the file name (``*.dmg``).  qcowlib
+  never probes by name: the last 512 bytes must be a UDIF trailer (magic ``koly``,
+  version 4, header size 512; :func:`qcowlib.formats.dmg.codec.is_dmg_trailer`).  So a
+  DMG named otherwise is ``dmg`` here and ``raw`` to ``qemu-img``, and a file named
+  ``*.dmg`` without a trailer is ``raw`` here (``qemu-img`` fails to open it as dmg).
 * ``iso`` -- not a QEMU format (QEMU reads ISO images as ``raw``): an ISO 9660 volume
   descriptor at 0x8000, i.e. standard identifier ``CD001`` at 0x8001 and descriptor
   version 1 at 0x8006.
 
 Order of the checks: the headers that an image tool writes at offset 0 of its own file
-(qcow2, vmdk binary, vhdx, vdi, dynamic vpc) come first; then the fixed-VHD footer, whose
+(qcow2, vmdk binary, vhdx, vdi, dynamic vpc, bochs, cloop) come first; then the DMG
+trailer and the fixed-VHD footer, whose
 data area starts at offset 0 and so may itself begin with anything (for instance a LUKS
 header or an ISO file system inside the virtual disk); then luks, the vmdk text
 descriptor and iso; ``raw`` last.  An empty file is ``raw`` (as in QEMU).
@@ -59,6 +72,10 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
+from qcowlib.formats.bochs.codec import is_bochs
+from qcowlib.formats.cloop.codec import is_cloop
+from qcowlib.formats.dmg.codec import is_dmg_trailer
+
 __all__ = [
     "FORMATS",
     "PROBE_HEAD_SIZE",
@@ -74,7 +91,9 @@ PROBE_HEAD_SIZE: Final[int] = 64 * 1024
 #: Trailing bytes :func:`probe` wants: one VHD footer.
 PROBE_TAIL_SIZE: Final[int] = 512
 #: Formats :func:`probe` can report, with ``qemu-img``'s names ("vpc" is VHD).
-FORMATS: Final[tuple[str, ...]] = ("qcow2", "vmdk", "vdi", "vpc", "vhdx", "luks", "iso", "raw")
+FORMATS: Final[tuple[str, ...]] = (
+    "qcow2", "vmdk", "vdi", "vpc", "vhdx", "bochs", "cloop", "dmg", "luks", "iso", "raw",
+)  # fmt: skip
 #: QEMU's BLOCK_PROBE_BUF_SIZE: how much of the file qemu's probes see.  The VMDK text
 #: descriptor is only looked for there, so that qcowlib agrees with qemu-img about it.
 QEMU_PROBE_BUF_SIZE: Final[int] = 2048
@@ -170,6 +189,12 @@ def probe(head: bytes, tail: bytes, file_size: int) -> Probe:
         if file_size == _VHD_FOOTER_SIZE and _is_fixed_vhd_footer(tail, file_size):
             return Probe("vpc", "footer-only")
         return Probe("vpc")
+    if is_bochs(head.ljust(QEMU_PROBE_BUF_SIZE, b"\0")):
+        return Probe("bochs")
+    if is_cloop(head):
+        return Probe("cloop")
+    if is_dmg_trailer(tail):
+        return Probe("dmg")
     if _is_fixed_vhd_footer(tail, file_size):
         return Probe("vpc", "footer-only")
     for check in (_probe_luks, _probe_vmdk_descriptor, _probe_iso):

@@ -1,0 +1,359 @@
+"""Apple UDIF disk images (DMG): the koly trailer, mish blocks and the chunk table.
+
+Pure: :func:`find_koly` locates the trailer in the file's last bytes,
+:func:`parse_koly` checks it, :func:`decode_mish` turns one ``blkx`` resource (a "mish"
+block) into chunk rows and :func:`build_table` checks and orders all of them.  Where the
+mish blocks come from (the XML property list or the old binary resource fork) is
+:mod:`qcowlib.formats.dmg.resources`.  Nothing here opens a file.
+
+Layout (QEMU ``block/dmg.c``; Apple's UDIF ``UDIFResourceFile`` and ``BLKXTable``), all
+integers big-endian.  The 512-byte trailer ("koly") ends the file::
+
+    0x000 "koly", version (4), header size (512), flags, running data fork offset
+    0x018 DataForkOffset   0x020 DataForkLength
+    0x028 RsrcForkOffset   0x030 RsrcForkLength
+    0x0d8 XMLOffset        0x0e0 XMLLength
+    0x1ec SectorCount      (the disk is SectorCount * 512 bytes)
+
+A mish block: "mish", version, the first sector it describes (u64 at 0x08), the
+data offset its chunks are relative to (u64 at 0x18), then from 0xcc 40-byte chunks:
+type (u32), comment (u32), sector number, sector count, compressed offset and
+compressed length (u64 each).  QEMU derives the chunk count from the block's length
+(``(len - 204) / 40``) and skips a block shorter than 244 bytes or without the magic.
+
+Chunk types: zeros (0), raw (1), ignore (2, reads as zeros), ADC (0x80000004), zlib
+(0x80000005), bzip2 (0x80000006), LZFSE (0x80000007), comment (0x7ffffffe) and last
+entry (0xffffffff), which carry no sectors.  qcowlib reads zeros, ignore, raw, zlib and
+bzip2 (stdlib :mod:`bz2`; QEMU needs its ``dmg-bz2`` module for those).  ADC and LZFSE
+chunks are kept in the table and refused with :class:`UnsupportedFeature` when read
+(QEMU 7.2 has no ADC decoder and reads LZFSE only with its ``dmg-lzfse`` module).  Other
+types are dropped as QEMU drops them; a sector no chunk covers fails to read.
+
+Caps are QEMU's (``dmg_read_mish_block``, ``dmg_read_plist_xml``): a chunk's compressed
+length at most 64 MiB, the sector count of a chunk that is inflated or copied at most
+64 MiB worth, an XML property list of at most 16 MiB.  qcowlib also refuses chunks whose
+data lies past the end of the file and chunks that overlap; it orders chunks by sector
+(QEMU's binary search assumes they are ordered).  Chunks that start at or past the end of
+the disk are dropped (no read reaches them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+from qcowlib._units import MAX_VIRTUAL_SIZE
+from qcowlib.errors import CorruptImage, FormatError
+from qcowlib.formats._record import FixedLayout
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    I64 = npt.NDArray[np.int64]
+    U32 = npt.NDArray[np.uint32]
+
+__all__ = [
+    "CHUNK_NAMES",
+    "DMG_LENGTHS_MAX",
+    "DMG_SECTORCOUNTS_MAX",
+    "KOLY",
+    "KOLY_SIZE",
+    "SECTOR",
+    "ChunkTable",
+    "Koly",
+    "build_table",
+    "decode_mish",
+    "find_koly",
+    "is_dmg_trailer",
+    "parse_koly",
+]
+
+SECTOR: Final = 512
+KOLY_MAGIC: Final = b"koly"
+KOLY_SIZE: Final = 512
+#: QEMU: "the maximum length of a compressed chunk" (64 MB).
+DMG_LENGTHS_MAX: Final = 64 * 1024 * 1024
+DMG_SECTORCOUNTS_MAX: Final = DMG_LENGTHS_MAX // SECTOR
+#: QEMU's cap on the XML property list ("A test sample had a XML length of about 1 MiB").
+DMG_XML_MAX: Final = 16 * 1024 * 1024
+#: qcowlib's cap on the binary resource fork (the same as the XML's).
+DMG_RSRC_MAX: Final = DMG_XML_MAX
+
+UDZE: Final = 0x00000000
+UDRW: Final = 0x00000001
+UDIG: Final = 0x00000002
+UDCO: Final = 0x80000004
+UDZO: Final = 0x80000005
+UDBZ: Final = 0x80000006
+ULFO: Final = 0x80000007
+UDCM: Final = 0x7FFFFFFE
+UDLE: Final = 0xFFFFFFFF
+#: Chunk types that read as zeros without data.
+ZERO_TYPES: Final = (UDZE, UDIG)
+#: Chunk types qcowlib decodes from the file.
+DATA_TYPES: Final = (UDRW, UDZO, UDBZ)
+#: Chunk types kept in the table but refused when read.
+REFUSED_TYPES: Final = (UDCO, ULFO)
+CHUNK_NAMES: Final = {
+    UDZE: "zero (UDZE)",
+    UDRW: "raw (UDRW)",
+    UDIG: "ignore (UDIG)",
+    UDCO: "ADC (UDCO)",
+    UDZO: "zlib (UDZO)",
+    UDBZ: "bzip2 (UDBZ)",
+    ULFO: "LZFSE (ULFO)",
+}
+
+KOLY: Final = FixedLayout(
+    "dmg koly",
+    ">",
+    [
+        ("signature", "4s"),
+        ("version", "I"),
+        ("header_size", "I"),
+        ("flags", "I"),
+        ("running_data_fork_offset", "Q"),
+        ("data_fork_offset", "Q"),
+        ("data_fork_length", "Q"),
+        ("rsrc_fork_offset", "Q"),
+        ("rsrc_fork_length", "Q"),
+        ("segment_number", "I"),
+        ("segment_count", "I"),
+        ("segment_id", "16s"),
+        ("data_checksum", "136s"),
+        ("xml_offset", "Q"),
+        ("xml_length", "Q"),
+        ("reserved1", "120s"),
+        ("master_checksum", "136s"),
+        ("image_variant", "I"),
+        ("sector_count", "Q"),
+        ("reserved2", "12s"),
+    ],
+)
+MISH_MAGIC: Final = b"mish"
+MISH_HEAD: Final = FixedLayout(
+    "dmg mish",
+    ">",
+    [("signature", "4s"), ("version", "I"), ("sector_number", "Q"), ("sector_count", "Q"),
+     ("data_offset", "Q")],
+)  # fmt: skip
+MISH_CHUNKS_AT: Final = 204
+MISH_CHUNK_SIZE: Final = 40
+MISH_MIN: Final = MISH_CHUNKS_AT + MISH_CHUNK_SIZE
+#: One chunk of a mish block.
+CHUNK_DTYPE: Final = [
+    ("type", ">u4"),
+    ("comment", ">u4"),
+    ("sector", ">u8"),
+    ("count", ">u8"),
+    ("offset", ">u8"),
+    ("length", ">u8"),
+]
+
+
+def is_dmg_trailer(tail: bytes | bytearray | memoryview) -> bool:
+    """Whether the last 512 bytes are a koly trailer (magic, version 4, size 512).
+
+    QEMU's ``dmg_probe`` looks only at the file name (``*.dmg``); qcowlib never probes
+    by name, so this is its content check.
+    """
+    if len(tail) < KOLY_SIZE:
+        return False
+    rec = KOLY.parse(bytes(tail[-KOLY_SIZE:]))
+    return bool(rec.signature == KOLY_MAGIC and rec.version == 4 and rec.header_size == 512)
+
+
+def koly_window(file_size: int) -> tuple[int, int]:
+    """Where QEMU looks for "koly": the last 511 + 512 bytes (``dmg_find_koly_offset``)."""
+    start = file_size - 511 - 512 if file_size > 511 + 512 else 0
+    return start, min(file_size, 515)
+
+
+def find_koly(window: bytes, start: int) -> int:
+    """File offset of the first "koly" in ``window`` (read at ``start``), as QEMU finds it."""
+    at = window.find(KOLY_MAGIC)
+    if at < 0:
+        raise FormatError("Could not locate UDIF trailer in dmg file", structure="dmg koly")
+    return start + at
+
+
+@dataclass(frozen=True)
+class Koly:
+    """The trailer fields QEMU uses."""
+
+    offset: int
+    data_fork_offset: int
+    rsrc_fork_offset: int
+    rsrc_fork_length: int
+    xml_offset: int
+    xml_length: int
+    sector_count: int
+
+    @property
+    def virtual_size(self) -> int:
+        return self.sector_count * SECTOR
+
+
+def parse_koly(data: bytes, offset: int) -> Koly:
+    """The trailer ``data`` found at file ``offset``, checked as ``dmg_open`` checks it.
+
+    Raises :class:`CorruptImage` for forks or a property list that do not lie before
+    the trailer, a disk larger than qcowlib's cap, or a trailer naming neither a
+    resource fork nor a property list.
+    """
+    rec = KOLY.parse(data, offset)
+    koly = Koly(
+        offset,
+        rec.data_fork_offset,
+        rec.rsrc_fork_offset,
+        rec.rsrc_fork_length,
+        rec.xml_offset,
+        rec.xml_length,
+        rec.sector_count,
+    )
+    if koly.data_fork_offset > offset:
+        raise _koly("the data fork starts after the trailer", "data_fork_offset", offset)
+    if koly.rsrc_fork_offset >= offset or koly.rsrc_fork_length > offset - koly.rsrc_fork_offset:
+        raise _koly("the resource fork does not lie before the trailer", "rsrc_fork", offset)
+    if koly.xml_offset >= offset or koly.xml_length > offset - koly.xml_offset:
+        raise _koly("the property list does not lie before the trailer", "xml", offset)
+    if koly.virtual_size > MAX_VIRTUAL_SIZE:
+        raise _koly(f"sector count {koly.sector_count} is too large", "sector_count", offset)
+    if koly.rsrc_fork_length == 0 and koly.xml_length == 0:
+        raise _koly("the trailer names no resource fork and no property list", "xml", offset)
+    if koly.rsrc_fork_length == 0 and koly.xml_length > DMG_XML_MAX:
+        raise _koly(f"the property list is larger than {DMG_XML_MAX} bytes", "xml", offset)
+    if koly.rsrc_fork_length > DMG_RSRC_MAX:
+        raise _koly(f"the resource fork is larger than {DMG_RSRC_MAX} bytes", "rsrc", offset)
+    return koly
+
+
+def _koly(message: str, name: str, offset: int) -> CorruptImage:
+    return CorruptImage(message, structure="dmg koly", field=name, offset=offset)
+
+
+@dataclass(frozen=True)
+class ChunkTable:
+    """All chunks, ordered by first sector: parallel arrays, one row per chunk.
+
+    ``sector`` and ``count`` are in sectors of the disk (``count`` cut at the disk's
+    end); ``declared`` is the sector count the chunk decodes to; ``offset`` and
+    ``length`` are the chunk's bytes in the file (absolute; -1 for chunks not read from
+    the file).
+    """
+
+    type: U32
+    sector: I64
+    count: I64
+    declared: I64
+    offset: I64
+    length: I64
+
+    def __len__(self) -> int:
+        return int(self.type.size)
+
+
+@dataclass(frozen=True)
+class Mish:
+    """One mish block's chunks (``rows``, a structured big-endian array) and the
+    sector and file offsets they are relative to."""
+
+    index: int
+    out_offset: int
+    in_offset: int
+    rows: npt.NDArray[np.void]
+
+
+def decode_mish(block: bytes, index: int, data_fork_offset: int) -> Mish | None:
+    """The chunks of mish block ``block`` (the ``index``-th), None when QEMU skips it
+    (no "mish" magic or fewer than 244 bytes)."""
+    import numpy as np
+
+    if len(block) < MISH_MIN or block[:4] != MISH_MAGIC:
+        return None
+    head = MISH_HEAD.parse(block)
+    n = (len(block) - MISH_CHUNKS_AT) // MISH_CHUNK_SIZE
+    rows = np.frombuffer(block, dtype=np.dtype(CHUNK_DTYPE), count=n, offset=MISH_CHUNKS_AT)
+    return Mish(index, head.sector_number, data_fork_offset + head.data_offset, rows)
+
+
+def build_table(mishes: list[Mish], koly: Koly, file_size: int) -> ChunkTable:
+    """The chunks of all mish blocks, checked (caps, data inside the file) and ordered.
+
+    Raises :class:`CorruptImage` naming the mish block and chunk at fault.
+    """
+    import numpy as np
+
+    parts = [_mish_chunks(m, koly.sector_count, file_size) for m in mishes]
+    if not parts:
+        empty = np.zeros(0, dtype=np.int64)
+        return ChunkTable(np.zeros(0, dtype=np.uint32), empty, empty, empty, empty, empty)
+    cols = [np.concatenate([p[k] for p in parts]) for k in range(6)]
+    order = np.argsort(cols[1], kind="stable")
+    table = ChunkTable(*(c[order] for c in cols))
+    ends = table.sector + table.count
+    overlap = np.flatnonzero(table.sector[1:] < ends[:-1])
+    if overlap.size:
+        at = int(table.sector[int(overlap[0]) + 1])
+        raise CorruptImage(f"chunks overlap at sector {at}", structure="dmg chunk table")
+    return table
+
+
+def _mish_chunks(mish: Mish, total: int, file_size: int) -> tuple[U32, I64, I64, I64, I64, I64]:
+    import numpy as np
+
+    rows = mish.rows
+    types = rows["type"].astype(np.uint32)
+    keep = np.isin(types, (*ZERO_TYPES, *DATA_TYPES, *REFUSED_TYPES))
+    idx = np.flatnonzero(keep)
+    rows, types = rows[keep], types[keep]
+    zero = np.isin(types, ZERO_TYPES)
+    counts = rows["count"]
+    lengths = rows["length"]
+    bad = np.flatnonzero(~zero & (counts > np.uint64(DMG_SECTORCOUNTS_MAX)))
+    if bad.size:
+        i = int(bad[0])
+        raise _chunk(mish, int(idx[i]), f"sector count {int(counts[i])} is larger than max "
+                     f"({DMG_SECTORCOUNTS_MAX})")  # fmt: skip
+    bad = np.flatnonzero(lengths > np.uint64(DMG_LENGTHS_MAX))
+    if bad.size:
+        i = int(bad[0])
+        raise _chunk(mish, int(idx[i]), f"length {int(lengths[i])} is larger than max "
+                     f"({DMG_LENGTHS_MAX})")  # fmt: skip
+    # Only chunks that start inside the disk can be read; they fit int64 from here on.
+    room = total - mish.out_offset
+    inside = rows["sector"] < np.uint64(max(room, 0)) if room > 0 else np.zeros(len(rows), bool)
+    rows, types, zero, idx = rows[inside], types[inside], zero[inside], idx[inside]
+    sector = rows["sector"].astype(np.int64) + mish.out_offset
+    count = np.minimum(rows["count"], (total - sector).astype(np.uint64)).astype(np.int64)
+    declared = np.where(zero, count, rows["count"].astype(np.int64))
+    data = np.isin(types, DATA_TYPES)
+    offset, length = _data_extent(mish, rows, data, idx, file_size)
+    used = count > 0
+    return types[used], sector[used], count[used], declared[used], offset[used], length[used]
+
+
+def _data_extent(
+    mish: Mish, rows: npt.NDArray[np.void], data: npt.NDArray[np.bool_], idx: I64, size: int
+) -> tuple[I64, I64]:
+    """Absolute file offsets and lengths of the chunks, refusing data past the file end."""
+    import numpy as np
+
+    off = np.where(data, rows["offset"], np.uint64(0))
+    length = rows["length"]
+    limit = np.uint64(max(size - mish.in_offset, 0))
+    fits = (off <= limit) & (length <= limit - off) if size >= mish.in_offset else ~data
+    past = np.flatnonzero(data & ~fits)
+    if past.size:
+        i = int(past[0])
+        raise _chunk(mish, int(idx[i]), "data lies past the end of the file")
+    base = mish.in_offset if size >= mish.in_offset else 0
+    absolute = np.where(data, off.astype(np.int64) + base, -1)
+    return absolute.astype(np.int64), length.astype(np.int64)
+
+
+def _chunk(mish: Mish, i: int, problem: str) -> CorruptImage:
+    return CorruptImage(
+        f"mish block {mish.index} chunk {i}: {problem}", structure="dmg chunk table"
+    )
