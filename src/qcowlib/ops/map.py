@@ -83,3 +83,6 @@ def map_entries(disk: Disk) -> Iterator[MapEntry]:
         current = entry
     if current is not None:
         yield current
+    else:
+        # qemu-img map prints its zero-initialised entry for an empty disk.
+        yield MapEntry(0, 0, 0, False, False, False, None, None)

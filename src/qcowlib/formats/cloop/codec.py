@@ -16,7 +16,8 @@ The disk is ``n_blocks * block_size`` bytes.  Caps are QEMU's (``cloop_open``): 
 size that is a non-zero multiple of 512 and at most 64 MiB, an offsets table of at most
 512 MiB, offsets that never decrease, compressed blocks of at most 128 MiB.  qcowlib
 also refuses offsets past the end of the file (QEMU would read zeros there and fail the
-read later).
+read later), and a file without the V2.0 header even when the format is given (QEMU's
+``cloop_open`` does not look at it).
 """
 
 from __future__ import annotations
