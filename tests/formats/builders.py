@@ -45,9 +45,7 @@ def build_bochs(disk: bytes, spec: BochsSpec) -> bytes:
     catalog_n = n_extents + spec.extra_catalog
     written = spec.written
     if written is None:
-        written = {
-            s for s in range(n_sectors) if disk[s * SECTOR : (s + 1) * SECTOR].strip(b"\0")
-        }
+        written = {s for s in range(n_sectors) if disk[s * SECTOR : (s + 1) * SECTOR].strip(b"\0")}
     used = sorted({s // per_extent for s in written})
     order = used[:]
     random.Random(spec.seed).shuffle(order)
@@ -189,7 +187,9 @@ def _chunk_payload(kind: str, data: bytes) -> bytes:
     return b""
 
 
-def _mish(first: int, count: int, data_at: int, chunks: list[tuple[int, int, int, int, int]]) -> bytes:
+def _mish(
+    first: int, count: int, data_at: int, chunks: list[tuple[int, int, int, int, int]]
+) -> bytes:
     head = bytearray(204)
     struct.pack_into(">4sIQQQII", head, 0, b"mish", 1, first, count, data_at, 0, len(chunks))
     struct.pack_into(">II", head, 64, 2, 32)  # checksum type CRC32, 32 bits (left zero)
@@ -200,8 +200,13 @@ def _mish(first: int, count: int, data_at: int, chunks: list[tuple[int, int, int
 
 def _plist(mishes: list[bytes]) -> bytes:
     blkx = [
-        {"Attributes": "0x0050", "CFName": f"part {i}", "Data": m, "ID": str(i - 1),
-         "Name": f"part {i}"}  # fmt: skip
+        {
+            "Attributes": "0x0050",
+            "CFName": f"part {i}",
+            "Data": m,
+            "ID": str(i - 1),
+            "Name": f"part {i}",
+        }
         for i, m in enumerate(mishes)
     ]
     return plistlib.dumps({"resource-fork": {"blkx": blkx}}, fmt=plistlib.FMT_XML)
@@ -229,7 +234,7 @@ def patterned_disk(sectors: int, seed: int, zero_runs: Sequence[tuple[int, int]]
     (``(first, count)`` in sectors) say, and some zero sectors scattered about."""
     rng = random.Random(seed)
     out = bytearray()
-    for s in range(sectors):
+    for _s in range(sectors):
         if rng.random() < 0.2:
             out += bytes(SECTOR)
         else:

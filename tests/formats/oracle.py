@@ -75,8 +75,9 @@ def assert_converts(path: Path, tmp: Path, fmt: str) -> None:
     """``convert -O qcow2`` and ``flatten`` from ``path`` give the same disk (qemu-img
     compare against the source, read by qemu-img)."""
     for command, out in (("convert", tmp / "out.qcow2"), ("flatten", tmp / "flat.qcow2")):
-        args = [command, "-O", "qcow2", path, out] if command == "convert" else [
-            command, path, out]  # fmt: skip
+        args: list[str | Path] = [command, path, out]
+        if command == "convert":
+            args[1:1] = ["-O", "qcow2"]
         done = cli(*args)
         assert done.returncode == 0, done.stderr
         assert qemu_img("check", out, check=False).returncode == 0
