@@ -147,18 +147,18 @@ def build_dmg(disk: bytes, spec: DmgSpec) -> bytes:
             if kind != "comment":
                 sector += count
         chunks.append((UDLE, sector - first, 0, len(fork) - part_data_at, 0))
-        mishes.append(_mish(first, sector - first, part_data_at, chunks))
-    if spec.rsrc:
-        res_at = len(fork)
-        fork += _rsrc(mishes)
-        rsrc = (res_at, len(fork) - res_at)
-        xml = (0, 0)
-    else:
-        xml_bytes = _plist(mishes)
-        xml = (len(fork), len(xml_bytes))
-        fork += xml_bytes
-        rsrc = (0, 0)
-    return bytes(fork + _koly(len(disk) // SECTOR, rsrc, xml))
+        mishes.append(mish_block(first, sector - first, part_data_at, chunks))
+    return assemble_dmg(bytes(fork), mishes, len(disk) // SECTOR, rsrc=spec.rsrc)
+
+
+def assemble_dmg(fork: bytes, mishes: list[bytes], sectors: int, *, rsrc: bool = False) -> bytes:
+    """A DMG file: data fork ``fork``, then the mish blocks in a property list (or a
+    resource fork), then the koly trailer for a disk of ``sectors`` sectors."""
+    if rsrc:
+        res = _rsrc(mishes)
+        return fork + res + _koly(sectors, (len(fork), len(res)), (0, 0))
+    xml = _plist(mishes)
+    return fork + xml + _koly(sectors, (0, 0), (len(fork), len(xml)))
 
 
 def dmg_expected(disk: bytes, spec: DmgSpec) -> bytes:
@@ -187,7 +187,7 @@ def _chunk_payload(kind: str, data: bytes) -> bytes:
     return b""
 
 
-def _mish(
+def mish_block(
     first: int, count: int, data_at: int, chunks: list[tuple[int, int, int, int, int]]
 ) -> bytes:
     head = bytearray(204)

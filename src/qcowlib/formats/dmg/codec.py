@@ -323,7 +323,10 @@ def _mish_chunks(mish: Mish, total: int, file_size: int) -> tuple[U32, I64, I64,
                      f"({DMG_LENGTHS_MAX})")  # fmt: skip
     # Only chunks that start inside the disk can be read; they fit int64 from here on.
     room = total - mish.out_offset
-    inside = rows["sector"] < np.uint64(max(room, 0)) if room > 0 else np.zeros(len(rows), bool)
+    if room <= 0:
+        none = np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=np.uint32), none, none, none, none, none
+    inside = rows["sector"] < np.uint64(room)
     rows, types, zero, idx = rows[inside], types[inside], zero[inside], idx[inside]
     sector = rows["sector"].astype(np.int64) + mish.out_offset
     count = np.minimum(rows["count"], (total - sector).astype(np.uint64)).astype(np.int64)
