@@ -115,7 +115,9 @@ def iso_image(version: int = 1, size: int = 0x10000) -> bytes:
 
 
 def test_constants() -> None:
-    assert FORMATS == ("qcow2", "vmdk", "vdi", "vpc", "vhdx", "luks", "iso", "raw")
+    assert FORMATS == (
+        "qcow2", "vmdk", "vdi", "vpc", "vhdx", "bochs", "cloop", "dmg", "luks", "iso", "raw",
+    )  # fmt: skip
     assert PROBE_HEAD_SIZE >= 0x8007  # ISO 9660 volume descriptor
     assert PROBE_HEAD_SIZE >= QEMU_PROBE_BUF_SIZE
     assert PROBE_TAIL_SIZE == 512
