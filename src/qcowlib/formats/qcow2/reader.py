@@ -9,13 +9,13 @@ table codec.  Reads go through extents, so a long run of contiguous clusters is 
 from __future__ import annotations
 
 import functools
-import logging
 import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from qcowlib._log import get_logger
 from qcowlib.core.disk import (
     RUN_COMPRESSED,
     RUN_DATA,
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 # numpy and the table codecs load on the first mapping or read, not for ``info``: a
 # header read must not pay ~50 ms of imports (DESIGN.md, "metadata-only commands").
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: Decoded L2 tables kept per image (bytes of raw table they stand for).
 L2_CACHE_BYTES = 32 * 1024 * 1024
