@@ -53,6 +53,8 @@ def assert_reads_like_qemu(path: Path, fmt: str, expected: bytes | None = None) 
     """
     found, ours = read_all(path)
     assert found == fmt
+    checked = cli("validate", path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
     assert ours == qemu_raw(path, fmt)
     if expected is not None:
         assert ours == expected
@@ -87,7 +89,7 @@ def assert_converts(path: Path, tmp: Path, fmt: str) -> None:
 
 def expect_refused(path: Path, fmt: str, error: type[QcowlibError] = QcowlibError) -> str:
     """Opening and reading ``path`` as ``fmt`` raises ``error``; the CLI says so on one
-    line and exits 1.  Returns the message."""
+    line and exits 1; ``validate`` rejects what opening refuses.  Returns the message."""
     with pytest.raises(error) as exc:
         read_all(path, fmt)
     done = cli("convert", "-f", fmt, "-O", "raw", path, path.with_name("refused.raw"))
@@ -95,4 +97,11 @@ def expect_refused(path: Path, fmt: str, error: type[QcowlibError] = QcowlibErro
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("qcowlib: error: "), done.stderr
     assert "Traceback" not in done.stderr
+    try:
+        open_disk(str(path), fmt).close()
+    except QcowlibError:
+        # Refused on open: validate (never laxer than opening) refuses it too.
+        checked = cli("validate", "-f", fmt, path)
+        assert checked.returncode == 1, checked.stdout + checked.stderr
+        assert "Traceback" not in checked.stderr
     return str(exc.value)

@@ -11,6 +11,7 @@ small cache.  ADC and LZFSE chunks, and sectors no chunk covers, fail the read w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from qcowlib.core.disk import Extent
@@ -29,20 +30,25 @@ CHUNK_CACHE_BYTES = 16 << 20
 SECTOR = dmg.SECTOR
 
 
-def read_table(host: HostFile) -> tuple[dmg.Koly, dmg.ChunkTable]:
-    """The trailer and the checked chunk table of an open DMG file."""
-    if host.size < dmg.KOLY_SIZE:
+def read_table(pread: Callable[[int, int], bytes], size: int) -> tuple[dmg.Koly, dmg.ChunkTable]:
+    """The trailer and the checked chunk table of a DMG file of ``size`` bytes.
+
+    ``pread(offset, length)`` returns the file's bytes there (zeros, or fewer bytes,
+    past its end); at most 16 MiB are asked for at once (the property list or resource
+    fork cap).  Raises :class:`QcowlibError` subclasses as :class:`DmgDisk` documents.
+    """
+    if size < dmg.KOLY_SIZE:
         raise TruncatedImage("dmg file must be at least 512 bytes long", structure="dmg koly")
-    start, length = dmg.koly_window(host.size)
-    at = dmg.find_koly(host.pread(start, length), start)
-    koly = dmg.parse_koly(host.pread(at, dmg.KOLY_SIZE), at)
+    start, length = dmg.koly_window(size)
+    at = dmg.find_koly(pread(start, length), start)
+    koly = dmg.parse_koly(pread(at, dmg.KOLY_SIZE).ljust(dmg.KOLY_SIZE, b"\0"), at)
     if koly.rsrc_fork_length:
-        fork = host.pread(koly.rsrc_fork_offset, koly.rsrc_fork_length)
+        fork = pread(koly.rsrc_fork_offset, koly.rsrc_fork_length)
         blocks = blkx_from_rsrc(fork, koly.rsrc_fork_offset)
     else:
-        blocks = blkx_from_plist(host.pread(koly.xml_offset, koly.xml_length))
+        blocks = blkx_from_plist(pread(koly.xml_offset, koly.xml_length))
     mishes = [dmg.decode_mish(b, i, koly.data_fork_offset) for i, b in enumerate(blocks)]
-    table = dmg.build_table([m for m in mishes if m is not None], koly, host.size)
+    table = dmg.build_table([m for m in mishes if m is not None], koly, size)
     return koly, table
 
 
@@ -60,7 +66,7 @@ class DmgDisk(OpaqueDisk):
     def __init__(self, host: HostFile, filename: str) -> None:
         super().__init__(host, filename)
         try:
-            self.koly, self.table = read_table(host)
+            self.koly, self.table = read_table(host.pread, host.size)
         except QcowlibError as exc:
             raise exc.with_file(filename) from None
         self.virtual_size = self.koly.virtual_size
