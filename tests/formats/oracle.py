@@ -105,3 +105,14 @@ def expect_refused(path: Path, fmt: str, error: type[QcowlibError] = QcowlibErro
         assert checked.returncode == 1, checked.stdout + checked.stderr
         assert "Traceback" not in checked.stderr
     return str(exc.value)
+
+
+def check_random_reads(path: Path, expected: bytes, reads: list[tuple[int, int]]) -> None:
+    """Reads at any offset and length (sub-sector, across blocks) give ``expected``."""
+    with open_disk(str(path)) as disk:
+        size = disk.virtual_size
+        assert size == len(expected)
+        for offset, length in reads:
+            offset %= size + 1
+            length = min(length, size - offset)
+            assert disk.read(offset, length) == expected[offset : offset + length]

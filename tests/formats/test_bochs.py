@@ -17,6 +17,7 @@ from tests.formats.builders import BochsSpec, bochs_expected, build_bochs, patte
 from tests.formats.oracle import (
     assert_converts,
     assert_reads_like_qemu,
+    check_random_reads,
     expect_refused,
     read_all,
     sample,
@@ -131,3 +132,16 @@ def test_damaged_image_reads_or_raises(
     path = write(tmp_path, "fuzz.bochs", bytes(image))
     with contextlib.suppress(QcowlibError):
         read_all(path, "bochs")
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("bochs") / "random.bochs"
+    path.write_bytes(build_bochs(DISK, SPECS["partial-bitmaps"]))
+    return path
+
+
+@given(st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 70000)), max_size=20))
+@settings(max_examples=40, deadline=None)
+def test_random_reads(image_file: Path, reads: list[tuple[int, int]]) -> None:
+    check_random_reads(image_file, bochs_expected(DISK, SPECS["partial-bitmaps"]), reads)

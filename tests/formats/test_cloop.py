@@ -22,6 +22,7 @@ from tests.formats.builders import CLOOP_MAGIC, build_cloop, patterned_disk
 from tests.formats.oracle import (
     assert_converts,
     assert_reads_like_qemu,
+    check_random_reads,
     expect_refused,
     read_all,
     sample,
@@ -167,3 +168,16 @@ def test_damaged_image_reads_or_raises(
             image[at] = value
     with contextlib.suppress(QcowlibError):
         read_all(write(tmp_path, "fuzz.cloop", bytes(image)), "cloop")
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("cloop") / "random.cloop"
+    path.write_bytes(build_cloop(DISK, 16384))
+    return path
+
+
+@given(st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 70000)), max_size=20))
+@settings(max_examples=40, deadline=None)
+def test_random_reads(image_file: Path, reads: list[tuple[int, int]]) -> None:
+    check_random_reads(image_file, DISK, reads)

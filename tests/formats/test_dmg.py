@@ -38,6 +38,7 @@ from tests.formats.builders import (
 from tests.formats.oracle import (
     assert_converts,
     assert_reads_like_qemu,
+    check_random_reads,
     expect_refused,
     qemu_raw,
     read_all,
@@ -248,3 +249,16 @@ def test_damaged_image_reads_or_raises(tmp_path: Path, pokes: list[tuple[int, in
         image[at] = value
     with contextlib.suppress(QcowlibError):
         read_all(write(tmp_path, "fuzz.dmg", bytes(image)), "dmg")
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("dmg") / "random.dmg"
+    path.write_bytes(build_dmg(DISK, SPECS["partitions"]))
+    return path
+
+
+@given(st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 70000)), max_size=20))
+@settings(max_examples=40, deadline=None)
+def test_random_reads(image_file: Path, reads: list[tuple[int, int]]) -> None:
+    check_random_reads(image_file, dmg_expected(DISK, SPECS["partitions"]), reads)
