@@ -224,13 +224,19 @@ def test_resource_fork_parses_or_raises(data: bytes) -> None:
         assert sum(len(b) + 4 for b in blkx_from_rsrc(data, 0)) <= len(data)
 
 
-@given(st.binary(min_size=200, max_size=700), st.integers(0, 1 << 40), st.integers(0, 1 << 20))
-@settings(max_examples=300)
-def test_chunk_table_builds_or_raises(body: bytes, sectors: int, size: int) -> None:
-    mish = dmg.decode_mish(b"mish" + body, 0, 0)
+@given(
+    st.lists(st.tuples(st.binary(min_size=200, max_size=700), st.integers(0, 1 << 64)), max_size=3),
+    st.integers(0, 1 << 40),
+    st.integers(0, 1 << 20),
+)
+@settings(max_examples=300, deadline=None)
+def test_chunk_table_builds_or_raises(
+    bodies: list[tuple[bytes, int]], sectors: int, size: int
+) -> None:
+    mishes = [dmg.decode_mish(b"mish" + body, i, fork) for i, (body, fork) in enumerate(bodies)]
     koly = dmg.Koly(size, 0, 0, 0, 0, 1, sectors)
     try:
-        table = dmg.build_table([m for m in (mish,) if m is not None], koly, size)
+        table = dmg.build_table([m for m in mishes if m is not None], koly, size)
     except QcowlibError:
         return
     data = (table.offset >= 0) & (table.type != dmg.UDCO) & (table.type != dmg.ULFO)

@@ -281,17 +281,25 @@ def decode_mish(block: bytes, index: int, data_fork_offset: int) -> Mish | None:
 def build_table(mishes: list[Mish], koly: Koly, file_size: int) -> ChunkTable:
     """The chunks of all mish blocks, checked (caps, data inside the file) and ordered.
 
-    Raises :class:`CorruptImage` naming the mish block and chunk at fault.
+    All blocks' chunks are checked together, as arrays.  Raises :class:`CorruptImage`
+    naming the mish block and chunk at fault.
     """
     import numpy as np
 
-    parts = [_mish_chunks(m, koly.sector_count, file_size) for m in mishes]
-    if not parts:
-        empty = np.zeros(0, dtype=np.int64)
-        return ChunkTable(np.zeros(0, dtype=np.uint32), empty, empty, empty, empty, empty)
-    cols = [np.concatenate([p[k] for p in parts]) for k in range(6)]
-    order = np.argsort(cols[1], kind="stable")
-    table = ChunkTable(*(c[order] for c in cols))
+    rows = _Rows.gather(mishes, file_size)
+    rows.check_caps()
+    rows = rows.inside(koly.sector_count)
+    total = koly.sector_count
+    sector = (rows.rows["sector"] + rows.out).astype(np.int64)
+    count = np.minimum(rows.rows["count"], (total - sector).astype(np.uint64)).astype(np.int64)
+    declared = np.where(rows.zero, count, rows.rows["count"].astype(np.int64))
+    offset = rows.data_offsets(file_size)
+    length = rows.rows["length"].astype(np.int64)
+    used = np.flatnonzero(count > 0)
+    pick = used[np.argsort(sector[used], kind="stable")]
+    table = ChunkTable(
+        rows.types[pick], sector[pick], count[pick], declared[pick], offset[pick], length[pick]
+    )
     ends = table.sector + table.count
     overlap = np.flatnonzero(table.sector[1:] < ends[:-1])
     if overlap.size:
@@ -300,63 +308,86 @@ def build_table(mishes: list[Mish], koly: Koly, file_size: int) -> ChunkTable:
     return table
 
 
-def _mish_chunks(mish: Mish, total: int, file_size: int) -> tuple[U32, I64, I64, I64, I64, I64]:
-    import numpy as np
+@dataclass(frozen=True)
+class _Rows:
+    """Known-type chunks of all mish blocks, with each row's block offsets and where
+    it came from (block and chunk index, for errors)."""
 
-    rows = mish.rows
-    types = rows["type"].astype(np.uint32)
-    keep = np.isin(types, (*ZERO_TYPES, *DATA_TYPES, *REFUSED_TYPES))
-    idx = np.flatnonzero(keep)
-    rows, types = rows[keep], types[keep]
-    zero = np.isin(types, ZERO_TYPES)
-    counts = rows["count"]
-    lengths = rows["length"]
-    bad = np.flatnonzero(~zero & (counts > np.uint64(DMG_SECTORCOUNTS_MAX)))
-    if bad.size:
-        i = int(bad[0])
-        raise _chunk(mish, int(idx[i]), f"sector count {int(counts[i])} is larger than max "
-                     f"({DMG_SECTORCOUNTS_MAX})")  # fmt: skip
-    bad = np.flatnonzero(lengths > np.uint64(DMG_LENGTHS_MAX))
-    if bad.size:
-        i = int(bad[0])
-        raise _chunk(mish, int(idx[i]), f"length {int(lengths[i])} is larger than max "
-                     f"({DMG_LENGTHS_MAX})")  # fmt: skip
-    # Only chunks that start inside the disk can be read; they fit int64 from here on.
-    room = total - mish.out_offset
-    if room <= 0:
-        none = np.zeros(0, dtype=np.int64)
-        return np.zeros(0, dtype=np.uint32), none, none, none, none, none
-    inside = rows["sector"] < np.uint64(room)
-    rows, types, zero, idx = rows[inside], types[inside], zero[inside], idx[inside]
-    sector = rows["sector"].astype(np.int64) + mish.out_offset
-    count = np.minimum(rows["count"], (total - sector).astype(np.uint64)).astype(np.int64)
-    declared = np.where(zero, count, rows["count"].astype(np.int64))
-    data = np.isin(types, DATA_TYPES)
-    offset, length = _data_extent(mish, rows, data, idx, file_size)
-    used = count > 0
-    return types[used], sector[used], count[used], declared[used], offset[used], length[used]
+    rows: npt.NDArray[np.void]
+    types: U32
+    zero: npt.NDArray[np.bool_]
+    #: The block's first sector, and its data offset (capped at file size + 1: any
+    #: larger puts every data chunk of the block past the end), as uint64.
+    out: npt.NDArray[np.uint64]
+    base: npt.NDArray[np.uint64]
+    mish: I64
+    chunk: I64
 
+    @classmethod
+    def gather(cls, mishes: list[Mish], file_size: int) -> _Rows:
+        import numpy as np
 
-def _data_extent(
-    mish: Mish, rows: npt.NDArray[np.void], data: npt.NDArray[np.bool_], idx: I64, size: int
-) -> tuple[I64, I64]:
-    """Absolute file offsets and lengths of the chunks, refusing data past the file end."""
-    import numpy as np
+        lengths = [len(m.rows) for m in mishes]
+        rows = (np.concatenate([m.rows for m in mishes]) if mishes
+                else np.zeros(0, dtype=np.dtype(CHUNK_DTYPE)))  # fmt: skip
+        out = np.repeat(np.array([m.out_offset for m in mishes], np.uint64), lengths)
+        bases = [min(m.in_offset, file_size + 1) for m in mishes]
+        base = np.repeat(np.array(bases, np.uint64), lengths)
+        mish = np.repeat(np.array([m.index for m in mishes], np.int64), lengths)
+        firsts = np.repeat(np.cumsum([0, *lengths])[:-1].astype(np.int64), lengths)
+        chunk = np.arange(len(rows), dtype=np.int64) - firsts
+        types = rows["type"].astype(np.uint32)
+        keep = np.isin(types, (*ZERO_TYPES, *DATA_TYPES, *REFUSED_TYPES))
+        return cls(rows[keep], types[keep], np.isin(types[keep], ZERO_TYPES), out[keep],
+                   base[keep], mish[keep], chunk[keep])  # fmt: skip
 
-    off = np.where(data, rows["offset"], np.uint64(0))
-    length = rows["length"]
-    limit = np.uint64(max(size - mish.in_offset, 0))
-    fits = (off <= limit) & (length <= limit - off) if size >= mish.in_offset else ~data
-    past = np.flatnonzero(data & ~fits)
-    if past.size:
-        i = int(past[0])
-        raise _chunk(mish, int(idx[i]), "data lies past the end of the file")
-    base = mish.in_offset if size >= mish.in_offset else 0
-    absolute = np.where(data, off.astype(np.int64) + base, -1)
-    return absolute.astype(np.int64), length.astype(np.int64)
+    def check_caps(self) -> None:
+        """QEMU's caps: sector counts of chunks that hold data, lengths of all."""
+        import numpy as np
 
+        counts, lengths = self.rows["count"], self.rows["length"]
+        bad = np.flatnonzero(~self.zero & (counts > np.uint64(DMG_SECTORCOUNTS_MAX)))
+        if bad.size:
+            i = int(bad[0])
+            raise self.error(i, f"sector count {int(counts[i])} is larger than max "
+                             f"({DMG_SECTORCOUNTS_MAX})")  # fmt: skip
+        bad = np.flatnonzero(lengths > np.uint64(DMG_LENGTHS_MAX))
+        if bad.size:
+            i = int(bad[0])
+            raise self.error(i, f"length {int(lengths[i])} is larger than max "
+                             f"({DMG_LENGTHS_MAX})")  # fmt: skip
 
-def _chunk(mish: Mish, i: int, problem: str) -> CorruptImage:
-    return CorruptImage(
-        f"mish block {mish.index} chunk {i}: {problem}", structure="dmg chunk table"
-    )
+    def inside(self, total: int) -> _Rows:
+        """The rows whose chunk starts inside a disk of ``total`` sectors (only those
+        can be read; their sectors fit int64 from here on)."""
+        import numpy as np
+
+        end = np.uint64(total)
+        room = np.where(self.out < end, end - self.out, np.uint64(0))
+        keep = self.rows["sector"] < room
+        return _Rows(self.rows[keep], self.types[keep], self.zero[keep], self.out[keep],
+                     self.base[keep], self.mish[keep], self.chunk[keep])  # fmt: skip
+
+    def data_offsets(self, size: int) -> I64:
+        """Absolute file offsets of data chunks (-1 for others), refusing data past the
+        end of the file."""
+        import numpy as np
+
+        data = np.isin(self.types, DATA_TYPES)
+        off = np.where(data, self.rows["offset"], np.uint64(0))
+        length = self.rows["length"]
+        within = self.base <= np.uint64(size)
+        limit = np.where(within, np.uint64(size) - np.minimum(self.base, np.uint64(size)), 0)
+        limit = limit.astype(np.uint64)
+        fits = within & (off <= limit) & (length <= limit - np.minimum(off, limit))
+        past = np.flatnonzero(data & ~fits)
+        if past.size:
+            raise self.error(int(past[0]), "data lies past the end of the file")
+        absolute = np.where(data, (off + np.where(data, self.base, 0)).astype(np.int64), -1)
+        return absolute.astype(np.int64)
+
+    def error(self, i: int, problem: str) -> CorruptImage:
+        return CorruptImage(
+            f"mish block {int(self.mish[i])} chunk {int(self.chunk[i])}: {problem}",
+            structure="dmg chunk table",
+        )
