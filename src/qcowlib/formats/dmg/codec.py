@@ -62,10 +62,12 @@ __all__ = [
     "SECTOR",
     "ChunkTable",
     "Koly",
+    "Mish",
     "build_table",
     "decode_mish",
     "find_koly",
     "is_dmg_trailer",
+    "koly_window",
     "parse_koly",
 ]
 
