@@ -25,9 +25,28 @@ INPUT_FORMATS = registry.readable()
 
 
 class _Parser(argparse.ArgumentParser):
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        # argparse asks shutil for the width, and shutil imports bz2 and lzma (~2 ms on
+        # every run: add_argument formats metavars); the same answer without them.
+        return self.formatter_class(prog=self.prog, width=_terminal_width())  # type: ignore[call-arg]
+
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         self.exit(2, f"qcowlib: error: {message}\n")
+
+
+def _terminal_width() -> int:
+    """``shutil.get_terminal_size().columns - 2``, as argparse computes its width."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 80
+    return (columns or 80) - 2
 
 
 class Failed(Exception):
