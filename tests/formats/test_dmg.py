@@ -241,8 +241,8 @@ def test_chunk_table_builds_or_raises(
         return
     data = (table.offset >= 0) & (table.type != dmg.UDCO) & (table.type != dmg.ULFO)
     assert ((table.offset + table.length)[data] <= size).all()
-    assert (table.sector + table.count <= sectors).all()
-    assert (table.sector[1:] >= (table.sector + table.count)[:-1]).all()
+    assert (table.sector + table.sectors <= sectors).all()
+    assert (table.sector[1:] >= (table.sector + table.sectors)[:-1]).all()
 
 
 @given(st.lists(st.tuples(st.integers(0, len(IMAGE) - 1), st.integers(0, 255)), max_size=8))

@@ -34,8 +34,7 @@ bitmap), and a data area starting past 4 GiB (QEMU's offset is a 32-bit sum).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 from qcowlib.errors import CorruptImage, FormatError, TruncatedImage, UnsupportedFeature
 from qcowlib.formats._record import FixedLayout
@@ -99,8 +98,7 @@ HEADER_V2_LAYOUT: Final = FixedLayout(
 HEADER_V1_LAYOUT: Final = FixedLayout("bochs header", "<", [*_COMMON, ("disk", "Q")])
 
 
-@dataclass(frozen=True)
-class BochsHeader:
+class BochsHeader(NamedTuple):
     """The header fields QEMU uses, and what follows from them."""
 
     version: int

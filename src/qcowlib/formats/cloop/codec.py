@@ -22,8 +22,7 @@ read later), and a file without the V2.0 header even when the format is given (Q
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 from qcowlib.errors import CorruptImage, FormatError, TruncatedImage
 from qcowlib.formats._record import FixedLayout
@@ -61,8 +60,7 @@ HEADER_AT: Final = 128
 OFFSETS_AT: Final = HEADER_AT + HEADER.sizeof()
 
 
-@dataclass(frozen=True)
-class CloopHeader:
+class CloopHeader(NamedTuple):
     block_size: int
     n_blocks: int
 

@@ -39,8 +39,7 @@ the disk are dropped (no read reaches them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 from qcowlib._units import MAX_VIRTUAL_SIZE
 from qcowlib.errors import CorruptImage, FormatError
@@ -180,8 +179,7 @@ def find_koly(window: bytes, start: int) -> int:
     return start + at
 
 
-@dataclass(frozen=True)
-class Koly:
+class Koly(NamedTuple):
     """The trailer fields QEMU uses."""
 
     offset: int
@@ -235,33 +233,28 @@ def _koly(message: str, name: str, offset: int) -> CorruptImage:
     return CorruptImage(message, structure="dmg koly", field=name, offset=offset)
 
 
-@dataclass(frozen=True)
-class ChunkTable:
+class ChunkTable(NamedTuple):
     """All chunks, ordered by first sector: parallel arrays, one row per chunk.
 
-    ``sector`` and ``count`` are in sectors of the disk (``count`` cut at the disk's
-    end); ``declared`` is the sector count the chunk decodes to; ``offset`` and
+    ``sector`` and ``sectors`` (the count) are in sectors of the disk (``sectors``
+    cut at the disk's end); ``declared`` is the sector count the chunk decodes to; ``offset`` and
     ``length`` are the chunk's bytes in the file (absolute; -1 for chunks not read from
     the file).
     """
 
     type: U32
     sector: I64
-    count: I64
+    sectors: I64
     declared: I64
     offset: I64
     length: I64
 
-    def __len__(self) -> int:
-        return int(self.type.size)
 
-
-@dataclass(frozen=True)
-class Mish:
+class Mish(NamedTuple):
     """One mish block's chunks (``rows``, a structured big-endian array) and the
     sector and file offsets they are relative to."""
 
-    index: int
+    number: int
     out_offset: int
     in_offset: int
     rows: npt.NDArray[np.void]
@@ -302,7 +295,7 @@ def build_table(mishes: list[Mish], koly: Koly, file_size: int) -> ChunkTable:
     table = ChunkTable(
         rows.types[pick], sector[pick], count[pick], declared[pick], offset[pick], length[pick]
     )
-    ends = table.sector + table.count
+    ends = table.sector + table.sectors
     overlap = np.flatnonzero(table.sector[1:] < ends[:-1])
     if overlap.size:
         at = int(table.sector[int(overlap[0]) + 1])
@@ -310,8 +303,7 @@ def build_table(mishes: list[Mish], koly: Koly, file_size: int) -> ChunkTable:
     return table
 
 
-@dataclass(frozen=True)
-class _Rows:
+class _Rows(NamedTuple):
     """Known-type chunks of all mish blocks, with each row's block offsets and where
     it came from (block and chunk index, for errors)."""
 
@@ -335,7 +327,7 @@ class _Rows:
         out = np.repeat(np.array([m.out_offset for m in mishes], np.uint64), lengths)
         bases = [min(m.in_offset, file_size + 1) for m in mishes]
         base = np.repeat(np.array(bases, np.uint64), lengths)
-        mish = np.repeat(np.array([m.index for m in mishes], np.int64), lengths)
+        mish = np.repeat(np.array([m.number for m in mishes], np.int64), lengths)
         firsts = np.repeat(np.cumsum([0, *lengths])[:-1].astype(np.int64), lengths)
         chunk = np.arange(len(rows), dtype=np.int64) - firsts
         types = rows["type"].astype(np.uint32)

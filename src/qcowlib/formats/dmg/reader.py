@@ -80,16 +80,16 @@ class DmgDisk(OpaqueDisk):
         i = int(np.searchsorted(t.sector, pos // SECTOR, side="right")) - 1
         while pos < ext.end:
             sector = pos // SECTOR
-            if i < 0 or sector >= int(t.sector[i]) + int(t.count[i]):
+            if i < 0 or sector >= int(t.sector[i]) + int(t.sectors[i]):
                 i += 1
-                if i >= len(t) or int(t.sector[i]) > sector:
+                if i >= t.type.size or int(t.sector[i]) > sector:
                     raise CorruptImage(
                         f"no chunk of the image holds sector {sector}",
                         file=self.filename,
                         structure="dmg chunk table",
                     )
             at = int(t.sector[i]) * SECTOR
-            stop = min(ext.end, at + int(t.count[i]) * SECTOR)
+            stop = min(ext.end, at + int(t.sectors[i]) * SECTOR)
             self._read_chunk(i, pos - at, buf[pos - ext.start : stop - ext.start])
             pos = stop
 
