@@ -246,7 +246,12 @@ FORMATS: Final[tuple[Format, ...]] = (
         reader="qcowlib.formats.dmg.reader:open_image",
         nothing_to_check=True,
     ),
-    Format("luks", "LUKS encrypted volume", nothing_to_check=True),
+    Format(
+        "luks",
+        "LUKS encrypted volume",
+        reader="qcowlib.formats.luks.reader:open_image",
+        nothing_to_check=True,
+    ),
     Format(
         "iso",
         "ISO 9660 image (a raw disk)",
