@@ -14,7 +14,7 @@ from qcowlib.errors import CorruptImage, FormatError, QcowlibError, TruncatedIma
 from qcowlib.formats.bochs import codec as bochs
 from qcowlib.formats.detect import probe
 from tests.formats.builders import BochsSpec, bochs_expected, build_bochs, patterned_disk
-from tests.formats.oracle import (
+from tests.formats.opaque_oracle import (
     assert_converts,
     assert_reads_like_qemu,
     check_random_reads,

@@ -19,7 +19,7 @@ from qcowlib.formats.cloop import codec as cloop
 from qcowlib.formats.cloop.reader import CloopDisk
 from qcowlib.formats.detect import probe
 from tests.formats.builders import CLOOP_MAGIC, build_cloop, patterned_disk
-from tests.formats.oracle import (
+from tests.formats.opaque_oracle import (
     assert_converts,
     assert_reads_like_qemu,
     check_random_reads,

@@ -35,7 +35,7 @@ from tests.formats.builders import (
     mish_block,
     patterned_disk,
 )
-from tests.formats.oracle import (
+from tests.formats.opaque_oracle import (
     assert_converts,
     assert_reads_like_qemu,
     check_random_reads,

@@ -60,7 +60,7 @@ class Failed(Exception):
 
 
 def add_output(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", choices=("human", "json"), default="human")
+    p.add_argument("--output", choices=("human", "json"), default="human", help="output format")
 
 
 def print_json(value: Any) -> None:
