@@ -47,6 +47,8 @@ PURE_MODULES = {
     "descriptor.py",
     "footer.py",
     "dynamic.py",
+    "resources.py",
+    "_inflate.py",
 }
 
 
