@@ -124,7 +124,7 @@ def test_formats_api_lists_the_registry() -> None:
     assert set(by_name) == set(registry.names())
     assert by_name["qcow2"].read and by_name["qcow2"].write and by_name["qcow2"].check
     assert by_name["raw"].create and not by_name["raw"].check
-    assert by_name["vpc"].write and not by_name["vpc"].stream
+    assert by_name["vpc"].write and by_name["vpc"].stream  # one writer: files and streams
     assert by_name["luks"].read and not by_name["luks"].write and not by_name["luks"].check
     assert "formats" in dir(qcowlib)
     import qcowlib.formats.registry as again  # still a package with submodules

@@ -6,28 +6,29 @@ The registry (:mod:`qcowlib.formats.registry`) names one driver per writable for
 
 * ``check(request)`` refuses what the format cannot do (compression, a backing file,
   unknown ``-o`` options) before the source is opened, as qemu-img does;
-* ``convert(disk, dst, request, progress, protect)`` writes the whole image to ``dst``
-  (a temporary name, renamed when complete; ``protect`` lists files it must not
-  replace);
-* ``stream(disk, request, chunk_size)`` returns the image as an in-order stream of
-  exactly known size (None: the format has no stream writer);
-* ``flatten_file(disk, dst, request, progress, protect)`` writes a standalone image
-  faster than streaming it to a file, or returns None to let ``flatten`` stream it.
+* ``convert(disk, dst, request, progress, protect, hashers)`` writes the whole image to
+  ``dst`` (a temporary name, renamed when complete; ``protect`` lists files it must not
+  replace) and returns its size; ``request.standalone`` asks for ``flatten``'s image;
+* ``stream(disk, request, chunk_size)`` returns the same image as an in-order stream of
+  exactly known size.
 
-Writers and serializers load only when their format is asked for.  The helpers below
-give every driver qemu-img's refusals with qemu-img's words.
+Both come from the format's one output layout through the one emitter
+(:mod:`qcowlib.core.emit`): file and stream differ only in the sink.  Writers load only
+when their format is asked for.  The helpers below give every driver qemu-img's
+refusals with qemu-img's words.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from qcowlib.errors import InvalidArgument
 
 if TYPE_CHECKING:
     from qcowlib.core.disk import Disk
+    from qcowlib.core.emit import HashSink, OutputLayout
 
 Progress = Callable[[int, int], None]
 
@@ -55,11 +56,13 @@ class OutputRequest:
 
 class Serializer(Protocol):
     """An image as an in-order stream whose exact ``size`` is known before its first
-    byte (each format's ``stream.py``)."""
+    byte (:class:`qcowlib.core.emit.LayoutStream`); ``hashers`` are fed every piece."""
 
     size: int
 
-    def chunks(self, progress: Progress | None = None) -> Iterator[bytes]: ...
+    def chunks(
+        self, progress: Progress | None = None, hashers: Sequence[HashSink] = ()
+    ) -> Iterator[bytes]: ...
 
 
 class OutputDriver(Protocol):
@@ -67,14 +70,11 @@ class OutputDriver(Protocol):
 
     ``check`` refuses what the format cannot do before the source is opened;
     ``convert`` writes the whole image to ``dst`` (under a temporary name, never over a
-    file in ``protect``); ``flatten_file`` writes a standalone image faster than
-    streaming it, or returns None; ``stream`` returns the image as an in-order stream of
-    exactly known size, or None when the format has no stream writer.  ``sparse`` says
-    whether zero blocks of a streamed image may be left as holes in a file.
+    file in ``protect``), feeding ``hashers`` its bytes in file order, and returns its
+    size; ``stream`` returns the image as an in-order stream of exactly known size.
     """
 
     name: str
-    sparse: bool
 
     def check(self, request: OutputRequest) -> None: ...
 
@@ -85,18 +85,10 @@ class OutputDriver(Protocol):
         request: OutputRequest,
         progress: Progress | None,
         protect: tuple[str, ...],
-    ) -> None: ...
+        hashers: Sequence[HashSink] = (),
+    ) -> int: ...
 
-    def flatten_file(
-        self,
-        disk: Disk,
-        dst: str,
-        request: OutputRequest,
-        progress: Progress | None,
-        protect: tuple[str, ...],
-    ) -> int | None: ...
-
-    def stream(self, disk: Disk, request: OutputRequest, chunk_size: int) -> Serializer | None: ...
+    def stream(self, disk: Disk, request: OutputRequest, chunk_size: int) -> Serializer: ...
 
 
 __all__ = [
@@ -127,15 +119,13 @@ def no_more_options(opts: dict[str, str]) -> None:
 
 
 class SubformatDriver:
-    """A driver for writers that take only ``-o subformat=dynamic|fixed`` and write
-    files, with no stream (VHD and VHDX).  ``write(disk, fd, subformat=, progress=)``
-    is given as a callable, so each format's room names its own writer."""
+    """A driver for writers that take only ``-o subformat=dynamic|fixed`` (VHD and
+    VHDX).  ``layout(disk, subformat)`` is given as a callable, so each format's room
+    names its own writer."""
 
-    sparse: Final = False
-
-    def __init__(self, name: str, write: Callable[..., object]) -> None:
+    def __init__(self, name: str, layout: Callable[[Disk, str], OutputLayout]) -> None:
         self.name = name
-        self._write = write
+        self._layout = layout
 
     def _subformat(self, request: OutputRequest) -> str:
         no_compress(request)
@@ -157,14 +147,14 @@ class SubformatDriver:
         request: OutputRequest,
         progress: Progress | None,
         protect: tuple[str, ...],
-    ) -> None:
-        from qcowlib.core.sinks import atomic_output
+        hashers: Sequence[HashSink] = (),
+    ) -> int:
+        from qcowlib.core.emit import write_image
 
-        with atomic_output(dst, protect=protect) as fd:
-            self._write(disk, fd, subformat=self._subformat(request), progress=progress)
+        layout = self._layout(disk, self._subformat(request))
+        return write_image(layout, dst, protect=protect, progress=progress, hashers=hashers)
 
-    def flatten_file(self, *_: object) -> None:
-        return None
+    def stream(self, disk: Disk, request: OutputRequest, chunk_size: int) -> Serializer:
+        from qcowlib.core.emit import LayoutStream
 
-    def stream(self, disk: Disk, request: OutputRequest, chunk_size: int) -> None:
-        return None
+        return LayoutStream(self._layout(disk, self._subformat(request)), chunk_size=chunk_size)

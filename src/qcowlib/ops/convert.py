@@ -13,7 +13,7 @@ from qcowlib.formats.opener import open_disk
 
 if TYPE_CHECKING:
     from qcowlib.core.chain import BackingPolicy
-    from qcowlib.ops.flatten import HashSink
+    from qcowlib.core.emit import HashSink
 
 
 def convert(
@@ -43,10 +43,7 @@ def convert(
     :class:`InvalidArgument` for bad options.
 
     ``hashers`` (for example ``hashlib.md5()``) are fed the output file's bytes in file
-    order as they are written, so their digests are the file's without reading it back:
-    for raw, qcow2, vmdk and vdi outputs with no backing file and the default
-    ``sparse_size``, written from a layout planned first (as :func:`~qcowlib.flatten`
-    writes it; the source is read twice).
+    order once it is written, so their digests are the file's; the source is read once.
 
     ``backing_policy`` (``follow``, ``contained``, ``none``) decides what of the
     source's chain is read and ``force_share`` (qemu-img ``-U``) reads a source another
@@ -57,14 +54,6 @@ def convert(
     if sparse_size < 0 or sparse_size % 512:
         raise InvalidArgument("sparse size must be a multiple of 512")
     opts_in = dict(options or {})
-    if hashers:
-        _check_hashed(out_format, opts_in, backing, sparse_size)
-        from qcowlib.ops.flatten import flatten
-
-        flatten(src, dst, out_format, src_format=src_format, options=opts_in,
-                compress=compress, progress=progress, hashers=hashers,
-                backing_policy=backing_policy, force_share=force_share)  # fmt: skip
-        return
     request = OutputRequest(
         opts_in,
         compress=compress,
@@ -76,20 +65,4 @@ def convert(
     driver.check(request)
     with open_disk(src, src_format, backing_policy, force_share=force_share) as disk:
         inputs = tuple(d.filename for d in disk.chain)
-        driver.convert(disk, dst, request, progress, inputs)
-
-
-def _check_hashed(
-    out_format: str, opts_in: Mapping[str, str], backing: str | None, sparse_size: int
-) -> None:
-    """Refuse what the in-order writers (which feed hashers) cannot write."""
-    if out_format not in registry.flattenable():
-        raise InvalidArgument(f"digests while converting are not available for {out_format}")
-    if backing or opts_in.get("backing_file"):
-        raise InvalidArgument("digests while converting are not available with a backing file")
-    if sparse_size != 4096:
-        raise InvalidArgument("digests while converting need the default sparse size (-S)")
-    if opts_in.get("extended_l2", "off") != "off" or opts_in.get("preallocation", "off") != "off":
-        raise InvalidArgument(
-            "digests while converting are not available with extended_l2 or preallocation"
-        )
+        driver.convert(disk, dst, request, progress, inputs, hashers)

@@ -2,9 +2,9 @@
 
 The output never has a backing file and never uses features Glance's image inspector
 refuses (extended L2 entries, external data files), so it can be uploaded as is.  The
-stream and the file are the same bytes: streams come from :mod:`qcowlib.formats.qcow2.stream`
-(plan, then emit), a qcow2 file from the one-pass writer of
-:mod:`qcowlib.formats.qcow2.output`, which lays clusters out exactly as the serializer plans.
+stream and the file are the same bytes: both come from the output format's one layout
+through the one emitter (:mod:`qcowlib.core.emit`), which writes a file in one read
+pass and plans a stream's exact size before its first byte.
 """
 
 from __future__ import annotations
@@ -13,22 +13,20 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol, Self
+from typing import TYPE_CHECKING, Self
 
 from qcowlib.core.disk import Disk
 from qcowlib.core.drivers import OutputDriver, OutputRequest, Serializer
-from qcowlib.core.hostfile import pwrite_all, reserve
-from qcowlib.core.sinks import atomic_output
-from qcowlib.core.zero import is_zero
+from qcowlib.core.emit import STREAM_CHUNK, HashSink
 from qcowlib.errors import QcowlibIOError, UnsupportedFeature
 from qcowlib.formats import registry
 from qcowlib.formats.opener import open_disk
-from qcowlib.formats.qcow2.stream import STREAM_CHUNK
 
 if TYPE_CHECKING:
     from qcowlib.core.chain import BackingPolicy
 
 Progress = Callable[[int, int], None]
+__all__ = ["ChainReport", "FlattenStream", "HashSink", "chain_of", "flatten", "flatten_stream"]
 #: Told the chain being read, top first, as ``(filename, format)`` pairs, once it is open.
 ChainReport = Callable[[Sequence[tuple[str, str]]], None]
 
@@ -36,12 +34,6 @@ ChainReport = Callable[[Sequence[tuple[str, str]]], None]
 def chain_of(disk: Disk) -> list[tuple[str, str]]:
     """``(filename, format)`` of every image of ``disk``'s chain, top first."""
     return [(d.filename, d.format) for d in disk.chain]
-
-
-class HashSink(Protocol):
-    """What the writers feed output bytes to: anything with hashlib's ``update``."""
-
-    def update(self, data: bytes, /) -> None: ...
 
 
 def _driver(out_format: str) -> OutputDriver:
@@ -83,10 +75,7 @@ class FlattenStream:
         self.format = out_format
         self._disk = open_disk(src, src_format, backing_policy, force_share=force_share)
         try:
-            ser = driver.stream(self._disk, request, chunk_size)
-            if ser is None:
-                raise UnsupportedFeature(f"flattening to {out_format} is not supported yet")
-            self._ser: Serializer = ser
+            self._ser: Serializer = driver.stream(self._disk, request, chunk_size)
         except BaseException:
             self._disk.close()
             raise
@@ -96,9 +85,12 @@ class FlattenStream:
         #: The chain read, top first: ``(filename, format)`` pairs.
         self.chain = chain_of(self._disk)
 
-    def chunks(self, progress: Progress | None = None) -> Iterator[bytes]:
+    def chunks(
+        self, progress: Progress | None = None, hashers: Sequence[HashSink] = ()
+    ) -> Iterator[bytes]:
+        """The image in file order; ``hashers`` are fed each piece as it goes."""
         try:
-            yield from self._ser.chunks(progress)
+            yield from self._ser.chunks(progress, hashers)
         finally:
             self.close()
 
@@ -170,11 +162,11 @@ def flatten(
     """Write ``src``'s whole chain as one standalone image at ``dst`` (``-``: stdout).
 
     Returns the number of bytes written.  The file holds exactly the bytes
-    :func:`flatten_stream` yields (raw files are written sparse).  ``hashers`` (for
-    example ``hashlib.md5()`` and ``hashlib.sha512()``) are fed the output's bytes in
-    file order as they are written, so their digests are the file's without reading it
-    back; the image is then written from its planned layout in file order (the chain is
-    read twice, as for a stream).  ``backing_policy`` and ``force_share`` are
+    :func:`flatten_stream` yields (raw files are written sparse).  The chain is read once
+    to a file (a stream reads it twice: to plan its exact size, then to emit).
+    ``hashers`` (for example ``hashlib.md5()`` and ``hashlib.sha512()``) are fed the
+    output's bytes in file order, so their digests are the file's, without a second
+    read of the chain.  ``backing_policy`` and ``force_share`` are
     :func:`qcowlib.open`'s; ``on_chain`` is told the chain read, top first, once it is
     open.  An existing ``dst`` that another process (a running VM)
     holds is refused (:class:`~qcowlib.errors.ImageLocked`).
@@ -192,9 +184,7 @@ def flatten(
         ) as stream:
             if on_chain is not None:
                 on_chain(stream.chain)
-            for piece in stream.chunks(progress):
-                for h in hashers:
-                    h.update(piece)
+            for piece in stream.chunks(progress, hashers):
                 try:
                     out.write(piece)
                 except OSError as exc:
@@ -213,24 +203,4 @@ def flatten(
         inputs = tuple(d.filename for d in disk.chain)
         if on_chain is not None:
             on_chain(chain_of(disk))
-        if not hashers:
-            written = driver.flatten_file(disk, dst, request, progress, inputs)
-            if written is not None:
-                return written
-        ser: Serializer | None = driver.stream(disk, request, 4 * 1024 * 1024)
-        if ser is None:
-            raise UnsupportedFeature(f"flattening to {out_format} is not supported yet")
-        with atomic_output(dst, protect=inputs) as fd:
-            if not compress and not driver.sparse:
-                reserve(fd, 0, ser.size)
-            pos = 0
-            for piece in ser.chunks(progress):
-                for h in hashers:
-                    h.update(piece)
-                if not driver.sparse or not is_zero(piece):
-                    pwrite_all(fd, piece, pos)
-                pos += len(piece)
-            if pos != ser.size:
-                raise QcowlibIOError("internal: flattened size differs from the plan")
-            os.ftruncate(fd, pos)
-        return ser.size
+        return driver.convert(disk, dst, request, progress, inputs, hashers)

@@ -104,14 +104,14 @@ def _copy_differences(disk: Disk, new_base: Disk | None, progress: Progress | No
     Only ranges this image leaves to its backing, and where either backing may hold
     data (by their extent maps), are read; differing clusters are written in runs.
     """
-    from qcowlib.formats.qcow2.output import candidate_ranges, merge_ranges
+    from qcowlib.core.plan import candidate_units, merge_ranges
     from qcowlib.formats.qcow2.writer import Qcow2RWDisk
 
     assert isinstance(disk, Qcow2RWDisk)
     size = disk.virtual_size
     old_base = disk.backing
     cs = disk.cluster_size
-    maybe = merge_ranges(candidate_ranges(old_base, cs), candidate_ranges(new_base, cs))
+    maybe = merge_ranges(candidate_units(old_base, cs), candidate_units(new_base, cs))
     own = [(e.start, e.end) for e in disk.layer_extents() if e.kind is ExtentKind.UNALLOCATED]
     old_buf, new_buf = aligned_buffer(_CHUNK), aligned_buffer(_CHUNK)
     for start, end in _intersect(own, [(a * cs, min(b * cs, size)) for a, b in maybe]):

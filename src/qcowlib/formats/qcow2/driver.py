@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Final
 
 from qcowlib.core.chain import BackingPolicy, resolve_linked_path
@@ -11,8 +11,8 @@ from qcowlib.errors import InvalidArgument, QcowlibError
 
 if TYPE_CHECKING:
     from qcowlib.core.disk import Disk
+    from qcowlib.core.emit import HashSink, LayoutStream
     from qcowlib.formats.qcow2.layout import CreateOptions
-    from qcowlib.formats.qcow2.stream import Qcow2Serializer
 
 
 class _Qcow2:
@@ -47,11 +47,33 @@ class _Qcow2:
         request: OutputRequest,
         progress: Progress | None,
         protect: tuple[str, ...],
-    ) -> None:
-        from qcowlib.core.chain import BackingPolicy, resolve_linked_path
-        from qcowlib.core.sinks import atomic_output
+        hashers: Sequence[HashSink] = (),
+    ) -> int:
+        from qcowlib.core.emit import write_image
+        from qcowlib.formats.qcow2.output import Qcow2Layout
+
+        if request.standalone:
+            opts = self._flat_options(disk, request)
+            layout = Qcow2Layout(disk, opts, compress=request.compress)
+            return write_image(layout, dst, protect=protect, progress=progress, hashers=hashers)
+        opts, base = self._overlay_options(disk, dst, request)
+        if base is not None:
+            protect = protect + tuple(d.filename for d in base.chain)
+        try:
+            layout = Qcow2Layout(
+                disk, opts, compress=request.compress, sparse=request.sparse_size > 0,
+                backing=base,
+            )  # fmt: skip
+            return write_image(layout, dst, protect=protect, progress=progress, hashers=hashers)
+        finally:
+            if base is not None:
+                base.close()
+
+    def _overlay_options(
+        self, disk: Disk, dst: str, request: OutputRequest
+    ) -> tuple[CreateOptions, Disk | None]:
+        """``convert``'s options, with ``-B``/``-F`` and the backing image opened."""
         from qcowlib.formats.qcow2.layout import parse_options
-        from qcowlib.formats.qcow2.output import write_qcow2
 
         opts_in = dict(request.options)
         if request.backing is not None:
@@ -69,45 +91,13 @@ class _Qcow2:
                 raise InvalidArgument("this writer cannot open a backing file here")
             full = resolve_linked_path(dst, opts.backing_file, "backing file", BackingPolicy())
             base = request.open_backing(full, opts.backing_fmt)
-        if base is not None:
-            protect = protect + tuple(d.filename for d in base.chain)
-        try:
-            with atomic_output(dst, protect=protect) as fd:
-                write_qcow2(
-                    disk,
-                    fd,
-                    opts,
-                    compress=request.compress,
-                    sparse_size=request.sparse_size,
-                    backing=base,
-                    progress=progress,
-                )
-        finally:
-            if base is not None:
-                base.close()
+        return opts, base
 
-    def flatten_file(
-        self,
-        disk: Disk,
-        dst: str,
-        request: OutputRequest,
-        progress: Progress | None,
-        protect: tuple[str, ...],
-    ) -> int:
-        # One read pass (and one compression of each cluster): the one-pass writer lays
-        # the image out exactly as the stream does, so the file holds the stream's bytes.
-        from qcowlib.core.sinks import atomic_output
-        from qcowlib.formats.qcow2.output import write_qcow2
+    def stream(self, disk: Disk, request: OutputRequest, chunk_size: int) -> LayoutStream:
+        from qcowlib.formats.qcow2.output import qcow2_stream
 
         opts = self._flat_options(disk, request)
-        with atomic_output(dst, protect=protect) as fd:
-            return write_qcow2(disk, fd, opts, compress=request.compress, progress=progress)
-
-    def stream(self, disk: Disk, request: OutputRequest, chunk_size: int) -> Qcow2Serializer:
-        from qcowlib.formats.qcow2.stream import Qcow2Serializer
-
-        opts = self._flat_options(disk, request)
-        return Qcow2Serializer(disk, opts, compress=request.compress, chunk_size=chunk_size)
+        return qcow2_stream(disk, opts, compress=request.compress, chunk_size=chunk_size)
 
 
 QCOW2: Final = _Qcow2()

@@ -1,9 +1,8 @@
 """Where a new qcow2 image's data goes: one placement rule for files and streams.
 
-The one-pass file writer (:mod:`qcowlib.formats.qcow2.output`) and the stream serializer
-(:mod:`qcowlib.formats.qcow2.stream`) both lay out the data area chunk by chunk with
-:class:`DataPlacer` and both turn a classified chunk into its pieces in file order with
-:func:`chunk_records`, so the same source gives the same bytes whichever writes it.
+The qcow2 output layout (:mod:`qcowlib.formats.qcow2.output`) lays out the data area
+chunk by chunk with :class:`DataPlacer` and turns a classified chunk into its pieces in
+file order with :func:`chunk_records`, for files and streams alike.
 
 Within a chunk the compressed clusters come first, packed back to back in guest order,
 then the clusters stored whole, back to back from the next cluster boundary.  Packing
@@ -19,10 +18,10 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from qcowlib.core.plan import DATA, Chunk
 from qcowlib.errors import QcowlibIOError
 from qcowlib.formats.qcow2 import refcount as rc
 from qcowlib.formats.qcow2 import tables
-from qcowlib.formats.qcow2.classify import DATA, Chunk
 
 I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]

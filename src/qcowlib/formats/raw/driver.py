@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Final
 
 from qcowlib.core.drivers import OutputRequest, Progress, no_backing, no_compress, no_more_options
@@ -12,12 +12,11 @@ from qcowlib.errors import InvalidArgument, QcowlibIOError
 
 if TYPE_CHECKING:
     from qcowlib.core.disk import Disk
-    from qcowlib.formats.qcow2.stream import RawSerializer
+    from qcowlib.core.emit import HashSink, LayoutStream
 
 
 class _Raw:
     name: Final = "raw"
-    sparse: Final = True
 
     def check(self, request: OutputRequest) -> None:
         if request.compress or request.options:
@@ -34,28 +33,22 @@ class _Raw:
         request: OutputRequest,
         progress: Progress | None,
         protect: tuple[str, ...],
-    ) -> None:
+        hashers: Sequence[HashSink] = (),
+    ) -> int:
         from qcowlib.core.copy import write_raw
-        from qcowlib.core.sinks import atomic_output
+        from qcowlib.core.emit import hash_written
 
         with atomic_output(dst, protect=protect) as fd:
             write_raw(disk, fd, sparse_size=request.sparse_size, progress=progress)
-
-    def flatten_file(
-        self,
-        disk: Disk,
-        dst: str,
-        request: OutputRequest,
-        progress: Progress | None,
-        protect: tuple[str, ...],
-    ) -> int:
-        self.convert(disk, dst, request, progress, protect)
+            if hashers:
+                hash_written(fd, disk.virtual_size, hashers)
         return disk.virtual_size
 
-    def stream(self, disk: Disk, request: OutputRequest, chunk_size: int) -> RawSerializer:
-        from qcowlib.formats.qcow2.stream import RawSerializer
+    def stream(self, disk: Disk, request: OutputRequest, chunk_size: int) -> LayoutStream:
+        from qcowlib.core.emit import LayoutStream
+        from qcowlib.formats.raw.output import RawLayout
 
-        return RawSerializer(disk, chunk_size=chunk_size)
+        return LayoutStream(RawLayout(disk), chunk_size=chunk_size)
 
 
 RAW: Final = _Raw()

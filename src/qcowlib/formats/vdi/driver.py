@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 from qcowlib._units import parse_option_bool
@@ -9,7 +10,7 @@ from qcowlib.core.drivers import OutputRequest, Progress, no_backing, no_compres
 
 if TYPE_CHECKING:
     from qcowlib.core.disk import Disk
-    from qcowlib.formats.vdi.stream import VdiSerializer
+    from qcowlib.core.emit import HashSink, LayoutStream
 
 
 def vdi_static(request: OutputRequest) -> bool:
@@ -23,7 +24,6 @@ def vdi_static(request: OutputRequest) -> bool:
 
 class _Vdi:
     name: Final = "vdi"
-    sparse: Final = True
 
     def check(self, request: OutputRequest) -> None:
         no_backing(request, "vdi")
@@ -36,20 +36,19 @@ class _Vdi:
         request: OutputRequest,
         progress: Progress | None,
         protect: tuple[str, ...],
-    ) -> None:
-        from qcowlib.core.sinks import atomic_output
-        from qcowlib.formats.vdi.output import write_vdi
+        hashers: Sequence[HashSink] = (),
+    ) -> int:
+        from qcowlib.core.emit import write_image
+        from qcowlib.formats.vdi.output import VdiLayout
 
-        with atomic_output(dst, protect=protect) as fd:
-            write_vdi(disk, fd, static=vdi_static(request), progress=progress)
+        layout = VdiLayout(disk, static=vdi_static(request))
+        return write_image(layout, dst, protect=protect, progress=progress, hashers=hashers)
 
-    def flatten_file(self, *_: object) -> None:
-        return None
+    def stream(self, disk: Disk, request: OutputRequest, chunk_size: int) -> LayoutStream:
+        from qcowlib.core.emit import LayoutStream
+        from qcowlib.formats.vdi.output import VdiLayout
 
-    def stream(self, disk: Disk, request: OutputRequest, chunk_size: int) -> VdiSerializer:
-        from qcowlib.formats.vdi.stream import VdiSerializer
-
-        return VdiSerializer(disk, static=vdi_static(request), chunk_size=chunk_size)
+        return LayoutStream(VdiLayout(disk, static=vdi_static(request)), chunk_size=chunk_size)
 
 
 VDI: Final = _Vdi()

@@ -1,19 +1,20 @@
-"""VHD (``vpc``) output: ``-o subformat=dynamic|fixed`` (no stream writer yet)."""
+"""VHD (``vpc``) output: ``-o subformat=dynamic|fixed``, written or streamed."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
-from qcowlib.core.drivers import Progress, SubformatDriver
+from qcowlib.core.drivers import SubformatDriver
 
 if TYPE_CHECKING:
     from qcowlib.core.disk import Disk
+    from qcowlib.formats.vhd.output import VhdLayout
 
 
-def _write(disk: Disk, fd: int, *, subformat: str, progress: Progress | None) -> None:
-    from qcowlib.formats.vhd.output import write_vhd
+def _layout(disk: Disk, subformat: str) -> VhdLayout:
+    from qcowlib.formats.vhd.output import VhdLayout
 
-    write_vhd(disk, fd, subformat=subformat, progress=progress)
+    return VhdLayout(disk, subformat=subformat)
 
 
-VPC: Final = SubformatDriver("vpc", _write)
+VPC: Final = SubformatDriver("vpc", _layout)

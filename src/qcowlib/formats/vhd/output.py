@@ -1,11 +1,13 @@
-"""Writing a new VHD ("vpc") image from a source disk (``convert -O vpc``).
+"""The one writer of new VHD ("vpc") images (``convert -O vpc``, ``flatten``, its stream).
 
 The layout is QEMU's (``vpc_co_create`` and ``alloc_block``): a fixed disk is the data
 then the footer; a dynamic disk is a footer copy at 0, the dynamic disk header at 512,
 the BAT at 1536 (padded to whole sectors), then one 2 MiB block per allocated block,
 each preceded by a sector bitmap with every bit set, and the footer at the end.  Blocks
 whose source content is all zeros are left unallocated; inside allocated blocks,
-all-zero 4 KiB runs are not written (they stay holes in the file).
+all-zero 4 KiB runs are not written to a file (they stay holes).  :class:`VhdLayout`
+places the data and builds the metadata; :mod:`qcowlib.core.emit` writes it to a file
+or a stream (whose size is known once the source's blocks are classified).
 
 The size is kept exactly: when the source size is CHS-exact the footer is the one
 ``qemu-img create`` writes (creator ``qemu``, that geometry); otherwise it is the one
@@ -15,18 +17,16 @@ the source size), which QEMU, Hyper-V and qcowlib all size by ``current_size``.
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Callable
 
 import numpy as np
 
-from qcowlib.core.copy import write_raw
 from qcowlib.core.disk import Disk
-from qcowlib.core.hostfile import aligned_buffer, pwrite_all
-from qcowlib.core.zero import is_zero, nonzero_runs
-from qcowlib.errors import InvalidArgument, QcowlibError, QcowlibIOError
+from qcowlib.core.emit import Record, write_file
+from qcowlib.core.plan import DATA, Chunk, Classifier, candidate_units, data_runs
+from qcowlib.errors import InvalidArgument, QcowlibError
 from qcowlib.formats.vhd import codec as vhd
 
 Progress = Callable[[int, int], None]
@@ -76,6 +76,93 @@ def vhd_footer(size: int, disk_type: int, *, timestamp: int | None = None) -> vh
     )
 
 
+class VhdLayout:
+    """A new VHD of ``src``: ``subformat`` ``"dynamic"`` or ``"fixed"``; the virtual size
+    is ``src``'s rounded up to whole sectors.  Raises :class:`InvalidArgument` for a bad
+    subformat or a size above 2040 GiB."""
+
+    stage = False
+
+    def __init__(self, src: Disk, *, subformat: str = "dynamic") -> None:
+        if subformat not in SUBFORMATS:
+            raise InvalidArgument(f"VHD subformat {subformat!r} is not one of {SUBFORMATS}")
+        self.src = src
+        self.fixed = subformat == "fixed"
+        self.virtual_size = size = -(-src.virtual_size // vhd.SECTOR) * vhd.SECTOR
+        disk_type = vhd.VHD_TYPE_FIXED if self.fixed else vhd.VHD_TYPE_DYNAMIC
+        self.footer = vhd.build_footer(vhd_footer(size, disk_type))
+        if self.fixed:
+            # The data is the disk itself, from offset 0; zero blocks stay holes.
+            self.unit, self.holes, self.data_start = SPARSE_SIZE, 0, 0
+        else:
+            bs = self.unit = vhd.DEFAULT_BLOCK_SIZE
+            self.holes = SPARSE_SIZE
+            self.n_blocks = -(-size // bs)
+            self.table_offset = vhd.FOOTER_SIZE + vhd.DYNAMIC_HEADER_SIZE
+            bat_bytes = len(vhd.encode_bat(np.zeros(self.n_blocks, dtype=np.uint32)))
+            self.data_start = self.table_offset + bat_bytes
+            self.bitmap = b"\xff" * vhd.bitmap_size(bs)
+        self._ranges = candidate_units(src, self.unit)
+        self.begin(stream=False)
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return self._ranges
+
+    def reserved(self) -> int:
+        return 0
+
+    def classifier(self) -> Classifier:
+        return Classifier(self.src, self.src.virtual_size, self.unit)
+
+    def begin(self, stream: bool) -> None:
+        self.next_free = self.data_start
+        if not self.fixed:
+            self.bat = np.full(self.n_blocks, vhd.BAT_UNALLOCATED, dtype=np.uint32)
+
+    def place(self, chunk: Chunk) -> list[Record]:
+        u = self.unit
+        out: list[Record] = []
+        if self.fixed:
+            for s, e in data_runs(chunk.kinds):
+                start = (chunk.first + s) * u
+                end = min((chunk.first + e) * u, self.virtual_size)
+                out.append((start, chunk.data[s * u : s * u + end - start]))
+            return out
+        for i in np.flatnonzero(chunk.kinds == DATA).tolist():
+            self.bat[chunk.first + i] = self.next_free // vhd.SECTOR
+            out.append((self.next_free, self.bitmap))
+            out.append((self.next_free + len(self.bitmap), chunk.data[i * u : (i + 1) * u]))
+            self.next_free += len(self.bitmap) + u
+        return out
+
+    def early(self) -> list[Record]:
+        return []
+
+    def finish(self) -> list[Record]:
+        if self.fixed:
+            return [(self.virtual_size, self.footer)]
+        header = vhd.build_dynamic_header(
+            vhd.DynamicHeader(
+                data_offset=vhd.NO_DATA_OFFSET,
+                table_offset=self.table_offset,
+                version=_VERSION,
+                max_table_entries=self.n_blocks,
+                block_size=self.unit,
+                checksum=0,
+            )
+        )
+        return [
+            (0, self.footer),
+            (vhd.FOOTER_SIZE, header),
+            (self.table_offset, vhd.encode_bat(self.bat)),
+            (self.next_free, self.footer),
+        ]
+
+    def size(self) -> int:
+        end = self.virtual_size if self.fixed else self.next_free
+        return end + vhd.FOOTER_SIZE
+
+
 def write_vhd(
     src: Disk, fd: int, *, subformat: str = "dynamic", progress: Progress | None = None
 ) -> int:
@@ -86,81 +173,4 @@ def write_vhd(
     :class:`InvalidArgument` for a bad subformat or a size above 2040 GiB, and
     :class:`QcowlibIOError` when writing fails.
     """
-    if subformat not in SUBFORMATS:
-        raise InvalidArgument(f"VHD subformat {subformat!r} is not one of {SUBFORMATS}")
-    size = -(-src.virtual_size // vhd.SECTOR) * vhd.SECTOR
-    if subformat == "fixed":
-        footer = vhd.build_footer(vhd_footer(size, vhd.VHD_TYPE_FIXED))
-        write_raw(src, fd, progress=progress)
-        _pwrite(fd, footer, size)
-        return size + vhd.FOOTER_SIZE
-    return _write_dynamic(src, fd, size, progress)
-
-
-def _pwrite(fd: int, data: memoryview | bytes, offset: int) -> None:
-    try:
-        pwrite_all(fd, data, offset)
-    except OSError as exc:
-        raise QcowlibIOError(f"write error: {exc.strerror}", offset=offset) from None
-
-
-def _candidate_blocks(src: Disk, block_size: int, n_blocks: int) -> np.ndarray:
-    """Flags per block: True where the source may hold non-zero data."""
-    flags = np.zeros(n_blocks, dtype=np.bool_)
-    for ext in src.extents():
-        if not ext.reads_zero:
-            flags[ext.start // block_size : -(-ext.end // block_size)] = True
-    return flags
-
-
-def _write_dynamic(src: Disk, fd: int, size: int, progress: Progress | None) -> int:
-    bs = vhd.DEFAULT_BLOCK_SIZE
-    n_blocks = -(-size // bs)
-    footer = vhd.build_footer(vhd_footer(size, vhd.VHD_TYPE_DYNAMIC))
-    table_offset = vhd.FOOTER_SIZE + vhd.DYNAMIC_HEADER_SIZE
-    header = vhd.build_dynamic_header(
-        vhd.DynamicHeader(
-            data_offset=vhd.NO_DATA_OFFSET,
-            table_offset=table_offset,
-            version=_VERSION,
-            max_table_entries=n_blocks,
-            block_size=bs,
-            checksum=0,
-        )
-    )
-    bat = np.full(n_blocks, vhd.BAT_UNALLOCATED, dtype=np.uint32)
-    bat_bytes = len(vhd.encode_bat(bat))
-    bitmap = b"\xff" * vhd.bitmap_size(bs)
-    next_free = table_offset + bat_bytes
-    view = aligned_buffer(bs)
-    src_size = src.virtual_size
-    candidates = _candidate_blocks(src, bs, n_blocks)
-    for block in np.flatnonzero(candidates):
-        start = int(block) * bs
-        length = min(bs, src_size - start)
-        if length <= 0:
-            continue
-        part = view[:length]
-        src.read_into(start, part)
-        if is_zero(part):
-            continue
-        bat[block] = next_free // vhd.SECTOR
-        _pwrite(fd, bitmap, next_free)
-        data_at = next_free + len(bitmap)
-        for s, e in nonzero_runs(part, SPARSE_SIZE):
-            _pwrite(fd, part[s:e], data_at + s)
-        next_free = data_at + bs
-        if progress:
-            progress(start + length, size)
-    _pwrite(fd, footer, 0)
-    _pwrite(fd, header, vhd.FOOTER_SIZE)
-    _pwrite(fd, vhd.encode_bat(bat), table_offset)
-    _pwrite(fd, footer, next_free)
-    end = next_free + vhd.FOOTER_SIZE
-    try:
-        os.ftruncate(fd, end)
-    except OSError as exc:
-        raise QcowlibIOError(f"cannot size output: {exc.strerror}") from None
-    if progress:
-        progress(size, size)
-    return end
+    return write_file(VhdLayout(src, subformat=subformat), fd, progress=progress)

@@ -1,19 +1,20 @@
-"""VHDX output: ``-o subformat=dynamic|fixed`` (no stream writer yet)."""
+"""VHDX output: ``-o subformat=dynamic|fixed``, written or streamed."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
-from qcowlib.core.drivers import Progress, SubformatDriver
+from qcowlib.core.drivers import SubformatDriver
 
 if TYPE_CHECKING:
     from qcowlib.core.disk import Disk
+    from qcowlib.formats.vhdx.output import VhdxLayout
 
 
-def _write(disk: Disk, fd: int, *, subformat: str, progress: Progress | None) -> None:
-    from qcowlib.formats.vhdx.output import write_vhdx
+def _layout(disk: Disk, subformat: str) -> VhdxLayout:
+    from qcowlib.formats.vhdx.output import VhdxLayout
 
-    write_vhdx(disk, fd, subformat=subformat, progress=progress)
+    return VhdxLayout(disk, subformat=subformat)
 
 
-VHDX: Final = SubformatDriver("vhdx", _write)
+VHDX: Final = SubformatDriver("vhdx", _layout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -11,7 +12,8 @@ from qcowlib.errors import InvalidArgument
 
 if TYPE_CHECKING:
     from qcowlib.core.disk import Disk
-    from qcowlib.formats.vmdk.stream import VmdkSerializer
+    from qcowlib.core.emit import HashSink, LayoutStream
+    from qcowlib.formats.vmdk.output import VmdkLayout
 
 
 @dataclass(frozen=True)
@@ -46,12 +48,23 @@ def vmdk_options(request: OutputRequest) -> VmdkOptions:
 
 class _Vmdk:
     name: Final = "vmdk"
-    sparse: Final = False
 
     def check(self, request: OutputRequest) -> None:
         if request.backing:
             raise InvalidArgument("Backing file not supported for file format 'vmdk' here")
         vmdk_options(request)
+
+    def _layout(self, disk: Disk, request: OutputRequest, extent_name: str) -> VmdkLayout:
+        from qcowlib.formats.vmdk.output import VmdkLayout
+
+        o = vmdk_options(request)
+        return VmdkLayout(
+            disk,
+            subformat=o.subformat,
+            extent_name=extent_name,
+            adapter_type=o.adapter_type,
+            hw_version=o.hw_version,
+        )
 
     def convert(
         self,
@@ -60,38 +73,18 @@ class _Vmdk:
         request: OutputRequest,
         progress: Progress | None,
         protect: tuple[str, ...],
-    ) -> None:
-        from qcowlib.core.sinks import atomic_output
-        from qcowlib.formats.vmdk.output import write_vmdk
+        hashers: Sequence[HashSink] = (),
+    ) -> int:
+        from qcowlib.core.emit import write_image
 
-        o = vmdk_options(request)
-        with atomic_output(dst, protect=protect) as fd:
-            write_vmdk(
-                disk,
-                fd,
-                subformat=o.subformat,
-                progress=progress,
-                extent_name=os.path.basename(dst),
-                adapter_type=o.adapter_type,
-                hw_version=o.hw_version,
-            )
+        layout = self._layout(disk, request, os.path.basename(dst))
+        return write_image(layout, dst, protect=protect, progress=progress, hashers=hashers)
 
-    def flatten_file(self, *_: object) -> None:
-        return None
+    def stream(self, disk: Disk, request: OutputRequest, chunk_size: int) -> LayoutStream:
+        from qcowlib.core.emit import LayoutStream
 
-    def stream(self, disk: Disk, request: OutputRequest, chunk_size: int) -> VmdkSerializer:
-        from qcowlib.formats.vmdk.stream import VmdkSerializer
-
-        o = vmdk_options(request)
-        return VmdkSerializer(
-            disk,
-            subformat=o.subformat,
-            extent_name=request.extent_name
-            or os.path.splitext(os.path.basename(disk.filename))[0] + ".vmdk",
-            adapter_type=o.adapter_type,
-            hw_version=o.hw_version,
-            chunk_size=chunk_size,
-        )
+        name = request.extent_name or os.path.splitext(os.path.basename(disk.filename))[0] + ".vmdk"
+        return LayoutStream(self._layout(disk, request, name), chunk_size=chunk_size)
 
 
 VMDK: Final = _Vmdk()

@@ -1,4 +1,4 @@
-"""Writing a new VMDK image from a source disk in one pass (``convert -O vmdk``).
+"""The one writer of new VMDK images (``convert -O vmdk``, ``flatten``, its stream).
 
 monolithicSparse follows QEMU's ``vmdk_init_extent`` layout: header, embedded
 descriptor (sector 1, 20 sectors), redundant grain directory and tables, grain
@@ -9,35 +9,37 @@ GD_AT_END and the compressed and markers flags, the embedded descriptor, then ea
 non-zero grain behind a grain marker (zlib data) in guest order, a GT marker and table
 for every grain table with a grain, the GD marker and directory, the footer marker and
 footer header (the real ``gd_offset``), and the end-of-stream marker.  Grains are read
-and compressed by the reading workers of :class:`qcowlib.formats.qcow2.classify.Classifier`
-(results in guest order) and each chunk's records are written in one call by a writer
-thread.  All-zero grains are never written.
+and compressed by the reading workers of :class:`qcowlib.core.plan.Classifier` (results
+in guest order); :class:`VmdkLayout` places them and :mod:`qcowlib.core.emit` writes the
+records to a file or a stream.  All-zero grains are never written.
 """
 
 from __future__ import annotations
 
-import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from qcowlib.core.appendsink import AppendWriter
 from qcowlib.core.disk import Disk
-from qcowlib.core.hostfile import DataWriter, pwrite_all
-from qcowlib.core.pipeline import TaskQueue
-from qcowlib.core.runs import RunSource
-from qcowlib.errors import InvalidArgument, QcowlibIOError
-from qcowlib.formats.qcow2.classify import DATA, Chunk, Classifier, worth_compressing
+from qcowlib.core.emit import Record, write_file
+from qcowlib.core.plan import (
+    DATA,
+    Chunk,
+    Classifier,
+    candidate_units,
+    data_runs,
+    worth_compressing,
+)
+from qcowlib.errors import InvalidArgument
 from qcowlib.formats.vmdk import codec as vmdk
 
 Progress = Callable[[int, int], None]
 SUBFORMATS = ("monolithicSparse", "streamOptimized")
 #: ``ddb.adapterType`` values QEMU and VMware accept (ESXi imports want ``lsilogic``).
 ADAPTER_TYPES = ("ide", "buslogic", "lsilogic", "legacyESX")
-WORKERS = 2
 SECTOR = vmdk.SECTOR
 
 
@@ -173,9 +175,98 @@ def stream_trailer(plan: VmdkPlan, gte: npt.NDArray[np.uint32], pos: int) -> byt
     return b"".join(out)
 
 
-def grain_record_size(payload_len: int) -> int:
-    """Bytes a compressed grain takes in a stream: marker head and payload, in sectors."""
-    return -(-(vmdk.GRAIN_MARKER_HEAD_SIZE + payload_len) // SECTOR) * SECTOR
+def stream_payload(grain: memoryview) -> bytes:
+    """A grain's zlib stream for a streamOptimized extent (whose grains are always
+    compressed): stored blocks where deflating would not shrink it (see
+    :func:`qcowlib.core.plan.worth_compressing`), about the size deflate gives such
+    data, for a fraction of its cost."""
+    if worth_compressing(grain):
+        return vmdk.compress_grain(grain)
+    return vmdk.compress_grain(grain, 0)
+
+
+class VmdkLayout:
+    """A new single-extent sparse VMDK of ``src`` (see :func:`plan_vmdk` for the
+    options; the CID is drawn once per layout, so its file and stream are the same)."""
+
+    holes = 0
+
+    def __init__(
+        self,
+        src: Disk,
+        *,
+        subformat: str = "monolithicSparse",
+        extent_name: str = "image.vmdk",
+        adapter_type: str = "ide",
+        hw_version: str = "4",
+        cid: int | None = None,
+    ) -> None:
+        self.src = src
+        self.plan = plan = plan_vmdk(
+            src.virtual_size,
+            subformat=subformat,
+            extent_name=extent_name,
+            adapter_type=adapter_type,
+            hw_version=hw_version,
+            cid=cid,
+        )
+        self.virtual_size = src.virtual_size
+        self.unit = plan.grain_bytes
+        self.stage = plan.stream
+        self.data_start = plan.grain_offset * SECTOR
+        n = plan.n_grains
+        self._ranges = [(a, min(b, n)) for a, b in candidate_units(src, self.unit) if a < n]
+        self.begin(stream=False)
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return self._ranges
+
+    def reserved(self) -> int:
+        return 0
+
+    def classifier(self) -> Classifier:
+        compressor = stream_payload if self.plan.stream else None
+        return Classifier(self.src, self.virtual_size, self.unit, compressor=compressor)
+
+    def begin(self, stream: bool) -> None:
+        plan = self.plan
+        self.gte = np.zeros(plan.n_gt * plan.gtes, dtype=np.uint32)
+        self.pos = self.data_start
+        self.trailer = b""
+
+    def place(self, chunk: Chunk) -> list[Record]:
+        gb, gs = self.unit, self.plan.grain_size
+        out: list[Record] = []
+        if self.plan.stream:
+            for i in np.flatnonzero(chunk.kinds == DATA).tolist():
+                payload = chunk.compressed[i]
+                assert payload is not None
+                grain = chunk.first + i
+                record = vmdk.build_grain_marker(grain * gs, payload)
+                self.gte[grain] = self.pos // SECTOR
+                out.append((self.pos, record))
+                self.pos += len(record)
+            return out
+        for s, e in data_runs(chunk.kinds):
+            first = chunk.first + s
+            sectors = self.pos // SECTOR + np.arange(e - s, dtype=np.uint32) * np.uint32(gs)
+            self.gte[first : first + e - s] = sectors
+            out.append((self.pos, chunk.data[s * gb : e * gb]))
+            self.pos += (e - s) * gb
+        return out
+
+    def early(self) -> list[Record]:
+        return []
+
+    def finish(self) -> list[Record]:
+        plan = self.plan
+        if plan.stream:
+            self.trailer = stream_trailer(plan, self.gte, self.pos)
+            return [(0, plan.head), (self.pos, self.trailer)]
+        return [(0, plan.head), (plan.rgd * SECTOR, sparse_tables(plan, self.gte))]
+
+    def size(self) -> int:
+        return self.pos + len(self.trailer)
 
 
 def write_vmdk(
@@ -197,160 +288,11 @@ def write_vmdk(
     adapter type and :class:`QcowlibIOError` on write errors; read errors from ``src``
     propagate.
     """
-    plan = plan_vmdk(
-        src.virtual_size,
+    layout = VmdkLayout(
+        src,
         subformat=subformat,
         extent_name=extent_name,
         adapter_type=adapter_type,
         hw_version=hw_version,
     )
-    stream = plan.stream
-    gs, gb = plan.grain_size, plan.grain_bytes
-    gte = np.zeros(plan.n_gt * plan.gtes, dtype=np.uint32)
-    pos = plan.grain_offset * SECTOR
-    size = src.virtual_size
-    sink = DataWriter(fd)
-    try:
-        with TaskQueue(WORKERS, 2 * WORKERS, name="qcowlib-write") as tasks:
-            # Stream records are staged into aligned buffers; sparse grains are written
-            # from the chunk's buffer.
-            out = AppendWriter(sink, tasks, pos) if stream else None
-            for batch in grain_batches(src, gb, plan.n_grains, stream):
-                records = batch.records(gs)
-                lengths = np.fromiter(map(len, records), dtype=np.int64, count=len(records))
-                starts = pos + np.concatenate(([0], np.cumsum(lengths)[:-1]))
-                gte[batch.index] = (starts // SECTOR).astype(np.uint32)
-                if out is not None:
-                    for record in records:
-                        out.append(record)
-                    batch.release()
-                else:
-                    tasks.submit(_writer(sink, pos, records), batch.release)
-                pos += int(lengths.sum())
-                if progress and batch.index.size:
-                    progress(min(size, (int(batch.index[-1]) + 1) * gb), size)
-            if out is not None:
-                out.close()
-            tasks.join()
-    finally:
-        sink.close()
-    if stream:
-        trailer = stream_trailer(plan, gte, pos)
-        _pwrite(fd, trailer, pos)
-        pos += len(trailer)
-    else:
-        _pwrite(fd, sparse_tables(plan, gte), plan.rgd * SECTOR)
-        pos = max(pos, plan.grain_offset * SECTOR)
-    _pwrite(fd, plan.head, 0)
-    try:
-        os.ftruncate(fd, pos)
-    except OSError as exc:
-        raise QcowlibIOError(f"cannot size output: {exc.strerror}") from None
-    if progress:
-        progress(size, size)
-    return pos
-
-
-def _writer(sink: DataWriter, pos: int, records: list[bytes | memoryview]) -> Callable[[], None]:
-    def write() -> None:
-        if records:
-            sink.write(pos, records)
-
-    return write
-
-
-def candidate_grains(src: Disk, gb: int) -> list[tuple[int, int]]:
-    """Grain ranges ``[first, end)`` of ``src`` that may hold non-zero data."""
-    first, end = RunSource(src).nonzero_units(gb)
-    return list(zip(first.tolist(), end.tolist(), strict=True))
-
-
-def stream_payload(grain: memoryview) -> bytes:
-    """A grain's zlib stream for a streamOptimized extent (whose grains are always
-    compressed): stored blocks where deflating would not shrink it (see
-    :func:`qcowlib.formats.qcow2.classify.worth_compressing`), about the size deflate gives
-    such data, for a fraction of its cost."""
-    if worth_compressing(grain):
-        return vmdk.compress_grain(grain)
-    return vmdk.compress_grain(grain, 0)
-
-
-@dataclass
-class GrainBatch:
-    """The non-zero grains of one chunk, in guest order."""
-
-    index: npt.NDArray[np.int64]
-    #: Compressed payloads (streamOptimized) or views of the grains' bytes.
-    payloads: list[bytes | memoryview]
-    release: Callable[[], None]
-
-    def records(self, gs: int) -> list[bytes | memoryview]:
-        """What the grains take in the file: marker and payload (padded to whole
-        sectors) in a stream, the grain itself in a sparse extent."""
-        if self.payloads and isinstance(self.payloads[0], memoryview):
-            return self.payloads
-        return [
-            vmdk.build_grain_marker(g * gs, bytes(p))
-            for g, p in zip(self.index.tolist(), self.payloads, strict=True)
-        ]
-
-
-def grain_batches(
-    src: Disk,
-    gb: int,
-    n_grains: int,
-    compress: bool,
-    ranges: list[tuple[int, int]] | None = None,
-) -> Iterator[GrainBatch]:
-    """Non-zero grains chunk by chunk in guest order, compressed when asked (each
-    batch's ``release`` gives its buffer back once its views are no longer needed).
-
-    ``ranges`` are the grain ranges to look at (default: :func:`candidate_grains`).
-    """
-    if ranges is None:
-        ranges = candidate_grains(src, gb)
-    ranges = [(a, min(b, n_grains)) for a, b in ranges if a < n_grains]
-    clf = Classifier(src, src.virtual_size, gb, compressor=stream_payload if compress else None)
-    for chunk in clf.chunks(ranges):
-        local = np.flatnonzero(chunk.kinds == DATA)
-        if compress:
-            payloads: list[bytes | memoryview] = [
-                p for p in (chunk.compressed[i] for i in local.tolist()) if p is not None
-            ]
-        else:
-            payloads = [chunk.data[i * gb : (i + 1) * gb] for i in local.tolist()]
-
-        yield GrainBatch(local.astype(np.int64) + chunk.first, payloads, _releaser(clf, chunk))
-
-
-def _releaser(clf: Classifier, chunk: Chunk) -> Callable[[], None]:
-    def release() -> None:
-        clf.release(chunk)
-
-    return release
-
-
-def grains(
-    src: Disk,
-    gb: int,
-    n_grains: int,
-    compress: bool,
-    ranges: list[tuple[int, int]] | None = None,
-) -> Iterator[tuple[int, bytes]]:
-    """Non-zero grains ``(index, bytes)`` in guest order, compressed when asked.
-
-    ``ranges`` are the grain ranges to look at (default: :func:`candidate_grains`).
-    """
-    for batch in grain_batches(src, gb, n_grains, compress, ranges):
-        try:
-            for g, p in zip(batch.index.tolist(), batch.payloads, strict=True):
-                yield g, bytes(p)
-        finally:
-            batch.release()
-
-
-def _pwrite(fd: int, data: memoryview | bytes, offset: int) -> None:
-    try:
-        pwrite_all(fd, data, offset)
-    except OSError as exc:
-        raise QcowlibIOError(f"write error: {exc.strerror}", offset=offset) from None
+    return write_file(layout, fd, progress=progress)

@@ -1,18 +1,21 @@
-"""Reading a source disk cluster by cluster for a new image, in a bounded pipeline.
+"""The output plan's input: a source disk read and classified unit by unit, in order.
 
-Each chunk of consecutive guest clusters is read into a reused buffer from the chain's
-resolved runs (:mod:`qcowlib.core.runs`: one positional read per run, no walk of the
-chain per chunk) and classified with numpy: all-zero clusters are left out, clusters
-equal to a backing file's are left out, zeros over non-zero backing data become zero
-clusters; with compression every data cluster is compressed in the same worker.  The
-chunks are planned on a feeder thread and read by :data:`WORKERS` long-lived threads
+Every writer of a new image (:mod:`qcowlib.core.emit`) asks the chain's map which units
+(clusters, blocks, grains) may hold data (:func:`candidate_units`: run arrays, nothing
+read), then reads those through a :class:`Classifier`.  Each chunk of consecutive units
+is read into a reused buffer from the chain's resolved runs (:mod:`qcowlib.core.runs`:
+one positional read per run, no walk of the chain per chunk) and classified with numpy:
+all-zero units are left out, units equal to a backing file's are left out, zeros over
+non-zero backing data become zero units; with a ``compressor`` (the format's) every
+data unit is compressed in the same worker.  The chunks are planned on a feeder thread
+and read by :data:`WORKERS` long-lived threads
 (:func:`qcowlib.core.pipeline.ordered_map`), and come back in guest order.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,8 +25,6 @@ from qcowlib.core.disk import Disk, Runs
 from qcowlib.core.hostfile import aligned_buffer
 from qcowlib.core.pipeline import BufferPool, ordered_map
 from qcowlib.core.runs import ChainReader, RunSource
-from qcowlib.formats.qcow2.compress import compress_cluster
-from qcowlib.formats.qcow2.header import COMPRESSION_TYPE_ZLIB
 
 #: Guest bytes read per chunk.
 CHUNK = 4 * 1024 * 1024
@@ -99,8 +100,6 @@ class Classifier:
         size: int,
         cluster_size: int,
         *,
-        compress: bool = False,
-        compression_type: int = 0,
         sparse: bool = True,
         backing: Disk | None = None,
         buffers: int = 5 * WORKERS + 2,
@@ -109,10 +108,8 @@ class Classifier:
         self.src = src
         self.size = size
         self.cs = cluster_size
-        self.compress = compress or compressor is not None
         #: Payload of a data cluster (None: store it as it is), in the reading worker.
-        self.compressor = compressor if compressor is not None else self._qcow2_payload
-        self.ctype = compression_type
+        self.compressor = compressor
         self.sparse = sparse
         self.backing = backing
         self.per_chunk = max(1, CHUNK // cluster_size)
@@ -135,14 +132,6 @@ class Classifier:
         if buf is None:
             buf = self._local.backing = aligned_buffer(self.per_chunk * self.cs)
         return buf[:size]
-
-    def _qcow2_payload(self, cluster: memoryview) -> bytes | None:
-        """A qcow2 compressed cluster, or None where compression does not pay."""
-        if self.ctype == COMPRESSION_TYPE_ZLIB and not worth_compressing(cluster):
-            return None
-        payload = compress_cluster(cluster, self.ctype)
-        # QEMU keeps a cluster uncompressed unless compression makes it smaller.
-        return payload if len(payload) < self.cs else None
 
     def _jobs(self, ranges: list[tuple[int, int]], pool: BufferPool) -> Iterator[_Job]:
         cs = self.cs
@@ -198,13 +187,13 @@ class Classifier:
             kinds = np.where(same, EMPTY, np.where(nonzero, DATA, ZERO)).astype(np.uint8)
             kinds[~nonzero & ~back_nonzero] = EMPTY
         compressed: list[bytes | None] = [None] * n
-        if self.compress:
-            compressor = self.compressor
+        compressor = self.compressor
+        if compressor is not None:
             for i in np.flatnonzero(kinds == DATA).tolist():
                 compressed[i] = compressor(view[i * cs : (i + 1) * cs])
         return Chunk(first, kinds, view, compressed, buf)
 
-    def chunks(self, ranges: list[tuple[int, int]]) -> Iterator[Chunk]:
+    def chunks(self, ranges: list[tuple[int, int]]) -> Generator[Chunk, None, None]:
         """Classified chunks over ``ranges`` in guest order (the caller releases them)."""
         pool = self._pool = BufferPool(self.per_chunk * self.cs, self.buffers)
         self._reader = ChainReader(self.src) if self.src is not None else None
@@ -221,3 +210,30 @@ class Classifier:
             yield from results
         finally:
             results.close()
+
+
+def candidate_units(disk: Disk | None, unit: int) -> list[tuple[int, int]]:
+    """Unit ranges ``[first, end)`` of ``disk`` that may hold non-zero data, from the
+    chain's map alone (nothing is read; None: an empty disk)."""
+    if disk is None:
+        return []
+    first, end = RunSource(disk).nonzero_units(unit)
+    return list(zip(first.tolist(), end.tolist(), strict=True))
+
+
+def merge_ranges(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The union of two lists of ``[start, end)`` ranges, sorted and merged."""
+    out: list[tuple[int, int]] = []
+    for first, end in sorted(a + b):
+        if out and out[-1][1] >= first:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((first, end))
+    return out
+
+
+def data_runs(kinds: npt.NDArray[np.uint8]) -> list[tuple[int, int]]:
+    """``[start, end)`` index runs of DATA entries in ``kinds``."""
+    flags = np.concatenate(([False], kinds == DATA, [False]))
+    edges = np.flatnonzero(flags[1:] != flags[:-1])
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True))
