@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from qcowlib.cli import add_output, print_json
+from qcowlib.cli.helptext import examples
 from qcowlib.formats import registry
 
 #: Formats ``-f`` takes: every format the probe knows.
@@ -27,6 +28,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "do not parse are refused).  Only the image file is opened: backing files, "
             "data files and VMDK extents it names are reported, never opened.  Exit "
             "status 0: accepted, 1: rejected or unreadable."
+        ),
+        epilog=examples(
+            ("qcowlib validate disk.qcow2", "the findings, and whether Glance would accept it"),
+            (
+                "qcowlib validate --disk-format qcow2 overlay.qcow2",
+                "refused (exit 1): it has a backing file; flatten it first",
+            ),
+            (
+                "qcowlib validate --policy strict --output json disk.raw",
+                "every finding is an error; the report as JSON",
+            ),
         ),
     )
     p.add_argument(
@@ -45,7 +57,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="the disk_format the image will be declared as (default: as detected)",
     )
     add_output(p)
-    p.add_argument("filename", metavar="FILE")
+    p.add_argument("filename", metavar="FILE", help="the image file")
     p.set_defaults(func=_cmd_validate)
 
 
