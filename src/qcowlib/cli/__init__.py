@@ -403,6 +403,7 @@ COMMANDS: dict[str, str | None] = {
     "checksum": "cmd_checksum",
     "validate": "cmd_validate",
     "upload": "cmd_upload",
+    "completion": "cmd_completion",
 }
 
 
