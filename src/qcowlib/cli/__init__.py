@@ -408,20 +408,14 @@ COMMANDS: dict[str, str | None] = {
 
 
 class _VersionAction(argparse.Action):
-    """``--version``, looked up only when asked (importlib.metadata costs ~40 ms)."""
+    """``--version``: ``qcowlib.__version__``, the one source of the version (the build
+    reads it too: pyproject.toml [tool.hatch.version])."""
 
     def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
-        sys.stdout.write(_version() + "\n")
+        from qcowlib import __version__
+
+        sys.stdout.write(f"qcowlib {__version__}\n")
         parser.exit(0)
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"qcowlib {version('qcowlib')}"
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree
-        return "qcowlib (unknown version)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -441,7 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     func: Callable[[argparse.Namespace], int] = args.func
     error_status = 2 if args.command == "compare" else 1
-    log.debug("%s %s", args.command, {k: v for k, v in vars(args).items() if k != "func"})
+    log.debug(
+        "%s %s", args.command, {k: v for k, v in vars(args).items() if k not in ("func", "parser")}
+    )
     try:
         return func(args)
     except Failed as exc:

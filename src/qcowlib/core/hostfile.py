@@ -10,7 +10,12 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 
-from qcowlib.errors import QcowlibIOError, TruncatedImage
+from qcowlib.errors import (
+    QcowlibFileNotFoundError,
+    QcowlibIOError,
+    QcowlibPermissionError,
+    TruncatedImage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +43,15 @@ class HostFile:
     callers that must not read past the end check :attr:`size` first.
     """
 
-    def __init__(self, path: str, *, writable: bool = False) -> None:
-        self.path = path
+    def __init__(self, path: str | os.PathLike[str], *, writable: bool = False) -> None:
+        self.path = path = os.fspath(path)
         flags = os.O_RDWR if writable else os.O_RDONLY
         try:
             self.fd = os.open(path, flags | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise QcowlibIOError("no such file", file=path) from None
+            raise QcowlibFileNotFoundError("no such file", file=path) from None
+        except PermissionError as exc:
+            raise QcowlibPermissionError(f"cannot open: {exc.strerror}", file=path) from None
         except IsADirectoryError:
             raise QcowlibIOError("is a directory", file=path) from None
         except OSError as exc:

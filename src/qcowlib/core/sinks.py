@@ -10,7 +10,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 
-from qcowlib.errors import InvalidArgument, QcowlibError, QcowlibIOError
+from qcowlib.errors import InvalidArgument, QcowlibError, QcowlibIOError, os_error
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def atomic_output(path: str, *, protect: tuple[str, ...] = ()) -> Iterator[int]:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         except OSError as exc:
-            raise QcowlibIOError(f"cannot open {path}: {exc.strerror}", file=path) from None
+            raise os_error(exc, f"cannot open {path}: {exc.strerror}", file=path) from None
         try:
             yield fd
             os.fsync(fd)
@@ -109,8 +109,8 @@ def atomic_output(path: str, *, protect: tuple[str, ...] = ()) -> Iterator[int]:
             dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".qcowlib-tmp"
         )
     except OSError as exc:
-        raise QcowlibIOError(
-            f"cannot create output in {directory}: {exc.strerror}", file=path
+        raise os_error(
+            exc, f"cannot create output in {directory}: {exc.strerror}", file=path
         ) from None
     ok = False
     writeback = _Writeback(fd)

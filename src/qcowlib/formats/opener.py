@@ -80,7 +80,9 @@ def _make_disk(host: HostFile, path: str, fmt: str, policy: BackingPolicy) -> Di
     return entry.opener()(host, path, policy)
 
 
-def open_disk(path: str, fmt: str | None = None, policy: BackingPolicy | None = None) -> Disk:
+def open_disk(
+    path: str | os.PathLike[str], fmt: str | None = None, policy: BackingPolicy | None = None
+) -> Disk:
     """Open an image read-only, with its backing chain as ``policy`` allows.
 
     ``fmt`` forces the top image's format; without it the format is probed from the
@@ -88,6 +90,7 @@ def open_disk(path: str, fmt: str | None = None, policy: BackingPolicy | None = 
     file cannot be opened, :class:`FormatError` and friends for bad content,
     :class:`BackingChainError` subclasses for chains that cannot be followed.
     """
+    path = os.fspath(path)
     policy = policy or BackingPolicy()
     if fmt is not None and fmt not in registry.known():
         raise InvalidArgument(f"unknown format {fmt!r}")
@@ -187,13 +190,14 @@ def _attach_data_file(disk: Disk, policy: BackingPolicy) -> None:
     disk.attach_data_file(data, full)
 
 
-def open_rw(path: str, *, follow_backing: bool = True) -> Qcow2RWDisk:
+def open_rw(path: str | os.PathLike[str], *, follow_backing: bool = True) -> Qcow2RWDisk:
     """Open a qcow2 image for writing, with its backing chain opened read-only.
 
     Raises :class:`~qcowlib.errors.ImageLocked` when another process has it open for
     writing, :class:`~qcowlib.errors.CorruptImage` for images marked corrupt or dirty,
     and the usual open errors.
     """
+    path = os.fspath(path)
     from qcowlib.formats.qcow2.writer import open_rw_layer
 
     disk = open_rw_layer(path)

@@ -16,11 +16,14 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from qcowlib.core.digest import MultiHasher
 from qcowlib.errors import InvalidArgument, QcowlibError, QcowlibIOError
 from qcowlib.formats import registry
+
+if TYPE_CHECKING:
+    from openstack.connection import Connection
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +51,26 @@ class ValidationRefused(QcowlibError):
         self.findings = findings
 
 
+class UploadResult(TypedDict):
+    """What :func:`upload` returns (``upload --output json``): the image as Glance
+    reports it after the upload."""
+
+    id: str
+    name: str
+    status: str
+    disk_format: str
+    size: int
+    virtual_size: int | None
+    checksum: str
+    os_hash_algo: str
+    os_hash_value: str
+
+
 @dataclass
 class UploadRequest:
     """What to upload and the image properties to set (``glance image-create`` options)."""
 
-    path: str
+    path: str | os.PathLike[str]
     name: str
     disk_format: str | None = None
     container_format: str = "bare"
@@ -203,9 +221,9 @@ def upload(
     req: UploadRequest,
     *,
     cloud: str | None = None,
-    connection: Any = None,
+    connection: Connection | None = None,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> UploadResult:
     """Upload ``req.path`` to Glance; returns the contract's summary of the image.
 
     Raises :class:`ValidationRefused` (nothing sent) when validation finds errors and
@@ -247,7 +265,7 @@ def upload(
 
 def _send(
     conn: Any, req: UploadRequest, disk_format: str, source: _Source, progress: Progress | None
-) -> dict[str, Any]:
+) -> UploadResult:
     sender = _Sender(source, progress)
     min_disk = req.min_disk if req.min_disk is not None else math.ceil(source.virtual_size / GiB)
     kwargs: dict[str, Any] = dict(req.properties)

@@ -26,6 +26,7 @@ Where qcowlib deliberately differs from qemu-img 7.2:
 
 from __future__ import annotations
 
+import os
 from typing import Final
 
 from qcowlib.checkreport import CheckReport
@@ -43,7 +44,9 @@ class CheckNotSupported(UnsupportedFeature):
     status = 63
 
 
-def check(path: str, fmt: str | None = None, repair: str | None = None) -> CheckReport:
+def check(
+    path: str | os.PathLike[str], fmt: str | None = None, repair: str | None = None
+) -> CheckReport:
     """Check an image's metadata for consistency, and optionally repair it.
 
     ``repair`` is None (only read; the file is opened read-only), ``"leaks"`` (free
@@ -59,6 +62,7 @@ def check(path: str, fmt: str | None = None, repair: str | None = None) -> Check
     :class:`QcowlibError` subclasses when the image cannot be opened at all (bad header,
     missing file, backing file or data file) or written while repairing.
     """
+    path = os.fspath(path)
     from qcowlib.core.hostfile import HostFile
     from qcowlib.formats import registry
     from qcowlib.formats.opener import open_disk, probe_format

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -16,8 +17,8 @@ if TYPE_CHECKING:
 
 
 def convert(
-    src: str,
-    dst: str,
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
     out_format: str = "raw",
     *,
     src_format: str | None = None,
@@ -45,6 +46,8 @@ def convert(
     ``sparse_size``, written from a layout planned first (as :func:`~qcowlib.flatten`
     writes it; the source is read twice).
     """
+    src = os.fspath(src)
+    dst = os.fspath(dst)
     driver = registry.by_name(out_format).output_driver()
     if sparse_size < 0 or sparse_size % 512:
         raise InvalidArgument("sparse size must be a multiple of 512")
