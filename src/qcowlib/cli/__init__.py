@@ -8,19 +8,18 @@ stderr, never a traceback), 2 usage error; ``compare`` returns 0 identical, 1 di
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
 import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from qcowlib._log import configure_on_use, get_logger
 from qcowlib.cli.helptext import DOCS, HelpFormatter, did_you_mean, examples
 from qcowlib.errors import QcowlibError
 from qcowlib.formats import registry
 
-log = logging.getLogger("qcowlib")
+log = get_logger("qcowlib")
 
 #: ``-f``/``-F``/``-O`` choices: the formats qcowlib reads (from the registry).
 INPUT_FORMATS = registry.readable()
@@ -30,6 +29,11 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        # argparse asks shutil for the width, and shutil imports bz2 and lzma (~2 ms on
+        # every run: add_argument formats metavars); the same answer without them.
+        return self.formatter_class(prog=self.prog, width=_terminal_width())  # type: ignore[call-arg]
 
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
@@ -46,6 +50,20 @@ class _Parser(argparse.ArgumentParser):
             what = "command" if isinstance(action, argparse._SubParsersAction) else "choice"
             message = f"unknown {what} {value!r}; did you mean {close}?"
         raise argparse.ArgumentError(action, message)
+
+
+def _terminal_width() -> int:
+    """``shutil.get_terminal_size().columns - 2``, as argparse computes its width."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 80
+    return (columns or 80) - 2
 
 
 class Failed(Exception):
@@ -66,6 +84,8 @@ def add_output(p: argparse.ArgumentParser) -> None:
 
 
 def print_json(value: Any) -> None:
+    import json
+
     sys.stdout.write(json.dumps(value, indent=4) + "\n")
 
 
@@ -418,6 +438,15 @@ class _VersionAction(argparse.Action):
         parser.exit(0)
 
 
+def _configure_logging(debug: bool) -> None:
+    import logging
+
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="qcowlib: %(levelname)s: %(message)s",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     # qcowlib never multiplies matrices: keep numpy's BLAS from starting (and spinning)
@@ -429,15 +458,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "resize" in argv and argv and re.match(r"^-\d", argv[-1]) and "--" not in argv:
         argv.insert(len(argv) - 1, "--")  # "resize FILE -3M": a size, not an option
     args = _parse(parser, argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING,
-        format="qcowlib: %(levelname)s: %(message)s",
-    )
+    configure_on_use(lambda: _configure_logging(args.debug))
     func: Callable[[argparse.Namespace], int] = args.func
     error_status = 2 if args.command == "compare" else 1
-    log.debug(
-        "%s %s", args.command, {k: v for k, v in vars(args).items() if k not in ("func", "parser")}
-    )
+    if args.debug:  # logging loads only when something is logged (qcowlib._log)
+        shown = {k: v for k, v in vars(args).items() if k not in ("func", "parser")}
+        log.debug("%s %s", args.command, shown)
     try:
         return func(args)
     except Failed as exc:

@@ -11,7 +11,6 @@ its drivers name.
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import TYPE_CHECKING
 
@@ -31,8 +30,6 @@ from qcowlib.errors import (
     UnsupportedFeature,
 )
 from qcowlib.formats import detect, registry
-
-log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from qcowlib.formats.qcow2.writer import Qcow2RWDisk
@@ -65,7 +62,6 @@ def _open_layer(
         seen.add(host.identity)
         if fmt is None:
             fmt = probe_format(host)  # an ISO 9660 image opens as raw (registry)
-            log.debug("%s: probed as %s (%d bytes)", path, fmt, host.size)
         disk = _make_disk(host, path, fmt, policy)
     except BaseException:
         host.close()
