@@ -246,6 +246,10 @@ def test_reading_a_closed_disk_says_so(chain: Path) -> None:
     with pytest.raises(ValueError):  # as a closed Python file
         disk.read(0, 1)
     disk.close()  # twice is fine
+    rw = qcowlib.open_rw(chain)
+    rw.close()
+    with pytest.raises(qcowlib.DiskClosed):
+        rw.write(0, b"x" * 512)
 
 
 def test_reprs_are_informative(chain: Path) -> None:

@@ -109,6 +109,59 @@ def test_zsh_script_loads_and_registers(shell_env: dict[str, str], tmp_path: Pat
     assert res.stderr == ""
 
 
+_ZSH_STUBS = """
+_arguments() {
+    if [[ $1 == -C ]]; then state=$STUB_STATE; return 0; fi
+    print -l -- "$@"
+}
+_describe() { print -l -- "${(@P)4}" }
+compdef() { :; }
+source "$1"
+words=(${=STUB_WORDS})
+_qcowlib
+"""
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")
+def test_zsh_script_hands_zsh_every_command_and_option(tmp_path: Path) -> None:
+    """_qcowlib run with stand-ins for _describe and _arguments: the command list, then
+    per command a spec for each option (with its choices) and files for the rest."""
+    script = tmp_path / "_qcowlib"
+    out = subprocess.run(
+        [sys.executable, "-m", "qcowlib", "completion", "zsh"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    script.write_text(out.stdout)
+    stubs = tmp_path / "stubs.zsh"
+    stubs.write_text(_ZSH_STUBS)
+
+    def run(state: str, words: str = "") -> list[str]:
+        env = dict(os.environ, STUB_STATE=state, STUB_WORDS=words)
+        res = subprocess.run(
+            ["zsh", "-f", str(stubs), str(script)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        assert res.stderr == ""
+        return res.stdout.splitlines()
+
+    assert [line.split(":")[0] for line in run("command")] == list(COMMANDS)
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        specs = run("args", name)
+        offered = {spec.lstrip("*").split("[")[0] for spec in specs if spec.startswith(("-", "*-"))}
+        assert offered == {o for a in parser._actions for o in a.option_strings}, name
+        assert specs[-1] == "*:file:_files"
+    convert = run("args", "convert")
+    formats = " ".join(INPUT_FORMATS)
+    assert any(s.startswith("-O[") and s.endswith(f":FMT:({formats})") for s in convert)
+
+
 def test_unknown_shell_is_a_usage_error() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "qcowlib", "completion", "fish"],

@@ -407,7 +407,9 @@ def _register_core(sub: argparse._SubParsersAction[_Parser], name: str) -> None:
 
 
 #: Every command, in help order, and the module under qcowlib.cli that registers it
-#: through ``register(sub)`` (None: this module).
+#: through ``register(sub)`` (None: this module).  Each command has ``help=`` (one line),
+#: ``description=`` and ``epilog=examples(...)``, and each option a ``help=`` text:
+#: tests/cli/test_help.py walks the parser for them and runs every example.
 COMMANDS: dict[str, str | None] = {
     "info": None,
     "map": None,
