@@ -69,7 +69,7 @@ def test_every_command_has_help_a_description_and_examples() -> None:
         assert name in helped, f"{prog} has no one-line help"
         assert p.description, f"{prog} has no description"
         examples = _examples(p)
-        assert 1 <= len(examples) <= 4, f"{prog}: one to four examples in its epilog"
+        assert 1 <= len(examples) <= 2, f"{prog}: one or two examples in its epilog"
         for line, what in examples:
             assert line.startswith(prog + " "), line
             assert what, f"{line}: say what the example does"

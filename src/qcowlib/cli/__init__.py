@@ -320,12 +320,11 @@ def _register_core(sub: argparse._SubParsersAction[_Parser], name: str) -> None:
             description="Compare what a guest sees in two images, whatever their formats. "
             "Exit status 0: identical, 1: different, 2: error.",
             epilog=examples(
-                ("qcowlib compare disk.qcow2 disk.raw", "Images are identical."),
-                ("qcowlib compare overlay.qcow2 disk.qcow2", "the first mismatch (exit 1)"),
                 (
-                    "qcowlib compare -s disk.qcow2 disk.raw",
-                    "strict: the allocation must match too, and here it does not (exit 1)",
+                    "qcowlib compare disk.qcow2 disk.raw",
+                    "one disk in two formats: Images are identical.",
                 ),
+                ("qcowlib compare overlay.qcow2 disk.qcow2", "the first mismatch (exit 1)"),
             ),
         )
         add_input_format(p, "-f", "format1")
@@ -352,7 +351,6 @@ def _register_core(sub: argparse._SubParsersAction[_Parser], name: str) -> None:
             description="Copy an image's guest content (its whole backing chain) into a new "
             "image of any writable format, as qemu-img convert.",
             epilog=examples(
-                ("qcowlib convert -O raw overlay.qcow2 flat.raw", "a raw copy of the chain"),
                 (
                     "qcowlib convert -c -O qcow2 overlay.qcow2 small.qcow2",
                     "a standalone, compressed qcow2",

@@ -26,7 +26,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         epilog=examples(
             ("qcowlib check disk.qcow2", "counts of errors, leaks and allocated clusters"),
             ("qcowlib check -r leaks disk.qcow2", "free leaked clusters (writes the image)"),
-            ("qcowlib check --output json disk.qcow2", "qemu-img check's JSON"),
         ),
     )
     add_input_format(p)

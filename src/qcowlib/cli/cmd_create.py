@@ -21,7 +21,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                 "qcowlib create -f qcow2 -b base.qcow2 -F qcow2 top.qcow2",
                 "an overlay over base.qcow2, of its size",
             ),
-            ("qcowlib create -f qcow2 -o help x", "the options qcow2 takes"),
         ),
     )
     p.add_argument(

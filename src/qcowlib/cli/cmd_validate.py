@@ -30,14 +30,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "status 0: accepted, 1: rejected or unreadable."
         ),
         epilog=examples(
-            ("qcowlib validate disk.qcow2", "the findings, and whether Glance would accept it"),
             (
                 "qcowlib validate --disk-format qcow2 overlay.qcow2",
                 "refused (exit 1): it has a backing file; flatten it first",
-            ),
-            (
-                "qcowlib validate --policy strict --output json disk.raw",
-                "every finding is an error; the report as JSON",
             ),
             ("qcowlib validate --list-rules", "every rule, its severity and what it checks"),
         ),
