@@ -106,8 +106,9 @@ class FlattenStream(io.RawIOBase):
     def __len__(self) -> int:
         return self.size
 
-    def _next_chunk(self, progress: Progress | None = None) -> memoryview | None:
-        """The next chunk of the single pass (None at the end)."""
+    def _next_chunk(self, progress: Progress | None = None) -> bytes | memoryview | None:
+        """The next chunk of the single pass (None at the end): what is left of one a
+        read took part of, else the serializer's next chunk as it is (no copy)."""
         if self.closed:
             raise DiskClosed("stream is closed", file=self.name)
         if self._pending:
@@ -122,7 +123,7 @@ class FlattenStream(io.RawIOBase):
             self._eof = True
             self._disk.close()  # the whole image went out: release the chain now
             return None
-        return memoryview(data)
+        return data
 
     def chunks(self, progress: Progress | None = None) -> Iterator[bytes]:
         """The rest of the stream in chunks; ``progress(done, total)`` is called as they
@@ -133,7 +134,7 @@ class FlattenStream(io.RawIOBase):
                 if chunk is None:
                     return
                 self._position += len(chunk)
-                yield bytes(chunk)
+                yield chunk if isinstance(chunk, bytes) else bytes(chunk)
         finally:
             self.close()
 
@@ -152,8 +153,8 @@ class FlattenStream(io.RawIOBase):
             if chunk is None:
                 break
             n = min(len(chunk), len(view) - done)
-            view[done : done + n] = chunk[:n]
-            self._pending = chunk[n:]
+            view[done : done + n] = memoryview(chunk)[:n]
+            self._pending = memoryview(chunk)[n:]
             done += n
         self._position += done
         return done
