@@ -8,7 +8,10 @@ from collections.abc import Sequence
 __all__ = ["DOCS", "HelpFormatter", "did_you_mean", "examples"]
 
 #: Where the documentation is (named by ``qcowlib --help``).
-DOCS = "README.md and docs/ in the qcowlib source tree (docs/cli.md: every command)"
+DOCS = (
+    "README.md and docs/ in the qcowlib source tree (docs/cli.md: every command; "
+    "tools/docs builds them into a site)"
+)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
