@@ -44,10 +44,20 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def did_you_mean(word: str, candidates: Sequence[str]) -> str:
-    """``'a' or 'b'``: the candidates closest to a mistyped ``word`` (empty if none)."""
+    """``'a' or 'b'``: the candidates closest to a mistyped ``word`` (empty if none is
+    close); those clearly further than the best one are left out."""
     import difflib
 
-    close = difflib.get_close_matches(word, candidates, n=3, cutoff=0.6)
+    scored = []
+    for candidate in candidates:
+        matcher = difflib.SequenceMatcher(None, word, candidate)
+        if matcher.real_quick_ratio() >= 0.6 and matcher.quick_ratio() >= 0.6:
+            scored.append((matcher.ratio(), candidate))
+    scored = sorted((s for s in scored if s[0] >= 0.6), reverse=True)
+    if not scored:
+        return ""
+    best = scored[0][0]
+    close = [c for ratio, c in scored[:3] if ratio >= best - 0.1]
     return " or ".join(repr(c) for c in close)
 
 

@@ -283,6 +283,9 @@ class Disk(abc.ABC):
     backing: Disk | None = None
     #: True after :meth:`close`: reading then raises :class:`DiskClosed`.
     closed: bool = False
+    #: Data on disk is ciphertext: host offsets are not the guest's bytes (``map`` shows
+    #: none, copies read through :meth:`_read_layer`).
+    encrypted: bool = False
 
     # -- to implement --------------------------------------------------------------------
     @abc.abstractmethod
