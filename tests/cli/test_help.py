@@ -84,7 +84,14 @@ def test_top_level_help_names_the_docs_and_every_command() -> None:
 
 
 @pytest.mark.parametrize("name", list(COMMANDS))
-def test_examples_parse(name: str) -> None:
+def test_examples_parse(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # upload's parser reads the cloud's configuration: give the examples' cloud one
+    clouds = tmp_path / "clouds.yaml"
+    clouds.write_text(
+        "clouds:\n  mycloud:\n    auth_type: none\n"
+        "    image_endpoint_override: http://127.0.0.1:9/\n"
+    )
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(clouds))
     parser = build_parser(name)
     for line, _ in _examples(_command_parser(name)):
         argv = shlex.split(line.split(" > ")[0].split(" | ")[0])[1:]
