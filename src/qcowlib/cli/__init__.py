@@ -76,6 +76,34 @@ class Failed(Exception):
         self.status = status
 
 
+#: ``--backing-policy`` choices (qcowlib.core.chain.POLICY_NAMES).
+BACKING_POLICIES = ("follow", "contained", "none")
+
+
+def add_read_options(p: argparse.ArgumentParser, *, share: bool = True) -> None:
+    """``--backing-policy`` and (with ``share``) ``-U/--force-share``, for every command
+    that reads an image."""
+    p.add_argument(
+        "--backing-policy",
+        dest="backing_policy",
+        choices=BACKING_POLICIES,
+        default="follow",
+        help="which backing, data and extent files an image may name: follow (default, "
+        "as qemu-img), contained (only relative names inside the top image's directory "
+        "after resolving symlinks, with a recorded format) or none (the top image alone; "
+        "unallocated ranges read as zeros)",
+    )
+    if share:
+        p.add_argument(
+            "-U",
+            "--force-share",
+            dest="force_share",
+            action="store_true",
+            help="read images that another process (a running VM) has open for writing, "
+            "as qemu-img -U; what is read may be inconsistent",
+        )
+
+
 def add_output(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--output",
@@ -98,7 +126,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from qcowlib.cli.render import human_info
     from qcowlib.ops.info import info
 
-    result = info(args.filename, args.format, backing_chain=args.backing_chain)
+    result = info(
+        args.filename,
+        args.format,
+        backing_chain=args.backing_chain,
+        backing_policy=args.backing_policy,
+        force_share=args.force_share,
+    )
     if args.output == "json":
         print_json(result)
     elif isinstance(result, list):
@@ -113,7 +147,9 @@ def _cmd_map(args: argparse.Namespace) -> int:
     from qcowlib.formats.opener import open_disk
     from qcowlib.ops.map import map_entries
 
-    with open_disk(args.filename, args.format) as disk:
+    with open_disk(
+        args.filename, args.format, args.backing_policy, force_share=args.force_share
+    ) as disk:
         entries = list(map_entries(disk))
     if args.output == "json":
         sys.stdout.write(render_map_json(entries))
@@ -129,10 +165,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from qcowlib.formats.opener import open_disk
     from qcowlib.ops.compare import compare
 
+    policy, share = args.backing_policy, args.force_share
     try:
         with (
-            open_disk(args.filename1, args.format1) as a,
-            open_disk(args.filename2, args.format2) as b,
+            open_disk(args.filename1, args.format1, policy, force_share=share) as a,
+            open_disk(args.filename2, args.format2, policy, force_share=share) as b,
         ):
             result = compare(a, b, strict=args.strict)
     except QcowlibError as exc:
@@ -187,6 +224,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             backing_format=args.backing_format,
             sparse_size=sparse,
             progress=bar.update if bar else None,
+            backing_policy=args.backing_policy,
+            force_share=args.force_share,
         )
     finally:
         if bar:
@@ -292,6 +331,7 @@ def _register_core(sub: argparse._SubParsersAction[_Parser], name: str) -> None:
             action="store_true",
             help="also show every backing file, top image first (they are opened)",
         )
+        add_read_options(p)
         p.add_argument("filename", metavar="FILE", help="the image file")
         p.set_defaults(func=_cmd_info)
     elif name == "map":
@@ -310,6 +350,7 @@ def _register_core(sub: argparse._SubParsersAction[_Parser], name: str) -> None:
         )
         add_input_format(p)
         add_output(p)
+        add_read_options(p)
         p.add_argument("filename", metavar="FILE", help="the image file")
         p.set_defaults(func=_cmd_map)
     elif name == "compare":
@@ -340,6 +381,7 @@ def _register_core(sub: argparse._SubParsersAction[_Parser], name: str) -> None:
             action="store_true",
             help="strict mode: images of different sizes or block status differ",
         )
+        add_read_options(p)
         p.add_argument("filename1", metavar="A", help="the first image")
         p.add_argument("filename2", metavar="B", help="the second image")
         p.set_defaults(func=_cmd_compare)
@@ -398,6 +440,7 @@ def _register_core(sub: argparse._SubParsersAction[_Parser], name: str) -> None:
             "0: no zero detection)",
         )
         p.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
+        add_read_options(p)
         p.add_argument("src", metavar="SRC", help="the source image")
         p.add_argument("dst", metavar="DST", help="the new image")
         p.set_defaults(func=_cmd_convert)

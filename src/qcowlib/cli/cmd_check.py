@@ -11,7 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qcowlib.cli import Failed, add_input_format, add_output, print_json
+from qcowlib.cli import (
+    Failed,
+    add_input_format,
+    add_output,
+    add_read_options,
+    print_json,
+)
 from qcowlib.cli.helptext import examples
 
 
@@ -36,6 +42,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         choices=("leaks", "all"),
         help="repair leaked clusters only, or all fixable errors (opens the image read-write)",
     )
+    add_read_options(p)
     p.add_argument("filename", metavar="FILE", help="the image file")
     p.set_defaults(func=_cmd_check)
 
@@ -44,7 +51,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from qcowlib.ops.check import CheckNotSupported, check
 
     try:
-        report = check(args.filename, args.format, args.repair)
+        report = check(
+            args.filename,
+            args.format,
+            args.repair,
+            backing_policy=args.backing_policy,
+            force_share=args.force_share,
+        )
     except CheckNotSupported as exc:
         raise Failed(str(exc), CheckNotSupported.status) from None
     for line in report.messages:

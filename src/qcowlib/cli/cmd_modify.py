@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qcowlib.cli import INPUT_FORMATS, add_input_format
+from qcowlib.cli import INPUT_FORMATS, add_input_format, add_read_options
 from qcowlib.cli.helptext import examples
 
 
@@ -74,6 +74,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
     p.add_argument("-q", dest="quiet", action="store_true", help="print nothing but errors")
+    add_read_options(p, share=False)
     p.add_argument("filename", metavar="FILE", help="the overlay to rebase")
     p.set_defaults(func=_cmd_rebase)
 
@@ -101,6 +102,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
     p.add_argument("-q", dest="quiet", action="store_true", help="do not print 'Image committed.'")
+    add_read_options(p, share=False)
     p.add_argument("filename", metavar="FILE", help="the overlay to commit")
     p.set_defaults(func=_cmd_commit)
 
@@ -127,6 +129,7 @@ def _cmd_rebase(args: argparse.Namespace) -> int:
             args.backing_format,
             unsafe=args.unsafe,
             progress=bar.update if bar else None,
+            backing_policy=args.backing_policy,
         )
     finally:
         if bar:
@@ -140,7 +143,12 @@ def _cmd_commit(args: argparse.Namespace) -> int:
 
     bar = ProgressBar() if args.progress else None
     try:
-        commit(args.filename, drop=args.drop, progress=bar.update if bar else None)
+        commit(
+            args.filename,
+            drop=args.drop,
+            progress=bar.update if bar else None,
+            backing_policy=args.backing_policy,
+        )
     finally:
         if bar:
             bar.finish()

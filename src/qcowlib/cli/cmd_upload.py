@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from qcowlib.cli import INPUT_FORMATS, Failed, _Parser, add_output, print_json
+from qcowlib.cli import INPUT_FORMATS, Failed, _Parser, add_output, add_read_options, print_json
 from qcowlib.cli.helptext import examples
 
 GLANCE_DISK_FORMATS = (
@@ -115,6 +115,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-f", dest="format", choices=INPUT_FORMATS, help="the file's format")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     add_output(p)
+    add_read_options(p)
     p.add_argument("filename", help="the image file")
     p.set_defaults(func=_cmd_upload, cloud_setup=None)
 
@@ -172,6 +173,7 @@ def _add_image_options(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_upload(args: argparse.Namespace) -> int:
+    from qcowlib.cli.cmd_flatten import ChainReport
     from qcowlib.cli.progress import ProgressBar
     from qcowlib.glance.cloud import connect
     from qcowlib.glance.upload import UploadRequest, ValidationRefused, parse_properties, upload
@@ -192,14 +194,19 @@ def _cmd_upload(args: argparse.Namespace) -> int:
         tags=list(args.tag),
         use_import=args.use_import,
         store=args.store,
+        backing_policy=args.backing_policy,
+        force_share=args.force_share,
     )
     bar = ProgressBar() if args.progress else None
+    report = ChainReport(args)
 
     def connection() -> Any:
         return connect(args.cloud_setup, args, cloud=None if args.cloud_setup else args.os_cloud)
 
     try:
-        result = upload(req, connect=connection, progress=bar.update if bar else None)
+        result = upload(
+            req, connect=connection, progress=bar.update if bar else None, on_chain=report
+        )
     except ValidationRefused as exc:
         reasons = "; ".join(f"[{f['rule']}] {f['message']}" for f in exc.findings)
         hint = "--force overrides"
@@ -209,6 +216,7 @@ def _cmd_upload(args: argparse.Namespace) -> int:
     finally:
         if bar:
             bar.finish()
+    report.finish()
     if args.output == "json":
         print_json(result)
     else:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -107,6 +107,10 @@ class UploadRequest:
     properties: dict[str, str] = field(default_factory=dict)
     force: bool = False
     src_format: str | None = None
+    #: What of the chain ``flatten`` reads: ``follow``, ``contained`` or ``none``.
+    backing_policy: str = "follow"
+    #: Read an image another process has open for writing (qemu-img ``-U``).
+    force_share: bool = False
     tags: list[str] = field(default_factory=list)
     #: Interoperable import (stage, then ``glance-direct``) instead of a direct upload.
     use_import: bool = False
@@ -150,6 +154,8 @@ class _Source:
 
     def __init__(self, req: UploadRequest, disk_format: str) -> None:
         self.virtual_size: int
+        #: The chain read (``flatten``), top first: ``(filename, format)`` pairs.
+        self.chain: list[tuple[str, str]] = []
         if req.flatten:
             from qcowlib.ops.flatten import flatten_stream
 
@@ -160,20 +166,31 @@ class _Source:
                 src_format=req.src_format,
                 options=FLATTEN_TO.get(out),
                 chunk_size=READ_CHUNK,
+                backing_policy=req.backing_policy,
+                force_share=req.force_share,
             )
+            self.chain = self._stream.chain
             self.size = self._stream.size
             self.virtual_size = self._stream.virtual_size
             self._file: int | None = None
         else:
-            from qcowlib.core.chain import BackingPolicy
+            from qcowlib.core.chain import as_policy
+            from qcowlib.core.locks import take_read_locks
             from qcowlib.formats.opener import open_disk
 
-            with open_disk(req.path, req.src_format, BackingPolicy(follow=False)) as disk:
+            policy = as_policy(req.backing_policy, force_share=req.force_share)
+            policy = policy._replace(follow=False)
+            with open_disk(req.path, req.src_format, policy) as disk:
                 self.virtual_size = disk.virtual_size
             try:
                 self._file = os.open(req.path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as exc:
                 raise QcowlibIOError(f"cannot open {req.path}: {exc.strerror}") from None
+            try:  # held while it is sent: a VM cannot start writing it meanwhile
+                take_read_locks(self._file, os.fspath(req.path), force_share=req.force_share)
+            except BaseException:
+                os.close(self._file)
+                raise
             self.size = os.fstat(self._file).st_size
 
     def chunks(self) -> Iterator[bytes]:
@@ -278,6 +295,7 @@ def upload(
     connection: Connection | None = None,
     connect: Callable[[], Connection] | None = None,
     progress: Progress | None = None,
+    on_chain: Callable[[Sequence[tuple[str, str]]], None] | None = None,
 ) -> UploadResult:
     """Upload ``req.path`` to Glance; returns the contract's summary of the image.
 
@@ -295,6 +313,8 @@ def upload(
     called only after the local checks passed; otherwise one is built from ``cloud``
     (or ``OS_CLOUD``, clouds.yaml and ``OS_*`` variables, as the ``openstack`` client
     does).
+    With ``req.flatten``, ``on_chain`` is told the chain read, top first, as
+    ``(filename, format)`` pairs.
     """
     from qcowlib.core.hostfile import HostFile
     from qcowlib.formats.opener import probe_format
@@ -318,6 +338,8 @@ def upload(
             "validation refused the image: " + "; ".join(e["message"] for e in errors), errors
         )
     source = _Source(req, disk_format)  # opens a flattened chain's base files too
+    if on_chain is not None and source.chain:
+        on_chain(source.chain)
     try:
         if connection is not None:
             conn = connection

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from qcowlib.core.disk import Disk
 from qcowlib.core.drivers import OutputDriver, OutputRequest, Serializer
 from qcowlib.core.hostfile import pwrite_all, reserve
 from qcowlib.core.sinks import atomic_output
@@ -26,10 +27,19 @@ from qcowlib.formats.qcow2.stream import STREAM_CHUNK
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
+
+    from qcowlib.core.chain import BackingPolicy
 else:  # what the annotation means at run time (typing.get_type_hints)
     WriteableBuffer = bytearray | memoryview
 
 Progress = Callable[[int, int], None]
+#: Told the chain being read, top first, as ``(filename, format)`` pairs, once it is open.
+ChainReport = Callable[[Sequence[tuple[str, str]]], None]
+
+
+def chain_of(disk: Disk) -> list[tuple[str, str]]:
+    """``(filename, format)`` of every image of ``disk``'s chain, top first."""
+    return [(d.filename, d.format) for d in disk.chain]
 
 
 class HashSink(Protocol):
@@ -67,6 +77,8 @@ class FlattenStream(io.RawIOBase):
         compress: bool = False,
         chunk_size: int = STREAM_CHUNK,
         name: str | None = None,
+        backing_policy: BackingPolicy | str | None = None,
+        force_share: bool = False,
     ) -> None:
         super().__init__()
         driver = _driver(out_format)
@@ -79,7 +91,7 @@ class FlattenStream(io.RawIOBase):
         driver.check(request)
         self.format = out_format
         self.name = os.fspath(src)
-        self._disk = open_disk(src, src_format)
+        self._disk = open_disk(src, src_format, backing_policy, force_share=force_share)
         try:
             ser = driver.stream(self._disk, request, chunk_size)
             if ser is None:
@@ -91,6 +103,8 @@ class FlattenStream(io.RawIOBase):
         #: Exact length of the stream in bytes, known before the first byte.
         self.size: int = self._ser.size
         self.virtual_size = self._disk.virtual_size
+        #: The chain read, top first: ``(filename, format)`` pairs.
+        self.chain = chain_of(self._disk)
         self._source: Iterator[bytes] | None = None
         self._pending = memoryview(b"")
         self._position = 0
@@ -182,13 +196,16 @@ def flatten_stream(
     compress: bool = False,
     chunk_size: int = STREAM_CHUNK,
     name: str | None = None,
+    backing_policy: BackingPolicy | str | None = None,
+    force_share: bool = False,
 ) -> FlattenStream:
     """Open ``src`` with its chain and return its flattened image as a stream.
 
     ``stream.size`` is exact before the first byte; nothing is written to disk.  ``name``
     is the file name a VMDK's descriptor gives its extent (default: the source's base
-    name with ``.vmdk``).  Raises :class:`QcowlibError` subclasses for bad sources or
-    options.
+    name with ``.vmdk``).  ``backing_policy`` (``follow``, ``contained``, ``none``) and
+    ``force_share`` (qemu-img ``-U``) are :func:`qcowlib.open`'s.  Raises
+    :class:`QcowlibError` subclasses for bad sources or options.
     """
     return FlattenStream(
         src,
@@ -198,6 +215,8 @@ def flatten_stream(
         compress=compress,
         chunk_size=chunk_size,
         name=name,
+        backing_policy=backing_policy,
+        force_share=force_share,
     )
 
 
@@ -211,6 +230,9 @@ def flatten(
     compress: bool = False,
     progress: Progress | None = None,
     hashers: Sequence[HashSink] = (),
+    backing_policy: BackingPolicy | str | None = None,
+    force_share: bool = False,
+    on_chain: ChainReport | None = None,
 ) -> int:
     """Write ``src``'s whole chain as one standalone image at ``dst`` (``-``: stdout).
 
@@ -219,15 +241,26 @@ def flatten(
     example ``hashlib.md5()`` and ``hashlib.sha512()``) are fed the output's bytes in
     file order as they are written, so their digests are the file's without reading it
     back; the image is then written from its planned layout in file order (the chain is
-    read twice, as for a stream).
+    read twice, as for a stream).  ``backing_policy`` and ``force_share`` are
+    :func:`qcowlib.open`'s; ``on_chain`` is told the chain read, top first, once it is
+    open.  An existing ``dst`` that another process (a running VM)
+    holds is refused (:class:`~qcowlib.errors.ImageLocked`).
     """
     src = os.fspath(src)
     dst = os.fspath(dst)
     if dst == "-":
         out = sys.stdout.buffer
         with flatten_stream(
-            src, out_format, src_format=src_format, options=options, compress=compress
+            src,
+            out_format,
+            src_format=src_format,
+            options=options,
+            compress=compress,
+            backing_policy=backing_policy,
+            force_share=force_share,
         ) as stream:
+            if on_chain is not None:
+                on_chain(stream.chain)
             for piece in stream.chunks(progress):
                 for h in hashers:
                     h.update(piece)
@@ -245,8 +278,10 @@ def flatten(
         extent_name=os.path.basename(dst),
     )
     driver.check(request)
-    with open_disk(src, src_format) as disk:
+    with open_disk(src, src_format, backing_policy, force_share=force_share) as disk:
         inputs = tuple(d.filename for d in disk.chain)
+        if on_chain is not None:
+            on_chain(chain_of(disk))
         if not hashers:
             written = driver.flatten_file(disk, dst, request, progress, inputs)
             if written is not None:

@@ -6,7 +6,7 @@ import os
 from typing import Any, Literal, TypedDict, cast, overload
 
 from qcowlib._json import JSONObject
-from qcowlib.core.chain import BackingPolicy
+from qcowlib.core.chain import BackingPolicy, as_policy
 from qcowlib.core.disk import Disk, full_backing_filename
 from qcowlib.formats.opener import open_disk
 
@@ -56,25 +56,50 @@ def image_info(disk: Disk) -> ImageInfo:
 
 @overload
 def info(
-    path: str | os.PathLike[str], fmt: str | None = None, *, backing_chain: Literal[False] = False
+    path: str | os.PathLike[str],
+    fmt: str | None = None,
+    *,
+    backing_chain: Literal[False] = False,
+    backing_policy: BackingPolicy | str | None = None,
+    force_share: bool = False,
 ) -> ImageInfo: ...
 @overload
 def info(
-    path: str | os.PathLike[str], fmt: str | None = None, *, backing_chain: Literal[True]
+    path: str | os.PathLike[str],
+    fmt: str | None = None,
+    *,
+    backing_chain: Literal[True],
+    backing_policy: BackingPolicy | str | None = None,
+    force_share: bool = False,
 ) -> list[ImageInfo]: ...
 @overload
 def info(
-    path: str | os.PathLike[str], fmt: str | None = None, *, backing_chain: bool
+    path: str | os.PathLike[str],
+    fmt: str | None = None,
+    *,
+    backing_chain: bool,
+    backing_policy: BackingPolicy | str | None = None,
+    force_share: bool = False,
 ) -> ImageInfo | list[ImageInfo]: ...
 def info(
-    path: str | os.PathLike[str], fmt: str | None = None, *, backing_chain: bool = False
+    path: str | os.PathLike[str],
+    fmt: str | None = None,
+    *,
+    backing_chain: bool = False,
+    backing_policy: BackingPolicy | str | None = None,
+    force_share: bool = False,
 ) -> ImageInfo | list[ImageInfo]:
     """``qemu-img info`` for ``path``: one object, or a list top-first with the chain.
 
-    Without ``backing_chain`` the backing file is not opened (as qemu-img info).
+    Without ``backing_chain`` the backing file is not opened (as qemu-img info), and
+    its name is shown whatever the policy; with it, the chain is opened as
+    ``backing_policy`` allows (``none``: the top image alone).  ``force_share`` is
+    qemu-img's ``-U``.
     """
     path = os.fspath(path)
-    policy = BackingPolicy(follow=backing_chain)
+    policy = as_policy(backing_policy, force_share=force_share)
+    if not backing_chain:
+        policy = policy._replace(follow=False)
     with open_disk(path, fmt, policy) as disk:
         if not backing_chain:
             return image_info(disk)
