@@ -5,7 +5,7 @@
 Per operation, two bars: qcowlib/qemu-img and qcowlib/floor (the copy limit for cases
 that move data, ``python -c pass`` for metadata-only ones), both ratios of median times,
 on a logarithmic axis with a line at 1.0 and a mark at each target of issue #11.
-Needs matplotlib (the ``bench`` extra: ``pip install -e .[bench]``).
+Needs matplotlib (the ``bench`` dependency group: ``uv pip install --group bench``).
 """
 
 from __future__ import annotations

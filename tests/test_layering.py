@@ -18,6 +18,7 @@ REGISTRY_MODULES = ("qcowlib.formats", "qcowlib.formats.registry", "qcowlib.form
 LAYERS = {
     "errors": 0,
     "_units": 0,
+    "_json": 0,
     "checkreport": 0,
     "core": 1,
     "formats": 2,
@@ -47,6 +48,8 @@ PURE_MODULES = {
     "descriptor.py",
     "footer.py",
     "dynamic.py",
+    "resources.py",
+    "_inflate.py",
 }
 
 

@@ -1,6 +1,9 @@
 """qcowlib: read, convert and check virtual disk images, interoperable with qemu-img.
 
-``import qcowlib`` stays light: numpy, construct and the rest load on first use.
+``import qcowlib`` stays light: numpy, construct and the rest load on first use.  Every
+public name is listed in ``__all__`` (and by ``dir(qcowlib)`` and ``help(qcowlib)``);
+paths are ``str`` or ``os.PathLike``; every error raised on purpose derives from
+:class:`QcowlibError`.  Documentation: README.md and docs/ in the source tree.
 
 >>> import qcowlib
 >>> with qcowlib.open("overlay.qcow2") as disk:          # doctest: +SKIP
@@ -9,7 +12,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import os
+from typing import TYPE_CHECKING
 
 from qcowlib.errors import (
     BackingChainError,
@@ -19,11 +23,14 @@ from qcowlib.errors import (
     BackingNotFound,
     BackingTooDeep,
     CorruptImage,
+    DiskClosed,
     FormatError,
     ImageLocked,
     InvalidArgument,
     QcowlibError,
+    QcowlibFileNotFoundError,
     QcowlibIOError,
+    QcowlibPermissionError,
     SourceChanged,
     TruncatedImage,
     UnsafeBackingPath,
@@ -36,15 +43,19 @@ if TYPE_CHECKING:
     from qcowlib.core.disk import Disk, Extent, ExtentKind
     from qcowlib.formats import formats
     from qcowlib.formats.qcow2.writer import Qcow2RWDisk
+    from qcowlib.formats.registry import FormatInfo
     from qcowlib.glance.upload import UploadRequest, upload
     from qcowlib.ops.check import check
     from qcowlib.ops.checksum import checksum
     from qcowlib.ops.compare import CompareResult
     from qcowlib.ops.convert import convert
     from qcowlib.ops.create import create
-    from qcowlib.ops.flatten import flatten, flatten_stream
+    from qcowlib.ops.flatten import FlattenStream, flatten, flatten_stream
+    from qcowlib.ops.info import info
     from qcowlib.ops.measure import measure
     from qcowlib.validate import validate
+    from qcowlib.validate.model import ValidationReport
+    from qcowlib.validate.registry import RuleInfo
 
 __all__ = [
     "BackingChainError",
@@ -58,18 +69,25 @@ __all__ = [
     "CompareResult",
     "CorruptImage",
     "Disk",
+    "DiskClosed",
     "Extent",
     "ExtentKind",
+    "FlattenStream",
     "FormatError",
+    "FormatInfo",
     "ImageLocked",
     "InvalidArgument",
     "QcowlibError",
+    "QcowlibFileNotFoundError",
     "QcowlibIOError",
+    "QcowlibPermissionError",
+    "RuleInfo",
     "SourceChanged",
     "TruncatedImage",
     "UnsafeBackingPath",
     "UnsupportedFeature",
     "UploadRequest",
+    "ValidationReport",
     "check",
     "checksum",
     "compare",
@@ -84,6 +102,7 @@ __all__ = [
     "open_rw",
     "upload",
     "validate",
+    "validation_rules",
 ]
 
 __version__ = "0.1.0"
@@ -102,6 +121,10 @@ _LAZY = {
     "checksum": ("qcowlib.ops.checksum", "checksum"),
     "flatten": ("qcowlib.ops.flatten", "flatten"),
     "flatten_stream": ("qcowlib.ops.flatten", "flatten_stream"),
+    "FlattenStream": ("qcowlib.ops.flatten", "FlattenStream"),
+    "FormatInfo": ("qcowlib.formats.registry", "FormatInfo"),
+    "RuleInfo": ("qcowlib.validate.registry", "RuleInfo"),
+    "ValidationReport": ("qcowlib.validate.model", "ValidationReport"),
     "upload": ("qcowlib.glance.upload", "upload"),
     "UploadRequest": ("qcowlib.glance.upload", "UploadRequest"),
     "info": ("qcowlib.ops.info", "info"),
@@ -109,7 +132,7 @@ _LAZY = {
 
 
 def open(
-    path: str,
+    path: str | os.PathLike[str],
     fmt: str | None = None,
     *,
     backing_policy: BackingPolicy | str | None = None,
@@ -126,7 +149,10 @@ def open(
     sockets, directories and /proc or /sys files are never opened as backing, data or
     extent files.  Images are locked as qemu-img locks them: one that another process
     holds open for writing raises :class:`ImageLocked`, unless ``force_share`` (``-U``).
-    Raises :class:`QcowlibError` subclasses for anything wrong with the files.
+    Raises :class:`QcowlibError` subclasses for anything wrong with the files (a
+    missing file: :class:`QcowlibFileNotFoundError`, also a ``FileNotFoundError``; no
+    permission: :class:`QcowlibPermissionError`, also a ``PermissionError``).  Reading a
+    closed disk raises :class:`DiskClosed`.
     """
     from qcowlib.formats.opener import open_disk
 
@@ -134,7 +160,9 @@ def open(
     return open_disk(path, fmt, policy, force_share=force_share)
 
 
-def open_rw(path: str, *, backing_policy: BackingPolicy | str | None = None) -> Qcow2RWDisk:
+def open_rw(
+    path: str | os.PathLike[str], *, backing_policy: BackingPolicy | str | None = None
+) -> Qcow2RWDisk:
     """Open a qcow2 image for writing (its backing chain read-only).
 
     The disk has ``write(offset, data)``, ``write_zeroes``, ``discard``, ``resize``,
@@ -150,8 +178,8 @@ def open_rw(path: str, *, backing_policy: BackingPolicy | str | None = None) -> 
 
 
 def compare(
-    a: str,
-    b: str,
+    a: str | os.PathLike[str],
+    b: str | os.PathLike[str],
     *,
     fmt_a: str | None = None,
     fmt_b: str | None = None,
@@ -174,7 +202,16 @@ def compare(
         return _compare(da, db, strict=strict)
 
 
-def __getattr__(name: str) -> Any:
+def validation_rules() -> list[RuleInfo]:
+    """Every rule ``validate`` runs (built-in, registered, from entry points), in order,
+    with its name, severity and description (``qcowlib validate --list-rules``)."""
+    from qcowlib.validate.registry import describe_rules
+
+    return describe_rules()
+
+
+def __getattr__(name: str) -> object:
+    """The names in ``__all__`` that load on first use (see ``_LAZY``)."""
     if name in ("validate", "formats"):
         # Callable packages: qcowlib.validate(path, ...) validates and
         # qcowlib.validate.register(rule) adds a rule; qcowlib.formats() lists the
@@ -192,3 +229,8 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(module), attr)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    """Every public name, loaded or not (``dir(qcowlib)``, ``help(qcowlib)``)."""
+    return sorted(set(globals()) | set(__all__))

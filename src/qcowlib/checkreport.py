@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
+from qcowlib._json import JSONObject
 from qcowlib.errors import UnsupportedFeature
 
 __all__ = ["CheckNotSupported", "CheckReport"]
@@ -76,7 +77,30 @@ class CheckReport:
             return 3
         return 0
 
-    def to_json(self) -> dict[str, Any]:
+    def summary(self) -> str:
+        """One line: the verdict and the counts that make it."""
+        if self.failure is not None:
+            return f"check failed: {self.failure}"
+        problems = [
+            f"{n} {what}"
+            for n, what in (
+                (self.check_errors, "check errors"),
+                (self.corruptions, "corruptions"),
+                (self.leaks, "leaked clusters"),
+            )
+            if n
+        ]
+        text = ", ".join(problems) if problems else "no errors"
+        if self.corruptions_fixed or self.leaks_fixed:
+            text += f" (fixed: {self.corruptions_fixed} corruptions, {self.leaks_fixed} leaks)"
+        if self.total_clusters:
+            text += f"; {self.allocated_clusters}/{self.total_clusters} clusters allocated"
+        return text
+
+    def __repr__(self) -> str:
+        return f"<CheckReport {self.format} {self.filename!r}: {self.summary()}>"
+
+    def to_json(self) -> JSONObject:
         """``qemu-img check --output=json``'s object (same keys, order and omissions)."""
         values: dict[str, Any] = {
             "image-end-offset": self.image_end_offset,

@@ -10,6 +10,9 @@ This module imports nothing from qcowlib.
 
 from __future__ import annotations
 
+import errno
+import os
+
 __all__ = [
     "BackingChainError",
     "BackingFormatUnknown",
@@ -17,11 +20,14 @@ __all__ = [
     "BackingNotFound",
     "BackingTooDeep",
     "CorruptImage",
+    "DiskClosed",
     "FormatError",
     "ImageLocked",
     "InvalidArgument",
     "QcowlibError",
+    "QcowlibFileNotFoundError",
     "QcowlibIOError",
+    "QcowlibPermissionError",
     "TruncatedImage",
     "UnsafeBackingPath",
     "UnsupportedFeature",
@@ -80,6 +86,47 @@ class InvalidArgument(QcowlibError, ValueError):
 
 class QcowlibIOError(QcowlibError, OSError):
     """An operating-system error while reading or writing an image."""
+
+
+class QcowlibFileNotFoundError(QcowlibIOError, FileNotFoundError):
+    """An image (or a file it names) does not exist: also a :class:`FileNotFoundError`,
+    so ``except FileNotFoundError`` works as for :func:`open`."""
+
+    def __init__(self, message: str = "no such file", *, file: str | None = None) -> None:
+        super().__init__(message, file=file)
+        self.errno = errno.ENOENT
+        self.strerror = os.strerror(errno.ENOENT)
+        self.filename = file
+
+
+class QcowlibPermissionError(QcowlibIOError, PermissionError):
+    """An image cannot be opened for lack of permission: also a :class:`PermissionError`."""
+
+    def __init__(self, message: str = "permission denied", *, file: str | None = None) -> None:
+        super().__init__(message, file=file)
+        self.errno = errno.EACCES
+        self.strerror = os.strerror(errno.EACCES)
+        self.filename = file
+
+
+def os_error(exc: OSError, message: str, *, file: str | None = None) -> QcowlibIOError:
+    """The :class:`QcowlibIOError` for an :class:`OSError` from the system: a missing
+    file is also a :class:`FileNotFoundError`, a refusal also a :class:`PermissionError`."""
+    if isinstance(exc, FileNotFoundError):
+        return QcowlibFileNotFoundError(message, file=file)
+    if isinstance(exc, PermissionError):
+        return QcowlibPermissionError(message, file=file)
+    return QcowlibIOError(message, file=file)
+
+
+class DiskClosed(QcowlibError, ValueError):
+    """An operation on a disk (or stream) after :meth:`close` (``disk is closed``).
+
+    Also a :class:`ValueError`, as an operation on a closed Python file is.
+    """
+
+    def __init__(self, message: str = "disk is closed", *, file: str | None = None) -> None:
+        super().__init__(message, file=file)
 
 
 class FormatError(QcowlibError):

@@ -222,7 +222,9 @@ def test_size_raw(size: str) -> None:
 def test_size_option_and_flag() -> None:
     both_succeed("--size", "1G", "-O", "qcow2", "-o", "size=5G")
     both_succeed("--size", "1k", "-o", "size=2k")
-    assert measure(None, "qcow2", {"size": "5G"}, size=1 << 30) == measure(None, size=1 << 30)
+    assert measure(None, "qcow2", {"size": "5G"}, size=1 << 30) == measure(
+        None, "qcow2", size=1 << 30
+    )
 
 
 def test_option_spellings_qemu_accepts() -> None:

@@ -17,6 +17,7 @@ from typing import Any, Final, NoReturn
 
 from qcowlib._log import configure_on_use, get_logger
 from qcowlib._units import split_qemu_opts
+from qcowlib.cli.helptext import DOCS, HelpFormatter, did_you_mean, examples
 from qcowlib.errors import QcowlibError
 from qcowlib.formats import registry
 
@@ -27,6 +28,10 @@ INPUT_FORMATS = registry.readable()
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def _get_formatter(self) -> argparse.HelpFormatter:
         # argparse asks shutil for the width, and shutil imports bz2 and lzma (~2 ms on
         # every run: add_argument formats metavars); the same answer without them.
@@ -35,6 +40,18 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         self.exit(2, f"qcowlib: error: {message}\n")
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        """An invalid choice (a command or an option value) says what was probably meant."""
+        if action.choices is None or value in action.choices:
+            return
+        choices = ", ".join(map(repr, action.choices))
+        message = f"invalid choice: {value!r} (choose from {choices})"
+        close = did_you_mean(str(value), [str(c) for c in action.choices])
+        if close:
+            what = "command" if isinstance(action, argparse._SubParsersAction) else "choice"
+            message = f"unknown {what} {value!r}; did you mean {close}?"
+        raise argparse.ArgumentError(action, message)
 
 
 def _terminal_width() -> int:
@@ -88,7 +105,12 @@ def add_read_options(p: argparse.ArgumentParser, *, share: bool = True) -> None:
 
 
 def add_output(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", choices=("human", "json"), default="human", help="output format")
+    p.add_argument(
+        "--output",
+        choices=("human", "json"),
+        default="human",
+        help="human-readable text (default) or JSON with qemu-img's keys",
+    )
 
 
 def print_json(value: Any) -> None:
@@ -220,10 +242,20 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     With ``only`` (a command name), just that command's parser is built: a run of one
     command does not pay for building (and importing) every other command's options.
     """
-    parser = _Parser(prog="qcowlib", description="Inspect and convert virtual disk images.")
-    parser.add_argument("--version", action=_VersionAction, nargs=0)
-    parser.add_argument("--debug", action="store_true", help="log debugging detail to stderr")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser = _Parser(
+        prog="qcowlib",
+        description="Inspect, check, convert, flatten and upload virtual disk images "
+        "(qcow2, raw, VMDK, VDI, VHD, VHDX), with qemu-img's options and output.",
+        epilog=f"Run 'qcowlib COMMAND --help' for a command's options and examples. "
+        f"Documentation: {DOCS}.",
+    )
+    parser.add_argument(
+        "--version", action=_VersionAction, nargs=0, help="print the version and exit"
+    )
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", parser_class=_Parser, title="commands"
+    )
     sub.required = True
     wanted = [only] if only in COMMANDS else list(COMMANDS)
     import importlib
@@ -236,53 +268,188 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         elif module not in registered:
             importlib.import_module(f"qcowlib.cli.{module}").register(sub)
             registered.add(module)
+    for command in sub.choices.values():
+        # --debug after the command too; SUPPRESS: absent, it leaves the global one alone
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP
+        )
+        # Taken out of the command line before parsing (_take_secret_options); listed
+        # here for --help, completion and the reference.
+        command.add_argument(
+            "--object",
+            metavar="SPEC",
+            action="append",
+            default=argparse.SUPPRESS,
+            help="secret,id=ID,data=TEXT or secret,id=ID,file=PATH: a passphrase for "
+            "--image-opts key-secret=ID (as qemu-img; may repeat)",
+        )
+        command.add_argument(
+            "--image-opts",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="image names are option strings: driver=FMT,file.filename=PATH,"
+            "key-secret=ID (encrypted images, as qemu-img)",
+        )
     return parser
+
+
+DEBUG_HELP = "on an error, show its traceback; log debugging detail to stderr"
+
+
+def add_input_format(p: argparse.ArgumentParser, flag: str = "-f", dest: str = "format") -> None:
+    """``-f FMT``: the source's format (probed from its content when not given)."""
+    p.add_argument(
+        flag,
+        dest=dest,
+        choices=INPUT_FORMATS,
+        metavar="FMT",
+        help="the image's format (default: probed from its content, never from its name): "
+        + ", ".join(INPUT_FORMATS),
+    )
 
 
 def _register_core(sub: argparse._SubParsersAction[_Parser], name: str) -> None:
     """The commands this module implements itself."""
     if name == "info":
-        p = sub.add_parser("info", help="show image information")
-        p.add_argument("-f", dest="format", choices=INPUT_FORMATS)
+        p = sub.add_parser(
+            "info",
+            help="show image information",
+            description="Show an image's format, sizes, backing file and format-specific "
+            "details, as qemu-img info.",
+            epilog=examples(
+                ("qcowlib info disk.qcow2", "format, virtual and file size, cluster size"),
+                (
+                    "qcowlib info --backing-chain --output json overlay.qcow2",
+                    "the overlay and every image under it, as qemu-img's JSON (a list)",
+                ),
+            ),
+        )
+        add_input_format(p)
         add_output(p)
-        p.add_argument("--backing-chain", action="store_true")
+        p.add_argument(
+            "--backing-chain",
+            action="store_true",
+            help="also show every backing file, top image first (they are opened)",
+        )
         add_read_options(p)
-        p.add_argument("filename")
+        p.add_argument("filename", metavar="FILE", help="the image file")
         p.set_defaults(func=_cmd_info)
     elif name == "map":
-        p = sub.add_parser("map", help="show the allocation map")
-        p.add_argument("-f", dest="format", choices=INPUT_FORMATS)
+        p = sub.add_parser(
+            "map",
+            help="show the allocation map",
+            description="Show which ranges of the disk hold data, zeros or nothing, and "
+            "in which image of the chain, as qemu-img map.",
+            epilog=examples(
+                ("qcowlib map overlay.qcow2", "the data ranges, with host offsets and files"),
+                (
+                    "qcowlib map --output json overlay.qcow2",
+                    "every run with its depth in the chain, as qemu-img map's JSON",
+                ),
+            ),
+        )
+        add_input_format(p)
         add_output(p)
         add_read_options(p)
-        p.add_argument("filename")
+        p.add_argument("filename", metavar="FILE", help="the image file")
         p.set_defaults(func=_cmd_map)
     elif name == "compare":
-        p = sub.add_parser("compare", help="compare guest content of two images")
-        p.add_argument("-f", dest="format1", choices=INPUT_FORMATS)
-        p.add_argument("-F", dest="format2", choices=INPUT_FORMATS)
-        p.add_argument("-s", dest="strict", action="store_true", help="strict mode")
+        p = sub.add_parser(
+            "compare",
+            help="compare guest content of two images",
+            description="Compare what a guest sees in two images, whatever their formats. "
+            "Exit status 0: identical, 1: different, 2: error.",
+            epilog=examples(
+                (
+                    "qcowlib compare disk.qcow2 disk.raw",
+                    "one disk in two formats: Images are identical.",
+                ),
+                ("qcowlib compare overlay.qcow2 disk.qcow2", "the first mismatch (exit 1)"),
+            ),
+        )
+        add_input_format(p, "-f", "format1")
+        p.add_argument(
+            "-F",
+            dest="format2",
+            choices=INPUT_FORMATS,
+            metavar="FMT",
+            help="the second image's format (default: probed)",
+        )
+        p.add_argument(
+            "-s",
+            dest="strict",
+            action="store_true",
+            help="strict mode: images of different sizes or block status differ",
+        )
         add_read_options(p)
-        p.add_argument("filename1")
-        p.add_argument("filename2")
+        p.add_argument("filename1", metavar="A", help="the first image")
+        p.add_argument("filename2", metavar="B", help="the second image")
         p.set_defaults(func=_cmd_compare)
     elif name == "convert":
-        p = sub.add_parser("convert", help="convert an image to another format")
-        p.add_argument("-f", dest="format", choices=INPUT_FORMATS)
-        p.add_argument("-O", dest="out_format", default="raw", choices=INPUT_FORMATS)
-        p.add_argument("-o", dest="options")
-        p.add_argument("-c", dest="compress", action="store_true")
-        p.add_argument("-B", dest="backing")
-        p.add_argument("-F", dest="backing_format")
-        p.add_argument("-S", dest="sparse_size")
-        p.add_argument("-p", dest="progress", action="store_true")
+        p = sub.add_parser(
+            "convert",
+            help="convert an image to another format",
+            description="Copy an image's guest content (its whole backing chain) into a new "
+            "image of any writable format, as qemu-img convert.",
+            epilog=examples(
+                (
+                    "qcowlib convert -c -O qcow2 overlay.qcow2 small.qcow2",
+                    "a standalone, compressed qcow2",
+                ),
+                (
+                    "qcowlib convert -O vmdk -o subformat=streamOptimized disk.qcow2 disk.vmdk",
+                    "a VMDK for VMware ESXi",
+                ),
+            ),
+        )
+        add_input_format(p)
+        p.add_argument(
+            "-O",
+            dest="out_format",
+            default="raw",
+            choices=INPUT_FORMATS,
+            metavar="FMT",
+            help="the output format (default raw)",
+        )
+        p.add_argument(
+            "-o",
+            dest="options",
+            metavar="OPTIONS",
+            help="output format options, key=value,... (-o help lists them)",
+        )
+        p.add_argument(
+            "-c", dest="compress", action="store_true", help="compress the output's data"
+        )
+        p.add_argument(
+            "-B",
+            dest="backing",
+            metavar="BACKING",
+            help="write an overlay over BACKING holding only what differs from it",
+        )
+        p.add_argument(
+            "-F",
+            dest="backing_format",
+            metavar="FMT",
+            help="the format of BACKING (-B); never guessed",
+        )
+        p.add_argument(
+            "-S",
+            dest="sparse_size",
+            metavar="SIZE",
+            help="all-zero blocks of SIZE bytes are left unallocated (default 4k; "
+            "0: no zero detection)",
+        )
+        p.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
         add_read_options(p)
-        p.add_argument("src")
-        p.add_argument("dst")
+        p.add_argument("src", metavar="SRC", help="the source image")
+        p.add_argument("dst", metavar="DST", help="the new image")
         p.set_defaults(func=_cmd_convert)
 
 
 #: Every command, in help order, and the module under qcowlib.cli that registers it
-#: through ``register(sub)`` (None: this module).
+#: through ``register(sub)`` (None: this module).  Each command has ``help=`` (one line),
+#: ``description=`` and ``epilog=examples(...)``, and each option a ``help=`` text:
+#: tests/cli/test_help.py walks the parser for them and runs every example.
 COMMANDS: dict[str, str | None] = {
     "info": None,
     "map": None,
@@ -298,24 +465,19 @@ COMMANDS: dict[str, str | None] = {
     "checksum": "cmd_checksum",
     "validate": "cmd_validate",
     "upload": "cmd_upload",
+    "completion": "cmd_completion",
 }
 
 
 class _VersionAction(argparse.Action):
-    """``--version``, looked up only when asked (importlib.metadata costs ~40 ms)."""
+    """``--version``: ``qcowlib.__version__``, the one source of the version (the build
+    reads it too: pyproject.toml [tool.hatch.version])."""
 
     def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
-        sys.stdout.write(_version() + "\n")
+        from qcowlib import __version__
+
+        sys.stdout.write(f"qcowlib {__version__}\n")
         parser.exit(0)
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"qcowlib {version('qcowlib')}"
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree
-        return "qcowlib (unknown version)"
 
 
 #: Attributes that hold image names, which ``--image-opts`` turns into option strings.
@@ -393,28 +555,65 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     if "resize" in argv and argv and re.match(r"^-\d", argv[-1]) and "--" not in argv:
         argv.insert(len(argv) - 1, "--")  # "resize FILE -3M": a size, not an option
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     configure_on_use(lambda: _configure_logging(args.debug))
     func: Callable[[argparse.Namespace], int] = args.func
     error_status = 2 if args.command == "compare" else 1
+    if args.debug:  # logging loads only when something is logged (qcowlib._log)
+        shown = {k: v for k, v in vars(args).items() if k not in ("func", "parser")}
+        log.debug("%s %s", args.command, shown)
     try:
         with _image_keys(args, objects, image_opts):
             return func(args)
     except Failed as exc:
+        _traceback(args)
         sys.stderr.write(f"qcowlib: error: {exc}\n")
         return exc.status
     except QcowlibError as exc:
+        _traceback(args)
         sys.stderr.write(f"qcowlib: error: {exc}\n")
         return error_status
     except KeyboardInterrupt:
+        _traceback(args)
         sys.stderr.write("qcowlib: error: interrupted\n")
         return 130
     except BrokenPipeError:
         return error_status
     except OSError as exc:
+        _traceback(args)
         sys.stderr.write(f"qcowlib: error: {exc}\n")
         return error_status
-    except Exception as exc:  # a bug: never show users a traceback, keep it in the log
-        log.debug("internal error", exc_info=True)
+    except Exception as exc:  # a bug: no traceback for users unless they ask (--debug)
+        _traceback(args)
         sys.stderr.write(f"qcowlib: error: internal error: {type(exc).__name__}: {exc}\n")
         return error_status
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; an unknown option is a usage error of its command, with the
+    options it probably meant."""
+    args, extra = parser.parse_known_args(argv)
+    if not extra:
+        return args
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command: argparse.ArgumentParser = sub.choices.get(args.command, parser)
+    known = [o for a in command._actions for o in a.option_strings]
+    unknown = [w for w in extra if w.startswith("-")]
+    hints = []
+    for word in unknown:
+        close = did_you_mean(word.partition("=")[0], known)
+        if close:
+            prefix = f"{word}: " if len(unknown) > 1 else ""
+            hints.append(f"{prefix}did you mean {close}?")
+    message = f"unrecognized arguments: {' '.join(extra)}"
+    if hints:
+        message += f" ({' '.join(hints)})"
+    return command.error(message)
+
+
+def _traceback(args: argparse.Namespace) -> None:
+    """With ``--debug``, the traceback of the error being handled, before its one line."""
+    if args.debug:
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)

@@ -14,14 +14,31 @@ import argparse
 import sys
 
 from qcowlib.cli import INPUT_FORMATS, add_output, add_read_options, print_json
+from qcowlib.cli.helptext import examples
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "checksum",
         help="digests of an image file (as Glance computes them) and of its disk content",
+        description="Digest an image file as stored (what Glance records for an upload "
+        "of it: checksum is md5, os_hash_value sha512) and, with --content, the disk it "
+        "holds, which is the same for one disk in any format or chain.",
+        epilog=examples(
+            ("qcowlib checksum disk.qcow2", "md5 and sha512 of the file, and its size"),
+            (
+                "qcowlib checksum --content --algo sha256 overlay.qcow2",
+                "sha256 of the file and of the guest-visible disk, through the chain",
+            ),
+        ),
     )
-    p.add_argument("-f", dest="format", choices=INPUT_FORMATS, help="image format for --content")
+    p.add_argument(
+        "-f",
+        dest="format",
+        choices=INPUT_FORMATS,
+        metavar="FMT",
+        help="the image's format for --content (default: probed)",
+    )
     p.add_argument(
         "--algo",
         default="md5,sha512",
@@ -37,7 +54,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     add_output(p)
     add_read_options(p)
-    p.add_argument("filename")
+    p.add_argument("filename", metavar="FILE", help="the image file")
     p.set_defaults(func=_cmd_checksum)
 
 

@@ -6,26 +6,68 @@ import argparse
 import sys
 
 from qcowlib.cli import parse_options, wants_option_help
+from qcowlib.cli.helptext import examples
 from qcowlib.formats import registry
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("create", help="create a new image")
+    p = sub.add_parser(
+        "create",
+        help="create a new image",
+        description="Create an empty image, or an overlay over a backing file, as qemu-img create.",
+        epilog=examples(
+            ("qcowlib create -f qcow2 new.qcow2 10G", "an empty 10 GiB qcow2"),
+            (
+                "qcowlib create -f qcow2 -b base.qcow2 -F qcow2 top.qcow2",
+                "an overlay over base.qcow2, of its size",
+            ),
+        ),
+    )
     p.add_argument(
-        "-f", dest="format", default="raw", choices=registry.creatable(),
-        help="format of the new image (default raw)",
-    )  # fmt: skip
+        "-f",
+        dest="format",
+        default="raw",
+        choices=registry.creatable(),
+        metavar="FMT",
+        help="the new image's format (default raw): " + ", ".join(registry.creatable()),
+    )
     p.add_argument(
-        "-o", dest="options", action="append", default=[],
-        help="comma list of the format's creation options (-o help lists them), "
-        "e.g. subformat=fixed, preallocation=falloc",
-    )  # fmt: skip
-    p.add_argument("-b", dest="backing", help="backing file (qcow2; needs -F)")
-    p.add_argument("-F", dest="backing_format", help="format of the backing file")
-    p.add_argument("-u", dest="unsafe", action="store_true", help="do not open the backing file")
-    p.add_argument("-q", dest="quiet", action="store_true", help="print nothing on success")
-    p.add_argument("filename", nargs="?", help="the new image (not needed with -o help)")
-    p.add_argument("size", nargs="?", help="virtual size (suffixes k M G T ...)")
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPTIONS",
+        help="format options, key=value,... (may repeat; -o help lists them), e.g. "
+        "subformat=fixed, preallocation=falloc",
+    )
+    p.add_argument(
+        "-b",
+        dest="backing",
+        metavar="BACKING",
+        help="make an overlay over BACKING (relative to the new image's directory)",
+    )
+    p.add_argument(
+        "-F",
+        dest="backing_format",
+        metavar="FMT",
+        help="the format of BACKING (required with -b: never guessed)",
+    )
+    p.add_argument(
+        "-u",
+        dest="unsafe",
+        action="store_true",
+        help="do not open the backing file (it may not exist yet; SIZE is then required)",
+    )
+    p.add_argument("-q", dest="quiet", action="store_true", help="do not print the Formatting line")
+    p.add_argument(
+        "filename", nargs="?", metavar="FILE", help="the new image (not needed with -o help)"
+    )
+    p.add_argument(
+        "size",
+        nargs="?",
+        metavar="SIZE",
+        help="virtual size, bytes or with a k/M/G/T/P/E suffix (default: the backing's)",
+    )
     p.set_defaults(func=_cmd_create)
 
 

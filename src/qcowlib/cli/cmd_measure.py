@@ -5,19 +5,48 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qcowlib.cli import INPUT_FORMATS, add_output, add_read_options, parse_options, print_json
+from qcowlib.cli import (
+    add_input_format,
+    add_output,
+    add_read_options,
+    parse_options,
+    print_json,
+)
+from qcowlib.cli.helptext import examples
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("measure", help="compute the file size a new image needs")
-    p.add_argument("-f", dest="format", choices=INPUT_FORMATS)
+    p = sub.add_parser(
+        "measure",
+        help="compute the file size a new image needs",
+        description="Compute how large a file converting SRC (or an empty image of "
+        "--size) to another format makes, as qemu-img measure.",
+        epilog=examples(
+            ("qcowlib measure -O qcow2 disk.raw", "required and fully allocated sizes"),
+            ("qcowlib measure --size 10G -O qcow2 -o cluster_size=2M", "an empty 10 GiB image"),
+        ),
+    )
+    add_input_format(p)
     # As qemu-img, the output format defaults to raw and an unknown one is an error (1).
-    p.add_argument("-O", dest="out_format", default="raw")
-    p.add_argument("-o", dest="options", action="append", default=[])
+    p.add_argument(
+        "-O",
+        dest="out_format",
+        default="raw",
+        metavar="FMT",
+        help="the output format (default raw)",
+    )
+    p.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPTIONS",
+        help="output format options, key=value,... (may repeat)",
+    )
     p.add_argument("--size", dest="size", help="measure an empty image of SIZE instead of SRC")
     add_output(p)
     add_read_options(p)
-    p.add_argument("filename", nargs="?", metavar="SRC")
+    p.add_argument("filename", nargs="?", metavar="SRC", help="the image to measure")
     p.set_defaults(func=_cmd_measure)
 
 

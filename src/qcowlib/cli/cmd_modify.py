@@ -5,36 +5,105 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qcowlib.cli import INPUT_FORMATS, add_read_options
+from qcowlib.cli import INPUT_FORMATS, add_input_format, add_read_options
+from qcowlib.cli.helptext import examples
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("resize", help="change the virtual size of an image")
-    p.add_argument("-f", dest="format", choices=INPUT_FORMATS)
-    p.add_argument("--shrink", action="store_true")
-    p.add_argument("-q", dest="quiet", action="store_true")
-    p.add_argument("filename")
-    p.add_argument("size", help="SIZE, +SIZE or -SIZE")
+    p = sub.add_parser(
+        "resize",
+        help="change the virtual size of an image",
+        description="Grow or shrink the disk an image holds (in place), as qemu-img resize.",
+        epilog=examples(
+            ("qcowlib resize disk.qcow2 +10M", "grow the disk by 10 MiB"),
+            ("qcowlib resize --shrink disk.raw 512k", "cut the disk to 512 KiB"),
+        ),
+    )
+    add_input_format(p)
+    p.add_argument(
+        "--shrink",
+        action="store_true",
+        help="allow a smaller size (the data past it is lost)",
+    )
+    p.add_argument("-q", dest="quiet", action="store_true", help="do not print 'Image resized.'")
+    p.add_argument("filename", metavar="FILE", help="the image to resize")
+    p.add_argument(
+        "size", metavar="SIZE", help="the new size, or +SIZE / -SIZE relative to the current"
+    )
     p.set_defaults(func=_cmd_resize)
 
-    p = sub.add_parser("rebase", help="change the backing file of an image")
-    p.add_argument("-u", dest="unsafe", action="store_true", help="only change the header")
-    p.add_argument("-b", dest="backing", required=True)
-    p.add_argument("-F", dest="backing_format", choices=INPUT_FORMATS)
-    p.add_argument("-f", dest="format", choices=("qcow2",))
-    p.add_argument("-p", dest="progress", action="store_true")
-    p.add_argument("-q", dest="quiet", action="store_true")
+    p = sub.add_parser(
+        "rebase",
+        help="change the backing file of an image",
+        description="Make an overlay use another backing file, copying into it what "
+        "differs so that the guest sees the same disk, as qemu-img rebase.",
+        epilog=examples(
+            (
+                "qcowlib rebase -b disk.qcow2 -F qcow2 overlay.qcow2",
+                "overlay.qcow2 over disk.qcow2 instead, same content",
+            ),
+            ('qcowlib rebase -b "" overlay.qcow2', "no backing file any more: its data copied in"),
+        ),
+    )
+    p.add_argument(
+        "-u",
+        dest="unsafe",
+        action="store_true",
+        help="only change the name in the header (no data is compared or copied)",
+    )
+    p.add_argument(
+        "-b",
+        dest="backing",
+        required=True,
+        metavar="BACKING",
+        help='the new backing file ("": none, the data is copied into the image)',
+    )
+    p.add_argument(
+        "-F",
+        dest="backing_format",
+        choices=INPUT_FORMATS,
+        metavar="FMT",
+        help="the format of the new backing file",
+    )
+    p.add_argument(
+        "-f",
+        dest="format",
+        choices=("qcow2",),
+        metavar="FMT",
+        help="the image's format (qcow2)",
+    )
+    p.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
+    p.add_argument("-q", dest="quiet", action="store_true", help="print nothing but errors")
     add_read_options(p, share=False)
-    p.add_argument("filename")
+    p.add_argument("filename", metavar="FILE", help="the overlay to rebase")
     p.set_defaults(func=_cmd_rebase)
 
-    p = sub.add_parser("commit", help="write an image's data into its backing file")
-    p.add_argument("-d", dest="drop", action="store_true", help="keep the image's data")
-    p.add_argument("-f", dest="format", choices=("qcow2",))
-    p.add_argument("-p", dest="progress", action="store_true")
-    p.add_argument("-q", dest="quiet", action="store_true")
+    p = sub.add_parser(
+        "commit",
+        help="write an image's data into its backing file",
+        description="Write what an overlay holds into its backing file, and empty the "
+        "overlay (unless -d), as qemu-img commit.",
+        epilog=examples(
+            ("qcowlib commit overlay.qcow2", "base.qcow2 now holds the overlay's changes"),
+        ),
+    )
+    p.add_argument(
+        "-d",
+        dest="drop",
+        action="store_true",
+        help="keep the image's data (do not empty it after the commit)",
+    )
+    p.add_argument(
+        "-f",
+        dest="format",
+        choices=("qcow2",),
+        metavar="FMT",
+        help="the image's format (qcow2)",
+    )
+    p.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
+    p.add_argument("-q", dest="quiet", action="store_true", help="do not print 'Image committed.'")
     add_read_options(p, share=False)
-    p.add_argument("filename")
+    p.add_argument("filename", metavar="FILE", help="the overlay to commit")
     p.set_defaults(func=_cmd_commit)
 
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from qcowlib.cli import INPUT_FORMATS, Failed, _Parser, add_output, add_read_options, print_json
+from qcowlib.cli.helptext import examples
 
 GLANCE_DISK_FORMATS = (
     "raw",
@@ -82,6 +83,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "OS_CLOUD with clouds.yaml, or the OS_* variables and --os-* options.",
             # openstacksdk's --os-cloud replaces the stand-in below when it is registered
             conflict_handler="resolve",
+            epilog=examples(
+                (
+                    "qcowlib upload --os-cloud mycloud --name centos --flatten overlay.qcow2",
+                    "the whole chain as one standalone qcow2, streamed (no temporary file)",
+                ),
+                (
+                    "qcowlib upload --os-cloud mycloud --name web --disk-format raw "
+                    "--property os_distro=ubuntu --private disk.raw",
+                    "a raw image with a property, visible to its project only",
+                ),
+            ),
         )
     finally:
         sub._parser_class = default_class

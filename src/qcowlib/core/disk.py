@@ -16,8 +16,9 @@ from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol, Self
 
+from qcowlib._json import JSONObject
 from qcowlib.core.hostfile import HostFile
-from qcowlib.errors import InvalidArgument
+from qcowlib.errors import DiskClosed, InvalidArgument
 
 if TYPE_CHECKING:
     import numpy as np
@@ -280,6 +281,8 @@ class Disk(abc.ABC):
     filename: str
     virtual_size: int
     backing: Disk | None = None
+    #: True after :meth:`close`: reading then raises :class:`DiskClosed`.
+    closed: bool = False
     #: Data on disk is ciphertext: host offsets are not the guest's bytes (``map`` shows
     #: none, copies read through :meth:`_read_layer`).
     encrypted: bool = False
@@ -339,7 +342,7 @@ class Disk(abc.ABC):
         return ()
 
     # -- what ``qemu-img info`` shows (keys and order as qemu-img 7.2) ------------------
-    def info_head(self) -> dict[str, Any]:
+    def info_head(self) -> JSONObject:
         """Keys qemu-img prints before ``virtual-size`` (snapshots, backing format)."""
         return {}
 
@@ -348,7 +351,7 @@ class Disk(abc.ABC):
         """The ``cluster-size`` qemu-img reports, if the format has one."""
         return None
 
-    def info_tail(self) -> dict[str, Any]:
+    def info_tail(self) -> JSONObject:
         """Keys qemu-img prints after ``actual-size`` (format-specific data, backing
         names, dirty flag)."""
         return {"dirty-flag": False}
@@ -381,6 +384,8 @@ class Disk(abc.ABC):
         return out
 
     def _range(self, offset: int, length: int | None) -> tuple[int, int]:
+        if self.closed:
+            raise DiskClosed(file=self.filename)
         if length is None:
             length = self.virtual_size - offset
         if offset < 0 or length < 0 or offset + length > self.virtual_size:
@@ -468,6 +473,8 @@ class Disk(abc.ABC):
         Reads straight from the layer that holds the data, with no second walk of the
         chain; ``len(buf)`` must equal ``ext.length``.
         """
+        if self.closed:
+            raise DiskClosed(file=self.filename)
         if ext.kind is ExtentKind.DATA or ext.kind is ExtentKind.COMPRESSED:
             self.chain[ext.depth]._read_layer(ext, buf)
         else:
@@ -480,9 +487,18 @@ class Disk(abc.ABC):
         return bytes(buf)
 
     def close(self) -> None:
-        """Close this disk and its backing chain."""
+        """Close this disk and its backing chain (closing twice is harmless)."""
         for d in self.chain:
-            d._close_layer()
+            if not d.closed:
+                d.closed = True
+                d._close_layer()
+
+    def __repr__(self) -> str:
+        text = f"<{type(self).__name__} {self.format} {self.filename!r}"
+        text += f" virtual_size={self.virtual_size}"
+        if self.backing_file_name is not None:
+            text += f" backing={self.backing_file_name!r}"
+        return text + (" closed>" if self.closed else ">")
 
     def __enter__(self) -> Self:
         return self

@@ -10,7 +10,13 @@ import stat
 from collections.abc import Callable, Iterator
 
 from qcowlib._log import get_logger
-from qcowlib.errors import QcowlibError, QcowlibIOError, TruncatedImage
+from qcowlib.errors import (
+    QcowlibError,
+    QcowlibFileNotFoundError,
+    QcowlibIOError,
+    QcowlibPermissionError,
+    TruncatedImage,
+)
 
 log = get_logger(__name__)
 
@@ -39,7 +45,12 @@ class HostFile:
     """
 
     def __init__(
-        self, path: str, *, writable: bool = False, linked: bool = False, within: str | None = None
+        self,
+        path: str | os.PathLike[str],
+        *,
+        writable: bool = False,
+        linked: bool = False,
+        within: str | None = None,
     ) -> None:
         """Open ``path`` (read-only unless ``writable``).
 
@@ -51,7 +62,7 @@ class HostFile:
         directory with its symlinks resolved) additionally requires the file the
         descriptor really refers to to lie inside that directory.
         """
-        self.path = path
+        self.path = path = os.fspath(path)
         flags = os.O_RDWR if writable else os.O_RDONLY
         if linked:
             _refuse_special(path, os.stat)
@@ -59,7 +70,9 @@ class HostFile:
         try:
             self.fd = os.open(path, flags | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise QcowlibIOError("no such file", file=path) from None
+            raise QcowlibFileNotFoundError("no such file", file=path) from None
+        except PermissionError as exc:
+            raise QcowlibPermissionError(f"cannot open: {exc.strerror}", file=path) from None
         except IsADirectoryError:
             raise QcowlibIOError("is a directory", file=path) from None
         except OSError as exc:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 from qcowlib._log import get_logger
 from qcowlib.core.locks import check_output_unlocked
-from qcowlib.errors import InvalidArgument, QcowlibError, QcowlibIOError
+from qcowlib.errors import InvalidArgument, QcowlibError, QcowlibIOError, os_error
 
 log = get_logger(__name__)
 
@@ -98,7 +98,7 @@ def atomic_output(path: str, *, protect: tuple[str, ...] = ()) -> Iterator[int]:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         except OSError as exc:
-            raise QcowlibIOError(f"cannot open {path}: {exc.strerror}", file=path) from None
+            raise os_error(exc, f"cannot open {path}: {exc.strerror}", file=path) from None
         try:
             yield fd
             os.fsync(fd)
@@ -111,8 +111,8 @@ def atomic_output(path: str, *, protect: tuple[str, ...] = ()) -> Iterator[int]:
             dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".qcowlib-tmp"
         )
     except OSError as exc:
-        raise QcowlibIOError(
-            f"cannot create output in {directory}: {exc.strerror}", file=path
+        raise os_error(
+            exc, f"cannot create output in {directory}: {exc.strerror}", file=path
         ) from None
     ok = False
     writeback = _Writeback(fd)

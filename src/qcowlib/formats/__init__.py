@@ -12,6 +12,8 @@ import types
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import inspect
+
     from qcowlib.formats.registry import FormatInfo
 
 
@@ -28,6 +30,13 @@ class _CallablePackage(types.ModuleType):
 
     def __call__(self) -> list[FormatInfo]:
         return formats()
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """:func:`formats`'s, for ``inspect.signature`` and ``help()``."""
+        import inspect
+
+        return inspect.signature(formats)
 
 
 sys.modules[__name__].__class__ = _CallablePackage

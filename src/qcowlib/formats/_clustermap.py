@@ -168,10 +168,11 @@ class ClusterMapDisk(Disk):
             yield part if is_data else part.as_hole()
 
     # -- reads --------------------------------------------------------------------------
-    def read_into(self, offset: int, buf: memoryview | bytearray) -> None:
-        # As Disk.read_into, from the table runs (no hole probing: holes read as zeros).
-        view = memoryview(buf).cast("B")
-        start, end = self._range(offset, len(view))
+    def _read_own(self, offset: int, view: memoryview) -> list[tuple[Disk, int, memoryview]]:
+        # As Disk._read_own, from the table runs (no hole probing: holes read as zeros);
+        # Disk.read_into fills what the backing disk must, without recursion.
+        start, end = offset, offset + len(view)
+        below: list[tuple[Disk, int, memoryview]] = []
         for ext in self._runs(start, end):
             part = view[ext.start - start : ext.end - start]
             if ext.kind is ExtentKind.DATA or ext.kind is ExtentKind.COMPRESSED:
@@ -182,9 +183,10 @@ class ClusterMapDisk(Disk):
                 backing = self.backing
                 split = min(ext.end, max(ext.start, backing.virtual_size))
                 if split > ext.start:
-                    backing.read_into(ext.start, part[: split - ext.start])
+                    below.append((backing, ext.start, part[: split - ext.start]))
                 if split < ext.end:
                     part[split - ext.start :] = bytes(ext.end - split)
+        return below
 
     def _read_layer(self, ext: Extent, buf: memoryview) -> None:
         assert ext.host_offset is not None

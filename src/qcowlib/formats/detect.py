@@ -46,15 +46,28 @@ what a file is, with the deliberate differences listed below.
   ``LUKS\\xba\\xbe`` and big-endian version 1 at offset 6.  QEMU only knows LUKS1;
   qcowlib also reports version 2 (cryptsetup's LUKS2) as ``luks`` so that it is refused
   as unsupported rather than read as a raw disk.
+* ``bochs`` -- ``block/bochs.c`` ``bochs_probe``: NUL-terminated magic ``Bochs Virtual
+  HD Image``, type ``Redolog``, subtype ``Growing`` and version 1 or 2
+  (:func:`qcowlib.formats.bochs.codec.is_bochs`).  Like QEMU, a file shorter than the
+  header is looked at as if padded with zeros.
+* ``cloop`` -- ``block/cloop.c`` ``cloop_probe``: the file starts with the V2.0 shell
+  script header (:data:`qcowlib.formats.cloop.codec.CLOOP_MAGIC`), all of it (QEMU
+  compares its zero-padded 2 KiB buffer).
+* ``dmg`` -- QEMU's ``dmg_probe`` looks only at the file name (``*.dmg``).  qcowlib
+  never probes by name: the last 512 bytes must be a UDIF trailer (magic ``koly``,
+  version 4, header size 512; :func:`qcowlib.formats.dmg.codec.is_dmg_trailer`).  So a
+  DMG named otherwise is ``dmg`` here and ``raw`` to ``qemu-img``, and a file named
+  ``*.dmg`` without a trailer is ``raw`` here (``qemu-img`` fails to open it as dmg).
 * ``iso`` -- not a QEMU format (QEMU reads ISO images as ``raw``): an ISO 9660 volume
   descriptor at 0x8000, i.e. standard identifier ``CD001`` at 0x8001 and descriptor
   version 1 at 0x8006.
 
 Order of the checks: the headers that an image tool writes at offset 0 of its own file
-(qcow2, qcow, qed, parallels, vmdk binary, vhdx, vdi, dynamic vpc) come first; then the
-fixed-VHD footer, whose data area starts at offset 0 and so may itself begin with
-anything (for instance a LUKS header or an ISO file system inside the virtual disk);
-then luks, the vmdk text descriptor and iso; ``raw`` last.  An empty file is ``raw`` (as in QEMU).
+(qcow2, qcow, qed, parallels, vmdk binary, vhdx, vdi, dynamic vpc, bochs, cloop) come
+first; then the DMG trailer and the fixed-VHD footer, whose data area starts at offset 0
+and so may itself begin with anything (for instance a LUKS header or an ISO file system
+inside the virtual disk); then luks, the vmdk text descriptor and iso; ``raw`` last.  An
+empty file is ``raw`` (as in QEMU).
 
 Probing is a convenience for files the user trusts: a raw image's first sectors are
 written by its guest, which can make them look like any format.  Callers that know the
@@ -66,6 +79,10 @@ from __future__ import annotations
 import re
 import struct
 from typing import Final, NamedTuple
+
+from qcowlib.formats.bochs.codec import is_bochs
+from qcowlib.formats.cloop.codec import is_cloop
+from qcowlib.formats.dmg.codec import is_dmg_trailer
 
 __all__ = [
     "FORMATS",
@@ -91,6 +108,9 @@ FORMATS: Final[tuple[str, ...]] = (
     "vdi",
     "vpc",
     "vhdx",
+    "bochs",
+    "cloop",
+    "dmg",
     "luks",
     "iso",
     "raw",
@@ -198,6 +218,12 @@ def probe(head: bytes, tail: bytes, file_size: int) -> Probe:
         if file_size == _VHD_FOOTER_SIZE and _is_fixed_vhd_footer(tail, file_size):
             return Probe("vpc", "footer-only")
         return Probe("vpc")
+    if is_bochs(head.ljust(QEMU_PROBE_BUF_SIZE, b"\0")):
+        return Probe("bochs")
+    if is_cloop(head):
+        return Probe("cloop")
+    if is_dmg_trailer(tail):
+        return Probe("dmg")
     if _is_fixed_vhd_footer(tail, file_size):
         return Probe("vpc", "footer-only")
     for check in (_probe_luks, _probe_vmdk_descriptor, _probe_iso):

@@ -92,7 +92,7 @@ def _make_disk(host: HostFile, path: str, fmt: str, policy: BackingPolicy) -> Di
 
 
 def open_disk(
-    path: str,
+    path: str | os.PathLike[str],
     fmt: str | None = None,
     policy: BackingPolicy | str | None = None,
     *,
@@ -110,6 +110,7 @@ def open_disk(
     subclasses for chains that cannot be followed (naming the top image and the
     offending file).
     """
+    path = os.fspath(path)
     return _open_chain(path, fmt, as_policy(policy, force_share=force_share).rooted(path))
 
 
@@ -266,7 +267,10 @@ def _attach_data_file(disk: Disk, policy: BackingPolicy) -> None:
 
 
 def open_rw(
-    path: str, *, follow_backing: bool = True, policy: BackingPolicy | str | None = None
+    path: str | os.PathLike[str],
+    *,
+    follow_backing: bool = True,
+    policy: BackingPolicy | str | None = None,
 ) -> Qcow2RWDisk:
     """Open a qcow2 image for writing, with its backing chain opened read-only.
 
@@ -275,6 +279,7 @@ def open_rw(
     and the usual open errors.  ``policy`` decides what of the chain may be followed
     (backing files get qemu's shared read locks, as under a QEMU writer).
     """
+    path = os.fspath(path)
     from qcowlib.formats.qcow2.writer import open_rw_layer
 
     disk = open_rw_layer(path)

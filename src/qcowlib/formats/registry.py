@@ -299,6 +299,24 @@ FORMATS: Final[tuple[Format, ...]] = (
         glance="ploop",
     ),
     Format(
+        "bochs",
+        "Bochs growing redolog image",
+        reader="qcowlib.formats.bochs.reader:open_image",
+        nothing_to_check=True,
+    ),
+    Format(
+        "cloop",
+        "cloop V2.0 compressed loop image",
+        reader="qcowlib.formats.cloop.reader:open_image",
+        nothing_to_check=True,
+    ),
+    Format(
+        "dmg",
+        "Apple disk image (UDIF)",
+        reader="qcowlib.formats.dmg.reader:open_image",
+        nothing_to_check=True,
+    ),
+    Format(
         "luks",
         "LUKS encrypted volume",
         reader="qcowlib.formats.luks.reader:open_image",

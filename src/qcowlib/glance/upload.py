@@ -21,12 +21,15 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from qcowlib._log import get_logger
 from qcowlib.core.digest import MultiHasher
 from qcowlib.errors import InvalidArgument, QcowlibError, QcowlibIOError
 from qcowlib.formats import registry
+
+if TYPE_CHECKING:
+    from openstack.connection import Connection
 
 log = get_logger(__name__)
 
@@ -59,11 +62,40 @@ class ValidationRefused(QcowlibError):
         self.findings = findings
 
 
+class Computed(TypedDict):
+    """What qcowlib computed of the bytes it sent."""
+
+    size: int
+    md5: str
+    sha512: str
+
+
+class UploadResult(TypedDict):
+    """What :func:`upload` returns (``upload --output json``): the image as Glance
+    reports it after the upload, and what qcowlib computed while sending it."""
+
+    id: str
+    name: str
+    status: str
+    disk_format: str
+    size: int
+    virtual_size: int | None
+    checksum: str
+    os_hash_algo: str
+    os_hash_value: str
+    container_format: str
+    visibility: str
+    protected: bool
+    tags: list[str]
+    stores: list[str]
+    computed: Computed
+
+
 @dataclass
 class UploadRequest:
     """What to upload and the image properties to set (``glance image-create`` options)."""
 
-    path: str
+    path: str | os.PathLike[str]
     name: str
     disk_format: str | None = None
     container_format: str = "bare"
@@ -155,7 +187,7 @@ class _Source:
             except OSError as exc:
                 raise QcowlibIOError(f"cannot open {req.path}: {exc.strerror}") from None
             try:  # held while it is sent: a VM cannot start writing it meanwhile
-                take_read_locks(self._file, req.path, force_share=req.force_share)
+                take_read_locks(self._file, os.fspath(req.path), force_share=req.force_share)
             except BaseException:
                 os.close(self._file)
                 raise
@@ -260,11 +292,11 @@ def upload(
     req: UploadRequest,
     *,
     cloud: str | None = None,
-    connection: Any = None,
-    connect: Callable[[], Any] | None = None,
+    connection: Connection | None = None,
+    connect: Callable[[], Connection] | None = None,
     progress: Progress | None = None,
     on_chain: Callable[[Sequence[tuple[str, str]]], None] | None = None,
-) -> dict[str, Any]:
+) -> UploadResult:
     """Upload ``req.path`` to Glance; returns the contract's summary of the image.
 
     The summary has Glance's ``id``, ``name``, ``status``, ``disk_format``, ``size``,
@@ -347,7 +379,7 @@ def _send(
     source: _Source,
     progress: Progress | None,
     forced: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:
+) -> UploadResult:
     from openstack.image.v2 import image as _image
 
     from qcowlib.glance import interop
@@ -390,7 +422,7 @@ def _send(
     return _summary(record, sender.sent, digests)
 
 
-def _summary(record: Any, sent: int, digests: dict[str, str]) -> dict[str, Any]:
+def _summary(record: Any, sent: int, digests: dict[str, str]) -> UploadResult:
     """The contract's keys as Glance reports them, then ours beside them."""
     props = record.properties or {}
     stores = [s for s in str(props.get("stores") or "").split(",") if s]

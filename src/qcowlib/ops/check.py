@@ -27,6 +27,7 @@ Where qcowlib deliberately differs from qemu-img 7.2:
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Final
 
 from qcowlib.checkreport import CheckNotSupported, CheckReport
@@ -42,7 +43,7 @@ _MODES: Final = {None: 0, "leaks": 1, "all": 3}
 
 
 def check(
-    path: str,
+    path: str | os.PathLike[str],
     fmt: str | None = None,
     repair: str | None = None,
     *,
@@ -68,6 +69,7 @@ def check(
     :class:`QcowlibError` subclasses when the image cannot be opened at all (bad header,
     missing file, backing file or data file) or written while repairing.
     """
+    path = os.fspath(path)
     from qcowlib.core.chain import as_policy
     from qcowlib.core.hostfile import HostFile
     from qcowlib.core.locks import take_read_locks, take_write_locks

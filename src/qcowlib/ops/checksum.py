@@ -49,7 +49,7 @@ class ChecksumResult(TypedDict):
 
 
 def checksum(
-    path: str,
+    path: str | os.PathLike[str],
     algos: Iterable[str] = DEFAULT_ALGORITHMS,
     *,
     content: bool = False,
@@ -73,6 +73,7 @@ def checksum(
     :func:`qcowlib.formats.opener.open_disk` and reading the disk raise (all
     :class:`QcowlibError`).
     """
+    path = os.fspath(path)
     file_names = check_algorithms(algos)
     want_content = content or content_algos is not None
     if not want_content:

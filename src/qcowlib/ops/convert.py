@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -17,8 +18,8 @@ if TYPE_CHECKING:
 
 
 def convert(
-    src: str,
-    dst: str,
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
     out_format: str = "raw",
     *,
     src_format: str | None = None,
@@ -50,6 +51,8 @@ def convert(
     process has open for writing, as for :func:`qcowlib.open`.  An existing ``dst`` that
     another process (a running VM) holds is refused (:class:`ImageLocked`).
     """
+    src = os.fspath(src)
+    dst = os.fspath(dst)
     driver = registry.by_name(out_format).output_driver()
     if sparse_size < 0 or sparse_size % 512:
         raise InvalidArgument("sparse size must be a multiple of 512")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 from qcowlib.core.newimage import Created
@@ -12,7 +13,7 @@ from qcowlib.formats.qcow2.layout import CreateOptions
 
 
 def create(
-    path: str,
+    path: str | os.PathLike[str],
     fmt: str = "qcow2",
     size: int | None = None,
     *,
@@ -29,6 +30,7 @@ def create(
     combinations, a backing file without its format, a backing file that cannot be
     opened unless ``unsafe``).
     """
+    path = os.fspath(path)
     entry = registry.by_name(fmt)
     if entry.create is None:
         raise UnsupportedFeature(f"creating {fmt} images is not supported yet")

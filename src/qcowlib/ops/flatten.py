@@ -9,21 +9,25 @@ pass and plans a stream's exact size before its first byte.
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
 from qcowlib.core.disk import Disk
 from qcowlib.core.drivers import OutputDriver, OutputRequest, Serializer
 from qcowlib.core.emit import STREAM_CHUNK, HashSink
-from qcowlib.errors import QcowlibIOError, UnsupportedFeature
+from qcowlib.errors import DiskClosed, QcowlibIOError, UnsupportedFeature
 from qcowlib.formats import registry
 from qcowlib.formats.opener import open_disk
 
 if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
     from qcowlib.core.chain import BackingPolicy
+else:  # what the annotation means at run time (typing.get_type_hints)
+    WriteableBuffer = bytearray | memoryview
 
 Progress = Callable[[int, int], None]
 __all__ = ["ChainReport", "FlattenStream", "HashSink", "chain_of", "flatten", "flatten_stream"]
@@ -44,16 +48,20 @@ def _driver(out_format: str) -> OutputDriver:
     return registry.by_name(out_format).output_driver()
 
 
-class FlattenStream:
-    """The flattened image as an iterable of byte chunks, with its exact ``size``.
+class FlattenStream(io.RawIOBase):
+    """The flattened image as a readable binary file object of exact :attr:`size`.
 
-    Iterate once.  The source chain stays open until the stream is exhausted or
-    :meth:`close` is called (also a context manager).
+    Read it as a file (``read``, ``readinto``; ``shutil.copyfileobj``, an
+    ``io.BufferedReader`` or an HTTP client reading a body all work) or iterate it for
+    chunks of about ``chunk_size`` bytes; both consume the same single pass, it does not
+    seek.  ``len(stream)`` is :attr:`size`, known before the first byte.  The source chain
+    stays open until the stream is exhausted or closed (it is also a context manager);
+    reading a closed stream raises :class:`~qcowlib.errors.DiskClosed`.
     """
 
     def __init__(
         self,
-        src: str,
+        src: str | os.PathLike[str],
         out_format: str = "qcow2",
         *,
         src_format: str | None = None,
@@ -64,6 +72,7 @@ class FlattenStream:
         backing_policy: BackingPolicy | str | None = None,
         force_share: bool = False,
     ) -> None:
+        super().__init__()
         driver = _driver(out_format)
         request = OutputRequest(
             dict(options or {}),
@@ -73,6 +82,7 @@ class FlattenStream:
         )
         driver.check(request)
         self.format = out_format
+        self.name = os.fspath(src)
         self._disk = open_disk(src, src_format, backing_policy, force_share=force_share)
         try:
             self._ser: Serializer = driver.stream(self._disk, request, chunk_size)
@@ -84,36 +94,95 @@ class FlattenStream:
         self.virtual_size = self._disk.virtual_size
         #: The chain read, top first: ``(filename, format)`` pairs.
         self.chain = chain_of(self._disk)
+        self._source: Iterator[bytes] | None = None
+        self._pending = memoryview(b"")
+        self._position = 0
+        self._eof = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"at {self._position}"
+        return (
+            f"<FlattenStream {self.format} of {self.name!r} size={self.size} "
+            f"virtual_size={self.virtual_size} {state}>"
+        )
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _next_chunk(
+        self, progress: Progress | None = None, hashers: Sequence[HashSink] = ()
+    ) -> bytes | memoryview | None:
+        """The next chunk of the single pass (None at the end): what is left of one a
+        read took part of, else the serializer's next chunk as it is (no copy)."""
+        if self.closed:
+            raise DiskClosed("stream is closed", file=self.name)
+        if self._pending:
+            chunk, self._pending = self._pending, memoryview(b"")
+            return chunk
+        if self._eof:
+            return None
+        if self._source is None:
+            self._source = self._ser.chunks(progress, hashers)
+        data = next(self._source, None)
+        if data is None:
+            self._eof = True
+            self._disk.close()  # the whole image went out: release the chain now
+            return None
+        return data
 
     def chunks(
         self, progress: Progress | None = None, hashers: Sequence[HashSink] = ()
     ) -> Iterator[bytes]:
-        """The image in file order; ``hashers`` are fed each piece as it goes."""
+        """The rest of the stream in chunks; ``progress(done, total)`` is called as they
+        are made and ``hashers`` are fed each piece (when iteration starts the pass).
+        The stream closes at its end."""
         try:
-            yield from self._ser.chunks(progress, hashers)
+            while not self.closed:
+                chunk = self._next_chunk(progress, hashers)
+                if chunk is None:
+                    return
+                self._position += len(chunk)
+                yield chunk if isinstance(chunk, bytes) else bytes(chunk)
         finally:
             self.close()
 
     def __iter__(self) -> Iterator[bytes]:
         return self.chunks()
 
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer, /) -> int:
+        """Fill ``buffer`` with the next bytes; 0 at the end of the stream."""
+        view = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(view):
+            chunk = self._next_chunk()
+            if chunk is None:
+                break
+            n = min(len(chunk), len(view) - done)
+            view[done : done + n] = memoryview(chunk)[:n]
+            self._pending = memoryview(chunk)[n:]
+            done += n
+        self._position += done
+        return done
+
+    def tell(self) -> int:
+        """Bytes of the stream handed out so far."""
+        return self._position
+
     def close(self) -> None:
-        self._disk.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+        """Stop the pass and close the source chain (closing twice is harmless)."""
+        if not self.closed:
+            if self._source is not None and hasattr(self._source, "close"):
+                self._source.close()
+            if hasattr(self, "_disk"):
+                self._disk.close()
+        super().close()
 
 
 def flatten_stream(
-    src: str,
+    src: str | os.PathLike[str],
     out_format: str = "qcow2",
     *,
     src_format: str | None = None,
@@ -146,8 +215,8 @@ def flatten_stream(
 
 
 def flatten(
-    src: str,
-    dst: str,
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
     out_format: str = "qcow2",
     *,
     src_format: str | None = None,
@@ -171,6 +240,8 @@ def flatten(
     open.  An existing ``dst`` that another process (a running VM)
     holds is refused (:class:`~qcowlib.errors.ImageLocked`).
     """
+    src = os.fspath(src)
+    dst = os.fspath(dst)
     if dst == "-":
         out = sys.stdout.buffer
         with flatten_stream(

@@ -17,6 +17,7 @@ allocated image, so ``required`` overestimates a little, exactly as qemu-img doe
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from typing import Final
 
@@ -309,8 +310,8 @@ def measure_disk(
 
 
 def measure(
-    src: str | None,
-    out_format: str = "qcow2",
+    src: str | os.PathLike[str] | None,
+    out_format: str = "raw",
     options: Mapping[str, str] | None = None,
     size: int | None = None,
     src_format: str | None = None,
@@ -327,12 +328,14 @@ def measure(
     qemu-img takes them (``cluster_size``, ``compat``, ``refcount_bits``,
     ``extended_l2``, ``preallocation``, ``backing_file``, ...).
 
-    Exactly one of ``src`` and ``size`` must be given.  Raises :class:`InvalidArgument`
-    for bad combinations, options or sizes (with qemu-img's wording),
+    ``out_format`` defaults to raw, as ``qemu-img measure`` and ``qcowlib measure``
+    without ``-O``.  Exactly one of ``src`` and ``size`` must be given.  Raises
+    :class:`InvalidArgument` for bad combinations, options or sizes (with qemu-img's wording),
     :class:`UnsupportedFeature` for output formats that cannot be measured, and the
     errors of :func:`qcowlib.formats.opener.open_disk` for a source that cannot be opened
     (``backing_policy`` and ``force_share`` as there).
     """
+    src = os.fspath(src) if src is not None else None
     if src is None and src_format is not None:
         raise InvalidArgument("--image-opts, -f, and -l require a filename argument.")
     if src is not None and size is not None:

@@ -17,15 +17,20 @@ from __future__ import annotations
 
 import sys
 import types
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import inspect
 
 from qcowlib.validate.engine import MAX_READ, Context, validate
 from qcowlib.validate.model import SEVERITIES, Finding, Rule, Severity, ValidationReport, rule
 from qcowlib.validate.policy import POLICIES, Policy, get_policy, register_policy
 from qcowlib.validate.registry import (
     ENTRY_POINT_GROUP,
+    RuleInfo,
     all_rules,
     builtin_rules,
+    describe_rules,
     register,
     registered_rules,
     reload_entry_points,
@@ -41,10 +46,12 @@ __all__ = [
     "Finding",
     "Policy",
     "Rule",
+    "RuleInfo",
     "Severity",
     "ValidationReport",
     "all_rules",
     "builtin_rules",
+    "describe_rules",
     "get_policy",
     "register",
     "register_policy",
@@ -61,6 +68,13 @@ class _CallablePackage(types.ModuleType):
 
     def __call__(self, *args: Any, **kwargs: Any) -> ValidationReport:
         return validate(*args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """:func:`validate`'s, for ``inspect.signature`` and ``help()``."""
+        import inspect
+
+        return inspect.signature(validate)
 
 
 sys.modules[__name__].__class__ = _CallablePackage

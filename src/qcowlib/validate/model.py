@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, runtime_checkable
 
+from qcowlib._json import JSONObject
 from qcowlib.errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ class Finding:
                 f"finding severity must be 'error' or 'warning', not {self.severity!r}"
             )
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JSONObject:
         """The contract's object: ``rule``, ``severity``, ``message`` and ``offset`` if known."""
         out: dict[str, Any] = {
             "rule": self.rule,
@@ -100,7 +101,16 @@ class ValidationReport:
     def __bool__(self) -> bool:
         return self.ok
 
-    def to_json(self) -> dict[str, Any]:
+    def __repr__(self) -> str:
+        verdict = "accepted" if self.ok else "rejected"
+        rules = sorted({f.rule for f in self.errors})
+        why = f" [{', '.join(rules)}]" if rules else ""
+        return (
+            f"<ValidationReport {self.filename!r} {self.format}: {verdict} by policy "
+            f"{self.policy}, {len(self.errors)} errors{why}, {len(self.warnings)} warnings>"
+        )
+
+    def to_json(self) -> JSONObject:
         """``validate --output json``: ``{"ok", "format", "findings"}``."""
         return {
             "ok": self.ok,
@@ -140,13 +150,15 @@ class Rule:
     ``check`` gets a :class:`~qcowlib.validate.engine.Context` bound to this rule and
     returns or yields findings (``ctx.error(...)``, ``ctx.warning(...)``).  ``formats``
     limits the rule to images whose content is (or is forced to be) one of those formats;
-    None runs it for every image.
+    None runs it for every image.  ``severity`` is the most severe finding the rule
+    reports under the ``glance`` policy (what ``validate --list-rules`` shows).
     """
 
     id: str
     check: CheckFunction
     description: str = ""
     formats: frozenset[str] | None = None
+    severity: Severity = "error"
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not RULE_ID.match(self.id):
@@ -155,13 +167,21 @@ class Rule:
             )
         if not callable(self.check):
             raise InvalidArgument(f"rule {self.id!r}: check must be callable")
+        if self.severity not in SEVERITIES:
+            raise InvalidArgument(
+                f"rule {self.id!r}: severity must be 'error' or 'warning', not {self.severity!r}"
+            )
 
     def __call__(self, ctx: Context) -> RuleResult:
         return self.check(ctx)
 
 
 def rule(
-    rule_id: str, *, description: str | None = None, formats: Iterable[str] | None = None
+    rule_id: str,
+    *,
+    description: str | None = None,
+    formats: Iterable[str] | None = None,
+    severity: Severity = "error",
 ) -> Callable[[CheckFunction], Rule]:
     """Decorator turning a check function into a :class:`Rule`.
 
@@ -172,10 +192,9 @@ def rule(
     """
 
     def wrap(fn: CheckFunction) -> Rule:
-        doc = description
-        if doc is None:
-            doc = (fn.__doc__ or "").strip().split("\n", 1)[0]
-        return Rule(rule_id, fn, doc, frozenset(formats) if formats is not None else None)
+        doc = description if description is not None else _first_paragraph(fn.__doc__)
+        fmts = frozenset(formats) if formats is not None else None
+        return Rule(rule_id, fn, doc, fmts, severity)
 
     return wrap
 
@@ -199,7 +218,13 @@ def as_rule(obj: object, default_id: str | None = None) -> Rule:
         raise InvalidArgument("a rule callable needs an id (set rule_id, or use @rule)")
     doc = getattr(obj, "description", None)
     if not isinstance(doc, str):
-        doc = (getattr(obj, "__doc__", None) or "").strip().split("\n", 1)[0]
+        doc = _first_paragraph(getattr(obj, "__doc__", None))
     formats = getattr(obj, "formats", None)
     fmts = frozenset(formats) if isinstance(formats, (set, frozenset, tuple, list)) else None
-    return Rule(rule_id, obj, doc, fmts)
+    severity = getattr(obj, "severity", "error")
+    return Rule(rule_id, obj, doc, fmts, severity if severity in SEVERITIES else "error")
+
+
+def _first_paragraph(doc: str | None) -> str:
+    """A docstring's first paragraph as one line."""
+    return " ".join((doc or "").strip().split("\n\n", 1)[0].split())

@@ -20,13 +20,15 @@ from typing import Final
 
 from qcowlib._log import get_logger
 from qcowlib.errors import InvalidArgument
-from qcowlib.validate.model import Rule, as_rule
+from qcowlib.validate.model import Rule, Severity, as_rule
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "LoadError",
+    "RuleInfo",
     "all_rules",
     "builtin_rules",
+    "describe_rules",
     "entry_point_rules",
     "register",
     "registered_rules",
@@ -156,3 +158,51 @@ def all_rules(extra: Iterable[object] = ()) -> tuple[tuple[Rule, ...], tuple[Loa
         ids.add(r.id)
         rules.append(r)
     return tuple(rules), errors
+
+
+@dataclass(frozen=True)
+class RuleInfo:
+    """What ``validate --list-rules`` shows of one rule."""
+
+    #: The rule id, as findings and policies name it.
+    name: str
+    #: The most severe finding it reports under the glance policy (``strict`` makes every
+    #: finding an error; ``permissive`` keeps only findings about unparsable images).
+    severity: Severity
+    #: What the rule checks.
+    description: str
+    #: The formats it applies to (None: every image).
+    formats: tuple[str, ...] | None
+    #: ``builtin``, ``registered`` (from Python) or ``entry-point``.
+    source: str
+
+    def to_json(self) -> dict[str, str | list[str] | None]:
+        """The ``validate --list-rules --output json`` object."""
+        return {
+            "rule": self.name,
+            "severity": self.severity,
+            "formats": list(self.formats) if self.formats is not None else None,
+            "source": self.source,
+            "description": self.description,
+        }
+
+
+def describe_rules() -> list[RuleInfo]:
+    """Every rule a validation runs (built-in, registered, from entry points), in order."""
+    ep_rules, _ = entry_point_rules()
+    groups = (
+        ("builtin", builtin_rules()),
+        ("registered", registered_rules()),
+        ("entry-point", ep_rules),
+    )
+    return [
+        RuleInfo(
+            r.id,
+            r.severity,
+            r.description,
+            tuple(sorted(r.formats)) if r.formats is not None else None,
+            source,
+        )
+        for source, rules in groups
+        for r in rules
+    ]

@@ -32,7 +32,6 @@ from qcowlib.errors import (
     InvalidArgument,
     QcowlibError,
     TruncatedImage,
-    UnsupportedFeature,
 )
 from qcowlib.formats.qcow2 import header as hdr
 from qcowlib.formats.qcow2 import hostio
@@ -40,9 +39,9 @@ from qcowlib.formats.qcow2 import hostio
 if TYPE_CHECKING:
     from qcowlib.core.chain import BackingPolicy
     from qcowlib.formats.luks.codec import LuksHeader
-    from qcowlib.formats.luks.crypto import SectorCipher as SectorCipherType
     from qcowlib.formats.qcow2 import tables
     from qcowlib.formats.qcow2.bitmap import BitmapEntry
+    from qcowlib.formats.qcow2.encryption import ClusterCipher
     from qcowlib.formats.qcow2.snapshot import Snapshot
 
 # numpy and the table codecs load on the first mapping or read, not for ``info``: a
@@ -112,9 +111,11 @@ class Qcow2Disk(Disk):
         self.data_filename = data_filename if data_file is not None else filename
         h = header
         self.luks: LuksHeader | None = None
-        self._cipher: _ClusterCipher | None = None
+        self._cipher: ClusterCipher | None = None
         if h.crypt_method != hdr.CRYPT_NONE:
-            self.luks, self._cipher = _open_encryption(host, h, filename)
+            from qcowlib.formats.qcow2.encryption import open_encryption
+
+            self.luks, self._cipher = open_encryption(host, h, filename)
             self.encrypted = True
         self.cluster_bits = h.cluster_bits
         self.cluster_size = h.cluster_size
@@ -651,59 +652,6 @@ class Qcow2Disk(Disk):
         self.host.close()
         if self.data_host is not self.host:
             self.data_host.close()
-
-
-def _open_encryption(
-    host: HostFile, h: hdr.Header, filename: str
-) -> tuple[LuksHeader, _ClusterCipher | None]:
-    """The LUKS header of an encrypted qcow2 (and its unlocked cipher when a key is given).
-
-    Only LUKS encryption is read; the legacy AES method is refused, as QEMU refuses it
-    outside qemu-img.
-    """
-    from qcowlib.core.secrets import image_key
-    from qcowlib.formats.luks import codec as luks
-    from qcowlib.formats.luks.reader import unlock_cipher
-
-    if h.crypt_method != hdr.CRYPT_LUKS:
-        raise UnsupportedFeature(
-            "qcow2 AES encryption (crypt_method 1) is not supported; convert the image "
-            "with qemu-img to LUKS encryption or an unencrypted format",
-            file=filename,
-            structure="header",
-            field="crypt_method",
-        )
-    c = h.crypto
-    if c is None or c.offset + c.length > host.size or c.length < luks.HEADER_SIZE:
-        raise CorruptImage(
-            "encrypted qcow2 has no usable crypto header extension",
-            file=filename,
-            structure="crypto extension",
-        )
-    try:
-        header = luks.parse_header(host.pread(c.offset, luks.HEADER_SIZE), c.length)
-    except QcowlibError as exc:
-        raise exc.with_file(filename) from None
-    key = image_key(filename)
-    if key is None:
-        return header, None
-    cipher = unlock_cipher(header, key, lambda at, n: host.pread(c.offset + at, n), filename)
-    return header, _ClusterCipher(cipher)
-
-
-class _ClusterCipher:
-    """Decrypts qcow2 data: LUKS sectors whose IV is the *host* sector number (QEMU's
-    ``crypt_physical_offset``)."""
-
-    def __init__(self, cipher: SectorCipherType) -> None:
-        self.cipher = cipher
-
-    def read(self, host: HostFile, offset: int, length: int) -> bytes:
-        first = offset // 512 * 512
-        last = -(-(offset + length) // 512) * 512
-        raw = host.pread_exact(first, last - first, "encrypted cluster")
-        plain = self.cipher.decrypt(raw, first // 512)
-        return plain[offset - first : offset - first + length]
 
 
 def open_image(host: HostFile, path: str, policy: BackingPolicy) -> Qcow2Disk:

@@ -38,7 +38,7 @@ def mbr(ctx: Context) -> Findings:
         yield ctx.warning(text, p.offset) if nonfatal else ctx.error(text, p.offset)
 
 
-@rule("gpt")
+@rule("gpt", severity="warning")
 def gpt(ctx: Context) -> Findings:
     """A disk with a protective MBR has a valid GPT header and partition array (CRCs,
     LBAs).  Glance does not check this; the ``glance`` policy warns."""

@@ -38,7 +38,7 @@ def corrupt(ctx: Context) -> Findings:
         )
 
 
-@rule("dirty", formats=["qcow2"])
+@rule("dirty", formats=["qcow2"], severity="warning")
 def dirty(ctx: Context) -> Findings:
     """The qcow2 dirty bit is clear (set while open with lazy refcounts)."""
     if _incompat(ctx) & qcow2_header.INCOMPAT_DIRTY:

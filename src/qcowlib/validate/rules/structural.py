@@ -209,6 +209,31 @@ def _structure_vdi(ctx: Context) -> Findings:
 # ISO, LUKS, and the rule
 
 
+def _structure_bochs(ctx: Context) -> Findings:
+    from qcowlib.formats.bochs import codec as bochs
+
+    h = bochs.parse_header(ctx.read(0, bochs.HEADER_SIZE), ctx.size)
+    bochs.decode_catalog(ctx.read_table(h.header, h.extents_used * 4), h, ctx.size)
+    yield from ()
+
+
+def _structure_cloop(ctx: Context) -> Findings:
+    from qcowlib.formats.cloop import codec as cloop
+
+    h = cloop.parse_header(ctx.read(0, cloop.OFFSETS_AT), ctx.size)
+    if h.offsets_size > MAX_TABLE_READ:
+        yield from _too_large(ctx, "cloop", "offsets table", h.offsets_size)
+        return
+    cloop.decode_offsets(ctx.read_table(cloop.OFFSETS_AT, h.offsets_size), h, ctx.size)
+
+
+def _structure_dmg(ctx: Context) -> Findings:
+    from qcowlib.formats.dmg import reader as dmg_reader
+
+    dmg_reader.read_table(ctx.read_table, ctx.size)
+    yield from ()
+
+
 def _structure_iso(ctx: Context) -> Findings:
     yield from report_problems(ctx, "iso", iso_volume(ctx).problems)
 
@@ -223,6 +248,9 @@ _STRUCTURE: Final[dict[str, Callable[[Context], Findings]]] = {
     "vpc": _structure_vpc,
     "vhdx": _structure_vhdx,
     "vdi": _structure_vdi,
+    "bochs": _structure_bochs,
+    "cloop": _structure_cloop,
+    "dmg": _structure_dmg,
     "iso": _structure_iso,
     "luks": _structure_luks,
 }

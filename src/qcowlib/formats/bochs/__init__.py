@@ -1,0 +1,1 @@
+"""Bochs growing redolog images: codec and reader (read-only)."""

@@ -1,0 +1,1 @@
+"""Apple DMG (UDIF) images: trailer, resources, chunk table and reader (read-only)."""
