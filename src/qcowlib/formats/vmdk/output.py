@@ -33,6 +33,7 @@ from qcowlib.core.plan import (
     data_runs,
     worth_compressing,
 )
+from qcowlib.core.zero import nonzero_runs
 from qcowlib.errors import InvalidArgument
 from qcowlib.formats.vmdk import codec as vmdk
 
@@ -286,7 +287,12 @@ class VmdkLayout:
         if plan.stream:
             self.trailer = stream_trailer(plan, self.gte, self.pos)
             return [(0, plan.head), (self.pos, self.trailer)]
-        return [(0, plan.head), (plan.rgd * SECTOR, sparse_tables(plan, self.gte))]
+        # All-zero pages of the tables are not written (holes in a file, zeros in a
+        # stream), as QEMU leaves a new image's empty grain tables.
+        at, tables = plan.rgd * SECTOR, sparse_tables(plan, self.gte)
+        out: list[Record] = [(0, plan.head)]
+        out += [(at + a, tables[a:b]) for a, b in nonzero_runs(tables, 4096)]
+        return out
 
     def size(self) -> int:
         return self.pos + len(self.trailer)
