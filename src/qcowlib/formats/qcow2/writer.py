@@ -105,6 +105,21 @@ class Qcow2RWDisk(Qcow2Disk):
         """A table moved or a new one appeared: recompute the areas on the next check."""
         self._metadata = None
 
+    def tables_changed(self) -> None:
+        """L1/L2 tables, flags or the snapshot table changed behind the write path
+        (snapshot and amend operations): forget everything read from them."""
+        self._l2_tables.clear()
+        with self._l2_lock:
+            self._l2_cache.clear()
+        self._compressed_cache = None
+        self._snapshots = None
+        self._bitmaps = None
+        self._metadata = None
+
+    def first_overlap(self, offset: int, length: int, ign: int) -> int:
+        """The ``QCOW2_OL_*`` area a write would touch, leaving out the areas ``ign``."""
+        return self._areas().first_overlap(offset, length, ign=ign)
+
     def check_overlap(self, offset: int, length: int, allowed: int | None, what: str) -> None:
         """Refuse to write ``what`` over metadata (except the cluster ``allowed`` it
         replaces), as QEMU's overlap checks do."""
@@ -524,7 +539,7 @@ class Qcow2RWDisk(Qcow2Disk):
                     self._l2_tables.pop(l1_index, None)
                     self._free([(entry & tables.OFFSET_MASK) // cs])
         elif need > self.l1.size:
-            self._grow_l1(need)
+            self.grow_l1(need)
         write_fields(self.host, size=size)
         self.flush()
         shrunk = size < self.virtual_size
@@ -568,7 +583,8 @@ class Qcow2RWDisk(Qcow2Disk):
                 return
             self.allocator.file_end = end
 
-    def _grow_l1(self, entries: int) -> None:
+    def grow_l1(self, entries: int) -> None:
+        """Move the active L1 table to a larger place (QEMU's qcow2_grow_l1_table)."""
         cs = self.cluster_size
         old_offset, old_size = self.header.l1_table_offset, self.header.l1_size
         if entries * 8 > hdr.MAX_L1_SIZE_BYTES:
