@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         choices=("leaks", "all"),
         help="repair leaked clusters only, or all fixable errors (opens the image read-write)",
     )
+    p.add_argument(
+        "-q", dest="quiet", action="store_true", help="no summary (the exit status tells)"
+    )
     p.add_argument("filename")
     p.set_defaults(func=_cmd_check)
 
@@ -40,7 +43,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
         sys.stderr.write(line + "\n")
     if report.failure is not None:
         raise Failed(report.failure, 1)
-    if args.output == "json":
+    if args.quiet:
+        pass  # qemu-img check -q prints no summary, in either output format
+    elif args.output == "json":
         print_json(report.to_json())
     else:
         sys.stdout.write(report.human())

@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-b", dest="backing")
     p.add_argument("-F", dest="backing_format")
     p.add_argument("-u", dest="unsafe", action="store_true", help="do not open the backing file")
-    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("-q", dest="quiet", action="store_true", help="print nothing but errors")
     p.add_argument("filename")
     p.add_argument("size", nargs="?")
     p.set_defaults(func=_cmd_create)

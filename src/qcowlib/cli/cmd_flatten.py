@@ -15,6 +15,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-o", dest="options")
     p.add_argument("-c", dest="compress", action="store_true")
     p.add_argument("-p", dest="progress", action="store_true")
+    p.add_argument("-q", dest="quiet", action="store_true", help="print nothing but errors")
     p.add_argument("src")
     p.add_argument("dst")
     p.set_defaults(func=_cmd_flatten)
@@ -27,7 +28,7 @@ def _cmd_flatten(args: argparse.Namespace) -> int:
     options = parse_options(args.options)
     if wants_option_help(options, args.out_format):
         return 0
-    bar = ProgressBar() if args.progress else None
+    bar = ProgressBar() if args.progress and not args.quiet else None
     try:
         flatten(
             args.src,

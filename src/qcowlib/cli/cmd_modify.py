@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("resize", help="change the virtual size of an image")
     p.add_argument("-f", dest="format", choices=INPUT_FORMATS)
     p.add_argument("--shrink", action="store_true")
-    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("-q", dest="quiet", action="store_true", help="print nothing but errors")
     p.add_argument("filename")
     p.add_argument("size", help="SIZE, +SIZE or -SIZE")
     p.set_defaults(func=_cmd_resize)
@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-F", dest="backing_format", choices=INPUT_FORMATS)
     p.add_argument("-f", dest="format", choices=("qcow2",))
     p.add_argument("-p", dest="progress", action="store_true")
-    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("-q", dest="quiet", action="store_true", help="print nothing but errors")
     p.add_argument("filename")
     p.set_defaults(func=_cmd_rebase)
 
@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-d", dest="drop", action="store_true", help="keep the image's data")
     p.add_argument("-f", dest="format", choices=("qcow2",))
     p.add_argument("-p", dest="progress", action="store_true")
-    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("-q", dest="quiet", action="store_true", help="print nothing but errors")
     p.add_argument("filename")
     p.set_defaults(func=_cmd_commit)
 
@@ -50,7 +50,7 @@ def _cmd_rebase(args: argparse.Namespace) -> int:
     from qcowlib.cli.progress import ProgressBar
     from qcowlib.ops.modify import rebase
 
-    bar = ProgressBar() if args.progress else None
+    bar = ProgressBar() if args.progress and not args.quiet else None
     try:
         rebase(
             args.filename,
@@ -69,7 +69,7 @@ def _cmd_commit(args: argparse.Namespace) -> int:
     from qcowlib.cli.progress import ProgressBar
     from qcowlib.ops.modify import commit
 
-    bar = ProgressBar() if args.progress else None
+    bar = ProgressBar() if args.progress and not args.quiet else None
     try:
         commit(args.filename, drop=args.drop, progress=bar.update if bar else None)
     finally:
