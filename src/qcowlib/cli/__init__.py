@@ -361,6 +361,7 @@ COMMANDS: dict[str, str | None] = {
     "rebase": "cmd_modify",
     "commit": "cmd_modify",
     "snapshot": "cmd_snapshot",
+    "amend": "cmd_amend",
     "dd": "cmd_dd",
     "flatten": "cmd_flatten",
     "check": "cmd_check",
