@@ -37,13 +37,23 @@ if TYPE_CHECKING:
     from qcowlib.formats import formats
     from qcowlib.formats.qcow2.writer import Qcow2RWDisk
     from qcowlib.glance.upload import UploadRequest, upload
+    from qcowlib.ops.amend import amend
+    from qcowlib.ops.bitmap import bitmap
     from qcowlib.ops.check import check
     from qcowlib.ops.checksum import checksum
     from qcowlib.ops.compare import CompareResult
     from qcowlib.ops.convert import convert
     from qcowlib.ops.create import create
+    from qcowlib.ops.dd import dd
     from qcowlib.ops.flatten import flatten, flatten_stream
     from qcowlib.ops.measure import measure
+    from qcowlib.ops.snapshot import (
+        SnapshotInfo,
+        apply_snapshot,
+        create_snapshot,
+        delete_snapshot,
+        list_snapshots,
+    )
     from qcowlib.validate import validate
 
 __all__ = [
@@ -65,20 +75,28 @@ __all__ = [
     "InvalidArgument",
     "QcowlibError",
     "QcowlibIOError",
+    "SnapshotInfo",
     "SourceChanged",
     "TruncatedImage",
     "UnsafeBackingPath",
     "UnsupportedFeature",
     "UploadRequest",
+    "amend",
+    "apply_snapshot",
+    "bitmap",
     "check",
     "checksum",
     "compare",
     "convert",
     "create",
+    "create_snapshot",
+    "dd",
+    "delete_snapshot",
     "flatten",
     "flatten_stream",
     "formats",
     "info",
+    "list_snapshots",
     "measure",
     "open",
     "open_rw",
@@ -105,6 +123,14 @@ _LAZY = {
     "upload": ("qcowlib.glance.upload", "upload"),
     "UploadRequest": ("qcowlib.glance.upload", "UploadRequest"),
     "info": ("qcowlib.ops.info", "info"),
+    "SnapshotInfo": ("qcowlib.ops.snapshot", "SnapshotInfo"),
+    "list_snapshots": ("qcowlib.ops.snapshot", "list_snapshots"),
+    "create_snapshot": ("qcowlib.ops.snapshot", "create_snapshot"),
+    "apply_snapshot": ("qcowlib.ops.snapshot", "apply_snapshot"),
+    "delete_snapshot": ("qcowlib.ops.snapshot", "delete_snapshot"),
+    "amend": ("qcowlib.ops.amend", "amend"),
+    "bitmap": ("qcowlib.ops.bitmap", "bitmap"),
+    "dd": ("qcowlib.ops.dd", "dd"),
 }
 
 
@@ -167,3 +193,8 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(module), attr)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    """The public names, the lazy ones included (the contract: visible to ``dir()``)."""
+    return sorted(set(globals()) | set(__all__))

@@ -159,3 +159,29 @@ def test_refcount_too_narrow_refused_cleanly(tmp_path: Path) -> None:
     assert res.returncode == 1 and "refcount_bits=1" in res.stderr
     clean(img)  # qemu-img leaks a cluster here; nothing was written
     assert "snapshots" not in qemu_json("info", img)
+
+
+def test_python_api(tmp_path: Path) -> None:
+    import qcowlib
+
+    for name in ("list_snapshots", "create_snapshot", "apply_snapshot", "delete_snapshot",
+                 "SnapshotInfo", "amend", "bitmap", "dd"):  # fmt: skip
+        assert name in qcowlib.__all__ and name in dir(qcowlib)
+        assert getattr(qcowlib, name) is not None
+    img = image(tmp_path)
+    qcowlib.create_snapshot(img, "api")
+    snaps = qcowlib.list_snapshots(img)
+    assert [(s.id, s.name) for s in snaps] == [("1", "api")]
+    assert [s.as_json() for s in snaps] == qemu_json("info", img)["snapshots"]
+    qcowlib.amend(img, {"lazy_refcounts": "on"})
+    qcowlib.bitmap(img, "b", [("add", None)], granularity=4096)
+    assert qemu_json("info", img)["format-specific"]["data"]["bitmaps"][0]["granularity"] == 4096
+    out = tmp_path / "part.raw"
+    assert qcowlib.dd(img, out, bs=4096, count=16, skip=1) == 15 * 4096
+    ref = tmp_path / "ref.raw"
+    qemu_img("dd", "-O", "raw", f"if={img}", f"of={ref}", "bs=4096", "count=16", "skip=1")
+    assert out.read_bytes() == ref.read_bytes()
+    qcowlib.delete_snapshot(img, "api")
+    clean(img)
+    with pytest.raises(qcowlib.QcowlibError):
+        qcowlib.apply_snapshot(img, "api")

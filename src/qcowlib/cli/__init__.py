@@ -362,6 +362,7 @@ COMMANDS: dict[str, str | None] = {
     "commit": "cmd_modify",
     "snapshot": "cmd_snapshot",
     "amend": "cmd_amend",
+    "bitmap": "cmd_bitmap",
     "dd": "cmd_dd",
     "flatten": "cmd_flatten",
     "check": "cmd_check",

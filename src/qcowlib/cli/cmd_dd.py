@@ -26,5 +26,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _cmd_dd(args: argparse.Namespace) -> int:
     from qcowlib.ops.dd import dd, parse_dd_operands
 
-    dd(parse_dd_operands(args.operands), src_format=args.format, out_format=args.out_format)
+    ops = parse_dd_operands(args.operands)
+    dd(
+        ops.src,
+        ops.dst,
+        bs=ops.bs,
+        count=ops.count,
+        skip=ops.skip,
+        src_format=args.format,
+        out_format=args.out_format,
+    )
     return 0

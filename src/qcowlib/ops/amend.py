@@ -7,6 +7,7 @@ refuses them.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 
 from qcowlib.errors import UnsupportedFeature
@@ -15,7 +16,7 @@ __all__ = ["amend"]
 
 
 def amend(
-    path: str,
+    path: str | os.PathLike[str],
     options: Mapping[str, str],
     *,
     fmt: str | None = None,
@@ -32,6 +33,7 @@ def amend(
     from qcowlib.formats import registry
     from qcowlib.ops.modify import _format_of
 
+    path = os.fspath(path)
     fmt = _format_of(path, fmt)
     entry = registry.by_name(fmt)
     if entry.amend is None:

@@ -76,13 +76,18 @@ def parse_dd_operands(operands: list[str]) -> DdArgs:
 
 
 def dd(
-    args: DdArgs,
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
     *,
+    bs: int = 512,
+    count: int | None = None,
+    skip: int = 0,
     src_format: str | None = None,
     out_format: str = "raw",
     progress: Progress | None = None,
 ) -> int:
-    """Copy as ``qemu-img dd`` does; returns the number of bytes copied.
+    """Copy as ``qemu-img dd if=SRC of=DST bs= count= skip=`` does (``count`` and
+    ``skip`` in blocks of ``bs``); returns the number of bytes copied.
 
     Raises :class:`InvalidArgument` when ``skip`` lies past the end of the input (qemu-img
     prints an error there but exits 0 with an empty output; qcowlib fails and leaves no
@@ -91,6 +96,9 @@ def dd(
     from qcowlib.formats import registry
     from qcowlib.formats.opener import open_disk
 
+    if not 1 <= bs <= MAX_BS or skip < 0 or (count is not None and count < 0):
+        raise InvalidArgument("bs must be 1..2**31-1, count and skip not negative")
+    args = DdArgs(os.fspath(src), os.fspath(dst), bs, count, skip)
     entry = registry.by_name(out_format)
     if entry.create is None or entry.writer is None:
         raise UnsupportedFeature(f"dd -O {out_format} is not supported yet (raw, qcow2 are)")

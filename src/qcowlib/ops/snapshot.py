@@ -7,6 +7,7 @@ the registry (qcow2's lives in :mod:`qcowlib.formats.qcow2.snapshot_rw`).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -55,13 +56,14 @@ def _format(path: str, fmt: str | None) -> str:
     return _format_of(path, fmt)
 
 
-def list_snapshots(path: str, fmt: str | None = None) -> list[SnapshotInfo]:
+def list_snapshots(path: str | os.PathLike[str], fmt: str | None = None) -> list[SnapshotInfo]:
     """The image's internal snapshots (its backing chain is not opened).
 
     Raises the usual open errors (:class:`~qcowlib.errors.QcowlibError` subclasses).
     """
     from qcowlib.formats.opener import open_disk
 
+    path = os.fspath(path)
     with open_disk(path, fmt, BackingPolicy(follow=False, follow_data_file=False)) as disk:
         raw = disk.info_head().get("snapshots", [])
     return [
@@ -92,11 +94,12 @@ def _part(path: str, fmt: str | None, verb: str, name: str) -> Any:
         ) from None
 
 
-def create_snapshot(path: str, name: str, fmt: str | None = None) -> None:
+def create_snapshot(path: str | os.PathLike[str], name: str, fmt: str | None = None) -> None:
     """``qemu-img snapshot -c NAME``: a new snapshot of the current disk state, with the
     next free numeric ID and the current time (vm-clock and icount 0, as qemu-img)."""
     from qcowlib.formats.qcow2.snapshot_rw import NewSnapshot
 
+    path = os.fspath(path)
     if not name:
         raise InvalidArgument("a snapshot name is required")
     part = _part(path, fmt, "create", name)
@@ -108,10 +111,11 @@ def create_snapshot(path: str, name: str, fmt: str | None = None) -> None:
         raise _prefixed(exc, f"Could not create snapshot '{name}': ") from None
 
 
-def apply_snapshot(path: str, name: str, fmt: str | None = None) -> None:
+def apply_snapshot(path: str | os.PathLike[str], name: str, fmt: str | None = None) -> None:
     """``qemu-img snapshot -a NAME``: revert the disk to a snapshot (by ID, then name)."""
     from qcowlib.formats.qcow2.snapshot_rw import SnapshotNotFound
 
+    path = os.fspath(path)
     part = _part(path, fmt, "apply", name)
     try:
         part.apply(path, name)
@@ -123,8 +127,9 @@ def apply_snapshot(path: str, name: str, fmt: str | None = None) -> None:
         raise _prefixed(exc, f"Could not apply snapshot '{name}': ") from None
 
 
-def delete_snapshot(path: str, name: str, fmt: str | None = None) -> None:
+def delete_snapshot(path: str | os.PathLike[str], name: str, fmt: str | None = None) -> None:
     """``qemu-img snapshot -d NAME``: delete the first snapshot with this name."""
+    path = os.fspath(path)
     part = _part(path, fmt, "delete", name)
     try:
         part.delete(path, name)

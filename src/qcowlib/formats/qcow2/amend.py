@@ -127,12 +127,12 @@ def _refuse(h: hdr.Header, plan: AmendPlan) -> None:
     """qemu-img's refusals that need only the header, before anything is written."""
     version = plan.version or h.version
     order = plan.refcount_order if plan.refcount_order is not None else h.refcount_order
-    if plan.refcount_order is not None and plan.refcount_order != h.refcount_order:
-        if version < 3 and order != 4:
-            raise InvalidArgument(
-                "Refcount widths other than 16 bits require compatibility level 1.1 or "
-                "above (use compat=1.1 or greater)"
-            )
+    changes_order = plan.refcount_order is not None and plan.refcount_order != h.refcount_order
+    if changes_order and version < 3 and order != 4:
+        raise InvalidArgument(
+            "Refcount widths other than 16 bits require compatibility level 1.1 or "
+            "above (use compat=1.1 or greater)"
+        )
     if plan.lazy_refcounts and version < 3:
         raise InvalidArgument(
             "Lazy refcounts only supported with compatibility level 1.1 and above "
@@ -268,7 +268,9 @@ def _downgrade(disk: Qcow2RWDisk) -> None:
         h = disk.header
     if h.compression_type != hdr.COMPRESSION_TYPE_ZLIB:
         _refuse_compressed(disk)
-    l1s = [disk.l1] + [_snapshot_l1(disk, sn.l1_table_offset, sn.l1_size) for sn in disk.snapshots()]
+    l1s = [disk.l1] + [
+        _snapshot_l1(disk, sn.l1_table_offset, sn.l1_size) for sn in disk.snapshots()
+    ]
     for l1 in l1s:
         _expand_zero_clusters(disk, l1)
     disk.flush()
@@ -300,7 +302,9 @@ def _l2_tables(disk: Qcow2RWDisk, l1: tables.U64) -> list[int]:
 def _refuse_compressed(disk: Qcow2RWDisk) -> None:
     """v2 has no compression type: zstd-compressed clusters would read as garbage."""
     cs = disk.cluster_size
-    l1s = [disk.l1] + [_snapshot_l1(disk, sn.l1_table_offset, sn.l1_size) for sn in disk.snapshots()]
+    l1s = [disk.l1] + [
+        _snapshot_l1(disk, sn.l1_table_offset, sn.l1_size) for sn in disk.snapshots()
+    ]
     for l1 in l1s:
         for off in _l2_tables(disk, l1):
             table = tables.decode_table(disk.host.pread_exact(off, cs, "L2 table"))

@@ -73,7 +73,7 @@ def change_refcount_order(disk: Qcow2RWDisk, order: int) -> None:
         c = int(too_big[0])
         raise InvalidArgument(
             f"Cannot decrease refcount entry width to {1 << order} bits: "
-            f"cluster {c} has refcount {int(counts[c])}"
+            f"Cluster at offset {c * cs:#x} has a refcount of {int(counts[c])}"
         )
     per_block = (cs * 8) >> order
     start = max(counts.size, disk.allocator.file_end // cs)
