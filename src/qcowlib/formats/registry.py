@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol
 
 from qcowlib.errors import InvalidArgument, UnsupportedFeature
 
@@ -48,8 +47,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class Option:
+class Option(NamedTuple):
     """One ``-o`` creation option, as ``qemu-img create -f FMT -o help`` lists it."""
 
     name: str
@@ -68,8 +66,7 @@ def _load(ref: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-@dataclass(frozen=True)
-class Format:
+class Format(NamedTuple):
     """One format: qemu-img's name and where its parts are implemented.
 
     ``reader``, ``output``, ``create``, ``resize``, ``writer`` (in place) and ``check``
@@ -98,7 +95,7 @@ class Format:
     nothing_to_check: bool = False
     user_format: bool = True
     read_as: str | None = None
-    options: tuple[Option, ...] = field(default=())
+    options: tuple[Option, ...] = ()
     glance: str | None = None
     upload_options: tuple[tuple[str, str], ...] = ()
 
@@ -321,8 +318,7 @@ def option_help(name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-@dataclass(frozen=True)
-class FormatInfo:
+class FormatInfo(NamedTuple):
     """What ``qcowlib.formats()`` says of one format."""
 
     name: str
