@@ -20,7 +20,7 @@ from qcowlib.formats.qcow2.snapshot import (
 from qcowlib.ops.dd import parse_dd_operands
 
 names = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"),
+    alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\0"),
     min_size=1,
     max_size=40,
 )
