@@ -210,3 +210,36 @@ def test_flatten_and_snapshot_quiet(img: Path, tmp_path: Path) -> None:
     assert res.returncode == 0 and res.stdout == res.stderr == ""
     res = cli("snapshot", "-q", "-c", "s", img)
     assert res.returncode == 0 and res.stdout == res.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("cmd", "flag", "status"),
+    [
+        (["check"], "-T", 1),
+        (["compare"], "-T", 2),
+        (
+            [
+                "rebase",
+                "-u",
+                "-b",
+                "",
+            ],
+            "-t",
+            1,
+        ),
+        (["rebase", "-u", "-b", ""], "-T", 1),
+        (["commit"], "-t", 1),
+        (["amend", "-o", "lazy_refcounts=on"], "-t", 1),
+    ],
+)
+def test_cache_options_everywhere_like_qemu(
+    cmd: list[str], flag: str, status: int, img: Path
+) -> None:
+    extra = [img] if cmd[0] == "compare" else []
+    bad = cli(*cmd, flag, "foo", img, *extra)
+    ref = qemu_img(*cmd, flag, "foo", img, *extra, check=False)
+    assert bad.returncode == ref.returncode == status, bad.stderr
+    assert "cache option: foo" in bad.stderr and "cache option: foo" in ref.stderr
+    if cmd[0] != "commit":  # commit needs a backing file
+        good = cli(*cmd, flag, "writeback", img, *extra)
+        assert good.returncode == 0, good.stderr

@@ -127,6 +127,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from qcowlib.ops.compare import compare
 
     try:
+        check_cache(args.src_cache, "source cache")
+    except Failed as exc:
+        raise Failed(str(exc), 2) from None
+
+    try:
         with (
             open_disk(args.filename1, args.format1) as a,
             open_disk(args.filename2, args.format2) as b,
@@ -310,6 +315,9 @@ def _register_core(sub: argparse._SubParsersAction[_Parser], name: str) -> None:
         p.add_argument("-s", dest="strict", action="store_true", help="strict mode")
         p.add_argument("-p", dest="progress", action="store_true", help="show progress")
         p.add_argument("-q", dest="quiet", action="store_true", help="print nothing but errors")
+        p.add_argument(
+            "-T", dest="src_cache", metavar="CACHE", help="cache mode (accepted, as qemu-img's)"
+        )
         p.add_argument("filename1")
         p.add_argument("filename2")
         p.set_defaults(func=_cmd_compare)

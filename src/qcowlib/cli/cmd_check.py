@@ -28,13 +28,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "-q", dest="quiet", action="store_true", help="no summary (the exit status tells)"
     )
+    p.add_argument(
+        "-T", dest="src_cache", metavar="CACHE", help="cache mode (accepted, as qemu-img's)"
+    )
     p.add_argument("filename")
     p.set_defaults(func=_cmd_check)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from qcowlib.cli import check_cache
     from qcowlib.ops.check import CheckNotSupported, check
 
+    check_cache(args.src_cache, "source cache")
     try:
         report = check(args.filename, args.format, args.repair)
     except CheckNotSupported as exc:

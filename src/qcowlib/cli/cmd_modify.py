@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-f", dest="format", choices=("qcow2",))
     p.add_argument("-p", dest="progress", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true", help="print nothing but errors")
+    _cache_flags(p, source=True)
     p.add_argument("filename")
     p.set_defaults(func=_cmd_rebase)
 
@@ -32,8 +33,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-f", dest="format", choices=("qcow2",))
     p.add_argument("-p", dest="progress", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true", help="print nothing but errors")
+    _cache_flags(p, source=False)
     p.add_argument("filename")
     p.set_defaults(func=_cmd_commit)
+
+
+def _cache_flags(p: argparse.ArgumentParser, *, source: bool) -> None:
+    """qemu-img's ``-t`` (and ``-T``) cache modes: accepted, checked, documented."""
+    p.add_argument("-t", dest="cache", metavar="CACHE", help="cache mode (accepted, as qemu-img's)")
+    if source:
+        p.add_argument("-T", dest="src_cache", metavar="CACHE", help="source cache mode (accepted)")
+
+
+def _check_caches(args: argparse.Namespace) -> None:
+    from qcowlib.cli import check_cache
+
+    check_cache(args.cache)
+    check_cache(getattr(args, "src_cache", None), "source cache")
 
 
 def _cmd_resize(args: argparse.Namespace) -> int:
@@ -50,6 +66,7 @@ def _cmd_rebase(args: argparse.Namespace) -> int:
     from qcowlib.cli.progress import ProgressBar
     from qcowlib.ops.modify import rebase
 
+    _check_caches(args)
     bar = ProgressBar() if args.progress and not args.quiet else None
     try:
         rebase(
@@ -69,6 +86,7 @@ def _cmd_commit(args: argparse.Namespace) -> int:
     from qcowlib.cli.progress import ProgressBar
     from qcowlib.ops.modify import commit
 
+    _check_caches(args)
     bar = ProgressBar() if args.progress and not args.quiet else None
     try:
         commit(args.filename, drop=args.drop, progress=bar.update if bar else None)
