@@ -243,3 +243,16 @@ def test_cache_options_everywhere_like_qemu(
     if cmd[0] != "commit":  # commit needs a backing file
         good = cli(*cmd, flag, "writeback", img, *extra)
         assert good.returncode == 0, good.stderr
+
+
+def test_convert_n_probes_the_target(img: Path, tmp_path: Path) -> None:
+    target = tmp_path / "t.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", target, "4M")
+    before = target.read_bytes()
+    res = cli("convert", "-n", "-O", "raw", img, target)  # raw bytes over qcow2 metadata
+    assert res.returncode == 1 and "is a qcow2 image" in res.stderr
+    assert target.read_bytes() == before
+    res = cli("convert", "-n", img, target)  # no -O: the target's own format
+    assert res.returncode == 0, res.stderr
+    assert qemu_img("compare", img, target).returncode == 0
+    assert qemu_img("check", target).returncode == 0

@@ -223,7 +223,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if args.target_is_zero and not args.no_create:
         raise Failed("--target-is-zero requires use of -n flag")
     options = parse_options(args.options)
-    if wants_option_help(options, args.out_format):
+    if wants_option_help(options, args.out_format or "raw"):
         return 0
     sparse = parse_size(args.sparse_size) if args.sparse_size is not None else 4096
     bar = ProgressBar() if args.progress and not args.quiet else None
@@ -244,7 +244,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         convert(
             args.src,
             args.dst,
-            args.out_format,
+            args.out_format or "raw",
             src_format=args.format,
             compress=args.compress,
             options=options,
@@ -324,7 +324,12 @@ def _register_core(sub: argparse._SubParsersAction[_Parser], name: str) -> None:
     elif name == "convert":
         p = sub.add_parser("convert", help="convert an image to another format")
         p.add_argument("-f", dest="format", choices=INPUT_FORMATS)
-        p.add_argument("-O", dest="out_format", default="raw", choices=INPUT_FORMATS)
+        p.add_argument(
+            "-O",
+            dest="out_format",
+            choices=INPUT_FORMATS,
+            help="output format (default raw; with -n: the target's, probed)",
+        )
         p.add_argument("-o", dest="options")
         p.add_argument("-c", dest="compress", action="store_true")
         p.add_argument("-B", dest="backing")

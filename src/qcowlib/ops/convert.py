@@ -91,7 +91,7 @@ def _check_hashed(
 def convert_into(
     src: str,
     dst: str,
-    out_format: str = "raw",
+    out_format: str | None = None,
     *,
     src_format: str | None = None,
     target_is_zero: bool = False,
@@ -99,8 +99,10 @@ def convert_into(
     progress: Progress | None = None,
 ) -> None:
     """``qemu-img convert -n``: write ``src``'s guest content into the existing image
-    ``dst`` (of format ``out_format``, opened for writing in place, QEMU's locks taken)
-    instead of creating it.  Every range is written: zero ranges as zeros, unless
+    ``dst`` (opened for writing in place, QEMU's locks taken) instead of creating it.
+    ``dst``'s format is probed; ``out_format``, when given, must agree (unlike qemu-img,
+    which takes the target as raw without ``-O`` and would write raw bytes over a qcow2
+    image's metadata).  Every range is written: zero ranges as zeros, unless
     ``target_is_zero`` says the target already reads as zeros (``--target-is-zero``).
 
     Raises :class:`InvalidArgument` when the target is smaller than the source or has a
@@ -109,6 +111,7 @@ def convert_into(
     """
     if sparse_size < 0 or sparse_size % 512:
         raise InvalidArgument("sparse size must be a multiple of 512")
+    out_format = _target_format(dst, out_format)
     open_target = registry.by_name(out_format).implementation("writer")
     with open_disk(src, src_format) as disk:
         if os.path.realpath(dst) in {os.path.realpath(d.filename) for d in disk.chain}:
@@ -125,6 +128,24 @@ def convert_into(
             target.flush()
         finally:
             target.close()
+
+
+def _target_format(dst: str, out_format: str | None) -> str:
+    """The format of an existing target: probed, and never a recognised format taken as
+    raw (the contract's rule for reading holds for writing too)."""
+    from qcowlib.core.hostfile import HostFile
+    from qcowlib.formats.opener import probe_format
+
+    host = HostFile(dst)
+    try:
+        probed = probe_format(host)
+    finally:
+        host.close()
+    if out_format is None:
+        return probed
+    if probed not in (out_format, "raw"):
+        raise InvalidArgument(f"{dst} is a {probed} image, not {out_format} (-O {probed})")
+    return out_format
 
 
 def _copy_all(

@@ -284,7 +284,8 @@ def encode_directory(bitmaps: list[_Bitmap]) -> bytes:
             {
                 "bitmap_table_offset": bm.table_offset,
                 "bitmap_table_size": bm.table_size,
-                "flags": bm.flags & ~BME_FLAG_IN_USE,
+                # an inconsistent bitmap left alone stays marked in use
+                "flags": bm.flags,
                 "type": BT_DIRTY_TRACKING_BITMAP,
                 "granularity_bits": bm.granularity_bits,
                 "name_size": len(name),
