@@ -7,6 +7,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import cli, qemu_img, qemu_json
 
@@ -185,3 +187,59 @@ def test_python_api(tmp_path: Path) -> None:
     clean(img)
     with pytest.raises(qcowlib.QcowlibError):
         qcowlib.apply_snapshot(img, "api")
+
+
+OPS = st.one_of(
+    st.tuples(
+        st.just("write"), st.integers(0, 255 * 1024), st.integers(1, 70_000), st.integers(1, 255)
+    ),
+    st.tuples(st.just("zero"), st.integers(0, 255 * 1024), st.integers(1, 70_000), st.just(0)),
+    st.tuples(st.just("create"), st.integers(0, 3), st.just(0), st.just(0)),
+    st.tuples(st.just("apply"), st.integers(0, 3), st.just(0), st.just(0)),
+    st.tuples(st.just("delete"), st.integers(0, 3), st.just(0), st.just(0)),
+)
+
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(plan=st.lists(OPS, min_size=1, max_size=12), opts=st.sampled_from(OPTS))
+def test_random_plans_against_a_model(
+    plan: list[tuple[str, int, int, int]], opts: str, tmp_path: Path
+) -> None:
+    """Writes, zero writes and snapshot operations through the library, against a model
+    of the disk and of every snapshot; qemu-img reads each snapshot and checks the image."""
+    import qcowlib
+
+    size = 320 * 1024
+    d = tmp_path / f"plan{len(list(tmp_path.iterdir()))}"
+    d.mkdir()
+    img = d / "p.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", opts, img, str(size))
+    current = bytearray(size)
+    snaps: dict[str, bytes] = {}
+    for op, a, n, value in plan:
+        if op in ("write", "zero"):
+            n = min(n, size - a)
+            with qcowlib.open_rw(str(img)) as disk:
+                if op == "write":
+                    disk.write(a, bytes([value]) * n)
+                else:
+                    disk.write_zeroes(a, n)
+            current[a : a + n] = bytes([value]) * n
+        elif op == "create" and f"s{a}" not in snaps:
+            qcowlib.create_snapshot(img, f"s{a}")
+            snaps[f"s{a}"] = bytes(current)
+        elif op == "apply" and f"s{a}" in snaps:
+            qcowlib.apply_snapshot(img, f"s{a}")
+            current = bytearray(snaps[f"s{a}"])
+        elif op == "delete" and f"s{a}" in snaps:
+            qcowlib.delete_snapshot(img, f"s{a}")
+            del snaps[f"s{a}"]
+    clean(img)
+    out = d / "out.raw"
+    qemu_img("convert", "-O", "raw", img, out)
+    assert out.read_bytes() == bytes(current)
+    for name, content in snaps.items():
+        qemu_img("convert", "-l", f"snapshot.name={name}", "-O", "raw", img, out)
+        assert out.read_bytes() == content, name
