@@ -254,3 +254,13 @@ def test_downgrade_frees_bitmaps(tmp_path: Path) -> None:
     clean(ours)  # qemu-img leaks the bitmap's clusters here; qcowlib frees them
     assert spec(ours) == spec(ref)
     assert qemu_img("compare", ours, ref).returncode == 0
+
+
+def test_amend_option_help_lines_are_qemus(tmp_path: Path) -> None:
+    ours, _ = twins(tmp_path, "compat=1.1")
+    res = cli("amend", "-o", "help", ours)
+    assert res.returncode == 0, res.stderr
+    theirs = qemu_img("amend", "-f", "qcow2", "-o", "help", ours).stdout.splitlines()
+    lines = res.stdout.splitlines()
+    assert lines[0] == theirs[0] == "Amend options for 'qcow2':"
+    assert len(lines) > 5 and set(lines) <= set(theirs)  # what qcowlib changes, word for word

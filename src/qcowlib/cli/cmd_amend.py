@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from qcowlib.cli import INPUT_FORMATS, check_cache, parse_options, wants_option_help
+from qcowlib.cli import INPUT_FORMATS, check_cache, parse_options
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -35,7 +36,11 @@ def _cmd_amend(args: argparse.Namespace) -> int:
 
     check_cache(args.cache)
     options = parse_options(",".join(args.options))
-    if wants_option_help(options, args.format or "qcow2"):
+    if options.get("help") == "on" or options.get("?") == "on":
+        from qcowlib.ops.amend import amend_option_help
+        from qcowlib.ops.modify import _format_of
+
+        sys.stdout.write(amend_option_help(args.format or _format_of(args.filename, None)))
         return 0
     bar = ProgressBar() if args.progress and not args.quiet else None
     try:

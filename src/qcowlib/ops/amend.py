@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from qcowlib.errors import UnsupportedFeature
 
-__all__ = ["amend"]
+__all__ = ["amend", "amend_option_help"]
 
 
 def amend(
@@ -30,12 +31,22 @@ def amend(
     :class:`~qcowlib.errors.UnsupportedFeature` with qemu-img's messages for what it
     refuses, and the usual open errors.
     """
-    from qcowlib.formats import registry
     from qcowlib.ops.modify import _format_of
 
     path = os.fspath(path)
     fmt = _format_of(path, fmt)
+    _part(fmt).run(path, options, progress)
+
+
+def amend_option_help(fmt: str) -> str:
+    """``amend -o help``: the options format ``fmt`` can change, as qemu-img lists them."""
+    return str(_part(fmt).option_help())
+
+
+def _part(fmt: str) -> Any:
+    from qcowlib.formats import registry
+
     entry = registry.by_name(fmt)
     if entry.amend is None:
         raise UnsupportedFeature(f"Format driver '{fmt}' does not support option amendment")
-    entry.implementation("amend")(path, options, progress)
+    return entry.implementation("amend")

@@ -27,7 +27,7 @@ from qcowlib.formats.qcow2.hostio import with_backing
 if TYPE_CHECKING:
     from qcowlib.formats.qcow2.writer import Qcow2RWDisk
 
-__all__ = ["AmendPlan", "amend", "parse_amend_options"]
+__all__ = ["AMEND", "AmendPlan", "amend", "parse_amend_options"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,15 @@ AMEND_OPTIONS: Final = (
     "backing_file",
     "backing_fmt",
     "size",
+)
+#: ``-o help``: qemu-img's lines for the options qcowlib changes (name, type, help).
+AMEND_HELP: Final = (
+    ("backing_file", "str", "File name of a base image"),
+    ("backing_fmt", "str", "Image format of the base image"),
+    ("compat", "str", "Compatibility level (v2 [0.10] or v3 [1.1])"),
+    ("lazy_refcounts", "bool (on/off)", "Postpone refcount updates"),
+    ("refcount_bits", "num", "Width of a reference count entry in bits"),
+    ("size", "size", "Virtual disk size"),
 )
 #: Options qemu-img amend knows for qcow2 but qcowlib cannot change yet.
 UNSUPPORTED: Final = ("data_file", "data_file_raw", "encrypt.format", "encryption")
@@ -345,3 +354,19 @@ def _expand_zero_clusters(disk: Qcow2RWDisk, l1: tables.U64) -> None:
         disk.check_overlap(off, cs, off // cs, "L2 table")
         disk.host.pwrite(off, tables.encode_table(table))
     disk.tables_changed()
+
+
+class _Amend:
+    """The registry's ``amend`` part for qcow2."""
+
+    def run(self, path: str, options: Mapping[str, str], progress: Progress | None = None) -> None:
+        amend(path, options, progress)
+
+    def option_help(self) -> str:
+        """``amend -o help``, as qemu-img prints it."""
+        lines = ["Amend options for 'qcow2':"]
+        lines += [f"  {f'{n}=<{t}>':<22} - {h}" for n, t, h in AMEND_HELP]
+        return "\n".join(lines) + "\n"
+
+
+AMEND: Final = _Amend()
