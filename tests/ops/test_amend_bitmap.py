@@ -104,6 +104,7 @@ def test_amend_like_qemu(create: str, change: str, tmp_path: Path) -> None:
     assert spec(ours) == spec(ref)
     assert qemu_json("info", ours)["virtual-size"] == qemu_json("info", ref)["virtual-size"]
     assert qemu_img("compare", ours, ref).returncode == 0
+    assert cli("check", ours).returncode == 0
     if "size" not in change:
         assert qemu_img("compare", ours, orig).returncode == 0
     if "compat" in change:  # zero clusters expanded the same way
@@ -196,6 +197,7 @@ def test_bitmap_sequence_like_qemu(opts: str, tmp_path: Path) -> None:
         for bm in spec(ref).get("bitmaps", []):
             assert bits(ours, bm["name"]) == bits(ref, bm["name"]), (step, bm)
     assert qemu_img("compare", ours, ref).returncode == 0
+    assert cli("check", ours).returncode == 0  # qcowlib's own check agrees
 
 
 def test_bitmap_merge_from_another_file(tmp_path: Path) -> None:

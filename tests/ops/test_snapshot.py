@@ -237,6 +237,7 @@ def test_random_plans_against_a_model(
             qcowlib.delete_snapshot(img, f"s{a}")
             del snaps[f"s{a}"]
     clean(img)
+    assert cli("check", img).returncode == 0  # and qcowlib's own check agrees
     out = d / "out.raw"
     qemu_img("convert", "-O", "raw", img, out)
     assert out.read_bytes() == bytes(current)
