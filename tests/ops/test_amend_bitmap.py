@@ -266,3 +266,28 @@ def test_amend_option_help_lines_are_qemus(tmp_path: Path) -> None:
     lines = res.stdout.splitlines()
     assert lines[0] == theirs[0] == "Amend options for 'qcow2':"
     assert len(lines) > 5 and set(lines) <= set(theirs)  # what qcowlib changes, word for word
+
+
+def test_writer_records_writes_in_enabled_bitmaps_like_qemu(tmp_path: Path) -> None:
+    import qcowlib
+
+    ours, ref = twins(tmp_path, "compat=1.1")
+    for img in (ours, ref):
+        qemu_img("bitmap", "--add", "-g", "4096", img, "on")
+        qemu_img("bitmap", "--add", "--disable", img, "off")
+        qemu_img("bitmap", "--add", "-g", "1M", img, "coarse")
+    writes = [("write", 5000, 3000), ("zero", 1 << 20, 70_000), ("discard", 2 << 20, 131072)]
+    with qcowlib.open_rw(str(ours)) as disk:
+        for op, offset, length in writes:
+            if op == "write":
+                disk.write(offset, b"\x42" * length)
+            elif op == "zero":
+                disk.write_zeroes(offset, length)
+            else:
+                disk.discard(offset, length)
+    io(ref, "write -P 0x42 5000 3000", f"write -z {1 << 20} 70000", f"discard {2 << 20} 131072")
+    clean(ours)
+    assert spec(ours)["bitmaps"] == spec(ref)["bitmaps"]  # flags: in-use cleared again
+    for name in ("on", "off", "coarse"):
+        assert bits(ours, name) == bits(ref, name), name
+    assert qemu_img("compare", ours, ref).returncode == 0

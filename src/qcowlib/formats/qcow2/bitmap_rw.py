@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BITMAPS",
     "BitmapAction",
+    "WriteTracker",
     "default_granularity",
     "read_bitmap_data",
     "remove_all_bitmaps",
@@ -103,6 +104,8 @@ def read_bitmap_data(
             )
         elif entry & BME_TABLE_ENTRY_FLAG_ALL_ONES:
             out[i * cluster_size : (i + 1) * cluster_size] = 0xFF
+    if nbytes > out.size:  # the disk grew past what the table covers: the rest is clean
+        out = np.concatenate((out, np.zeros(nbytes - out.size, dtype=np.uint8)))
     return out[:nbytes].copy()
 
 
@@ -295,6 +298,57 @@ def encode_directory(bitmaps: list[_Bitmap]) -> bytes:
         out += name
         out += bytes(-len(out) % 8)
     return bytes(out)
+
+
+def mark_ranges(data: np.ndarray, gbits: int, ranges: list[tuple[int, int]]) -> None:
+    """Set the bits of ``data`` whose chunks meet any ``(offset, length)`` range."""
+    bits = np.unpackbits(data, bitorder="little")
+    for offset, length in ranges:
+        if length > 0:
+            bits[offset >> gbits : ((offset + length - 1) >> gbits) + 1] = 1
+    data[:] = np.packbits(bits, bitorder="little")[: data.size]
+
+
+class WriteTracker:
+    """Guest writes recorded in the image's enabled persistent bitmaps, as QEMU records
+    them: on the first write the enabled bitmaps are marked in use (so a crash leaves
+    them flagged inconsistent, not silently stale); when the image is closed the
+    written ranges are set in them and the flag is cleared."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.ranges: list[tuple[int, int]] = []
+
+    @classmethod
+    def start(cls, disk: Qcow2RWDisk) -> WriteTracker:
+        h = disk.header
+        if h.version < 3 or h.bitmaps is None or not h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
+            return cls([])
+        state = _State(disk)
+        enabled = [
+            b for b in state.bitmaps if b.flags & BME_FLAG_AUTO and not b.flags & BME_FLAG_IN_USE
+        ]
+        if enabled:
+            for bm in enabled:
+                bm.flags |= BME_FLAG_IN_USE
+            state.store()
+        return cls([b.name for b in enabled])
+
+    def note(self, offset: int, length: int) -> None:
+        if self.names:
+            self.ranges.append((offset, length))
+
+    def finish(self, disk: Qcow2RWDisk) -> None:
+        """Set the written ranges in the tracked bitmaps and clear their in-use flag."""
+        if not self.names:
+            return
+        state = _State(disk)
+        for bm in state.bitmaps:
+            if bm.name in self.names and bm.flags & BME_FLAG_IN_USE:
+                bm.flags &= ~BME_FLAG_IN_USE
+                mark_ranges(state.data(bm), bm.granularity_bits, self.ranges)
+        state.store()
+        self.names = []
 
 
 def remove_all_bitmaps(disk: Qcow2RWDisk) -> None:
