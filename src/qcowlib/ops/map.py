@@ -71,8 +71,11 @@ def map_entries(disk: Disk, start: int = 0, max_length: int | None = None) -> It
         yield MapEntry(start, 0, 0, False, False, False, None, None)
         return
     current: MapEntry | None = None
+    encrypted = [d.encrypted for d in disk.chain]
     for ext in disk.extents(start, end - start):
         entry = _entry(ext)
+        if encrypted[ext.depth] and entry.offset is not None:
+            entry = entry._replace(offset=None, filename=None)  # ciphertext: no offset
         if current is not None and _mergeable(current, entry):
             current = MapEntry(
                 current.start,
