@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qcowlib.cli import INPUT_FORMATS, Failed, add_output, print_json
+from qcowlib.cli import INPUT_FORMATS, Failed, add_output, add_read_options, print_json
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -31,6 +31,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "-T", dest="src_cache", metavar="CACHE", help="cache mode (accepted, as qemu-img's)"
     )
+    add_read_options(p)
     p.add_argument("filename")
     p.set_defaults(func=_cmd_check)
 
@@ -41,7 +42,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     check_cache(args.src_cache, "source cache")
     try:
-        report = check(args.filename, args.format, args.repair)
+        report = check(
+            args.filename,
+            args.format,
+            args.repair,
+            backing_policy=args.backing_policy,
+            force_share=args.force_share,
+        )
     except CheckNotSupported as exc:
         raise Failed(str(exc), CheckNotSupported.status) from None
     for line in report.messages:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qcowlib.cli import INPUT_FORMATS
+from qcowlib.cli import INPUT_FORMATS, add_read_options
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-p", dest="progress", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true", help="print nothing but errors")
     _cache_flags(p, source=True)
+    add_read_options(p, share=False)
     p.add_argument("filename")
     p.set_defaults(func=_cmd_rebase)
 
@@ -34,6 +35,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-p", dest="progress", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true", help="print nothing but errors")
     _cache_flags(p, source=False)
+    add_read_options(p, share=False)
     p.add_argument("filename")
     p.set_defaults(func=_cmd_commit)
 
@@ -75,6 +77,7 @@ def _cmd_rebase(args: argparse.Namespace) -> int:
             args.backing_format,
             unsafe=args.unsafe,
             progress=bar.update if bar else None,
+            backing_policy=args.backing_policy,
         )
     finally:
         if bar:
@@ -89,7 +92,12 @@ def _cmd_commit(args: argparse.Namespace) -> int:
     _check_caches(args)
     bar = ProgressBar() if args.progress and not args.quiet else None
     try:
-        commit(args.filename, drop=args.drop, progress=bar.update if bar else None)
+        commit(
+            args.filename,
+            drop=args.drop,
+            progress=bar.update if bar else None,
+            backing_policy=args.backing_policy,
+        )
     finally:
         if bar:
             bar.finish()

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 from qcowlib._log import get_logger
+from qcowlib.core.locks import check_output_unlocked
 from qcowlib.errors import InvalidArgument, QcowlibError, QcowlibIOError
 
 log = get_logger(__name__)
@@ -85,6 +86,7 @@ def atomic_output(path: str, *, protect: tuple[str, ...] = ()) -> Iterator[int]:
     for src in protect:
         if same_file(path, src):
             raise InvalidArgument(f"output {path} is the same file as input {src}")
+    check_output_unlocked(path)  # a file a running VM holds is never replaced
     try:
         st = os.stat(path)
         is_device = stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode)

@@ -6,13 +6,19 @@ enforces), hashed with md5 and sha512 as the bytes go out.  Afterwards the image
 ``active`` with Glance's ``checksum`` and ``os_hash_value`` equal to ours; on any
 failure or mismatch the Glance image is deleted.  An overlay is refused with advice, or
 flattened on the fly with ``flatten=True`` (no temporary file).
+
+Everything that can be checked locally (the file, its validation, a flattened chain's
+base files, the request's own values) is checked before the cloud is configured and
+before any network request.  With ``use_import=True`` the bytes are staged and imported
+(interoperable import, :mod:`qcowlib.glance.interop`); ``store`` picks one store of a
+multi-store Glance.  Cloud configuration comes from :mod:`qcowlib.glance.cloud`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +37,11 @@ UPLOAD_CHUNK = 512 * 1024
 #: Bytes read (or serialized) and hashed at a time, then sent as UPLOAD_CHUNK pieces.
 READ_CHUNK = 8 * UPLOAD_CHUNK
 GiB = 1 << 30
+#: Glance's default ``container_formats``.  Glance inspects the data only for ``bare``.
+CONTAINER_FORMATS = ("bare", "ovf", "ova", "aki", "ari", "ami", "docker", "compressed")
+VISIBILITIES = ("public", "private", "shared", "community")
+#: Glance's limit on the length of a tag (its schema: maxLength 255).
+TAG_MAX = 255
 #: What ``--flatten`` can send, by disk_format, with its output options (a VMDK goes as
 #: streamOptimized, the subformat made for transfers that Glance and vSphere accept).
 FLATTEN_TO: dict[str, dict[str, str]] = registry.upload_targets()
@@ -64,6 +75,46 @@ class UploadRequest:
     properties: dict[str, str] = field(default_factory=dict)
     force: bool = False
     src_format: str | None = None
+    #: What of the chain ``flatten`` reads: ``follow``, ``contained`` or ``none``.
+    backing_policy: str = "follow"
+    #: Read an image another process has open for writing (qemu-img ``-U``).
+    force_share: bool = False
+    tags: list[str] = field(default_factory=list)
+    #: Interoperable import (stage, then ``glance-direct``) instead of a direct upload.
+    use_import: bool = False
+    #: A store of a multi-store Glance (``X-Image-Meta-Store``; with import, ``stores``).
+    store: str | None = None
+
+    def check(self) -> None:
+        """Refuse values Glance would refuse, before anything is sent.
+
+        Raises :class:`InvalidArgument`.
+        """
+        if not self.name.strip():
+            raise InvalidArgument("the image name is empty")
+        if self.container_format not in CONTAINER_FORMATS:
+            known = ", ".join(CONTAINER_FORMATS)
+            raise InvalidArgument(f"container format {self.container_format!r} (Glance: {known})")
+        if self.container_format != "bare":
+            if self.flatten:
+                raise InvalidArgument(
+                    "--flatten sends a bare disk image: use --container-format bare"
+                )
+            if self.disk_format is None:
+                raise InvalidArgument(
+                    f"--container-format {self.container_format}: give --disk-format (the "
+                    "format of the disk inside; it is not detected through a container)"
+                )
+        if self.visibility is not None and self.visibility not in VISIBILITIES:
+            raise InvalidArgument(f"visibility {self.visibility!r} (one of {VISIBILITIES})")
+        for what, value in (("min_disk", self.min_disk), ("min_ram", self.min_ram)):
+            if value is not None and value < 0:
+                raise InvalidArgument(f"{what} is negative: {value}")
+        for tag in self.tags:
+            if not tag.strip() or len(tag) > TAG_MAX:
+                raise InvalidArgument(f"tag {tag!r}: tags are 1 to {TAG_MAX} characters")
+        if self.store is not None and not self.store.strip():
+            raise InvalidArgument("the store id is empty")
 
 
 class _Source:
@@ -71,6 +122,8 @@ class _Source:
 
     def __init__(self, req: UploadRequest, disk_format: str) -> None:
         self.virtual_size: int
+        #: The chain read (``flatten``), top first: ``(filename, format)`` pairs.
+        self.chain: list[tuple[str, str]] = []
         if req.flatten:
             from qcowlib.ops.flatten import flatten_stream
 
@@ -81,20 +134,31 @@ class _Source:
                 src_format=req.src_format,
                 options=FLATTEN_TO.get(out),
                 chunk_size=READ_CHUNK,
+                backing_policy=req.backing_policy,
+                force_share=req.force_share,
             )
+            self.chain = self._stream.chain
             self.size = self._stream.size
             self.virtual_size = self._stream.virtual_size
             self._file: int | None = None
         else:
-            from qcowlib.core.chain import BackingPolicy
+            from qcowlib.core.chain import as_policy
+            from qcowlib.core.locks import take_read_locks
             from qcowlib.formats.opener import open_disk
 
-            with open_disk(req.path, req.src_format, BackingPolicy(follow=False)) as disk:
+            policy = as_policy(req.backing_policy, force_share=req.force_share)
+            policy = policy._replace(follow=False)
+            with open_disk(req.path, req.src_format, policy) as disk:
                 self.virtual_size = disk.virtual_size
             try:
                 self._file = os.open(req.path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as exc:
                 raise QcowlibIOError(f"cannot open {req.path}: {exc.strerror}") from None
+            try:  # held while it is sent: a VM cannot start writing it meanwhile
+                take_read_locks(self._file, req.path, force_share=req.force_share)
+            except BaseException:
+                os.close(self._file)
+                raise
             self.size = os.fstat(self._file).st_size
 
     def chunks(self) -> Iterator[bytes]:
@@ -174,21 +238,14 @@ class _Sender:
             raise
 
 
-def _connect(cloud: str | None) -> Any:
-    try:
-        import openstack
-    except ImportError:
-        raise InvalidArgument("upload needs openstacksdk: pip install 'qcowlib[glance]'") from None
-    try:
-        return openstack.connect(cloud=cloud) if cloud else openstack.connect()
-    except Exception as exc:  # openstacksdk raises many types for bad cloud config
-        raise UploadError(f"cannot configure the cloud connection: {exc}") from None
-
-
 def _validate(req: UploadRequest, disk_format: str) -> list[dict[str, Any]]:
     from qcowlib.validate import validate
 
-    report = validate(req.path, "glance", disk_format, fmt=req.src_format)
+    # Glance inspects only bare containers; what is inside another container (an OVA's
+    # tar, a kernel) is not checked against disk_format, but a disk image qcowlib
+    # recognises in the file is still checked for what makes it unsafe.
+    declared = disk_format if req.container_format == "bare" else None
+    report = validate(req.path, "glance", declared, fmt=req.src_format)
     errors = []
     for f in report.findings:
         if f.severity != "error":
@@ -204,20 +261,33 @@ def upload(
     *,
     cloud: str | None = None,
     connection: Any = None,
+    connect: Callable[[], Any] | None = None,
     progress: Progress | None = None,
+    on_chain: Callable[[Sequence[tuple[str, str]]], None] | None = None,
 ) -> dict[str, Any]:
     """Upload ``req.path`` to Glance; returns the contract's summary of the image.
 
-    Raises :class:`ValidationRefused` (nothing sent) when validation finds errors and
-    ``req.force`` is not set, and :class:`UploadError` when the upload fails or Glance's
-    record disagrees (the image is deleted first).  ``connection`` is an
-    ``openstack.connection.Connection`` to use instead of one built from ``cloud``
-    (``--os-cloud``, ``OS_CLOUD``, clouds.yaml and ``OS_*`` variables, as the
-    ``openstack`` client does).
+    The summary has Glance's ``id``, ``name``, ``status``, ``disk_format``, ``size``,
+    ``virtual_size``, ``checksum``, ``os_hash_algo``, ``os_hash_value`` and, beside them,
+    ``container_format``, ``visibility``, ``protected``, ``tags``, ``stores`` and
+    ``computed`` (``size``, ``md5`` and ``sha512`` of the bytes sent, computed here).
+
+    Raises :class:`InvalidArgument` for a request Glance would refuse and
+    :class:`ValidationRefused` when validation finds errors and ``req.force`` is not set
+    (nothing sent, no cloud contacted), :class:`~qcowlib.glance.cloud.CloudConfigError`
+    when no cloud is configured, and :class:`UploadError` when the upload or import
+    fails or Glance's record disagrees (the image is deleted first).  ``connection`` is
+    an ``openstack.connection.Connection`` to use; ``connect`` a function that makes one,
+    called only after the local checks passed; otherwise one is built from ``cloud``
+    (or ``OS_CLOUD``, clouds.yaml and ``OS_*`` variables, as the ``openstack`` client
+    does).
+    With ``req.flatten``, ``on_chain`` is told the chain read, top first, as
+    ``(filename, format)`` pairs.
     """
     from qcowlib.core.hostfile import HostFile
     from qcowlib.formats.opener import probe_format
 
+    req.check()
     host = HostFile(req.path)
     try:
         detected = probe_format(host)
@@ -230,39 +300,68 @@ def upload(
     disk_format = req.disk_format or (
         "qcow2" if req.flatten else registry.glance_disk_format(detected)
     )
-    if req.container_format != "bare":
-        raise InvalidArgument("only container_format bare is supported")
     errors = _validate(req, disk_format)
     if errors and not req.force:
         raise ValidationRefused(
             "validation refused the image: " + "; ".join(e["message"] for e in errors), errors
         )
-    conn = connection if connection is not None else _connect(cloud)
-    source = _Source(req, disk_format)
+    source = _Source(req, disk_format)  # opens a flattened chain's base files too
+    if on_chain is not None and source.chain:
+        on_chain(source.chain)
     try:
-        return _send(conn, req, disk_format, source, progress)
+        if connection is not None:
+            conn = connection
+        elif connect is not None:
+            conn = connect()
+        else:
+            from qcowlib.glance.cloud import connect as cloud_connect
+
+            conn = cloud_connect(cloud=cloud)
+        return _send(conn, req, disk_format, source, progress, forced=errors)
     finally:
         source.close()
 
 
-def _send(
-    conn: Any, req: UploadRequest, disk_format: str, source: _Source, progress: Progress | None
-) -> dict[str, Any]:
-    sender = _Sender(source, progress)
-    min_disk = req.min_disk if req.min_disk is not None else math.ceil(source.virtual_size / GiB)
+def _image_attributes(req: UploadRequest, source: _Source) -> dict[str, Any]:
+    """The image record's attributes, as openstacksdk's ``Image`` spells them."""
     kwargs: dict[str, Any] = dict(req.properties)
-    kwargs["min_disk"] = min_disk
+    if req.min_disk is not None:
+        kwargs["min_disk"] = req.min_disk
+    elif req.container_format == "bare":  # else the file's size says nothing of the disk's
+        kwargs["min_disk"] = math.ceil(source.virtual_size / GiB)
     if req.min_ram is not None:
         kwargs["min_ram"] = req.min_ram
     if req.visibility is not None:
         kwargs["visibility"] = req.visibility
     if req.protected:
         kwargs["is_protected"] = True
-    from openstack import exceptions as os_exc
+    if req.tags:
+        kwargs["tags"] = list(dict.fromkeys(req.tags))
+    return kwargs
+
+
+def _send(
+    conn: Any,
+    req: UploadRequest,
+    disk_format: str,
+    source: _Source,
+    progress: Progress | None,
+    forced: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     from openstack.image.v2 import image as _image
 
+    from qcowlib.glance import interop
+
+    sender = _Sender(source, progress)
+    kwargs = _image_attributes(req, source)
     image_id: str | None = None
     try:
+        # Requests that need no image first: a wrong --store or a cloud without
+        # glance-direct is reported before a record exists.
+        if req.store is not None:
+            interop.check_store(conn, req.store)
+        if req.use_import:
+            interop.check_glance_direct(conn)
         # The record first, so that its id is known and it can be deleted on failure.
         image = _image.Image.new(
             name=req.name,
@@ -271,18 +370,72 @@ def _send(
             **kwargs,
         ).create(conn.image)
         image_id = image.id
-        image.data = sender  # sized: sent with a Content-Length
-        response = image.upload(conn.image, size=source.size)
-        os_exc.raise_from_response(response)
-        record = conn.image.get_image(image_id)
+        if req.use_import:
+            record = interop.stage_and_import(conn, image, sender, source.size, req.store)
+        else:
+            _put_data(conn, image, sender, source.size, req.store)
+            record = conn.image.get_image(image_id)
     except Exception as exc:
         _delete(conn, image_id)
         if sender.error is not None and isinstance(sender.error, QcowlibError):
             raise sender.error from None
         done = "image deleted" if image_id is not None else "no image was created"
-        raise UploadError(f"upload failed: {_describe(exc)} ({done})") from None
+        raise UploadError(f"upload failed: {_why(exc, forced)} ({done})") from None
     digests = sender.hasher.hexdigests()
     sender.hasher.close()
+    problems = _disagreements(record, sender, source, digests, req.store)
+    if problems:
+        _delete(conn, image_id)
+        raise UploadError("upload not accepted: " + "; ".join(problems) + " (image deleted)")
+    return _summary(record, sender.sent, digests)
+
+
+def _summary(record: Any, sent: int, digests: dict[str, str]) -> dict[str, Any]:
+    """The contract's keys as Glance reports them, then ours beside them."""
+    props = record.properties or {}
+    stores = [s for s in str(props.get("stores") or "").split(",") if s]
+    return {
+        "id": record.id,
+        "name": record.name,
+        "status": record.status,
+        "disk_format": record.disk_format,
+        "size": record.size,
+        "virtual_size": record.virtual_size,
+        "checksum": record.checksum,
+        "os_hash_algo": record.hash_algo,
+        "os_hash_value": record.hash_value,
+        "container_format": record.container_format,
+        "visibility": record.visibility,
+        "protected": bool(record.is_protected),
+        "tags": sorted(record.tags or []),
+        "stores": stores,
+        "computed": {"size": sent, "md5": digests["md5"], "sha512": digests["sha512"]},
+    }
+
+
+def _put_data(conn: Any, image: Any, body: _Sender, size: int, store: str | None) -> None:
+    """``PUT /v2/images/ID/file`` (openstacksdk's ``Image.upload``, plus the store header).
+
+    The body is sized (``Content-Length``); ``X-OpenStack-Image-Size`` announces the size,
+    which Glance enforces, and ``X-Image-Meta-Store`` picks the store.
+    """
+    from openstack import exceptions as os_exc
+
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "Accept": "",
+        "X-OpenStack-Image-Size": str(size),
+    }
+    if store is not None:
+        headers["X-Image-Meta-Store"] = store
+    response = conn.image.put(f"/images/{image.id}/file", data=body, headers=headers)
+    os_exc.raise_from_response(response)
+
+
+def _disagreements(
+    record: Any, sender: _Sender, source: _Source, digests: dict[str, str], store: str | None
+) -> list[str]:
+    """What in Glance's record differs from what was sent ([] when all agree)."""
     problems = []
     if record.status != "active":
         problems.append(f"image status is {record.status!r}, not 'active'")
@@ -297,20 +450,21 @@ def _send(
         problems.append("os_hash_value differs from our sha512")
     elif algo != "sha512":
         problems.append(f"Glance hashes with {algo}; cannot verify os_hash_value")
-    if problems:
-        _delete(conn, image_id)
-        raise UploadError("upload not accepted: " + "; ".join(problems) + " (image deleted)")
-    return {
-        "id": record.id,
-        "name": record.name,
-        "status": record.status,
-        "disk_format": record.disk_format,
-        "size": record.size,
-        "virtual_size": record.virtual_size,
-        "checksum": record.checksum,
-        "os_hash_algo": record.hash_algo,
-        "os_hash_value": record.hash_value,
-    }
+    stores = str((record.properties or {}).get("stores") or "").split(",")
+    if store is not None and store not in stores:
+        problems.append(f"Glance stored the image in {','.join(stores)!r}, not in {store!r}")
+    return problems
+
+
+def _why(exc: BaseException, forced: list[dict[str, Any]] | None) -> str:
+    """Why the upload failed, in Glance's words; after --force, what was overridden."""
+    from qcowlib.glance.interop import describe
+
+    text = describe(exc)
+    if forced:
+        rules = ", ".join(dict.fromkeys(f["rule"] for f in forced))
+        text += f"; it was sent with --force despite validation errors ({rules})"
+    return text
 
 
 def _delete(conn: Any, image_id: str | None) -> None:
@@ -326,8 +480,9 @@ def _delete(conn: Any, image_id: str | None) -> None:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    from qcowlib.glance.interop import describe
+
+    return describe(exc)
 
 
 def parse_properties(items: list[str]) -> Mapping[str, str]:

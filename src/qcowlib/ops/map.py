@@ -91,5 +91,7 @@ def map_entries(disk: Disk, start: int = 0, max_length: int | None = None) -> It
         if current is not None:
             yield current
         current = entry
-    if current is not None:
-        yield current
+    if current is None:
+        # An empty disk: qemu-img prints its zero-initialised entry.
+        current = MapEntry(0, 0, 0, False, False, False, None, None)
+    yield current

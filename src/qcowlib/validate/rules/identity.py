@@ -44,22 +44,40 @@ def format_match(ctx: Context) -> Findings:
                 "gives the plain disk)"
             )
         elif want == "raw" and ours not in ("raw", "iso"):
+            # A container declared raw must not pass as raw, even where Glance's
+            # inspector would let it through.
             name = NAMES.get(ours, ours)
-            yield ctx.warning(
-                f"declared raw, but the content is a {name} image that Glance's inspector "
-                f"does not recognise; a VM given it as raw sees the {name} container, not "
-                f"its disk (convert it to raw first)"
+            yield ctx.error(
+                f"declared raw, but the content is a {name} image (qcowlib detects "
+                f"{ours}) that Glance's inspector does not recognise; a VM given it as raw "
+                f"would see the {name} container, not its disk: convert it to raw first "
+                f"(`qcowlib convert -O raw ...`)"
             )
         return
     if seen == "raw" and want not in fm.INSPECTOR_FORMATS:
         return  # ami/ari/aki and friends: Glance cannot inspect them, raw content passes
     if want == "raw":
         if seen != "gpt":
-            shown = NAMES.get(fm.INSPECTOR_TO_QEMU.get(seen, seen), seen)
+            theirs = fm.INSPECTOR_TO_QEMU.get(seen, seen)
+            if ours not in (theirs, "raw", "iso"):
+                # The inspector's name is not the format (legacy QCOW looks like qcow2).
+                name = NAMES.get(ours, ours)
+                yield ctx.warning(
+                    f"declared raw, but the content is a {name} image (Glance's inspector "
+                    f"takes it for {seen}); a VM would see the {name} container as its "
+                    f"disk: convert it first ({convert_cmd(ctx)})"
+                )
+                return
+            shown = NAMES.get(theirs, seen)
+            fix = (
+                f"declare --disk-format {seen} instead"
+                if seen in pol.disk_formats
+                else f"convert it first: {convert_cmd(ctx)}"
+            )
             yield ctx.warning(
                 f"declared raw, but the content is a {shown} image; Glance accepts it and "
                 f"stores it as raw, so a VM would see the {shown} container as its disk "
-                f"(declare --disk-format {seen} instead)"
+                f"({fix})"
             )
         return
     shown = "raw (a disk with a partition table, which Glance calls gpt)" if seen == "gpt" else seen
@@ -97,18 +115,15 @@ def format_ambiguous(ctx: Context) -> Findings:
 
 @rule("banned-format")
 def banned_format(ctx: Context) -> Findings:
-    """Formats Glance always refuses: QED, and legacy QCOW version 1.  qcowlib does not
-    read them either, so every policy refuses them (the findings are structural)."""
-    if "qed" in ctx.inspector.matches:
+    """Formats Glance always refuses: QED, and legacy QCOW version 1 (qcowlib reads
+    both, and can convert them)."""
+    if "qed" in ctx.inspector.matches or ctx.format == "qed":
         yield ctx.error(
-            "this is a QED image, a format Glance refuses outright; convert it: "
-            + convert_cmd(ctx, "qemu-img"),
-            structural=True,
+            "this is a QED image, a format Glance refuses outright; convert it: " + convert_cmd(ctx)
         )
-    if ctx.format == "qcow2" and ctx.probe.detail == "qcow1":
+    if ctx.format == "qcow":
         yield ctx.error(
-            "this is a legacy QCOW version 1 image, which Glance refuses and qcowlib does not "
-            "read; convert it: " + convert_cmd(ctx, "qemu-img"),
+            "this is a legacy QCOW version 1 image, which Glance refuses; convert it: "
+            + convert_cmd(ctx),
             4,
-            structural=True,
         )
