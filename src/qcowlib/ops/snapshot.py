@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, cast
 
+from qcowlib._json import JSONObject
 from qcowlib.core.chain import BackingPolicy
 from qcowlib.errors import InvalidArgument, QcowlibError, UnsupportedFeature
 
@@ -36,7 +37,7 @@ class SnapshotInfo:
     vm_clock_nsec: int
     icount: int | None
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self) -> JSONObject:
         """The entry of ``info --output json``'s ``snapshots`` list."""
         return {
             **({"icount": self.icount} if self.icount is not None else {}),
