@@ -45,14 +45,24 @@ if TYPE_CHECKING:
     from qcowlib.formats.qcow2.writer import Qcow2RWDisk
     from qcowlib.formats.registry import FormatInfo
     from qcowlib.glance.upload import UploadRequest, upload
+    from qcowlib.ops.amend import amend
+    from qcowlib.ops.bitmap import bitmap
     from qcowlib.ops.check import check
     from qcowlib.ops.checksum import checksum
     from qcowlib.ops.compare import CompareResult
     from qcowlib.ops.convert import convert
     from qcowlib.ops.create import create
+    from qcowlib.ops.dd import dd
     from qcowlib.ops.flatten import FlattenStream, flatten, flatten_stream
     from qcowlib.ops.info import info
     from qcowlib.ops.measure import measure
+    from qcowlib.ops.snapshot import (
+        SnapshotInfo,
+        apply_snapshot,
+        create_snapshot,
+        delete_snapshot,
+        list_snapshots,
+    )
     from qcowlib.validate import validate
     from qcowlib.validate.model import ValidationReport
     from qcowlib.validate.registry import RuleInfo
@@ -82,21 +92,29 @@ __all__ = [
     "QcowlibIOError",
     "QcowlibPermissionError",
     "RuleInfo",
+    "SnapshotInfo",
     "SourceChanged",
     "TruncatedImage",
     "UnsafeBackingPath",
     "UnsupportedFeature",
     "UploadRequest",
     "ValidationReport",
+    "amend",
+    "apply_snapshot",
+    "bitmap",
     "check",
     "checksum",
     "compare",
     "convert",
     "create",
+    "create_snapshot",
+    "dd",
+    "delete_snapshot",
     "flatten",
     "flatten_stream",
     "formats",
     "info",
+    "list_snapshots",
     "measure",
     "open",
     "open_rw",
@@ -128,6 +146,14 @@ _LAZY = {
     "upload": ("qcowlib.glance.upload", "upload"),
     "UploadRequest": ("qcowlib.glance.upload", "UploadRequest"),
     "info": ("qcowlib.ops.info", "info"),
+    "SnapshotInfo": ("qcowlib.ops.snapshot", "SnapshotInfo"),
+    "list_snapshots": ("qcowlib.ops.snapshot", "list_snapshots"),
+    "create_snapshot": ("qcowlib.ops.snapshot", "create_snapshot"),
+    "apply_snapshot": ("qcowlib.ops.snapshot", "apply_snapshot"),
+    "delete_snapshot": ("qcowlib.ops.snapshot", "delete_snapshot"),
+    "amend": ("qcowlib.ops.amend", "amend"),
+    "bitmap": ("qcowlib.ops.bitmap", "bitmap"),
+    "dd": ("qcowlib.ops.dd", "dd"),
 }
 
 

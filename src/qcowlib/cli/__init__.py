@@ -147,10 +147,12 @@ def _cmd_map(args: argparse.Namespace) -> int:
     from qcowlib.formats.opener import open_disk
     from qcowlib.ops.map import map_entries
 
+    start = _map_size(args.start_offset, "start offset")
+    length = _map_size(args.max_length, "max length")
     with open_disk(
         args.filename, args.format, args.backing_policy, force_share=args.force_share
     ) as disk:
-        entries = list(map_entries(disk))
+        entries = list(map_entries(disk, start or 0, length))
     if args.output == "json":
         sys.stdout.write(render_map_json(entries))
         return 0
@@ -161,21 +163,51 @@ def _cmd_map(args: argparse.Namespace) -> int:
     return 0
 
 
+def _map_size(text: str | None, what: str) -> int | None:
+    """``--start-offset``/``--max-length``: a SIZE, refused as qemu-img refuses it."""
+    if text is None:
+        return None
+    from qcowlib._units import parse_size
+
+    try:
+        value = parse_size(text)
+    except QcowlibError:
+        value = -1
+    if value < 0:
+        raise Failed(
+            f"Invalid {what} specified. You may use k, M, G, T, P or E suffixes for "
+            "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
+        )
+    return value
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
+    from qcowlib.cli.progress import ProgressBar
     from qcowlib.formats.opener import open_disk
     from qcowlib.ops.compare import compare
 
     policy, share = args.backing_policy, args.force_share
     try:
+        check_cache(args.src_cache, "source cache")
+    except Failed as exc:
+        raise Failed(str(exc), 2) from None
+
+    try:
         with (
             open_disk(args.filename1, args.format1, policy, force_share=share) as a,
             open_disk(args.filename2, args.format2, policy, force_share=share) as b,
         ):
-            result = compare(a, b, strict=args.strict)
+            bar = ProgressBar() if args.progress and not args.quiet else None
+            try:
+                result = compare(a, b, strict=args.strict, progress=bar.update if bar else None)
+            finally:
+                if bar:
+                    bar.finish()
     except QcowlibError as exc:
         raise Failed(str(exc), 2) from None
-    for line in result.messages:
-        sys.stdout.write(line + "\n")
+    if not args.quiet:
+        for line in result.messages:
+            sys.stdout.write(line + "\n")
     return 0 if result.identical else 1
 
 
@@ -202,21 +234,58 @@ def wants_option_help(options: dict[str, str], fmt: str) -> bool:
     return True
 
 
+#: qemu's cache modes (bdrv_parse_cache_mode); "off" is qemu's other name for "none".
+CACHE_MODES = ("none", "off", "writeback", "writethrough", "directsync", "unsafe")
+#: qemu-img convert's MAX_COROUTINES.
+MAX_COROUTINES = 16
+
+
+def check_cache(mode: str | None, what: str = "cache") -> None:
+    """Accept qemu's cache modes (``-t``/``-T``), refuse others as qemu-img does.
+
+    Outputs are always written whole and flushed (fsync) before they appear, whatever
+    the mode; the modes are accepted so that qemu-img command lines carry over."""
+    if mode is not None and mode not in CACHE_MODES:
+        raise Failed(f"Invalid {what} option: {mode}")
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from qcowlib._units import parse_size
     from qcowlib.cli.progress import ProgressBar
-    from qcowlib.ops.convert import convert
+    from qcowlib.ops.convert import convert, convert_into
 
+    check_cache(args.cache)
+    check_cache(args.src_cache, "source cache")
+    if args.coroutines is not None and not 1 <= args.coroutines <= MAX_COROUTINES:
+        raise Failed(
+            "Invalid number of coroutines. Allowed number of coroutines is between 1 and "
+            f"{MAX_COROUTINES}"
+        )
+    if args.target_is_zero and not args.no_create:
+        raise Failed("--target-is-zero requires use of -n flag")
     options = parse_options(args.options)
-    if wants_option_help(options, args.out_format):
+    if wants_option_help(options, args.out_format or "raw"):
         return 0
     sparse = parse_size(args.sparse_size) if args.sparse_size is not None else 4096
-    bar = ProgressBar() if args.progress else None
+    bar = ProgressBar() if args.progress and not args.quiet else None
     try:
+        if args.no_create:
+            if options or args.backing or args.compress:
+                raise Failed("-n writes into an existing image: -o, -B and -c do not apply")
+            convert_into(
+                args.src,
+                args.dst,
+                args.out_format,
+                src_format=args.format,
+                target_is_zero=args.target_is_zero,
+                sparse_size=sparse,
+                progress=bar.update if bar else None,
+            )
+            return 0
         convert(
             args.src,
             args.dst,
-            args.out_format,
+            args.out_format or "raw",
             src_format=args.format,
             compress=args.compress,
             options=options,
@@ -350,6 +419,12 @@ def _register_core(sub: argparse._SubParsersAction[_Parser], name: str) -> None:
         )
         add_input_format(p)
         add_output(p)
+        p.add_argument(
+            "--start-offset", metavar="N", help="map from guest offset N (SIZE; default 0)"
+        )
+        p.add_argument(
+            "--max-length", metavar="N", help="map at most N bytes (SIZE; default: to the end)"
+        )
         add_read_options(p)
         p.add_argument("filename", metavar="FILE", help="the image file")
         p.set_defaults(func=_cmd_map)
@@ -381,6 +456,11 @@ def _register_core(sub: argparse._SubParsersAction[_Parser], name: str) -> None:
             action="store_true",
             help="strict mode: images of different sizes or block status differ",
         )
+        p.add_argument("-p", dest="progress", action="store_true", help="show progress")
+        p.add_argument("-q", dest="quiet", action="store_true", help="print nothing but errors")
+        p.add_argument(
+            "-T", dest="src_cache", metavar="CACHE", help="cache mode (accepted, as qemu-img's)"
+        )
         add_read_options(p)
         p.add_argument("filename1", metavar="A", help="the first image")
         p.add_argument("filename2", metavar="B", help="the second image")
@@ -406,10 +486,9 @@ def _register_core(sub: argparse._SubParsersAction[_Parser], name: str) -> None:
         p.add_argument(
             "-O",
             dest="out_format",
-            default="raw",
             choices=INPUT_FORMATS,
             metavar="FMT",
-            help="the output format (default raw)",
+            help="the output format (default raw; with -n: the target's, probed)",
         )
         p.add_argument(
             "-o",
@@ -440,10 +519,50 @@ def _register_core(sub: argparse._SubParsersAction[_Parser], name: str) -> None:
             "0: no zero detection)",
         )
         p.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
+        _convert_flags(p)
         add_read_options(p)
         p.add_argument("src", metavar="SRC", help="the source image")
         p.add_argument("dst", metavar="DST", help="the new image")
         p.set_defaults(func=_cmd_convert)
+
+
+def _convert_flags(p: argparse.ArgumentParser) -> None:
+    """convert's qemu-img options beyond the basic ones."""
+    p.add_argument("-q", dest="quiet", action="store_true", help="print nothing but errors")
+    p.add_argument(
+        "-n",
+        dest="no_create",
+        action="store_true",
+        help="do not create DST: write into the existing image (at least as large as SRC)",
+    )
+    p.add_argument(
+        "--target-is-zero",
+        action="store_true",
+        help="with -n: the target already reads as zeros, so zero ranges are not written",
+    )
+    p.add_argument(
+        "-W",
+        dest="out_of_order",
+        action="store_true",
+        help="allow out-of-order writes (accepted; qcowlib writes in file order)",
+    )
+    p.add_argument(
+        "-m",
+        dest="coroutines",
+        type=int,
+        metavar="N",
+        help=f"parallel requests, 1..{MAX_COROUTINES} (accepted; qcowlib sizes its own pool)",
+    )
+    p.add_argument(
+        "-t",
+        dest="cache",
+        metavar="CACHE",
+        help="output cache mode: none, writeback, writethrough, directsync, unsafe "
+        "(accepted; outputs are always flushed before they appear)",
+    )
+    p.add_argument(
+        "-T", dest="src_cache", metavar="CACHE", help="source cache mode (accepted, as -t)"
+    )
 
 
 #: Every command, in help order, and the module under qcowlib.cli that registers it
@@ -460,6 +579,10 @@ COMMANDS: dict[str, str | None] = {
     "resize": "cmd_modify",
     "rebase": "cmd_modify",
     "commit": "cmd_modify",
+    "snapshot": "cmd_snapshot",
+    "amend": "cmd_amend",
+    "bitmap": "cmd_bitmap",
+    "dd": "cmd_dd",
     "flatten": "cmd_flatten",
     "check": "cmd_check",
     "checksum": "cmd_checksum",

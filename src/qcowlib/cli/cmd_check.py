@@ -42,14 +42,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         choices=("leaks", "all"),
         help="repair leaked clusters only, or all fixable errors (opens the image read-write)",
     )
+    p.add_argument(
+        "-q", dest="quiet", action="store_true", help="no summary (the exit status tells)"
+    )
+    p.add_argument(
+        "-T", dest="src_cache", metavar="CACHE", help="cache mode (accepted, as qemu-img's)"
+    )
     add_read_options(p)
     p.add_argument("filename", metavar="FILE", help="the image file")
     p.set_defaults(func=_cmd_check)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from qcowlib.cli import check_cache
     from qcowlib.ops.check import CheckNotSupported, check
 
+    check_cache(args.src_cache, "source cache")
     try:
         report = check(
             args.filename,
@@ -64,7 +72,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
         sys.stderr.write(line + "\n")
     if report.failure is not None:
         raise Failed(report.failure, 1)
-    if args.output == "json":
+    if args.quiet:
+        pass  # qemu-img check -q prints no summary, in either output format
+    elif args.output == "json":
         print_json(report.to_json())
     else:
         sys.stdout.write(report.human())

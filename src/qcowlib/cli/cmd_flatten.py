@@ -48,6 +48,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("-c", dest="compress", action="store_true", help="compress the output's data")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
+    p.add_argument("-q", dest="quiet", action="store_true", help="print nothing but errors")
     add_read_options(p)
     p.add_argument("src", metavar="SRC", help="the top image of the chain")
     p.add_argument("dst", metavar="DST", help="the new image, or - for stdout")
@@ -93,7 +94,7 @@ def _cmd_flatten(args: argparse.Namespace) -> int:
     options = parse_options(args.options)
     if wants_option_help(options, args.out_format):
         return 0
-    bar = ProgressBar() if args.progress else None
+    bar = ProgressBar() if args.progress and not args.quiet else None
     report = ChainReport(args)
     try:
         flatten(

@@ -74,6 +74,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
     p.add_argument("-q", dest="quiet", action="store_true", help="print nothing but errors")
+    _cache_flags(p, source=True)
     add_read_options(p, share=False)
     p.add_argument("filename", metavar="FILE", help="the overlay to rebase")
     p.set_defaults(func=_cmd_rebase)
@@ -102,9 +103,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
     p.add_argument("-q", dest="quiet", action="store_true", help="do not print 'Image committed.'")
+    _cache_flags(p, source=False)
     add_read_options(p, share=False)
     p.add_argument("filename", metavar="FILE", help="the overlay to commit")
     p.set_defaults(func=_cmd_commit)
+
+
+def _cache_flags(p: argparse.ArgumentParser, *, source: bool) -> None:
+    """qemu-img's ``-t`` (and ``-T``) cache modes: accepted, checked, documented."""
+    p.add_argument("-t", dest="cache", metavar="CACHE", help="cache mode (accepted, as qemu-img's)")
+    if source:
+        p.add_argument("-T", dest="src_cache", metavar="CACHE", help="source cache mode (accepted)")
+
+
+def _check_caches(args: argparse.Namespace) -> None:
+    from qcowlib.cli import check_cache
+
+    check_cache(args.cache)
+    check_cache(getattr(args, "src_cache", None), "source cache")
 
 
 def _cmd_resize(args: argparse.Namespace) -> int:
@@ -121,7 +137,8 @@ def _cmd_rebase(args: argparse.Namespace) -> int:
     from qcowlib.cli.progress import ProgressBar
     from qcowlib.ops.modify import rebase
 
-    bar = ProgressBar() if args.progress else None
+    _check_caches(args)
+    bar = ProgressBar() if args.progress and not args.quiet else None
     try:
         rebase(
             args.filename,
@@ -141,7 +158,8 @@ def _cmd_commit(args: argparse.Namespace) -> int:
     from qcowlib.cli.progress import ProgressBar
     from qcowlib.ops.modify import commit
 
-    bar = ProgressBar() if args.progress else None
+    _check_caches(args)
+    bar = ProgressBar() if args.progress and not args.quiet else None
     try:
         commit(
             args.filename,

@@ -42,7 +42,7 @@ def _dump_value(key: str, value: Any, indent: int, out: list[str]) -> None:
         out.append(f"{pad}{name}: {value}")
 
 
-def _snapshot_lines(snaps: list[dict[str, Any]]) -> list[str]:
+def snapshot_lines(snaps: list[dict[str, Any]]) -> list[str]:
     lines = ["Snapshot list:"]
     lines.append(f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}")
     for s in snaps:
@@ -86,7 +86,7 @@ def human_info(info: dict[str, Any]) -> str:
     if "backing-filename-format" in info:
         lines.append(f"backing file format: {info['backing-filename-format']}")
     if info.get("snapshots"):
-        lines.extend(_snapshot_lines(info["snapshots"]))
+        lines.extend(snapshot_lines(info["snapshots"]))
     spec = info.get("format-specific")
     if spec is not None:
         lines.append("Format specific information:")

@@ -73,6 +73,8 @@ class Format(NamedTuple):
     are lazy references (``"module:attribute"``), None where qcowlib has no such part.
     ``read_as`` opens the format with another's reader (an ISO 9660 image is a raw
     disk); ``user_format`` False keeps a name the probe reports out of ``-f`` choices.
+    ``snapshot``, ``amend`` and ``bitmap`` are the in-place parts behind the commands
+    of the same names (internal snapshots, option changes, persistent bitmaps).
     ``nothing_to_check`` is qemu-img's "format does not support checks" (exit 63).
     ``glance`` is Glance's ``disk_format`` for it, and ``upload_options`` the ``-o``
     options ``upload --flatten`` writes it with.
@@ -87,6 +89,9 @@ class Format(NamedTuple):
     resize: str | None = None
     writer: str | None = None
     check: str | None = None
+    snapshot: str | None = None
+    amend: str | None = None
+    bitmap: str | None = None
     nothing_to_check: bool = False
     user_format: bool = True
     read_as: str | None = None
@@ -231,6 +236,9 @@ FORMATS: Final[tuple[Format, ...]] = (
         resize="qcowlib.formats.qcow2.driver:resize",
         writer="qcowlib.formats.opener:open_rw",
         check="qcowlib.formats.qcow2.check:check_file",
+        snapshot="qcowlib.formats.qcow2.snapshot_rw:SNAPSHOTS",
+        amend="qcowlib.formats.qcow2.amend:AMEND",
+        bitmap="qcowlib.formats.qcow2.bitmap_rw:BITMAPS",
         options=_QCOW2_OPTIONS,
         glance="qcow2",
     ),

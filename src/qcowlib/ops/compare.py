@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from qcowlib.core.disk import Disk, Extent, ExtentKind
 from qcowlib.core.hostfile import aligned_buffer
+
+Progress = Callable[[int, int], None]
 
 _CHUNK = 4 * 1024 * 1024
 #: qemu-img reports the first differing 512-byte sector.
@@ -92,8 +94,11 @@ def _first_nonzero(disk: Disk, start: int, end: int) -> int | None:
     return None
 
 
-def compare(a: Disk, b: Disk, *, strict: bool = False) -> CompareResult:
-    """Compare guest content as ``qemu-img compare`` does (``strict`` is ``-s``)."""
+def compare(
+    a: Disk, b: Disk, *, strict: bool = False, progress: Progress | None = None
+) -> CompareResult:
+    """Compare guest content as ``qemu-img compare`` does (``strict`` is ``-s``);
+    ``progress(done, total)`` is called as the common part is compared (``-p``)."""
     size_a, size_b = a.virtual_size, b.virtual_size
     if strict and size_a != size_b:
         return CompareResult(False, ["Strict mode: Image size mismatch!"])
@@ -106,6 +111,8 @@ def compare(a: Disk, b: Disk, *, strict: bool = False) -> CompareResult:
                 False, [f"Strict mode: Offset {start} block status mismatch!"], start
             )
         ea, eb = full_a.clip(start, stop), full_b.clip(start, stop)
+        if progress:
+            progress(stop, common)
         if ea.reads_zero and eb.reads_zero:
             continue
         pos = ea.start

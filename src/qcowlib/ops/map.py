@@ -59,11 +59,20 @@ def _mergeable(a: MapEntry, b: MapEntry) -> bool:
     return a.offset is None or b.offset == a.offset + a.length
 
 
-def map_entries(disk: Disk) -> Iterator[MapEntry]:
-    """The entries ``qemu-img map`` prints for ``disk`` (resolved through its chain)."""
+def map_entries(disk: Disk, start: int = 0, max_length: int | None = None) -> Iterator[MapEntry]:
+    """The entries ``qemu-img map`` prints for ``disk`` (resolved through its chain),
+    from guest offset ``start`` for at most ``max_length`` bytes (``--start-offset``,
+    ``--max-length``; an empty range gives one empty entry, as qemu-img prints)."""
+    end = disk.virtual_size
+    if max_length is not None:
+        end = min(end, start + max_length)
+    if start >= end:
+        # qemu-img map always prints its last entry: an empty one where nothing is mapped
+        yield MapEntry(start, 0, 0, False, False, False, None, None)
+        return
     current: MapEntry | None = None
     encrypted = [d.encrypted for d in disk.chain]
-    for ext in disk.extents():
+    for ext in disk.extents(start, end - start):
         entry = _entry(ext)
         if encrypted[ext.depth] and entry.offset is not None:
             entry = entry._replace(offset=None, filename=None)  # ciphertext: no offset

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -47,6 +47,9 @@ from qcowlib.formats.qcow2.hostio import with_backing, write_fields, write_heade
 from qcowlib.formats.qcow2.overlap import OL_NAMES, MetadataAreas
 from qcowlib.formats.qcow2.reader import Qcow2Disk, read_header
 from qcowlib.formats.qcow2.snapshot import snapshot_table_size
+
+if TYPE_CHECKING:
+    from qcowlib.formats.qcow2.bitmap_rw import WriteTracker
 
 log = get_logger(__name__)
 
@@ -78,6 +81,7 @@ class Qcow2RWDisk(Qcow2Disk):
         self.allocator = Allocator(self, host, self.refcount_table())
         self._l2_tables: dict[int, tables.U64] = {}
         self._dirty_set = False
+        self._tracker: WriteTracker | None = None
         self._metadata: MetadataAreas | None = None
 
     # -- metadata areas (overlap checks) -------------------------------------------------
@@ -105,6 +109,21 @@ class Qcow2RWDisk(Qcow2Disk):
         """A table moved or a new one appeared: recompute the areas on the next check."""
         self._metadata = None
 
+    def tables_changed(self) -> None:
+        """L1/L2 tables, flags or the snapshot table changed behind the write path
+        (snapshot and amend operations): forget everything read from them."""
+        self._l2_tables.clear()
+        with self._l2_lock:
+            self._l2_cache.clear()
+        self._compressed_cache = None
+        self._snapshots = None
+        self._bitmaps = None
+        self._metadata = None
+
+    def first_overlap(self, offset: int, length: int, ign: int) -> int:
+        """The ``QCOW2_OL_*`` area a write would touch, leaving out the areas ``ign``."""
+        return self._areas().first_overlap(offset, length, ign=ign)
+
     def check_overlap(self, offset: int, length: int, allowed: int | None, what: str) -> None:
         """Refuse to write ``what`` over metadata (except the cluster ``allowed`` it
         replaces), as QEMU's overlap checks do."""
@@ -131,7 +150,14 @@ class Qcow2RWDisk(Qcow2Disk):
         self.header = self.header.replace(incompatible_features=value)
         self.flush()
 
-    def _mark_dirty(self) -> None:
+    def _mark_dirty(self, offset: int = 0, length: int | None = None) -> None:
+        """Before a guest change of ``[offset, offset + length)`` (None: to the end):
+        enabled persistent bitmaps record it, lazy refcounts set the dirty bit."""
+        if self._tracker is None:
+            from qcowlib.formats.qcow2.bitmap_rw import WriteTracker
+
+            self._tracker = WriteTracker.start(self)
+        self._tracker.note(offset, self.virtual_size - offset if length is None else length)
         if not self._dirty_set and self.header.lazy_refcounts:
             self._write_incompat(self.header.incompatible_features | hdr.INCOMPAT_DIRTY)
             self._dirty_set = True
@@ -238,7 +264,7 @@ class Qcow2RWDisk(Qcow2Disk):
         self._range(offset, len(view))
         if not view:
             return
-        self._mark_dirty()
+        self._mark_dirty(offset, len(view))
         cs = self.cluster_size
         pos = offset
         end = offset + len(view)
@@ -370,7 +396,7 @@ class Qcow2RWDisk(Qcow2Disk):
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make ``[offset, offset+length)`` read as zeros (zero clusters where whole)."""
         self._range(offset, length)
-        self._mark_dirty()
+        self._mark_dirty(offset, length)
         cs = self.cluster_size
         end = offset + length
         pos = offset
@@ -439,7 +465,7 @@ class Qcow2RWDisk(Qcow2Disk):
         afterwards on v3 images (QEMU's ``discard_in_l2_slice``); partial ones are
         left alone."""
         self._range(offset, length)
-        self._mark_dirty()
+        self._mark_dirty(offset, length)
         cs = self.cluster_size
         first = -(-offset // cs)
         end = offset + length
@@ -524,7 +550,7 @@ class Qcow2RWDisk(Qcow2Disk):
                     self._l2_tables.pop(l1_index, None)
                     self._free([(entry & tables.OFFSET_MASK) // cs])
         elif need > self.l1.size:
-            self._grow_l1(need)
+            self.grow_l1(need)
         write_fields(self.host, size=size)
         self.flush()
         shrunk = size < self.virtual_size
@@ -568,7 +594,8 @@ class Qcow2RWDisk(Qcow2Disk):
                 return
             self.allocator.file_end = end
 
-    def _grow_l1(self, entries: int) -> None:
+    def grow_l1(self, entries: int) -> None:
+        """Move the active L1 table to a larger place (QEMU's qcow2_grow_l1_table)."""
         cs = self.cluster_size
         old_offset, old_size = self.header.l1_table_offset, self.header.l1_size
         if entries * 8 > hdr.MAX_L1_SIZE_BYTES:
@@ -598,6 +625,8 @@ class Qcow2RWDisk(Qcow2Disk):
     def _close_layer(self) -> None:
         if self.host.fd >= 0:
             try:
+                if self._tracker is not None:
+                    self._tracker.finish(self)
                 self.flush()
                 if self._dirty_set:
                     self._write_incompat(self.header.incompatible_features & ~hdr.INCOMPAT_DIRTY)
