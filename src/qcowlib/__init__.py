@@ -9,9 +9,31 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import sys as _sys
 
-from qcowlib.errors import (
+
+def _runs_as_program() -> bool:
+    """Whether this process is the ``qcowlib`` command (``python -m qcowlib`` while the
+    package is being located, or the console script), not a program importing us."""
+    argv0 = _sys.argv[0] if _sys.argv else ""
+    if argv0 == "-m":
+        orig = list(getattr(_sys, "orig_argv", ()))
+        pairs = zip(orig, [*orig[1:], ""], strict=True)
+        return any(a == "-mqcowlib" or (a == "-m" and b == "qcowlib") for a, b in pairs)
+    return argv0.replace("\\", "/").rsplit("/", 1)[-1] in ("qcowlib", "qcowlib.exe")
+
+
+if _runs_as_program():
+    # Before anything else loads: a signal during start-up then ends the command with
+    # the signal's exit status and no traceback (qcowlib.core.interrupt); the command
+    # line switches to raising an exception once it can catch one.
+    from qcowlib.core.interrupt import install as _install
+
+    _install(raising=False)
+
+from typing import TYPE_CHECKING, Any  # noqa: E402
+
+from qcowlib.errors import (  # noqa: E402
     BackingChainError,
     BackingFormatUnknown,
     BackingLoop,

@@ -298,9 +298,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QcowlibError as exc:
         sys.stderr.write(f"qcowlib: error: {exc}\n")
         return error_status
-    except KeyboardInterrupt:
-        sys.stderr.write("qcowlib: error: interrupted\n")
-        return 130
+    except KeyboardInterrupt as exc:
+        from qcowlib.core import interrupt
+
+        return interrupt.report(exc)
     except BrokenPipeError:
         return error_status
     except OSError as exc:

@@ -59,6 +59,9 @@ def check(path: str, fmt: str | None = None, repair: str | None = None) -> Check
     :class:`QcowlibError` subclasses when the image cannot be opened at all (bad header,
     missing file, backing file or data file) or written while repairing.
     """
+    import contextlib
+
+    from qcowlib.core import interrupt
     from qcowlib.core.hostfile import HostFile
     from qcowlib.formats import registry
     from qcowlib.formats.opener import open_disk, probe_format
@@ -81,7 +84,9 @@ def check(path: str, fmt: str | None = None, repair: str | None = None) -> Check
             raise CheckNotSupported(f"{detected} images have nothing to check", file=path)
         if entry.check is None:
             raise UnsupportedFeature(f"checking {detected} images is not supported", file=path)
-        report: CheckReport = entry.implementation("check")(host, path, fix, open_disk)
+        # A repair writes in place: a signal waits until it is done (no temporary file).
+        with interrupt.deferred() if fix else contextlib.nullcontext():
+            report: CheckReport = entry.implementation("check")(host, path, fix, open_disk)
         return report
     finally:
         host.close()
