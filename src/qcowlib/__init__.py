@@ -7,9 +7,19 @@
 ...     data = disk.read(0, 512)
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: it imports a module, and this file's
+# first statements must run before any import when qcowlib runs as the command (see
+# below).  Annotations naming TYPE_CHECKING-only classes are quoted instead.
+import os as _os
 import sys as _sys
+
+
+def _stop_at_start(signum: int, frame: object) -> None:
+    """SIGINT, SIGTERM or SIGHUP while the command starts: nothing is written yet and
+    nothing could catch an exception, so end at once with ``128 + N`` and one line."""
+    name = {2: "SIGINT", 15: "SIGTERM", 1: "SIGHUP"}.get(signum, f"signal {signum}")
+    _os.write(2, f"qcowlib: error: interrupted by {name}\n".encode())
+    _os._exit(128 + signum)
 
 
 def _runs_as_program() -> bool:
@@ -20,16 +30,17 @@ def _runs_as_program() -> bool:
         orig = list(getattr(_sys, "orig_argv", ()))
         pairs = zip(orig, [*orig[1:], ""], strict=True)
         return any(a == "-mqcowlib" or (a == "-m" and b == "qcowlib") for a, b in pairs)
-    return argv0.replace("\\", "/").rsplit("/", 1)[-1] in ("qcowlib", "qcowlib.exe")
+    return _os.path.basename(argv0) in ("qcowlib", "qcowlib.exe")
 
 
-if _runs_as_program():
-    # Before anything else loads: a signal during start-up then ends the command with
-    # the signal's exit status and no traceback (qcowlib.core.interrupt); the command
-    # line switches to raising an exception once it can catch one.
-    from qcowlib.core.interrupt import install as _install
-
-    _install(raising=False)
+# First thing when this package runs as the command: from here on a signal during
+# start-up ends it without a traceback.  Only modules the interpreter has loaded
+# already are used (an import is itself a window).  The command line replaces these
+# handlers with qcowlib.core.interrupt's, which unwind and clean up, once it can.
+if _runs_as_program() and (_signals := _sys.modules.get("_signal")) is not None:
+    for _signum in (2, 15, 1):  # SIGINT, SIGTERM, SIGHUP
+        if _signals.getsignal(_signum) != _signals.SIG_IGN:
+            _signals.signal(_signum, _stop_at_start)
 
 from typing import TYPE_CHECKING, Any  # noqa: E402
 
@@ -134,8 +145,8 @@ def open(
     path: str,
     fmt: str | None = None,
     *,
-    backing: BackingPolicy | None = None,
-) -> Disk:
+    backing: "BackingPolicy | None" = None,
+) -> "Disk":
     """Open an image read-only with its backing chain; the format is probed unless given.
 
     Use as a context manager.  ``backing`` controls what may be followed (see
@@ -147,7 +158,7 @@ def open(
     return open_disk(path, fmt, backing)
 
 
-def open_rw(path: str) -> Qcow2RWDisk:
+def open_rw(path: str) -> "Qcow2RWDisk":
     """Open a qcow2 image for writing (its backing chain read-only).
 
     The disk has ``write(offset, data)``, ``write_zeroes``, ``discard``, ``resize``,
@@ -162,7 +173,7 @@ def open_rw(path: str) -> Qcow2RWDisk:
 
 def compare(
     a: str, b: str, *, fmt_a: str | None = None, fmt_b: str | None = None, strict: bool = False
-) -> CompareResult:
+) -> "CompareResult":
     """Compare the guest content of two images, as ``qemu-img compare``."""
     from qcowlib.formats.opener import open_disk
     from qcowlib.ops.compare import compare as _compare

@@ -35,6 +35,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--protected", action="store_true")
     p.add_argument("--property", action="append", default=[], metavar="K=V")
     p.add_argument("--force", action="store_true", help="upload despite validation errors")
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="wait at most this long to connect to Glance (default: clouds.yaml "
+        "api_timeout, else 30)",
+    )
+    p.add_argument(
+        "--read-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="wait at most this long for each answer from Glance, or for it to take more "
+        "of the image (default: clouds.yaml api_timeout, else 120)",
+    )
     p.add_argument("-f", dest="format", choices=INPUT_FORMATS)
     p.add_argument("-p", dest="progress", action="store_true")
     add_output(p)
@@ -68,6 +82,8 @@ def _cmd_upload(args: argparse.Namespace) -> int:
             req,
             cloud=args.cloud or os.environ.get("OS_CLOUD"),
             progress=bar.update if bar else None,
+            connect_timeout=args.connect_timeout,
+            read_timeout=args.read_timeout,
         )
     except ValidationRefused as exc:
         reasons = "; ".join(f"[{f['rule']}] {f['message']}" for f in exc.findings)

@@ -21,7 +21,6 @@ signal handling, and Ctrl-C (KeyboardInterrupt) still unwinds through the same
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -68,16 +67,12 @@ class _State:
         self.pending: int | None = None  # recorded while deferred, not raised yet
         self.raised = False  # the first signal has been turned into an exception
         self.defer_depth = 0
-        self.raising = False  # False: a signal ends the process at once (start-up)
 
 
 _state = _State()
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:
-    if not _state.raising:  # start-up: nothing to clean up, and no one to catch it yet
-        os.write(2, f"qcowlib: error: interrupted by {signal_name(signum)}\n".encode())
-        os._exit(128 + signum)
     if _state.raised:
         return  # clean-up of the first signal is running: let it finish
     if _state.defer_depth > 0:
@@ -88,17 +83,13 @@ def _handler(signum: int, frame: FrameType | None) -> None:
     raise Interrupted(signum)
 
 
-def install(*, raising: bool = True) -> None:
+def install() -> None:
     """Make SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` (main thread only).
 
-    With ``raising=False`` (while the program starts, before anything could catch the
-    exception) a signal ends the process at once with status ``128 + N`` and one line
-    on stderr.  A signal the parent process ignores (``nohup`` ignores SIGHUP) stays
-    ignored.
+    A signal the parent process ignores (``nohup`` ignores SIGHUP) stays ignored.
     """
     if threading.current_thread() is not threading.main_thread():
         return
-    _state.raising = raising
     for sig in HANDLED:
         if signal.getsignal(sig) == signal.SIG_IGN:
             continue

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +32,11 @@ UPLOAD_CHUNK = 512 * 1024
 #: Bytes read (or serialized) and hashed at a time, then sent as UPLOAD_CHUNK pieces.
 READ_CHUNK = 8 * UPLOAD_CHUNK
 GiB = 1 << 30
+#: Seconds to wait for a TCP connection to Glance, and for each answer (or for the
+#: server to take more of the body) once connected.  A ``clouds.yaml`` ``api_timeout``
+#: is used for both when the caller gives neither.
+CONNECT_TIMEOUT = 30.0
+READ_TIMEOUT = 120.0
 #: What ``--flatten`` can send, by disk_format, with its output options (a VMDK goes as
 #: streamOptimized, the subformat made for transfers that Glance and vSphere accept).
 FLATTEN_TO: dict[str, dict[str, str]] = registry.upload_targets()
@@ -186,17 +192,51 @@ def _connect(cloud: str | None) -> Any:
 
 
 def _validate(req: UploadRequest, disk_format: str) -> list[dict[str, Any]]:
+    """Validation errors that stop the upload; warnings are logged (on stderr from the
+    command line) before anything is sent."""
     from qcowlib.validate import validate
 
     report = validate(req.path, "glance", disk_format, fmt=req.src_format)
     errors = []
     for f in report.findings:
-        if f.severity != "error":
-            continue
         if req.flatten and ("backing" in f.rule or f.rule == "format-match"):
             continue  # flattening removes the backing file and writes the declared format
-        errors.append(f.to_json())
+        if f.severity == "error":
+            errors.append(f.to_json())
+        else:
+            log.warning("%s: [%s] %s", req.path, f.rule, f.message)
     return errors
+
+
+def apply_timeouts(
+    conn: Any, connect_timeout: float | None = None, read_timeout: float | None = None
+) -> tuple[float, float]:
+    """Give every request of ``conn`` (an openstacksdk Connection) a connect and a read
+    timeout, in seconds; returns them.
+
+    openstacksdk passes one number, ``api_timeout`` from ``clouds.yaml``, to its
+    keystoneauth session, which hands it to ``requests``; ``requests`` also takes a
+    ``(connect, read)`` pair, which is what is set here.  Unset values come from
+    ``api_timeout``, else :data:`CONNECT_TIMEOUT` and :data:`READ_TIMEOUT`.
+    """
+    for value in (connect_timeout, read_timeout):
+        if value is not None and not value > 0:
+            raise InvalidArgument("timeouts must be positive numbers of seconds")
+    session = getattr(conn, "session", None)
+    configured = getattr(session, "timeout", None)
+    if isinstance(configured, tuple):
+        base_connect, base_read = configured
+    elif configured:
+        base_connect = base_read = float(configured)
+    else:
+        base_connect, base_read = CONNECT_TIMEOUT, READ_TIMEOUT
+    pair = (
+        float(connect_timeout) if connect_timeout is not None else float(base_connect),
+        float(read_timeout) if read_timeout is not None else float(base_read),
+    )
+    if session is not None:
+        session.timeout = pair
+    return pair
 
 
 def upload(
@@ -205,6 +245,8 @@ def upload(
     cloud: str | None = None,
     connection: Any = None,
     progress: Progress | None = None,
+    connect_timeout: float | None = None,
+    read_timeout: float | None = None,
 ) -> dict[str, Any]:
     """Upload ``req.path`` to Glance; returns the contract's summary of the image.
 
@@ -213,7 +255,12 @@ def upload(
     record disagrees (the image is deleted first).  ``connection`` is an
     ``openstack.connection.Connection`` to use instead of one built from ``cloud``
     (``--os-cloud``, ``OS_CLOUD``, clouds.yaml and ``OS_*`` variables, as the
-    ``openstack`` client does).
+    ``openstack`` client does).  ``connect_timeout`` and ``read_timeout`` (seconds)
+    bound every request (:func:`apply_timeouts`): a Glance that accepts the connection
+    and never answers ends in :class:`UploadError`.  Validation warnings are logged
+    before anything is sent.  Interrupted (Ctrl-C, or a signal the command line turns
+    into :class:`~qcowlib.core.interrupt.Interrupted`), the upload deletes the image it
+    created and re-raises, with what it did in the exception's ``detail``.
     """
     from qcowlib.core.hostfile import HostFile
     from qcowlib.formats.opener import probe_format
@@ -238,15 +285,21 @@ def upload(
             "validation refused the image: " + "; ".join(e["message"] for e in errors), errors
         )
     conn = connection if connection is not None else _connect(cloud)
+    timeouts = apply_timeouts(conn, connect_timeout, read_timeout)
     source = _Source(req, disk_format)
     try:
-        return _send(conn, req, disk_format, source, progress)
+        return _send(conn, req, disk_format, source, progress, timeouts)
     finally:
         source.close()
 
 
 def _send(
-    conn: Any, req: UploadRequest, disk_format: str, source: _Source, progress: Progress | None
+    conn: Any,
+    req: UploadRequest,
+    disk_format: str,
+    source: _Source,
+    progress: Progress | None,
+    timeouts: tuple[float, float],
 ) -> dict[str, Any]:
     sender = _Sender(source, progress)
     min_disk = req.min_disk if req.min_disk is not None else math.ceil(source.virtual_size / GiB)
@@ -262,6 +315,10 @@ def _send(
     from openstack.image.v2 import image as _image
 
     image_id: str | None = None
+    # When the current request started (None while the body is sent, which takes
+    # as long as it takes): a request failing after waiting a timeout's length
+    # timed out, whatever keystoneauth calls it.
+    started: float | None = time.monotonic()
     try:
         # The record first, so that its id is known and it can be deleted on failure.
         image = _image.Image.new(
@@ -272,15 +329,20 @@ def _send(
         ).create(conn.image)
         image_id = image.id
         image.data = sender  # sized: sent with a Content-Length
+        started = None
         response = image.upload(conn.image, size=source.size)
+        started = time.monotonic()
         os_exc.raise_from_response(response)
         record = conn.image.get_image(image_id)
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP (core/interrupt.py)
+        exc.detail = _cleanup(conn, image_id)  # type: ignore[attr-defined]
+        raise
     except Exception as exc:
-        _delete(conn, image_id)
+        waited = 0.0 if started is None else time.monotonic() - started
+        done = _cleanup(conn, image_id)
         if sender.error is not None and isinstance(sender.error, QcowlibError):
-            raise sender.error from None
-        done = "image deleted" if image_id is not None else "no image was created"
-        raise UploadError(f"upload failed: {_describe(exc)} ({done})") from None
+            raise UploadError(f"upload failed: {sender.error} ({done})") from None
+        raise UploadError(f"upload failed: {_describe(exc, timeouts, waited)} ({done})") from None
     digests = sender.hasher.hexdigests()
     sender.hasher.close()
     problems = []
@@ -298,8 +360,8 @@ def _send(
     elif algo != "sha512":
         problems.append(f"Glance hashes with {algo}; cannot verify os_hash_value")
     if problems:
-        _delete(conn, image_id)
-        raise UploadError("upload not accepted: " + "; ".join(problems) + " (image deleted)")
+        done = _cleanup(conn, image_id)
+        raise UploadError("upload not accepted: " + "; ".join(problems) + f" ({done})")
     return {
         "id": record.id,
         "name": record.name,
@@ -313,21 +375,43 @@ def _send(
     }
 
 
-def _delete(conn: Any, image_id: str | None) -> None:
+def _cleanup(conn: Any, image_id: str | None) -> str:
+    """Delete the image this upload created; says what happened, naming the image.
+
+    Runs to its end even when signals arrive meanwhile (they are recorded, see
+    :mod:`qcowlib.core.interrupt`); each request is bounded by the timeouts.
+    """
+    from qcowlib.core import interrupt
+
     if image_id is None:
-        return
-    try:
-        if conn.image.find_image(image_id) is not None:
-            conn.image.update_image(image_id, is_protected=False)
-            conn.image.delete_image(image_id, ignore_missing=True)
-    except Exception as exc:  # best effort: report the original problem, log this one
-        log.warning("could not delete image %s after a failed upload: %s", image_id, _describe(exc))
-        log.debug("deleting image %s", image_id, exc_info=True)
+        return "no image was created"
+    with interrupt.deferred():
+        try:
+            if conn.image.find_image(image_id) is not None:
+                conn.image.update_image(image_id, is_protected=False)
+                conn.image.delete_image(image_id, ignore_missing=True)
+        except Exception as exc:  # report the original problem; say this one too
+            log.debug("deleting image %s", image_id, exc_info=True)
+            return (
+                f"Glance image {image_id} could NOT be deleted: {_describe(exc)}; "
+                f"delete it with: openstack image delete {image_id}"
+            )
+        return f"Glance image {image_id} deleted"
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(
+    exc: BaseException, timeouts: tuple[float, float] | None = None, waited: float = 0.0
+) -> str:
+    """The first line of an error; for a timeout (keystoneauth says "timed out", or
+    hides it in a failed version discovery after waiting that long), which one."""
     text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    first = text[0] if text else type(exc).__name__
+    if timeouts is not None and ("timed out" in first.lower() or waited >= min(timeouts)):
+        first += (
+            f" (Glance did not answer within the timeouts: connect {timeouts[0]:g} s, "
+            f"read {timeouts[1]:g} s; see --connect-timeout and --read-timeout)"
+        )
+    return first
 
 
 def parse_properties(items: list[str]) -> Mapping[str, str]:
