@@ -43,23 +43,26 @@ def format_match(ctx: Context) -> Findings:
                 "by the 512-byte VHD footer (harmless; `qemu-img convert -f vpc -O raw` "
                 "gives the plain disk)"
             )
-        elif want == "raw" and ours not in ("raw", "iso"):
+        elif want == "raw" and ours not in ("raw", "iso", "luks"):  # luks: `encrypted`
             name = NAMES.get(ours, ours)
-            yield ctx.warning(
+            # An error, though Glance stores it: no VM boots from it (CONTRACT, validate).
+            yield ctx.error(
                 f"declared raw, but the content is a {name} image that Glance's inspector "
-                f"does not recognise; a VM given it as raw sees the {name} container, not "
-                f"its disk (convert it to raw first)"
+                f"does not recognise; Glance would store it, and no VM would boot from it as "
+                f"intended: a VM given it as raw sees the {name} container, not its disk "
+                f"(convert it to raw first)"
             )
         return
     if seen == "raw" and want not in fm.INSPECTOR_FORMATS:
         return  # ami/ari/aki and friends: Glance cannot inspect them, raw content passes
     if want == "raw":
-        if seen != "gpt":
+        if seen not in ("gpt", "iso", "luks"):  # a disk, a bootable ISO; luks: `encrypted`
             shown = NAMES.get(fm.INSPECTOR_TO_QEMU.get(seen, seen), seen)
-            yield ctx.warning(
-                f"declared raw, but the content is a {shown} image; Glance accepts it and "
-                f"stores it as raw, so a VM would see the {shown} container as its disk "
-                f"(declare --disk-format {seen} instead)"
+            # An error, though Glance stores it: no VM boots from it (CONTRACT, validate).
+            yield ctx.error(
+                f"declared raw, but the content is a {shown} image; Glance would store it "
+                f"as raw, and no VM would boot from it as intended: a VM sees the {shown} "
+                f"container as its disk (declare --disk-format {seen} instead)"
             )
         return
     shown = "raw (a disk with a partition table, which Glance calls gpt)" if seen == "gpt" else seen
