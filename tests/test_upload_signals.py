@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from qcowlib.errors import InvalidArgument
 from qcowlib.glance import upload as up
 from tests.conftest import qemu_img, require_qemu
 from tests.glance_server import GlanceServer, environment_for_cli
@@ -157,7 +158,7 @@ def test_timeouts_default_to_api_timeout_then_ours() -> None:
     )
     assert up.apply_timeouts(configured) == (7.0, 7.0)
     assert up.apply_timeouts(configured, read_timeout=3) == (7.0, 3.0)
-    with pytest.raises(up.InvalidArgument):
+    with pytest.raises(InvalidArgument):
         up.apply_timeouts(plain, connect_timeout=0)
 
 
