@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-__all__ = ["CheckReport"]
+from qcowlib.errors import UnsupportedFeature
+
+__all__ = ["CheckNotSupported", "CheckReport"]
 
 #: qemu-img's JSON key order (QDict bucket order of the ImageCheck members).
 _JSON_ORDER: Final = (
@@ -26,6 +28,13 @@ _JSON_ORDER: Final = (
     "format",
     "fragmented-clusters",
 )
+
+
+class CheckNotSupported(UnsupportedFeature):
+    """The image format has nothing to check, or cannot be repaired (``qemu-img check``
+    exits 63 for it: "This image format does not support checks")."""
+
+    status = 63
 
 
 @dataclass(frozen=True)

@@ -113,3 +113,24 @@ def test_convert_output_appears_only_when_complete(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert out.read_bytes() == f.read_bytes()
     assert [p.name for p in tmp_path.iterdir() if "qcowlib-tmp" in p.name] == []
+
+
+def test_warnings_keep_the_cli_prefix_with_logging_loaded_late(tmp_path: Path) -> None:
+    """Loggers import logging at their first use; the CLI's format still applies then."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys\n"
+            "from qcowlib import _log, cli\n"
+            "from qcowlib._log import get_logger\n"
+            "_log.configure_on_use(lambda: cli._configure_logging(False))\n"
+            "assert 'logging' not in sys.modules\n"
+            "get_logger('qcowlib.x').warning('careful %s', 1)\n"
+            "get_logger('qcowlib.x').debug('hidden')\n",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stderr == "qcowlib: WARNING: careful 1\n"

@@ -151,7 +151,7 @@ def test_probe_is_frozen_value() -> None:
         ),
         ("raw", (), Probe("raw", None)),
     ],
-    ids=lambda v: v if isinstance(v, str) else "-".join(v) if isinstance(v, tuple) else None,
+    ids=lambda v: v if isinstance(v, str) else None if isinstance(v, Probe) else "-".join(v),
 )
 def test_qemu_img_images(
     qemu_img: str, tmp_path: Path, fmt: str, options: tuple[str, ...], expected: Probe

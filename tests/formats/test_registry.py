@@ -175,6 +175,8 @@ def test_backing_file_with_a_comma(tmp_path: Path) -> None:
     ("command", "heavy"),
     [
         (["info"], ("numpy", "concurrent.futures", "openstack", "construct")),
+        (["info", "--output=json"], ("numpy", "concurrent.futures", "openstack", "logging")),
+        (["map"], ("numpy", "concurrent.futures", "openstack", "construct", "dataclasses")),
         (["--help"], ("numpy", "concurrent.futures", "openstack", "construct")),
         (["info", "--help"], ("numpy", "concurrent.futures", "openstack", "construct")),
     ],
@@ -185,7 +187,7 @@ def test_metadata_commands_start_light(
     require_qemu()
     image = tmp_path / "small.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", image, "1G")
-    args = [*command, str(image)] if command == ["info"] else command
+    args = command if "--help" in command else [*command, str(image)]
     out = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "qcowlib", *args],
         capture_output=True,

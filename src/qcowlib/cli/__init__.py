@@ -8,27 +8,45 @@ stderr, never a traceback), 2 usage error; ``compare`` returns 0 identical, 1 di
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
 import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from qcowlib._log import configure_on_use, get_logger
 from qcowlib.errors import QcowlibError
 from qcowlib.formats import registry
 
-log = logging.getLogger("qcowlib")
+log = get_logger("qcowlib")
 
 #: ``-f``/``-F``/``-O`` choices: the formats qcowlib reads (from the registry).
 INPUT_FORMATS = registry.readable()
 
 
 class _Parser(argparse.ArgumentParser):
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        # argparse asks shutil for the width, and shutil imports bz2 and lzma (~2 ms on
+        # every run: add_argument formats metavars); the same answer without them.
+        return self.formatter_class(prog=self.prog, width=_terminal_width())  # type: ignore[call-arg]
+
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         self.exit(2, f"qcowlib: error: {message}\n")
+
+
+def _terminal_width() -> int:
+    """``shutil.get_terminal_size().columns - 2``, as argparse computes its width."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 80
+    return (columns or 80) - 2
 
 
 class Failed(Exception):
@@ -44,6 +62,8 @@ def add_output(p: argparse.ArgumentParser) -> None:
 
 
 def print_json(value: Any) -> None:
+    import json
+
     sys.stdout.write(json.dumps(value, indent=4) + "\n")
 
 
@@ -273,6 +293,15 @@ def _version() -> str:
         return "qcowlib (unknown version)"
 
 
+def _configure_logging(debug: bool) -> None:
+    import logging
+
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="qcowlib: %(levelname)s: %(message)s",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     # qcowlib never multiplies matrices: keep numpy's BLAS from starting (and spinning)
@@ -284,10 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "resize" in argv and argv and re.match(r"^-\d", argv[-1]) and "--" not in argv:
         argv.insert(len(argv) - 1, "--")  # "resize FILE -3M": a size, not an option
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING,
-        format="qcowlib: %(levelname)s: %(message)s",
-    )
+    configure_on_use(lambda: _configure_logging(args.debug))
     func: Callable[[argparse.Namespace], int] = args.func
     error_status = 2 if args.command == "compare" else 1
     try:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from qcowlib.ops.map import MapEntry
+if TYPE_CHECKING:
+    from qcowlib.ops.map import MapEntry
 
 
 def size_to_str(value: int) -> str:

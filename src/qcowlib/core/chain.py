@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from qcowlib.errors import (
     UnsafeBackingPath,
@@ -23,8 +23,7 @@ MAX_CHAIN_DEPTH = 64
 _PROTOCOL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
-@dataclass(frozen=True)
-class BackingPolicy:
+class BackingPolicy(NamedTuple):
     """What opening may follow.  The defaults behave like qemu-img."""
 
     #: Open backing files at all (False: the top image only, reads of unallocated

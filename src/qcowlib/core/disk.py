@@ -13,9 +13,8 @@ import abc
 import enum
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Protocol, Self
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol, Self
 
 from qcowlib.core.hostfile import HostFile
 from qcowlib.errors import InvalidArgument
@@ -39,8 +38,7 @@ class ExtentKind(enum.Enum):
     COMPRESSED = "compressed"
 
 
-@dataclass(frozen=True, slots=True)
-class Extent:
+class Extent(NamedTuple):
     """A run of guest bytes ``[start, start + length)`` of one kind.
 
     In resolved extents (:meth:`Disk.extents`), ``depth`` is the chain index of the
@@ -124,7 +122,6 @@ RUN_KINDS: Final = (
 )
 
 
-@dataclass(frozen=True, slots=True)
 class Runs:
     """Extents as parallel numpy arrays, in guest order with no gaps.
 
@@ -144,6 +141,25 @@ class Runs:
     depth: npt.NDArray[np.int64]
     file: npt.NDArray[np.int64]
     files: tuple[str | None, ...]
+
+    __slots__ = ("clen", "depth", "file", "files", "hole", "host", "kind", "length", "start")
+
+    def __init__(
+        self,
+        start: npt.NDArray[np.int64],
+        length: npt.NDArray[np.int64],
+        kind: npt.NDArray[np.uint8],
+        host: npt.NDArray[np.int64],
+        clen: npt.NDArray[np.int64],
+        hole: npt.NDArray[np.bool_],
+        depth: npt.NDArray[np.int64],
+        file: npt.NDArray[np.int64],
+        files: tuple[str | None, ...],
+    ) -> None:
+        # A plain class, not a dataclass: ``dataclasses`` imports ``inspect`` (~5 ms) and
+        # this module is on every metadata command's path.
+        self.start, self.length, self.kind, self.host = start, length, kind, host
+        self.clen, self.hole, self.depth, self.file, self.files = clen, hole, depth, file, files
 
     def __len__(self) -> int:
         return int(self.start.size)
@@ -218,7 +234,7 @@ def coalesce(extents: Iterator[Extent]) -> Iterator[Extent]:
         if ext.length == 0:
             continue
         if current is not None and mergeable(current, ext):
-            current = replace(current, length=current.length + ext.length)
+            current = current._replace(length=current.length + ext.length)
             continue
         if current is not None:
             yield current

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import errno
 import functools
-import logging
 import mmap
 import os
 import stat
 from collections.abc import Callable, Iterator
 
+from qcowlib._log import get_logger
 from qcowlib.errors import QcowlibIOError, TruncatedImage
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # linux/falloc.h
 _FALLOC_FL_KEEP_SIZE = 0x01

@@ -20,9 +20,9 @@ signal handling, and Ctrl-C (KeyboardInterrupt) still unwinds through the same
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import signal
-import threading
 from collections.abc import Iterator
 from types import FrameType
 
@@ -63,7 +63,7 @@ class _State:
     """Process-wide: whether a signal arrived, and how deep in :func:`deferred` we are."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = _thread.allocate_lock()  # threading costs a start-up import
         self.pending: int | None = None  # recorded while deferred, not raised yet
         self.raised = False  # the first signal has been turned into an exception
         self.defer_depth = 0
@@ -88,12 +88,13 @@ def install() -> None:
 
     A signal the parent process ignores (``nohup`` ignores SIGHUP) stays ignored.
     """
-    if threading.current_thread() is not threading.main_thread():
-        return
     for sig in HANDLED:
         if signal.getsignal(sig) == signal.SIG_IGN:
             continue
-        signal.signal(sig, _handler)
+        try:
+            signal.signal(sig, _handler)
+        except ValueError:  # not the main thread: signals are not ours to handle
+            return
 
 
 def checkpoint() -> None:

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import logging
 import os
 import struct
 from typing import Final
 
+from qcowlib._log import get_logger
 from qcowlib.errors import ImageLocked
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 __all__ = ["take_write_locks"]
 

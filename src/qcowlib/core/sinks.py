@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
 
+from qcowlib._log import get_logger
 from qcowlib.core import interrupt
 from qcowlib.errors import InvalidArgument, QcowlibError, QcowlibIOError
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: Seconds between writeback kicks while an output is being written.
 WRITEBACK_INTERVAL = 0.1

@@ -56,8 +56,7 @@ from __future__ import annotations
 
 import re
 import struct
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 __all__ = [
     "FORMATS",
@@ -128,8 +127,7 @@ _ISO_IDENTIFIER: Final = b"CD001"
 _ISO_VERSION: Final = 1
 
 
-@dataclass(frozen=True)
-class Probe:
+class Probe(NamedTuple):
     """What :func:`probe` found.
 
     ``format`` is one of :data:`FORMATS`.  ``detail`` refines it where that matters to the

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol
 
 from qcowlib.errors import InvalidArgument, UnsupportedFeature
 
@@ -48,8 +47,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class Option:
+class Option(NamedTuple):
     """One ``-o`` creation option, as ``qemu-img create -f FMT -o help`` lists it."""
 
     name: str
@@ -68,8 +66,7 @@ def _load(ref: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-@dataclass(frozen=True)
-class Format:
+class Format(NamedTuple):
     """One format: qemu-img's name and where its parts are implemented.
 
     ``reader``, ``output``, ``create``, ``resize``, ``writer`` (in place) and ``check``
@@ -93,7 +90,7 @@ class Format:
     nothing_to_check: bool = False
     user_format: bool = True
     read_as: str | None = None
-    options: tuple[Option, ...] = field(default=())
+    options: tuple[Option, ...] = ()
     glance: str | None = None
     upload_options: tuple[tuple[str, str], ...] = ()
 
@@ -197,6 +194,7 @@ FORMATS: Final[tuple[Format, ...]] = (
         "VMware virtual disk",
         reader="qcowlib.formats.vmdk.reader:open_image",
         output="qcowlib.formats.vmdk.driver:VMDK",
+        check="qcowlib.formats.vmdk.check:check_file",
         stream=True,
         options=_VMDK_OPTIONS,
         glance="vmdk",
@@ -207,6 +205,7 @@ FORMATS: Final[tuple[Format, ...]] = (
         "VirtualBox disk image",
         reader="qcowlib.formats.vdi.reader:open_image",
         output="qcowlib.formats.vdi.driver:VDI",
+        check="qcowlib.formats.vdi.check:check_file",
         stream=True,
         options=_VDI_OPTIONS,
         glance="vdi",
@@ -225,6 +224,7 @@ FORMATS: Final[tuple[Format, ...]] = (
         "Hyper-V Virtual Hard Disk v2",
         reader="qcowlib.formats.vhdx.reader:open_image",
         output="qcowlib.formats.vhdx.driver:VHDX",
+        check="qcowlib.formats.vhdx.check:check_file",
         options=_VHD_OPTIONS,
         glance="vhdx",
     ),
@@ -313,8 +313,7 @@ def option_help(name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-@dataclass(frozen=True)
-class FormatInfo:
+class FormatInfo(NamedTuple):
     """What ``qcowlib.formats()`` says of one format."""
 
     name: str

@@ -10,7 +10,6 @@ flattened on the fly with ``flatten=True`` (no temporary file).
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import time
@@ -19,11 +18,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from qcowlib._log import get_logger
 from qcowlib.core.digest import MultiHasher
 from qcowlib.errors import InvalidArgument, QcowlibError, QcowlibIOError
 from qcowlib.formats import registry
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 Progress = Callable[[int, int], None]
 #: Pieces handed to the HTTP layer (and progress steps); also under the 1,048,568 bytes

@@ -8,8 +8,9 @@ checker is :func:`qcowlib.formats.qcow2.check.check_image`.  The result is a
 
 Where qcowlib deliberately differs from qemu-img 7.2:
 
-* Only qcow2 is checked (vmdk, vdi and vhdx raise :class:`UnsupportedFeature`).
-  Encrypted images are checked without their key (the check never decrypts).
+* qcow2, vmdk, vdi and vhdx are checked (each format's ``check`` module says how it
+  follows QEMU). Encrypted images are checked without their key (the check never
+  decrypts). A VHDX log is never replayed, so ``-r`` on one that needs it is refused.
 * Repair punches holes where the leaked clusters it frees were, as QEMU's discard does,
   but only when the image has no other error (QEMU discards them even when they only
   look leaked because a broken table could not be followed).  It does not touch
@@ -28,19 +29,13 @@ from __future__ import annotations
 
 from typing import Final
 
-from qcowlib.checkreport import CheckReport
+from qcowlib.checkreport import CheckNotSupported, CheckReport
 from qcowlib.errors import InvalidArgument, UnsupportedFeature
 
 __all__ = ["CheckNotSupported", "CheckReport", "check"]
 
 #: BdrvCheckMode bits for each ``repair`` value.
 _MODES: Final = {None: 0, "leaks": 1, "all": 3}
-
-
-class CheckNotSupported(UnsupportedFeature):
-    """The image format has nothing to check (``qemu-img check`` exits 63 for it)."""
-
-    status = 63
 
 
 def check(path: str, fmt: str | None = None, repair: str | None = None) -> CheckReport:

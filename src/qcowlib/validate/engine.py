@@ -8,12 +8,12 @@ cannot be made to allocate what a crafted header asks for.
 
 from __future__ import annotations
 
-import logging
 import os
 import stat
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
+from qcowlib._log import get_logger
 from qcowlib.errors import InvalidArgument, QcowlibError, QcowlibIOError
 from qcowlib.validate.model import Finding, Rule, ValidationReport, as_rule
 from qcowlib.validate.policy import Policy, get_policy
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = ["MAX_READ", "MAX_TABLE_READ", "Context", "validate"]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: The most one :meth:`Context.read` returns: larger than any structure a rule reads
 #: (a 2 MiB qcow2 cluster, a 1 MiB VMDK descriptor), small enough to allocate freely.

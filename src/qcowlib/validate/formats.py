@@ -26,15 +26,9 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Final
 
-import construct as cs
-
 from qcowlib.errors import CorruptImage, FormatError, QcowlibError, TruncatedImage
-from qcowlib.formats._layout import parse_fixed as _parse
+from qcowlib.formats._record import FixedLayout
 from qcowlib.formats.qcow2 import header as qcow2_header
-from qcowlib.formats.vdi import codec as vdi
-from qcowlib.formats.vhd import codec as vhd
-from qcowlib.formats.vhdx import codec as vhdx
-from qcowlib.formats.vmdk import codec as vmdk
 
 SECTOR: Final = 512
 
@@ -99,7 +93,7 @@ def qcow2_fields(head: bytes) -> Qcow2Fields:
     Raises :class:`FormatError` for a bad magic and :class:`TruncatedImage` when the
     header is shorter than its version needs.
     """
-    raw = _parse(qcow2_header.HEADER_V2, head, "qcow2 header", 0)
+    raw = qcow2_header.HEADER_V2.parse(head, 0)
     if raw.magic != qcow2_header.QCOW_MAGIC:
         raise FormatError("not a qcow2 image (bad magic)", structure="qcow2 header", offset=0)
     fields = Qcow2Fields(
@@ -112,7 +106,7 @@ def qcow2_fields(head: bytes) -> Qcow2Fields:
     )
     if raw.version < 3:
         return fields
-    v3 = _parse(qcow2_header.HEADER_V3_TAIL, head[72:], "qcow2 v3 header", 72)
+    v3 = qcow2_header.HEADER_V3_TAIL.parse(head[72:], 72)
     data_file = _qcow2_data_file_extension(head, v3.header_length, raw)
     return Qcow2Fields(
         version=raw.version,
@@ -156,27 +150,35 @@ def _qcow2_data_file_extension(head: bytes, header_length: int, raw: Any) -> str
 LUKS_MAGIC: Final = b"LUKS\xba\xbe"
 LUKS_KEY_ENABLED: Final = 0x00AC71F3
 LUKS_KEY_DISABLED: Final = 0x0000DEAD
-_LuksKeySlot = cs.Struct(
-    "active" / cs.Int32ub,
-    "iterations" / cs.Int32ub,
-    "salt" / cs.Bytes(32),
-    "key_material_offset" / cs.Int32ub,
-    "stripes" / cs.Int32ub,
+_LuksHeader = FixedLayout(
+    "luks header",
+    ">",
+    [
+        ("magic", "6s"),
+        ("version", "H"),
+        ("cipher_name", "32s"),
+        ("cipher_mode", "32s"),
+        ("hash_spec", "32s"),
+        ("payload_offset", "I"),
+        ("key_bytes", "I"),
+        ("mk_digest", "20s"),
+        ("mk_digest_salt", "32s"),
+        ("mk_digest_iter", "I"),
+        ("uuid", "40s"),
+    ],
 )
-_LuksHeader = cs.Struct(
-    "magic" / cs.Bytes(6),
-    "version" / cs.Int16ub,
-    "cipher_name" / cs.Bytes(32),
-    "cipher_mode" / cs.Bytes(32),
-    "hash_spec" / cs.Bytes(32),
-    "payload_offset" / cs.Int32ub,
-    "key_bytes" / cs.Int32ub,
-    "mk_digest" / cs.Bytes(20),
-    "mk_digest_salt" / cs.Bytes(32),
-    "mk_digest_iter" / cs.Int32ub,
-    "uuid" / cs.Bytes(40),
-    "key_slots" / cs.Array(8, _LuksKeySlot),
+_LuksKeySlot = FixedLayout(
+    "luks key slot",
+    ">",
+    [
+        ("active", "I"),
+        ("iterations", "I"),
+        ("salt", "32s"),
+        ("key_material_offset", "I"),
+        ("stripes", "I"),
+    ],
 )
+_LUKS_KEY_SLOTS: Final = 8
 LUKS_HEADER_SIZE: Final = 592
 
 
@@ -197,12 +199,17 @@ def parse_luks_header(data: bytes, file_size: int) -> LuksHeader:
     version = int.from_bytes(data[6:8], "big")
     if version != 1:
         return LuksHeader(version, "", 0, 0, 0, ())
-    h = _parse(_LuksHeader, data, "luks header", 0)
+    h = _LuksHeader.parse(data, 0)
+    at = _LuksHeader.sizeof()
+    key_slots = [
+        _LuksKeySlot.parse(data[at + i * _LuksKeySlot.sizeof() :], at + i * _LuksKeySlot.sizeof())
+        for i in range(_LUKS_KEY_SLOTS)
+    ]
     problems: list[Problem] = []
     if h.key_bytes not in (16, 24, 32, 48, 64):
         problems.append(Problem(f"LUKS master key length {h.key_bytes} is invalid", 108))
-    slots = [s for s in h.key_slots if s.active == LUKS_KEY_ENABLED]
-    for i, s in enumerate(h.key_slots):
+    slots = [s for s in key_slots if s.active == LUKS_KEY_ENABLED]
+    for i, s in enumerate(key_slots):
         if s.active not in (LUKS_KEY_ENABLED, LUKS_KEY_DISABLED):
             problems.append(Problem(f"LUKS key slot {i} has an invalid state", 208 + 48 * i))
     if not slots:
@@ -219,13 +226,17 @@ def parse_luks_header(data: bytes, file_size: int) -> LuksHeader:
 MBR_SIGNATURE: Final = b"\x55\xaa"
 MBR_PTE_START: Final = 446
 MBR_TYPE_GPT_PROTECTIVE: Final = 0xEE
-_MbrEntry = cs.Struct(
-    "boot" / cs.Int8ul,
-    "start_chs" / cs.Bytes(3),
-    "os_type" / cs.Int8ul,
-    "end_chs" / cs.Bytes(3),
-    "start_lba" / cs.Int32ul,
-    "size_lba" / cs.Int32ul,
+_MbrEntry = FixedLayout(
+    "mbr partition entry",
+    "<",
+    [
+        ("boot", "B"),
+        ("start_chs", "3s"),
+        ("os_type", "B"),
+        ("end_chs", "3s"),
+        ("start_lba", "I"),
+        ("size_lba", "I"),
+    ],
 )
 
 
@@ -258,7 +269,7 @@ def parse_mbr(sector0: bytes) -> tuple[MbrPartition, ...]:
     out = []
     for i in range(4):
         at = MBR_PTE_START + 16 * i
-        e = _parse(_MbrEntry, sector0[at : at + 16], "mbr partition entry", at)
+        e = _MbrEntry.parse(sector0[at : at + 16], at)
         out.append(MbrPartition(i, e.boot, e.start_chs, e.os_type, e.start_lba, e.size_lba))
     return tuple(out)
 
@@ -290,21 +301,25 @@ def mbr_problems(parts: tuple[MbrPartition, ...]) -> list[Problem]:
 GPT_SIGNATURE: Final = b"EFI PART"
 GPT_MAX_ENTRIES: Final = 1024
 GPT_MAX_ENTRY_ARRAY: Final = 128 * 1024
-_GptHeader = cs.Struct(
-    "signature" / cs.Bytes(8),
-    "revision" / cs.Int32ul,
-    "header_size" / cs.Int32ul,
-    "header_crc32" / cs.Int32ul,
-    "reserved" / cs.Int32ul,
-    "my_lba" / cs.Int64ul,
-    "alternate_lba" / cs.Int64ul,
-    "first_usable_lba" / cs.Int64ul,
-    "last_usable_lba" / cs.Int64ul,
-    "disk_guid" / cs.Bytes(16),
-    "partition_entry_lba" / cs.Int64ul,
-    "num_partition_entries" / cs.Int32ul,
-    "partition_entry_size" / cs.Int32ul,
-    "partition_entry_array_crc32" / cs.Int32ul,
+_GptHeader = FixedLayout(
+    "gpt header",
+    "<",
+    [
+        ("signature", "8s"),
+        ("revision", "I"),
+        ("header_size", "I"),
+        ("header_crc32", "I"),
+        ("reserved", "I"),
+        ("my_lba", "Q"),
+        ("alternate_lba", "Q"),
+        ("first_usable_lba", "Q"),
+        ("last_usable_lba", "Q"),
+        ("disk_guid", "16s"),
+        ("partition_entry_lba", "Q"),
+        ("num_partition_entries", "I"),
+        ("partition_entry_size", "I"),
+        ("partition_entry_array_crc32", "I"),
+    ],
 )
 
 
@@ -326,7 +341,7 @@ class GptHeader:
 def parse_gpt_header(block: bytes, block_size: int, disk_size: int) -> GptHeader:
     """Parse and check a GPT header found at LBA 1 (UEFI 2.10 section 5.3.2)."""
     at = block_size
-    h = _parse(_GptHeader, block, "gpt header", at)
+    h = _GptHeader.parse(block, at)
     if h.signature != GPT_SIGNATURE:
         raise FormatError("GPT header signature 'EFI PART' is missing", structure="gpt", offset=at)
     problems: list[Problem] = []
@@ -372,17 +387,9 @@ ISO_DESCRIPTORS_AT: Final = 0x8000
 ISO_DESCRIPTOR_SIZE: Final = 2048
 #: Volume descriptors walked before giving up on finding the set terminator.
 ISO_MAX_DESCRIPTORS: Final = 64
-_IsoPrimary = cs.Struct(
-    "type" / cs.Int8ul,
-    "identifier" / cs.Bytes(5),
-    "version" / cs.Int8ul,
-    cs.Padding(73),
-    "space_size_le" / cs.Int32ul,
-    "space_size_be" / cs.Int32ub,
-    cs.Padding(40),
-    "block_size_le" / cs.Int16ul,
-    "block_size_be" / cs.Int16ub,
-)
+#: The primary volume descriptor's fields validate reads: volume space size and logical
+#: block size, each recorded little- then big-endian (ECMA-119 8.4.8, 8.4.12).
+_ISO_PVD_MIN: Final = 132
 
 
 @dataclass(frozen=True)
@@ -411,7 +418,13 @@ def parse_iso_descriptors(area: bytes, file_size: int) -> IsoVolume:
             terminated = True
             break
         if block[0] == 1 and primary is None:
-            primary = _parse(_IsoPrimary, block, "iso primary volume descriptor", at), at
+            if len(block) < _ISO_PVD_MIN:
+                raise TruncatedImage(
+                    "iso primary volume descriptor is truncated",
+                    structure="iso primary volume descriptor",
+                    offset=at,
+                )
+            primary = block, at
     if primary is None:
         raise CorruptImage(
             "ISO 9660 image has no primary volume descriptor",
@@ -421,12 +434,13 @@ def parse_iso_descriptors(area: bytes, file_size: int) -> IsoVolume:
     if not terminated:
         problems.append(Problem("ISO 9660 volume descriptor set has no terminator", fatal=False))
     pvd, at = primary
-    if pvd.space_size_le != pvd.space_size_be or pvd.block_size_le != pvd.block_size_be:
+    space_le, space_be = int.from_bytes(pvd[80:84], "little"), int.from_bytes(pvd[84:88], "big")
+    bs, bs_be = int.from_bytes(pvd[128:130], "little"), int.from_bytes(pvd[130:132], "big")
+    if space_le != space_be or bs != bs_be:
         problems.append(Problem("ISO 9660 both-endian fields disagree", at + 80))
-    bs = pvd.block_size_le
     if bs not in (512, 1024, 2048):
         problems.append(Problem(f"ISO 9660 logical block size {bs} is invalid", at + 128))
-    size = pvd.space_size_le * bs
+    size = space_le * bs
     if size > file_size:
         problems.append(
             Problem(f"ISO 9660 volume is {size} bytes but the file has only {file_size}", at + 80)
@@ -455,6 +469,12 @@ INSPECTOR_FORMATS: Final = (
     "luks",
 )
 _ISO_IDENTIFIERS: Final = (b"CD001", b"NSR02", b"NSR03")
+# The magics as the inspector compares them (its own view; the codecs, with construct,
+# are loaded only for the format an image turns out to be).
+_VHD_COOKIE: Final = b"conectix"
+_VHDX_SIGNATURE: Final = b"vhdxfile"
+_VDI_SIGNATURE: Final = struct.pack("<I", 0xBEDA107F)
+_VMDK4_MAGIC: Final = b"KDMV"
 #: How much of a stand-alone descriptor the inspector parses: the first chunk it is
 #: handed.  64 KiB is what Glance's upload path hands it in practice.
 _INSPECTOR_CHUNK: Final = 64 * 1024
@@ -480,13 +500,13 @@ def inspector_view(head: bytes, size: int) -> InspectorView:
         matches.append("qcow2")
     if size >= SECTOR and sector0[:4] == b"QED\x00":
         matches.append("qed")
-    if head[:8] == vhd.VHD_COOKIE:
+    if head[:8] == _VHD_COOKIE:
         matches.append("vhd")
-    if head[:8] == vhdx.VHDX_SIGNATURE:
+    if head[:8] == _VHDX_SIGNATURE:
         matches.append("vhdx")
     if _inspector_vmdk(head, size):
         matches.append("vmdk")
-    if size >= SECTOR and head[0x40:0x44] == struct.pack("<I", vdi.VDI_SIGNATURE):
+    if size >= SECTOR and head[0x40:0x44] == _VDI_SIGNATURE:
         matches.append("vdi")
     if size >= 34 * 1024 and head[0x8001:0x8006] in _ISO_IDENTIFIERS:
         matches.append("iso")
@@ -504,7 +524,7 @@ def inspector_view(head: bytes, size: int) -> InspectorView:
 def _inspector_vmdk(head: bytes, size: int) -> bool:
     if size < 64:
         return False
-    if head[:4] == vmdk.VMDK4_MAGIC:
+    if head[:4] == _VMDK4_MAGIC:
         return True
     first = bytes(head[:SECTOR])
     try:

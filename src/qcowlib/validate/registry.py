@@ -13,12 +13,12 @@ silently).
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
+from qcowlib._log import get_logger
 from qcowlib.errors import InvalidArgument
 from qcowlib.validate.model import Rule, as_rule
 
@@ -34,7 +34,7 @@ __all__ = [
     "unregister",
 ]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 ENTRY_POINT_GROUP: Final = "qcowlib.validators"
 

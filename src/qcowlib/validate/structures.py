@@ -14,13 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from qcowlib.errors import CorruptImage, FormatError, QcowlibError
-from qcowlib.formats.vdi import codec as vdi
-from qcowlib.formats.vhd import codec as vhd
-from qcowlib.formats.vhdx import codec as vhdx
-from qcowlib.formats.vmdk import codec as vmdk
 from qcowlib.validate.engine import Context
 from qcowlib.validate.formats import (
     ISO_DESCRIPTOR_SIZE,
@@ -34,6 +30,13 @@ from qcowlib.validate.formats import (
     parse_iso_descriptors,
     parse_luks_header,
 )
+
+if TYPE_CHECKING:
+    from qcowlib.formats.vdi import codec as vdi
+    from qcowlib.formats.vhd import codec as vhd
+    from qcowlib.formats.vhdx import codec as vhdx
+    from qcowlib.formats.vmdk import codec as vmdk
+
 
 __all__ = [
     "VhdInfo",
@@ -85,6 +88,8 @@ def vmdk_info(ctx: Context) -> VmdkInfo:
 
 
 def _parse_vmdk(ctx: Context) -> VmdkInfo:
+    from qcowlib.formats.vmdk import codec as vmdk
+
     head = ctx.head
     if head[:4] == vmdk.VMDK3_MAGIC:
         return VmdkInfo("cowd", None, None, None)
@@ -122,6 +127,8 @@ class VhdInfo:
 
     @property
     def differencing(self) -> bool:
+        from qcowlib.formats.vhd import codec as vhd
+
         return self.footer.type == vhd.VHD_TYPE_DIFFERENCING
 
     @property
@@ -132,10 +139,13 @@ class VhdInfo:
 def vhd_info(ctx: Context) -> VhdInfo:
     """Raises what :func:`qcowlib.formats.vhd.codec.locate_footer` raises (no footer, bad
     checksum): the reader refuses such a file outright."""
+
     return ctx.cached("vpc", lambda: _parse_vhd(ctx))
 
 
 def _parse_vhd(ctx: Context) -> VhdInfo:
+    from qcowlib.formats.vhd import codec as vhd
+
     footer, at = vhd.locate_footer(ctx.head[: vhd.FOOTER_SIZE], ctx.tail, ctx.size)
     problems: list[Problem] = []
     if footer.type != vhd.VHD_TYPE_DIFFERENCING:  # backing-file reports those
@@ -193,7 +203,7 @@ class VhdxInfo:
     metadata: vhdx.Metadata | None = None
     bat: tuple[int, int] | None = None
     #: Offset of the current header (its log GUID is at +48).
-    header_at: int = vhdx.VHDX_HEADER_OFFSETS[0]
+    header_at: int = 0x10000  # the first header (vhdx.VHDX_HEADER_OFFSETS[0])
 
 
 def vhdx_info(ctx: Context) -> VhdxInfo:
@@ -203,6 +213,8 @@ def vhdx_info(ctx: Context) -> VhdxInfo:
 
 
 def _parse_vhdx(ctx: Context) -> VhdxInfo:
+    from qcowlib.formats.vhdx import codec as vhdx
+
     area = ctx.read(0, vhdx.VHDX_HEADER_AREA)
     vhdx.parse_file_identifier(area)
     problems: list[Problem] = []
@@ -266,6 +278,8 @@ def _vhdx_regions(area: bytes, problems: list[Problem]) -> tuple[tuple[vhdx.Regi
     A damaged table before it is a warning.  Raises the first table's error when
     neither parses.
     """
+    from qcowlib.formats.vhdx import codec as vhdx
+
     first: QcowlibError | None = None
     for at in vhdx.VHDX_REGION_TABLE_OFFSETS:
         try:
@@ -285,10 +299,14 @@ def _vhdx_regions(area: bytes, problems: list[Problem]) -> tuple[tuple[vhdx.Regi
 
 def vdi_header(ctx: Context) -> vdi.VdiHeader:
     """The decoded header (values unjudged: see ``vdi.header_problems``)."""
+    from qcowlib.formats.vdi import codec as vdi
+
     return ctx.cached("vdi", lambda: vdi.decode_header(ctx.read(0, vdi.HEADER_AREA_SIZE)))
 
 
 def vdi_is_differencing(h: vdi.VdiHeader) -> bool:
+    from qcowlib.formats.vdi import codec as vdi
+
     return h.image_type == vdi.VDI_TYPE_DIFF or h.uuid_parent.int != 0
 
 
@@ -317,6 +335,8 @@ def _vmdk_size(ctx: Context) -> int | None:
 
 
 def _vdi_size(ctx: Context) -> int | None:
+    from qcowlib.formats.vdi import codec as vdi
+
     h = vdi_header(ctx)
     return h.virtual_size if h.version == vdi.VDI_VERSION_1_1 else None
 

@@ -8,10 +8,8 @@ file size, before anything is allocated from it.
 
 from __future__ import annotations
 
-import dataclasses
 import struct
-from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from qcowlib.errors import CorruptImage, FormatError, TruncatedImage, UnsupportedFeature
 from qcowlib.formats._record import FixedLayout
@@ -114,16 +112,14 @@ _BitmapsExt = FixedLayout(
 _CryptoExt = FixedLayout("crypto extension", ">", [("offset", "Q"), ("length", "Q")])
 
 
-@dataclass(frozen=True)
-class HeaderExtension:
+class HeaderExtension(NamedTuple):
     """One header extension as stored: its type and raw data (unknown ones are kept)."""
 
     type: int
     data: bytes
 
 
-@dataclass(frozen=True)
-class BitmapsExtension:
+class BitmapsExtension(NamedTuple):
     """The bitmaps header extension (``nb_bitmaps`` and where the directory lies)."""
 
     nb_bitmaps: int
@@ -131,16 +127,14 @@ class BitmapsExtension:
     bitmap_directory_offset: int
 
 
-@dataclass(frozen=True)
-class CryptoExtension:
+class CryptoExtension(NamedTuple):
     """Full disk encryption header pointer."""
 
     offset: int
     length: int
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
     """A parsed qcow2 header with its extensions.  Field names follow qcow2.txt."""
 
     version: int
@@ -168,7 +162,7 @@ class Header:
     bitmaps: BitmapsExtension | None = None
     crypto: CryptoExtension | None = None
     #: Every extension in file order, including unknown ones, so writers can keep them.
-    extensions: tuple[HeaderExtension, ...] = field(default=())
+    extensions: tuple[HeaderExtension, ...] = ()
     #: Where the extension area ended (the first byte after the end marker).
     extensions_end: int = 0
 
@@ -228,7 +222,7 @@ class Header:
 
     def replace(self, **changes: Any) -> Header:
         """A copy with some fields changed (for writers)."""
-        return dataclasses.replace(self, **changes)
+        return self._replace(**changes)
 
 
 def l1_entries_needed(size: int, cluster_bits: int, l2_entry_size: int = 8) -> int:

@@ -16,12 +16,12 @@ then give its buffer back.
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 from collections.abc import Callable
 
 import numpy as np
 
+from qcowlib._log import get_logger
 from qcowlib.core.appendsink import AppendWriter
 from qcowlib.core.disk import Disk
 from qcowlib.core.hostfile import DataWriter, pwrite_all, reserve
@@ -45,7 +45,7 @@ from qcowlib.formats.qcow2.placement import (
     l2_entries,
 )
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 Progress = Callable[[int, int], None]
 

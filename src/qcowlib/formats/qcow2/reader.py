@@ -8,14 +8,14 @@ table codec.  Reads go through extents, so a long run of contiguous clusters is 
 
 from __future__ import annotations
 
+import _thread
 import functools
-import logging
 import struct
-import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from qcowlib._log import get_logger
 from qcowlib.core.disk import (
     RUN_COMPRESSED,
     RUN_DATA,
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 # numpy and the table codecs load on the first mapping or read, not for ``info``: a
 # header read must not pay ~50 ms of imports (DESIGN.md, "metadata-only commands").
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: Decoded L2 tables kept per image (bytes of raw table they stand for).
 L2_CACHE_BYTES = 32 * 1024 * 1024
@@ -123,7 +123,7 @@ class Qcow2Disk(Disk):
         if len(raw_l1) > _L1_PLAIN_CHECK_BYTES or not _l1_entries_aligned(raw_l1, h.cluster_size):
             _ = self.l2_offsets  # decode now: a bad entry is an error at open
         self._l2_cache: OrderedDict[int, tables.L2Runs] = OrderedDict()
-        self._l2_lock = threading.Lock()
+        self._l2_lock = _thread.allocate_lock()  # threading's Lock, without its import
         self._l2_cache_max = max(4, L2_CACHE_BYTES // self.cluster_size)
         self._compressed_cache: tuple[int, bytes] | None = None
         self._metadata_prealloc: bool | None = None
@@ -451,11 +451,18 @@ class Qcow2Disk(Disk):
             self._l2_cache.popitem(last=False)
         return runs
 
-    def layer_extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
-        import numpy as np
+    def _has_l2(self, l1_index: int) -> bool:
+        """Whether L1 entry ``l1_index`` points at an L2 table; an L1 not decoded yet (a
+        small one) is read without numpy, so mapping an empty image stays light."""
+        if self._l2_offsets is None:
+            at = l1_index * _L1_ENTRY.size
+            if at + _L1_ENTRY.size > len(self._raw_l1):
+                return False
+            return bool(_L1_ENTRY.unpack_from(self._raw_l1, at)[0] & _L1E_OFFSET_MASK)
+        return l1_index < self._l2_offsets.size and bool(self._l2_offsets[l1_index])
 
+    def layer_extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
         start, end = self._range(offset, length)
-        kinds = _kinds()
         pos = start
         unit = self.unit_size
         last_index = (end - 1) // self.l2_span
@@ -463,15 +470,14 @@ class Qcow2Disk(Disk):
             l1_index = pos // self.l2_span
             table_base = l1_index * self.l2_span
             table_end = min(end, table_base + self.l2_span)
-            runs = (
-                self._l2_runs_ahead(l1_index, last_index)
-                if l1_index < self.l2_offsets.size
-                else None
-            )
+            runs = self._l2_runs_ahead(l1_index, last_index) if self._has_l2(l1_index) else None
             if runs is None:
                 yield Extent(pos, table_end - pos, ExtentKind.UNALLOCATED)
                 pos = table_end
                 continue
+            import numpy as np  # loaded already: decoding the table needed it
+
+            kinds = _kinds()
             first_unit = (pos - table_base) // unit
             i = int(np.searchsorted(runs.start, first_unit, side="right")) - 1
             while pos < table_end:

@@ -23,13 +23,13 @@ the refcount model ``check`` uses too; the overlap checks are
 from __future__ import annotations
 
 import contextlib
-import logging
 import struct
 from typing import NoReturn
 
 import numpy as np
 import numpy.typing as npt
 
+from qcowlib._log import get_logger
 from qcowlib.core.disk import ExtentKind
 from qcowlib.core.hostfile import HostFile
 from qcowlib.core.locks import take_write_locks
@@ -48,7 +48,7 @@ from qcowlib.formats.qcow2.overlap import OL_NAMES, MetadataAreas
 from qcowlib.formats.qcow2.reader import Qcow2Disk, read_header
 from qcowlib.formats.qcow2.snapshot import snapshot_table_size
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 class Qcow2RWDisk(Qcow2Disk):

@@ -90,6 +90,9 @@ class VmdkDisk(Disk):
     """
 
     format = "vmdk"
+    #: Opened for ``check``: grains past the end of their file are kept for the check to
+    #: report (as QEMU opens images for ``qemu-img check``) instead of refused.
+    checking = False
 
     def __init__(self, host: HostFile, filename: str, policy: BackingPolicy | None = None) -> None:
         from qcowlib.core.chain import BackingPolicy
@@ -276,7 +279,9 @@ class VmdkDisk(Disk):
         if h.capacity == 0:
             return part
         try:
-            part.run_start, part.run_kind, part.run_sector = _read_runs(host, h)
+            part.run_start, part.run_kind, part.run_sector = _read_runs(
+                host, h, strict=not self.checking
+            )
         except QcowlibError as exc:
             raise exc.with_file(filename) from None
         return part
@@ -427,7 +432,9 @@ class VmdkDisk(Disk):
         self.host.close()
 
 
-def _read_runs(host: HostFile, h: vmdk.SparseExtentHeader) -> tuple[I64, U8, I64]:
+def _read_runs(
+    host: HostFile, h: vmdk.SparseExtentHeader, *, strict: bool = True
+) -> tuple[I64, U8, I64]:
     """Read the grain directory and tables of a sparse extent and turn them into runs."""
     gd_at, gd_len = vmdk.grain_directory_extent(h)
     gd = vmdk.decode_table(
@@ -451,11 +458,16 @@ def _read_runs(host: HostFile, h: vmdk.SparseExtentHeader) -> tuple[I64, U8, I64
             tables[r * gtes : (r + 1) * gtes] = vmdk.decode_table(
                 host.pread(off, gt_bytes), gtes, offset=off
             )
-    return grain_runs(gd, tables, h, host.size)
+    return grain_runs(gd, tables, h, host.size, strict=strict)
 
 
 def grain_runs(
-    gd: vmdk.U32, tables: vmdk.U32, h: vmdk.SparseExtentHeader, file_size: int
+    gd: vmdk.U32,
+    tables: vmdk.U32,
+    h: vmdk.SparseExtentHeader,
+    file_size: int,
+    *,
+    strict: bool = True,
 ) -> tuple[I64, U8, I64]:
     """Runs of a sparse extent: first grain, kind, first grain's sector.
 
@@ -464,7 +476,8 @@ def grain_runs(
     work is bounded by the directory and the tables actually present, never by the
     capacity.  Raises :class:`TruncatedImage` for a grain past the end of the file.
     """
-    vmdk.check_grain_tables(gd, tables, h, file_size)
+    if strict:
+        vmdk.check_grain_tables(gd, tables, h, file_size)
     gtes = h.num_gtes_per_gt
     n_grains = h.num_grains
     alloc = gd != 0

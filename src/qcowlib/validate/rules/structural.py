@@ -12,13 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from itertools import pairwise
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from qcowlib.errors import QcowlibError, UnsupportedFeature
-from qcowlib.formats.vdi import codec as vdi
-from qcowlib.formats.vhd import codec as vhd
-from qcowlib.formats.vhdx import codec as vhdx
-from qcowlib.formats.vmdk import codec as vmdk
 from qcowlib.validate.engine import MAX_TABLE_READ, Context
 from qcowlib.validate.formats import Problem
 from qcowlib.validate.model import rule
@@ -37,6 +33,9 @@ from qcowlib.validate.structures import (
     vhdx_info,
     vmdk_info,
 )
+
+if TYPE_CHECKING:
+    from qcowlib.formats.vmdk import codec as vmdk
 
 __all__ = ["structure"]
 
@@ -75,6 +74,8 @@ def _structure_qcow2(ctx: Context) -> Findings:
 
 
 def _structure_vmdk(ctx: Context) -> Findings:
+    from qcowlib.formats.vmdk import codec as vmdk
+
     info = vmdk_info(ctx)
     if info.kind == "cowd":
         yield from report_problems(
@@ -105,6 +106,8 @@ def _structure_vmdk(ctx: Context) -> Findings:
 
 def _glance_footer_problems(h: vmdk.SparseExtentHeader, tail: bytes) -> list[Problem]:
     """What the image inspector's ``check_footer`` refuses beyond what QEMU does."""
+    from qcowlib.formats.vmdk import codec as vmdk
+
     try:
         marker, footer, eos = vmdk.parse_stream_footer(tail)
     except QcowlibError:
@@ -124,6 +127,8 @@ def _glance_footer_problems(h: vmdk.SparseExtentHeader, tail: bytes) -> list[Pro
 
 def _vmdk_tables(ctx: Context, h: vmdk.SparseExtentHeader) -> Findings:
     """The grain directory and tables, checked as the reader checks them on open."""
+    from qcowlib.formats.vmdk import codec as vmdk
+
     gd_at, gd_len = vmdk.grain_directory_extent(h)
     if gd_len > MAX_TABLE_READ:
         yield from _too_large(ctx, "vmdk", "grain directory", gd_len)
@@ -149,6 +154,8 @@ def _vmdk_tables(ctx: Context, h: vmdk.SparseExtentHeader) -> Findings:
 
 
 def _structure_vpc(ctx: Context) -> Findings:
+    from qcowlib.formats.vhd import codec as vhd
+
     info = vhd_info(ctx)
     yield from report_problems(ctx, "vpc", info.problems)
     dyn = info.dynamic
@@ -163,6 +170,8 @@ def _structure_vpc(ctx: Context) -> Findings:
 
 
 def _structure_vhdx(ctx: Context) -> Findings:
+    from qcowlib.formats.vhdx import codec as vhdx
+
     info = vhdx_info(ctx)
     yield from report_problems(ctx, "vhdx", info.problems)
     if info.bat is None or info.metadata is None or _fatal(info.problems):
@@ -176,6 +185,8 @@ def _structure_vhdx(ctx: Context) -> Findings:
 
 
 def _structure_vdi(ctx: Context) -> Findings:
+    from qcowlib.formats.vdi import codec as vdi
+
     h = vdi_header(ctx)
     problems = [
         Problem.of(p)

@@ -5,12 +5,16 @@ Extent files are reported by name, never opened.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from qcowlib.errors import QcowlibError
-from qcowlib.formats.vmdk import codec as vmdk
 from qcowlib.validate.engine import Context
 from qcowlib.validate.model import rule
 from qcowlib.validate.rules._common import Findings, convert_cmd, out_name, quote, shown_name
 from qcowlib.validate.structures import vmdk_info
+
+if TYPE_CHECKING:
+    pass
 
 __all__ = ["vmdk_create_type", "vmdk_descriptor", "vmdk_extent"]
 
@@ -65,6 +69,8 @@ def vmdk_descriptor(ctx: Context) -> Findings:
     """The VMDK descriptor is where QEMU and Glance expect it and holds nothing Glance's
     inspector does not understand (it refuses unknown lines and descriptors without
     extents)."""
+    from qcowlib.formats.vmdk import codec as vmdk
+
     try:
         info = vmdk_info(ctx)
     except QcowlibError:
