@@ -16,6 +16,7 @@ from qcowlib.core.chain import BackingPolicy
 from qcowlib.errors import BackingChainError, QcowlibError
 from qcowlib.formats.opener import open_disk
 from qcowlib.validate import validate
+from qcowlib.validate.policy import get_policy
 from tests.conftest import cli, qemu_img
 from tests.validate.images import CASES, or_byte
 
@@ -54,19 +55,24 @@ def unknown_bit(tmp_path: Path) -> Path:
     return path
 
 
-def test_permissive_still_refuses_what_convert_cannot_read(unknown_bit: Path) -> None:
-    """The permissive policy turns the unknown-features finding into a warning; the
-    image still does not open, so validate rejects it with convert's reason."""
+def test_a_rule_turned_off_does_not_make_validate_laxer_than_opening(
+    unknown_bit: Path,
+) -> None:
+    """A site policy that silences ``unknown-features`` (every other rule passes this
+    image) still rejects it: it does not open, and the reason is convert's own."""
     res = cli("convert", "-O", "raw", unknown_bit, unknown_bit.with_suffix(".raw"))
-    assert res.returncode == 1 and "incompatible" in res.stderr
-    report = validate(unknown_bit, "permissive", "qcow2")
+    assert res.returncode == 1 and "bits 0x20" in res.stderr
+    silenced = get_policy("glance").replace(
+        name="site-no-features", severities={"unknown-features": "off"}
+    )
+    report = validate(unknown_bit, silenced, "qcow2")
     assert not report.ok
     (err,) = report.errors
-    assert err.rule == "readable" and "convert" in err.message
+    assert err.rule == "readable" and err.offset == 0x48
+    assert "convert" in err.message
     assert "unsupported incompatible qcow2 features: bits 0x20" in err.message
-    # The same through the command line: exit 1, the reason in the report.
-    out = cli("validate", "--policy", "permissive", "--disk-format", "qcow2", unknown_bit)
-    assert out.returncode == 1 and "bits 0x20" in out.stdout
+    # Without the readable check the rules alone accepted it (what validate did before).
+    assert [f.rule for f in report.findings] == ["readable"]
 
 
 def test_an_image_that_opens_gets_no_readable_finding(images: dict[str, Path]) -> None:
