@@ -113,3 +113,23 @@ def parse_option_size(key: str, value: str) -> int:
             f"Parameter '{key}' expects a non-negative number below 2^64 (optional suffix "
             "k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta- and exabytes)"
         ) from None
+
+
+def split_qemu_opts(text: str) -> list[str]:
+    """Split at single commas; ``,,`` stands for a comma inside a value (QemuOpts)."""
+    items: list[str] = []
+    current: list[str] = []
+    i = 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1 : i + 2] == ",":
+                current.append(",")
+                i += 2
+                continue
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(text[i])
+        i += 1
+    items.append("".join(current))
+    return items

@@ -202,7 +202,7 @@ HOSTILE = [
         TruncatedImage,
     ),
     ("bad-dyn-cookie", lambda p: poke(p, 512, b"XXXXXXXX"), FormatError),
-    ("differencing", lambda p: footer_poke(p, 60, (4).to_bytes(4, "big")), UnsupportedFeature),
+    ("differencing-no-parent", lambda p: footer_poke(p, 60, (4).to_bytes(4, "big")), CorruptImage),
     ("unknown-type", lambda p: footer_poke(p, 60, (9).to_bytes(4, "big")), CorruptImage),
     (
         "too-large",

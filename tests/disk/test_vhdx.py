@@ -246,9 +246,9 @@ HOSTILE: list[tuple[str, Callable[[Path], object], type[QcowlibError]]] = [
         CorruptImage,
     ),
     (
-        "differencing",
+        "differencing-without-locator",
         lambda p: item_poke(p, vhdx.VHDX_FILE_PARAMETERS, (8 * MIB).to_bytes(4, "little") + b"\2"),
-        UnsupportedFeature,
+        CorruptImage,
     ),
     (
         "bat-entry-past-eof",

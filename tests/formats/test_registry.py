@@ -86,8 +86,8 @@ def test_glance_names_and_upload_targets() -> None:
 def test_unknown_and_unreadable_formats() -> None:
     with pytest.raises(InvalidArgument, match="Unknown file format 'qcow3'"):
         registry.by_name("qcow3")
-    with pytest.raises(UnsupportedFeature, match="luks images are not supported"):
-        registry.by_name("luks").opener()
+    with pytest.raises(UnsupportedFeature, match="xyz images are not supported"):
+        registry.Format("xyz", "an entry with no reader").opener()
     with pytest.raises(UnsupportedFeature, match="converting to luks"):
         registry.by_name("luks").output_driver()
     assert registry.by_name("iso").opener() is registry.by_name("raw").opener()
@@ -125,7 +125,7 @@ def test_formats_api_lists_the_registry() -> None:
     assert by_name["qcow2"].read and by_name["qcow2"].write and by_name["qcow2"].check
     assert by_name["raw"].create and not by_name["raw"].check
     assert by_name["vpc"].write and not by_name["vpc"].stream
-    assert not by_name["luks"].read
+    assert by_name["luks"].read and not by_name["luks"].write and not by_name["luks"].check
     assert "formats" in dir(qcowlib)
     import qcowlib.formats.registry as again  # still a package with submodules
 

@@ -8,13 +8,15 @@ stderr, never a traceback), 2 usage error; ``compare`` returns 0 identical, 1 di
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 from qcowlib._log import configure_on_use, get_logger
+from qcowlib._units import split_qemu_opts
 from qcowlib.errors import QcowlibError
 from qcowlib.formats import registry
 
@@ -123,32 +125,12 @@ def parse_options(text: str | None) -> dict[str, str]:
     options: dict[str, str] = {}
     if not text:
         return options
-    for item in _split_options(text):
+    for item in split_qemu_opts(text):
         if not item:
             continue
         key, sep, value = item.partition("=")
         options[key.strip()] = value if sep else "on"
     return options
-
-
-def _split_options(text: str) -> list[str]:
-    """Split at single commas; ``,,`` stands for a comma inside a value (QemuOpts)."""
-    items: list[str] = []
-    current: list[str] = []
-    i = 0
-    while i < len(text):
-        if text[i] == ",":
-            if text[i + 1 : i + 2] == ",":
-                current.append(",")
-                i += 2
-                continue
-            items.append("".join(current))
-            current = []
-        else:
-            current.append(text[i])
-        i += 1
-    items.append("".join(current))
-    return items
 
 
 def wants_option_help(options: dict[str, str], fmt: str) -> bool:
@@ -293,6 +275,62 @@ def _version() -> str:
         return "qcowlib (unknown version)"
 
 
+#: Attributes that hold image names, which ``--image-opts`` turns into option strings.
+_IMAGE_ARGS: Final = ("filename", "src", "filename1", "filename2")
+
+
+def _take_secret_options(argv: list[str]) -> tuple[list[str], list[str], bool]:
+    """Remove ``--object SPEC`` and ``--image-opts`` (valid for every command, anywhere
+    on the line, as in qemu-img) from ``argv``; return the rest, the specs, the flag."""
+    rest: list[str] = []
+    objects: list[str] = []
+    image_opts = False
+    it = iter(argv)
+    for arg in it:
+        if arg == "--":
+            rest.append(arg)
+            rest.extend(it)
+            break
+        if arg == "--object":
+            spec = next(it, None)
+            if spec is None:
+                rest.append(arg)  # argparse reports the missing value
+                break
+            objects.append(spec)
+        elif arg.startswith("--object="):
+            objects.append(arg.partition("=")[2])
+        elif arg == "--image-opts":
+            image_opts = True
+        else:
+            rest.append(arg)
+    return rest, objects, image_opts
+
+
+def _image_keys(
+    args: argparse.Namespace, objects: list[str], image_opts: bool
+) -> contextlib.AbstractContextManager[None]:
+    """Passphrases for the images named with ``--image-opts`` (``key-secret=ID`` naming
+    an ``--object secret``); rewrites those arguments to plain file names."""
+    from qcowlib.core.secrets import image_keys, parse_image_opts, parse_secret_object
+
+    secrets = dict(parse_secret_object(spec) for spec in objects)
+    keys: dict[str | os.PathLike[str], bytes | str] = {}
+    for attr in _IMAGE_ARGS if image_opts else ():
+        text = getattr(args, attr, None)
+        if text is None:
+            continue
+        path, fmt, secret = parse_image_opts(text)
+        setattr(args, attr, path)
+        fmt_attr = {"filename2": "format2", "filename1": "format1"}.get(attr, "format")
+        if fmt is not None and getattr(args, fmt_attr, None) is None:
+            setattr(args, fmt_attr, fmt)
+        if secret is not None:
+            if secret not in secrets:
+                raise Failed(f"No secret with id '{secret}' found")
+            keys[path] = secrets[secret]
+    return image_keys(keys)
+
+
 def _configure_logging(debug: bool) -> None:
     import logging
 
@@ -317,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # a thread per core in this process, which costs ~0.1 s of CPU per run.
     if "numpy" not in sys.modules:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, objects, image_opts = _take_secret_options(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     if "resize" in argv and argv and re.match(r"^-\d", argv[-1]) and "--" not in argv:
         argv.insert(len(argv) - 1, "--")  # "resize FILE -3M": a size, not an option
@@ -326,7 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     error_status = 2 if args.command == "compare" else 1
     try:
-        return func(args)
+        with _image_keys(args, objects, image_opts):
+            return func(args)
     except Failed as exc:
         sys.stderr.write(f"qcowlib: error: {exc}\n")
         return exc.status

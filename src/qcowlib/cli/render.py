@@ -71,6 +71,8 @@ def human_info(info: dict[str, Any]) -> str:
         lines.append(f"disk size: {size_to_str(info['actual-size'])}")
     else:
         lines.append("disk size: unavailable")
+    if info.get("encrypted"):
+        lines.append("encrypted: yes")
     if "cluster-size" in info:
         lines.append(f"cluster_size: {info['cluster-size']}")
     if info.get("dirty-flag"):

@@ -280,6 +280,9 @@ class Disk(abc.ABC):
     filename: str
     virtual_size: int
     backing: Disk | None = None
+    #: Data on disk is ciphertext: host offsets are not the guest's bytes (``map`` shows
+    #: none, copies read through :meth:`_read_layer`).
+    encrypted: bool = False
 
     # -- to implement --------------------------------------------------------------------
     @abc.abstractmethod

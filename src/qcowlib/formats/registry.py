@@ -228,7 +228,12 @@ FORMATS: Final[tuple[Format, ...]] = (
         options=_VHD_OPTIONS,
         glance="vhdx",
     ),
-    Format("luks", "LUKS encrypted volume", nothing_to_check=True),
+    Format(
+        "luks",
+        "LUKS encrypted volume",
+        reader="qcowlib.formats.luks.reader:open_image",
+        nothing_to_check=True,
+    ),
     Format(
         "iso",
         "ISO 9660 image (a raw disk)",

@@ -62,8 +62,11 @@ def _mergeable(a: MapEntry, b: MapEntry) -> bool:
 def map_entries(disk: Disk) -> Iterator[MapEntry]:
     """The entries ``qemu-img map`` prints for ``disk`` (resolved through its chain)."""
     current: MapEntry | None = None
+    encrypted = [d.encrypted for d in disk.chain]
     for ext in disk.extents():
         entry = _entry(ext)
+        if encrypted[ext.depth] and entry.offset is not None:
+            entry = entry._replace(offset=None, filename=None)  # ciphertext: no offset
         if current is not None and _mergeable(current, entry):
             current = MapEntry(
                 current.start,

@@ -26,12 +26,21 @@ from qcowlib.core.disk import (
     full_backing_filename,
 )
 from qcowlib.core.hostfile import HostFile
-from qcowlib.errors import CorruptImage, QcowlibError, TruncatedImage, UnsupportedFeature
+from qcowlib.core.qdict import qdict_order
+from qcowlib.errors import (
+    CorruptImage,
+    InvalidArgument,
+    QcowlibError,
+    TruncatedImage,
+    UnsupportedFeature,
+)
 from qcowlib.formats.qcow2 import header as hdr
 from qcowlib.formats.qcow2 import hostio
 
 if TYPE_CHECKING:
     from qcowlib.core.chain import BackingPolicy
+    from qcowlib.formats.luks.codec import LuksHeader
+    from qcowlib.formats.luks.crypto import SectorCipher as SectorCipherType
     from qcowlib.formats.qcow2 import tables
     from qcowlib.formats.qcow2.bitmap import BitmapEntry
     from qcowlib.formats.qcow2.snapshot import Snapshot
@@ -102,13 +111,11 @@ class Qcow2Disk(Disk):
         self.data_host = data_file if data_file is not None else host
         self.data_filename = data_filename if data_file is not None else filename
         h = header
+        self.luks: LuksHeader | None = None
+        self._cipher: _ClusterCipher | None = None
         if h.crypt_method != hdr.CRYPT_NONE:
-            raise UnsupportedFeature(
-                "encrypted qcow2 images are not supported",
-                file=filename,
-                structure="header",
-                field="crypt_method",
-            )
+            self.luks, self._cipher = _open_encryption(host, h, filename)
+            self.encrypted = True
         self.cluster_bits = h.cluster_bits
         self.cluster_size = h.cluster_size
         self.extended_l2 = h.extended_l2
@@ -200,6 +207,10 @@ class Qcow2Disk(Disk):
                     for b in bitmaps
                 ]
         data["refcount-bits"] = h.refcount_bits
+        if self.luks is not None:
+            from qcowlib.formats.luks.codec import info as luks_info
+
+            data["encrypt"] = luks_info(self.luks, embedded=True)
         if h.has_data_file:
             data["data-file"] = h.data_file
             data["data-file-raw"] = h.data_file_raw
@@ -210,8 +221,10 @@ class Qcow2Disk(Disk):
         if h.backing_file is not None:
             info["full-backing-filename"] = full_backing_filename(self.filename, h.backing_file)
             info["backing-filename"] = h.backing_file
+        if self.encrypted:
+            info["encrypted"] = True
         info["dirty-flag"] = h.dirty
-        return info
+        return qdict_order(info)
 
     @property
     def supports_persistent_bitmaps(self) -> bool:
@@ -461,7 +474,17 @@ class Qcow2Disk(Disk):
             return bool(_L1_ENTRY.unpack_from(self._raw_l1, at)[0] & _L1E_OFFSET_MASK)
         return l1_index < self._l2_offsets.size and bool(self._l2_offsets[l1_index])
 
+    def _need_key(self) -> None:
+        if self.encrypted and self._cipher is None:
+            raise InvalidArgument(
+                "Parameter 'encrypt.key-secret' is required for cipher (give it with "
+                "--object secret,id=ID,data=... --image-opts "
+                "driver=qcow2,file.filename=FILE,encrypt.key-secret=ID)",
+                file=self.filename,
+            )
+
     def layer_extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        self._need_key()
         start, end = self._range(offset, length)
         pos = start
         unit = self.unit_size
@@ -515,6 +538,7 @@ class Qcow2Disk(Disk):
 
     def layer_runs(self, offset: int, end: int) -> Runs:
         """:meth:`layer_extents` as arrays, built a decoded L2 table at a time."""
+        self._need_key()
         import numpy as np
 
         self._range(offset, end - offset)
@@ -579,11 +603,14 @@ class Qcow2Disk(Disk):
         )
 
     def runs_data_file(self) -> HostFile | None:
-        return self.data_host
+        return None if self.encrypted else self.data_host
 
     # -- reading ------------------------------------------------------------------------
     def _read_layer(self, ext: Extent, buf: memoryview) -> None:
         assert ext.host_offset is not None
+        if self._cipher is not None and ext.kind is ExtentKind.DATA:
+            buf[:] = self._cipher.read(self.data_host, ext.host_offset, len(buf))
+            return
         if ext.kind is ExtentKind.DATA:
             self.data_host.pread_into(ext.host_offset, buf)
             return
@@ -618,12 +645,65 @@ class Qcow2Disk(Disk):
         return data
 
     def host_file_for(self, ext: Extent) -> HostFile | None:
-        return self.data_host if ext.kind is ExtentKind.DATA else None
+        return self.data_host if ext.kind is ExtentKind.DATA and not self.encrypted else None
 
     def _close_layer(self) -> None:
         self.host.close()
         if self.data_host is not self.host:
             self.data_host.close()
+
+
+def _open_encryption(
+    host: HostFile, h: hdr.Header, filename: str
+) -> tuple[LuksHeader, _ClusterCipher | None]:
+    """The LUKS header of an encrypted qcow2 (and its unlocked cipher when a key is given).
+
+    Only LUKS encryption is read; the legacy AES method is refused, as QEMU refuses it
+    outside qemu-img.
+    """
+    from qcowlib.core.secrets import image_key
+    from qcowlib.formats.luks import codec as luks
+    from qcowlib.formats.luks.reader import unlock_cipher
+
+    if h.crypt_method != hdr.CRYPT_LUKS:
+        raise UnsupportedFeature(
+            "qcow2 AES encryption (crypt_method 1) is not supported; convert the image "
+            "with qemu-img to LUKS encryption or an unencrypted format",
+            file=filename,
+            structure="header",
+            field="crypt_method",
+        )
+    c = h.crypto
+    if c is None or c.offset + c.length > host.size or c.length < luks.HEADER_SIZE:
+        raise CorruptImage(
+            "encrypted qcow2 has no usable crypto header extension",
+            file=filename,
+            structure="crypto extension",
+        )
+    try:
+        header = luks.parse_header(host.pread(c.offset, luks.HEADER_SIZE), c.length)
+    except QcowlibError as exc:
+        raise exc.with_file(filename) from None
+    key = image_key(filename)
+    if key is None:
+        return header, None
+    cipher = unlock_cipher(header, key, lambda at, n: host.pread(c.offset + at, n), filename)
+    return header, _ClusterCipher(cipher)
+
+
+class _ClusterCipher:
+    """Decrypts qcow2 data: LUKS sectors whose IV is the *host* sector number (QEMU's
+    ``crypt_physical_offset``)."""
+
+    def __init__(self, cipher: SectorCipherType) -> None:
+        self.cipher = cipher
+
+    def read(self, host: HostFile, offset: int, length: int) -> bytes:
+        first = offset // 512 * 512
+        last = -(-(offset + length) // 512) * 512
+        raw = host.pread_exact(first, last - first, "encrypted cluster")
+        plain = self.cipher.decrypt(raw, first // 512)
+        return plain[offset - first : offset - first + length]
 
 
 def open_image(host: HostFile, path: str, policy: BackingPolicy) -> Qcow2Disk:

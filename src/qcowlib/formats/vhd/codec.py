@@ -13,7 +13,8 @@ File layouts:
   ``uint32`` sector number per block, ``0xFFFFFFFF`` for none), data blocks each
   preceded by a sector bitmap (bit set: the sector holds data; most significant bit
   first), and the footer at the end of the file;
-* differencing (disk type 4): a dynamic layout over a parent image, not supported.
+* differencing (disk type 4): a dynamic layout over a parent image named by parent
+  locators; a clear sector bitmap bit (or an unallocated block) reads the parent.
 
 The codec is split along the format's structures; this module gathers its public
 names, so callers import one place."""
@@ -35,6 +36,9 @@ from qcowlib.formats.vhd.dynamic import (
     check_dynamic,
     dynamic_header_offset,
     dynamic_problems,
+    locator_path,
+    parent_locators,
+    parent_name_path,
     parse_dynamic_header,
 )
 from qcowlib.formats.vhd.footer import (
@@ -115,6 +119,9 @@ __all__ = [
     "footer_checksum",
     "footer_problems",
     "locate_footer",
+    "locator_path",
+    "parent_locators",
+    "parent_name_path",
     "parse_dynamic_header",
     "parse_footer",
     "virtual_size",

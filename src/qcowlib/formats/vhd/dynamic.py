@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import construct as cs
 
@@ -214,3 +214,50 @@ def check_dynamic(h: DynamicHeader, disk_size: int, file_size: int, offset: int 
     problems = dynamic_problems(h, disk_size, file_size, offset)
     if problems:
         raise problems[0]
+
+
+#: Parent locator platform codes, most useful first: a relative Windows path, an
+#: absolute one, a macOS file URL (spec "Parent Locator Entry"; Hyper-V writes W2ru and
+#: W2ku, Virtual PC for Mac writes MacX).
+LOCATOR_PLATFORMS: Final = (b"W2ru", b"W2ku", b"MacX")
+#: A locator longer than this is not a path (Windows paths stop at 32,767 characters).
+MAX_LOCATOR_BYTES: Final = 65536
+
+
+def parent_locators(h: DynamicHeader, file_size: int) -> list[tuple[bytes, int, int]]:
+    """``(platform, file offset, length)`` of the usable parent locators, best first.
+
+    Locators whose data lies past the end of the file or is too long are skipped (a
+    differencing disk whose parent cannot be named is refused by the reader).
+    """
+    found = [
+        (platform, off, length)
+        for platform, _space, length, off in h.parent_locators
+        if platform in LOCATOR_PLATFORMS
+        and 0 < length <= MAX_LOCATOR_BYTES
+        and off + length <= file_size
+    ]
+    return sorted(found, key=lambda p: LOCATOR_PLATFORMS.index(p[0]))
+
+
+def locator_path(platform: bytes, data: bytes) -> str | None:
+    """The parent's file name a locator's data gives, as a POSIX path (None: unusable).
+
+    Windows paths (``.\\base.vhd``) get forward slashes; an absolute Windows path
+    (``C:\\VMs\\base.vhd``) cannot name a file here, so only its last component is kept
+    (the parent is looked for beside the child, as Hyper-V's relative locator says).
+    """
+    if platform == b"MacX":
+        text = data.decode("utf-8", "replace").split("\0", 1)[0]
+        return text.removeprefix("file://localhost").removeprefix("file://") or None
+    text = data.decode("utf-16-le", "replace").split("\0", 1)[0].replace("\\", "/")
+    if platform == b"W2ku":
+        text = text.rsplit("/", 1)[-1]
+    text = text.removeprefix("./")
+    return text or None
+
+
+def parent_name_path(h: DynamicHeader) -> str | None:
+    """The parent's name from the header's Unicode name field (its last component)."""
+    text = h.parent_name_text.replace("\\", "/").rsplit("/", 1)[-1]
+    return text or None

@@ -262,21 +262,11 @@ def locate_footer(head: bytes, tail: bytes, file_size: int) -> tuple[Footer, int
 def footer_problems(footer: Footer, at: int) -> list[QcowlibError]:
     """What is refused in the footer found at ``at`` (see :func:`locate_footer`).
 
-    :class:`UnsupportedFeature` for differencing disks (read without their parent they
-    give wrong content), :class:`CorruptImage` for an unknown disk type and for a dynamic
+    :class:`CorruptImage` for an unknown disk type and for a dynamic or differencing
     disk without its footer copy at offset 0 (QEMU would read it as a fixed disk,
     footer and tables as guest data).
     """
-    if footer.type == VHD_TYPE_DIFFERENCING:
-        return [
-            UnsupportedFeature(
-                "differencing VHD images are not supported",
-                structure="vhd footer",
-                field="type",
-                offset=at + 60,
-            )
-        ]
-    if footer.type not in (VHD_TYPE_FIXED, VHD_TYPE_DYNAMIC):
+    if footer.type not in (VHD_TYPE_FIXED, VHD_TYPE_DYNAMIC, VHD_TYPE_DIFFERENCING):
         return [
             CorruptImage(
                 f"VHD disk type {footer.type} is unknown",
@@ -285,10 +275,10 @@ def footer_problems(footer: Footer, at: int) -> list[QcowlibError]:
                 offset=at + 60,
             )
         ]
-    if footer.type == VHD_TYPE_DYNAMIC and at != 0:
+    if footer.type in (VHD_TYPE_DYNAMIC, VHD_TYPE_DIFFERENCING) and at != 0:
         return [
             CorruptImage(
-                "dynamic VHD has no footer copy at offset 0",
+                f"{footer.type_name} VHD has no footer copy at offset 0",
                 structure="vhd footer",
                 field="cookie",
                 offset=0,

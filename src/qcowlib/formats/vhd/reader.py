@@ -3,8 +3,10 @@
 Where the footer is looked for, which size the disk has and what is refused follow
 QEMU's ``vpc_open`` (see :mod:`qcowlib.formats.vhd.codec`), with these deliberate differences:
 
-* differencing disks (type 4) are refused with :class:`UnsupportedFeature` (QEMU reads
-  them as dynamic disks without their parent, which gives wrong content);
+* differencing disks (type 4, what Hyper-V and Virtual PC write for checkpoints) are
+  read over their parent, named by the parent locators (relative path first) and checked
+  by its unique id; QEMU reads them as dynamic disks without their parent, which gives
+  wrong content;
 * a file with no footer copy at offset 0 whose end footer says "dynamic" is refused as
   corrupt (QEMU would read it as a fixed disk, footer and tables as guest data);
 * in an allocated block, a sector whose bit in the block's sector bitmap is clear reads
@@ -16,14 +18,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from qcowlib.core.disk import Disk, Extent, ExtentKind
+from qcowlib.core.disk import Disk, Extent, ExtentKind, full_backing_filename
 from qcowlib.core.hostfile import HostFile
-from qcowlib.errors import QcowlibError, TruncatedImage
+from qcowlib.errors import BackingMismatch, CorruptImage, QcowlibError, TruncatedImage
 from qcowlib.formats.vhd import codec as vhd
 
 if TYPE_CHECKING:
@@ -77,11 +79,16 @@ class VhdDisk(Disk):
         self.bat: vhd.BatArray = np.zeros(0, dtype=np.uint32)
         self._bitmaps: dict[int, _Runs] = {}
         self._lock = threading.Lock()
+        self.differencing = False
+        self._parent = ""
         try:
             self.footer, self.footer_offset = read_footer(host)
             self.virtual_size = vhd.virtual_size(self.footer, self.footer_offset)
-            if self.footer.type == vhd.VHD_TYPE_DYNAMIC:
+            self.differencing = self.footer.type == vhd.VHD_TYPE_DIFFERENCING
+            if self.footer.type != vhd.VHD_TYPE_FIXED:
                 self._open_dynamic()
+            if self.differencing:
+                self._parent = self._parent_name()
         except QcowlibError as exc:
             raise exc.with_file(filename) from None
 
@@ -98,9 +105,62 @@ class VhdDisk(Disk):
         self.bat = vhd.decode_bat(raw, n)
         vhd.check_bat(self.bat, self.block_size, size, header.table_offset)
 
+    def _parent_name(self) -> str:
+        """The parent's file name from the best parent locator (or the header's name)."""
+        assert self.dynamic is not None
+        for platform, at, length in vhd.parent_locators(self.dynamic, self.host.size):
+            name = vhd.locator_path(platform, self.host.pread(at, length))
+            if name:
+                return name
+        name = vhd.parent_name_path(self.dynamic)
+        if name is None:
+            raise CorruptImage(
+                "differencing VHD names no parent (no usable parent locator or name)",
+                structure="vhd dynamic header",
+                field="parent_locators",
+            )
+        return name
+
+    @property
+    def backing_file_name(self) -> str | None:
+        return self._parent if self.differencing else None
+
+    @property
+    def backing_file_format(self) -> str | None:
+        return "vpc" if self.differencing else None
+
+    def check_parent(self, parent: Disk) -> None:
+        """A differencing disk reads only over the parent it was made from: the parent's
+        footer ``unique_id`` must be the one recorded (Hyper-V refuses others too)."""
+        if not self.differencing:
+            return
+        assert self.dynamic is not None
+        have = parent.footer.uuid if isinstance(parent, VhdDisk) else None
+        if have != self.dynamic.parent_uuid:
+            raise BackingMismatch(
+                f"parent {parent.filename!r} is not the VHD this differencing disk was made "
+                "over (its unique id differs): the chain would read wrong data",
+                file=self.filename,
+                structure="vhd dynamic header",
+                field="parent_uuid",
+            )
+
+    def info_head(self) -> dict[str, Any]:
+        return {"backing-filename-format": "vpc"} if self.differencing else {}
+
+    def info_tail(self) -> dict[str, Any]:
+        info: dict[str, Any] = {}
+        if self.differencing:
+            info["full-backing-filename"] = full_backing_filename(self.filename, self._parent)
+            info["backing-filename"] = self._parent
+        info["dirty-flag"] = False
+        return info
+
     @property
     def subformat(self) -> str:
         """``"fixed"`` or ``"dynamic"`` (qemu-img's ``-o subformat``)."""
+        if self.differencing:
+            return "differencing"
         return "dynamic" if self.dynamic is not None else "fixed"
 
     @property
@@ -129,18 +189,25 @@ class VhdDisk(Disk):
         first = start // bs
         last = (end - 1) // bs
         entries = self.bat[first : last + 1]
+        absent = self._absent
         pos = start
         for k in np.flatnonzero(entries != vhd.BAT_UNALLOCATED):
             block = first + int(k)
             b_start = block * bs
             if b_start > pos:
-                yield Extent(pos, b_start - pos, ExtentKind.ZERO)
+                yield Extent(pos, b_start - pos, absent)
                 pos = b_start
             b_end = min(end, b_start + bs)
             yield from self._block_extents(block, pos, b_end)
             pos = b_end
         if pos < end:
-            yield Extent(pos, end - pos, ExtentKind.ZERO)
+            yield Extent(pos, end - pos, absent)
+
+    @property
+    def _absent(self) -> ExtentKind:
+        """What a sector this file does not hold reads as: the parent's data in a
+        differencing disk, zeros otherwise."""
+        return ExtentKind.UNALLOCATED if self.differencing else ExtentKind.ZERO
 
     def _block_extents(self, block: int, start: int, end: int) -> Iterator[Extent]:
         """Runs of allocated block ``block`` over guest ``[start, end)``, from its bitmap."""
@@ -158,7 +225,7 @@ class VhdDisk(Disk):
                 host = data_at + (pos - b_start)
                 yield Extent(pos, stop - pos, ExtentKind.DATA, host_offset=host, file=self.filename)
             else:
-                yield Extent(pos, stop - pos, ExtentKind.ZERO)
+                yield Extent(pos, stop - pos, self._absent)
             pos = stop
             i += 1
 

@@ -15,6 +15,8 @@ from qcowlib.formats.vhdx.spec import (
     _U64LE,
     BAT_STATE_MASK,
     PAYLOAD_BLOCK_FULLY_PRESENT,
+    PAYLOAD_BLOCK_PARTIALLY_PRESENT,
+    SB_BLOCK_PRESENT,
     VHDX_HEADER_SECTION_END,
     VHDX_MAX_SECTORS_PER_BLOCK,
     VHDX_REGION_TABLE_OFFSETS,
@@ -165,3 +167,69 @@ def check_bat(
                 offset=bat_offset + 8 * int(idx[i]),
             )
     return payload
+
+
+def check_differencing_bat(
+    bat: BatArray, m: Metadata, file_size: int, bat_offset: int = 0
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]:
+    """Check the BAT of a differencing disk; returns its payload entries and, per payload
+    block, the file offset of its sector bitmap bits (-1 where the block needs none).
+
+    Payload states may be any of spec 2.5.1's (not present, undefined, zero, unmapped,
+    fully or partially present); a present block must lie after the header section and
+    inside the file; a partially present block needs its chunk's sector bitmap block
+    present and inside the file.  Raises :class:`CorruptImage` or
+    :class:`TruncatedImage` naming the entry.
+    """
+    import numpy as np
+
+    ratio = m.chunk_ratio
+    n_blocks = -(-m.virtual_disk_size // m.block_size)
+    idx = payload_bat_index(0, n_blocks, ratio)
+    sb_idx = (np.arange(n_blocks, dtype=np.int64) // ratio) * (ratio + 1) + ratio
+    if n_blocks and int(sb_idx[-1]) >= bat.size:
+        raise TruncatedImage(
+            "VHDX BAT is too short for the disk size", structure="vhdx bat", offset=bat_offset
+        )
+    payload = bat[idx]
+    states = bat_states(payload)
+    known = np.isin(
+        states, (0, 1, 2, 3, PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_PARTIALLY_PRESENT)
+    )
+    present = (states == PAYLOAD_BLOCK_FULLY_PRESENT) | (states == PAYLOAD_BLOCK_PARTIALLY_PRESENT)
+    offsets = bat_offsets(payload)
+    sb = bat[sb_idx]
+    sb_offsets = bat_offsets(sb).astype(np.int64)
+    partial = states == PAYLOAD_BLOCK_PARTIALLY_PRESENT
+    sb_bad = partial & (
+        (bat_states(sb) != SB_BLOCK_PRESENT)
+        | (sb_offsets < VHDX_HEADER_SECTION_END)
+        | (sb_offsets + (1 << 20) > file_size)
+    )
+    checks = (
+        (~known, CorruptImage, "has an unknown state"),
+        (
+            present & (offsets < np.uint64(VHDX_HEADER_SECTION_END)),
+            CorruptImage,
+            "lies inside the VHDX header section",
+        ),
+        (
+            present & (offsets + np.uint64(m.block_size) > np.uint64(file_size)),
+            TruncatedImage,
+            "lies past the end of the file",
+        ),
+        (sb_bad, CorruptImage, "is partially present but its sector bitmap block is not"),
+    )
+    for mask, error, text in checks:
+        hit = np.flatnonzero(mask)
+        if hit.size:
+            i = int(hit[0])
+            raise error(
+                f"VHDX payload block {i} {text}",
+                structure="vhdx bat",
+                field=f"entry[{int(idx[i])}]",
+                offset=bat_offset + 8 * int(idx[i]),
+            )
+    sectors = m.block_size // m.logical_sector_size
+    bits_at = sb_offsets + (np.arange(n_blocks, dtype=np.int64) % ratio) * (sectors // 8)
+    return payload, np.where(partial, bits_at, -1)

@@ -7,26 +7,30 @@ with these deliberate differences:
   :class:`UnsupportedFeature`: the log holds metadata or data writes that must be
   replayed first, and reading without replaying them could return stale content (QEMU
   replays the log when it may write, and refuses otherwise);
-* differencing images (``has_parent``) are refused with :class:`UnsupportedFeature`;
-* a payload block in state ``PARTIALLY_PRESENT`` or an unknown state is refused as
-  corrupt when the image is opened rather than when it is read.
+* differencing images (``has_parent``, what Hyper-V writes for checkpoints, ``.avhdx``)
+  are read over their parent, named by the parent locator (``relative_path`` first) and
+  checked by ``parent_linkage``; QEMU refuses them;
+* in a disk without parent, a payload block in state ``PARTIALLY_PRESENT`` or an unknown
+  state is refused as corrupt when the image is opened rather than when it is read.
 
 Payload blocks map to extents by state: ``FULLY_PRESENT`` is data (holes in the file
 read as zeros), ``ZERO`` reads zeros, ``NOT_PRESENT``, ``UNDEFINED`` and ``UNMAPPED``
-are unallocated and read zeros (there is no parent).
+are unallocated: zeros without a parent, the parent's data in a differencing disk, where
+``PARTIALLY_PRESENT`` blocks take each sector from here or from the parent as the
+chunk's sector bitmap says.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from qcowlib.core.disk import Disk, Extent, ExtentKind
+from qcowlib.core.disk import Disk, Extent, ExtentKind, full_backing_filename
 from qcowlib.core.hostfile import HostFile
-from qcowlib.errors import QcowlibError, UnsupportedFeature
+from qcowlib.errors import BackingMismatch, CorruptImage, QcowlibError, UnsupportedFeature
 from qcowlib.formats.vhdx import codec as vhdx
 
 if TYPE_CHECKING:
@@ -37,6 +41,9 @@ _MAX_ITEM = 4096
 _KIND_UNALLOCATED = 0
 _KIND_ZERO = 1
 _KIND_DATA = 2
+_KIND_PARTIAL = 3
+#: A parent locator item longer than this is not one (a few paths of 32K characters).
+_MAX_LOCATOR = 1 << 18
 
 
 class VhdxDisk(Disk):
@@ -78,26 +85,33 @@ class VhdxDisk(Disk):
         )
         self.metadata = self._metadata(self.meta_region)
         m = self.metadata
+        self.parent_name: str | None = None
+        self.parent_linkage: str | None = None
         if m.has_parent:
-            raise UnsupportedFeature(
-                "differencing VHDX images are not supported",
-                structure="vhdx metadata",
-                field="has_parent",
-            )
+            self.parent_name, self.parent_linkage = self._parent_locator(self.meta_region)
         self.virtual_size = m.virtual_disk_size
         self.block_size = m.block_size
-        entries = vhdx.bat_size(m, self.bat_region)
+        entries = vhdx.bat_entries(
+            m.virtual_disk_size, m.block_size, m.chunk_ratio, has_parent=m.has_parent
+        )
+        if entries * 8 > self.bat_region.length:
+            entries = vhdx.bat_size(m, self.bat_region)  # raises: the region is too small
         # The region lies inside the file (check_regions), so this allocation is bounded
         # by the file size.
         at = self.bat_region.file_offset
         self.bat = vhdx.decode_bat(self.host.pread_exact(at, entries * 8, "vhdx bat"), entries, at)
         if self.checking:
             return  # qemu-img check counts what check_bat refuses (formats/vhdx/check.py)
-        self.payload = vhdx.check_bat(self.bat, m, size, at)
+        self._bits_at = np.zeros(0, dtype=np.int64)
+        if m.has_parent:
+            self.payload, self._bits_at = vhdx.check_differencing_bat(self.bat, m, size, at)
+        else:
+            self.payload = vhdx.check_bat(self.bat, m, size, at)
         states = vhdx.bat_states(self.payload)
         kinds = np.full(states.shape, _KIND_UNALLOCATED, dtype=np.int8)
         kinds[states == vhdx.PAYLOAD_BLOCK_ZERO] = _KIND_ZERO
         kinds[states == vhdx.PAYLOAD_BLOCK_FULLY_PRESENT] = _KIND_DATA
+        kinds[states == vhdx.PAYLOAD_BLOCK_PARTIALLY_PRESENT] = _KIND_PARTIAL
         self._kinds: npt.NDArray[np.int8] = kinds
         self._hosts: npt.NDArray[np.int64] = vhdx.bat_offsets(self.payload).astype(np.int64)
 
@@ -110,6 +124,68 @@ class VhdxDisk(Disk):
                 first = first or exc
         assert first is not None
         raise first
+
+    def _parent_locator(self, region: vhdx.RegionEntry) -> tuple[str, str | None]:
+        """The parent's file name and linkage GUID from the parent locator item (spec
+        2.6.2.6): ``relative_path`` first, else the last component of an absolute one."""
+        base = region.file_offset
+        table = self.host.pread_exact(base, vhdx.VHDX_METADATA_TABLE_SIZE, "vhdx metadata table")
+        entries = vhdx.parse_metadata_table(table, region.length, base)
+        item = next((e for e in entries if e.item_id == vhdx.VHDX_PARENT_LOCATOR), None)
+        pairs: dict[str, str] = {}
+        if item is not None:
+            pairs = vhdx.parse_parent_locator(
+                self.host.pread(base + item.offset, min(item.length, _MAX_LOCATOR))
+            )
+        name = pairs.get("relative_path", "").replace("\\", "/").removeprefix("./")
+        for key in ("absolute_win32_path", "volume_path"):
+            if not name and pairs.get(key):
+                name = pairs[key].replace("\\", "/").rsplit("/", 1)[-1]
+        if not name:
+            raise CorruptImage(
+                "differencing VHDX names no parent (no usable parent locator)",
+                structure="vhdx metadata",
+                field="parent_locator",
+            )
+        linkage = pairs.get("parent_linkage")
+        return name, linkage.strip("{}").upper() if linkage else None
+
+    @property
+    def backing_file_name(self) -> str | None:
+        return self.parent_name
+
+    @property
+    def backing_file_format(self) -> str | None:
+        return "vhdx" if self.parent_name is not None else None
+
+    def check_parent(self, parent: Disk) -> None:
+        """A differencing disk reads only over the parent it was made from: the parent's
+        ``DataWriteGuid`` must be the recorded ``parent_linkage`` (as Hyper-V checks)."""
+        if self.parent_linkage is None:
+            return
+        have = (
+            vhdx.guid_text(parent.header.data_write_guid) if isinstance(parent, VhdxDisk) else None
+        )
+        if have != self.parent_linkage:
+            raise BackingMismatch(
+                f"parent {parent.filename!r} is not the VHDX this differencing disk was made "
+                "over (its data write GUID differs from parent_linkage): the chain would read "
+                "wrong data",
+                file=self.filename,
+                structure="vhdx metadata",
+                field="parent_linkage",
+            )
+
+    def info_head(self) -> dict[str, Any]:
+        return {"backing-filename-format": "vhdx"} if self.parent_name is not None else {}
+
+    def info_tail(self) -> dict[str, Any]:
+        info: dict[str, Any] = {}
+        if self.parent_name is not None:
+            info["full-backing-filename"] = full_backing_filename(self.filename, self.parent_name)
+            info["backing-filename"] = self.parent_name
+        info["dirty-flag"] = False
+        return info
 
     def _metadata(self, region: vhdx.RegionEntry) -> vhdx.Metadata:
         base = region.file_offset
@@ -158,10 +234,38 @@ class VhdxDisk(Disk):
             if kind == _KIND_DATA:
                 delta = int(hosts[s]) - (first + s) * bs
                 yield from self._data_extents(g_start, g_end, delta)
+            elif kind == _KIND_PARTIAL:
+                for block in range(first + s, first + e):
+                    b_start = block * bs
+                    lo, hi = max(g_start, b_start), min(g_end, b_start + bs)
+                    yield from self._partial_extents(block, lo, hi)
             elif kind == _KIND_ZERO:
                 yield Extent(g_start, g_end - g_start, ExtentKind.ZERO)
             else:
                 yield Extent(g_start, g_end - g_start, ExtentKind.UNALLOCATED)
+
+    def _partial_extents(self, block: int, start: int, end: int) -> Iterator[Extent]:
+        """A partially present block: sectors whose bit is set in the chunk's sector
+        bitmap (least significant bit first) are here, the others are the parent's."""
+        lss = self.metadata.logical_sector_size
+        b_start = block * self.block_size
+        raw = self.host.pread_exact(
+            int(self._bits_at[block]), self.block_size // lss // 8, "vhdx sector bitmap"
+        )
+        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+        edges = np.flatnonzero(np.diff(bits.astype(np.int8))) + 1
+        starts = np.concatenate(([0], edges))
+        stops = np.concatenate((edges, [bits.size]))
+        host = int(self._hosts[block])
+        for s, e in zip(starts.tolist(), stops.tolist(), strict=True):
+            lo, hi = max(start, b_start + s * lss), min(end, b_start + e * lss)
+            if lo >= hi:
+                continue
+            if bits[s]:
+                yield Extent(lo, hi - lo, ExtentKind.DATA, host_offset=host + lo - b_start,
+                             file=self.filename)  # fmt: skip
+            else:
+                yield Extent(lo, hi - lo, ExtentKind.UNALLOCATED)
 
     def _data_extents(self, start: int, end: int, delta: int) -> Iterator[Extent]:
         """Present guest bytes ``[start, end)`` at file offset + ``delta``; holes read 0."""
