@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.glance_server import glance_server
+from tests.glance_server import glance_context_server, glance_server
 
 if TYPE_CHECKING:
     from tests.fixtures.generate import Fixture
 
-__all__ = ["fixtures", "glance_server", "qemu"]
+__all__ = ["fixtures", "glance_context_server", "glance_server", "qemu"]
 
 IN_CI = os.environ.get("CI") == "true"
 

@@ -48,7 +48,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import pytest
 
@@ -359,7 +359,8 @@ class GlanceServer:
     def _write_config(self) -> None:
         work = self.workdir
         etc = self.config_dir
-        for sub in (etc, work / "images", work / "staging", work / "tasks", work / "locks"):
+        stores = ("images", "images2", "staging", "tasks", "locks")
+        for sub in (etc, *(work / name for name in stores)):
             sub.mkdir(parents=True, exist_ok=True)
         (work / "image-cache").mkdir(exist_ok=True)
         fields = {
@@ -490,7 +491,7 @@ def require_openstacksdk() -> None:
         pytest.skip("openstacksdk is not installed in this environment")
 
 
-def _start_for_pytest(venv: Path) -> GlanceServer:
+def _start_for_pytest(venv: Path, pipeline: Pipeline) -> GlanceServer:
     """Skip, install (under CI=true) or fail as the fixture documents; return a running server."""
     problem = None
     if not venv_ready(venv):
@@ -501,7 +502,7 @@ def _start_for_pytest(venv: Path) -> GlanceServer:
         except GlanceServerError as exc:
             problem = f"cannot install Glance under CI=true: {exc}"
     if problem is None:
-        server = GlanceServer(venv)
+        server = GlanceServer(venv, pipeline=pipeline)
         try:
             server.start()
         except GlanceServerError as exc:
@@ -512,16 +513,37 @@ def _start_for_pytest(venv: Path) -> GlanceServer:
 
 
 class _Shared:
-    """The one session server, however many modules or conftests import the fixture.
+    """The session's servers, one per pipeline, however many modules import the fixtures.
 
     pytest makes a separate session fixture for each place that imports it; they all
-    share this server (started once, stopped when the last of them is torn down), and a
-    failed start is reported to each of them without trying again.
+    share these servers (each started once, when first wanted, and stopped when the last
+    of its users is torn down), and a failed start is reported to each of them without
+    trying again.
     """
 
-    server: GlanceServer | None = None
-    failure: str | None = None
-    users = 0
+    servers: ClassVar[dict[str, GlanceServer]] = {}
+    failures: ClassVar[dict[str, str]] = {}
+    users: ClassVar[dict[str, int]] = {}
+
+
+def _session_server(pipeline: Pipeline) -> Iterator[GlanceServer]:
+    if pipeline in _Shared.failures:
+        pytest.fail(_Shared.failures[pipeline], pytrace=False)
+    if pipeline not in _Shared.servers:
+        try:
+            _Shared.servers[pipeline] = _start_for_pytest(DEFAULT_VENV, pipeline)
+        except pytest.fail.Exception as exc:
+            _Shared.failures[pipeline] = str(exc)
+            raise
+    _Shared.users[pipeline] = _Shared.users.get(pipeline, 0) + 1
+    try:
+        yield _Shared.servers[pipeline]
+    finally:
+        _Shared.users[pipeline] -= 1
+        if _Shared.users[pipeline] == 0:
+            server = _Shared.servers.pop(pipeline, None)
+            if server is not None:
+                server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -531,23 +553,14 @@ def glance_server() -> Iterator[GlanceServer]:
     Skips locally without ``.venv-glance``; under ``CI=true`` creates it and fails (never
     skips) when Glance cannot be installed or started.
     """
-    if _Shared.failure is not None:
-        pytest.fail(_Shared.failure, pytrace=False)
-    if _Shared.server is None:
-        try:
-            _Shared.server = _start_for_pytest(DEFAULT_VENV)
-        except pytest.fail.Exception as exc:
-            _Shared.failure = str(exc)
-            raise
-    _Shared.users += 1
-    try:
-        yield _Shared.server
-    finally:
-        _Shared.users -= 1
-        if _Shared.users == 0:
-            server, _Shared.server = _Shared.server, None
-            if server is not None:
-                server.stop()
+    yield from _session_server("unauthenticated")
+
+
+@pytest.fixture(scope="session")
+def glance_context_server() -> Iterator[GlanceServer]:
+    """Like ``glance_server``, with the ``context`` pipeline (interoperable import works;
+    connect with :meth:`GlanceServer.connection`, which sends the identity headers)."""
+    yield from _session_server("context")
 
 
 def environment_for_cli(clouds_file: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -191,32 +191,32 @@ def test_stop_leaves_no_process(glance_server: GlanceServer) -> None:
     assert server.stop_seconds < server.stop_timeout + 1
 
 
-def test_context_pipeline_import(glance_server: GlanceServer) -> None:
+def test_context_pipeline_import(glance_context_server: GlanceServer) -> None:
     """Interoperable import (stage + glance-direct) needs the header-trusting pipeline."""
     require_openstacksdk()
     data = _payload(CHUNK + 777, seed=3)
-    with GlanceServer(glance_server.venv, pipeline="context") as server:
-        conn = server.connection()
-        chunks = HashingChunks(data)
-        created = conn.image.create_image(
-            name="smoke-import",
-            data=cast(Any, iter(chunks)),
-            disk_format="raw",
-            container_format="bare",
-            size=len(data),
-            use_import=True,
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            image = conn.image.get_image(created.id)
-            failed = image.properties.get("os_glance_failed_import")
-            if image.status == "active" or failed or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        assert not failed, server.log_tail()
-        assert image.status == "active", server.log_tail()
-        assert image.owner == server.project_id
-        assert image.checksum == chunks.md5.hexdigest()
-        assert image.hash_value == chunks.sha512.hexdigest()
-        with pytest.raises(GlanceServerError, match="unauthenticated"):
-            server.clouds_yaml(Path(server.workdir, "clouds.yaml"))
+    server = glance_context_server
+    conn = server.connection()
+    chunks = HashingChunks(data)
+    created = conn.image.create_image(
+        name="smoke-import",
+        data=cast(Any, iter(chunks)),
+        disk_format="raw",
+        container_format="bare",
+        size=len(data),
+        use_import=True,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        image = conn.image.get_image(created.id)
+        failed = image.properties.get("os_glance_failed_import")
+        if image.status == "active" or failed or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert not failed, server.log_tail()
+    assert image.status == "active", server.log_tail()
+    assert image.owner == server.project_id
+    assert image.checksum == chunks.md5.hexdigest()
+    assert image.hash_value == chunks.sha512.hexdigest()
+    with pytest.raises(GlanceServerError, match="unauthenticated"):
+        server.clouds_yaml(Path(server.workdir, "clouds.yaml"))

@@ -28,6 +28,12 @@ from tests.glance_server import GlanceServer, environment_for_cli, free_port
 
 pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning:openstack")
 
+#: ``upload --output json``'s keys in the contract (Glance's fields).
+CONTRACT_KEYS = {
+    "id", "name", "status", "disk_format", "size", "virtual_size", "checksum",
+    "os_hash_algo", "os_hash_value",
+}  # fmt: skip
+
 
 @pytest.fixture
 def chain(tmp_path: Path) -> Path:
@@ -71,10 +77,15 @@ def test_flattened_overlay_goes_active(
     )
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    assert set(out) == {
-        "id", "name", "status", "disk_format", "size", "virtual_size", "checksum",
-        "os_hash_algo", "os_hash_value",
+    assert set(out) >= CONTRACT_KEYS  # the contract's keys, then extras beside them
+    assert set(out) - CONTRACT_KEYS == {
+        "container_format", "visibility", "protected", "tags", "stores", "computed",
     }  # fmt: skip
+    # the digests computed while sending, equal to Glance's
+    assert out["computed"] == {
+        "size": out["size"], "md5": out["checksum"], "sha512": out["os_hash_value"],
+    }  # fmt: skip
+    assert out["container_format"] == "bare" and out["stores"] == ["fs"]
     assert out["status"] == "active" and out["disk_format"] == "qcow2"
     assert out["virtual_size"] == 64 << 20
     # our digests: the same bytes flatten writes to a file

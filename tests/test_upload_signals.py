@@ -83,7 +83,7 @@ def test_signal_mid_upload_deletes_the_image(
     last = text.replace("\r", "\n").strip().splitlines()[-1]
     m = re.fullmatch(
         rf"qcowlib: error: interrupted by {signal.Signals(sig).name}: "
-        r"Glance image ([0-9a-f-]{36}) deleted",
+        r"Glance image deleted: ([0-9a-f-]{36})",
         last,
     )
     assert m, text

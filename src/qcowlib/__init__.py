@@ -145,40 +145,65 @@ def open(
     path: str,
     fmt: str | None = None,
     *,
+    backing_policy: "BackingPolicy | str | None" = None,
+    force_share: bool = False,
     backing: "BackingPolicy | None" = None,
 ) -> "Disk":
     """Open an image read-only with its backing chain; the format is probed unless given.
 
-    Use as a context manager.  ``backing`` controls what may be followed (see
-    :class:`BackingPolicy`; ``BackingPolicy(follow=False)`` opens the top image alone).
+    Use as a context manager.  ``backing_policy`` controls what may be followed:
+    ``"follow"`` (the default, as qemu-img), ``"contained"`` (only relative names that
+    stay inside the image's directory after resolving symlinks, with a recorded
+    format), ``"none"`` (the top image alone; unallocated ranges read as zeros), or a
+    :class:`BackingPolicy` (``backing`` is its older spelling).  Devices, FIFOs,
+    sockets, directories and /proc or /sys files are never opened as backing, data or
+    extent files.  Images are locked as qemu-img locks them: one that another process
+    holds open for writing raises :class:`ImageLocked`, unless ``force_share`` (``-U``).
     Raises :class:`QcowlibError` subclasses for anything wrong with the files.
     """
     from qcowlib.formats.opener import open_disk
 
-    return open_disk(path, fmt, backing)
+    policy = backing_policy if backing_policy is not None else backing
+    return open_disk(path, fmt, policy, force_share=force_share)
 
 
-def open_rw(path: str) -> "Qcow2RWDisk":
+def open_rw(path: str, *, backing_policy: "BackingPolicy | str | None" = None) -> "Qcow2RWDisk":
     """Open a qcow2 image for writing (its backing chain read-only).
 
     The disk has ``write(offset, data)``, ``write_zeroes``, ``discard``, ``resize``,
     ``flush`` and ``close``.  QEMU's image locks are taken: an image that a VM or
     qemu-io has open for writing raises :class:`ImageLocked`.  Images marked corrupt
     or left dirty raise :class:`CorruptImage` (repair them with ``check -r all``).
+    The backing chain is opened as ``backing_policy`` allows (see :func:`open`), with
+    the shared read locks QEMU takes on the backing files of an image it writes.
     """
     from qcowlib.formats.opener import open_rw as _open_rw
 
-    return _open_rw(path)
+    return _open_rw(path, policy=backing_policy)
 
 
 def compare(
-    a: str, b: str, *, fmt_a: str | None = None, fmt_b: str | None = None, strict: bool = False
+    a: str,
+    b: str,
+    *,
+    fmt_a: str | None = None,
+    fmt_b: str | None = None,
+    strict: bool = False,
+    backing_policy: "BackingPolicy | str | None" = None,
+    force_share: bool = False,
 ) -> "CompareResult":
-    """Compare the guest content of two images, as ``qemu-img compare``."""
+    """Compare the guest content of two images, as ``qemu-img compare``.
+
+    ``backing_policy`` and ``force_share`` apply to both images, as in :func:`open`.
+    """
     from qcowlib.formats.opener import open_disk
     from qcowlib.ops.compare import compare as _compare
 
-    with open_disk(a, fmt_a) as da, open_disk(b, fmt_b) as db:
+    pol, share = backing_policy, force_share
+    with (
+        open_disk(a, fmt_a, pol, force_share=share) as da,
+        open_disk(b, fmt_b, pol, force_share=share) as db,
+    ):
         return _compare(da, db, strict=strict)
 
 

@@ -115,7 +115,19 @@ def iso_image(version: int = 1, size: int = 0x10000) -> bytes:
 
 
 def test_constants() -> None:
-    assert FORMATS == ("qcow2", "vmdk", "vdi", "vpc", "vhdx", "luks", "iso", "raw")
+    assert FORMATS == (
+        "qcow2",
+        "qcow",
+        "qed",
+        "parallels",
+        "vmdk",
+        "vdi",
+        "vpc",
+        "vhdx",
+        "luks",
+        "iso",
+        "raw",
+    )
     assert PROBE_HEAD_SIZE >= 0x8007  # ISO 9660 volume descriptor
     assert PROBE_HEAD_SIZE >= QEMU_PROBE_BUF_SIZE
     assert PROBE_TAIL_SIZE == 512
@@ -144,6 +156,11 @@ def test_probe_is_frozen_value() -> None:
         ("vdi", ("-o", "static=off"), Probe("vdi", None)),
         ("vpc", ("-o", "subformat=dynamic"), Probe("vpc", None)),
         ("vhdx", (), Probe("vhdx", None)),
+        ("qcow", (), Probe("qcow", None)),
+        ("qed", (), Probe("qed", None)),
+        ("qed", ("-o", "cluster_size=4k,table_size=2"), Probe("qed", None)),
+        ("parallels", (), Probe("parallels", None)),
+        ("parallels", ("-o", "cluster_size=64k"), Probe("parallels", None)),
         (
             "luks",
             ("--object", "secret,id=sec0,data=abc", "-o", "key-secret=sec0"),
@@ -244,7 +261,7 @@ def test_qcow_magic_at_offset_4_is_raw() -> None:
     ("version", "expected"),
     [
         (0, Probe("raw")),  # magic alone: no QEMU driver claims it
-        (1, Probe("qcow2", "qcow1")),  # legacy QCOW: must not pass for raw
+        (1, Probe("qcow")),  # legacy QCOW: QEMU's qcow driver
         (2, Probe("qcow2")),
         (3, Probe("qcow2")),
         (4, Probe("qcow2", "unsupported-version")),
@@ -254,6 +271,45 @@ def test_qcow_magic_at_offset_4_is_raw() -> None:
 def test_qcow2_version_rule(version: int, expected: Probe) -> None:
     data = b"QFI\xfb" + struct.pack(">I", version) + bytes(504)
     assert probe_bytes(data) == expected
+
+
+def test_short_files_are_probed_as_qemu_pads_them() -> None:
+    # QEMU 7.2 hands its probes 2048 bytes, zero-filled past the end of the file.
+    assert probe_bytes(b"QFI\xfb\x00\x00\x00\x01") == Probe("qcow")
+    assert probe_bytes(b"QED\0") == Probe("qed")
+    assert probe_bytes(b"WithoutFreeSpace\x02") == Probe("parallels")
+    assert probe_bytes(b"WithoutFreeSpace") == Probe("raw")  # version 0
+
+
+@pytest.mark.parametrize("magic", [b"WithoutFreeSpace", b"WithouFreSpacExt"])
+def test_parallels_magics_and_version(magic: bytes) -> None:
+    head = magic + struct.pack("<I", 2) + bytes(44)
+    assert probe_bytes(head) == Probe("parallels")
+    assert probe_bytes(magic + struct.pack("<I", 1) + bytes(44)) == Probe("raw")
+    assert probe_bytes(b"\0" + magic + struct.pack("<I", 2)) == Probe("raw")
+
+
+def test_qed_magic() -> None:
+    assert probe_bytes(b"QED\0" + bytes(60)) == Probe("qed")
+    assert probe_bytes(b"QEd\0" + bytes(60)) == Probe("raw")
+
+
+@pytest.mark.parametrize(
+    ("fmt", "head"),
+    [
+        ("qcow", b"QFI\xfb\x00\x00\x00\x01"),
+        ("qed", b"QED\0"),
+        ("parallels", b"WithouFreSpacExt\x02\x00"),
+    ],
+)
+def test_short_files_agree_with_qemu_img(
+    qemu_img: str, tmp_path: Path, fmt: str, head: bytes
+) -> None:
+    path = tmp_path / "short.img"
+    path.write_bytes(head)
+    assert probe_file(path) == Probe(fmt)
+    out = subprocess.run([qemu_img, "info", str(path)], check=False, capture_output=True, text=True)
+    assert f"Could not open '{path}'" in out.stderr  # qemu-img probed it as {fmt} too
 
 
 def test_qcow2_magic_without_version_is_raw() -> None:

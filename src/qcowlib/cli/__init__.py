@@ -59,8 +59,36 @@ class Failed(Exception):
         self.status = status
 
 
+#: ``--backing-policy`` choices (qcowlib.core.chain.POLICY_NAMES).
+BACKING_POLICIES = ("follow", "contained", "none")
+
+
+def add_read_options(p: argparse.ArgumentParser, *, share: bool = True) -> None:
+    """``--backing-policy`` and (with ``share``) ``-U/--force-share``, for every command
+    that reads an image."""
+    p.add_argument(
+        "--backing-policy",
+        dest="backing_policy",
+        choices=BACKING_POLICIES,
+        default="follow",
+        help="which backing, data and extent files an image may name: follow (default, "
+        "as qemu-img), contained (only relative names inside the top image's directory "
+        "after resolving symlinks, with a recorded format) or none (the top image alone; "
+        "unallocated ranges read as zeros)",
+    )
+    if share:
+        p.add_argument(
+            "-U",
+            "--force-share",
+            dest="force_share",
+            action="store_true",
+            help="read images that another process (a running VM) has open for writing, "
+            "as qemu-img -U; what is read may be inconsistent",
+        )
+
+
 def add_output(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", choices=("human", "json"), default="human")
+    p.add_argument("--output", choices=("human", "json"), default="human", help="output format")
 
 
 def print_json(value: Any) -> None:
@@ -76,7 +104,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from qcowlib.cli.render import human_info
     from qcowlib.ops.info import info
 
-    result = info(args.filename, args.format, backing_chain=args.backing_chain)
+    result = info(
+        args.filename,
+        args.format,
+        backing_chain=args.backing_chain,
+        backing_policy=args.backing_policy,
+        force_share=args.force_share,
+    )
     if args.output == "json":
         print_json(result)
     elif isinstance(result, list):
@@ -91,7 +125,9 @@ def _cmd_map(args: argparse.Namespace) -> int:
     from qcowlib.formats.opener import open_disk
     from qcowlib.ops.map import map_entries
 
-    with open_disk(args.filename, args.format) as disk:
+    with open_disk(
+        args.filename, args.format, args.backing_policy, force_share=args.force_share
+    ) as disk:
         entries = list(map_entries(disk))
     if args.output == "json":
         sys.stdout.write(render_map_json(entries))
@@ -107,10 +143,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from qcowlib.formats.opener import open_disk
     from qcowlib.ops.compare import compare
 
+    policy, share = args.backing_policy, args.force_share
     try:
         with (
-            open_disk(args.filename1, args.format1) as a,
-            open_disk(args.filename2, args.format2) as b,
+            open_disk(args.filename1, args.format1, policy, force_share=share) as a,
+            open_disk(args.filename2, args.format2, policy, force_share=share) as b,
         ):
             result = compare(a, b, strict=args.strict)
     except QcowlibError as exc:
@@ -165,6 +202,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             backing_format=args.backing_format,
             sparse_size=sparse,
             progress=bar.update if bar else None,
+            backing_policy=args.backing_policy,
+            force_share=args.force_share,
         )
     finally:
         if bar:
@@ -207,12 +246,14 @@ def _register_core(sub: argparse._SubParsersAction[_Parser], name: str) -> None:
         p.add_argument("-f", dest="format", choices=INPUT_FORMATS)
         add_output(p)
         p.add_argument("--backing-chain", action="store_true")
+        add_read_options(p)
         p.add_argument("filename")
         p.set_defaults(func=_cmd_info)
     elif name == "map":
         p = sub.add_parser("map", help="show the allocation map")
         p.add_argument("-f", dest="format", choices=INPUT_FORMATS)
         add_output(p)
+        add_read_options(p)
         p.add_argument("filename")
         p.set_defaults(func=_cmd_map)
     elif name == "compare":
@@ -220,6 +261,7 @@ def _register_core(sub: argparse._SubParsersAction[_Parser], name: str) -> None:
         p.add_argument("-f", dest="format1", choices=INPUT_FORMATS)
         p.add_argument("-F", dest="format2", choices=INPUT_FORMATS)
         p.add_argument("-s", dest="strict", action="store_true", help="strict mode")
+        add_read_options(p)
         p.add_argument("filename1")
         p.add_argument("filename2")
         p.set_defaults(func=_cmd_compare)
@@ -233,6 +275,7 @@ def _register_core(sub: argparse._SubParsersAction[_Parser], name: str) -> None:
         p.add_argument("-F", dest="backing_format")
         p.add_argument("-S", dest="sparse_size")
         p.add_argument("-p", dest="progress", action="store_true")
+        add_read_options(p)
         p.add_argument("src")
         p.add_argument("dst")
         p.set_defaults(func=_cmd_convert)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qcowlib.cli import INPUT_FORMATS, Failed, add_output, print_json
+from qcowlib.cli import INPUT_FORMATS, Failed, add_output, add_read_options, print_json
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         choices=("leaks", "all"),
         help="repair leaked clusters only, or all fixable errors (opens the image read-write)",
     )
+    add_read_options(p)
     p.add_argument("filename")
     p.set_defaults(func=_cmd_check)
 
@@ -33,7 +34,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from qcowlib.ops.check import CheckNotSupported, check
 
     try:
-        report = check(args.filename, args.format, args.repair)
+        report = check(
+            args.filename,
+            args.format,
+            args.repair,
+            backing_policy=args.backing_policy,
+            force_share=args.force_share,
+        )
     except CheckNotSupported as exc:
         raise Failed(str(exc), CheckNotSupported.status) from None
     for line in report.messages:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qcowlib.cli import INPUT_FORMATS, add_output, print_json
+from qcowlib.cli import INPUT_FORMATS, add_output, add_read_options, print_json
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,6 +36,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "backing chain), the same for one disk in any format",
     )
     add_output(p)
+    add_read_options(p)
     p.add_argument("filename")
     p.set_defaults(func=_cmd_checksum)
 
@@ -44,7 +45,14 @@ def _cmd_checksum(args: argparse.Namespace) -> int:
     from qcowlib.ops.checksum import checksum
 
     algos = [a.strip() for a in args.algo.split(",") if a.strip()]
-    result = checksum(args.filename, algos, content=args.content, fmt=args.format)
+    result = checksum(
+        args.filename,
+        algos,
+        content=args.content,
+        fmt=args.format,
+        backing_policy=args.backing_policy,
+        force_share=args.force_share,
+    )
     if args.output == "json":
         print_json(result)
         return 0

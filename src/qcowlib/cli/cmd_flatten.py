@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Sequence
 
-from qcowlib.cli import INPUT_FORMATS, parse_options, wants_option_help
+from qcowlib.cli import INPUT_FORMATS, add_read_options, parse_options, wants_option_help
 from qcowlib.formats import registry
 
 
@@ -15,9 +17,42 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-o", dest="options")
     p.add_argument("-c", dest="compress", action="store_true")
     p.add_argument("-p", dest="progress", action="store_true")
+    add_read_options(p)
     p.add_argument("src")
     p.add_argument("dst")
     p.set_defaults(func=_cmd_flatten)
+
+
+class ChainReport:
+    """What flatten and ``upload --flatten`` say about the chain they read, on stderr.
+
+    Nothing with ``-q``.  With ``-p`` or ``--debug``, as soon as the chain is open (so
+    a long run shows what it reads; ``--debug`` lists every image).  Otherwise once the
+    command has succeeded, and only when there is a backing file: a failure stays the
+    contract's one ``qcowlib: error:`` line.
+    """
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.quiet = bool(getattr(args, "quiet", False))
+        self.early = bool(args.progress or args.debug)
+        self.every = bool(args.debug)
+        self.chain: Sequence[tuple[str, str]] = ()
+
+    def __call__(self, chain: Sequence[tuple[str, str]]) -> None:
+        self.chain = chain
+        if self.early and not self.quiet:
+            self._print()
+
+    def finish(self) -> None:
+        """The command succeeded: report the chain unless that was done already."""
+        if not self.early and not self.quiet and len(self.chain) > 1:
+            self._print()
+
+    def _print(self) -> None:
+        from qcowlib.cli.render import describe_chain
+
+        sys.stderr.write(describe_chain(self.chain, every=self.every))
+        sys.stderr.flush()
 
 
 def _cmd_flatten(args: argparse.Namespace) -> int:
@@ -28,6 +63,7 @@ def _cmd_flatten(args: argparse.Namespace) -> int:
     if wants_option_help(options, args.out_format):
         return 0
     bar = ProgressBar() if args.progress else None
+    report = ChainReport(args)
     try:
         flatten(
             args.src,
@@ -37,8 +73,12 @@ def _cmd_flatten(args: argparse.Namespace) -> int:
             options=options,
             compress=args.compress,
             progress=bar.update if bar else None,
+            backing_policy=args.backing_policy,
+            force_share=args.force_share,
+            on_chain=report,
         )
     finally:
         if bar:
             bar.finish()
+    report.finish()
     return 0

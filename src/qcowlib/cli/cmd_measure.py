@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qcowlib.cli import INPUT_FORMATS, add_output, parse_options, print_json
+from qcowlib.cli import INPUT_FORMATS, add_output, add_read_options, parse_options, print_json
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -16,6 +16,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-o", dest="options", action="append", default=[])
     p.add_argument("--size", dest="size", help="measure an empty image of SIZE instead of SRC")
     add_output(p)
+    add_read_options(p)
     p.add_argument("filename", nargs="?", metavar="SRC")
     p.set_defaults(func=_cmd_measure)
 
@@ -49,7 +50,13 @@ def _cmd_measure(args: argparse.Namespace) -> int:
                 "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
             ) from None
     result = measure(
-        args.filename, args.out_format, options=options, size=size, src_format=args.format
+        args.filename,
+        args.out_format,
+        options=options,
+        size=size,
+        src_format=args.format,
+        backing_policy=args.backing_policy,
+        force_share=args.force_share,
     )
     if args.output == "json":
         print_json(result)

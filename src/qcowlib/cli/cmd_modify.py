@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qcowlib.cli import INPUT_FORMATS
+from qcowlib.cli import INPUT_FORMATS, add_read_options
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-f", dest="format", choices=("qcow2",))
     p.add_argument("-p", dest="progress", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true")
+    add_read_options(p, share=False)
     p.add_argument("filename")
     p.set_defaults(func=_cmd_rebase)
 
@@ -32,6 +33,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-f", dest="format", choices=("qcow2",))
     p.add_argument("-p", dest="progress", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true")
+    add_read_options(p, share=False)
     p.add_argument("filename")
     p.set_defaults(func=_cmd_commit)
 
@@ -58,6 +60,7 @@ def _cmd_rebase(args: argparse.Namespace) -> int:
             args.backing_format,
             unsafe=args.unsafe,
             progress=bar.update if bar else None,
+            backing_policy=args.backing_policy,
         )
     finally:
         if bar:
@@ -71,7 +74,12 @@ def _cmd_commit(args: argparse.Namespace) -> int:
 
     bar = ProgressBar() if args.progress else None
     try:
-        commit(args.filename, drop=args.drop, progress=bar.update if bar else None)
+        commit(
+            args.filename,
+            drop=args.drop,
+            progress=bar.update if bar else None,
+            backing_policy=args.backing_policy,
+        )
     finally:
         if bar:
             bar.finish()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -133,3 +133,22 @@ def render_map_json(entries: Iterable[MapEntry]) -> str:
 
 def _js(flag: bool) -> str:
     return "true" if flag else "false"
+
+
+#: Chains longer than this are shown by their ends (``--debug`` shows every image).
+CHAIN_SHOWN = 8
+
+
+def describe_chain(chain: Sequence[tuple[str, str]], *, every: bool = False) -> str:
+    """The chain a command reads, top first, one image a line (for stderr)::
+
+    reading 3 images (top first):
+      top.qcow2 (qcow2)
+      base.qcow2 (qcow2)
+    """
+    rows = [f"  {name} ({fmt})" for name, fmt in chain]
+    if not every and len(rows) > CHAIN_SHOWN:
+        half = CHAIN_SHOWN // 2
+        rows = [*rows[:half], f"  ... {len(rows) - 2 * half} more ...", *rows[-half:]]
+    noun = "image" if len(chain) == 1 else "images"
+    return f"reading {len(chain)} {noun} (top first):\n" + "\n".join(rows) + "\n"

@@ -395,6 +395,22 @@ class Disk(abc.ABC):
         return coalesce(self._resolve(start, end, 0))
 
     def _resolve(self, start: int, end: int, depth: int) -> Iterator[Extent]:
+        # Without recursion (chains may be thousands of images deep): each layer's
+        # walk yields its extents, or the walk of its backing over a gap, which is
+        # pushed and drained first, so the order is the guest's.
+        stack: list[Iterator[Extent | Iterator[Any]]] = [self._resolve_layer(start, end, depth)]
+        while stack:
+            item = next(stack[-1], None)
+            if item is None:
+                stack.pop()
+            elif isinstance(item, Extent):
+                yield item
+            else:
+                stack.append(item)
+
+    def _resolve_layer(self, start: int, end: int, depth: int) -> Iterator[Extent | Iterator[Any]]:
+        """This layer's extents over ``[start, end)``; a gap left to the backing disk
+        comes as that disk's own (lazy) walk, for :meth:`_resolve` to drain."""
         for ext in self.layer_extents(start, end - start):
             if ext.kind is not ExtentKind.UNALLOCATED:
                 yield ext.at_depth(depth)
@@ -407,7 +423,7 @@ class Disk(abc.ABC):
                 continue
             split = min(ext.end, max(ext.start, backing.virtual_size))
             if split > ext.start:
-                yield from backing._resolve(ext.start, split, depth + 1)
+                yield backing._resolve_layer(ext.start, split, depth + 1)
             if split < ext.end:
                 # Past the backing file's end the overlay reads zeros (qemu: ZERO, not
                 # allocated, decided at this layer).
@@ -416,7 +432,21 @@ class Disk(abc.ABC):
     def read_into(self, offset: int, buf: memoryview | bytearray) -> None:
         """Fill ``buf`` with guest bytes from ``offset`` (raises InvalidArgument past the end)."""
         view = memoryview(buf).cast("B")
-        start, end = self._range(offset, len(view))
+        self._range(offset, len(view))
+        # A work list instead of recursion: chains may be thousands of images deep.
+        work: list[tuple[Disk, int, memoryview]] = [(self, offset, view)]
+        while work:
+            disk, pos, part = work.pop()
+            if disk is self or type(disk).read_into is Disk.read_into:
+                work.extend(disk._read_own(pos, part))
+            else:  # a format with its own read_into (raw, vdi): no backing below it
+                disk.read_into(pos, part)
+
+    def _read_own(self, offset: int, view: memoryview) -> list[tuple[Disk, int, memoryview]]:
+        """Fill what this layer decides of ``view`` (guest ``offset``); return the parts
+        its backing disk must fill."""
+        start, end = offset, offset + len(view)
+        below: list[tuple[Disk, int, memoryview]] = []
         for ext in self.layer_extents(start, end - start):
             part = view[ext.start - start : ext.end - start]
             if ext.kind is ExtentKind.DATA or ext.kind is ExtentKind.COMPRESSED:
@@ -427,9 +457,10 @@ class Disk(abc.ABC):
                 backing = self.backing
                 split = min(ext.end, max(ext.start, backing.virtual_size))
                 if split > ext.start:
-                    backing.read_into(ext.start, part[: split - ext.start])
+                    below.append((backing, ext.start, part[: split - ext.start]))
                 if split < ext.end:
                     part[split - ext.start :] = _zeros(ext.end - split)
+        return below
 
     def read_extent(self, ext: Extent, buf: memoryview) -> None:
         """Fill ``buf`` with the bytes of a resolved extent (from :meth:`extents`).

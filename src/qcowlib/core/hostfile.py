@@ -10,7 +10,7 @@ import stat
 from collections.abc import Callable, Iterator
 
 from qcowlib._log import get_logger
-from qcowlib.errors import QcowlibIOError, TruncatedImage
+from qcowlib.errors import QcowlibError, QcowlibIOError, TruncatedImage
 
 log = get_logger(__name__)
 
@@ -38,9 +38,24 @@ class HostFile:
     callers that must not read past the end check :attr:`size` first.
     """
 
-    def __init__(self, path: str, *, writable: bool = False) -> None:
+    def __init__(
+        self, path: str, *, writable: bool = False, linked: bool = False, within: str | None = None
+    ) -> None:
+        """Open ``path`` (read-only unless ``writable``).
+
+        ``linked`` marks a file named *inside* an image (a backing, external data or
+        extent file): it must be a regular file outside /proc and /sys, so a crafted
+        image cannot make qcowlib read a device, a FIFO (which would hang), a socket,
+        a directory or a kernel file such as ``/proc/self/mem``.  Such a file is
+        checked before it is opened and again on the open descriptor.  ``within`` (a
+        directory with its symlinks resolved) additionally requires the file the
+        descriptor really refers to to lie inside that directory.
+        """
         self.path = path
         flags = os.O_RDWR if writable else os.O_RDONLY
+        if linked:
+            _refuse_special(path, os.stat)
+            flags |= os.O_NONBLOCK | os.O_NOCTTY  # belt and braces: never block on open
         try:
             self.fd = os.open(path, flags | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -51,12 +66,22 @@ class HostFile:
             raise QcowlibIOError(f"cannot open: {exc.strerror}", file=path) from None
         try:
             st = os.fstat(self.fd)
-        except OSError as exc:  # pragma: no cover - fstat on an open fd
+            if stat.S_ISDIR(st.st_mode):
+                raise QcowlibIOError("is a directory", file=path)
+            if linked:
+                _refuse_special(path, lambda _: st)
+                _clear_nonblock(self.fd)
+                if within is not None:
+                    _check_within(self.fd, path, within)
+        except QcowlibError:
+            os.close(self.fd)
+            raise
+        except OSError as exc:  # pragma: no cover - fstat/fcntl on an open fd
             os.close(self.fd)
             raise QcowlibIOError(f"cannot stat {path}: {exc.strerror}", file=path) from None
-        if stat.S_ISDIR(st.st_mode):
+        except BaseException:
             os.close(self.fd)
-            raise QcowlibIOError("is a directory", file=path)
+            raise
         self.size = st.st_size
         self.identity = (st.st_dev, st.st_ino)
         self.allocated = st.st_blocks * 512
@@ -171,6 +196,88 @@ class HostFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+#: Directories whose files are never linked files: kernel interfaces, not images.
+_KERNEL_TREES = ("/proc", "/sys")
+
+
+@functools.cache
+def _kernel_devices() -> frozenset[int]:
+    """The st_dev of procfs and sysfs as mounted here (also catches bind mounts)."""
+    devs = set()
+    for tree in _KERNEL_TREES:
+        try:
+            devs.add(os.stat(tree).st_dev)
+        except OSError:
+            continue
+    return frozenset(devs)
+
+
+def _kind(mode: int) -> str | None:
+    """What a non-regular file is, in words (None for a regular file)."""
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def _refuse_special(path: str, get_stat: Callable[[str], os.stat_result]) -> None:
+    """Raise :class:`QcowlibIOError` unless ``path`` is a regular file outside the
+    kernel's trees (``get_stat`` is ``os.stat`` before opening, the descriptor's
+    ``fstat`` after)."""
+    try:
+        st = get_stat(path)
+    except FileNotFoundError:
+        raise QcowlibIOError("no such file", file=path) from None
+    except OSError as exc:
+        raise QcowlibIOError(f"cannot open: {exc.strerror}", file=path) from None
+    kind = _kind(st.st_mode)
+    if kind is not None:
+        raise QcowlibIOError(
+            f"is {kind}: never opened as a backing, data or extent file", file=path
+        )
+    real = os.path.realpath(path)
+    in_tree = any(real == t or real.startswith(t + "/") for t in _KERNEL_TREES)
+    if in_tree or st.st_dev in _kernel_devices():
+        raise QcowlibIOError(
+            "is a kernel file (/proc, /sys): never opened as a backing, data or extent file",
+            file=path,
+        )
+
+
+def refuse_special(path: str) -> None:
+    """Raise :class:`QcowlibIOError` unless ``path`` may be opened as a linked file (a
+    regular file outside /proc and /sys); for callers that open it some other way."""
+    _refuse_special(path, os.stat)
+
+
+def _clear_nonblock(fd: int) -> None:
+    import fcntl
+
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+
+
+def is_within(path: str, root: str) -> bool:
+    """Whether the already resolved ``path`` lies inside the resolved directory ``root``."""
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _check_within(fd: int, path: str, root: str) -> None:
+    """The file the descriptor refers to must lie under ``root`` (a symlink swapped in
+    after the name was checked is caught here)."""
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        real = os.path.realpath(path)
+    if not is_within(real, root):
+        raise QcowlibIOError(f"resolves to {real}, outside {root}", file=path)
 
 
 #: Most bytes handed to one write call.  Linux sizes the page-cache folios of a buffered

@@ -122,44 +122,61 @@ def _clip_to_gaps(runs: Runs, gap_start: I64, gap_end: I64) -> Runs:
 
 
 def _resolve_layer(disk: Disk, start: int, end: int, depth: int, files: list[str | None]) -> Runs:
-    own = _refile(disk.layer_runs(start, end), files, depth)
-    backing = disk.backing
-    unalloc = own.kind == RUN_UNALLOCATED
-    if backing is None or not unalloc.any():
-        return own
-    # Past the backing file's end an unallocated run reads zeros, decided here; the
-    # part below it is the backing's.
-    bsize = backing.virtual_size
-    u_start = own.start[unalloc]
-    u_end = u_start + own.length[unalloc]
-    g_start = np.minimum(u_start, bsize)
-    g_end = np.minimum(u_end, bsize)
-    has_gap = g_end > g_start
-    parts = [_take(own, np.flatnonzero(~unalloc))]
-    past = u_end > np.maximum(u_start, bsize)
-    if past.any():
-        beyond = _take(own, np.flatnonzero(unalloc)[past])
-        cut = np.maximum(beyond.start, bsize)
-        moves = beyond.host >= 0
-        parts.append(
-            Runs(
-                cut,
-                beyond.start + beyond.length - cut,
-                beyond.kind,
-                np.where(moves, beyond.host + (cut - beyond.start), beyond.host),
-                beyond.clen,
-                beyond.hole,
-                beyond.depth,
-                beyond.file,
-                beyond.files,
-            )
-        )
-    if has_gap.any():
+    """The runs of ``disk``'s chain over ``[start, end)``, sorted by guest offset.
+
+    Layer by layer, in a loop (chains may be thousands of images deep): each layer
+    keeps what it decides inside the gaps left by the layers above, and passes its own
+    unallocated gaps (below its backing's end) down to its backing.
+    """
+    parts: list[Runs] = []
+    g_start = np.array([start], dtype=np.int64)
+    g_end = np.array([end], dtype=np.int64)
+    layer: Disk | None = disk
+    while layer is not None and g_start.size:
+        own = _refile(layer.layer_runs(int(g_start[0]), int(g_end[-1])), files, depth)
+        if depth != 0 or g_start.size > 1:
+            own = _clip_to_gaps(own, g_start, g_end)
+        backing = layer.backing
+        unalloc = own.kind == RUN_UNALLOCATED
+        if backing is None or not unalloc.any():
+            parts.append(own)
+            break
+        parts.append(_take(own, np.flatnonzero(~unalloc)))
+        # Past the backing file's end an unallocated run reads zeros, decided here; the
+        # part below it is the backing's.
+        bsize = backing.virtual_size
+        u_start = own.start[unalloc]
+        u_end = u_start + own.length[unalloc]
+        past = u_end > np.maximum(u_start, bsize)
+        if past.any():
+            parts.append(_beyond(_take(own, np.flatnonzero(unalloc)[past]), bsize))
+        g_start = np.minimum(u_start, bsize)
+        g_end = np.minimum(u_end, bsize)
+        has_gap = g_end > g_start
         g_start, g_end = g_start[has_gap], g_end[has_gap]
-        below = _resolve_layer(backing, int(g_start[0]), int(g_end[-1]), depth + 1, files)
-        parts.append(_clip_to_gaps(below, g_start, g_end))
-    merged = _concat(parts, own.files)
+        layer = backing
+        depth += 1
+    merged = parts[0] if len(parts) == 1 else _concat(parts, parts[0].files)
+    if len(parts) == 1:
+        return merged
     return _take(merged, np.argsort(merged.start, kind="stable"))
+
+
+def _beyond(beyond: Runs, bsize: int) -> Runs:
+    """The parts of unallocated runs past the backing disk's end ``bsize``."""
+    cut = np.maximum(beyond.start, bsize)
+    moves = beyond.host >= 0
+    return Runs(
+        cut,
+        beyond.start + beyond.length - cut,
+        beyond.kind,
+        np.where(moves, beyond.host + (cut - beyond.start), beyond.host),
+        beyond.clen,
+        beyond.hole,
+        beyond.depth,
+        beyond.file,
+        beyond.files,
+    )
 
 
 def coalesce_runs(runs: Runs) -> Runs:

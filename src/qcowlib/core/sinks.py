@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 
 from qcowlib._log import get_logger
 from qcowlib.core import interrupt
+from qcowlib.core.locks import check_output_unlocked
 from qcowlib.errors import InvalidArgument, QcowlibError, QcowlibIOError
 
 log = get_logger(__name__)
@@ -92,6 +93,7 @@ def atomic_output(path: str, *, protect: tuple[str, ...] = ()) -> Iterator[int]:
     for src in protect:
         if same_file(path, src):
             raise InvalidArgument(f"output {path} is the same file as input {src}")
+    check_output_unlocked(path)  # a file a running VM holds is never replaced
     target = os.path.realpath(path) if os.path.islink(path) else path
     try:
         existing: os.stat_result | None = os.stat(target)

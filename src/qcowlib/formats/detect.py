@@ -8,13 +8,22 @@ The checks follow QEMU's own probe functions so that qcowlib and ``qemu-img`` ag
 what a file is, with the deliberate differences listed below.
 
 * ``qcow2`` -- ``block/qcow2.c`` ``qcow2_probe``: magic ``QFI\\xfb`` and a big-endian
-  version.  QEMU's qcow2 driver claims version >= 2 and its ``qcow`` driver claims
-  version 1.  Here the magic with any version >= 1 is ``qcow2``: versions 2 and 3 with
-  ``detail=None``; version 1 (legacy QCOW, which qcowlib does not read) with
-  ``detail="qcow1"``; versions above 3 with ``detail="unsupported-version"``.  The qcow2
-  parser then refuses them with a clear "unsupported version" error, instead of the file
-  being silently treated as a raw disk that starts with an image header.  Magic with
-  version 0 is claimed by no QEMU driver and is ``raw``.
+  version 2 or 3.  Versions above 3 are ``qcow2`` with ``detail="unsupported-version"``
+  (QEMU claims none of them): the qcow2 parser then refuses them with a clear
+  "unsupported version" error, instead of the file being silently treated as a raw disk
+  that starts with an image header.  Magic with version 0 is claimed by no QEMU driver
+  and is ``raw``.
+* ``qcow`` -- ``block/qcow.c`` ``qcow_probe``: the same magic with version 1 (legacy
+  QCOW).
+* ``qed`` -- ``block/qed.c`` ``bdrv_qed_probe``: magic ``QED\\0`` (little-endian
+  ``QED_MAGIC``).
+* ``parallels`` -- ``block/parallels.c`` ``parallels_probe``: magic ``WithoutFreeSpace``
+  or ``WithouFreSpacExt`` and little-endian version 2.
+
+  These three QEMU probes want a whole header in their buffer, but QEMU 7.2 always
+  hands them :data:`QEMU_PROBE_BUF_SIZE` bytes, zero-filled past the end of a short
+  file: a file shorter than the header is still that format (and then refused when
+  opened), as here.
 * ``vmdk`` -- ``block/vmdk.c`` ``vmdk_probe``: magic ``KDMV`` (hosted sparse extent,
   VMDK4) or ``COWD`` (VMware 3 / ESX vmfsSparse extent), or a text descriptor.  A text
   descriptor is recognised as QEMU does: skipping ``#`` comment lines and blank lines made
@@ -42,10 +51,10 @@ what a file is, with the deliberate differences listed below.
   version 1 at 0x8006.
 
 Order of the checks: the headers that an image tool writes at offset 0 of its own file
-(qcow2, vmdk binary, vhdx, vdi, dynamic vpc) come first; then the fixed-VHD footer, whose
-data area starts at offset 0 and so may itself begin with anything (for instance a LUKS
-header or an ISO file system inside the virtual disk); then luks, the vmdk text
-descriptor and iso; ``raw`` last.  An empty file is ``raw`` (as in QEMU).
+(qcow2, qcow, qed, parallels, vmdk binary, vhdx, vdi, dynamic vpc) come first; then the
+fixed-VHD footer, whose data area starts at offset 0 and so may itself begin with
+anything (for instance a LUKS header or an ISO file system inside the virtual disk);
+then luks, the vmdk text descriptor and iso; ``raw`` last.  An empty file is ``raw`` (as in QEMU).
 
 Probing is a convenience for files the user trusts: a raw image's first sectors are
 written by its guest, which can make them look like any format.  Callers that know the
@@ -73,7 +82,19 @@ PROBE_HEAD_SIZE: Final[int] = 64 * 1024
 #: Trailing bytes :func:`probe` wants: one VHD footer.
 PROBE_TAIL_SIZE: Final[int] = 512
 #: Formats :func:`probe` can report, with ``qemu-img``'s names ("vpc" is VHD).
-FORMATS: Final[tuple[str, ...]] = ("qcow2", "vmdk", "vdi", "vpc", "vhdx", "luks", "iso", "raw")
+FORMATS: Final[tuple[str, ...]] = (
+    "qcow2",
+    "qcow",
+    "qed",
+    "parallels",
+    "vmdk",
+    "vdi",
+    "vpc",
+    "vhdx",
+    "luks",
+    "iso",
+    "raw",
+)
 #: QEMU's BLOCK_PROBE_BUF_SIZE: how much of the file qemu's probes see.  The VMDK text
 #: descriptor is only looked for there, so that qcowlib agrees with qemu-img about it.
 QEMU_PROBE_BUF_SIZE: Final[int] = 2048
@@ -81,6 +102,13 @@ QEMU_PROBE_BUF_SIZE: Final[int] = 2048
 # --- qcow2 (docs/interop/qcow2.txt) ------------------------------------------------------
 _QCOW_MAGIC: Final = b"QFI\xfb"
 _QCOW2_VERSIONS: Final = (2, 3)
+
+# --- qed (docs/interop/qed_spec.txt) -----------------------------------------------------
+_QED_MAGIC: Final = b"QED\0"
+
+# --- parallels (docs/interop/parallels.txt) ---------------------------------------------
+_PARALLELS_MAGICS: Final = (b"WithoutFreeSpace", b"WithouFreSpacExt")
+_PARALLELS_VERSION: Final = struct.pack("<I", 2)
 
 # --- vmdk (VMware Virtual Disk Format 5.0) -------------------------------------------
 _VMDK4_MAGIC: Final = b"KDMV"
@@ -133,8 +161,8 @@ class Probe(NamedTuple):
     ``format`` is one of :data:`FORMATS`.  ``detail`` refines it where that matters to the
     caller: ``"footer-only"`` for a fixed VHD found by its footer, ``"descriptor"`` for a
     VMDK text descriptor, the ``createType`` of a binary VMDK when its embedded descriptor
-    was seen, ``"qcow1"`` or ``"unsupported-version"`` for a qcow header with a version
-    other than 2 or 3; ``None`` otherwise.
+    was seen, ``"unsupported-version"`` for a qcow header with a version above 3;
+    ``None`` otherwise.
     """
 
     format: str
@@ -156,6 +184,8 @@ def probe(head: bytes, tail: bytes, file_size: int) -> Probe:
         return Probe("raw")
     for check in (
         _probe_qcow2,
+        _probe_qed,
+        _probe_parallels,
         _probe_vmdk_binary,
         _probe_vhdx,
         _probe_vdi,
@@ -184,10 +214,22 @@ def _probe_qcow2(head: bytes) -> Probe | None:
     if version in _QCOW2_VERSIONS:
         return Probe("qcow2")
     if version == 1:
-        return Probe("qcow2", "qcow1")
+        return Probe("qcow")
     if version > 3:
         return Probe("qcow2", "unsupported-version")
     return None
+
+
+def _probe_qed(head: bytes) -> Probe | None:
+    return Probe("qed") if head[:4] == _QED_MAGIC else None
+
+
+def _probe_parallels(head: bytes) -> Probe | None:
+    if head[:16] not in _PARALLELS_MAGICS:
+        return None
+    # Zero-filled past a short file, as QEMU's probe buffer is.
+    version = head[16:20].ljust(4, b"\0")
+    return Probe("parallels") if version == _PARALLELS_VERSION else None
 
 
 def _probe_vmdk_binary(head: bytes) -> Probe | None:

@@ -14,15 +14,18 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from qcowlib.core.chain import BackingPolicy, resolve_linked_path
+from qcowlib._log import get_logger
+from qcowlib.core.chain import BackingPolicy, as_policy, open_linked, resolve_linked_path
 from qcowlib.core.disk import Disk
 from qcowlib.core.hostfile import HostFile
+from qcowlib.core.locks import take_read_locks
 from qcowlib.errors import (
     BackingFormatUnknown,
     BackingLoop,
     BackingNotFound,
     BackingTooDeep,
     FormatError,
+    ImageLocked,
     InvalidArgument,
     QcowlibError,
     QcowlibIOError,
@@ -34,7 +37,10 @@ from qcowlib.formats import detect, registry
 if TYPE_CHECKING:
     from qcowlib.formats.qcow2.writer import Qcow2RWDisk
 
+log = get_logger(__name__)
+
 __all__ = [
+    "ChainOpener",
     "attach_backing_chain",
     "backing_format",
     "backing_name",
@@ -53,13 +59,22 @@ def probe_format(host: HostFile) -> str:
 
 
 def _open_layer(
-    path: str, fmt: str | None, seen: set[tuple[int, int]], policy: BackingPolicy
+    path: str,
+    fmt: str | None,
+    seen: set[tuple[int, int]],
+    policy: BackingPolicy,
+    *,
+    linked: bool = False,
 ) -> tuple[Disk, HostFile]:
-    host = HostFile(path)
+    """Open one image of a chain with qemu-img's read locks (``linked``: a backing file,
+    which must be a regular file, inside the root under ``contained``)."""
+    within = policy.root if linked and policy.contained else None
+    host = HostFile(path, linked=linked, within=within)
     try:
         if host.identity in seen:
             raise BackingLoop(f"backing chain loops back to {path}", file=path)
         seen.add(host.identity)
+        take_read_locks(host.fd, path, force_share=policy.force_share)
         if fmt is None:
             fmt = probe_format(host)  # an ISO 9660 image opens as raw (registry)
         disk = _make_disk(host, path, fmt, policy)
@@ -76,19 +91,44 @@ def _make_disk(host: HostFile, path: str, fmt: str, policy: BackingPolicy) -> Di
     return entry.opener()(host, path, policy)
 
 
-def open_disk(path: str, fmt: str | None = None, policy: BackingPolicy | None = None) -> Disk:
+def open_disk(
+    path: str,
+    fmt: str | None = None,
+    policy: BackingPolicy | str | None = None,
+    *,
+    force_share: bool = False,
+) -> Disk:
     """Open an image read-only, with its backing chain as ``policy`` allows.
 
     ``fmt`` forces the top image's format; without it the format is probed from the
-    content.  Raises :class:`QcowlibError` subclasses: :class:`QcowlibIOError` when a
-    file cannot be opened, :class:`FormatError` and friends for bad content,
-    :class:`BackingChainError` subclasses for chains that cannot be followed.
+    content.  ``policy`` is a :class:`BackingPolicy` or one of its names (``follow``,
+    the default, ``contained``, ``none``); ``force_share`` (qemu-img ``-U``) opens
+    images that another process holds open for writing.  Raises :class:`QcowlibError`
+    subclasses: :class:`ImageLocked` for an image (or backing file) another process
+    has open for writing, :class:`QcowlibIOError` when a file cannot be opened,
+    :class:`FormatError` and friends for bad content, :class:`BackingChainError`
+    subclasses for chains that cannot be followed (naming the top image and the
+    offending file).
     """
-    policy = policy or BackingPolicy()
+    return _open_chain(path, fmt, as_policy(policy, force_share=force_share).rooted(path))
+
+
+class ChainOpener:
+    """Opens a backing file that an image names, ``(path, fmt) -> Disk``, as the chain
+    opener would: a regular file only, with ``policy`` (also for its own chain)."""
+
+    def __init__(self, policy: BackingPolicy | None = None) -> None:
+        self.policy = policy if policy is not None else BackingPolicy()
+
+    def __call__(self, path: str, fmt: str | None) -> Disk:
+        return _open_chain(path, fmt, self.policy, linked=True)
+
+
+def _open_chain(path: str, fmt: str | None, policy: BackingPolicy, *, linked: bool = False) -> Disk:
     if fmt is not None and fmt not in registry.known():
         raise InvalidArgument(f"unknown format {fmt!r}")
     seen: set[tuple[int, int]] = set()
-    top, _ = _open_layer(path, fmt, seen, policy)
+    top, _ = _open_layer(path, fmt, seen, policy, linked=linked)
     try:
         attach_backing_chain(top, policy, seen)
     except BaseException:
@@ -100,7 +140,12 @@ def open_disk(path: str, fmt: str | None = None, policy: BackingPolicy | None = 
 def attach_backing_chain(
     top: Disk, policy: BackingPolicy, seen: set[tuple[int, int]] | None = None
 ) -> None:
-    """Open and attach ``top``'s backing files (and data files) as ``policy`` allows."""
+    """Open and attach ``top``'s backing files (and data files) as ``policy`` allows.
+
+    The chain is opened in a loop (no recursion), up to ``policy.max_depth`` images;
+    every error names ``top`` and the image at fault.
+    """
+    policy = policy.rooted(top.filename)
     if seen is None:
         seen = set()
         host = getattr(top, "host", None)
@@ -109,36 +154,20 @@ def attach_backing_chain(
     current = top
     depth = 1
     while True:
-        _attach_data_file(current, policy)
+        try:
+            _attach_data_file(current, policy)
+        except QcowlibError as exc:
+            raise _blame(exc, top, current) from None
         name = backing_name(current)
         if name is None or not policy.follow:
             break
         if depth >= policy.max_depth:
             raise BackingTooDeep(
-                f"backing chain is deeper than {policy.max_depth} images", file=current.filename
+                f"backing chain is deeper than {policy.max_depth} images "
+                f"(reached {current.filename!r})",
+                file=top.filename,
             )
-        full = resolve_linked_path(current.filename, name, "backing file", policy)
-        bfmt = backing_format(current)
-        if bfmt is None and not policy.probe_format:
-            raise BackingFormatUnknown(
-                f"backing file {name!r} has no recorded format and probing is not allowed",
-                file=current.filename,
-            )
-        if not os.path.lexists(full):
-            raise BackingNotFound(
-                f"backing file {name!r} (looked for {full!r}) does not exist",
-                file=current.filename,
-            )
-        try:
-            layer, _ = _open_layer(full, bfmt, seen, policy)
-        except BackingLoop:
-            raise
-        except QcowlibIOError as exc:
-            raise BackingNotFound(
-                f"cannot open backing file {full!r}: {exc.message}", file=current.filename
-            ) from None
-        except FormatError as exc:
-            raise exc.with_file(full) from None
+        layer = _open_backing(top, current, name, policy, seen)
         try:
             current.check_parent(layer)
         except BaseException:
@@ -147,6 +176,65 @@ def attach_backing_chain(
         current.backing = layer
         current = layer
         depth += 1
+
+
+def _of(top: Disk, current: Disk) -> str:
+    """`` of 'mid.qcow2'`` when the naming image is not the top one."""
+    return "" if current is top else f" of {current.filename!r}"
+
+
+def _open_backing(
+    top: Disk, current: Disk, name: str, policy: BackingPolicy, seen: set[tuple[int, int]]
+) -> Disk:
+    """Open ``current``'s backing file ``name``; errors name ``top`` and the file."""
+    where = _of(top, current)
+    try:
+        full = resolve_linked_path(current.filename, name, "backing file", policy)
+    except UnsafeBackingPath as exc:
+        raise UnsafeBackingPath(f"{exc.message}{where}", file=top.filename) from None
+    bfmt = backing_format(current)
+    if bfmt is None and not policy.probe_format:
+        raise BackingFormatUnknown(
+            f"backing file {name!r}{where} has no recorded format, and backing policy "
+            f"{policy.name!r} never probes one",
+            file=top.filename,
+        )
+    if not os.path.lexists(full):
+        raise BackingNotFound(
+            f"backing file {name!r}{where} (looked for {full!r}) does not exist",
+            file=top.filename,
+        )
+    try:
+        layer, _ = _open_layer(full, bfmt, seen, policy, linked=True)
+    except BackingLoop as exc:
+        raise BackingLoop(f"{exc.message}{where}", file=top.filename) from None
+    except ImageLocked as exc:
+        raise ImageLocked(
+            f"could not open backing file {full!r}{where}: {exc.message}", file=top.filename
+        ) from None
+    except QcowlibIOError as exc:
+        raise BackingNotFound(
+            f"cannot open backing file {full!r}{where}: {exc.message}", file=top.filename
+        ) from None
+    except FormatError as exc:
+        if exc.file is None:
+            exc.file = full
+        exc.message = f"backing file of {top.filename!r}: {exc.message}"
+        raise exc from None
+    except QcowlibError as exc:
+        if exc.file is not None and exc.file != top.filename:
+            exc.message = f"backing file {exc.file!r} of {top.filename!r}: {exc.message}"
+            exc.file = top.filename
+        raise exc.with_file(top.filename) from None
+    return layer
+
+
+def _blame(exc: QcowlibError, top: Disk, current: Disk) -> QcowlibError:
+    """``exc``, raised about ``current`` (a layer below ``top``), made to name ``top``."""
+    if current is not top:
+        exc.message = f"in backing file {current.filename!r}: {exc.message}"
+        exc.file = top.filename
+    return exc
 
 
 def backing_name(disk: Disk) -> str | None:
@@ -173,29 +261,26 @@ def _attach_data_file(disk: Disk, policy: BackingPolicy) -> None:
             f"image uses external data file {name!r}, which this policy does not follow",
             file=disk.filename,
         )
-    full = resolve_linked_path(disk.filename, name, "external data file", policy)
-    try:
-        data = HostFile(full)
-    except QcowlibError as exc:
-        raise QcowlibIOError(
-            f"cannot open external data file {full!r}: {exc.message}", file=disk.filename
-        ) from None
+    data, full = open_linked(disk.filename, name, "external data file", policy)
     disk.attach_data_file(data, full)
 
 
-def open_rw(path: str, *, follow_backing: bool = True) -> Qcow2RWDisk:
+def open_rw(
+    path: str, *, follow_backing: bool = True, policy: BackingPolicy | str | None = None
+) -> Qcow2RWDisk:
     """Open a qcow2 image for writing, with its backing chain opened read-only.
 
     Raises :class:`~qcowlib.errors.ImageLocked` when another process has it open for
     writing, :class:`~qcowlib.errors.CorruptImage` for images marked corrupt or dirty,
-    and the usual open errors.
+    and the usual open errors.  ``policy`` decides what of the chain may be followed
+    (backing files get qemu's shared read locks, as under a QEMU writer).
     """
     from qcowlib.formats.qcow2.writer import open_rw_layer
 
     disk = open_rw_layer(path)
     if follow_backing:
         try:
-            attach_backing_chain(disk, BackingPolicy())
+            attach_backing_chain(disk, as_policy(policy))
         except BaseException:
             disk.close()
             raise

@@ -229,6 +229,25 @@ FORMATS: Final[tuple[Format, ...]] = (
         glance="vhdx",
     ),
     Format(
+        "qcow",
+        "QEMU copy-on-write v1 (legacy, read-only)",
+        reader="qcowlib.formats.qcow.reader:open_image",
+        nothing_to_check=True,
+    ),
+    Format(
+        "qed",
+        "QEMU Enhanced Disk (read-only)",
+        reader="qcowlib.formats.qed.reader:open_image",
+        check="qcowlib.formats.qed.check:check_file",
+    ),
+    Format(
+        "parallels",
+        "Parallels disk image (read-only)",
+        reader="qcowlib.formats.parallels.reader:open_image",
+        check="qcowlib.formats.parallels.check:check_file",
+        glance="ploop",
+    ),
+    Format(
         "luks",
         "LUKS encrypted volume",
         reader="qcowlib.formats.luks.reader:open_image",

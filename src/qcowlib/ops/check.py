@@ -27,10 +27,13 @@ Where qcowlib deliberately differs from qemu-img 7.2:
 
 from __future__ import annotations
 
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from qcowlib.checkreport import CheckNotSupported, CheckReport
 from qcowlib.errors import InvalidArgument, UnsupportedFeature
+
+if TYPE_CHECKING:
+    from qcowlib.core.chain import BackingPolicy
 
 __all__ = ["CheckNotSupported", "CheckReport", "check"]
 
@@ -38,14 +41,25 @@ __all__ = ["CheckNotSupported", "CheckReport", "check"]
 _MODES: Final = {None: 0, "leaks": 1, "all": 3}
 
 
-def check(path: str, fmt: str | None = None, repair: str | None = None) -> CheckReport:
+def check(
+    path: str,
+    fmt: str | None = None,
+    repair: str | None = None,
+    *,
+    backing_policy: BackingPolicy | str | None = None,
+    force_share: bool = False,
+) -> CheckReport:
     """Check an image's metadata for consistency, and optionally repair it.
 
     ``repair`` is None (only read; the file is opened read-only), ``"leaks"`` (free
     clusters that are allocated but unused) or ``"all"`` (also fix refcounts that are too
     low, rebuild the refcount structure when needed, and fix ``OFLAG_COPIED`` and
     misaligned preallocated zero clusters).  The format is probed unless ``fmt`` is given.
-    A backing chain and an external data file must be openable, as for qemu-img.
+    A backing chain and an external data file must be openable, as for qemu-img, as
+    ``backing_policy`` allows (``follow``, ``contained``, ``none``).  The image is
+    locked as qemu-img locks it: :class:`~qcowlib.errors.ImageLocked` when another
+    process has it open for writing, unless ``force_share`` (``-U``; never with a
+    repair).
 
     Problems found *in* the image are counted in the report, not raised.  Raises
     :class:`CheckNotSupported` for formats without checks (raw: qemu-img exits 63),
@@ -57,22 +71,27 @@ def check(path: str, fmt: str | None = None, repair: str | None = None) -> Check
     import contextlib
 
     from qcowlib.core import interrupt
+    from qcowlib.core.chain import as_policy
     from qcowlib.core.hostfile import HostFile
+    from qcowlib.core.locks import take_read_locks, take_write_locks
     from qcowlib.formats import registry
-    from qcowlib.formats.opener import open_disk, probe_format
+    from qcowlib.formats.opener import ChainOpener, probe_format
 
     if repair not in _MODES:
         raise InvalidArgument(f"repair must be 'leaks' or 'all', not {repair!r}")
     fix = _MODES[repair]
+    if fix and force_share:
+        raise InvalidArgument("force_share (-U) cannot be used with a repair, which writes")
+    policy = as_policy(backing_policy, force_share=force_share).rooted(path)
     if fmt is not None and fmt not in registry.known():
         raise InvalidArgument(f"unknown format {fmt!r}")
     host = HostFile(path, writable=bool(fix))
     try:
         if fix:
             # Repair writes: take QEMU's locks so a running VM's disk is never touched.
-            from qcowlib.core.locks import take_write_locks
-
             take_write_locks(host.fd, path)
+        else:
+            take_read_locks(host.fd, path, force_share=force_share)
         detected = fmt if fmt is not None else probe_format(host)
         entry = registry.by_name(detected)
         if entry.nothing_to_check:
@@ -81,7 +100,9 @@ def check(path: str, fmt: str | None = None, repair: str | None = None) -> Check
             raise UnsupportedFeature(f"checking {detected} images is not supported", file=path)
         # A repair writes in place: a signal waits until it is done (no temporary file).
         with interrupt.deferred() if fix else contextlib.nullcontext():
-            report: CheckReport = entry.implementation("check")(host, path, fix, open_disk)
+            report: CheckReport = entry.implementation("check")(
+                host, path, fix, ChainOpener(policy)
+            )
         return report
     finally:
         host.close()

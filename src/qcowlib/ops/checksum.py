@@ -25,9 +25,11 @@ import stat
 from collections.abc import Iterable
 from typing import NotRequired, TypedDict
 
+from qcowlib.core.chain import BackingPolicy
 from qcowlib.core.digest import DEFAULT_ALGORITHMS, MultiHasher, check_algorithms
 from qcowlib.core.disk import Disk
 from qcowlib.core.hostfile import HostFile, aligned_buffer
+from qcowlib.core.locks import take_read_locks
 from qcowlib.errors import QcowlibIOError
 from qcowlib.formats.opener import open_disk
 
@@ -53,13 +55,18 @@ def checksum(
     content: bool = False,
     content_algos: Iterable[str] | None = None,
     fmt: str | None = None,
+    backing_policy: BackingPolicy | str | None = None,
+    force_share: bool = False,
 ) -> ChecksumResult:
     """Digests of the file at ``path`` as stored and, if asked, of the disk it holds.
 
     ``algos`` are names from :data:`qcowlib.core.digest.ALGORITHMS`.  Content digests
     are computed when ``content`` is true or ``content_algos`` is given (default: the
     same algorithms as ``algos``); ``fmt`` forces the image format for them (probed from
-    the content otherwise) and the backing chain is followed as ``qemu-img`` does.
+    the content otherwise) and the backing chain is followed as ``backing_policy``
+    allows (``follow``, as ``qemu-img`` does, ``contained`` or ``none``).  The file is
+    read under qemu-img's shared read locks: :class:`~qcowlib.errors.ImageLocked` when
+    another process has it open for writing, unless ``force_share``.
 
     Raises :class:`InvalidArgument` for unknown algorithm names or format,
     :class:`QcowlibIOError` when the file cannot be read, and for ``content`` whatever
@@ -70,13 +77,13 @@ def checksum(
     want_content = content or content_algos is not None
     if not want_content:
         with MultiHasher(file_names) as hasher:
-            size = hash_file(path, hasher)
+            size = hash_file(path, hasher, force_share=force_share)
             return {"file": hasher.hexdigests(), "size": size}
 
     content_names = check_algorithms(file_names if content_algos is None else content_algos)
     _refuse_directory(path)
     # Open the image before the long file pass, so that a bad image fails fast.
-    with open_disk(path, fmt) as disk:
+    with open_disk(path, fmt, backing_policy, force_share=force_share) as disk:
         if disk.file_is_disk:
             # A raw file of whole sectors *is* its disk: one pass gives both kinds.
             extra = tuple(n for n in content_names if n not in file_names)
@@ -109,11 +116,15 @@ def _refuse_directory(path: str) -> None:
         raise QcowlibIOError(f"{path} is a directory", file=path)
 
 
-def hash_file(path: str, hasher: MultiHasher, *, chunk: int = READ_CHUNK) -> int:
+def hash_file(
+    path: str, hasher: MultiHasher, *, chunk: int = READ_CHUNK, force_share: bool = True
+) -> int:
     """Feed the bytes of the file at ``path`` to ``hasher``, start to end; returns the count.
 
     Reads until end of file rather than trusting the size from ``stat``, so block
-    devices and files that grow while being read are hashed as read.  Raises
+    devices and files that grow while being read are hashed as read.  Unless
+    ``force_share``, the file is locked as qemu-img locks what it reads (raises
+    :class:`~qcowlib.errors.ImageLocked` when another process writes it).  Raises
     :class:`QcowlibIOError`.
     """
     host = HostFile(path)
@@ -121,6 +132,8 @@ def hash_file(path: str, hasher: MultiHasher, *, chunk: int = READ_CHUNK) -> int
         fd = host.fd
         if stat.S_ISDIR(os.fstat(fd).st_mode):
             raise QcowlibIOError(f"{path} is a directory", file=path)
+        if not force_share:
+            take_read_locks(fd, path)
         with contextlib.suppress(OSError, AttributeError):  # advice only
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         view = aligned_buffer(chunk)

@@ -12,6 +12,7 @@ from qcowlib.formats import registry
 from qcowlib.formats.opener import open_disk
 
 if TYPE_CHECKING:
+    from qcowlib.core.chain import BackingPolicy
     from qcowlib.ops.flatten import HashSink
 
 
@@ -28,6 +29,8 @@ def convert(
     sparse_size: int = 4096,
     progress: Progress | None = None,
     hashers: Sequence[HashSink] = (),
+    backing_policy: BackingPolicy | str | None = None,
+    force_share: bool = False,
 ) -> None:
     """Convert ``src`` (any readable image, with its chain) to ``dst`` in ``out_format``.
 
@@ -44,6 +47,11 @@ def convert(
     for raw, qcow2, vmdk and vdi outputs with no backing file and the default
     ``sparse_size``, written from a layout planned first (as :func:`~qcowlib.flatten`
     writes it; the source is read twice).
+
+    ``backing_policy`` (``follow``, ``contained``, ``none``) decides what of the
+    source's chain is read and ``force_share`` (qemu-img ``-U``) reads a source another
+    process has open for writing, as for :func:`qcowlib.open`.  An existing ``dst`` that
+    another process (a running VM) holds is refused (:class:`ImageLocked`).
     """
     driver = registry.by_name(out_format).output_driver()
     if sparse_size < 0 or sparse_size % 512:
@@ -54,7 +62,8 @@ def convert(
         from qcowlib.ops.flatten import flatten
 
         flatten(src, dst, out_format, src_format=src_format, options=opts_in,
-                compress=compress, progress=progress, hashers=hashers)  # fmt: skip
+                compress=compress, progress=progress, hashers=hashers,
+                backing_policy=backing_policy, force_share=force_share)  # fmt: skip
         return
     request = OutputRequest(
         opts_in,
@@ -65,7 +74,7 @@ def convert(
         open_backing=open_disk,
     )
     driver.check(request)
-    with open_disk(src, src_format) as disk:
+    with open_disk(src, src_format, backing_policy, force_share=force_share) as disk:
         inputs = tuple(d.filename for d in disk.chain)
         driver.convert(disk, dst, request, progress, inputs)
 

@@ -13,8 +13,9 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Protocol, Self
+from typing import TYPE_CHECKING, Protocol, Self
 
+from qcowlib.core.disk import Disk
 from qcowlib.core.drivers import OutputDriver, OutputRequest, Serializer
 from qcowlib.core.hostfile import pwrite_all, reserve
 from qcowlib.core.sinks import atomic_output
@@ -24,7 +25,17 @@ from qcowlib.formats import registry
 from qcowlib.formats.opener import open_disk
 from qcowlib.formats.qcow2.stream import STREAM_CHUNK
 
+if TYPE_CHECKING:
+    from qcowlib.core.chain import BackingPolicy
+
 Progress = Callable[[int, int], None]
+#: Told the chain being read, top first, as ``(filename, format)`` pairs, once it is open.
+ChainReport = Callable[[Sequence[tuple[str, str]]], None]
+
+
+def chain_of(disk: Disk) -> list[tuple[str, str]]:
+    """``(filename, format)`` of every image of ``disk``'s chain, top first."""
+    return [(d.filename, d.format) for d in disk.chain]
 
 
 class HashSink(Protocol):
@@ -58,6 +69,8 @@ class FlattenStream:
         compress: bool = False,
         chunk_size: int = STREAM_CHUNK,
         name: str | None = None,
+        backing_policy: BackingPolicy | str | None = None,
+        force_share: bool = False,
     ) -> None:
         driver = _driver(out_format)
         request = OutputRequest(
@@ -68,7 +81,7 @@ class FlattenStream:
         )
         driver.check(request)
         self.format = out_format
-        self._disk = open_disk(src, src_format)
+        self._disk = open_disk(src, src_format, backing_policy, force_share=force_share)
         try:
             ser = driver.stream(self._disk, request, chunk_size)
             if ser is None:
@@ -80,6 +93,8 @@ class FlattenStream:
         #: Exact length of the stream in bytes, known before the first byte.
         self.size: int = self._ser.size
         self.virtual_size = self._disk.virtual_size
+        #: The chain read, top first: ``(filename, format)`` pairs.
+        self.chain = chain_of(self._disk)
 
     def chunks(self, progress: Progress | None = None) -> Iterator[bytes]:
         try:
@@ -114,13 +129,16 @@ def flatten_stream(
     compress: bool = False,
     chunk_size: int = STREAM_CHUNK,
     name: str | None = None,
+    backing_policy: BackingPolicy | str | None = None,
+    force_share: bool = False,
 ) -> FlattenStream:
     """Open ``src`` with its chain and return its flattened image as a stream.
 
     ``stream.size`` is exact before the first byte; nothing is written to disk.  ``name``
     is the file name a VMDK's descriptor gives its extent (default: the source's base
-    name with ``.vmdk``).  Raises :class:`QcowlibError` subclasses for bad sources or
-    options.
+    name with ``.vmdk``).  ``backing_policy`` (``follow``, ``contained``, ``none``) and
+    ``force_share`` (qemu-img ``-U``) are :func:`qcowlib.open`'s.  Raises
+    :class:`QcowlibError` subclasses for bad sources or options.
     """
     return FlattenStream(
         src,
@@ -130,6 +148,8 @@ def flatten_stream(
         compress=compress,
         chunk_size=chunk_size,
         name=name,
+        backing_policy=backing_policy,
+        force_share=force_share,
     )
 
 
@@ -143,6 +163,9 @@ def flatten(
     compress: bool = False,
     progress: Progress | None = None,
     hashers: Sequence[HashSink] = (),
+    backing_policy: BackingPolicy | str | None = None,
+    force_share: bool = False,
+    on_chain: ChainReport | None = None,
 ) -> int:
     """Write ``src``'s whole chain as one standalone image at ``dst`` (``-``: stdout).
 
@@ -151,13 +174,24 @@ def flatten(
     example ``hashlib.md5()`` and ``hashlib.sha512()``) are fed the output's bytes in
     file order as they are written, so their digests are the file's without reading it
     back; the image is then written from its planned layout in file order (the chain is
-    read twice, as for a stream).
+    read twice, as for a stream).  ``backing_policy`` and ``force_share`` are
+    :func:`qcowlib.open`'s; ``on_chain`` is told the chain read, top first, once it is
+    open.  An existing ``dst`` that another process (a running VM)
+    holds is refused (:class:`~qcowlib.errors.ImageLocked`).
     """
     if dst == "-":
         out = sys.stdout.buffer
         with flatten_stream(
-            src, out_format, src_format=src_format, options=options, compress=compress
+            src,
+            out_format,
+            src_format=src_format,
+            options=options,
+            compress=compress,
+            backing_policy=backing_policy,
+            force_share=force_share,
         ) as stream:
+            if on_chain is not None:
+                on_chain(stream.chain)
             for piece in stream.chunks(progress):
                 for h in hashers:
                     h.update(piece)
@@ -175,8 +209,10 @@ def flatten(
         extent_name=os.path.basename(dst),
     )
     driver.check(request)
-    with open_disk(src, src_format) as disk:
+    with open_disk(src, src_format, backing_policy, force_share=force_share) as disk:
         inputs = tuple(d.filename for d in disk.chain)
+        if on_chain is not None:
+            on_chain(chain_of(disk))
         if not hashers:
             written = driver.flatten_file(disk, dst, request, progress, inputs)
             if written is not None:

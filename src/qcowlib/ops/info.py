@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qcowlib.core.chain import BackingPolicy
+from qcowlib.core.chain import BackingPolicy, as_policy
 from qcowlib.core.disk import Disk, full_backing_filename
 from qcowlib.formats.opener import open_disk
 
@@ -32,13 +32,23 @@ def image_info(disk: Disk) -> dict[str, Any]:
 
 
 def info(
-    path: str, fmt: str | None = None, *, backing_chain: bool = False
+    path: str,
+    fmt: str | None = None,
+    *,
+    backing_chain: bool = False,
+    backing_policy: BackingPolicy | str | None = None,
+    force_share: bool = False,
 ) -> dict[str, Any] | list[dict[str, Any]]:
     """``qemu-img info`` for ``path``: one object, or a list top-first with the chain.
 
-    Without ``backing_chain`` the backing file is not opened (as qemu-img info).
+    Without ``backing_chain`` the backing file is not opened (as qemu-img info), and
+    its name is shown whatever the policy; with it, the chain is opened as
+    ``backing_policy`` allows (``none``: the top image alone).  ``force_share`` is
+    qemu-img's ``-U``.
     """
-    policy = BackingPolicy(follow=backing_chain)
+    policy = as_policy(backing_policy, force_share=force_share)
+    if not backing_chain:
+        policy = policy._replace(follow=False)
     with open_disk(path, fmt, policy) as disk:
         if not backing_chain:
             return image_info(disk)

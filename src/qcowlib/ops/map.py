@@ -82,5 +82,7 @@ def map_entries(disk: Disk) -> Iterator[MapEntry]:
         if current is not None:
             yield current
         current = entry
-    if current is not None:
-        yield current
+    if current is None:
+        # An empty disk: qemu-img prints its zero-initialised entry.
+        current = MapEntry(0, 0, 0, False, False, False, None, None)
+    yield current

@@ -27,6 +27,7 @@ from qcowlib._units import (
     parse_option_number,
     parse_option_size,
 )
+from qcowlib.core.chain import BackingPolicy
 from qcowlib.core.disk import Disk, Extent, ExtentKind
 from qcowlib.errors import InvalidArgument, UnsupportedFeature
 from qcowlib.formats.qcow2 import header as hdr
@@ -313,6 +314,9 @@ def measure(
     options: Mapping[str, str] | None = None,
     size: int | None = None,
     src_format: str | None = None,
+    *,
+    backing_policy: BackingPolicy | str | None = None,
+    force_share: bool = False,
 ) -> dict[str, int]:
     """The size of a new ``out_format`` image holding ``src``, or an empty one of ``size``.
 
@@ -326,7 +330,8 @@ def measure(
     Exactly one of ``src`` and ``size`` must be given.  Raises :class:`InvalidArgument`
     for bad combinations, options or sizes (with qemu-img's wording),
     :class:`UnsupportedFeature` for output formats that cannot be measured, and the
-    errors of :func:`qcowlib.formats.opener.open_disk` for a source that cannot be opened.
+    errors of :func:`qcowlib.formats.opener.open_disk` for a source that cannot be opened
+    (``backing_policy`` and ``force_share`` as there).
     """
     if src is None and src_format is not None:
         raise InvalidArgument("--image-opts, -f, and -l require a filename argument.")
@@ -338,7 +343,7 @@ def measure(
         return measure_disk(None, out_format, options, size)
     from qcowlib.formats.opener import open_disk
 
-    with open_disk(src, src_format) as disk:
+    with open_disk(src, src_format, backing_policy, force_share=force_share) as disk:
         return measure_disk(disk, out_format, options, None)
 
 

@@ -8,11 +8,11 @@ from typing import TypeVar
 import numpy as np
 
 from qcowlib.core import interrupt
-from qcowlib.core.chain import BackingPolicy, resolve_linked_path
+from qcowlib.core.chain import BackingPolicy, as_policy, resolve_linked_path
 from qcowlib.core.disk import Disk, ExtentKind, Writer
-from qcowlib.core.hostfile import HostFile, aligned_buffer, pwrite_all
+from qcowlib.core.hostfile import HostFile, aligned_buffer, pwrite_all, refuse_special
 from qcowlib.errors import InvalidArgument, QcowlibIOError, UnsupportedFeature
-from qcowlib.formats.opener import open_disk, probe_format
+from qcowlib.formats.opener import ChainOpener, probe_format
 
 Progress = Callable[[int, int], None]
 _T = TypeVar("_T")
@@ -66,25 +66,34 @@ def rebase(
     *,
     unsafe: bool = False,
     progress: Progress | None = None,
+    backing_policy: BackingPolicy | str | None = None,
 ) -> None:
     """``qemu-img rebase``: point ``path`` at a new backing file (``""``: none).
 
     Safe mode first copies into the image every range where the old backing chain
     and the new backing file differ, so the guest content does not change.  A backing
-    format is required for a non-empty backing name (never guessed).
+    format is required for a non-empty backing name (never guessed).  The old chain
+    and the new backing file are read as ``backing_policy`` allows (``follow``,
+    ``contained``; ``none`` reads neither, so only ``unsafe`` works with it).
     """
     from qcowlib.formats.opener import open_rw
 
     if backing and not backing_fmt:
         raise InvalidArgument("-b needs -F: a backing format is never guessed")
+    policy = as_policy(backing_policy).rooted(path)
+    if not unsafe and not policy.follow:
+        raise InvalidArgument(
+            "a safe rebase reads the old and new backing files: backing policy 'none' "
+            "allows only -u"
+        )
     # In place, no temporary file: a signal is acted on between chunks of the copy
     # (the guest content is unchanged at every such point) or after the header change.
-    with interrupt.deferred(), open_rw(path, follow_backing=not unsafe) as disk:
+    with interrupt.deferred(), open_rw(path, follow_backing=not unsafe, policy=policy) as disk:
         if not unsafe:
             new_base: Disk | None = None
             if backing:
-                full = resolve_linked_path(path, backing, "backing file", BackingPolicy())
-                new_base = open_disk(full, backing_fmt)
+                full = resolve_linked_path(path, backing, "backing file", policy)
+                new_base = ChainOpener(policy)(full, backing_fmt)
             try:
                 _copy_differences(disk, new_base, progress)
             finally:
@@ -170,9 +179,16 @@ def _read_or_zero(disk: Disk | None, offset: int, buf: memoryview) -> None:
         buf[m:] = bytes(len(buf) - m)
 
 
-def commit(path: str, *, drop: bool = False, progress: Progress | None = None) -> None:
+def commit(
+    path: str,
+    *,
+    drop: bool = False,
+    progress: Progress | None = None,
+    backing_policy: BackingPolicy | str | None = None,
+) -> None:
     """``qemu-img commit``: write the image's own data into its backing file, then
-    empty the image unless ``drop`` (``-d``) is given."""
+    empty the image unless ``drop`` (``-d``) is given.  The backing file must be one
+    ``backing_policy`` allows (``none`` refuses every commit)."""
     from qcowlib.formats import registry
     from qcowlib.formats.opener import backing_format, backing_name, open_rw
 
@@ -182,7 +198,10 @@ def commit(path: str, *, drop: bool = False, progress: Progress | None = None) -
         name = backing_name(top)
         if name is None:
             raise InvalidArgument("Image does not have a backing file")
-        full = resolve_linked_path(path, name, "backing file", BackingPolicy())
+        policy = as_policy(backing_policy).rooted(path)
+        if not policy.follow:
+            raise InvalidArgument("commit writes into the backing file: backing policy 'none'")
+        full = resolve_linked_path(path, name, "backing file", policy)
         bfmt = backing_format(top)
         if bfmt is None:
             # Never write into a file whose format was guessed (a guest could have made
@@ -194,6 +213,7 @@ def commit(path: str, *, drop: bool = False, progress: Progress | None = None) -
         entry = registry.by_name(bfmt)
         if entry.writer is None:
             raise UnsupportedFeature(f"committing into a {bfmt} backing file is not supported yet")
+        refuse_special(full)  # never write into a device or /proc file an image names
         base: Writer = entry.implementation("writer")(full)
         try:
             _copy_layer_into(top, base, progress)

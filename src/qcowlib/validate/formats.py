@@ -96,6 +96,11 @@ def qcow2_fields(head: bytes) -> Qcow2Fields:
     raw = qcow2_header.HEADER_V2.parse(head, 0)
     if raw.magic != qcow2_header.QCOW_MAGIC:
         raise FormatError("not a qcow2 image (bad magic)", structure="qcow2 header", offset=0)
+    if raw.version == 1:
+        # Legacy QCOW: a format of its own (qcowlib.formats.qcow), not a qcow2 header.
+        raise FormatError(
+            "a legacy QCOW (version 1) image, not qcow2", structure="qcow2 header", offset=4
+        )
     fields = Qcow2Fields(
         version=raw.version,
         backing_file_offset=raw.backing_file_offset,

@@ -32,6 +32,9 @@ from qcowlib.validate.formats import (
 )
 
 if TYPE_CHECKING:
+    from qcowlib.formats.parallels import codec as parallels
+    from qcowlib.formats.qcow import codec as qcow
+    from qcowlib.formats.qed import codec as qed
     from qcowlib.formats.vdi import codec as vdi
     from qcowlib.formats.vhd import codec as vhd
     from qcowlib.formats.vhdx import codec as vhdx
@@ -45,6 +48,9 @@ __all__ = [
     "declared_virtual_size",
     "iso_volume",
     "luks_header",
+    "parallels_header",
+    "qcow1_header",
+    "qed_header",
     "vdi_header",
     "vdi_is_differencing",
     "vhd_info",
@@ -321,6 +327,39 @@ def luks_header(ctx: Context) -> LuksHeader:
     return ctx.cached("luks", lambda: parse_luks_header(ctx.read(0, LUKS_HEADER_SIZE), ctx.size))
 
 
+def qcow1_header(ctx: Context) -> qcow.QcowHeader:
+    """The checked legacy QCOW (v1) header (:func:`qcowlib.formats.qcow.codec.parse_header`)."""
+    from qcowlib.formats.qcow import codec as qcow
+
+    return ctx.cached("qcow1", lambda: qcow.parse_header(ctx.head[: qcow.HEADER_SIZE], ctx.size))
+
+
+def qed_header(ctx: Context) -> qed.QedHeader:
+    """The checked QED header (:func:`qcowlib.formats.qed.codec.parse_header`)."""
+    from qcowlib.formats.qed import codec as qed
+
+    return ctx.cached("qed", lambda: qed.parse_header(ctx.head[: qed.HEADER_SIZE], ctx.size))
+
+
+def parallels_header(ctx: Context) -> parallels.ParallelsHeader:
+    """The checked Parallels header (:func:`qcowlib.formats.parallels.codec.parse_header`)."""
+    from qcowlib.formats.parallels import codec as parallels
+
+    return ctx.cached(
+        "parallels",
+        lambda: parallels.parse_header(ctx.head[: parallels.HEADER_SIZE], ctx.size),
+    )
+
+
+def _qcow1_size(ctx: Context) -> int:
+    """The size field of a qcow v1 header, read even where the header is refused (an
+    encrypted image still declares its size)."""
+    from qcowlib.formats.qcow import codec as qcow
+
+    rec = qcow.HEADER.parse(ctx.head[: qcow.HEADER_SIZE])
+    return int(rec.size) // SECTOR * SECTOR
+
+
 # ---------------------------------------------------------------------------------------
 # the declared size
 
@@ -349,6 +388,9 @@ _DECLARED_SIZE: Final[dict[str, Callable[[Context], int | None]]] = {
     "vdi": _vdi_size,
     "iso": lambda ctx: max(ctx.size, iso_volume(ctx).volume_size),
     "luks": lambda ctx: max(0, ctx.size - luks_header(ctx).payload_offset * SECTOR),
+    "qcow": _qcow1_size,
+    "qed": lambda ctx: qed_header(ctx).image_size,
+    "parallels": lambda ctx: parallels_header(ctx).virtual_size,
 }
 
 

@@ -327,22 +327,30 @@ def check_file(
 def _open_linked_files(
     path: str, h: hdr.Header, open_backing: Callable[[str, str | None], Disk]
 ) -> None:
-    """qemu-img opens the backing chain and the data file too; fail as it would."""
-    from qcowlib.core.chain import BackingPolicy, resolve_linked_path
-    from qcowlib.core.hostfile import HostFile
-    from qcowlib.errors import BackingNotFound, QcowlibError, QcowlibIOError
+    """qemu-img opens the backing chain and the data file too; fail as it would.
 
-    policy = BackingPolicy()
+    ``open_backing`` may carry the caller's backing policy as ``.policy``
+    (:class:`qcowlib.formats.opener.ChainOpener`); the data file and the backing file
+    go through it.
+    """
+    from qcowlib.core.chain import BackingPolicy, open_linked, resolve_linked_path
+    from qcowlib.errors import BackingFormatUnknown, BackingNotFound, QcowlibIOError
+
+    policy = getattr(open_backing, "policy", None)
+    if not isinstance(policy, BackingPolicy):
+        policy = BackingPolicy()
+    policy = policy.rooted(path)
     if h.has_data_file and h.data_file is not None:
-        name = resolve_linked_path(path, h.data_file, "external data file", policy)
-        try:
-            HostFile(name).close()
-        except QcowlibError as exc:
-            raise QcowlibIOError(
-                f"cannot open external data file {name!r}: {exc.message}", file=path
-            ) from None
-    if h.backing_file is not None:
+        host, _ = open_linked(path, h.data_file, "external data file", policy)
+        host.close()
+    if h.backing_file is not None and policy.follow:
         name = resolve_linked_path(path, h.backing_file, "backing file", policy)
+        if h.backing_format is None and not policy.probe_format:
+            raise BackingFormatUnknown(
+                f"backing file {h.backing_file!r} has no recorded format, and backing "
+                f"policy {policy.name!r} never probes one",
+                file=path,
+            )
         try:
             open_backing(name, h.backing_format).close()
         except QcowlibIOError as exc:

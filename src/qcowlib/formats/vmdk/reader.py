@@ -226,7 +226,7 @@ class VmdkDisk(Disk):
         return self.descriptor.parent_file_name_hint
 
     def _open_descriptor(self, raw: bytes) -> None:
-        from qcowlib.core.chain import resolve_linked_path
+        from qcowlib.core.chain import open_linked, resolve_linked_path
 
         try:
             desc = vmdk.parse_descriptor(raw)
@@ -252,7 +252,8 @@ class VmdkDisk(Disk):
             full = resolve_linked_path(self.filename, ext.filename, "VMDK extent", self.policy)
             if full == self.filename:
                 raise CorruptImage(f"{where} names the descriptor itself")
-            ehost = HostFile(full)
+            # Regular files only, as the policy allows, with qemu's shared read locks.
+            ehost, full = open_linked(self.filename, ext.filename, "VMDK extent", self.policy)
             self._hosts.append(ehost)
             if ext.type == "FLAT":
                 assert ext.offset is not None  # check_descriptor

@@ -24,6 +24,9 @@ NAMES: Final = {
     "iso": "ISO",
     "luks": "LUKS",
     "raw": "raw",
+    "qcow": "qcow (v1)",
+    "qed": "QED",
+    "parallels": "Parallels",
 }
 
 

@@ -11,6 +11,7 @@ from qcowlib.validate import formats as fm
 from qcowlib.validate.engine import Context
 from qcowlib.validate.model import rule
 from qcowlib.validate.rules._common import Findings, convert_cmd, flatten_cmd, shown_name
+from qcowlib.validate.rules.readonly import backing_of
 from qcowlib.validate.structures import (
     vdi_header,
     vdi_is_differencing,
@@ -121,10 +122,11 @@ def _vdi_parent(ctx: Context) -> Findings:
         )
 
 
-@rule("backing-file", formats=["qcow2", "vmdk", "vpc", "vhdx", "vdi"])
+@rule("backing-file", formats=["qcow2", "vmdk", "vpc", "vhdx", "vdi", "qcow", "qed"])
 def backing_file(ctx: Context) -> Findings:
     """No backing (parent) file: qcow2 backing files, VMDK parentFileNameHint,
-    differencing VHD/VHDX/VDI.  Glance refuses qcow2 backing files; qcowlib also
+    differencing VHD/VHDX/VDI, QED and qcow (v1) backing files.  Glance refuses qcow2
+    backing files; qcowlib also
     refuses the other formats' parents, which Glance's inspector does not look for.
     qcowlib cannot read a differencing VHD, VHDX or VDI at all, so every policy refuses
     those (the findings are structural)."""
@@ -134,6 +136,8 @@ def backing_file(ctx: Context) -> Findings:
         "vpc": _vhd_parent,
         "vhdx": _vhdx_parent,
         "vdi": _vdi_parent,
+        "qcow": backing_of("qcow"),
+        "qed": backing_of("qed"),
     }
     for fmt, check in checks.items():
         if fmt in ctx.formats:

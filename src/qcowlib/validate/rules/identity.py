@@ -44,27 +44,43 @@ def format_match(ctx: Context) -> Findings:
                 "gives the plain disk)"
             )
         elif want == "raw" and ours not in ("raw", "iso"):
-            if ours == "luks":
-                return  # the `encrypted` rule refuses it, and says why
+            # A container declared raw must not pass as raw, even where Glance's
+            # inspector would let it through.
             name = NAMES.get(ours, ours)
-            # An error, though Glance stores it: no VM boots from it (CONTRACT, validate).
             yield ctx.error(
-                f"declared raw, but the content is a {name} image that Glance's inspector "
-                f"does not recognise; Glance would store it, and no VM would boot from it as "
-                f"intended: a VM given it as raw sees the {name} container, not its disk "
-                f"(convert it to raw first)"
+                f"declared raw, but the content is a {name} image (qcowlib detects "
+                f"{ours}) that Glance's inspector does not recognise; a VM given it as raw "
+                f"would see the {name} container, not its disk: convert it to raw first "
+                f"(`qcowlib convert -O raw ...`)"
             )
         return
     if seen == "raw" and want not in fm.INSPECTOR_FORMATS:
         return  # ami/ari/aki and friends: Glance cannot inspect them, raw content passes
     if want == "raw":
-        if seen not in ("gpt", "iso", "luks"):  # a disk, a bootable ISO; luks: `encrypted`
-            shown = NAMES.get(fm.INSPECTOR_TO_QEMU.get(seen, seen), seen)
-            # An error, though Glance stores it: no VM boots from it (CONTRACT, validate).
+        # A recognised container declared raw is an error, though Glance stores it: no
+        # VM would boot from it as intended (CONTRACT, validate).  Not a disk with a
+        # partition table (gpt), a bootable ISO, or LUKS (the `encrypted` rule says why).
+        if seen not in ("gpt", "iso", "luks"):
+            theirs = fm.INSPECTOR_TO_QEMU.get(seen, seen)
+            if ours not in (theirs, "raw", "iso"):
+                # The inspector's name is not the format (legacy QCOW looks like qcow2).
+                name = NAMES.get(ours, ours)
+                yield ctx.error(
+                    f"declared raw, but the content is a {name} image (Glance's inspector "
+                    f"takes it for {seen}); Glance would store it, and no VM would boot from "
+                    f"it as intended: convert it first ({convert_cmd(ctx)})"
+                )
+                return
+            shown = NAMES.get(theirs, seen)
+            fix = (
+                f"declare --disk-format {seen} instead"
+                if seen in pol.disk_formats
+                else f"convert it first: {convert_cmd(ctx)}"
+            )
             yield ctx.error(
                 f"declared raw, but the content is a {shown} image; Glance would store it "
                 f"as raw, and no VM would boot from it as intended: a VM sees the {shown} "
-                f"container as its disk (declare --disk-format {seen} instead)"
+                f"container as its disk ({fix})"
             )
         return
     shown = "raw (a disk with a partition table, which Glance calls gpt)" if seen == "gpt" else seen
@@ -102,18 +118,15 @@ def format_ambiguous(ctx: Context) -> Findings:
 
 @rule("banned-format")
 def banned_format(ctx: Context) -> Findings:
-    """Formats Glance always refuses: QED, and legacy QCOW version 1.  qcowlib does not
-    read them either, so every policy refuses them (the findings are structural)."""
-    if "qed" in ctx.inspector.matches:
+    """Formats Glance always refuses: QED, and legacy QCOW version 1 (qcowlib reads
+    both, and can convert them)."""
+    if "qed" in ctx.inspector.matches or ctx.format == "qed":
         yield ctx.error(
-            "this is a QED image, a format Glance refuses outright; convert it: "
-            + convert_cmd(ctx, "qemu-img"),
-            structural=True,
+            "this is a QED image, a format Glance refuses outright; convert it: " + convert_cmd(ctx)
         )
-    if ctx.format == "qcow2" and ctx.probe.detail == "qcow1":
+    if ctx.format == "qcow":
         yield ctx.error(
-            "this is a legacy QCOW version 1 image, which Glance refuses and qcowlib does not "
-            "read; convert it: " + convert_cmd(ctx, "qemu-img"),
+            "this is a legacy QCOW version 1 image, which Glance refuses; convert it: "
+            + convert_cmd(ctx),
             4,
-            structural=True,
         )

@@ -228,6 +228,17 @@ _STRUCTURE: Final[dict[str, Callable[[Context], Findings]]] = {
 }
 
 
+def _read_only_structure(fmt: str) -> Callable[[Context], Findings] | None:
+    """The check of a format qcowlib reads but does not write (its reader maps it)."""
+    from qcowlib.formats import registry
+    from qcowlib.validate.rules.readonly import structure_of
+
+    if fmt not in registry.known():
+        return None
+    entry = registry.by_name(fmt)
+    return structure_of(fmt) if entry.reader is not None and entry.output is None else None
+
+
 @rule("structure")
 def structure(ctx: Context) -> Findings:
     """The image's own structures parse and agree with each other and the file size,
@@ -236,7 +247,7 @@ def structure(ctx: Context) -> Findings:
     if ctx.forced_format is not None and ctx.forced_format != ctx.format:
         targets.append(ctx.forced_format)
     for fmt in targets:
-        check = _STRUCTURE.get(fmt)
+        check = _STRUCTURE.get(fmt) or _read_only_structure(fmt)
         if check is None:
             continue
         try:

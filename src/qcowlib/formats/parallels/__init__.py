@@ -1,0 +1,1 @@
+"""Parallels expandable images: codec, reader and check (read-only)."""

@@ -1,0 +1,1 @@
+"""Legacy QCOW (version 1) images: codec and reader (read-only)."""

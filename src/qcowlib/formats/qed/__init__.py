@@ -1,0 +1,1 @@
+"""QED images (QEMU Enhanced Disk): codec, reader and check (read-only)."""
