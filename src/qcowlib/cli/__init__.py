@@ -669,7 +669,16 @@ def _configure_logging(debug: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
+    """Run the command line; returns the exit status.
+
+    Run as the program (``argv`` None), SIGINT, SIGTERM and SIGHUP unwind and clean up
+    (:mod:`qcowlib.core.interrupt`; ``qcowlib.__main__.run`` installs the same earlier,
+    this covers console scripts made before it was their entry point).
+    """
+    if argv is None:
+        from qcowlib.core import interrupt
+
+        interrupt.install()
     # qcowlib never multiplies matrices: keep numpy's BLAS from starting (and spinning)
     # a thread per core in this process, which costs ~0.1 s of CPU per run.
     if "numpy" not in sys.modules:
@@ -696,10 +705,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _traceback(args)
         sys.stderr.write(f"qcowlib: error: {exc}\n")
         return error_status
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         _traceback(args)
-        sys.stderr.write("qcowlib: error: interrupted\n")
-        return 130
+        from qcowlib.core import interrupt
+
+        return interrupt.report(exc)
     except BrokenPipeError:
         return error_status
     except OSError as exc:

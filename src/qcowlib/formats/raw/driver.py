@@ -88,7 +88,9 @@ def create(
             elif prealloc != "off":
                 raise InvalidArgument(f"Invalid parameter value for 'preallocation': '{prealloc}'")
         except OSError as exc:
-            raise QcowlibIOError(f"cannot create {path}: {exc.strerror}", file=path) from None
+            raise QcowlibIOError(
+                f"cannot write: {exc.strerror}", errno=exc.errno, file=path
+            ) from None
     return size
 
 
