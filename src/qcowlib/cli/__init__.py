@@ -263,7 +263,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         )
     if args.target_is_zero and not args.no_create:
         raise Failed("--target-is-zero requires use of -n flag")
-    options = parse_options(args.options)
+    options = parse_options(",".join(args.options))  # -o may repeat, as in qemu-img
     if wants_option_help(options, args.out_format or "raw"):
         return 0
     sparse = parse_size(args.sparse_size) if args.sparse_size is not None else 4096
@@ -493,8 +493,10 @@ def _register_core(sub: argparse._SubParsersAction[_Parser], name: str) -> None:
         p.add_argument(
             "-o",
             dest="options",
+            action="append",
+            default=[],
             metavar="OPTIONS",
-            help="output format options, key=value,... (-o help lists them)",
+            help="output format options, key=value,... (may repeat; -o help lists them)",
         )
         p.add_argument(
             "-c", dest="compress", action="store_true", help="compress the output's data"
