@@ -10,12 +10,46 @@ paths are ``str`` or ``os.PathLike``; every error raised on purpose derives from
 ...     data = disk.read(0, 512)
 """
 
-from __future__ import annotations
+from __future__ import annotations  # a compiler directive; its module is tiny
 
-import os
-from typing import TYPE_CHECKING
+# This file's first statements must run before any real import when qcowlib runs as the
+# command (see below).
+import os as _os
+import sys as _sys
 
-from qcowlib.errors import (
+
+def _stop_at_start(signum: int, frame: object) -> None:
+    """SIGINT, SIGTERM or SIGHUP while the command starts: nothing is written yet and
+    nothing could catch an exception, so end at once with ``128 + N`` and one line."""
+    name = {2: "SIGINT", 15: "SIGTERM", 1: "SIGHUP"}.get(signum, f"signal {signum}")
+    _os.write(2, f"qcowlib: error: interrupted by {name}\n".encode())
+    _os._exit(128 + signum)
+
+
+def _runs_as_program() -> bool:
+    """Whether this process is the ``qcowlib`` command (``python -m qcowlib`` while the
+    package is being located, or the console script), not a program importing us."""
+    argv0 = _sys.argv[0] if _sys.argv else ""
+    if argv0 == "-m":
+        orig = list(getattr(_sys, "orig_argv", ()))
+        pairs = zip(orig, [*orig[1:], ""], strict=True)
+        return any(a == "-mqcowlib" or (a == "-m" and b == "qcowlib") for a, b in pairs)
+    return _os.path.basename(argv0) in ("qcowlib", "qcowlib.exe")
+
+
+# First thing when this package runs as the command: from here on a signal during
+# start-up ends it without a traceback.  Only modules the interpreter has loaded
+# already are used (an import is itself a window).  The command line replaces these
+# handlers with qcowlib.core.interrupt's, which unwind and clean up, once it can.
+if _runs_as_program() and (_signals := _sys.modules.get("_signal")) is not None:
+    for _signum in (2, 15, 1):  # SIGINT, SIGTERM, SIGHUP
+        if _signals.getsignal(_signum) != _signals.SIG_IGN:
+            _signals.signal(_signum, _stop_at_start)
+
+import os  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
+from qcowlib.errors import (  # noqa: E402
     BackingChainError,
     BackingFormatUnknown,
     BackingLoop,

@@ -85,7 +85,28 @@ class InvalidArgument(QcowlibError, ValueError):
 
 
 class QcowlibIOError(QcowlibError, OSError):
-    """An operating-system error while reading or writing an image."""
+    """An operating-system error while reading or writing an image.
+
+    ``errno`` (when the system gave one) is kept as :attr:`errno`, with its text as
+    :attr:`strerror`, so code that wraps this error again still says why it failed.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        errno: int | None = None,
+        file: str | None = None,
+        structure: str | None = None,
+        field: str | None = None,
+        offset: int | None = None,
+    ) -> None:
+        super().__init__(message, file=file, structure=structure, field=field, offset=offset)
+        if errno is not None:
+            import os
+
+            self.errno = errno
+            self.strerror = os.strerror(errno)
 
 
 class QcowlibFileNotFoundError(QcowlibIOError, FileNotFoundError):
@@ -116,7 +137,7 @@ def os_error(exc: OSError, message: str, *, file: str | None = None) -> QcowlibI
         return QcowlibFileNotFoundError(message, file=file)
     if isinstance(exc, PermissionError):
         return QcowlibPermissionError(message, file=file)
-    return QcowlibIOError(message, file=file)
+    return QcowlibIOError(message, errno=exc.errno, file=file)
 
 
 class DiskClosed(QcowlibError, ValueError):

@@ -491,8 +491,7 @@ CASES: tuple[Case, ...] = (
         _backing,
         "raw",
         False,
-        ("backing-file",),
-        warnings=("format-match",),
+        ("backing-file", "format-match"),
     ),
     Case("qcow2-data-file", _data_file, "qcow2", False, ("data-file",), says=("ext-data.raw",)),
     Case("qcow2-extended-l2", _qcow2("extended_l2=on"), "qcow2", False, ("unknown-features",)),
@@ -531,7 +530,15 @@ CASES: tuple[Case, ...] = (
     ),
     Case("qcow1", _qcow1, "qcow2", False, ("banned-format",)),
     Case("qcow2-mbr-polyglot", _polyglot, "qcow2", False, ("format-ambiguous",)),
-    Case("qcow2-as-raw", _qcow2(), "raw", True, warnings=("format-match",)),
+    Case(
+        "qcow2-as-raw",
+        _qcow2(),
+        "raw",
+        False,
+        ("format-match",),
+        says=("no VM would boot", "--disk-format qcow2"),
+        stricter="Glance stores a qcow2 declared raw; no VM boots from it as intended",
+    ),
     Case(
         "raw-as-qcow2", lambda d: write_mbr_disk(d / "disk.raw"), "qcow2", False, ("format-match",)
     ),

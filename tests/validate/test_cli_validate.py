@@ -89,7 +89,9 @@ def test_format_is_the_detected_one(images: dict[str, Path]) -> None:
 
 def test_disk_format_and_policies(images: dict[str, Path]) -> None:
     assert run("--disk-format", "qcow2", images["raw-mbr"]).returncode == 1
-    assert run("--disk-format", "raw", images["qcow2-v3"]).returncode == 0
+    # A container declared raw: Glance would store it and no VM would boot from it.
+    res = run("--disk-format", "raw", images["qcow2-v3"])
+    assert res.returncode == 1 and "no VM would boot from it" in res.stdout
     assert run(images["raw-mbr"]).returncode == 0  # default: declared as detected
     assert run("--policy", "strict", images["qcow2-dirty"]).returncode == 1
     assert run("--policy", "glance", images["qcow2-dirty"]).returncode == 0

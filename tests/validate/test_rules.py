@@ -229,8 +229,9 @@ def test_disk_format_both_ways(images: dict[str, Path]) -> None:
     (f,) = raw_as_qcow2.errors
     assert f.rule == "format-match" and "declare --disk-format raw" in f.message
     qcow2_as_raw = validate(images["qcow2-v3"], disk_format="raw")
-    assert qcow2_as_raw.ok
-    assert rules_of(qcow2_as_raw, "warning") == {"format-match"}
+    assert not qcow2_as_raw.ok  # a container declared raw: stored, and boots nothing
+    assert rules_of(qcow2_as_raw, "error") == {"format-match"}
+    assert validate(images["qcow2-v3"], disk_format="raw", policy="permissive").ok
     assert validate(images["raw-mbr"], disk_format=None).ok
     assert validate(images["garbage-as-raw"], disk_format="ami").ok
     weird = validate(images["qcow2-v3"], disk_format="luks")

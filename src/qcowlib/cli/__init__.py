@@ -263,7 +263,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         )
     if args.target_is_zero and not args.no_create:
         raise Failed("--target-is-zero requires use of -n flag")
-    options = parse_options(args.options)
+    options = parse_options(",".join(args.options))  # -o may repeat, as in qemu-img
     if wants_option_help(options, args.out_format or "raw"):
         return 0
     sparse = parse_size(args.sparse_size) if args.sparse_size is not None else 4096
@@ -493,8 +493,10 @@ def _register_core(sub: argparse._SubParsersAction[_Parser], name: str) -> None:
         p.add_argument(
             "-o",
             dest="options",
+            action="append",
+            default=[],
             metavar="OPTIONS",
-            help="output format options, key=value,... (-o help lists them)",
+            help="output format options, key=value,... (may repeat; -o help lists them)",
         )
         p.add_argument(
             "-c", dest="compress", action="store_true", help="compress the output's data"
@@ -669,7 +671,16 @@ def _configure_logging(debug: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
+    """Run the command line; returns the exit status.
+
+    Run as the program (``argv`` None), SIGINT, SIGTERM and SIGHUP unwind and clean up
+    (:mod:`qcowlib.core.interrupt`; ``qcowlib.__main__.run`` installs the same earlier,
+    this covers console scripts made before it was their entry point).
+    """
+    if argv is None:
+        from qcowlib.core import interrupt
+
+        interrupt.install()
     # qcowlib never multiplies matrices: keep numpy's BLAS from starting (and spinning)
     # a thread per core in this process, which costs ~0.1 s of CPU per run.
     if "numpy" not in sys.modules:
@@ -696,10 +707,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _traceback(args)
         sys.stderr.write(f"qcowlib: error: {exc}\n")
         return error_status
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         _traceback(args)
-        sys.stderr.write("qcowlib: error: interrupted\n")
-        return 130
+        from qcowlib.core import interrupt
+
+        return interrupt.report(exc)
     except BrokenPipeError:
         return error_status
     except OSError as exc:

@@ -43,8 +43,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "-o",
         dest="options",
+        action="append",
+        default=[],
         metavar="OPTIONS",
-        help="output format options, key=value,... (-o help lists them)",
+        help="output format options, key=value,... (may repeat; -o help lists them)",
     )
     p.add_argument("-c", dest="compress", action="store_true", help="compress the output's data")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
@@ -91,7 +93,7 @@ def _cmd_flatten(args: argparse.Namespace) -> int:
     from qcowlib.cli.progress import ProgressBar
     from qcowlib.ops.flatten import flatten
 
-    options = parse_options(args.options)
+    options = parse_options(",".join(args.options))  # -o may repeat, as in qemu-img
     if wants_option_help(options, args.out_format):
         return 0
     bar = ProgressBar() if args.progress and not args.quiet else None

@@ -112,6 +112,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "the store to import into)",
     )
     p.add_argument("--force", action="store_true", help="upload despite validation errors")
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="wait at most this long to connect to Glance (default: clouds.yaml "
+        "api_timeout, else 30)",
+    )
+    p.add_argument(
+        "--read-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="wait at most this long for each answer from Glance, or for it to take more "
+        "of the image (default: clouds.yaml api_timeout, else 120)",
+    )
     p.add_argument("-f", dest="format", choices=INPUT_FORMATS, help="the file's format")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     add_output(p)
@@ -205,7 +219,12 @@ def _cmd_upload(args: argparse.Namespace) -> int:
 
     try:
         result = upload(
-            req, connect=connection, progress=bar.update if bar else None, on_chain=report
+            req,
+            connect=connection,
+            progress=bar.update if bar else None,
+            on_chain=report,
+            connect_timeout=args.connect_timeout,
+            read_timeout=args.read_timeout,
         )
     except ValidationRefused as exc:
         reasons = "; ".join(f"[{f['rule']}] {f['message']}" for f in exc.findings)

@@ -43,7 +43,9 @@ def _copy_range_kernel(src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: 
         except OSError as exc:
             if done == 0:
                 return False  # not supported here: the caller reads and writes instead
-            raise QcowlibIOError(f"copy failed: {exc.strerror}", offset=dst_off + done) from None
+            raise QcowlibIOError(
+                f"copy failed: {exc.strerror}", errno=exc.errno, offset=dst_off + done
+            ) from None
         if got == 0:
             break
         done += got
@@ -135,7 +137,7 @@ def write_raw(
     try:
         os.ftruncate(fd, total)
     except OSError as exc:
-        raise QcowlibIOError(f"cannot size output: {exc.strerror}") from None
+        raise QcowlibIOError(f"cannot size output: {exc.strerror}", errno=exc.errno) from None
     sink = DataWriter(fd)
     try:
         _copy(disk, sink, sparse_size, progress)

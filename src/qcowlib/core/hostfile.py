@@ -131,7 +131,7 @@ class HostFile:
                 done += got
         except OSError as exc:
             raise QcowlibIOError(
-                f"read error at {offset:#x}: {exc.strerror}", file=self.path, offset=offset
+                f"read error: {exc.strerror}", errno=exc.errno, file=self.path, offset=offset
             ) from None
         if done < n:
             buf[done:] = bytes(n - done)
@@ -187,8 +187,8 @@ class HostFile:
         try:
             os.ftruncate(self.fd, size)
         except (OSError, OverflowError) as exc:
-            reason = getattr(exc, "strerror", None) or "File too large"
-            raise QcowlibIOError(reason, file=self.path) from None
+            err = getattr(exc, "errno", None) or errno.EFBIG
+            raise QcowlibIOError(os.strerror(err), errno=err, file=self.path) from None
         self.size = size
 
     def punch_hole(self, offset: int, length: int) -> bool:
@@ -201,7 +201,9 @@ class HostFile:
         try:
             os.fsync(self.fd)
         except OSError as exc:
-            raise QcowlibIOError(f"flush failed: {exc.strerror}", file=self.path) from None
+            raise QcowlibIOError(
+                f"flush failed: {exc.strerror}", errno=exc.errno, file=self.path
+            ) from None
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -308,11 +310,15 @@ def pwrite_all(fd: int, data: memoryview | bytes | bytearray, offset: int) -> No
         while done < len(view):
             n = os.pwrite(fd, view[done : done + WRITE_MAX], offset + done)
             if n <= 0:
-                raise QcowlibIOError(f"write at {offset + done:#x} made no progress")
+                raise QcowlibIOError(
+                    "write error: the write made no progress", errno=errno.EIO, offset=offset + done
+                )
             done += n
+    except QcowlibIOError:
+        raise
     except OSError as exc:
         raise QcowlibIOError(
-            f"write error at {offset + done:#x}: {exc.strerror}", offset=offset + done
+            f"write error: {exc.strerror}", errno=exc.errno, offset=offset + done
         ) from None
 
 
@@ -351,7 +357,7 @@ def _pwritev_batch(
             done = os.pwritev(fd, batch, offset) if len(batch) > 1 else 0
         except OSError as exc:
             raise QcowlibIOError(
-                f"write error at {offset:#x}: {exc.strerror}", offset=offset
+                f"write error: {exc.strerror}", errno=exc.errno, offset=offset
             ) from None
     if done < size:  # a short vectored write (or a single part): finish it piece by piece
         pos = 0
@@ -452,7 +458,7 @@ class DataWriter:
                 self.use_direct = False
                 return False
             raise QcowlibIOError(
-                f"write error at {offset:#x}: {exc.strerror}", offset=offset
+                f"write error: {exc.strerror}", errno=exc.errno, offset=offset
             ) from None
         if done < size:  # short (a full disk?): finish through the page cache
             _pwritev_batch(self.fd, batch, offset, size, skip=done)

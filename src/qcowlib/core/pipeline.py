@@ -216,6 +216,9 @@ class TaskQueue:
         self._error: BaseException | None = None
         self._cv = threading.Condition()
         self._pending = 0
+        #: Set when the body of the ``with`` block raised (an error, Ctrl-C, a signal):
+        #: tasks not started yet are skipped, their ``done`` callbacks still run.
+        self._abandoned = False
         self._threads = [
             threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True)
             for i in range(threads)
@@ -231,7 +234,7 @@ class TaskQueue:
                 return
             task, done = item
             try:
-                if self._error is None:
+                if self._error is None and not self._abandoned:
                     task()
             except BaseException as exc:
                 with self._cv:
@@ -280,5 +283,7 @@ class TaskQueue:
     def __enter__(self) -> TaskQueue:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc is not None:
+            self._abandoned = True
         self.close()

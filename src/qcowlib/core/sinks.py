@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 from qcowlib._log import get_logger
+from qcowlib.core import interrupt
 from qcowlib.core.locks import check_output_unlocked
 from qcowlib.errors import InvalidArgument, QcowlibError, QcowlibIOError, os_error
 
@@ -82,62 +83,114 @@ def atomic_output(path: str, *, protect: tuple[str, ...] = ()) -> Iterator[int]:
     The data is flushed to disk before the rename, and the directory after it.
     ``protect`` lists input files that ``path`` must not name (an output never replaces
     its own source).  Character and block devices are written in place.
+
+    As ``qemu-img`` (which truncates the existing file), writing over a file keeps its
+    permission bits and, where the system allows, its owner and group; a symlink is
+    written through (the link stays, its target gets the new content).  On any error,
+    Ctrl-C, or a signal :mod:`qcowlib.core.interrupt` turns into an exception, the
+    temporary file is removed.  Errors name ``path`` and say why (the system's text).
     """
     for src in protect:
         if same_file(path, src):
             raise InvalidArgument(f"output {path} is the same file as input {src}")
     check_output_unlocked(path)  # a file a running VM holds is never replaced
+    target = os.path.realpath(path) if os.path.islink(path) else path
     try:
-        st = os.stat(path)
-        is_device = stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode)
+        existing: os.stat_result | None = os.stat(target)
     except FileNotFoundError:
-        is_device = False
+        existing = None
     except OSError as exc:
         raise QcowlibIOError(f"cannot stat {path}: {exc.strerror}", file=path) from None
-    if is_device:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise os_error(exc, f"cannot open {path}: {exc.strerror}", file=path) from None
-        try:
-            yield fd
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return
-    directory = os.path.dirname(path) or "."
     try:
-        fd, tmp = tempfile.mkstemp(
-            dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".qcowlib-tmp"
-        )
+        if existing is not None and (
+            stat.S_ISBLK(existing.st_mode) or stat.S_ISCHR(existing.st_mode)
+        ):
+            with _device_output(target) as fd:
+                yield fd
+        else:
+            with _renamed_output(target, existing) as fd:
+                yield fd
+    except QcowlibIOError as exc:  # a write error: name the output (not its temp name)
+        raise exc.with_file(path) from None
+    except QcowlibError:
+        raise
     except OSError as exc:
-        raise os_error(
-            exc, f"cannot create output in {directory}: {exc.strerror}", file=path
-        ) from None
-    ok = False
-    writeback = _Writeback(fd)
+        raise os_error(exc, f"cannot write: {exc.strerror}", file=path) from None
+
+
+@contextlib.contextmanager
+def _device_output(path: str) -> Iterator[int]:
+    """A character or block device, written in place (no temporary name)."""
     try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise os_error(exc, f"cannot open: {exc.strerror}", file=path) from None
+    try:
+        yield fd
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _renamed_output(target: str, existing: os.stat_result | None) -> Iterator[int]:
+    """A temporary file beside ``target``, renamed over it when the body succeeds."""
+    directory = os.path.dirname(target) or "."
+    fd, tmp, ok = -1, "", False
+    try:
+        with interrupt.deferred():  # a signal right after mkstemp must not leak the file
+            try:
+                fd, tmp = tempfile.mkstemp(
+                    dir=directory, prefix=f".{os.path.basename(target)}.", suffix=".qcowlib-tmp"
+                )
+            except OSError as exc:
+                raise QcowlibIOError(
+                    f"cannot create output in {directory}: {exc.strerror}", errno=exc.errno
+                ) from None
+        writeback = _Writeback(fd)
         try:
             yield fd
         finally:
             writeback.close()
         os.fdatasync(fd)
-        os.fchmod(fd, 0o644 & ~_umask())
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, path)
-        ok = True
-        _sync_directory(directory)
-    except QcowlibError:
-        raise
-    except OSError as exc:
-        raise QcowlibIOError(f"cannot write {path}: {exc.strerror}", file=path) from None
-    finally:
-        if fd >= 0:
+        _copy_identity(fd, existing, target)
+        with interrupt.deferred():
+            interrupt.checkpoint()  # interrupted before the rename: no output
             os.close(fd)
+            fd = -1
+            os.replace(tmp, target)
+            ok = True
+        _sync_directory(directory)
+    finally:
         if not ok:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            with interrupt.deferred():  # clean-up is not cut short by a signal
+                if fd >= 0:
+                    os.close(fd)
+                if tmp:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+
+
+def _copy_identity(fd: int, existing: os.stat_result | None, target: str) -> None:
+    """Give the new file the mode and owner of the file it replaces (a new file gets
+    0644 less the umask, as qemu-img creates it).  Set-user-ID and set-group-ID bits
+    are not carried over (the kernel clears them when such a file is written)."""
+    if existing is None:
+        os.fchmod(fd, 0o644 & ~_umask())
+        return
+    uid, gid = existing.st_uid, existing.st_gid
+    if (uid, gid) != (os.geteuid(), os.getegid()):
+        try:
+            os.fchown(fd, uid, gid)
+        except PermissionError:
+            with contextlib.suppress(PermissionError):
+                os.fchown(fd, -1, gid)  # a group we belong to, at least
+            log.warning(
+                "%s: owner %d:%d not kept (only root may give a file away); "
+                "the new file belongs to %d",
+                target, uid, gid, os.geteuid(),
+            )  # fmt: skip
+    os.fchmod(fd, stat.S_IMODE(existing.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
 
 
 @contextlib.contextmanager

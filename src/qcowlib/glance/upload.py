@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,6 +41,11 @@ UPLOAD_CHUNK = 512 * 1024
 #: Bytes read (or serialized) and hashed at a time, then sent as UPLOAD_CHUNK pieces.
 READ_CHUNK = 8 * UPLOAD_CHUNK
 GiB = 1 << 30
+#: Seconds to wait for a TCP connection to Glance, and for each answer (or for the
+#: server to take more of the body) once connected.  A ``clouds.yaml`` ``api_timeout``
+#: is used for both when the caller gives neither.
+CONNECT_TIMEOUT = 30.0
+READ_TIMEOUT = 120.0
 #: Glance's default ``container_formats``.  Glance inspects the data only for ``bare``.
 CONTAINER_FORMATS = ("bare", "ovf", "ova", "aki", "ari", "ami", "docker", "compressed")
 VISIBILITIES = ("public", "private", "shared", "community")
@@ -280,12 +286,44 @@ def _validate(req: UploadRequest, disk_format: str) -> list[dict[str, Any]]:
     report = validate(req.path, "glance", declared, fmt=req.src_format)
     errors = []
     for f in report.findings:
-        if f.severity != "error":
-            continue
         if req.flatten and ("backing" in f.rule or f.rule == "format-match"):
             continue  # flattening removes the backing file and writes the declared format
-        errors.append(f.to_json())
+        if f.severity == "error":
+            errors.append(f.to_json())
+        else:  # shown (on stderr from the command line) before anything is sent
+            log.warning("%s: [%s] %s", req.path, f.rule, f.message)
     return errors
+
+
+def apply_timeouts(
+    conn: Any, connect_timeout: float | None = None, read_timeout: float | None = None
+) -> tuple[float, float]:
+    """Give every request of ``conn`` (an openstacksdk Connection) a connect and a read
+    timeout, in seconds; returns them.
+
+    openstacksdk passes one number, ``api_timeout`` from ``clouds.yaml``, to its
+    keystoneauth session, which hands it to ``requests``; ``requests`` also takes a
+    ``(connect, read)`` pair, which is what is set here.  Unset values come from
+    ``api_timeout``, else :data:`CONNECT_TIMEOUT` and :data:`READ_TIMEOUT`.
+    """
+    for value in (connect_timeout, read_timeout):
+        if value is not None and not value > 0:
+            raise InvalidArgument("timeouts must be positive numbers of seconds")
+    session = getattr(conn, "session", None)
+    configured = getattr(session, "timeout", None)
+    if isinstance(configured, tuple):
+        base_connect, base_read = configured
+    elif configured:
+        base_connect = base_read = float(configured)
+    else:
+        base_connect, base_read = CONNECT_TIMEOUT, READ_TIMEOUT
+    pair = (
+        float(connect_timeout) if connect_timeout is not None else float(base_connect),
+        float(read_timeout) if read_timeout is not None else float(base_read),
+    )
+    if session is not None:
+        session.timeout = pair
+    return pair
 
 
 def upload(
@@ -296,6 +334,8 @@ def upload(
     connect: Callable[[], Connection] | None = None,
     progress: Progress | None = None,
     on_chain: Callable[[Sequence[tuple[str, str]]], None] | None = None,
+    connect_timeout: float | None = None,
+    read_timeout: float | None = None,
 ) -> UploadResult:
     """Upload ``req.path`` to Glance; returns the contract's summary of the image.
 
@@ -314,7 +354,12 @@ def upload(
     (or ``OS_CLOUD``, clouds.yaml and ``OS_*`` variables, as the ``openstack`` client
     does).
     With ``req.flatten``, ``on_chain`` is told the chain read, top first, as
-    ``(filename, format)`` pairs.
+    ``(filename, format)`` pairs.  ``connect_timeout`` and ``read_timeout`` (seconds)
+    bound every request (:func:`apply_timeouts`): a Glance that accepts the connection
+    and never answers ends in :class:`UploadError`.  Validation warnings are logged
+    before anything is sent.  Interrupted (Ctrl-C, or a signal the command line turns
+    into :class:`~qcowlib.core.interrupt.Interrupted`), the upload deletes the image it
+    created and re-raises, with what it did in the exception's ``detail``.
     """
     from qcowlib.core.hostfile import HostFile
     from qcowlib.formats.opener import probe_format
@@ -349,7 +394,8 @@ def upload(
             from qcowlib.glance.cloud import connect as cloud_connect
 
             conn = cloud_connect(cloud=cloud)
-        return _send(conn, req, disk_format, source, progress, forced=errors)
+        timeouts = apply_timeouts(conn, connect_timeout, read_timeout)
+        return _send(conn, req, disk_format, source, progress, timeouts, forced=errors)
     finally:
         source.close()
 
@@ -378,6 +424,7 @@ def _send(
     disk_format: str,
     source: _Source,
     progress: Progress | None,
+    timeouts: tuple[float, float] = (CONNECT_TIMEOUT, READ_TIMEOUT),
     forced: list[dict[str, Any]] | None = None,
 ) -> UploadResult:
     from openstack.image.v2 import image as _image
@@ -387,6 +434,10 @@ def _send(
     sender = _Sender(source, progress)
     kwargs = _image_attributes(req, source)
     image_id: str | None = None
+    # When the current request started (None while the body is sent, which takes as
+    # long as it takes): a request failing after waiting a timeout's length timed out,
+    # whatever keystoneauth calls it.
+    started: float | None = time.monotonic()
     try:
         # Requests that need no image first: a wrong --store or a cloud without
         # glance-direct is reported before a record exists.
@@ -402,23 +453,30 @@ def _send(
             **kwargs,
         ).create(conn.image)
         image_id = image.id
+        started = None
         if req.use_import:
             record = interop.stage_and_import(conn, image, sender, source.size, req.store)
         else:
             _put_data(conn, image, sender, source.size, req.store)
+            started = time.monotonic()
             record = conn.image.get_image(image_id)
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP (core/interrupt.py)
+        exc.detail = _cleanup(conn, image_id)  # type: ignore[attr-defined]
+        raise
     except Exception as exc:
-        _delete(conn, image_id)
+        waited = 0.0 if started is None else time.monotonic() - started
+        done = _cleanup(conn, image_id)
         if sender.error is not None and isinstance(sender.error, QcowlibError):
+            sender.error.message += f" ({done})"
             raise sender.error from None
-        done = "image deleted" if image_id is not None else "no image was created"
-        raise UploadError(f"upload failed: {_why(exc, forced)} ({done})") from None
+        why = _why(exc, forced) + _timed_out(exc, timeouts, waited)
+        raise UploadError(f"upload failed: {why} ({done})") from None
     digests = sender.hasher.hexdigests()
     sender.hasher.close()
     problems = _disagreements(record, sender, source, digests, req.store)
     if problems:
-        _delete(conn, image_id)
-        raise UploadError("upload not accepted: " + "; ".join(problems) + " (image deleted)")
+        done = _cleanup(conn, image_id)
+        raise UploadError("upload not accepted: " + "; ".join(problems) + f" ({done})")
     return _summary(record, sender.sent, digests)
 
 
@@ -499,16 +557,39 @@ def _why(exc: BaseException, forced: list[dict[str, Any]] | None) -> str:
     return text
 
 
-def _delete(conn: Any, image_id: str | None) -> None:
+def _cleanup(conn: Any, image_id: str | None) -> str:
+    """Delete the image this upload created; says what happened, naming the image.
+
+    Runs to its end even when signals arrive meanwhile (they are recorded, see
+    :mod:`qcowlib.core.interrupt`); each request is bounded by the timeouts.
+    """
+    from qcowlib.core import interrupt
+
     if image_id is None:
-        return
-    try:
-        if conn.image.find_image(image_id) is not None:
-            conn.image.update_image(image_id, is_protected=False)
-            conn.image.delete_image(image_id, ignore_missing=True)
-    except Exception as exc:  # best effort: report the original problem, log this one
-        log.warning("could not delete image %s after a failed upload: %s", image_id, _describe(exc))
-        log.debug("deleting image %s", image_id, exc_info=True)
+        return "no image was created"
+    with interrupt.deferred():
+        try:
+            if conn.image.find_image(image_id) is not None:
+                conn.image.update_image(image_id, is_protected=False)
+                conn.image.delete_image(image_id, ignore_missing=True)
+        except Exception as exc:  # report the original problem; say this one too
+            log.debug("deleting image %s", image_id, exc_info=True)
+            return (
+                f"Glance image {image_id} could NOT be deleted: {_describe(exc)}; "
+                f"delete it with: openstack image delete {image_id}"
+            )
+        return f"Glance image deleted: {image_id}"
+
+
+def _timed_out(exc: BaseException, timeouts: tuple[float, float], waited: float) -> str:
+    """For a timeout (keystoneauth says "timed out", or hides it in a failed version
+    discovery after waiting that long), which one; else nothing."""
+    if "timed out" not in str(exc).lower() and waited < min(timeouts):
+        return ""
+    return (
+        f" (Glance did not answer within the timeouts: connect {timeouts[0]:g} s, "
+        f"read {timeouts[1]:g} s; see --connect-timeout and --read-timeout)"
+    )
 
 
 def _describe(exc: BaseException) -> str:

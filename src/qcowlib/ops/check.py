@@ -69,10 +69,14 @@ def check(
     :class:`QcowlibError` subclasses when the image cannot be opened at all (bad header,
     missing file, backing file or data file) or written while repairing.
     """
-    path = os.fspath(path)
+    import contextlib
+
+    from qcowlib.core import interrupt
     from qcowlib.core.chain import as_policy
     from qcowlib.core.hostfile import HostFile
     from qcowlib.core.locks import take_read_locks, take_write_locks
+
+    path = os.fspath(path)
     from qcowlib.formats import registry
     from qcowlib.formats.opener import ChainOpener, probe_format
 
@@ -97,7 +101,11 @@ def check(
             raise CheckNotSupported(f"{detected} images have nothing to check", file=path)
         if entry.check is None:
             raise UnsupportedFeature(f"checking {detected} images is not supported", file=path)
-        report: CheckReport = entry.implementation("check")(host, path, fix, ChainOpener(policy))
+        # A repair writes in place: a signal waits until it is done (no temporary file).
+        with interrupt.deferred() if fix else contextlib.nullcontext():
+            report: CheckReport = entry.implementation("check")(
+                host, path, fix, ChainOpener(policy)
+            )
         return report
     finally:
         host.close()

@@ -7,6 +7,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from qcowlib.core import interrupt
 from qcowlib.core.chain import BackingPolicy, as_policy, resolve_linked_path
 from qcowlib.core.disk import Disk, ExtentKind, Writer
 from qcowlib.core.hostfile import HostFile, aligned_buffer, pwrite_all, refuse_special
@@ -46,7 +47,8 @@ def resize(path: str, size_text: str, *, fmt: str | None = None, shrink: bool = 
     def new_size(current: int) -> int:
         return _new_size(current, amount, relative)
 
-    result: int = entry.implementation("resize")(path, new_size, shrink=shrink)
+    with interrupt.deferred():  # in place: a signal waits until the change is whole
+        result: int = entry.implementation("resize")(path, new_size, shrink=shrink)
     return result
 
 
@@ -84,7 +86,9 @@ def rebase(
             "a safe rebase reads the old and new backing files: backing policy 'none' "
             "allows only -u"
         )
-    with open_rw(path, follow_backing=not unsafe, policy=policy) as disk:
+    # In place, no temporary file: a signal is acted on between chunks of the copy
+    # (the guest content is unchanged at every such point) or after the header change.
+    with interrupt.deferred(), open_rw(path, follow_backing=not unsafe, policy=policy) as disk:
         if not unsafe:
             new_base: Disk | None = None
             if backing:
@@ -123,6 +127,7 @@ def _copy_differences(disk: Disk, new_base: Disk | None, progress: Progress | No
             _read_or_zero(new_base, pos, new)
             for first, last in _runs(_differing_clusters(old, new, cs)):
                 disk.write(pos + first * cs, old[first * cs : min(n, last * cs)])
+            interrupt.checkpoint()
             pos += n
             if progress:
                 progress(pos, size)
@@ -187,7 +192,9 @@ def commit(
     from qcowlib.formats import registry
     from qcowlib.formats.opener import backing_format, backing_name, open_rw
 
-    with open_rw(path, follow_backing=False) as top:
+    # In place: a signal is acted on between chunks (the top image still holds all its
+    # data then, so the guest sees the same disk), never inside a metadata update.
+    with interrupt.deferred(), open_rw(path, follow_backing=False) as top:
         name = backing_name(top)
         if name is None:
             raise InvalidArgument("Image does not have a backing file")
@@ -233,6 +240,7 @@ def _copy_layer_into(top: Disk, base: Writer, progress: Progress | None) -> None
                 view = buf[:n]
                 top.read_into(pos, view)
                 base.write(pos, view)
+            interrupt.checkpoint()
             pos += n
             if progress:
                 progress(pos, top.virtual_size)

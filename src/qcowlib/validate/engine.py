@@ -313,9 +313,27 @@ def validate(
             if r.formats is not None and not (r.formats & image.formats):
                 continue
             findings.extend(_run(r, Context(image, r.id)))
+        out = _apply(pol, findings)
+        if not any(f.severity == "error" for f in out) and not any(
+            f.rule in NAMES_OTHER_FILES for f in out
+        ):
+            out += _apply(pol, _readable(Context(image, "readable")))
     finally:
         host.close()
+    out.sort(key=lambda f: f.severity != "error")  # errors first, stable otherwise
+    return ValidationReport(name, image.probe.format, pol.name, disk_format, tuple(out))
 
+
+#: Rules whose findings mean the image names other files (validate opens none of them,
+#: so such an image is not opened through the opener either).
+NAMES_OTHER_FILES: Final = frozenset(
+    {"backing-file", "data-file", "vmdk-extent", "vmdk-descriptor"}
+)
+
+
+def _apply(pol: Policy, findings: Iterable[Finding]) -> list[Finding]:
+    """The findings with the policy's severities, without those it turns off and
+    without repeats."""
     out: list[Finding] = []
     seen: set[tuple[str, str, int | None]] = set()
     for f in findings:
@@ -327,8 +345,32 @@ def validate(
             continue
         seen.add(key)
         out.append(applied)
-    out.sort(key=lambda f: f.severity != "error")  # errors first, stable otherwise
-    return ValidationReport(name, image.probe.format, pol.name, disk_format, tuple(out))
+    return out
+
+
+def _readable(ctx: Context) -> list[Finding]:
+    """An image the rules would accept must also open as ``convert`` opens it (the top
+    image alone, the format probed or forced): validate is never laxer than opening.
+    What qcowlib cannot read is refused with the reader's reason."""
+    from qcowlib.core.chain import BackingPolicy
+    from qcowlib.errors import BackingChainError, ImageLocked
+    from qcowlib.formats.opener import open_disk
+
+    alone = BackingPolicy(follow=False, follow_data_file=False)
+    try:
+        open_disk(ctx.same_file_path(), ctx.forced_format, alone).close()
+    except (BackingChainError, ImageLocked):
+        return []  # about other files or another process, not this image's content
+    except QcowlibError as exc:
+        return [
+            ctx.error(
+                f"qcowlib cannot read this image, so convert and flatten would refuse it "
+                f"too: {_describe(exc)}",
+                exc.offset,
+                structural=True,
+            )
+        ]
+    return []
 
 
 def _run(r: Rule, ctx: Context) -> list[Finding]:

@@ -100,7 +100,9 @@ def create(
         try:
             os.ftruncate(fd, size)
         except OSError as exc:
-            raise QcowlibIOError(f"cannot create {path}: {exc.strerror}", file=path) from None
+            raise QcowlibIOError(
+                f"cannot write: {exc.strerror}", errno=exc.errno, file=path
+            ) from None
         preallocate(fd, 0, size, prealloc)
         allocate_first_block(fd, size)
     return size

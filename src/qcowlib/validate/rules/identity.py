@@ -57,15 +57,18 @@ def format_match(ctx: Context) -> Findings:
     if seen == "raw" and want not in fm.INSPECTOR_FORMATS:
         return  # ami/ari/aki and friends: Glance cannot inspect them, raw content passes
     if want == "raw":
-        if seen != "gpt":
+        # A recognised container declared raw is an error, though Glance stores it: no
+        # VM would boot from it as intended (CONTRACT, validate).  Not a disk with a
+        # partition table (gpt), a bootable ISO, or LUKS (the `encrypted` rule says why).
+        if seen not in ("gpt", "iso", "luks"):
             theirs = fm.INSPECTOR_TO_QEMU.get(seen, seen)
             if ours not in (theirs, "raw", "iso"):
                 # The inspector's name is not the format (legacy QCOW looks like qcow2).
                 name = NAMES.get(ours, ours)
-                yield ctx.warning(
+                yield ctx.error(
                     f"declared raw, but the content is a {name} image (Glance's inspector "
-                    f"takes it for {seen}); a VM would see the {name} container as its "
-                    f"disk: convert it first ({convert_cmd(ctx)})"
+                    f"takes it for {seen}); Glance would store it, and no VM would boot from "
+                    f"it as intended: convert it first ({convert_cmd(ctx)})"
                 )
                 return
             shown = NAMES.get(theirs, seen)
@@ -74,10 +77,10 @@ def format_match(ctx: Context) -> Findings:
                 if seen in pol.disk_formats
                 else f"convert it first: {convert_cmd(ctx)}"
             )
-            yield ctx.warning(
-                f"declared raw, but the content is a {shown} image; Glance accepts it and "
-                f"stores it as raw, so a VM would see the {shown} container as its disk "
-                f"({fix})"
+            yield ctx.error(
+                f"declared raw, but the content is a {shown} image; Glance would store it "
+                f"as raw, and no VM would boot from it as intended: a VM sees the {shown} "
+                f"container as its disk ({fix})"
             )
         return
     shown = "raw (a disk with a partition table, which Glance calls gpt)" if seen == "gpt" else seen

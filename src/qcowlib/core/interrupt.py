@@ -1,0 +1,167 @@
+"""SIGINT, SIGTERM and SIGHUP as an exception, so that every ``finally`` runs.
+
+By default SIGTERM and SIGHUP end a Python process on the spot: no ``finally`` clause
+runs, and a new image's temporary file stays behind at full size.  The command line
+calls :func:`install` first thing; from then on each of the three signals raises
+:class:`Interrupted` in the main thread, which unwinds like Ctrl-C does: the temporary
+output is removed (:func:`qcowlib.core.sinks.atomic_output`), an upload deletes the
+Glance image it created, and the program exits ``128 + signal number`` (130, 143, 129).
+
+Only the first signal raises; later ones are recorded and ignored, so that the clean-up
+the first one started is not cut short (SIGKILL still ends the process at once).
+In-place writers (commit, rebase, repair) run inside :func:`deferred`, where a signal
+is only recorded, and call :func:`checkpoint` where the image is consistent: the
+interruption happens there, never between two metadata updates.
+
+The library itself installs nothing: a program importing qcowlib keeps its own
+signal handling, and Ctrl-C (KeyboardInterrupt) still unwinds through the same
+``finally`` clauses.
+"""
+
+from __future__ import annotations
+
+import _thread
+import contextlib
+import signal
+from collections.abc import Iterator
+from types import FrameType
+
+__all__ = [
+    "HANDLED",
+    "Interrupted",
+    "checkpoint",
+    "deferred",
+    "describe",
+    "exit_status",
+    "ignore_further",
+    "install",
+    "report",
+    "signal_name",
+]
+
+#: The signals :func:`install` turns into :class:`Interrupted`.
+HANDLED: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal asked the program to stop (a KeyboardInterrupt, so ``except Exception``
+    does not swallow it).  ``detail`` says what clean-up was done, for the last line
+    the command line prints."""
+
+    def __init__(self, signum: int, detail: str = "") -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.detail = detail
+
+    @property
+    def status(self) -> int:
+        """The exit status a shell reports for a process ended by this signal."""
+        return 128 + self.signum
+
+
+class _State:
+    """Process-wide: whether a signal arrived, and how deep in :func:`deferred` we are."""
+
+    def __init__(self) -> None:
+        self.lock = _thread.allocate_lock()  # threading costs a start-up import
+        self.pending: int | None = None  # recorded while deferred, not raised yet
+        self.raised = False  # the first signal has been turned into an exception
+        self.defer_depth = 0
+
+
+_state = _State()
+
+
+def _handler(signum: int, frame: FrameType | None) -> None:
+    if _state.raised:
+        return  # clean-up of the first signal is running: let it finish
+    if _state.defer_depth > 0:
+        if _state.pending is None:
+            _state.pending = signum
+        return
+    _state.raised = True
+    raise Interrupted(signum)
+
+
+def install() -> None:
+    """Make SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` (main thread only).
+
+    A signal the parent process ignores (``nohup`` ignores SIGHUP) stays ignored.
+    """
+    for sig in HANDLED:
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            continue
+        try:
+            signal.signal(sig, _handler)
+        except ValueError:  # not the main thread: signals are not ours to handle
+            return
+
+
+def checkpoint() -> None:
+    """Raise :class:`Interrupted` now if a signal arrived while deferred.
+
+    Call it where stopping leaves everything consistent (between two chunks of an
+    in-place copy); outside :func:`deferred` nothing is ever pending.
+    """
+    with _state.lock:
+        signum = _state.pending
+        if signum is None or _state.raised:
+            return
+        _state.pending = None
+        _state.raised = True
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Inside, a signal is recorded instead of raised; it is raised at the next
+    :func:`checkpoint`, or on leaving the outermost ``deferred`` block."""
+    with _state.lock:
+        _state.defer_depth += 1
+    try:
+        yield
+    finally:
+        with _state.lock:
+            _state.defer_depth -= 1
+            outermost = _state.defer_depth == 0
+    if outermost:
+        checkpoint()
+
+
+def ignore_further() -> None:
+    """From now on the handled signals are recorded and ignored (the program is
+    finishing; a late signal must not raise during shutdown)."""
+    _state.raised = True
+
+
+def signal_name(signum: int) -> str:
+    """``SIGTERM`` for 15, and so on."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def describe(exc: KeyboardInterrupt) -> str:
+    """``interrupted by SIGTERM`` (and what clean-up was done, when there was some)."""
+    text = f"interrupted by {signal_name(exit_status(exc) - 128)}"
+    detail = getattr(exc, "detail", "")
+    return f"{text}: {detail}" if detail else text
+
+
+def report(exc: KeyboardInterrupt) -> int:
+    """Print :func:`describe`'s line on stderr (if it still can) and return the exit
+    status for ``exc``."""
+    import sys
+
+    try:  # after SIGHUP the terminal may be gone
+        sys.stderr.write(f"qcowlib: error: {describe(exc)}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    return exit_status(exc)
+
+
+def exit_status(exc: KeyboardInterrupt) -> int:
+    """130 for Ctrl-C, ``128 + N`` for :class:`Interrupted` by signal N."""
+    return exc.status if isinstance(exc, Interrupted) else 128 + signal.SIGINT
