@@ -242,3 +242,26 @@ def test_nohup_keeps_sighup_ignored(big_raw: Path, tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert qemu_img("compare", "-q", "-f", "raw", "-F", "qcow2", big_raw, out).returncode == 0
+
+
+def test_a_signal_landing_in_library_clean_up_still_exits_as_the_signal() -> None:
+    """``RuntimeError: release unlocked lock`` raised while a signal's exception unwinds
+    through ``Condition.wait`` is reported as that signal, not as an internal error."""
+    from qcowlib.core import interrupt
+
+    try:
+        try:
+            raise interrupt.Interrupted(signal.SIGHUP)
+        except KeyboardInterrupt:
+            raise RuntimeError("release unlocked lock") from None
+    except RuntimeError as exc:
+        found = interrupt.cause(exc)
+    assert found is None  # "from None" hides the context: nothing to find
+    try:
+        try:
+            raise interrupt.Interrupted(signal.SIGHUP)
+        except KeyboardInterrupt:
+            raise RuntimeError("release unlocked lock")  # noqa: B904 - as the library does
+    except RuntimeError as exc:
+        found = interrupt.cause(exc)
+    assert found is not None and interrupt.exit_status(found) == 129

@@ -719,6 +719,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"qcowlib: error: {exc}\n")
         return error_status
     except Exception as exc:  # a bug: no traceback for users unless they ask (--debug)
+        from qcowlib.core import interrupt
+
+        if (signalled := interrupt.cause(exc)) is not None:
+            return interrupt.report(signalled)
         _traceback(args)
         sys.stderr.write(f"qcowlib: error: internal error: {type(exc).__name__}: {exc}\n")
         return error_status

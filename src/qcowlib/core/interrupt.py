@@ -162,6 +162,23 @@ def report(exc: KeyboardInterrupt) -> int:
     return exit_status(exc)
 
 
+def cause(exc: BaseException) -> Interrupted | None:
+    """The :class:`Interrupted` an exception arose while handling, if any.
+
+    A signal's exception can land inside the standard library's own clean-up (between a
+    ``Condition.wait`` releasing its lock and taking it back), which then fails with
+    ``RuntimeError: release unlocked lock`` chained to it: the signal is the cause."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, Interrupted):
+            return current
+        seen.add(id(current))
+        suppressed = current.__suppress_context__
+        current = current.__cause__ if suppressed else current.__cause__ or current.__context__
+    return None
+
+
 def exit_status(exc: KeyboardInterrupt) -> int:
     """130 for Ctrl-C, ``128 + N`` for :class:`Interrupted` by signal N."""
     return exc.status if isinstance(exc, Interrupted) else 128 + signal.SIGINT
