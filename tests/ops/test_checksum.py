@@ -565,3 +565,23 @@ def test_no_xxhash_or_numpy_until_needed(tmp_path: Path) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
     )
     assert out.stdout.strip() == "[] []"
+
+
+def test_progress_reaches_the_end_of_both_passes(tmp_path: Path) -> None:
+    """``-p`` (API ``progress=``): monotonic, ending at the total of file and disk."""
+    if not have_qemu():
+        pytest.skip("qemu-img not installed")
+    image = tmp_path / "p.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", image, "8M")
+    qemu_io(image, ["write -P 7 0 1M"])
+    seen: list[tuple[int, int]] = []
+    checksum(image, content=True, progress=lambda d, t: seen.append((d, t)))
+    assert seen and all(a[0] <= b[0] for a, b in itertools.pairwise(seen))
+    assert seen[-1][0] == seen[-1][1] == image.stat().st_size + 8 * 2**20
+    out = subprocess.run(
+        [sys.executable, "-m", "qcowlib", "checksum", "-p", str(image)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0 and "100" in out.stderr

@@ -54,22 +54,30 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     add_output(p)
     add_read_options(p)
+    p.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
     p.add_argument("filename", metavar="FILE", help="the image file")
     p.set_defaults(func=_cmd_checksum)
 
 
 def _cmd_checksum(args: argparse.Namespace) -> int:
+    from qcowlib.cli.progress import ProgressBar
     from qcowlib.ops.checksum import checksum
 
     algos = [a.strip() for a in args.algo.split(",") if a.strip()]
-    result = checksum(
-        args.filename,
-        algos,
-        content=args.content,
-        fmt=args.format,
-        backing_policy=args.backing_policy,
-        force_share=args.force_share,
-    )
+    bar = ProgressBar() if args.progress else None
+    try:
+        result = checksum(
+            args.filename,
+            algos,
+            content=args.content,
+            fmt=args.format,
+            backing_policy=args.backing_policy,
+            force_share=args.force_share,
+            progress=bar.update if bar else None,
+        )
+    finally:
+        if bar:
+            bar.finish()
     if args.output == "json":
         print_json(result)
         return 0

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NotRequired, TypedDict
 
 from qcowlib.core.chain import BackingPolicy
@@ -57,6 +57,7 @@ def checksum(
     fmt: str | None = None,
     backing_policy: BackingPolicy | str | None = None,
     force_share: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ChecksumResult:
     """Digests of the file at ``path`` as stored and, if asked, of the disk it holds.
 
@@ -66,7 +67,8 @@ def checksum(
     the content otherwise) and the backing chain is followed as ``backing_policy``
     allows (``follow``, as ``qemu-img`` does, ``contained`` or ``none``).  The file is
     read under qemu-img's shared read locks: :class:`~qcowlib.errors.ImageLocked` when
-    another process has it open for writing, unless ``force_share``.
+    another process has it open for writing, unless ``force_share``.  ``progress(done,
+    total)`` is told the bytes read (file, then disk) as they go.
 
     Raises :class:`InvalidArgument` for unknown algorithm names or format,
     :class:`QcowlibIOError` when the file cannot be read, and for ``content`` whatever
@@ -76,9 +78,12 @@ def checksum(
     path = os.fspath(path)
     file_names = check_algorithms(algos)
     want_content = content or content_algos is not None
+    file_size = os.stat(path).st_size if progress is not None and os.path.isfile(path) else 0
     if not want_content:
         with MultiHasher(file_names) as hasher:
-            size = hash_file(path, hasher, force_share=force_share)
+            size = hash_file(
+                path, hasher, force_share=force_share, progress=_tell(progress, 0, file_size)
+            )
             return {"file": hasher.hexdigests(), "size": size}
 
     content_names = check_algorithms(file_names if content_algos is None else content_algos)
@@ -89,7 +94,7 @@ def checksum(
             # A raw file of whole sectors *is* its disk: one pass gives both kinds.
             extra = tuple(n for n in content_names if n not in file_names)
             with MultiHasher(file_names + extra) as hasher:
-                size = hash_file(path, hasher)
+                size = hash_file(path, hasher, progress=_tell(progress, 0, file_size))
                 both = hasher.hexdigests()
             if size == disk.virtual_size:
                 return {
@@ -100,12 +105,22 @@ def checksum(
             # The file changed size under us: hash the disk the long way.
             file_digests = {n: both[n] for n in file_names}
         else:
+            total = file_size + disk.virtual_size
             with MultiHasher(file_names) as hasher:
-                size = hash_file(path, hasher)
+                size = hash_file(path, hasher, progress=_tell(progress, 0, total))
                 file_digests = hasher.hexdigests()
         with MultiHasher(content_names) as hasher:
-            hash_disk(disk, hasher)
+            hash_disk(disk, hasher, progress=_tell(progress, size, size + disk.virtual_size))
             return {"file": file_digests, "content": hasher.hexdigests(), "size": size}
+
+
+def _tell(
+    progress: Callable[[int, int], None] | None, before: int, total: int
+) -> Callable[[int], None] | None:
+    """``progress`` for one pass that starts after ``before`` bytes of ``total``."""
+    if progress is None:
+        return None
+    return lambda done: progress(min(before + done, total), total)
 
 
 def _refuse_directory(path: str) -> None:
@@ -118,7 +133,12 @@ def _refuse_directory(path: str) -> None:
 
 
 def hash_file(
-    path: str, hasher: MultiHasher, *, chunk: int = READ_CHUNK, force_share: bool = True
+    path: str,
+    hasher: MultiHasher,
+    *,
+    chunk: int = READ_CHUNK,
+    force_share: bool = True,
+    progress: Callable[[int], None] | None = None,
 ) -> int:
     """Feed the bytes of the file at ``path`` to ``hasher``, start to end; returns the count.
 
@@ -150,11 +170,19 @@ def hash_file(
                 return offset
             hasher.update(view[:got])
             offset += got
+            if progress is not None:
+                progress(offset)
     finally:
         host.close()
 
 
-def hash_disk(disk: Disk, hasher: MultiHasher, *, chunk: int = READ_CHUNK) -> None:
+def hash_disk(
+    disk: Disk,
+    hasher: MultiHasher,
+    *,
+    chunk: int = READ_CHUNK,
+    progress: Callable[[int], None] | None = None,
+) -> None:
     """Feed ``disk``'s guest-visible bytes (all of its virtual size) to ``hasher``.
 
     Data is read extent by extent into one reused buffer, straight from the layer of the
@@ -169,6 +197,8 @@ def hash_disk(disk: Disk, hasher: MultiHasher, *, chunk: int = READ_CHUNK) -> No
                 hasher.update(view[:fill])
                 fill = 0
             hasher.update_zeros(ext.length)
+            if progress is not None:
+                progress(ext.end)
             continue
         pos = ext.start
         while pos < ext.end:
@@ -183,5 +213,9 @@ def hash_disk(disk: Disk, hasher: MultiHasher, *, chunk: int = READ_CHUNK) -> No
             if fill == chunk:
                 hasher.update(view)
                 fill = 0
+                if progress is not None:
+                    progress(pos)
     if fill:
         hasher.update(view[:fill])
+    if progress is not None:
+        progress(disk.virtual_size)
