@@ -99,14 +99,18 @@ def test_check_is_not_supported_as_in_qemu(tmp_path: Path) -> None:
     assert ours.stdout == theirs.stdout == ""
 
 
-def test_encrypted_image_is_refused_by_name(tmp_path: Path) -> None:
+def test_encrypted_image_shows_in_info_and_is_refused_for_data(tmp_path: Path) -> None:
+    """As qemu-img without a key: ``info`` shows ``encrypted: yes``; reading fails."""
     p = tmp_path / "enc.qcow"
     qemu_img(
         "create", "-q", "--object", "secret,id=s0,data=abc", "-f", "qcow",
         "-o", "encrypt.format=aes,encrypt.key-secret=s0", p, "1M",
     )  # fmt: skip
     assert struct.unpack_from(">I", p.read_bytes(), 36)[0] == qcow.QCOW_CRYPT_AES
-    assert_refused(p, "encrypted qcow", "AES")
+    for args in ((), ("--output=json",)):
+        assert cli("info", *args, p).stdout == qemu_img("info", *args, p).stdout
+    assert qemu_img("map", p, check=False).returncode == 1
+    assert_refused(p, "encrypt.key-secret", "AES-CBC")
 
 
 def l2_offset(path: Path) -> int:

@@ -169,14 +169,7 @@ def parse_header(data: bytes | bytearray | memoryview, file_size: int) -> QcowHe
         raise _field_error(CorruptImage, "cluster size must be between 512 and 64k", "cluster_bits")
     if not 9 - 3 <= rec.l2_bits <= 16 - 3:
         raise _field_error(CorruptImage, "L2 table size must be between 512 and 64k", "l2_bits")
-    if rec.crypt_method == QCOW_CRYPT_AES:
-        raise _field_error(
-            UnsupportedFeature,
-            "encrypted qcow images (AES-CBC, crypt_method 1) are not supported; decrypt "
-            "it with qemu-img convert --object secret,... first",
-            "crypt_method",
-        )
-    if rec.crypt_method != QCOW_CRYPT_NONE:
+    if rec.crypt_method not in (QCOW_CRYPT_NONE, QCOW_CRYPT_AES):
         raise _field_error(CorruptImage, "invalid encryption method in qcow header", "crypt_method")
     h = QcowHeader(
         backing_file_offset=rec.backing_file_offset,

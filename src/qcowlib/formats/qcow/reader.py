@@ -10,11 +10,13 @@ that says so.  A backing file is named in the header, without a format: it is pr
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from qcowlib.core.disk import Extent, ExtentKind, full_backing_filename
 from qcowlib.core.hostfile import HostFile
-from qcowlib.errors import QcowlibError, TruncatedImage
+from qcowlib.core.qdict import qdict_order
+from qcowlib.errors import QcowlibError, TruncatedImage, UnsupportedFeature
 from qcowlib.formats._clustermap import ClusterMap, ClusterMapDisk
 from qcowlib.formats.qcow import codec as qcow
 
@@ -64,6 +66,9 @@ class QcowDisk(ClusterMapDisk):
         self._l2: dict[int, tuple[U8, I64, I64]] = {}
         self._lock = threading.Lock()
         self._cluster: tuple[int, bytes] | None = None
+        #: AES-CBC (crypt_method 1): ``info`` shows it, as qemu-img does; data needs a key
+        #: qcowlib does not take for this legacy cipher.
+        self.encrypted = self.header.crypt_method == qcow.QCOW_CRYPT_AES
 
     # -- links and info -----------------------------------------------------------------
     @property
@@ -79,8 +84,20 @@ class QcowDisk(ClusterMapDisk):
         if self._backing_name is not None:
             info["full-backing-filename"] = full_backing_filename(self.filename, self._backing_name)
             info["backing-filename"] = self._backing_name
+        if self.encrypted:
+            info["encrypted"] = True
         info["dirty-flag"] = False
-        return info
+        return qdict_order(info)
+
+    def _runs(self, start: int, end: int) -> Iterator[Extent]:
+        if self.encrypted:
+            raise UnsupportedFeature(
+                "Parameter 'encrypt.key-secret' is required for cipher: this qcow image is "
+                "encrypted with AES-CBC (crypt_method 1), which qcowlib does not decrypt; "
+                "qemu-img convert --object secret,... --image-opts can",
+                file=self.filename,
+            )
+        return super()._runs(start, end)
 
     # -- tables -------------------------------------------------------------------------
     def l1_entry(self, index: int) -> int:
