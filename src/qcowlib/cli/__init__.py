@@ -314,7 +314,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="qcowlib",
         description="Inspect, check, convert, flatten and upload virtual disk images "
-        "(qcow2, raw, VMDK, VDI, VHD, VHDX), with qemu-img's options and output.",
+        f"({', '.join(INPUT_FORMATS)}), with qemu-img's options and output.",
         epilog=f"Run 'qcowlib COMMAND --help' for a command's options and examples. "
         f"Documentation: {DOCS}.",
     )
