@@ -28,6 +28,7 @@ from typing import Any, Final
 
 from qcowlib.errors import CorruptImage, FormatError, QcowlibError, TruncatedImage
 from qcowlib.formats._record import FixedLayout
+from qcowlib.formats.luks import codec as luks
 from qcowlib.formats.qcow2 import header as qcow2_header
 
 SECTOR: Final = 512
@@ -152,39 +153,11 @@ def _qcow2_data_file_extension(head: bytes, header_length: int, raw: Any) -> str
 # ---------------------------------------------------------------------------------------
 # LUKS
 
-LUKS_MAGIC: Final = b"LUKS\xba\xbe"
-LUKS_KEY_ENABLED: Final = 0x00AC71F3
-LUKS_KEY_DISABLED: Final = 0x0000DEAD
-_LuksHeader = FixedLayout(
-    "luks header",
-    ">",
-    [
-        ("magic", "6s"),
-        ("version", "H"),
-        ("cipher_name", "32s"),
-        ("cipher_mode", "32s"),
-        ("hash_spec", "32s"),
-        ("payload_offset", "I"),
-        ("key_bytes", "I"),
-        ("mk_digest", "20s"),
-        ("mk_digest_salt", "32s"),
-        ("mk_digest_iter", "I"),
-        ("uuid", "40s"),
-    ],
-)
-_LuksKeySlot = FixedLayout(
-    "luks key slot",
-    ">",
-    [
-        ("active", "I"),
-        ("iterations", "I"),
-        ("salt", "32s"),
-        ("key_material_offset", "I"),
-        ("stripes", "I"),
-    ],
-)
-_LUKS_KEY_SLOTS: Final = 8
-LUKS_HEADER_SIZE: Final = 592
+# The layouts are the LUKS reader's (formats/luks/codec.py); validate judges them its way.
+LUKS_MAGIC: Final = luks.LUKS_MAGIC
+LUKS_KEY_ENABLED: Final = luks.KEY_ENABLED
+LUKS_KEY_DISABLED: Final = luks.KEY_DISABLED
+LUKS_HEADER_SIZE: Final = luks.HEADER_SIZE
 
 
 @dataclass(frozen=True)
@@ -204,11 +177,10 @@ def parse_luks_header(data: bytes, file_size: int) -> LuksHeader:
     version = int.from_bytes(data[6:8], "big")
     if version != 1:
         return LuksHeader(version, "", 0, 0, 0, ())
-    h = _LuksHeader.parse(data, 0)
-    at = _LuksHeader.sizeof()
+    h = luks.HEADER.parse(data, 0)
+    at, step = luks.HEADER.sizeof(), luks.KEY_SLOT.sizeof()
     key_slots = [
-        _LuksKeySlot.parse(data[at + i * _LuksKeySlot.sizeof() :], at + i * _LuksKeySlot.sizeof())
-        for i in range(_LUKS_KEY_SLOTS)
+        luks.KEY_SLOT.parse(data[at + i * step :], at + i * step) for i in range(luks.KEY_SLOTS)
     ]
     problems: list[Problem] = []
     if h.key_bytes not in (16, 24, 32, 48, 64):

@@ -32,7 +32,7 @@ MAX_KEY_BYTES: Final = 64
 #: could otherwise make unlocking run for days); QEMU's defaults reach a few million.
 MAX_ITERATIONS: Final = 1 << 28
 
-_HEADER = FixedLayout(
+HEADER = FixedLayout(
     "luks header",
     ">",
     [
@@ -49,7 +49,7 @@ _HEADER = FixedLayout(
         ("uuid", "40s"),
     ],
 )
-_SLOT = FixedLayout(
+KEY_SLOT = FixedLayout(
     "luks key slot",
     ">",
     [
@@ -60,7 +60,7 @@ _SLOT = FixedLayout(
         ("stripes", "I"),
     ],
 )
-HEADER_SIZE: Final = _HEADER.sizeof() + KEY_SLOTS * _SLOT.sizeof()  # 592
+HEADER_SIZE: Final = HEADER.sizeof() + KEY_SLOTS * KEY_SLOT.sizeof()  # 592
 
 _HASHES: Final = ("sha1", "sha224", "sha256", "sha384", "sha512", "ripemd160")
 _MODES: Final = ("ecb", "cbc", "xts")
@@ -146,7 +146,7 @@ def parse_header(data: bytes | bytearray | memoryview, file_size: int) -> LuksHe
     and for ciphers or hashes QEMU does not offer, :class:`CorruptImage` for slots or a
     payload that overlap, lie past the file or have impossible sizes.
     """
-    h = _HEADER.parse(data, 0)
+    h = HEADER.parse(data, 0)
     if h.magic != LUKS_MAGIC:
         raise FormatError("LUKS magic is missing", structure="luks header", offset=0)
     if h.version != LUKS_VERSION:
@@ -188,8 +188,8 @@ def parse_header(data: bytes | bytearray | memoryview, file_size: int) -> LuksHe
 
 
 def _slot(data: Any, i: int, key_bytes: int, payload_sectors: int, file_size: int) -> KeySlot:
-    at = _HEADER.sizeof() + i * _SLOT.sizeof()
-    s = _SLOT.parse(data[at:], at)
+    at = HEADER.sizeof() + i * KEY_SLOT.sizeof()
+    s = KEY_SLOT.parse(data[at:], at)
     where = f"LUKS key slot {i}"
     if s.active not in (KEY_ENABLED, KEY_DISABLED):
         raise CorruptImage(f"{where} has an invalid state", structure="luks header", offset=at)
