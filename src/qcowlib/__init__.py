@@ -10,10 +10,10 @@ paths are ``str`` or ``os.PathLike``; every error raised on purpose derives from
 ...     data = disk.read(0, 512)
 """
 
-from __future__ import annotations  # a compiler directive; its module is tiny
-
-# This file's first statements must run before any real import when qcowlib runs as the
-# command (see below).
+# No ``from __future__ import annotations`` here: it imports a module (a path search
+# that a Ctrl-C during start-up can interrupt with a traceback), and this file's first
+# statements must run before any import when qcowlib runs as the command (see below).
+# Annotations naming TYPE_CHECKING-only classes are quoted instead.
 import os as _os
 import sys as _sys
 
@@ -195,10 +195,10 @@ def open(
     path: str | os.PathLike[str],
     fmt: str | None = None,
     *,
-    backing_policy: BackingPolicy | str | None = None,
+    backing_policy: "BackingPolicy | str | None" = None,
     force_share: bool = False,
-    backing: BackingPolicy | None = None,
-) -> Disk:
+    backing: "BackingPolicy | None" = None,
+) -> "Disk":
     """Open an image read-only with its backing chain; the format is probed unless given.
 
     Use as a context manager.  ``backing_policy`` controls what may be followed:
@@ -221,8 +221,8 @@ def open(
 
 
 def open_rw(
-    path: str | os.PathLike[str], *, backing_policy: BackingPolicy | str | None = None
-) -> Qcow2RWDisk:
+    path: str | os.PathLike[str], *, backing_policy: "BackingPolicy | str | None" = None
+) -> "Qcow2RWDisk":
     """Open a qcow2 image for writing (its backing chain read-only).
 
     The disk has ``write(offset, data)``, ``write_zeroes``, ``discard``, ``resize``,
@@ -244,9 +244,9 @@ def compare(
     fmt_a: str | None = None,
     fmt_b: str | None = None,
     strict: bool = False,
-    backing_policy: BackingPolicy | str | None = None,
+    backing_policy: "BackingPolicy | str | None" = None,
     force_share: bool = False,
-) -> CompareResult:
+) -> "CompareResult":
     """Compare the guest content of two images, as ``qemu-img compare``.
 
     ``backing_policy`` and ``force_share`` apply to both images, as in :func:`open`.
@@ -262,7 +262,7 @@ def compare(
         return _compare(da, db, strict=strict)
 
 
-def validation_rules() -> list[RuleInfo]:
+def validation_rules() -> "list[RuleInfo]":
     """Every rule ``validate`` runs (built-in, registered, from entry points), in order,
     with its name, severity and description (``qcowlib validate --list-rules``)."""
     from qcowlib.validate.registry import describe_rules
