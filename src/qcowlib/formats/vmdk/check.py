@@ -25,23 +25,21 @@ class _CheckedVmdk(VmdkDisk):
     checking = True
 
 
-def _first_grain_past_eof(part: reader._Part) -> int | None:
-    """The guest sector (in the part) of its first allocated grain past the file's end."""
-    import numpy as np
+def _first_bad_grain(part: reader._Part) -> tuple[int, bool] | None:
+    """The guest sector (in the part) where QEMU's check stops, and whether it is a grain
+    QEMU cannot map (else a grain past the end of its file)."""
+    from qcowlib.formats.vmdk.mapping import first_bad_grain
 
-    h, host = part.header, part.host
-    assert h is not None and host is not None
-    limit = -(-host.size // _SECTOR)  # first sector at or past the end of the file
-    start, kind, sector = part.run_start, part.run_kind, part.run_sector
-    count = np.diff(np.append(start, h.num_grains))
-    data = (kind == reader._DATA) | (kind == reader._COMPRESSED)
-    # Grain j of a data run lies at sector[i] + j * grain_size (one grain when compressed).
-    skip = np.maximum(0, -(-(limit - sector) // h.grain_size))
-    bad = np.flatnonzero(data & (skip < count))
-    if not bad.size:
-        return None
-    i = int(bad[0])
-    return (int(start[i]) + int(skip[i])) * h.grain_size
+    assert part.host is not None
+    bad = first_bad_grain(
+        part.run_start,
+        part.run_kind,
+        part.run_sector,
+        n_grains=part.num_grains,
+        grain_size=part.grain_size,
+        file_size=part.host.size,
+    )
+    return None if bad is None else (bad[0] * part.grain_size, bad[1])
 
 
 def check_file(host: HostFile, path: str, fix: int, _open: Callable[..., object]) -> CheckReport:
@@ -52,19 +50,21 @@ def check_file(host: HostFile, path: str, fix: int, _open: Callable[..., object]
     try:
         for part in disk.parts:
             base = part.start // _SECTOR
+            bad: tuple[int, bool] | None = None
             if part.kind == "flat" and part.host is not None:
-                bad = 0 if part.flat_offset >= part.host.size else None
-            elif part.kind == "sparse" and part.header is not None and part.header.capacity:
-                bad = _first_grain_past_eof(part)
-            else:
-                bad = None
+                bad = (0, False) if part.flat_offset >= part.host.size else None
+            elif part.kind == "sparse" and part.num_grains:
+                bad = _first_bad_grain(part)
             if bad is not None:
+                sector, unmapped = base + bad[0], bad[1]
+                if unmapped:  # QEMU's VMDK_ERROR (-1) ends the check as -EPERM
+                    failure = "Check failed: Operation not permitted"
+                    message = f"ERROR: could not get cluster_offset for sector {sector}"
+                else:
+                    failure = "Check failed: Invalid argument"
+                    message = f"ERROR: cluster offset for sector {sector} points after EOF"
                 return CheckReport(
-                    path,
-                    "vmdk",
-                    corruptions=1,
-                    failure="Check failed: Invalid argument",
-                    messages=(f"ERROR: cluster offset for sector {base + bad} points after EOF",),
+                    path, "vmdk", corruptions=1, failure=failure, messages=(message,)
                 )
     finally:
         disk._close_extents()

@@ -32,12 +32,15 @@ from typing import TYPE_CHECKING
 
 from qcowlib.formats.vmdk.descriptor import (
     DESCRIPTOR_TYPES,
+    EXTENT_TYPES,
+    FLAT_TYPES,
     VmdkDescriptor,
     VmdkExtent,
     build_descriptor,
     check_descriptor,
     descriptor_problems,
     parse_descriptor,
+    qemu_extents,
 )
 from qcowlib.formats.vmdk.grains import (
     Marker,
@@ -100,6 +103,8 @@ __all__ = [
     "DEFAULT_NUM_GTES_PER_GT",
     "DESCRIPTOR_TYPES",
     "DESC_SECTORS",
+    "EXTENT_TYPES",
+    "FLAT_TYPES",
     "GD_AT_END",
     "GRAIN_MARKER_HEAD_SIZE",
     "GTE_ZEROED",
@@ -145,5 +150,6 @@ __all__ = [
     "parse_header",
     "parse_marker",
     "parse_stream_footer",
+    "qemu_extents",
     "stream_footer_header",
 ]

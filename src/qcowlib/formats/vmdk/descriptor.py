@@ -52,6 +52,10 @@ class VmdkDescriptor:
     slash_extent_lines: tuple[tuple[int, str], ...]
     #: The disk database: ``ddb.*`` entries (names without quotes, values unquoted).
     ddb: tuple[tuple[str, str], ...] = ()
+    #: The extents QEMU's ``vmdk_parse_extents`` opens, in order (see :func:`qemu_extents`).
+    read_extents: tuple[VmdkExtent, ...] = ()
+    #: The first line QEMU refuses (``Invalid extent line``), or one it would read twice.
+    extent_problem: tuple[int, str, str] | None = None
 
     def field(self, name: str) -> str | None:
         """A header field's value, name matched case-insensitively (last one wins)."""
@@ -165,8 +169,15 @@ def parse_descriptor(raw: bytes | bytearray | memoryview) -> VmdkDescriptor:
             key, _, value = line.partition("=")
             fields.append((key.strip(), _unquote(value)))
         unsupported.append((number, line))
+    read, problem = qemu_extents(text)
     return VmdkDescriptor(
-        tuple(fields), tuple(extents), tuple(unsupported), tuple(slash), tuple(ddb)
+        tuple(fields),
+        tuple(extents),
+        tuple(unsupported),
+        tuple(slash),
+        tuple(ddb),
+        read,
+        problem,
     )
 
 
@@ -193,9 +204,66 @@ def _extent(line: str, number: int) -> VmdkExtent:
     )
 
 
-#: createType values a stand-alone descriptor may have (QEMU's list, less VMFS).
-DESCRIPTOR_TYPES: Final = ("monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat")
-_DESCRIPTOR_ACCESS: Final = ("RW", "RDONLY")
+#: createType values a stand-alone descriptor may have (QEMU's ``vmdk_open_desc_file``).
+DESCRIPTOR_TYPES: Final = (
+    "monolithicFlat",
+    "vmfs",
+    "vmfsSparse",
+    "seSparse",
+    "twoGbMaxExtentSparse",
+    "twoGbMaxExtentFlat",
+)
+#: Extent types QEMU opens; lines of other types (ZERO, VMFSRDM, VMFSRAW, ...) are
+#: skipped, as are lines whose access is not ``RW`` (RDONLY, NOACCESS).
+EXTENT_TYPES: Final = ("FLAT", "SPARSE", "VMFS", "VMFSSPARSE", "SESPARSE")
+#: Extent types whose file holds data only (no grain tables).
+FLAT_TYPES: Final = ("FLAT", "VMFS")
+
+
+def qemu_extents(text: str) -> tuple[tuple[VmdkExtent, ...], tuple[int, str, str] | None]:
+    """The extents QEMU 7.2's ``vmdk_parse_extents`` opens from descriptor ``text``.
+
+    Lines are matched by :func:`~qcowlib.formats.vmdk.extent_lines.scan_extent_line`;
+    lines with fewer than 4 fields, an access other than ``RW``, a size of 0 or less or
+    an unknown type are skipped.  A ``FLAT`` line needs an offset, a ``VMFS`` line has
+    none (offset 0), other types have none.  Returns the extents and the first problem
+    as ``(line, text, message)``: QEMU's ``Invalid extent line``, or an extent line
+    after a blank line, which QEMU reads twice (its conversion skips the newline) and
+    qcowlib refuses rather than guess.
+    """
+    from qcowlib.formats.vmdk.extent_lines import line_starts, scan_extent_line
+
+    found: list[VmdkExtent] = []
+    for number, p in enumerate(line_starts(text), 1):
+        m = scan_extent_line(text, p)
+        if m.matched < 4 or m.access != "RW":
+            continue
+        end = text.find("\n", p)
+        line = text[p : len(text) if end == -1 else end].rstrip("\r")
+        offset = m.offset
+        if m.type == "FLAT":
+            valid = m.matched == 5 and offset is not None and offset >= 0
+        elif m.type == "VMFS":
+            valid, offset = m.matched == 4, 0
+        else:
+            valid = m.matched == 4
+        if not valid:
+            return tuple(found), (number, line, f"Invalid extent line: {line}")
+        assert m.sectors is not None and m.type is not None
+        if m.sectors <= 0 or m.type not in EXTENT_TYPES:
+            continue
+        if "\n" in text[p : m.first]:
+            shown = text[m.first : text.find("\n", m.first)].strip()
+            return tuple(found), (
+                number,
+                shown,
+                f"extent line {shown!r} follows a blank line: qemu-img 7.2 reads such a "
+                "line twice (once from the blank line), so the disk is ambiguous",
+            )
+        if len(found) >= VMDK_MAX_EXTENTS:
+            return tuple(found), (number, line, f"more than {VMDK_MAX_EXTENTS} extents")
+        found.append(VmdkExtent("RW", m.sectors, m.type, m.name, number, offset))
+    return tuple(found), None
 
 
 def descriptor_problems(desc: VmdkDescriptor) -> list[QcowlibError]:
@@ -203,51 +271,33 @@ def descriptor_problems(desc: VmdkDescriptor) -> list[QcowlibError]:
 
     For a descriptor read as the disk (a stand-alone descriptor, or the embedded one of
     a sparse extent of capacity 0): :class:`FormatError` without a createType,
-    :class:`UnsupportedFeature` for another createType, too many extents or an extent
-    type other than FLAT, SPARSE and ZERO, :class:`CorruptImage` for no extents, a bad
-    extent line (access, size, missing file name or FLAT offset) or a disk too large.
-    The extent files themselves are the caller's to open and check.
+    :class:`UnsupportedFeature` for a createType QEMU does not open (QEMU's
+    ``Unsupported image type``), :class:`CorruptImage` for an invalid extent line (see
+    :func:`qemu_extents`), no extent QEMU opens, or a disk too large.  The extent files
+    themselves are the caller's to open and check.
     """
     what = "vmdk descriptor"
     found: list[QcowlibError] = []
     ct = desc.create_type
     if ct is None:
-        found.append(FormatError("VMDK descriptor has no createType", structure=what))
+        found.append(FormatError("invalid VMDK image descriptor (no createType)", structure=what))
     elif ct not in DESCRIPTOR_TYPES:
         found.append(
-            UnsupportedFeature(
-                f"VMDK createType {ct!r} is not supported", structure=what, field="createType"
-            )
+            UnsupportedFeature(f"Unsupported image type '{ct}'", structure=what, field="createType")
         )
-    if not desc.extents:
+    if desc.extent_problem is not None:
+        number, _, message = desc.extent_problem
+        found.append(CorruptImage(message, structure=what, field=f"extent line {number}"))
+    elif not desc.read_extents:
         found.append(CorruptImage("VMDK descriptor names no extents", structure=what))
-    if len(desc.extents) >= VMDK_MAX_EXTENTS:
-        found.append(
-            UnsupportedFeature(f"more than {VMDK_MAX_EXTENTS - 1} extents", structure=what)
-        )
     sectors = 0
-    for ext in desc.extents:
-        where = f"extent line {ext.line}"
-        if ext.access not in _DESCRIPTOR_ACCESS or ext.sectors is None or ext.sectors <= 0:
-            found.append(CorruptImage(f"invalid {where}", structure=what, field=where))
-            continue
-        sectors += ext.sectors
+    for ext in desc.read_extents:
+        assert ext.sectors is not None
+        sectors += ext.sectors if ext.type in FLAT_TYPES else 0
         if sectors > VMDK_CAPACITY_MAX:
+            where = f"extent line {ext.line}"
             found.append(CorruptImage(f"{where}: disk too large", structure=what, field=where))
-        if ext.type == "ZERO":
-            continue
-        if ext.type not in ("FLAT", "SPARSE"):
-            found.append(
-                UnsupportedFeature(
-                    f"VMDK extent type {ext.type!r} is not supported", structure=what, field=where
-                )
-            )
-        elif ext.filename is None:
-            found.append(CorruptImage(f"{where} names no file", structure=what, field=where))
-        elif ext.type == "FLAT" and (ext.offset is None or ext.offset < 0):
-            found.append(
-                CorruptImage(f"{where}: FLAT extent needs an offset", structure=what, field=where)
-            )
+            break
     return found
 
 

@@ -1,5 +1,6 @@
 """VMware VMDK images, read-only: monolithicSparse, streamOptimized, monolithicFlat,
-twoGbMaxExtentSparse and twoGbMaxExtentFlat, delta disks included.
+twoGbMaxExtentSparse, twoGbMaxExtentFlat and ESXi's vmfs, vmfsSparse (COWD) and seSparse
+disks, delta disks included; the createTypes and extent lines QEMU 7.2 opens.
 
 A VMDK is a list of extents laid end to end in the guest.  A sparse extent's grain
 directory and grain tables are read and checked once on open
@@ -30,9 +31,9 @@ from qcowlib.errors import (
     FormatError,
     QcowlibError,
     TruncatedImage,
-    UnsupportedFeature,
 )
 from qcowlib.formats.vmdk import codec as vmdk
+from qcowlib.formats.vmdk.reader_esx import GrainMap, open_cowd, open_sesparse
 
 if TYPE_CHECKING:
     from qcowlib.core.chain import BackingPolicy
@@ -41,8 +42,8 @@ I64 = npt.NDArray[np.int64]
 U8 = npt.NDArray[np.uint8]
 SECTOR = vmdk.SECTOR
 
-#: Run kinds of a sparse extent.
-_UNALLOC, _ZERO, _DATA, _COMPRESSED = 0, 1, 2, 3
+#: Run kinds of a sparse extent (:mod:`qcowlib.formats.vmdk.mapping`'s numbers).
+_UNALLOC, _ZERO, _DATA, _COMPRESSED, _ERROR = 0, 1, 2, 3, 4
 #: createType values read from a stand-alone descriptor (QEMU's list, less VMFS).
 DESCRIPTOR_TYPES = vmdk.DESCRIPTOR_TYPES
 #: A compressed grain may take a little more than the grain (incompressible data).
@@ -55,11 +56,16 @@ class _Part:
 
     start: int
     length: int
-    kind: str  # "flat", "sparse" or "zero"
+    kind: str  # "flat" or "sparse" (any grain-mapped extent: KDMV, COWD, seSparse)
     host: HostFile | None
     filename: str
     flat_offset: int = 0
     header: vmdk.SparseExtentHeader | None = None
+    #: QEMU's extent type for info ("" for a disk that is its own only extent).
+    etype: str = ""
+    #: Sparse extents: sectors per grain and grains in the extent.
+    grain_size: int = 0
+    num_grains: int = 0
     #: Sparse runs: first grain, kind, first grain's sector (0 when none).
     run_start: I64 = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
     run_kind: U8 = field(default_factory=lambda: np.zeros(1, dtype=np.uint8))
@@ -84,7 +90,7 @@ class VmdkDisk(Disk):
     """A VMDK image opened read-only.
 
     Raises :class:`FormatError` subclasses for bad headers, tables, markers and
-    descriptors, :class:`UnsupportedFeature` for VMFS, COWD and other extent kinds, and
+    descriptors, :class:`UnsupportedFeature` for what QEMU refuses too, and
     :class:`~qcowlib.errors.UnsafeBackingPath` / :class:`~qcowlib.errors.QcowlibIOError`
     for extent files the policy refuses or that cannot be opened.
     """
@@ -144,7 +150,16 @@ class VmdkDisk(Disk):
 
     @property
     def info_cluster_size(self) -> int | None:
-        return next((p.header.grain_bytes for p in self.parts if p.header), None)
+        # As QEMU's vmdk_get_info: only when every extent is of the first one's kind.
+        def kind(p: _Part) -> tuple[bool, bool, int]:
+            flat = p.kind == "flat"
+            compressed = p.header is not None and p.header.compressed
+            return flat, compressed, 0 if flat else p.grain_size
+
+        if not self.parts or any(kind(p) != kind(self.parts[0]) for p in self.parts):
+            return None
+        first = self.parts[0]
+        return None if first.kind == "flat" else first.grain_size * SECTOR
 
     def info_tail(self) -> dict[str, Any]:
         info: dict[str, Any] = {"format-specific": {"type": "vmdk", "data": self._info_data()}}
@@ -157,7 +172,6 @@ class VmdkDisk(Disk):
 
     def _info_data(self) -> dict[str, Any]:
         """qemu-img's format-specific data (cid, parent-cid, create-type, extents)."""
-        monolithic = len(self.parts) == 1 and self.parts[0].filename == self.filename
         extents = []
         for part in self.parts:
             ext: dict[str, Any] = {}
@@ -166,9 +180,9 @@ class VmdkDisk(Disk):
                 ext["compressed"] = True
             ext["virtual-size"] = part.length
             ext["filename"] = part.filename
-            if header is not None:
-                ext["cluster-size"] = header.grain_bytes
-            ext["format"] = "" if monolithic else ("SPARSE" if header is not None else "FLAT")
+            if part.kind != "flat":
+                ext["cluster-size"] = part.grain_size * SECTOR
+            ext["format"] = part.etype
             extents.append(ext)
         return {
             "cid": self.cid,
@@ -189,7 +203,8 @@ class VmdkDisk(Disk):
             raise TruncatedImage("file is too small to be a VMDK image", structure="vmdk header")
         magic = host.pread(0, 4)
         if magic == vmdk.VMDK3_MAGIC:
-            raise UnsupportedFeature("VMware 3 (COWD) extents are not supported", offset=0)
+            self._open_cowd_disk()
+            return
         if magic == vmdk.VMDK4_MAGIC:
             header = self._read_header(host)
             if header.capacity == 0 and header.desc_offset:
@@ -238,45 +253,92 @@ class VmdkDisk(Disk):
         self.descriptor = desc
         self.create_type = desc.create_type or ""
         pos = 0
-        for ext in desc.extents:
+        for ext in desc.read_extents:
             where = f"extent line {ext.line}"
-            assert ext.sectors is not None  # check_descriptor
+            assert ext.sectors is not None and ext.filename is not None  # qemu_extents
             if ext.sectors > vmdk.VMDK_CAPACITY_MAX - pos // SECTOR:
                 raise CorruptImage(f"{where}: disk too large", structure="vmdk descriptor")
-            length = ext.sectors * SECTOR
-            if ext.type == "ZERO":
-                self.parts.append(_Part(pos, length, "zero", None, self.filename))
-                pos += length
-                continue
-            assert ext.filename is not None  # check_descriptor
             full = resolve_linked_path(self.filename, ext.filename, "VMDK extent", self.policy)
             if full == self.filename:
                 raise CorruptImage(f"{where} names the descriptor itself")
             # Regular files only, as the policy allows, with qemu's shared read locks.
             ehost, full = open_linked(self.filename, ext.filename, "VMDK extent", self.policy)
             self._hosts.append(ehost)
-            if ext.type == "FLAT":
-                assert ext.offset is not None  # check_descriptor
-                self.parts.append(
-                    _Part(pos, length, "flat", ehost, full, flat_offset=ext.offset * SECTOR)
-                )
-                pos += length
-                continue
-            if ehost.size < 4 or ehost.pread(0, 4) != vmdk.VMDK4_MAGIC:
-                raise FormatError(f"extent {full!r} is not a VMDK sparse extent", file=full)
             try:
-                header = self._read_header(ehost)
+                part = self._extent_part(ext, ehost, full, pos)
             except QcowlibError as exc:
                 raise exc.with_file(full) from None
-            part = self._sparse_part(ehost, full, pos, header)
             self.parts.append(part)
             pos += part.length
+
+    def _extent_part(self, ext: vmdk.VmdkExtent, ehost: HostFile, full: str, pos: int) -> _Part:
+        """One extent QEMU's ``vmdk_parse_extents`` opens, by its type."""
+        assert ext.sectors is not None
+        if ext.type in vmdk.FLAT_TYPES:
+            assert ext.offset is not None  # qemu_extents
+            return _Part(
+                pos,
+                ext.sectors * SECTOR,
+                "flat",
+                ehost,
+                full,
+                flat_offset=ext.offset * SECTOR,
+                etype=ext.type,
+            )
+        if ext.type == "SESPARSE":
+            found = open_sesparse(ehost, strict=not self.checking)
+            return self._mapped_part(ehost, full, pos, ext.type, *found)
+        # SPARSE and VMFSSPARSE: a hosted sparse (KDMV) or a COWD extent, by magic.
+        if ehost.size < 4:
+            raise FormatError("File is too small, not a valid image", file=full)
+        magic = ehost.pread(0, 4)
+        if magic == vmdk.VMDK3_MAGIC:
+            return self._mapped_part(
+                ehost, full, pos, ext.type, *open_cowd(ehost, strict=not self.checking)
+            )
+        if magic != vmdk.VMDK4_MAGIC:
+            raise FormatError(f"extent {full!r} is not a VMDK sparse extent", file=full)
+        part = self._sparse_part(ehost, full, pos, self._read_header(ehost))
+        part.etype = ext.type
+        return part
+
+    def _mapped_part(
+        self, host: HostFile, filename: str, pos: int, etype: str, _h: object, m: GrainMap
+    ) -> _Part:
+        part = _Part(pos, m.capacity * SECTOR, "sparse", host, filename, etype=etype)
+        part.grain_size, part.num_grains = m.grain_size, m.num_grains
+        part.run_start, part.run_kind, part.run_sector = m.run_start, m.run_kind, m.run_sector
+        return part
+
+    def _open_cowd_disk(self) -> None:
+        """A COWD file opened as the disk, as QEMU does: its CID, parent and the rest of
+        the descriptor come from the text at 0x200 (20 sectors), which QEMU requires to
+        hold a ``CID``."""
+        at, size = 0x200, 20 * SECTOR
+        text = self.host.pread(at, min(size, max(0, self.host.size - at)))
+        try:
+            desc = vmdk.parse_descriptor(text)
+        except QcowlibError:
+            desc = vmdk.VmdkDescriptor((), (), (), ())
+        if desc.cid is None:
+            raise CorruptImage(
+                "a COWD file opened as the disk needs descriptor text with a CID at 0x200 "
+                "(qemu-img refuses it too: Invalid argument)",
+                structure="vmdk descriptor",
+                field="CID",
+                offset=at,
+            )
+        self.descriptor = desc
+        self.create_type = ""
+        found = open_cowd(self.host, strict=not self.checking)
+        self.parts.append(self._mapped_part(self.host, self.filename, 0, "", *found))
 
     def _sparse_part(
         self, host: HostFile, filename: str, pos: int, h: vmdk.SparseExtentHeader
     ) -> _Part:
         length = h.capacity * SECTOR
         part = _Part(pos, length, "sparse", host, filename, header=h)
+        part.grain_size, part.num_grains = h.grain_size, h.num_grains
         if h.capacity == 0:
             return part
         try:
@@ -336,9 +398,7 @@ class VmdkDisk(Disk):
             i += 1
 
     def _sparse_extents(self, part: _Part, start: int, end: int) -> Iterator[Extent]:
-        h = part.header
-        assert h is not None
-        gb = h.grain_bytes
+        gb = part.grain_size * SECTOR
         rel = start - part.start
         starts = part.run_start
         j = int(np.searchsorted(starts, rel // gb, side="right")) - 1
@@ -350,6 +410,13 @@ class VmdkDisk(Disk):
             stop = min(rel_end, r1)
             kind = int(part.run_kind[j])
             g = part.start + pos
+            if kind == _ERROR:
+                raise CorruptImage(
+                    f"no valid grain directory or grain table entry maps guest offset {g} "
+                    "(qemu-img reads it as an I/O error)",
+                    file=part.filename,
+                    structure="vmdk grain directory",
+                )
             if kind == _UNALLOC:
                 yield Extent(g, stop - pos, ExtentKind.UNALLOCATED)
             elif kind == _ZERO:
