@@ -148,18 +148,22 @@ class VmdkDisk(Disk):
     def info_head(self) -> dict[str, Any]:
         return {"backing-filename-format": "vmdk"} if self.parent_file_name is not None else {}
 
-    @property
-    def info_cluster_size(self) -> int | None:
-        # As QEMU's vmdk_get_info: only when every extent is of the first one's kind.
+    def _uniform(self) -> bool:
+        """QEMU's ``vmdk_get_info`` succeeds: every extent is of the first one's kind
+        (else qemu-img info shows neither cluster-size nor dirty-flag)."""
+
         def kind(p: _Part) -> tuple[bool, bool, int]:
             flat = p.kind == "flat"
             compressed = p.header is not None and p.header.compressed
             return flat, compressed, 0 if flat else p.grain_size
 
-        if not self.parts or any(kind(p) != kind(self.parts[0]) for p in self.parts):
+        return bool(self.parts) and all(kind(p) == kind(self.parts[0]) for p in self.parts)
+
+    @property
+    def info_cluster_size(self) -> int | None:
+        if not self._uniform() or self.parts[0].kind == "flat":
             return None
-        first = self.parts[0]
-        return None if first.kind == "flat" else first.grain_size * SECTOR
+        return self.parts[0].grain_size * SECTOR
 
     def info_tail(self) -> dict[str, Any]:
         info: dict[str, Any] = {"format-specific": {"type": "vmdk", "data": self._info_data()}}
@@ -167,7 +171,8 @@ class VmdkDisk(Disk):
         if parent is not None:
             info["full-backing-filename"] = full_backing_filename(self.filename, parent)
             info["backing-filename"] = parent
-        info["dirty-flag"] = False
+        if self._uniform():
+            info["dirty-flag"] = False
         return info
 
     def _info_data(self) -> dict[str, Any]:
@@ -192,9 +197,9 @@ class VmdkDisk(Disk):
         }
 
     def actual_size(self) -> int | None:
-        # qemu-img 7.2 counts all the files of a VMDK (descriptor and extents).
-        files = {h.identity: h for h in [self.host, *self.extent_hosts]}
-        return sum(h.allocated for h in files.values())
+        # qemu-img 7.2 counts the descriptor's file and each extent's (a file two
+        # extents name counts twice).
+        return self.host.allocated + sum(h.allocated for h in self.extent_hosts)
 
     # -- opening -------------------------------------------------------------------------
     def _open(self) -> None:
@@ -297,7 +302,7 @@ class VmdkDisk(Disk):
                 ehost, full, pos, ext.type, *open_cowd(ehost, strict=not self.checking)
             )
         if magic != vmdk.VMDK4_MAGIC:
-            raise FormatError(f"extent {full!r} is not a VMDK sparse extent", file=full)
+            raise FormatError("Image not in VMDK format (not a sparse extent)", file=full)
         part = self._sparse_part(ehost, full, pos, self._read_header(ehost))
         part.etype = ext.type
         return part
