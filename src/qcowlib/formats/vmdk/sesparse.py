@@ -215,7 +215,8 @@ def parse_const_header(
         (h.flags != 0, f"Unsupported flags: {h.flags:#018x}", "flags"),
         (
             any((h.reserved1, h.reserved2, h.reserved3, h.reserved4)),
-            "Unsupported reserved bits",
+            "Unsupported reserved bits: "
+            + " ".join(f"{v:#018x}" for v in (h.reserved1, h.reserved2, h.reserved3, h.reserved4)),
             "reserved1",
         ),
         (any(h.pad), "Unsupported non-zero const header padding", "pad"),
