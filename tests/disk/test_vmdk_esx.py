@@ -276,7 +276,11 @@ def test_unmappable_grains_as_qemu(tmp_path: Path, which: str) -> None:
     path = _broken(tmp_path, which)
     q, o = _both("info", "--output", "json", path)
     assert o == q
-    for cmd in (["map", path], ["convert", "-O", "raw", path, tmp_path / "o.raw"]):
+    cmds: list[list[str | Path]] = [
+        ["map", path],
+        ["convert", "-O", "raw", path, tmp_path / "o.raw"],
+    ]
+    for cmd in cmds:
         assert qemu_img(*cmd, check=False).returncode == 1
         out = cli(*cmd)
         assert out.returncode == 1 and "qemu-img reads it as an I/O error" in out.stderr
