@@ -217,3 +217,43 @@ def test_random_extents_read_as_model(tmp_path: Path, kind: str, data: st.DataOb
     top = b.write(tmp_path / "d.vmdk", b.descriptor(ct, [line]))
     with open_vmdk(HostFile(str(top)), str(top)) as d:
         assert d.read(0, d.virtual_size) == bytes(model)
+
+
+_SEEDS = {
+    "cowd": b.cowd(
+        9000, {0: b"\x11" * 512, 4097: b"\x22" * 512}, text=b"CID=00000001\nparentCID=ffffffff\n"
+    ),
+    "sesparse": b.sesparse(70000, {0: b"\x33" * 4096, 1: b.SE_ZERO, 4200: b"\x44" * 4096}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_SEEDS))
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    pokes=st.lists(st.tuples(st.integers(0, 40_000), st.binary(min_size=1, max_size=8)), max_size=6)
+)
+def test_damaged_extents_open_or_raise(
+    tmp_path: Path, kind: str, pokes: list[tuple[int, bytes]]
+) -> None:
+    """Mutated COWD and seSparse extents: open, map, read and check, or raise
+    QcowlibError; never another exception, never unbounded work."""
+    from qcowlib.formats.vmdk.check import check_file
+
+    blob = bytearray(_SEEDS[kind])
+    for at, data in pokes:
+        blob[at : at + len(data)] = data
+    ext = b.write(tmp_path / "e.bin", bytes(blob))
+    top = ext
+    if kind == "sesparse":
+        top = b.write(tmp_path / "d.vmdk", b.descriptor("seSparse", ['RW 8 SESPARSE "e.bin"']))
+    try:
+        with open_vmdk(HostFile(str(top)), str(top)) as d:
+            for n, _ in enumerate(d.extents()):
+                assert n < 100_000
+            d.read(0, min(d.virtual_size, 1 << 20))
+    except QcowlibError:
+        pass
+    with contextlib.suppress(QcowlibError):
+        check_file(HostFile(str(top)), str(top), 0, open_vmdk)

@@ -382,9 +382,7 @@ class VmdkDisk(Disk):
         while pos < end:
             part = self.parts[i]
             stop = min(end, part.end)
-            if part.kind == "zero":
-                yield Extent(pos, stop - pos, ExtentKind.ZERO)
-            elif part.kind == "flat":
+            if part.kind == "flat":
                 # As qemu-img map: holes in a flat extent file are "data" and "zero".
                 assert part.host is not None
                 host = part.flat_offset + pos - part.start
