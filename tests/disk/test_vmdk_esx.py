@@ -137,7 +137,31 @@ def _cowd_top(d: Path, rb: Callable[[int], bytes]) -> Path:
     return b.write(d / "top.vmdk", b.cowd(2048, {0: rb(512), 33: rb(512)}, text=text))
 
 
+def _delta_of_delta(d: Path, rb: Callable[[int], bytes]) -> Path:
+    _vmfs_sparse_delta(d, rb)  # CID 0x55 over base.vmdk
+    grains: dict[int, bytes | int] = {1: rb(4096), 2: b.SE_ZERO, 100: rb(4096)}
+    b.write(d / "snap2-sesparse.vmdk", b.sesparse(2048, grains))
+    return b.write(
+        d / "snap2.vmdk",
+        b.descriptor(
+            "seSparse",
+            ['RW 2048 SESPARSE "snap2-sesparse.vmdk"'],
+            cid=0x66,
+            parent_cid=0x55,
+            parent="snap.vmdk",
+        ),
+    )
+
+
+def _cowd_top_delta(d: Path, rb: Callable[[int], bytes]) -> Path:
+    _vmfs(d, rb)
+    text = b'CID=abcdef01\nparentCID=1234abcd\nparentFileNameHint="base.vmdk"\n'
+    return b.write(d / "top.vmdk", b.cowd(2048, {5: rb(512), 2000: rb(512)}, text=text))
+
+
 IMAGES = {
+    "delta-of-delta": _delta_of_delta,
+    "cowd-top-delta": _cowd_top_delta,
     "vmfs": _vmfs,
     "vmfsSparse-delta": _vmfs_sparse_delta,
     "cowd-tables": _cowd_multi_table,
