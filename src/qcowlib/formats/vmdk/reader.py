@@ -44,7 +44,7 @@ SECTOR = vmdk.SECTOR
 
 #: Run kinds of a sparse extent (:mod:`qcowlib.formats.vmdk.mapping`'s numbers).
 _UNALLOC, _ZERO, _DATA, _COMPRESSED, _ERROR = 0, 1, 2, 3, 4
-#: createType values read from a stand-alone descriptor (QEMU's list, less VMFS).
+#: createType values read from a stand-alone descriptor (QEMU's list).
 DESCRIPTOR_TYPES = vmdk.DESCRIPTOR_TYPES
 #: A compressed grain may take a little more than the grain (incompressible data).
 _COMPRESSED_SLACK = 4096
@@ -291,16 +291,15 @@ class VmdkDisk(Disk):
                 etype=ext.type,
             )
         if ext.type == "SESPARSE":
-            found = open_sesparse(ehost, strict=not self.checking)
-            return self._mapped_part(ehost, full, pos, ext.type, *found)
+            _, found = open_sesparse(ehost, strict=not self.checking)
+            return self._mapped_part(ehost, full, pos, ext.type, found)
         # SPARSE and VMFSSPARSE: a hosted sparse (KDMV) or a COWD extent, by magic.
         if ehost.size < 4:
             raise FormatError("File is too small, not a valid image", file=full)
         magic = ehost.pread(0, 4)
         if magic == vmdk.VMDK3_MAGIC:
-            return self._mapped_part(
-                ehost, full, pos, ext.type, *open_cowd(ehost, strict=not self.checking)
-            )
+            _, cowd_map = open_cowd(ehost, strict=not self.checking)
+            return self._mapped_part(ehost, full, pos, ext.type, cowd_map)
         if magic != vmdk.VMDK4_MAGIC:
             raise FormatError("Image not in VMDK format (not a sparse extent)", file=full)
         part = self._sparse_part(ehost, full, pos, self._read_header(ehost))
@@ -308,8 +307,9 @@ class VmdkDisk(Disk):
         return part
 
     def _mapped_part(
-        self, host: HostFile, filename: str, pos: int, etype: str, _h: object, m: GrainMap
+        self, host: HostFile, filename: str, pos: int, etype: str, m: GrainMap
     ) -> _Part:
+        """A COWD or seSparse extent's part (its header is checked and done with)."""
         part = _Part(pos, m.capacity * SECTOR, "sparse", host, filename, etype=etype)
         part.grain_size, part.num_grains = m.grain_size, m.num_grains
         part.run_start, part.run_kind, part.run_sector = m.run_start, m.run_kind, m.run_sector
@@ -335,8 +335,8 @@ class VmdkDisk(Disk):
             )
         self.descriptor = desc
         self.create_type = ""
-        found = open_cowd(self.host, strict=not self.checking)
-        self.parts.append(self._mapped_part(self.host, self.filename, 0, "", *found))
+        _, found = open_cowd(self.host, strict=not self.checking)
+        self.parts.append(self._mapped_part(self.host, self.filename, 0, "", found))
 
     def _sparse_part(
         self, host: HostFile, filename: str, pos: int, h: vmdk.SparseExtentHeader
