@@ -21,6 +21,7 @@ as :class:`Problem` values so that ``validate`` can report every one of them.
 
 from __future__ import annotations
 
+import itertools
 import struct
 import zlib
 from dataclasses import dataclass
@@ -128,7 +129,8 @@ def qcow2_fields(head: bytes) -> Qcow2Fields:
 
 
 def _qcow2_data_file_extension(head: bytes, header_length: int, raw: Any) -> str | None:
-    """The external data file name from the extension list, walked leniently."""
+    """The external data file name from the extension list, walked leniently: where the
+    list is broken, no name (the structure rule reports the parser's refusal)."""
     if header_length < 104 or header_length % 8:
         return None
     limit = len(head)
@@ -136,17 +138,14 @@ def _qcow2_data_file_extension(head: bytes, header_length: int, raw: Any) -> str
         limit = min(limit, 1 << raw.cluster_bits)
     if raw.backing_file_offset and raw.backing_file_offset < limit:
         limit = raw.backing_file_offset
-    offset = header_length
-    for _ in range(_QCOW_MAX_EXTENSIONS):
-        if offset + 8 > limit:
-            return None
-        ext_type, length = struct.unpack_from(">II", head, offset)
-        if ext_type == QCOW_EXT_END or offset + 8 + length > limit:
-            return None
-        if ext_type == QCOW_EXT_DATA_FILE:
-            name = head[offset + 8 : offset + 8 + length].split(b"\0", 1)[0]
-            return name.decode("utf-8", "replace")
-        offset += 8 + ((length + 7) & ~7)
+    walk = qcow2_header.walk_extensions(head, header_length, limit)
+    try:
+        for offset, ext_type, length in itertools.islice(walk, _QCOW_MAX_EXTENSIONS):
+            if ext_type == QCOW_EXT_DATA_FILE:
+                name = head[offset + 8 : offset + 8 + length].split(b"\0", 1)[0]
+                return name.decode("utf-8", "replace")
+    except CorruptImage:
+        pass
     return None
 
 

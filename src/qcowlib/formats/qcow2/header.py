@@ -9,6 +9,7 @@ file size, before anything is allocated from it.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from typing import Any, Final, NamedTuple
 
 from qcowlib.errors import CorruptImage, FormatError, TruncatedImage, UnsupportedFeature
@@ -422,27 +423,41 @@ def _decode_name(raw: bytes, what: str) -> str:
         raise CorruptImage(f"{what} is not valid UTF-8", structure="header") from None
 
 
-def _parse_extensions(data: bytes, start: int, limit: int) -> tuple[list[HeaderExtension], int]:
-    """Walk the extension list from ``start`` to the end marker (or ``limit``)."""
-    extensions: list[HeaderExtension] = []
+def walk_extensions(data: bytes, start: int, limit: int) -> Iterator[tuple[int, int, int]]:
+    """``(offset, type, length)`` of each header extension from ``start``, the end marker
+    (type :data:`EXT_END`) last; the walk also ends where ``limit`` leaves no room for one.
+
+    Raises :class:`CorruptImage` at an extension that overruns ``limit``.
+    """
     offset = start
-    while True:
-        if offset + 8 > limit:
-            # No room for an end marker: QEMU treats running out of the header area as the
-            # end of the list.
-            return extensions, offset
+    # No room for an end marker: QEMU treats running out of the header area as the end
+    # of the list.
+    while offset + 8 <= limit:
         ext_type, length = _ExtensionHead.unpack_from(data, offset)
-        if ext_type == EXT_END:
-            return extensions, offset + 8
-        if length > MAX_EXTENSION_LENGTH or offset + 8 + length > limit:
+        if ext_type != EXT_END and (length > MAX_EXTENSION_LENGTH or offset + 8 + length > limit):
             raise CorruptImage(
                 f"header extension {ext_type:#x} of length {length} overruns the header area",
                 structure="header extension",
                 field="length",
                 offset=offset + 4,
             )
-        extensions.append(HeaderExtension(ext_type, bytes(data[offset + 8 : offset + 8 + length])))
+        yield offset, ext_type, length
+        if ext_type == EXT_END:
+            return
         offset += 8 + ((length + 7) & ~7)
+
+
+def _parse_extensions(data: bytes, start: int, limit: int) -> tuple[list[HeaderExtension], int]:
+    """The extension list from ``start`` to the end marker (or ``limit``), and where it
+    ends."""
+    extensions: list[HeaderExtension] = []
+    end = start
+    for offset, ext_type, length in walk_extensions(data, start, limit):
+        if ext_type == EXT_END:
+            return extensions, offset + 8
+        extensions.append(HeaderExtension(ext_type, bytes(data[offset + 8 : offset + 8 + length])))
+        end = offset + 8 + ((length + 7) & ~7)
+    return extensions, end
 
 
 def _feature_names(extensions: list[HeaderExtension]) -> tuple[tuple[int, int, str], ...]:
