@@ -36,6 +36,7 @@ PURE_MODULES = {
     "codec.py",
     "header.py",
     "tables.py",
+    "entries.py",
     "refcount.py",
     "snapshot.py",
     "bitmap.py",

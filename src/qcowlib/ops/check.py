@@ -3,7 +3,7 @@
 This is the format-neutral front: it opens the file (read-write and locked as QEMU
 locks it when repairing), probes the format, opens what qemu-img opens too (the backing
 chain, an external data file) and hands the image to its format's checker; the qcow2
-checker is :func:`qcowlib.formats.qcow2.check.check_image`.  The result is a
+checker is :func:`qcowlib.formats.qcow2.checkfile.check_file`.  The result is a
 :class:`~qcowlib.checkreport.CheckReport`.
 
 Where qcowlib deliberately differs from qemu-img 7.2:

@@ -137,12 +137,12 @@ def read_header(host: HostIO, *, for_check: bool = False) -> hdr.Header:
 
 def _validate_bitmaps_extension(h: hdr.Header) -> None:
     """The checks qcow2_read_extensions makes on the bitmaps extension at open."""
-    # Imported here: the bitmap codec loads construct, which a header read does not need.
-    from qcowlib.formats.qcow2.bitmap import MAX_BITMAP_DIRECTORY_SIZE
-
     ext = h.bitmaps
     if ext is None or not h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
         return
+    # Imported here: the bitmap codec loads construct, which a header read does not need.
+    from qcowlib.formats.qcow2.bitmap import MAX_BITMAP_DIRECTORY_SIZE
+
     raw = next(e.data for e in h.extensions if e.type == hdr.EXT_BITMAPS)
     if struct.unpack_from(">I", raw, 4)[0] != 0:
         raise CorruptImage("bitmaps extension: reserved field is not zero", structure="header")

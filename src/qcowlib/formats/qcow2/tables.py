@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from qcowlib.errors import CorruptImage
+from qcowlib.formats.qcow2 import entries as _entries
 
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
@@ -22,13 +23,14 @@ U8 = npt.NDArray[np.uint8]
 
 BE_U64: Final = np.dtype(">u8")
 
-#: Bits 9-55 of L1 and standard L2 entries hold a cluster-aligned host offset.
-OFFSET_MASK: Final = 0x00FF_FFFF_FFFF_FE00
-L1E_RESERVED_MASK: Final = 0x7F00_0000_0000_01FF
-L2E_STD_RESERVED_MASK: Final = 0x3F00_0000_0000_01FE
-OFLAG_COPIED: Final = 1 << 63
-OFLAG_COMPRESSED: Final = 1 << 62
-OFLAG_ZERO: Final = 1
+# The entry bits (declared in entries.py, which needs no numpy).
+OFFSET_MASK: Final = _entries.OFFSET_MASK
+L1E_RESERVED_MASK: Final = _entries.L1E_RESERVED_MASK
+L2E_STD_RESERVED_MASK: Final = _entries.L2E_STD_RESERVED_MASK
+OFLAG_COPIED: Final = _entries.OFLAG_COPIED
+OFLAG_COMPRESSED: Final = _entries.OFLAG_COMPRESSED
+OFLAG_ZERO: Final = _entries.OFLAG_ZERO
+
 
 #: Subclusters per cluster with extended L2 entries.
 SUBCLUSTERS: Final = 32
