@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import struct
-import zlib
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -326,6 +325,8 @@ def parse_gpt_header(block: bytes, block_size: int, disk_size: int) -> GptHeader
     else:
         raw = bytearray(block[: h.header_size])
         raw[16:20] = bytes(4)
+        import zlib
+
         if zlib.crc32(bytes(raw)) != h.header_crc32:
             problems.append(Problem("GPT header CRC32 is wrong", at + 16))
     if h.my_lba != 1:

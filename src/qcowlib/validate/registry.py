@@ -14,7 +14,7 @@ meant to run must not be skipped silently).
 
 from __future__ import annotations
 
-import threading
+import _thread
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
@@ -42,7 +42,7 @@ log = get_logger(__name__)
 ENTRY_POINT_GROUP: Final = "qcowlib.validators"
 
 #: Re-entrant: an entry point module may call register() while it is being loaded.
-_lock = threading.RLock()
+_lock = _thread.RLock()  # threading's own, without importing threading
 _registered: dict[str, Rule] = {}
 #: The loaded entry points (one slot; None until first needed).
 _entry_points: list[tuple[tuple[Rule, ...], tuple[LoadError, ...]] | None] = [None]
