@@ -92,6 +92,18 @@ def test_large_tables_go_to_the_full_check(tmp_path: Path) -> None:
     assert both is not None and both[0] is None and both[1].status == 0
 
 
+def test_a_large_file_goes_to_the_full_check(tmp_path: Path) -> None:
+    path = tmp_path / "long.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", path, "1M")
+    with path.open("r+b") as f:
+        f.truncate(512 * (SMALL_CHECK_ENTRIES + 1))  # more clusters than the pass counts
+    host = HostFile(str(path))
+    try:
+        assert small_check(host, read_header(host, for_check=True), "x") is None
+    finally:
+        host.close()
+
+
 def _metadata_regions(data: bytes) -> list[tuple[int, int]]:
     """(offset, length) of the header fields, L1 table, L2 tables, refcount table and
     blocks of a clean image (where poking bytes matters)."""

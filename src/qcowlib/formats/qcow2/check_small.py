@@ -43,9 +43,11 @@ if TYPE_CHECKING:
 __all__ = ["SMALL_CHECK_ENTRIES", "small_check"]
 
 #: Table entries (L1, L2, refcount table, and one refcount per cluster of the file) the
-#: plain pass decodes at most: a few milliseconds of Python, against ~40 ms to import
-#: numpy.  With 64 KiB clusters: about a dozen L2 tables (6 GiB of mapped guest space).
-SMALL_CHECK_ENTRIES: Final = 1 << 17
+#: plain pass decodes at most: with every entry in use (under a microsecond each) still
+#: less than importing numpy alone costs (~40 ms), and a few milliseconds for the sparse
+#: tables of most images.  With 64 KiB clusters it takes, say, a 1.5 GiB file with four L2
+#: tables (2 GiB of guest space mapped).
+SMALL_CHECK_ENTRIES: Final = 1 << 16
 _INT64_MAX: Final = 2**63 - 1
 _REFCOUNT_CODES: Final = {3: "B", 4: "H", 5: "I", 6: "Q"}
 
@@ -57,7 +59,7 @@ class _Defer(Exception):
 def small_check(host: HostIO, h: hdr.Header, path: str) -> CheckReport | None:
     """The report of a read-only check of a small, plain, consistent qcow2 image (read
     with ``read_header(host, for_check=True)``); None when the full check must run."""
-    if not _plain_kind(h):
+    if not _plain_kind(h) or -(-host.size // h.cluster_size) > SMALL_CHECK_ENTRIES:
         return None
     try:
         return _Pass(host, h).run(path)
@@ -101,11 +103,12 @@ class _Pass:
     def run(self, path: str) -> CheckReport:
         h, cs = self.h, self.cs
         self._ref(0, cs)
-        if h.l1_size:
-            for entry in self._table(h.l1_table_offset, h.l1_size):
-                if entry:
-                    self._l2_table(self._l2_offset(entry))
+        l1 = self._table(h.l1_table_offset, h.l1_size) if h.l1_size else ()
+        l2_offsets = [self._l2_offset(entry) for entry in l1 if entry]
+        self._spend(len(l2_offsets) * (cs // 8))  # before reading any of them
         reftable = self._table(h.refcount_table_offset, h.refcount_table_clusters * cs // 8)
+        for offset in l2_offsets:
+            self._l2_table(offset)
         blocks = [self._refblock_offset(entry) for entry in reftable if entry]
         for offset in blocks:
             self._ref(offset, cs)
@@ -165,7 +168,6 @@ class _Pass:
         clusters aligned and inside the file, compressed ones inside its last cluster."""
         cs, cb = self.cs, self.cb
         self._ref(offset, cs)
-        self._spend(cs // 8)
         unusual = L2E_STD_RESERVED_MASK | ((cs - 1) & ~0x1FF)
         offset_bits = 62 - (cb - 8)  # of a compressed cluster descriptor
         previous = None
