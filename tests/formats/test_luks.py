@@ -75,6 +75,7 @@ IMAGES = [
         ),
     ),
     ("luks", ("cipher-mode=cbc", "ivgen-alg=plain64")),
+    ("luks", ("cipher-alg=aes-128", "ivgen-alg=plain")),  # AES-128-XTS, 32-bit IVs
     ("qcow2", ("encrypt.format=luks",)),
 ]
 
