@@ -103,10 +103,13 @@ def xts_tweaks(first_tweaks: bytes | bytearray | memoryview, per_sector: int) ->
     return words(out.astype(_LE, copy=False).reshape(-1))
 
 
-def cbc_unchain(plain: Words, cipher: Words, ivs: Words, per_sector: int) -> None:
-    """Turn ``plain`` (the ECB decryption of ``cipher``) into CBC's plaintext in place:
-    XOR each block with the previous ciphertext block, a sector's first with its IV."""
-    p = plain.reshape(-1, per_sector * 2)
+def cbc_unchain(decrypted: Words, cipher: Words, ivs: Words, per_sector: int, out: Words) -> None:
+    """CBC's plaintext into ``out`` from ``decrypted`` (the ECB decryption of ``cipher``):
+    each block XORed with the previous ciphertext block, a sector's first with its IV.
+    ``out`` may be ``cipher`` itself."""
+    d = decrypted.reshape(-1, per_sector * 2)
     c = cipher.reshape(-1, per_sector * 2)
-    p[:, 2:] ^= c[:, :-2]
-    p[:, :2] ^= ivs.reshape(-1, 2)
+    o = out.reshape(-1, per_sector * 2)
+    # numpy sees the overlap when out is cipher and buffers the read side.
+    np.bitwise_xor(d[:, 2:], c[:, :-2], out=o[:, 2:])
+    np.bitwise_xor(d[:, :2], ivs.reshape(-1, 2), out=o[:, :2])

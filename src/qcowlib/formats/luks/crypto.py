@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING, Any, Final
 
+import numpy as np
+
 from qcowlib.errors import InvalidArgument, UnsupportedFeature
 from qcowlib.formats.luks import blockmodes
 from qcowlib.formats.luks.codec import (
@@ -25,7 +27,6 @@ from qcowlib.formats.luks.codec import (
 )
 
 if TYPE_CHECKING:
-    import numpy as np
     from numpy.typing import NDArray
 
     from qcowlib.formats.luks.blockmodes import Words
@@ -45,9 +46,9 @@ def _backend() -> Any:
     return C, algorithms, modes
 
 
-#: Bytes decrypted per ECB call: bounds the temporary tweak and mask arrays (a few
-#: times this size) whatever the length of the read.
-_RUN: Final = 1 << 20
+#: Bytes decrypted per ECB call: the tweak and scratch arrays of a run (a few times this
+#: size) stay in the CPU cache (1 MiB runs measured 4 times slower tweaks than 256 KiB).
+_RUN: Final = 1 << 18
 
 
 class SectorCipher:
@@ -93,34 +94,53 @@ class SectorCipher:
 
         Raises :class:`InvalidArgument` when ``data`` is not whole sectors.
         """
+        out = bytearray(len(data))
+        self.decrypt_into(data, first_sector, memoryview(out))
+        return bytes(out)
+
+    def decrypt_into(
+        self, data: bytes | bytearray | memoryview, first_sector: int, out: memoryview
+    ) -> None:
+        """Decrypt ``data`` (whole sectors, the first being ``first_sector``) into
+        ``out``, a writable buffer of the same length (``data`` itself will do).
+
+        Raises :class:`InvalidArgument` when ``data`` is not whole sectors or ``out``
+        has another length.
+        """
         size = self.sector_size
         if len(data) % size:
             raise InvalidArgument(f"encrypted data must be whole {size}-byte sectors")
-        if self.cipher.mode == "ecb":
-            return bytes(self._ecb(self.key, decrypt=True).update(bytes(data)))
-        out = bytearray(len(data))
-        view = memoryview(data).cast("B")
+        if out.nbytes != len(data):
+            raise InvalidArgument("decryption output must be as long as its input")
+        view, target = memoryview(data).cast("B"), out.cast("B")
         run = max(_RUN // size, 1) * size
+        # Scratch of one run, reused: the masked ciphertext and the ECB output (which
+        # the cryptography package wants one block longer than its input).
+        scratch = np.empty(2 * (run // 8) + 2, dtype=np.uint64)
         for at in range(0, len(data), run):
             part = view[at : at + run]
-            target = blockmodes.words(memoryview(out)[at : at + len(part)])
-            self._decrypt_run(part, first_sector + at // size, target)
-        return bytes(out)
+            dest = blockmodes.words(target[at : at + len(part)])
+            self._decrypt_run(part, first_sector + at // size, dest, scratch)
 
-    def _decrypt_run(self, data: memoryview, first: int, out: Words) -> None:
-        ivs = self._ivs(first, len(data) // self.sector_size)
+    def _decrypt_run(self, data: memoryview, first: int, out: Words, scratch: Words) -> None:
+        n = len(data) // 8
+        masked, plain = scratch[:n], scratch[n:]
+        cipher = blockmodes.words(data)
         dec = self._ecb(self._k1, decrypt=True)
+        if self.cipher.mode == "ecb":
+            dec.update_into(data, blockmodes.octets(plain))
+            out[:] = plain[:n]
+            return
+        ivs = self._ivs(first, len(data) // self.sector_size)
         if self.cipher.mode == "cbc":
-            out[:] = blockmodes.words(dec.update(data))
-            blockmodes.cbc_unchain(
-                out, blockmodes.words(data), blockmodes.words(ivs), self._per_sector
-            )
+            dec.update_into(data, blockmodes.octets(plain))
+            blockmodes.cbc_unchain(plain[:n], cipher, blockmodes.words(ivs), self._per_sector, out)
             return
         first_tweaks = self._ecb(self._k2, decrypt=False).update(ivs)
         tweaks = blockmodes.xts_tweaks(first_tweaks, self._per_sector)
-        masked = blockmodes.words(data) ^ tweaks
-        out[:] = blockmodes.words(dec.update(blockmodes.octets(masked)))
-        out ^= tweaks
+        np.bitwise_xor(cipher, tweaks, out=masked)
+        dec.update_into(blockmodes.octets(masked), blockmodes.octets(plain))
+        np.bitwise_xor(plain[:n], tweaks, out=out)
 
 
 def _check_aes_key(key: bytes, what: str) -> None:
