@@ -40,6 +40,8 @@ def _reference_iv(sector: int, ivgen: str, key: bytes) -> bytes:
 
 
 def _reference(mode: str, ivgen: str, key: bytes, data: bytes, first: int, size: int) -> bytes:
+    if mode == "ecb":
+        return Cipher(algorithms.AES(key), modes.ECB()).decryptor().update(data)
     out = b""
     for i in range(len(data) // size):
         iv = _reference_iv(first + i, ivgen, key)
@@ -50,7 +52,7 @@ def _reference(mode: str, ivgen: str, key: bytes, data: bytes, first: int, size:
 
 @settings(max_examples=200, deadline=None)
 @given(
-    mode=st.sampled_from(["xts", "cbc"]),
+    mode=st.sampled_from(["xts", "cbc", "ecb"]),
     ivgen=st.sampled_from(["plain", "plain64", "essiv"]),
     key_bits=st.sampled_from([128, 256]),
     size=st.sampled_from([512, 4096, 16, 48]),
@@ -65,9 +67,14 @@ def test_sectors_decrypt_as_cryptography_decrypts_them_one_by_one(
     key_bytes = key_bits // 8 * (2 if mode == "xts" else 1)
     key = seed[:key_bytes]
     spec = f"{mode}-{ivgen}:sha256" if ivgen == "essiv" else f"{mode}-{ivgen}"
+    spec = "ecb" if mode == "ecb" else spec
     cipher = crypto.SectorCipher(parse_cipher("aes", spec, key_bytes), key, size)
     data = np.random.default_rng(int.from_bytes(seed[-8:], "little")).bytes(count * size)
-    assert cipher.decrypt(data, first) == _reference(mode, ivgen, key, data, first, size)
+    expected = _reference(mode, ivgen, key, data, first, size)
+    assert cipher.decrypt(data, first) == expected
+    in_place = bytearray(data)  # decrypt_into may write over its own input
+    cipher.decrypt_into(in_place, first, memoryview(in_place))
+    assert in_place == expected
 
 
 def test_runs_longer_than_one_ecb_call_decrypt_alike() -> None:
@@ -107,6 +114,8 @@ def test_bad_sizes_and_keys_are_our_errors() -> None:
         crypto.SectorCipher(xts, bytes(64), 520)
     with pytest.raises(InvalidArgument, match="whole 512-byte sectors"):
         crypto.SectorCipher(xts, bytes(64)).decrypt(bytes(1000), 0)
+    with pytest.raises(InvalidArgument, match="as long as its input"):
+        crypto.SectorCipher(xts, bytes(64)).decrypt_into(bytes(1024), 0, memoryview(bytearray(512)))
     with pytest.raises(UnsupportedFeature, match="not an AES key"):
         crypto.SectorCipher(parse_cipher("aes", "cbc-plain64", 20), bytes(20))
     with pytest.raises(UnsupportedFeature, match="not an AES key"):
