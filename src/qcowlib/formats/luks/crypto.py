@@ -2,9 +2,10 @@
 
 ``cryptography`` is an optional dependency (``pip install qcowlib[crypto]``): only
 reading encrypted data needs it; ``info`` of an encrypted image does not.  Sectors are
-512 bytes; the IV of sector *n* comes from *n* as QEMU's IV generators make it
-(``plain``: 32-bit little-endian, ``plain64``: 64-bit, ``essiv``: the 64-bit value
-encrypted with the hash of the key).
+512 bytes (LUKS1 knows no other size; :class:`SectorCipher` also takes other multiples
+of 16, such as LUKS2's 4096); the IV of sector *n* comes from *n* as QEMU's IV
+generators make it (``plain``: 32-bit little-endian, ``plain64``: 64-bit, ``essiv``:
+the 64-bit value encrypted with the hash of the key).
 """
 
 from __future__ import annotations
