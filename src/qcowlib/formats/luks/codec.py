@@ -203,6 +203,8 @@ def _check_aes_sizes(cipher: Cipher) -> None:
             offset=108,
         )
     if cipher.ivgen_hash is not None:
+        import hashlib
+
         digest = hashlib.new(cipher.ivgen_hash).digest_size
         if digest not in _AES_KEY_BYTES:
             raise UnsupportedFeature(
