@@ -121,7 +121,7 @@ def _metadata_regions(data: bytes) -> list[tuple[int, int]]:
     return [(o, n) for o, n in regions if o + n <= len(data)]
 
 
-POKED = ("convert-c-zlib", "c4k-v3-rc8", "c64k-v3-rc16", "prealloc-metadata")
+POKED = ("convert-c-zlib", "c4k-v3-rc8", "c64k-v3-rc16", "prealloc-metadata", "c512-v2", "c64k-v2")
 
 
 @settings(
