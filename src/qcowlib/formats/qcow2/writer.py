@@ -45,6 +45,7 @@ from qcowlib.formats.qcow2 import tables
 from qcowlib.formats.qcow2.allocator import Allocator, span
 from qcowlib.formats.qcow2.hostio import with_backing, write_fields, write_header
 from qcowlib.formats.qcow2.overlap import OL_NAMES, MetadataAreas
+from qcowlib.formats.qcow2.probe import probe as probe_qcow2
 from qcowlib.formats.qcow2.reader import Qcow2Disk, read_header
 from qcowlib.formats.qcow2.snapshot import snapshot_table_size
 
@@ -641,13 +642,10 @@ def open_rw_layer(path: str) -> Qcow2RWDisk:
     Raises :class:`ImageLocked` when another process has it open for writing,
     :class:`CorruptImage` for images marked corrupt or dirty, and the usual open errors.
     """
-    from qcowlib.formats import detect
-
     host = HostFile(path, writable=True)
     try:
-        head = host.pread(0, min(host.size, detect.PROBE_HEAD_SIZE))
-        tail = host.pread(max(0, host.size - 512), min(512, host.size))
-        if detect.probe(head, tail, host.size).format != "qcow2":
+        # The qcow2 probe is asked first of all: what it claims, probing calls qcow2.
+        if host.size <= 0 or probe_qcow2(host.pread(0, min(host.size, 8)), b"", host.size) is None:
             raise InvalidArgument(f"{path} is not a qcow2 image", file=path)
         take_write_locks(host.fd, path)
         return Qcow2RWDisk(host, path, read_header(host))
