@@ -84,6 +84,9 @@ class Format(NamedTuple):
     ``probes`` are the format's probe functions (``formats/<fmt>/probe.py``, see
     :mod:`qcowlib.core.probe`), each with its place in the probing order (lower asked
     first; :mod:`qcowlib.formats.detect` explains the order).
+    ``measure`` sizes a new image for ``measure -O`` (a
+    :class:`qcowlib.core.measure.SizeMeasure`); ``qemu_create`` says that qemu-img
+    can create the format (so that ``measure`` refuses it with qemu-img's words).
     """
 
     name: str
@@ -105,6 +108,8 @@ class Format(NamedTuple):
     glance: str | None = None
     upload_options: tuple[tuple[str, str], ...] = ()
     probes: tuple[tuple[int, str], ...] = ()
+    measure: str | None = None
+    qemu_create: bool = False
 
     @property
     def can_read(self) -> bool:
@@ -216,6 +221,8 @@ FORMATS: Final[tuple[Format, ...]] = (
     Format(
         "raw",
         "raw disk image",
+        measure="qcowlib.formats.raw.measure:MEASURE",
+        qemu_create=True,
         probes=((1000, "qcowlib.formats.raw.probe:probe"),),
         reader="qcowlib.formats.raw.reader:open_image",
         output="qcowlib.formats.raw.driver:RAW",
@@ -237,6 +244,8 @@ FORMATS: Final[tuple[Format, ...]] = (
     Format(
         "qcow2",
         "QEMU copy-on-write v2/v3",
+        measure="qcowlib.formats.qcow2.measure:MEASURE",
+        qemu_create=True,
         probes=((10, "qcowlib.formats.qcow2.probe:probe"),),
         reader="qcowlib.formats.qcow2.reader:open_image",
         output="qcowlib.formats.qcow2.driver:QCOW2",
@@ -254,6 +263,7 @@ FORMATS: Final[tuple[Format, ...]] = (
     Format(
         "vmdk",
         "VMware virtual disk",
+        qemu_create=True,
         probes=(
             (40, "qcowlib.formats.vmdk.probe:probe_binary"),
             (130, "qcowlib.formats.vmdk.probe:probe_descriptor"),
@@ -270,6 +280,7 @@ FORMATS: Final[tuple[Format, ...]] = (
     Format(
         "vdi",
         "VirtualBox disk image",
+        qemu_create=True,
         probes=((60, "qcowlib.formats.vdi.probe:probe"),),
         reader="qcowlib.formats.vdi.reader:open_image",
         output="qcowlib.formats.vdi.driver:VDI",
@@ -282,6 +293,7 @@ FORMATS: Final[tuple[Format, ...]] = (
     Format(
         "vpc",
         "Virtual Hard Disk (VHD)",
+        qemu_create=True,
         probes=(
             (70, "qcowlib.formats.vhd.probe:probe_header"),
             (110, "qcowlib.formats.vhd.probe:probe_footer"),
@@ -297,6 +309,7 @@ FORMATS: Final[tuple[Format, ...]] = (
     Format(
         "vhdx",
         "Hyper-V Virtual Hard Disk v2",
+        qemu_create=True,
         probes=((50, "qcowlib.formats.vhdx.probe:probe"),),
         reader="qcowlib.formats.vhdx.reader:open_image",
         output="qcowlib.formats.vhdx.driver:VHDX",
@@ -309,6 +322,7 @@ FORMATS: Final[tuple[Format, ...]] = (
     Format(
         "qcow",
         "QEMU copy-on-write v1 (legacy, read-only)",
+        qemu_create=True,
         probes=((11, "qcowlib.formats.qcow.probe:probe"),),
         reader="qcowlib.formats.qcow.reader:open_image",
         nothing_to_check=True,
@@ -316,6 +330,7 @@ FORMATS: Final[tuple[Format, ...]] = (
     Format(
         "qed",
         "QEMU Enhanced Disk (read-only)",
+        qemu_create=True,
         probes=((20, "qcowlib.formats.qed.probe:probe"),),
         reader="qcowlib.formats.qed.reader:open_image",
         check="qcowlib.formats.qed.check:check_file",
@@ -323,6 +338,7 @@ FORMATS: Final[tuple[Format, ...]] = (
     Format(
         "parallels",
         "Parallels disk image (read-only)",
+        qemu_create=True,
         probes=((30, "qcowlib.formats.parallels.probe:probe"),),
         reader="qcowlib.formats.parallels.reader:open_image",
         check="qcowlib.formats.parallels.check:check_file",
@@ -352,6 +368,7 @@ FORMATS: Final[tuple[Format, ...]] = (
     Format(
         "luks",
         "LUKS encrypted volume",
+        qemu_create=True,
         probes=((120, "qcowlib.formats.luks.probe:probe"),),
         reader="qcowlib.formats.luks.reader:open_image",
         nothing_to_check=True,
