@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 
 from qcowlib.errors import CorruptImage, InvalidArgument, UnsupportedFeature
+from qcowlib.formats.qcow2 import extensions as hext
 from qcowlib.formats.qcow2 import header as hdr
 from qcowlib.formats.qcow2.allocator import span
 from qcowlib.formats.qcow2.bitmap import (
@@ -218,7 +219,7 @@ class _State:
                 bm.table_offset, bm.table_size = self._write_data(bm.data)
         directory = encode_directory(self.bitmaps)
         h = disk.header
-        exts = [e for e in h.extensions if e.type != hdr.EXT_BITMAPS]
+        exts = [e for e in h.extensions if e.type != hext.EXT_BITMAPS]
         autoclear = h.autoclear_features & ~hdr.AUTOCLEAR_BITMAPS
         bitmaps = None
         if self.bitmaps:
@@ -226,11 +227,11 @@ class _State:
             disk.check_overlap(at, len(directory), None, "bitmap directory")
             disk.host.pwrite(at, directory)
             disk.flush()
-            bitmaps = hdr.BitmapsExtension(len(self.bitmaps), len(directory), at)
+            bitmaps = hext.BitmapsExtension(len(self.bitmaps), len(directory), at)
             index = next(
-                (i for i, e in enumerate(exts) if e.type == hdr.EXT_FEATURE_TABLE), len(exts)
+                (i for i, e in enumerate(exts) if e.type == hext.EXT_FEATURE_TABLE), len(exts)
             )
-            exts.insert(index, hdr.bitmaps_extension(bitmaps))
+            exts.insert(index, hext.bitmaps_extension(bitmaps))
             autoclear |= hdr.AUTOCLEAR_BITMAPS
         new = h.replace(autoclear_features=autoclear, bitmaps=bitmaps, extensions=tuple(exts))
         from qcowlib.formats.qcow2.hostio import with_backing
