@@ -38,7 +38,7 @@ from qcowlib.formats.qcow2.bitmap import (
 if TYPE_CHECKING:
     from qcowlib.core.disk import Disk
     from qcowlib.formats.qcow2.hostio import HostIO
-    from qcowlib.formats.qcow2.writer import Qcow2RWDisk
+    from qcowlib.formats.qcow2.metadata_write import Qcow2MetadataWriter
 
 __all__ = [
     "BITMAPS",
@@ -122,7 +122,7 @@ def _owned_clusters(host: HostIO, offset: int, size: int, cs: int) -> list[int]:
 class _State:
     """The image's bitmaps while ``qemu-img bitmap`` operations run."""
 
-    def __init__(self, disk: Qcow2RWDisk) -> None:
+    def __init__(self, disk: Qcow2MetadataWriter) -> None:
         h = disk.header
         if h.version < 3:
             raise UnsupportedFeature("Cannot store dirty bitmaps in qcow2 v2 files")
@@ -321,7 +321,7 @@ class WriteTracker:
         self.ranges: list[tuple[int, int]] = []
 
     @classmethod
-    def start(cls, disk: Qcow2RWDisk) -> WriteTracker:
+    def start(cls, disk: Qcow2MetadataWriter) -> WriteTracker:
         h = disk.header
         if h.version < 3 or h.bitmaps is None or not h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
             return cls([])
@@ -339,7 +339,7 @@ class WriteTracker:
         if self.names:
             self.ranges.append((offset, length))
 
-    def finish(self, disk: Qcow2RWDisk) -> None:
+    def finish(self, disk: Qcow2MetadataWriter) -> None:
         """Set the written ranges in the tracked bitmaps and clear their in-use flag."""
         if not self.names:
             return
@@ -352,7 +352,7 @@ class WriteTracker:
         self.names = []
 
 
-def remove_all_bitmaps(disk: Qcow2RWDisk) -> None:
+def remove_all_bitmaps(disk: Qcow2MetadataWriter) -> None:
     """Free every bitmap and the directory (``amend -o compat=0.10``)."""
     state = _State(disk)
     for bm in list(state.bitmaps):
