@@ -190,7 +190,8 @@ def _cmd_upload(args: argparse.Namespace) -> int:
     from qcowlib.cli.cmd_flatten import ChainReport
     from qcowlib.cli.progress import ProgressBar
     from qcowlib.glance.cloud import connect
-    from qcowlib.glance.upload import UploadRequest, ValidationRefused, parse_properties, upload
+    from qcowlib.glance.request import UploadRequest, ValidationRefused, parse_properties
+    from qcowlib.glance.upload import upload
 
     req = UploadRequest(
         path=args.filename,
