@@ -72,6 +72,23 @@ def test_entries_are_consistent() -> None:
                 assert callable(entry.implementation(part))
 
 
+def test_probes_and_measures_come_from_the_formats() -> None:
+    from qcowlib.core.measure import SizeMeasure
+
+    for entry in registry.FORMATS:
+        for _, ref in entry.probes:
+            module = ref.partition(":")[0]
+            assert module.startswith("qcowlib.formats.") and module.endswith(".probe"), ref
+        if entry.measure is not None:
+            assert isinstance(entry.implementation("measure"), SizeMeasure)
+    order = registry.probe_order()
+    assert {name for name, _ in order} == set(registry.known())
+    ranks = [rank for f in registry.FORMATS for rank, _ in f.probes]
+    assert len(ranks) == len(set(ranks))  # the order never depends on the entries' order
+    last = order[-1][1]
+    assert last(b"QFI\xfb\0\0\0\x09", b"", 8) is not None  # the catch-all is asked last
+
+
 def test_glance_names_and_upload_targets() -> None:
     assert registry.glance_disk_format("vpc") == "vhd"
     assert registry.glance_disk_format("qcow2") == "qcow2"
