@@ -22,8 +22,6 @@ FORMAT_NAMES = set(registry.known())
 #: (may only shrink: a new module listing formats fails the test below), and lists of
 #: Glance's own ``disk_format`` vocabulary, which is not qcowlib's list of formats.
 NOT_YET_FROM_REGISTRY = {
-    "formats/detect.py": "probe order",
-    "ops/measure.py": "measurable formats",
     "cli/cmd_upload.py": "Glance disk_format names",
     "validate/policy.py": "Glance disk_format names",
     "validate/rules/external.py": "the formats that can name a parent (a rule's scope)",
@@ -72,6 +70,23 @@ def test_entries_are_consistent() -> None:
         for part in ("resize", "writer", "check"):
             if getattr(entry, part) is not None:
                 assert callable(entry.implementation(part))
+
+
+def test_probes_and_measures_come_from_the_formats() -> None:
+    from qcowlib.core.measure import SizeMeasure
+
+    for entry in registry.FORMATS:
+        for _, ref in entry.probes:
+            module = ref.partition(":")[0]
+            assert module.startswith("qcowlib.formats.") and module.endswith(".probe"), ref
+        if entry.measure is not None:
+            assert isinstance(entry.implementation("measure"), SizeMeasure)
+    order = registry.probe_order()
+    assert {name for name, _ in order} == set(registry.known())
+    ranks = [rank for f in registry.FORMATS for rank, _ in f.probes]
+    assert len(ranks) == len(set(ranks))  # the order never depends on the entries' order
+    last = order[-1][1]
+    assert last(b"QFI\xfb\0\0\0\x09", b"", 8) is not None  # the catch-all is asked last
 
 
 def test_glance_names_and_upload_targets() -> None:

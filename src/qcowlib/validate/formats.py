@@ -29,6 +29,7 @@ from typing import Any, Final
 from qcowlib.errors import CorruptImage, FormatError, QcowlibError, TruncatedImage
 from qcowlib.formats._record import FixedLayout
 from qcowlib.formats.luks import codec as luks
+from qcowlib.formats.qcow2 import extensions as qcow2_extensions
 from qcowlib.formats.qcow2 import header as qcow2_header
 
 SECTOR: Final = 512
@@ -66,8 +67,8 @@ def _cstr(raw: bytes) -> str:
 # qcow2: the fields the safety rules read straight from the header bytes, so that they
 # work even when the full parser (qcowlib.formats.qcow2.header) refuses the header.
 
-QCOW_EXT_DATA_FILE: Final = qcow2_header.EXT_DATA_FILE
-QCOW_EXT_END: Final = qcow2_header.EXT_END
+QCOW_EXT_DATA_FILE: Final = qcow2_extensions.EXT_DATA_FILE
+QCOW_EXT_END: Final = qcow2_extensions.EXT_END
 #: Header extensions looked at: they all live in the first cluster (at most 2 MiB).
 _QCOW_MAX_EXTENSIONS: Final = 4096
 
@@ -137,7 +138,7 @@ def _qcow2_data_file_extension(head: bytes, header_length: int, raw: Any) -> str
         limit = min(limit, 1 << raw.cluster_bits)
     if raw.backing_file_offset and raw.backing_file_offset < limit:
         limit = raw.backing_file_offset
-    walk = qcow2_header.walk_extensions(head, header_length, limit)
+    walk = qcow2_extensions.walk_extensions(head, header_length, limit)
     try:
         for offset, ext_type, length in itertools.islice(walk, _QCOW_MAX_EXTENSIONS):
             if ext_type == QCOW_EXT_DATA_FILE:

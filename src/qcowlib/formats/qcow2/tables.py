@@ -196,9 +196,15 @@ def decode_l2(
         return _runs(kind, host, clen, cluster_size)
 
     # Extended L2: the zero flag (bit 0) is reserved; status comes from the bitmap.
-    n = entries.size
-    alloc_bits = (bitmaps & np.uint64(0xFFFF_FFFF)).astype(np.uint64)
-    zero_bits = (bitmaps >> np.uint64(32)).astype(np.uint64)
+    _check_bitmaps(kind, bitmaps, table, first_index)
+    return _subcluster_runs(kind, host, clen, bitmaps, cluster_size)
+
+
+def _check_bitmaps(kind: U8, bitmaps: U64, table: str, first_index: int) -> None:
+    """Refuse a compressed cluster with a bitmap, a subcluster both allocated and zero
+    (as QEMU), and allocated subclusters in a cluster without a host cluster."""
+    alloc_bits = bitmaps & np.uint64(0xFFFF_FFFF)
+    zero_bits = bitmaps >> np.uint64(32)
     compressed = kind == KIND_COMPRESSED
     if np.any(compressed & (bitmaps != 0)):
         i = int(np.flatnonzero(compressed & (bitmaps != 0))[0])
@@ -207,9 +213,8 @@ def decode_l2(
             structure=table,
             field=f"entry[{first_index + i}]",
         )
-    both = (alloc_bits & zero_bits) != 0  # QEMU: any subcluster both allocated and zero
-    cluster_allocated = kind == KIND_DATA
-    alloc_without_cluster = (~cluster_allocated) & (~compressed) & (alloc_bits != 0)
+    both = (alloc_bits & zero_bits) != 0
+    alloc_without_cluster = (kind != KIND_DATA) & (~compressed) & (alloc_bits != 0)
     bad = both | alloc_without_cluster
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
@@ -218,6 +223,15 @@ def decode_l2(
             structure=table,
             field=f"entry[{first_index + i}]",
         )
+
+
+def _subcluster_runs(kind: U8, host: U64, clen: U64, bitmaps: U64, cluster_size: int) -> L2Runs:
+    """Runs of checked extended L2 entries, one unit per subcluster."""
+    n = kind.size
+    alloc_bits = (bitmaps & np.uint64(0xFFFF_FFFF)).astype(np.uint64)
+    zero_bits = (bitmaps >> np.uint64(32)).astype(np.uint64)
+    compressed = kind == KIND_COMPRESSED
+    cluster_allocated = kind == KIND_DATA
     shifts = np.arange(SUBCLUSTERS, dtype=np.uint64)
     sub_alloc = ((alloc_bits[:, None] >> shifts) & np.uint64(1)).astype(bool)
     sub_zero = ((zero_bits[:, None] >> shifts) & np.uint64(1)).astype(bool)
@@ -235,10 +249,9 @@ def decode_l2(
     uhost[compressed, :] = host[compressed, None]
     uclen = np.zeros((n, SUBCLUSTERS), dtype=np.uint64)
     uclen[compressed, :] = clen[compressed, None]
-    runs = _runs(
+    return _runs(
         ukind.reshape(-1), uhost.reshape(-1), uclen.reshape(-1), sc_size, compressed_group=32
     )
-    return runs
 
 
 def decode_l2_tables(
