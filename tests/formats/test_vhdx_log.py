@@ -420,3 +420,14 @@ def _qemu_io_pattern(p: Path, pattern: int, offset: int, length: int) -> bool:
         check=True,
     )
     return "verification failed" not in out.stdout + out.stderr and "read " in out.stdout
+
+
+@pytest.mark.parametrize("name", ["iotest-dynamic-1G.vhdx", "test-disk2vhd.vhdx"])
+def test_qemu_clean_samples(name: str) -> None:
+    """iotest 070's Disk2VHD image (two identical headers) and a clean sample open, with
+    qemu-img's ``info`` and ``check``."""
+    src = sample(name)
+    for args in (("info", "--output=json"), ("check", "--output=json")):
+        got, want = cli(*args, src), qemu_img(*args, src, check=False)
+        assert got.returncode == want.returncode
+        assert json.loads(got.stdout) == json.loads(want.stdout)
