@@ -13,7 +13,8 @@ letter of the specification:
 * a sequence is a run of such entries one after the other in the circular log, each
   numbered one more than the one before (the second entry of a run is not compared
   with the first, as in QEMU); the active sequence is the run whose *first* entry has
-  the highest sequence number;
+  the highest sequence number (so of a sequence that wraps around the end of the log,
+  the scan meets the part after the wrap first, and only that part is replayed);
 * a descriptor that is not sound in an entry whose header is sound fails the whole
   search (QEMU then refuses to open the image at all);
 * replaying reads the entries one after the other (a padded entry is not skipped),
@@ -69,8 +70,9 @@ DESC_SIGNATURE: Final = b"desc"
 ZERO_SIGNATURE: Final = b"zero"
 DATA_SIGNATURE: Final = b"data"
 #: Longest log read: Hyper-V and qemu-img make 1 MiB logs; the search reads the whole
-#: log into memory and computes CRC-32C over it in Python (about 15 MB/s).
-MAX_LOG_LENGTH: Final = 32 * MIB
+#: log into memory and computes CRC-32C over it in Python (about 15 MB/s), up to about
+#: three times over for a hostile log (a few seconds at this size).
+MAX_LOG_LENGTH: Final = 8 * MIB
 #: How far past the end of the file a replay may write or extend it (QEMU: no limit;
 #: a new payload block is at most 256 MiB, and a hostile log could ask for exabytes).
 MAX_REPLAY_GROWTH: Final = 1 << 30
@@ -272,7 +274,7 @@ class _Ring:
     def sectors(self, index: int, count: int) -> bytes:
         """``count`` sectors from ``index`` on, wrapping at the end of the log."""
         whole, rest = divmod(count, self.length // LOG_SECTOR)
-        out = [bytes(self.log[index:]), bytes(self.log[:index])] * whole
+        out = [bytes(self.log[index:]), bytes(self.log[:index])] * whole if whole else []
         take = rest * LOG_SECTOR
         first = self.log[index : index + take]
         out += [bytes(first), bytes(self.log[: take - len(first)])]
