@@ -153,5 +153,5 @@ def test_log_fields() -> None:
 def test_whole_log_entry_with_bad_checksum() -> None:
     raw = bytearray(entry(5, [Data(4 * MIB, bytes(SECTOR))], flushed=0, last=0, pad=2))
     raw[4:8] = struct.pack("<I", 0)
-    with pytest.raises(CorruptImage, match="whole log"):
+    with pytest.raises(CorruptImage, match="search this log forever"):
         vhdx_log.find_active_sequence(bytes(raw), LOG_GUID, LOG_AT)

@@ -25,8 +25,9 @@ letter of the specification:
 
 What qemu-img would do without limit is refused here with :class:`CorruptImage`
 (:class:`UnsupportedFeature` for :data:`MAX_LOG_LENGTH`): a log longer than
-:data:`MAX_LOG_LENGTH`; an entry that spans the whole log and fails its checksum
-(QEMU's scan never ends); writes that reach into the file identifier and headers
+:data:`MAX_LOG_LENGTH`; a log whose scan comes back to the entry it started from
+(QEMU's scan never ends: an entry as long as the log with a wrong checksum, a sequence
+that with the sector after it fills the log); writes that reach into the file identifier and headers
 (:data:`PROTECTED_END`) or into the log itself, or end more than
 :data:`MAX_REPLAY_GROWTH` past the end of the file; zero descriptors that together
 zero more than the file plus that growth.
@@ -365,7 +366,7 @@ def find_active_sequence(log: bytes, log_guid: bytes, base: int = 0) -> LogSeque
 
 def _endless(ring: _Ring, index: int) -> CorruptImage:
     return CorruptImage(
-        "VHDX log entry spans the whole log without ending the scan "
+        "VHDX log scan comes back to the entry it started from without ending "
         "(QEMU would search this log forever)",
         structure="vhdx log entry",
         offset=ring.base + index,
