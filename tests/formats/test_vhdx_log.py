@@ -157,6 +157,20 @@ def _count_overflow(p: Path) -> list[tuple[int, bytes]]:
     return [(0, raw)]
 
 
+def _aligned_last(p: Path) -> list[tuple[int, bytes]]:
+    """A last_file_offset past the end that is a multiple of 1 MiB: QEMU does not grow
+    the file to it (only an unaligned one is rounded up and grown to)."""
+    raw = entry(5, [Data(EOF, sector(0x21))], flushed=EOF, last=EOF + 2 * MIB)
+    return [(0, raw)]
+
+
+def _cut_below_write(p: Path) -> list[tuple[int, bytes]]:
+    """A write past the size the entry's last_file_offset rounds to: QEMU writes it,
+    then sets the file's length, cutting the write off."""
+    raw = entry(5, [Data(EOF + MIB + 2 * SECTOR, sector(0x21))], flushed=EOF, last=EOF + 512)
+    return [(0, raw)]
+
+
 SCENARIOS: dict[str, Callable[[Path], list[tuple[int, bytes]]]] = {
     "single": _single,
     "several": _several,
@@ -165,6 +179,8 @@ SCENARIOS: dict[str, Callable[[Path], list[tuple[int, bytes]]]] = {
     "torn": _torn,
     "gap": _gap,
     "newer-first": _newer_first,
+    "aligned-last-offset": _aligned_last,
+    "cut-below-write": _cut_below_write,
     "guid-only": _guid_only,
     "oversized-entry": _oversized,
     "count-overflow": _count_overflow,

@@ -296,8 +296,9 @@ class _Ring:
         """The descriptor sectors of the entry at ``index`` and its descriptors, each
         checked as ``vhdx_log_desc_is_valid`` (:class:`CorruptImage` otherwise)."""
         raw = self.sectors(index, descriptor_sectors(h.descriptor_count))
-        area = memoryview(raw)[LOG_ENTRY_HEADER_SIZE:]
-        found = [LogDescriptor(*f) for f in _DESCRIPTOR.iter_unpack(area)][: h.descriptor_count]
+        end = LOG_ENTRY_HEADER_SIZE + LOG_DESCRIPTOR_SIZE * h.descriptor_count
+        area = memoryview(raw)[LOG_ENTRY_HEADER_SIZE:end]  # inside raw: see header_ok
+        found = [LogDescriptor(*f) for f in _DESCRIPTOR.iter_unpack(area)]
         for i, d in enumerate(found):
             if not _descriptor_ok(d, h):
                 raise CorruptImage(
