@@ -253,15 +253,17 @@ def test_read_only_open_refused_like_qemu(tmp_path: Path, name: str) -> None:
     before = src.read_bytes()
     want = qemu_img("info", src, check=False)
     assert want.returncode == 1
-    assert "contains a log that needs to be replayed" in want.stderr
+    reason, hint, command = want.stderr.splitlines()
+    reason = reason.removeprefix(f"qemu-img: Could not open '{src}': ")
+    assert "contains a log that needs to be replayed" in reason
+    assert (hint, command) == ("To replay the log, run:", f"qemu-img check -r all '{src}'")
     for args in (("info",), ("check",), ("map",), ("convert", "-O", "raw")):
         out = [tmp_path / "out.raw"] if args[0] == "convert" else []
         got = cli(*args, src, *out)
         assert got.returncode == 1, args
         lines = got.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith("qcowlib: error: ")
-        assert f"VHDX image file '{src}' opened read-only, but contains a log" in lines[0]
-        assert f"qcowlib check -r all '{src}'" in lines[0]
+        assert f"{reason}; to replay the log, run: qcowlib check -r all '{src}'" in lines[0]
     got = cli("validate", src)
     assert got.returncode == 1 and "qcowlib check -r all" in got.stdout
     assert src.read_bytes() == before
