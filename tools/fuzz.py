@@ -6,10 +6,11 @@ Seed images of every format qcowlib reads are made with qemu-img and qemu-io (an
 own sample images from ``$QCOWLIB_SAMPLE_IMAGES`` when present).  Each case copies one,
 applies a few random mutations (bytes, bit flips, 16/32/64-bit extreme values at random
 offsets, mostly in the metadata at the start; truncation; appended zeros), and runs
-``info``, ``open`` + ``extents`` + reads, ``check``, ``validate`` and ``convert -O raw``
-on it through the API in a forked child with an alarm.  Anything but a
-:class:`qcowlib.QcowlibError`, a crash, or a child still running after the alarm is a
-defect: the mutated image and the traceback are saved under ``--out`` and the run exits 1.
+``info``, ``open`` + ``extents`` + reads, ``check``, ``validate``, ``convert -O raw``
+and, last, ``check -r all`` on it through the API in a forked child with an alarm.
+Anything but a :class:`qcowlib.QcowlibError`, a crash, or a child still running after
+the alarm is a defect: the mutated image and the traceback are saved under ``--out`` and
+the run exits 1.
 """
 
 from __future__ import annotations
@@ -183,6 +184,9 @@ def exercise(path: str) -> None:
         guarded(lambda: qcowlib.convert(path, out, "raw", backing_policy="none"))
     finally:
         Path(out).unlink(missing_ok=True)
+    # Last, as it writes: repair in place (the case is a copy), then check again.
+    guarded(lambda: qcowlib.check(path, repair="all", backing_policy="none"))
+    guarded(lambda: qcowlib.check(path, backing_policy="none"))
 
 
 def one_case(path: Path) -> str | None:

@@ -7,6 +7,7 @@ hang, is a defect.  Each case here rebuilds the damaged field by hand.
 
 from __future__ import annotations
 
+import json
 import struct
 import subprocess
 import sys
@@ -66,3 +67,17 @@ def test_compressed_cluster_at_offset_zero(tmp_path: Path) -> None:
     assert res.stderr.startswith("qcowlib: error: ") and "compressed cluster" in res.stderr
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "o.raw").exists()
+
+
+@pytest.mark.parametrize("repair", ["leaks", "all"])
+def test_repair_of_an_image_with_no_l2_table(tmp_path: Path, repair: str) -> None:
+    """`check -r all` of a new, empty qcow2 (an L1 table of zeros) failed with an internal
+    IndexError; it must answer as qemu-img does."""
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    for path in (ours, theirs):
+        qemu_img("create", "-q", "-f", "qcow2", path, "64M")
+    res = run_cli("check", "-r", repair, "--output", "json", ours)
+    ref = qemu_img("check", "-r", repair, "--output", "json", theirs, check=False)
+    assert (res.returncode, res.stderr) == (ref.returncode, "")
+    assert json.loads(res.stdout) | {"filename": ""} == json.loads(ref.stdout) | {"filename": ""}
+    assert ours.read_bytes() == theirs.read_bytes()
