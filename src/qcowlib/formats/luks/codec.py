@@ -9,14 +9,15 @@ dependency).
 
 from __future__ import annotations
 
-import hashlib
 import struct
-import uuid as _uuid
 from typing import Any, Final, NamedTuple
 
 from qcowlib.core.qdict import qdict_order
 from qcowlib.errors import CorruptImage, FormatError, UnsupportedFeature
 from qcowlib.formats._record import FixedLayout
+
+# hashlib (OpenSSL) and uuid are imported where a key is derived: validate reads these
+# layouts for every image it checks, and must start fast (DESIGN.md).
 
 LUKS_MAGIC: Final = b"LUKS\xba\xbe"
 LUKS_VERSION: Final = 1
@@ -65,6 +66,7 @@ HEADER_SIZE: Final = HEADER.sizeof() + KEY_SLOTS * KEY_SLOT.sizeof()  # 592
 _HASHES: Final = ("sha1", "sha224", "sha256", "sha384", "sha512", "ripemd160")
 _MODES: Final = ("ecb", "cbc", "xts")
 _IVGENS: Final = ("plain", "plain64", "essiv")
+_AES_KEY_BYTES: Final = (16, 24, 32)
 
 
 class KeySlot(NamedTuple):
@@ -164,6 +166,7 @@ def parse_header(data: bytes | bytearray | memoryview, file_size: int) -> LuksHe
     )
     if cipher.name != "aes":
         raise UnsupportedFeature(f"LUKS cipher {cipher.name!r} is not supported (only aes)")
+    _check_aes_sizes(cipher)
     slots = tuple(_slot(data, i, h.key_bytes, h.payload_offset, file_size) for i in range(8))
     payload = h.payload_offset * SECTOR
     if payload > file_size:
@@ -185,6 +188,31 @@ def parse_header(data: bytes | bytearray | memoryview, file_size: int) -> LuksHe
         _cstr(h.uuid, "uuid", 168),
         slots,
     )
+
+
+def _check_aes_sizes(cipher: Cipher) -> None:
+    """Refuse, as QEMU's ``qcrypto_block_luks_cipher_name_lookup`` and
+    ``qcrypto_block_luks_essiv_cipher`` refuse, a master key (each half of an XTS key)
+    or an ESSIV hash digest that is no AES key size."""
+    bits = cipher.key_bytes // (2 if cipher.mode == "xts" else 1)
+    if bits not in _AES_KEY_BYTES or (cipher.mode == "xts" and cipher.key_bytes % 2):
+        raise UnsupportedFeature(
+            f"Algorithm 'aes' with key size {bits} bytes not supported",
+            structure="luks header",
+            field="key_bytes",
+            offset=108,
+        )
+    if cipher.ivgen_hash is not None:
+        import hashlib
+
+        digest = hashlib.new(cipher.ivgen_hash).digest_size
+        if digest not in _AES_KEY_BYTES:
+            raise UnsupportedFeature(
+                f"No AES cipher with key size {digest} available (ESSIV {cipher.ivgen_hash})",
+                structure="luks header",
+                field="cipher_mode",
+                offset=40,
+            )
 
 
 def _slot(data: Any, i: int, key_bytes: int, payload_sectors: int, file_size: int) -> KeySlot:
@@ -252,6 +280,8 @@ def _xor(a: bytes, b: bytes) -> bytes:
 
 
 def _diffuse(buf: bytes, hash_name: str) -> bytes:
+    import hashlib
+
     size = hashlib.new(hash_name).digest_size
     out = bytearray()
     for i in range(-(-len(buf) // size)):
@@ -262,15 +292,21 @@ def _diffuse(buf: bytes, hash_name: str) -> bytes:
 
 def slot_key(passphrase: bytes, h: LuksHeader, slot: KeySlot) -> bytes:
     """The key that encrypts a slot's key material (PBKDF2 of the passphrase)."""
+    import hashlib
+
     return hashlib.pbkdf2_hmac(h.hash, passphrase, slot.salt, slot.iterations, h.key_bytes)
 
 
 def is_master_key(key: bytes, h: LuksHeader) -> bool:
     """Whether ``key`` matches the header's master key digest."""
+    import hashlib
+
     digest = hashlib.pbkdf2_hmac(h.hash, key, h.mk_digest_salt, h.mk_digest_iter, DIGEST_SIZE)
     return digest == h.mk_digest
 
 
 def new_uuid_string(raw: bytes) -> str:
     """A UUID string from 16 bytes (for tests that build headers)."""
-    return str(_uuid.UUID(bytes=raw))
+    import uuid
+
+    return str(uuid.UUID(bytes=raw))
