@@ -470,7 +470,9 @@ class Qcow2Disk(Qcow2Metadata, Disk):
         clipped = np.maximum(start, offset)
         shift = clipped - start
         compressed = kind == RUN_COMPRESSED
-        has_host = (kind == RUN_DATA) | (host != 0)
+        # A compressed cluster always has a host offset, 0 included (hostile images):
+        # reading it then fails like any other bad compressed cluster.
+        has_host = (kind == RUN_DATA) | compressed | (host != 0)
         host = np.where(has_host, host + np.where(compressed, 0, shift), -1)
         # Files as layer_extents names them: data runs and runs with a host offset
         # live in the data file, compressed ones in the image, the rest nowhere.
