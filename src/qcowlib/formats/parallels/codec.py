@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
     U32 = npt.NDArray[np.uint32]
-    U8 = npt.NDArray[np.uint8]
     I64 = npt.NDArray[np.int64]
 
 __all__ = [

@@ -134,7 +134,8 @@ class QcowDisk(ClusterMapDisk):
         present = np.flatnonzero(l1)
         offsets = l1[present]
         table_bytes = n * 8
-        bad = np.flatnonzero(offsets + np.uint64(table_bytes) > np.uint64(self.host.size))
+        last = self.host.size - table_bytes  # the last offset a table fits at
+        bad = np.flatnonzero(offsets > np.uint64(last)) if last >= 0 else np.arange(offsets.size)
         if bad.size:
             index = t0 + int(present[bad[0]])
             raise TruncatedImage(
