@@ -7,10 +7,10 @@ own sample images from ``$QCOWLIB_SAMPLE_IMAGES`` when present).  Each case copi
 applies a few random mutations (bytes, bit flips, 16/32/64-bit extreme values at random
 offsets, mostly in the metadata at the start; truncation; appended zeros), and runs
 ``info``, ``open`` + ``extents`` + reads, ``check``, ``validate``, ``convert -O raw``
-and, last, ``check -r all`` on it through the API in a forked child with an alarm.
-Anything but a :class:`qcowlib.QcowlibError`, a crash, or a child still running after
-the alarm is a defect: the mutated image and the traceback are saved under ``--out`` and
-the run exits 1.
+and, last, in-place writes, a snapshot, ``amend`` and ``check -r all`` on it, through
+the API in a forked child with an alarm.  Anything but a :class:`qcowlib.QcowlibError`,
+a crash, or a child still running after the alarm is a defect: the mutated image and
+the traceback are saved under ``--out`` and the run exits 1.
 """
 
 from __future__ import annotations
@@ -184,9 +184,22 @@ def exercise(path: str) -> None:
         guarded(lambda: qcowlib.convert(path, out, "raw", backing_policy="none"))
     finally:
         Path(out).unlink(missing_ok=True)
-    # Last, as it writes: repair in place (the case is a copy), then check again.
+    # Last, as they write (the case is a copy): in-place changes, repair, check again.
+    guarded(lambda: write_in_place(path))
+    guarded(lambda: qcowlib.create_snapshot(path, "fuzz"))
+    guarded(lambda: qcowlib.amend(path, {"refcount_bits": "16"}))
     guarded(lambda: qcowlib.check(path, repair="all", backing_policy="none"))
     guarded(lambda: qcowlib.check(path, backing_policy="none"))
+
+
+def write_in_place(path: str) -> None:
+    """Guest writes through the in-place writer (qcow2 only; others refuse)."""
+    import qcowlib
+
+    with qcowlib.open_rw(path, backing_policy="none") as disk:
+        size = disk.virtual_size
+        for offset in (0, size // 3, max(0, size - 512)):
+            disk.write(offset, b"\xa5" * min(size - offset, 8192))
 
 
 def one_case(path: Path) -> str | None:

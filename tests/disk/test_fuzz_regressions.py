@@ -7,6 +7,7 @@ hang, is a defect.  Each case here rebuilds the damaged field by hand.
 
 from __future__ import annotations
 
+import json
 import struct
 import subprocess
 import sys
@@ -66,3 +67,45 @@ def test_compressed_cluster_at_offset_zero(tmp_path: Path) -> None:
     assert res.stderr.startswith("qcowlib: error: ") and "compressed cluster" in res.stderr
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "o.raw").exists()
+
+
+@pytest.mark.parametrize("repair", ["leaks", "all"])
+def test_repair_of_an_image_with_no_l2_table(tmp_path: Path, repair: str) -> None:
+    """`check -r all` of a new, empty qcow2 (an L1 table of zeros) failed with an internal
+    IndexError; it must answer as qemu-img does."""
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    for path in (ours, theirs):
+        qemu_img("create", "-q", "-f", "qcow2", path, "64M")
+    res = run_cli("check", "-r", repair, "--output", "json", ours)
+    ref = qemu_img("check", "-r", repair, "--output", "json", theirs, check=False)
+    assert (res.returncode, res.stderr) == (ref.returncode, "")
+    assert json.loads(res.stdout) | {"filename": ""} == json.loads(ref.stdout) | {"filename": ""}
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_snapshot_of_an_image_pointing_far_past_its_end(tmp_path: Path) -> None:
+    """An L2 entry pointing petabytes out made `snapshot -c` try to allocate a refcount
+    table of hundreds of GiB; it fails as qemu-img does (EFBIG, past QCOW_MAX_REFTABLE_SIZE)."""
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", ours, "1M")
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 4k", str(ours)],
+        check=True,
+        capture_output=True,
+    )
+    with ours.open("r+b") as f:
+        f.seek(40)
+        (l1_offset,) = struct.unpack(">Q", f.read(8))
+        f.seek(l1_offset)
+        (l1,) = struct.unpack(">Q", f.read(8))
+        f.seek(l1 & L2_OFFSET_MASK)
+        f.write(struct.pack(">Q", (1 << 63) | (1 << 50)))  # COPIED, 1 PiB out
+    theirs.write_bytes(ours.read_bytes())
+    ref = qemu_img("snapshot", "-c", "s", theirs, check=False)
+    assert ref.returncode == 1 and "File too large" in ref.stderr
+    with pytest.raises(qcowlib.QcowlibError) as err:
+        qcowlib.create_snapshot(ours, "s")
+    assert "8 MiB" in str(err.value)
+    res = run_cli("snapshot", "-c", "s2", ours)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1
+    assert res.stderr.startswith("qcowlib: error: ")

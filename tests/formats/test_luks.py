@@ -75,6 +75,7 @@ IMAGES = [
         ),
     ),
     ("luks", ("cipher-mode=cbc", "ivgen-alg=plain64")),
+    ("luks", ("cipher-alg=aes-128", "ivgen-alg=plain")),  # AES-128-XTS, 32-bit IVs
     ("qcow2", ("encrypt.format=luks",)),
 ]
 
@@ -237,3 +238,18 @@ def test_truncated_or_foreign_headers_are_refused() -> None:
         codec.parse_header(bytes(header), 1 << 20)
     with pytest.raises(QcowlibError):
         codec.parse_header(bytes(header[:100]), 1 << 20)
+
+
+def test_keys_no_aes_takes_are_refused_as_qemu_img_refuses(tmp_path: Path) -> None:
+    require_qemu()
+    made = _make(tmp_path / "disk.luks", "luks", "cipher-mode=cbc", "ivgen-alg=essiv")
+    image = made.read_bytes()
+    mode = b"cbc-essiv:sha1".ljust(32, b"\0")  # a 20-byte ESSIV key
+    key_bytes = struct.pack(">I", 20)  # a 20-byte master key
+    for at, patch in ((40, mode), (108, key_bytes)):
+        path = tmp_path / f"patched{at}.luks"
+        path.write_bytes(image[:at] + patch + image[at + len(patch) :])
+        theirs = qemu_img("info", path, check=False)
+        ours = cli("info", path)
+        assert theirs.returncode == ours.returncode == 1
+        assert theirs.stderr.strip().rsplit(": ", 1)[-1] in ours.stderr

@@ -65,6 +65,7 @@ HEADER_SIZE: Final = HEADER.sizeof() + KEY_SLOTS * KEY_SLOT.sizeof()  # 592
 _HASHES: Final = ("sha1", "sha224", "sha256", "sha384", "sha512", "ripemd160")
 _MODES: Final = ("ecb", "cbc", "xts")
 _IVGENS: Final = ("plain", "plain64", "essiv")
+_AES_KEY_BYTES: Final = (16, 24, 32)
 
 
 class KeySlot(NamedTuple):
@@ -164,6 +165,7 @@ def parse_header(data: bytes | bytearray | memoryview, file_size: int) -> LuksHe
     )
     if cipher.name != "aes":
         raise UnsupportedFeature(f"LUKS cipher {cipher.name!r} is not supported (only aes)")
+    _check_aes_sizes(cipher)
     slots = tuple(_slot(data, i, h.key_bytes, h.payload_offset, file_size) for i in range(8))
     payload = h.payload_offset * SECTOR
     if payload > file_size:
@@ -185,6 +187,29 @@ def parse_header(data: bytes | bytearray | memoryview, file_size: int) -> LuksHe
         _cstr(h.uuid, "uuid", 168),
         slots,
     )
+
+
+def _check_aes_sizes(cipher: Cipher) -> None:
+    """Refuse, as QEMU's ``qcrypto_block_luks_cipher_name_lookup`` and
+    ``qcrypto_block_luks_essiv_cipher`` refuse, a master key (each half of an XTS key)
+    or an ESSIV hash digest that is no AES key size."""
+    bits = cipher.key_bytes // (2 if cipher.mode == "xts" else 1)
+    if bits not in _AES_KEY_BYTES or (cipher.mode == "xts" and cipher.key_bytes % 2):
+        raise UnsupportedFeature(
+            f"Algorithm 'aes' with key size {bits} bytes not supported",
+            structure="luks header",
+            field="key_bytes",
+            offset=108,
+        )
+    if cipher.ivgen_hash is not None:
+        digest = hashlib.new(cipher.ivgen_hash).digest_size
+        if digest not in _AES_KEY_BYTES:
+            raise UnsupportedFeature(
+                f"No AES cipher with key size {digest} available (ESSIV {cipher.ivgen_hash})",
+                structure="luks header",
+                field="cipher_mode",
+                offset=40,
+            )
 
 
 def _slot(data: Any, i: int, key_bytes: int, payload_sectors: int, file_size: int) -> KeySlot:

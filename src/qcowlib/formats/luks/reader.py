@@ -4,9 +4,9 @@ Without a key the header is still read and checked, so ``info`` shows what qemu-
 shows (cipher, hash, key slots, payload offset); mapping or reading then fails as
 qemu-img fails ("Parameter 'key-secret' is required for cipher").  With a key given the
 qemu-img way (see :mod:`qcowlib.core.secrets`), a key slot is unlocked on open and the
-payload is decrypted sector by sector.  The guest disk is everything after the payload
-offset; its extents are one data run with no host offset, as qemu-img maps it (the bytes
-on disk are not the guest's).
+payload is decrypted a run of sectors at a time (:mod:`.crypto`).  The guest disk is
+everything after the payload offset; its extents are one data run with no host offset,
+as qemu-img maps it (the bytes on disk are not the guest's).
 """
 
 from __future__ import annotations
@@ -78,6 +78,9 @@ class LuksDisk(Disk):
         raw = self.host.pread_exact(
             self.header.payload_offset + first, last - first, "luks payload"
         )
+        if first == ext.start and last == ext.end:  # whole sectors: straight into buf
+            cipher.decrypt_into(raw, first // SECTOR, buf)
+            return
         plain = cipher.decrypt(raw, first // SECTOR)
         buf[:] = plain[ext.start - first : ext.end - first]
 

@@ -12,12 +12,14 @@ refcount.  Every refcount block write is overlap checked by the owner.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, NoReturn, Protocol
 
 import numpy as np
 
 from qcowlib.errors import QcowlibIOError
+from qcowlib.formats.qcow2.header import MAX_REFTABLE_SIZE_BYTES
 from qcowlib.formats.qcow2.hostio import write_fields
 from qcowlib.formats.qcow2.refcount import encode_block, encode_span
 from qcowlib.formats.qcow2.refcount_store import RefcountStore
@@ -168,10 +170,20 @@ class Allocator:
         area clusters covered by old blocks, the table, header switch, then the old
         table's clusters are freed.
         """
+        if min_entries > MAX_REFTABLE_SIZE_BYTES // 8:
+            # QEMU's alloc_refcount_block: -EFBIG past QCOW_MAX_REFTABLE_SIZE.  A cluster
+            # that far out is an L2 entry of a damaged image, or an image too large.
+            raise QcowlibIOError(
+                f"a refcount table of {min_entries} entries would exceed "
+                f"{MAX_REFTABLE_SIZE_BYTES // (1 << 20)} MiB",
+                errno=errno.EFBIG,
+                structure="refcount table",
+            )
         cs = self.cluster_size
         old = self.store.table
         start = self.file_end // cs
-        t, k = self._reftable_area(start, max(min_entries, old.size * 2), old.size)
+        want = min(max(min_entries, old.size * 2), MAX_REFTABLE_SIZE_BYTES // 8)
+        t, k = self._reftable_area(start, want, old.size)
         area_end = start + t + k
         table = np.zeros(t * cs // 8, dtype=np.uint64)
         table[: old.size] = old

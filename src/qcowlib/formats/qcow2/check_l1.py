@@ -60,6 +60,8 @@ def check_refcounts_l1(
     l1 = chk.read_table(l1_offset, l1_size)
     entries = l1[np.flatnonzero(l1)]
     del l1
+    if not entries.size:
+        return
     if not fixing:
         for lo in range(0, entries.size, CHUNK_ENTRIES):
             chunk = entries[lo : lo + CHUNK_ENTRIES]

@@ -60,9 +60,11 @@ class ClusterCipher:
     def __init__(self, cipher: SectorCipher) -> None:
         self.cipher = cipher
 
-    def read(self, host: HostFile, offset: int, length: int) -> bytes:
+    def read(self, host: HostFile, offset: int, length: int) -> bytes | memoryview:
+        """The plaintext of host bytes ``[offset, offset + length)``."""
         first = offset // 512 * 512
         last = -(-(offset + length) // 512) * 512
         raw = host.pread_exact(first, last - first, "encrypted cluster")
-        plain = self.cipher.decrypt(raw, first // 512)
+        plain = memoryview(bytearray(len(raw)))
+        self.cipher.decrypt_into(raw, first // 512, plain)
         return plain[offset - first : offset - first + length]
