@@ -14,7 +14,12 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "qcowlib"
 # validate}.  The registry (with ``qcowlib.formats()`` and the opener, which opens
 # chains through it) names the formats' readers and writers and sits above them.
 REGISTRY_LAYER = 3
-REGISTRY_MODULES = ("qcowlib.formats", "qcowlib.formats.registry", "qcowlib.formats.opener")
+REGISTRY_MODULES = (
+    "qcowlib.formats",
+    "qcowlib.formats.registry",
+    "qcowlib.formats.opener",
+    "qcowlib.formats.detect",
+)
 LAYERS = {
     "errors": 0,
     "_units": 0,
@@ -32,10 +37,12 @@ PURE_MODULES = {
     "_layout.py",
     "_record.py",
     "detect.py",
+    "probe.py",
     "registry.py",
     "codec.py",
     "header.py",
     "tables.py",
+    "entries.py",
     "refcount.py",
     "snapshot.py",
     "bitmap.py",

@@ -21,6 +21,7 @@ import pytest
 
 from qcowlib.core.digest import MultiHasher
 from qcowlib.errors import QcowlibIOError
+from qcowlib.glance import request, transfer
 from qcowlib.glance import upload as up
 from qcowlib.ops.flatten import flatten
 from tests.conftest import qemu_img, qemu_json, require_qemu
@@ -146,7 +147,7 @@ def test_forced_unsafe_upload_refused_by_glance(
 def test_raw_upload_with_properties(glance_server: GlanceServer, tmp_path: Path) -> None:
     raw = tmp_path / "disk.raw"
     # Over two read blocks (hashed while the previous one is being sent), odd length.
-    raw.write_bytes(bytes(range(256)) * (9 * up.READ_CHUNK // 256 // 4) + b"tail")
+    raw.write_bytes(bytes(range(256)) * (9 * transfer.READ_CHUNK // 256 // 4) + b"tail")
     res = run_upload(
         glance_server, tmp_path, "--name", "raw-props", "--min-ram", "512", "--property",
         "os_distro=centos", "--visibility", "private", "--output=json", raw,
@@ -179,13 +180,17 @@ class _Blocks:
 def test_sender_pieces_and_digests() -> None:
     """Pieces stay under uWSGI's chunk limit, in order; the digests cover every byte."""
     rng = random.Random(5)
-    blocks = [rng.randbytes(n) for n in (up.READ_CHUNK, 3, up.UPLOAD_CHUNK + 1, 0, 777_777)]
+    blocks = [
+        rng.randbytes(n) for n in (transfer.READ_CHUNK, 3, transfer.UPLOAD_CHUNK + 1, 0, 777_777)
+    ]
     sent: list[tuple[int, int]] = []
-    sender = up._Sender(cast(up._Source, _Blocks(blocks)), lambda n, t: sent.append((n, t)))
+    sender = transfer.Sender(
+        cast(transfer.Source, _Blocks(blocks)), lambda n, t: sent.append((n, t))
+    )
     pieces = [bytes(p) for p in sender]
     data = b"".join(blocks)
     assert b"".join(pieces) == data and sender.sent == len(data)
-    assert all(0 < len(p) <= up.UPLOAD_CHUNK for p in pieces)
+    assert all(0 < len(p) <= transfer.UPLOAD_CHUNK for p in pieces)
     assert sent[-1] == (len(data), len(data)) and len(sent) == len(pieces)
     digests = sender.hasher.hexdigests()
     assert digests["md5"] == hashlib.md5(data).hexdigest()
@@ -195,7 +200,7 @@ def test_sender_pieces_and_digests() -> None:
 def test_sender_keeps_the_source_error() -> None:
     """A source failing mid-body: the error is kept for upload() to report."""
     boom = QcowlibIOError("read error: Input/output error")
-    sender = up._Sender(cast(up._Source, _Blocks([b"x" * 1000] * 3, boom)), None)
+    sender = transfer.Sender(cast(transfer.Source, _Blocks([b"x" * 1000] * 3, boom)), None)
     with pytest.raises(QcowlibIOError):
         list(sender)
     assert sender.error is boom and sender.sent == 3000
@@ -208,9 +213,9 @@ def test_sender_refuses_a_body_of_another_length(extra: int) -> None:
     (the server is never left waiting for bytes that will not come)."""
     source = _Blocks([b"a" * 700, b"b" * 700])
     source.size += extra
-    sender = up._Sender(cast(up._Source, source), None)
+    sender = transfer.Sender(cast(transfer.Source, source), None)
     assert len(sender) == source.size
-    with pytest.raises(up.UploadError, match=r"ended after|grew past"):
+    with pytest.raises(request.UploadError, match=r"ended after|grew past"):
         list(sender)
     assert sender.sent <= source.size
 
@@ -218,15 +223,15 @@ def test_sender_refuses_a_body_of_another_length(extra: int) -> None:
 def test_size_mismatch_deletes_image(
     glance_server: GlanceServer, chain: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_init = up._Source.__init__
+    real_init = transfer.Source.__init__
 
-    def lying_init(self: up._Source, req: up.UploadRequest, disk_format: str) -> None:
+    def lying_init(self: transfer.Source, req: up.UploadRequest, disk_format: str) -> None:
         real_init(self, req, disk_format)
         self.size += 4096  # announce more than will be sent
 
-    monkeypatch.setattr(up._Source, "__init__", lying_init)
+    monkeypatch.setattr(transfer.Source, "__init__", lying_init)
     req = up.UploadRequest(path=str(chain), name="size-mismatch", flatten=True)
-    with pytest.raises(up.UploadError):
+    with pytest.raises(request.UploadError):
         up.upload(req, connection=glance_server.connection())
     assert images_named(glance_server, "size-mismatch") == []
 
@@ -243,7 +248,7 @@ def test_checksum_mismatch_deletes_image(
 
     monkeypatch.setattr(MultiHasher, "hexdigests", wrong)
     req = up.UploadRequest(path=str(chain), name="sum-mismatch", flatten=True)
-    with pytest.raises(up.UploadError, match="checksum"):
+    with pytest.raises(request.UploadError, match="checksum"):
         up.upload(req, connection=glance_server.connection())
     assert images_named(glance_server, "sum-mismatch") == []
 

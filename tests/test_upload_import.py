@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from qcowlib.cli import main
-from qcowlib.glance import interop
+from qcowlib.glance import interop, request
 from qcowlib.glance import upload as up
 from qcowlib.ops.flatten import flatten
 from tests.conftest import qemu_img, require_qemu
@@ -109,7 +109,7 @@ def test_failed_import_is_reported_and_deleted(
     task's message, and the image is deleted."""
     server = glance_context_server
     req = up.UploadRequest(path=str(chain), name="imp-bad", force=True, use_import=True)
-    with pytest.raises(up.UploadError) as caught:
+    with pytest.raises(request.UploadError) as caught:
         up.upload(req, connection=server.connection())
     message = str(caught.value)
     assert "Glance's import into store fs failed: Task failed" in message, message
@@ -121,7 +121,7 @@ def test_import_unknown_store(glance_context_server: GlanceServer, chain: Path) 
     req = up.UploadRequest(
         path=str(chain.parent / "base.qcow2"), name="imp-nostore", use_import=True, store="x"
     )
-    with pytest.raises(up.UploadError, match=r"no such store in this cloud \(it has fs"):
+    with pytest.raises(request.UploadError, match=r"no such store in this cloud \(it has fs"):
         up.upload(req, connection=glance_context_server.connection())
     assert images_named(glance_context_server, "imp-nostore") == []
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from qcowlib.errors import InvalidArgument
-from qcowlib.glance import upload as up
+from qcowlib.glance import transfer
 from tests.conftest import qemu_img, require_qemu
 from tests.glance_server import GlanceServer, environment_for_cli
 from tests.test_upload import images_named, run_upload
@@ -151,15 +151,15 @@ def test_timeouts_default_to_api_timeout_then_ours() -> None:
     openstack = pytest.importorskip("openstack")
     endpoint = "http://127.0.0.1:9/"
     plain = openstack.connect(auth_type="none", image_endpoint_override=endpoint)
-    assert up.apply_timeouts(plain) == (up.CONNECT_TIMEOUT, up.READ_TIMEOUT)
-    assert plain.session.timeout == (up.CONNECT_TIMEOUT, up.READ_TIMEOUT)
+    assert transfer.apply_timeouts(plain) == (transfer.CONNECT_TIMEOUT, transfer.READ_TIMEOUT)
+    assert plain.session.timeout == (transfer.CONNECT_TIMEOUT, transfer.READ_TIMEOUT)
     configured = openstack.connect(
         auth_type="none", image_endpoint_override=endpoint, api_timeout=7
     )
-    assert up.apply_timeouts(configured) == (7.0, 7.0)
-    assert up.apply_timeouts(configured, read_timeout=3) == (7.0, 3.0)
+    assert transfer.apply_timeouts(configured) == (7.0, 7.0)
+    assert transfer.apply_timeouts(configured, read_timeout=3) == (7.0, 3.0)
     with pytest.raises(InvalidArgument):
-        up.apply_timeouts(plain, connect_timeout=0)
+        transfer.apply_timeouts(plain, connect_timeout=0)
 
 
 def test_upload_shows_validation_warnings_before_sending(

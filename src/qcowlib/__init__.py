@@ -78,7 +78,8 @@ if TYPE_CHECKING:
     from qcowlib.formats import formats
     from qcowlib.formats.qcow2.writer import Qcow2RWDisk
     from qcowlib.formats.registry import FormatInfo
-    from qcowlib.glance.upload import UploadRequest, upload
+    from qcowlib.glance.request import UploadRequest
+    from qcowlib.glance.upload import upload
     from qcowlib.ops.amend import amend
     from qcowlib.ops.bitmap import bitmap
     from qcowlib.ops.check import check
@@ -178,7 +179,7 @@ _LAZY = {
     "RuleInfo": ("qcowlib.validate.registry", "RuleInfo"),
     "ValidationReport": ("qcowlib.validate.model", "ValidationReport"),
     "upload": ("qcowlib.glance.upload", "upload"),
-    "UploadRequest": ("qcowlib.glance.upload", "UploadRequest"),
+    "UploadRequest": ("qcowlib.glance.request", "UploadRequest"),
     "info": ("qcowlib.ops.info", "info"),
     "SnapshotInfo": ("qcowlib.ops.snapshot", "SnapshotInfo"),
     "list_snapshots": ("qcowlib.ops.snapshot", "list_snapshots"),

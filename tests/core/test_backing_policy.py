@@ -289,7 +289,8 @@ def test_flatten_reports_the_chain_only_when_there_is_one(tmp_path: Path) -> Non
 
 
 def test_upload_flatten_source_follows_the_policy(tmp_path: Path, outside: Path) -> None:
-    from qcowlib.glance.upload import UploadRequest, _Source
+    from qcowlib.glance.request import UploadRequest
+    from qcowlib.glance.transfer import Source as _Source
 
     top = make_chain(tmp_path / "c", 2)
     seen: list[list[tuple[str, str]]] = []

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from qcowlib.formats import registry
 from qcowlib.formats.detect import (
     FORMATS,
     PROBE_HEAD_SIZE,
@@ -115,22 +116,9 @@ def iso_image(version: int = 1, size: int = 0x10000) -> bytes:
 
 
 def test_constants() -> None:
-    assert FORMATS == (
-        "qcow2",
-        "qcow",
-        "qed",
-        "parallels",
-        "vmdk",
-        "vdi",
-        "vpc",
-        "vhdx",
-        "bochs",
-        "cloop",
-        "dmg",
-        "luks",
-        "iso",
-        "raw",
-    )
+    assert set(FORMATS) == set(registry.known())
+    assert tuple(dict.fromkeys(name for name, _ in registry.probe_order())) == FORMATS
+    assert FORMATS[-1] == "raw"  # the catch-all is asked last
     assert PROBE_HEAD_SIZE >= 0x8007  # ISO 9660 volume descriptor
     assert PROBE_HEAD_SIZE >= QEMU_PROBE_BUF_SIZE
     assert PROBE_TAIL_SIZE == 512

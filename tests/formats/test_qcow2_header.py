@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qcowlib.errors import CorruptImage, FormatError, QcowlibError, UnsupportedFeature
+from qcowlib.formats.qcow2 import extensions as hext
 from qcowlib.formats.qcow2 import header as hdr
 
 
@@ -48,7 +49,7 @@ def headers(draw: st.DrawFn) -> hdr.Header:
     incompat = hdr.INCOMPAT_EXTL2 if extended else 0
     compression = 0
     fields: dict[str, object] = {}
-    exts: list[hdr.HeaderExtension] = []
+    exts: list[hext.HeaderExtension] = []
     if version == 3:
         incompat |= draw(st.sampled_from([0, hdr.INCOMPAT_DIRTY, hdr.INCOMPAT_CORRUPT]))
         if draw(st.booleans()):
@@ -65,9 +66,9 @@ def headers(draw: st.DrawFn) -> hdr.Header:
     backing_format = None
     if draw(st.booleans()):
         backing_format = draw(st.sampled_from(["qcow2", "raw"]))
-        exts.append(hdr.extension(hdr.EXT_BACKING_FORMAT, backing_format.encode()))
+        exts.append(hext.extension(hext.EXT_BACKING_FORMAT, backing_format.encode()))
     if draw(st.booleans()):
-        exts.append(hdr.extension(0x12345678, draw(st.binary(max_size=40))))
+        exts.append(hext.extension(0x12345678, draw(st.binary(max_size=40))))
     backing = draw(st.none() | st.text("abcdef./_-", min_size=1, max_size=60))
     header_end = (
         (112 if version == 3 else 72) + sum(8 + (len(e.data) + 7) // 8 * 8 for e in exts) + 8
@@ -169,7 +170,7 @@ def test_table_past_end_of_file() -> None:
 
 
 def test_extension_length_overflow() -> None:
-    h = make_header(extensions=(hdr.extension(0x1234, b"abcd"),))
+    h = make_header(extensions=(hext.extension(0x1234, b"abcd"),))
     raw = bytearray(hdr.build_header(h).ljust(65536, b"\0"))
     struct.pack_into(">I", raw, 112 + 4, 0xFFFFFFF0)
     with pytest.raises(CorruptImage) as info:
@@ -178,14 +179,14 @@ def test_extension_length_overflow() -> None:
 
 
 def test_unknown_extension_kept_and_feature_names() -> None:
-    table = hdr.feature_table_extension([(0, 0, "dirty bit"), (0, 9, "future")])
+    table = hext.feature_table_extension([(0, 0, "dirty bit"), (0, 9, "future")])
     h = make_header(
-        extensions=(hdr.extension(0xABCDEF01, b"xyz"), table),
+        extensions=(hext.extension(0xABCDEF01, b"xyz"), table),
         incompatible_features=1 << 9,
     )
     raw = hdr.build_header(h).ljust(65536, b"\0")
     with pytest.raises(UnsupportedFeature, match="future"):
         hdr.parse_header(raw)
     ok = hdr.parse_header(hdr.build_header(h.replace(incompatible_features=0)).ljust(65536, b"\0"))
-    assert ok.extensions[0] == hdr.HeaderExtension(0xABCDEF01, b"xyz")
+    assert ok.extensions[0] == hext.HeaderExtension(0xABCDEF01, b"xyz")
     assert (0, 9, "future") in ok.feature_names

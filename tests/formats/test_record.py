@@ -8,14 +8,14 @@ from hypothesis import strategies as st
 
 from qcowlib.errors import TruncatedImage
 from qcowlib.formats._record import FixedLayout
-from qcowlib.formats.qcow2 import header
+from qcowlib.formats.qcow2 import extensions, header
 
 LAYOUTS = [
     header.HEADER_V2,
     header.HEADER_V3_TAIL,
-    header._FeatureNameEntry,
-    header._BitmapsExt,
-    header._CryptoExt,
+    extensions._FeatureNameEntry,
+    extensions._BitmapsExt,
+    extensions._CryptoExt,
     FixedLayout("mixed little-endian", "<", [("a", "B"), ("b", "H"), ("c", "3s"), ("d", "Q")]),
 ]
 
@@ -38,7 +38,7 @@ def test_short_input_names_the_structure() -> None:
 
 
 def test_attribute_access() -> None:
-    rec = header._CryptoExt.parse(bytes(range(16)))
+    rec = extensions._CryptoExt.parse(bytes(range(16)))
     assert rec.offset == 0x0001020304050607 and rec["length"] == 0x08090A0B0C0D0E0F
     with pytest.raises(AttributeError):
         _ = rec.missing

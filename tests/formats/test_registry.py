@@ -13,7 +13,7 @@ import qcowlib
 from qcowlib.cli import INPUT_FORMATS, build_parser, parse_options
 from qcowlib.errors import InvalidArgument, UnsupportedFeature
 from qcowlib.formats import registry
-from tests.conftest import cli, qemu_img, require_qemu
+from tests.conftest import cli, qemu_img, qemu_io, require_qemu
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "qcowlib"
 FORMAT_NAMES = set(registry.known())
@@ -22,8 +22,6 @@ FORMAT_NAMES = set(registry.known())
 #: (may only shrink: a new module listing formats fails the test below), and lists of
 #: Glance's own ``disk_format`` vocabulary, which is not qcowlib's list of formats.
 NOT_YET_FROM_REGISTRY = {
-    "formats/detect.py": "probe order",
-    "ops/measure.py": "measurable formats",
     "cli/cmd_upload.py": "Glance disk_format names",
     "validate/policy.py": "Glance disk_format names",
     "validate/rules/external.py": "the formats that can name a parent (a rule's scope)",
@@ -72,6 +70,23 @@ def test_entries_are_consistent() -> None:
         for part in ("resize", "writer", "check"):
             if getattr(entry, part) is not None:
                 assert callable(entry.implementation(part))
+
+
+def test_probes_and_measures_come_from_the_formats() -> None:
+    from qcowlib.core.measure import SizeMeasure
+
+    for entry in registry.FORMATS:
+        for _, ref in entry.probes:
+            module = ref.partition(":")[0]
+            assert module.startswith("qcowlib.formats.") and module.endswith(".probe"), ref
+        if entry.measure is not None:
+            assert isinstance(entry.implementation("measure"), SizeMeasure)
+    order = registry.probe_order()
+    assert {name for name, _ in order} == set(registry.known())
+    ranks = [rank for f in registry.FORMATS for rank, _ in f.probes]
+    assert len(ranks) == len(set(ranks))  # the order never depends on the entries' order
+    last = order[-1][1]
+    assert last(b"QFI\xfb\0\0\0\x09", b"", 8) is not None  # the catch-all is asked last
 
 
 def test_glance_names_and_upload_targets() -> None:
@@ -171,23 +186,38 @@ def test_backing_file_with_a_comma(tmp_path: Path) -> None:
     assert '"backing-filename": "a,b.raw"' in info
 
 
+_LIGHT = ("numpy", "concurrent.futures", "openstack", "construct")
+#: What validate must not load either: the entry points are listed by a scan of sys.path.
+_LIGHT_VALIDATE = (*_LIGHT, "importlib.metadata")
+
+
 @pytest.mark.parametrize(
-    ("command", "heavy"),
+    ("command", "heavy", "data"),
     [
-        (["info"], ("numpy", "concurrent.futures", "openstack", "construct")),
-        (["info", "--output=json"], ("numpy", "concurrent.futures", "openstack", "logging")),
-        (["map"], ("numpy", "concurrent.futures", "openstack", "construct", "dataclasses")),
-        (["--help"], ("numpy", "concurrent.futures", "openstack", "construct")),
-        (["info", "--help"], ("numpy", "concurrent.futures", "openstack", "construct")),
+        (["info"], _LIGHT, True),
+        (["info", "--output=json"], ("numpy", "concurrent.futures", "openstack", "logging"), True),
+        (["map"], (*_LIGHT, "dataclasses"), False),
+        (["check"], _LIGHT, True),
+        (["check", "--output=json"], _LIGHT, True),
+        (["validate"], _LIGHT_VALIDATE, True),
+        (["validate", "--output=json"], _LIGHT_VALIDATE, False),
+        (["validate", "--list-rules"], _LIGHT_VALIDATE, False),
+        (["validate", "--help"], _LIGHT_VALIDATE, False),
+        (["--help"], _LIGHT_VALIDATE, False),
+        (["info", "--help"], _LIGHT, False),
     ],
 )
 def test_metadata_commands_start_light(
-    tmp_path: Path, command: list[str], heavy: tuple[str]
+    tmp_path: Path, command: list[str], heavy: tuple[str], data: bool
 ) -> None:
+    """DESIGN.md: metadata-only commands (and ``check`` and ``validate`` of a small
+    qcow2, data in it or not) import neither numpy nor thread pools nor openstacksdk."""
     require_qemu()
     image = tmp_path / "small.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", image, "1G")
-    args = command if "--help" in command else [*command, str(image)]
+    if data:  # a few L2 tables, a zero cluster
+        qemu_io(image, "qcow2", "write -P 1 0 1M", "write -P 2 600M 64k", "write -z 1M 64k")
+    args = command if "--help" in command or "--list-rules" in command else [*command, str(image)]
     out = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "qcowlib", *args],
         capture_output=True,

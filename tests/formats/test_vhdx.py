@@ -150,6 +150,7 @@ def test_metadata_round_trip() -> None:
         ({"block_size": 3 * MIB}, CorruptImage, "block_size"),
         ({"block_size": 512 * MIB}, CorruptImage, "block_size"),
         ({"logical_sector_size": 1024}, CorruptImage, "logical_sector_size"),
+        ({"logical_sector_size": 0}, CorruptImage, "logical_sector_size"),
         ({"physical_sector_size": 0}, CorruptImage, "physical_sector_size"),
         ({"virtual_disk_size": 65 << 40}, CorruptImage, "virtual_disk_size"),
         ({"virtual_disk_size": 1000}, CorruptImage, "virtual_disk_size"),

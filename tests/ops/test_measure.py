@@ -15,7 +15,9 @@ import pytest
 
 import qcowlib
 from qcowlib.cli import main as cli_main
-from qcowlib.ops.measure import allocated_clusters, calc_prealloc_size, measure
+from qcowlib.core.measure import allocated_clusters
+from qcowlib.formats.qcow2.measure import calc_prealloc_size
+from qcowlib.ops.measure import measure
 from tests.conftest import have_qemu, qemu_img
 
 pytestmark = pytest.mark.usefixtures("qemu")

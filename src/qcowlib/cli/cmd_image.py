@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import Final
 
 from qcowlib.cli import (
     INPUT_FORMATS,
@@ -167,153 +169,168 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def register_one(sub: argparse._SubParsersAction[_Parser], name: str) -> None:
     """The commands this module implements itself."""
-    if name == "info":
-        p = sub.add_parser(
-            "info",
-            help="show image information",
-            description="Show an image's format, sizes, backing file and format-specific "
-            "details, as qemu-img info.",
-            epilog=examples(
-                ("qcowlib info disk.qcow2", "format, virtual and file size, cluster size"),
-                (
-                    "qcowlib info --backing-chain --output json overlay.qcow2",
-                    "the overlay and every image under it, as qemu-img's JSON (a list)",
-                ),
+    register = _REGISTER.get(name)
+    if register is not None:
+        register(sub)
+
+
+def _register_info(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "info",
+        help="show image information",
+        description="Show an image's format, sizes, backing file and format-specific "
+        "details, as qemu-img info.",
+        epilog=examples(
+            ("qcowlib info disk.qcow2", "format, virtual and file size, cluster size"),
+            (
+                "qcowlib info --backing-chain --output json overlay.qcow2",
+                "the overlay and every image under it, as qemu-img's JSON (a list)",
             ),
-        )
-        add_input_format(p)
-        add_output(p)
-        p.add_argument(
-            "--backing-chain",
-            action="store_true",
-            help="also show every backing file, top image first (they are opened)",
-        )
-        add_read_options(p)
-        p.add_argument("filename", metavar="FILE", help="the image file")
-        p.set_defaults(func=_cmd_info)
-    elif name == "map":
-        p = sub.add_parser(
-            "map",
-            help="show the allocation map",
-            description="Show which ranges of the disk hold data, zeros or nothing, and "
-            "in which image of the chain, as qemu-img map.",
-            epilog=examples(
-                ("qcowlib map overlay.qcow2", "the data ranges, with host offsets and files"),
-                (
-                    "qcowlib map --output json overlay.qcow2",
-                    "every run with its depth in the chain, as qemu-img map's JSON",
-                ),
+        ),
+    )
+    add_input_format(p)
+    add_output(p)
+    p.add_argument(
+        "--backing-chain",
+        action="store_true",
+        help="also show every backing file, top image first (they are opened)",
+    )
+    add_read_options(p)
+    p.add_argument("filename", metavar="FILE", help="the image file")
+    p.set_defaults(func=_cmd_info)
+
+
+def _register_map(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "map",
+        help="show the allocation map",
+        description="Show which ranges of the disk hold data, zeros or nothing, and "
+        "in which image of the chain, as qemu-img map.",
+        epilog=examples(
+            ("qcowlib map overlay.qcow2", "the data ranges, with host offsets and files"),
+            (
+                "qcowlib map --output json overlay.qcow2",
+                "every run with its depth in the chain, as qemu-img map's JSON",
             ),
-        )
-        add_input_format(p)
-        add_output(p)
-        p.add_argument(
-            "--start-offset", metavar="N", help="map from guest offset N (SIZE; default 0)"
-        )
-        p.add_argument(
-            "--max-length", metavar="N", help="map at most N bytes (SIZE; default: to the end)"
-        )
-        add_read_options(p)
-        p.add_argument("filename", metavar="FILE", help="the image file")
-        p.set_defaults(func=_cmd_map)
-    elif name == "compare":
-        p = sub.add_parser(
-            "compare",
-            help="compare guest content of two images",
-            description="Compare what a guest sees in two images, whatever their formats. "
-            "Exit status 0: identical, 1: different, 2: error.",
-            epilog=examples(
-                (
-                    "qcowlib compare disk.qcow2 disk.raw",
-                    "one disk in two formats: Images are identical.",
-                ),
-                ("qcowlib compare overlay.qcow2 disk.qcow2", "the first mismatch (exit 1)"),
+        ),
+    )
+    add_input_format(p)
+    add_output(p)
+    p.add_argument("--start-offset", metavar="N", help="map from guest offset N (SIZE; default 0)")
+    p.add_argument(
+        "--max-length", metavar="N", help="map at most N bytes (SIZE; default: to the end)"
+    )
+    add_read_options(p)
+    p.add_argument("filename", metavar="FILE", help="the image file")
+    p.set_defaults(func=_cmd_map)
+
+
+def _register_compare(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="compare guest content of two images",
+        description="Compare what a guest sees in two images, whatever their formats. "
+        "Exit status 0: identical, 1: different, 2: error.",
+        epilog=examples(
+            (
+                "qcowlib compare disk.qcow2 disk.raw",
+                "one disk in two formats: Images are identical.",
             ),
-        )
-        add_input_format(p, "-f", "format1")
-        p.add_argument(
-            "-F",
-            dest="format2",
-            choices=INPUT_FORMATS,
-            metavar="FMT",
-            help="the second image's format (default: probed)",
-        )
-        p.add_argument(
-            "-s",
-            dest="strict",
-            action="store_true",
-            help="strict mode: images of different sizes or block status differ",
-        )
-        p.add_argument("-p", dest="progress", action="store_true", help="show progress")
-        p.add_argument("-q", dest="quiet", action="store_true", help="print nothing but errors")
-        p.add_argument(
-            "-T", dest="src_cache", metavar="CACHE", help="cache mode (accepted, as qemu-img's)"
-        )
-        add_read_options(p)
-        p.add_argument("filename1", metavar="A", help="the first image")
-        p.add_argument("filename2", metavar="B", help="the second image")
-        p.set_defaults(func=_cmd_compare)
-    elif name == "convert":
-        p = sub.add_parser(
-            "convert",
-            help="convert an image to another format",
-            description="Copy an image's guest content (its whole backing chain) into a new "
-            "image of any writable format, as qemu-img convert.",
-            epilog=examples(
-                (
-                    "qcowlib convert -c -O qcow2 overlay.qcow2 small.qcow2",
-                    "a standalone, compressed qcow2",
-                ),
-                (
-                    "qcowlib convert -O vmdk -o subformat=streamOptimized disk.qcow2 disk.vmdk",
-                    "a VMDK for VMware ESXi",
-                ),
+            ("qcowlib compare overlay.qcow2 disk.qcow2", "the first mismatch (exit 1)"),
+        ),
+    )
+    add_input_format(p, "-f", "format1")
+    p.add_argument(
+        "-F",
+        dest="format2",
+        choices=INPUT_FORMATS,
+        metavar="FMT",
+        help="the second image's format (default: probed)",
+    )
+    p.add_argument(
+        "-s",
+        dest="strict",
+        action="store_true",
+        help="strict mode: images of different sizes or block status differ",
+    )
+    p.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    p.add_argument("-q", dest="quiet", action="store_true", help="print nothing but errors")
+    p.add_argument(
+        "-T", dest="src_cache", metavar="CACHE", help="cache mode (accepted, as qemu-img's)"
+    )
+    add_read_options(p)
+    p.add_argument("filename1", metavar="A", help="the first image")
+    p.add_argument("filename2", metavar="B", help="the second image")
+    p.set_defaults(func=_cmd_compare)
+
+
+def _register_convert(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert an image to another format",
+        description="Copy an image's guest content (its whole backing chain) into a new "
+        "image of any writable format, as qemu-img convert.",
+        epilog=examples(
+            (
+                "qcowlib convert -c -O qcow2 overlay.qcow2 small.qcow2",
+                "a standalone, compressed qcow2",
             ),
-        )
-        add_input_format(p)
-        p.add_argument(
-            "-O",
-            dest="out_format",
-            choices=INPUT_FORMATS,
-            metavar="FMT",
-            help="the output format (default raw; with -n: the target's, probed)",
-        )
-        p.add_argument(
-            "-o",
-            dest="options",
-            action="append",
-            default=[],
-            metavar="OPTIONS",
-            help="output format options, key=value,... (may repeat; -o help lists them)",
-        )
-        p.add_argument(
-            "-c", dest="compress", action="store_true", help="compress the output's data"
-        )
-        p.add_argument(
-            "-B",
-            dest="backing",
-            metavar="BACKING",
-            help="write an overlay over BACKING holding only what differs from it",
-        )
-        p.add_argument(
-            "-F",
-            dest="backing_format",
-            metavar="FMT",
-            help="the format of BACKING (-B); never guessed",
-        )
-        p.add_argument(
-            "-S",
-            dest="sparse_size",
-            metavar="SIZE",
-            help="all-zero blocks of SIZE bytes are left unallocated (default 4k; "
-            "0: no zero detection)",
-        )
-        p.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
-        _convert_flags(p)
-        add_read_options(p)
-        p.add_argument("src", metavar="SRC", help="the source image")
-        p.add_argument("dst", metavar="DST", help="the new image")
-        p.set_defaults(func=_cmd_convert)
+            (
+                "qcowlib convert -O vmdk -o subformat=streamOptimized disk.qcow2 disk.vmdk",
+                "a VMDK for VMware ESXi",
+            ),
+        ),
+    )
+    add_input_format(p)
+    p.add_argument(
+        "-O",
+        dest="out_format",
+        choices=INPUT_FORMATS,
+        metavar="FMT",
+        help="the output format (default raw; with -n: the target's, probed)",
+    )
+    p.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPTIONS",
+        help="output format options, key=value,... (may repeat; -o help lists them)",
+    )
+    p.add_argument("-c", dest="compress", action="store_true", help="compress the output's data")
+    p.add_argument(
+        "-B",
+        dest="backing",
+        metavar="BACKING",
+        help="write an overlay over BACKING holding only what differs from it",
+    )
+    p.add_argument(
+        "-F",
+        dest="backing_format",
+        metavar="FMT",
+        help="the format of BACKING (-B); never guessed",
+    )
+    p.add_argument(
+        "-S",
+        dest="sparse_size",
+        metavar="SIZE",
+        help="all-zero blocks of SIZE bytes are left unallocated (default 4k; "
+        "0: no zero detection)",
+    )
+    p.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
+    _convert_flags(p)
+    add_read_options(p)
+    p.add_argument("src", metavar="SRC", help="the source image")
+    p.add_argument("dst", metavar="DST", help="the new image")
+    p.set_defaults(func=_cmd_convert)
+
+
+_REGISTER: Final[dict[str, Callable[[argparse._SubParsersAction[_Parser]], None]]] = {
+    "info": _register_info,
+    "map": _register_map,
+    "compare": _register_compare,
+    "convert": _register_convert,
+}
 
 
 def _convert_flags(p: argparse.ArgumentParser) -> None:

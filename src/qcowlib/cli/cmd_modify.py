@@ -10,6 +10,12 @@ from qcowlib.cli.helptext import examples
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    _register_resize(sub)
+    _register_rebase(sub)
+    _register_commit(sub)
+
+
+def _register_resize(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "resize",
         help="change the virtual size of an image",
@@ -32,6 +38,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.set_defaults(func=_cmd_resize)
 
+
+def _register_rebase(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "rebase",
         help="change the backing file of an image",
@@ -79,6 +87,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("filename", metavar="FILE", help="the overlay to rebase")
     p.set_defaults(func=_cmd_rebase)
 
+
+def _register_commit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "commit",
         help="write an image's data into its backing file",

@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qcowlib.cli import INPUT_FORMATS, Failed, _Parser, add_output, add_read_options, print_json
 from qcowlib.cli.helptext import examples
+
+if TYPE_CHECKING:
+    from qcowlib.glance.request import UploadRequest, UploadResult
 
 GLANCE_DISK_FORMATS = (
     "raw",
@@ -98,6 +101,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     finally:
         sub._parser_class = default_class
     _add_image_options(p)
+    _add_transfer_options(p)
+    p.add_argument("-f", dest="format", choices=INPUT_FORMATS, help="the file's format")
+    p.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    add_output(p)
+    add_read_options(p)
+    p.add_argument("filename", help="the image file")
+    p.set_defaults(func=_cmd_upload, cloud_setup=None)
+
+
+def _add_transfer_options(p: argparse.ArgumentParser) -> None:
+    """How the bytes go: direct upload or import, the store, --force, the timeouts."""
     p.add_argument(
         "--import",
         dest="use_import",
@@ -126,12 +140,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="wait at most this long for each answer from Glance, or for it to take more "
         "of the image (default: clouds.yaml api_timeout, else 120)",
     )
-    p.add_argument("-f", dest="format", choices=INPUT_FORMATS, help="the file's format")
-    p.add_argument("-p", dest="progress", action="store_true", help="show progress")
-    add_output(p)
-    add_read_options(p)
-    p.add_argument("filename", help="the image file")
-    p.set_defaults(func=_cmd_upload, cloud_setup=None)
 
 
 def _add_image_options(p: argparse.ArgumentParser) -> None:
@@ -190,27 +198,10 @@ def _cmd_upload(args: argparse.Namespace) -> int:
     from qcowlib.cli.cmd_flatten import ChainReport
     from qcowlib.cli.progress import ProgressBar
     from qcowlib.glance.cloud import connect
-    from qcowlib.glance.upload import UploadRequest, ValidationRefused, parse_properties, upload
+    from qcowlib.glance.request import ValidationRefused
+    from qcowlib.glance.upload import upload
 
-    req = UploadRequest(
-        path=args.filename,
-        name=args.name,
-        disk_format=args.disk_format,
-        container_format=args.container_format,
-        flatten=args.flatten,
-        min_disk=args.min_disk,
-        min_ram=args.min_ram,
-        visibility=args.visibility,
-        protected=args.protected,
-        properties=dict(parse_properties(args.property)),
-        force=args.force,
-        src_format=args.format,
-        tags=list(args.tag),
-        use_import=args.use_import,
-        store=args.store,
-        backing_policy=args.backing_policy,
-        force_share=args.force_share,
-    )
+    req = _request(args)
     bar = ProgressBar() if args.progress else None
     report = ChainReport(args)
 
@@ -236,6 +227,35 @@ def _cmd_upload(args: argparse.Namespace) -> int:
         if bar:
             bar.finish()
     report.finish()
+    _print_result(args, result)
+    return 0
+
+
+def _request(args: argparse.Namespace) -> UploadRequest:
+    from qcowlib.glance.request import UploadRequest, parse_properties
+
+    return UploadRequest(
+        path=args.filename,
+        name=args.name,
+        disk_format=args.disk_format,
+        container_format=args.container_format,
+        flatten=args.flatten,
+        min_disk=args.min_disk,
+        min_ram=args.min_ram,
+        visibility=args.visibility,
+        protected=args.protected,
+        properties=dict(parse_properties(args.property)),
+        force=args.force,
+        src_format=args.format,
+        tags=list(args.tag),
+        use_import=args.use_import,
+        store=args.store,
+        backing_policy=args.backing_policy,
+        force_share=args.force_share,
+    )
+
+
+def _print_result(args: argparse.Namespace, result: UploadResult) -> None:
     if args.output == "json":
         print_json(result)
     else:
@@ -245,4 +265,3 @@ def _cmd_upload(args: argparse.Namespace) -> int:
             f"Uploaded {result['name']} ({result['id']}){how}: {result['status']}, "
             f"{result['size']} bytes{where}, checksum {result['checksum']}\n"
         )
-    return 0

@@ -14,6 +14,7 @@ any writer (and ``import qcowlib.formats.registry`` costs nothing).
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from qcowlib.core.disk import Disk
     from qcowlib.core.drivers import OutputDriver
     from qcowlib.core.hostfile import HostFile
+    from qcowlib.core.probe import ProbeFunction
 
 __all__ = [
     "FORMATS",
@@ -41,6 +43,7 @@ __all__ = [
     "known",
     "names",
     "option_help",
+    "probe_order",
     "readable",
     "upload_targets",
     "writable",
@@ -78,6 +81,12 @@ class Format(NamedTuple):
     ``nothing_to_check`` is qemu-img's "format does not support checks" (exit 63).
     ``glance`` is Glance's ``disk_format`` for it, and ``upload_options`` the ``-o``
     options ``upload --flatten`` writes it with.
+    ``probes`` are the format's probe functions (``formats/<fmt>/probe.py``, see
+    :mod:`qcowlib.core.probe`), each with its place in the probing order (lower asked
+    first; :mod:`qcowlib.formats.detect` explains the order).
+    ``measure`` sizes a new image for ``measure -O`` (a
+    :class:`qcowlib.core.measure.SizeMeasure`); ``qemu_create`` says that qemu-img
+    can create the format (so that ``measure`` refuses it with qemu-img's words).
     """
 
     name: str
@@ -98,6 +107,9 @@ class Format(NamedTuple):
     options: tuple[Option, ...] = ()
     glance: str | None = None
     upload_options: tuple[tuple[str, str], ...] = ()
+    probes: tuple[tuple[int, str], ...] = ()
+    measure: str | None = None
+    qemu_create: bool = False
 
     @property
     def can_read(self) -> bool:
@@ -209,6 +221,9 @@ FORMATS: Final[tuple[Format, ...]] = (
     Format(
         "raw",
         "raw disk image",
+        measure="qcowlib.formats.raw.measure:MEASURE",
+        qemu_create=True,
+        probes=((1000, "qcowlib.formats.raw.probe:probe"),),
         reader="qcowlib.formats.raw.reader:open_image",
         output="qcowlib.formats.raw.driver:RAW",
         stream=True,
@@ -229,13 +244,16 @@ FORMATS: Final[tuple[Format, ...]] = (
     Format(
         "qcow2",
         "QEMU copy-on-write v2/v3",
+        measure="qcowlib.formats.qcow2.measure:MEASURE",
+        qemu_create=True,
+        probes=((10, "qcowlib.formats.qcow2.probe:probe"),),
         reader="qcowlib.formats.qcow2.reader:open_image",
         output="qcowlib.formats.qcow2.driver:QCOW2",
         stream=True,
         create="qcowlib.formats.qcow2.driver:create",
         resize="qcowlib.formats.qcow2.driver:resize",
         writer="qcowlib.formats.opener:open_rw",
-        check="qcowlib.formats.qcow2.check:check_file",
+        check="qcowlib.formats.qcow2.checkfile:check_file",
         snapshot="qcowlib.formats.qcow2.snapshot_rw:SNAPSHOTS",
         amend="qcowlib.formats.qcow2.amend:AMEND",
         bitmap="qcowlib.formats.qcow2.bitmap_rw:BITMAPS",
@@ -245,6 +263,11 @@ FORMATS: Final[tuple[Format, ...]] = (
     Format(
         "vmdk",
         "VMware virtual disk",
+        qemu_create=True,
+        probes=(
+            (40, "qcowlib.formats.vmdk.probe:probe_binary"),
+            (130, "qcowlib.formats.vmdk.probe:probe_descriptor"),
+        ),
         reader="qcowlib.formats.vmdk.reader:open_image",
         output="qcowlib.formats.vmdk.driver:VMDK",
         create="qcowlib.formats.vmdk.driver:create",
@@ -257,6 +280,8 @@ FORMATS: Final[tuple[Format, ...]] = (
     Format(
         "vdi",
         "VirtualBox disk image",
+        qemu_create=True,
+        probes=((60, "qcowlib.formats.vdi.probe:probe"),),
         reader="qcowlib.formats.vdi.reader:open_image",
         output="qcowlib.formats.vdi.driver:VDI",
         create="qcowlib.formats.vdi.driver:create",
@@ -268,6 +293,11 @@ FORMATS: Final[tuple[Format, ...]] = (
     Format(
         "vpc",
         "Virtual Hard Disk (VHD)",
+        qemu_create=True,
+        probes=(
+            (70, "qcowlib.formats.vhd.probe:probe_header"),
+            (110, "qcowlib.formats.vhd.probe:probe_footer"),
+        ),
         reader="qcowlib.formats.vhd.reader:open_image",
         output="qcowlib.formats.vhd.driver:VPC",
         create="qcowlib.formats.vhd.driver:create",
@@ -279,6 +309,8 @@ FORMATS: Final[tuple[Format, ...]] = (
     Format(
         "vhdx",
         "Hyper-V Virtual Hard Disk v2",
+        qemu_create=True,
+        probes=((50, "qcowlib.formats.vhdx.probe:probe"),),
         reader="qcowlib.formats.vhdx.reader:open_image",
         output="qcowlib.formats.vhdx.driver:VHDX",
         create="qcowlib.formats.vhdx.driver:create",
@@ -290,18 +322,24 @@ FORMATS: Final[tuple[Format, ...]] = (
     Format(
         "qcow",
         "QEMU copy-on-write v1 (legacy, read-only)",
+        qemu_create=True,
+        probes=((11, "qcowlib.formats.qcow.probe:probe"),),
         reader="qcowlib.formats.qcow.reader:open_image",
         nothing_to_check=True,
     ),
     Format(
         "qed",
         "QEMU Enhanced Disk (read-only)",
+        qemu_create=True,
+        probes=((20, "qcowlib.formats.qed.probe:probe"),),
         reader="qcowlib.formats.qed.reader:open_image",
         check="qcowlib.formats.qed.check:check_file",
     ),
     Format(
         "parallels",
         "Parallels disk image (read-only)",
+        qemu_create=True,
+        probes=((30, "qcowlib.formats.parallels.probe:probe"),),
         reader="qcowlib.formats.parallels.reader:open_image",
         check="qcowlib.formats.parallels.check:check_file",
         glance="ploop",
@@ -309,30 +347,36 @@ FORMATS: Final[tuple[Format, ...]] = (
     Format(
         "bochs",
         "Bochs growing redolog image",
+        probes=((80, "qcowlib.formats.bochs.probe:probe"),),
         reader="qcowlib.formats.bochs.reader:open_image",
         nothing_to_check=True,
     ),
     Format(
         "cloop",
         "cloop V2.0 compressed loop image",
+        probes=((90, "qcowlib.formats.cloop.probe:probe"),),
         reader="qcowlib.formats.cloop.reader:open_image",
         nothing_to_check=True,
     ),
     Format(
         "dmg",
         "Apple disk image (UDIF)",
+        probes=((100, "qcowlib.formats.dmg.probe:probe"),),
         reader="qcowlib.formats.dmg.reader:open_image",
         nothing_to_check=True,
     ),
     Format(
         "luks",
         "LUKS encrypted volume",
+        qemu_create=True,
+        probes=((120, "qcowlib.formats.luks.probe:probe"),),
         reader="qcowlib.formats.luks.reader:open_image",
         nothing_to_check=True,
     ),
     Format(
         "iso",
         "ISO 9660 image (a raw disk)",
+        probes=((140, "qcowlib.formats.iso.probe:probe"),),
         user_format=False,
         read_as="raw",
         nothing_to_check=True,
@@ -390,6 +434,15 @@ def upload_targets() -> dict[str, dict[str, str]]:
         for f in FORMATS
         if f.output is not None and f.stream
     }
+
+
+@functools.cache
+def probe_order() -> tuple[tuple[str, ProbeFunction], ...]:
+    """Every format's probes as (format name, probe function), in the order to ask them
+    (imports the probe modules, which are small and pure).  The last one, raw's,
+    answers for anything."""
+    ranked = sorted((rank, f.name, ref) for f in FORMATS for rank, ref in f.probes)
+    return tuple((name, _load(ref)) for _, name, ref in ranked)
 
 
 def by_name(name: str) -> Format:

@@ -3,14 +3,15 @@
 This is the format-neutral front: it opens the file (read-write and locked as QEMU
 locks it when repairing), probes the format, opens what qemu-img opens too (the backing
 chain, an external data file) and hands the image to its format's checker; the qcow2
-checker is :func:`qcowlib.formats.qcow2.check.check_image`.  The result is a
+checker is :func:`qcowlib.formats.qcow2.checkfile.check_file`.  The result is a
 :class:`~qcowlib.checkreport.CheckReport`.
 
 Where qcowlib deliberately differs from qemu-img 7.2:
 
 * qcow2, vmdk, vdi and vhdx are checked (each format's ``check`` module says how it
   follows QEMU). Encrypted images are checked without their key (the check never
-  decrypts). A VHDX log is never replayed, so ``-r`` on one that needs it is refused.
+  decrypts). A VHDX log that needs replaying is replayed by ``-r`` (as QEMU replays it
+  when it opens the image read-write); hostile logs are refused before any write.
 * Repair punches holes where the leaked clusters it frees were, as QEMU's discard does,
   but only when the image has no other error (QEMU discards them even when they only
   look leaked because a broken table could not be followed).  It does not touch
@@ -28,13 +29,14 @@ Where qcowlib deliberately differs from qemu-img 7.2:
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from qcowlib.checkreport import CheckNotSupported, CheckReport
 from qcowlib.errors import InvalidArgument, UnsupportedFeature
 
 if TYPE_CHECKING:
     from qcowlib.core.chain import BackingPolicy
+    from qcowlib.core.hostfile import HostFile
 
 __all__ = ["CheckNotSupported", "CheckReport", "check"]
 
@@ -74,12 +76,10 @@ def check(
     from qcowlib.core import interrupt
     from qcowlib.core.chain import as_policy
     from qcowlib.core.hostfile import HostFile
-    from qcowlib.core.locks import take_read_locks, take_write_locks
+    from qcowlib.formats import registry
+    from qcowlib.formats.opener import ChainOpener
 
     path = os.fspath(path)
-    from qcowlib.formats import registry
-    from qcowlib.formats.opener import ChainOpener, probe_format
-
     if repair not in _MODES:
         raise InvalidArgument(f"repair must be 'leaks' or 'all', not {repair!r}")
     fix = _MODES[repair]
@@ -90,22 +90,35 @@ def check(
         raise InvalidArgument(f"unknown format {fmt!r}")
     host = HostFile(path, writable=bool(fix))
     try:
-        if fix:
-            # Repair writes: take QEMU's locks so a running VM's disk is never touched.
-            take_write_locks(host.fd, path)
-        else:
-            take_read_locks(host.fd, path, force_share=force_share)
-        detected = fmt if fmt is not None else probe_format(host)
-        entry = registry.by_name(detected)
-        if entry.nothing_to_check:
-            raise CheckNotSupported(f"{detected} images have nothing to check", file=path)
-        if entry.check is None:
-            raise UnsupportedFeature(f"checking {detected} images is not supported", file=path)
+        _lock(host, path, fix, force_share)
+        checker = _checker(host, path, fmt)
         # A repair writes in place: a signal waits until it is done (no temporary file).
         with interrupt.deferred() if fix else contextlib.nullcontext():
-            report: CheckReport = entry.implementation("check")(
-                host, path, fix, ChainOpener(policy)
-            )
+            report: CheckReport = checker(host, path, fix, ChainOpener(policy))
         return report
     finally:
         host.close()
+
+
+def _lock(host: HostFile, path: str, fix: int, force_share: bool) -> None:
+    """QEMU's locks: a repair writes, so a running VM's disk is never touched."""
+    from qcowlib.core.locks import take_read_locks, take_write_locks
+
+    if fix:
+        take_write_locks(host.fd, path)
+    else:
+        take_read_locks(host.fd, path, force_share=force_share)
+
+
+def _checker(host: HostFile, path: str, fmt: str | None) -> Any:
+    """The format's check (probed unless ``fmt``), or why there is none."""
+    from qcowlib.formats import registry
+    from qcowlib.formats.opener import probe_format
+
+    detected = fmt if fmt is not None else probe_format(host)
+    entry = registry.by_name(detected)
+    if entry.nothing_to_check:
+        raise CheckNotSupported(f"{detected} images have nothing to check", file=path)
+    if entry.check is None:
+        raise UnsupportedFeature(f"checking {detected} images is not supported", file=path)
+    return entry.implementation("check")

@@ -90,28 +90,39 @@ def checksum(
     _refuse_directory(path)
     # Open the image before the long file pass, so that a bad image fails fast.
     with open_disk(path, fmt, backing_policy, force_share=force_share) as disk:
-        if disk.file_is_disk:
-            # A raw file of whole sectors *is* its disk: one pass gives both kinds.
-            extra = tuple(n for n in content_names if n not in file_names)
-            with MultiHasher(file_names + extra) as hasher:
-                size = hash_file(path, hasher, progress=_tell(progress, 0, file_size))
-                both = hasher.hexdigests()
-            if size == disk.virtual_size:
-                return {
-                    "file": {n: both[n] for n in file_names},
-                    "content": {n: both[n] for n in content_names},
-                    "size": size,
-                }
-            # The file changed size under us: hash the disk the long way.
-            file_digests = {n: both[n] for n in file_names}
-        else:
-            total = file_size + disk.virtual_size
-            with MultiHasher(file_names) as hasher:
-                size = hash_file(path, hasher, progress=_tell(progress, 0, total))
-                file_digests = hasher.hexdigests()
-        with MultiHasher(content_names) as hasher:
-            hash_disk(disk, hasher, progress=_tell(progress, size, size + disk.virtual_size))
-            return {"file": file_digests, "content": hasher.hexdigests(), "size": size}
+        file_digests, size, content_digests = _file_pass(
+            path, disk, file_names, content_names, file_size, progress
+        )
+        if content_digests is None:
+            with MultiHasher(content_names) as hasher:
+                hash_disk(disk, hasher, progress=_tell(progress, size, size + disk.virtual_size))
+                content_digests = hasher.hexdigests()
+        return {"file": file_digests, "content": content_digests, "size": size}
+
+
+def _file_pass(
+    path: str,
+    disk: Disk,
+    file_names: tuple[str, ...],
+    content_names: tuple[str, ...],
+    file_size: int,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[dict[str, str], int, dict[str, str] | None]:
+    """The file's digests and size, and the content's when one pass gives both (a raw
+    file of whole sectors *is* its disk); None for the content otherwise."""
+    if not disk.file_is_disk:
+        total = file_size + disk.virtual_size
+        with MultiHasher(file_names) as hasher:
+            size = hash_file(path, hasher, progress=_tell(progress, 0, total))
+            return hasher.hexdigests(), size, None
+    extra = tuple(n for n in content_names if n not in file_names)
+    with MultiHasher(file_names + extra) as hasher:
+        size = hash_file(path, hasher, progress=_tell(progress, 0, file_size))
+        both = hasher.hexdigests()
+    file_digests = {n: both[n] for n in file_names}
+    if size != disk.virtual_size:
+        return file_digests, size, None  # the file changed size under us: the long way
+    return file_digests, size, {n: both[n] for n in content_names}
 
 
 def _tell(

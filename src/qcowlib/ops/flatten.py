@@ -214,6 +214,26 @@ def flatten_stream(
     )
 
 
+def _to_stdout(
+    stream: FlattenStream,
+    progress: Progress | None,
+    hashers: Sequence[HashSink],
+    on_chain: ChainReport | None,
+) -> int:
+    """``flatten`` to ``-``: the stream, written to stdout as it is made."""
+    out = sys.stdout.buffer
+    with stream:
+        if on_chain is not None:
+            on_chain(stream.chain)
+        for piece in stream.chunks(progress, hashers):
+            try:
+                out.write(piece)
+            except OSError as exc:
+                raise QcowlibIOError(f"cannot write to stdout: {exc.strerror}") from None
+        out.flush()
+        return stream.size
+
+
 def flatten(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -243,8 +263,7 @@ def flatten(
     src = os.fspath(src)
     dst = os.fspath(dst)
     if dst == "-":
-        out = sys.stdout.buffer
-        with flatten_stream(
+        stream = flatten_stream(
             src,
             out_format,
             src_format=src_format,
@@ -252,16 +271,8 @@ def flatten(
             compress=compress,
             backing_policy=backing_policy,
             force_share=force_share,
-        ) as stream:
-            if on_chain is not None:
-                on_chain(stream.chain)
-            for piece in stream.chunks(progress, hashers):
-                try:
-                    out.write(piece)
-                except OSError as exc:
-                    raise QcowlibIOError(f"cannot write to stdout: {exc.strerror}") from None
-            out.flush()
-            return stream.size
+        )
+        return _to_stdout(stream, progress, hashers, on_chain)
     driver = _driver(out_format)
     request = OutputRequest(
         dict(options or {}),

@@ -263,10 +263,31 @@ def validate(
     unknown policy or format.  Only the image file itself is opened, read-only.
     """
     from qcowlib.core.hostfile import HostFile
-    from qcowlib.formats import registry as format_registry
-    from qcowlib.validate import registry
 
     pol = get_policy(policy)
+    disk_format = _check_arguments(fmt, disk_format)
+    name = os.fspath(path)
+    _require_regular_file(name)
+    rule_list, findings = _rules(rules, extra_rules)
+    host = HostFile(name)
+    try:
+        image = _Image(host, name, fmt, disk_format, pol)
+        out = _apply(pol, [*findings, *_run_rules(image, rule_list)])
+        if not any(f.severity == "error" for f in out) and not any(
+            f.rule in NAMES_OTHER_FILES for f in out
+        ):
+            out += _apply(pol, _readable(Context(image, "readable")))
+    finally:
+        host.close()
+    out.sort(key=lambda f: f.severity != "error")  # errors first, stable otherwise
+    return ValidationReport(name, image.probe.format, pol.name, disk_format, tuple(out))
+
+
+def _check_arguments(fmt: str | None, disk_format: str | None) -> str | None:
+    """Refuse an unknown forced format and an empty declared one; the declared format
+    stripped."""
+    from qcowlib.formats import registry as format_registry
+
     if fmt is not None and fmt not in format_registry.known():
         known = ", ".join(format_registry.known())
         raise InvalidArgument(f"unknown format {fmt!r} (known: {known})")
@@ -274,7 +295,11 @@ def validate(
         disk_format = disk_format.strip()
         if not disk_format:
             raise InvalidArgument("disk_format is empty")
-    name = os.fspath(path)
+    return disk_format
+
+
+def _require_regular_file(name: str) -> None:
+    """Raises :class:`QcowlibIOError` unless ``name`` is an existing regular file."""
     try:
         st = os.stat(name)
     except FileNotFoundError:
@@ -286,13 +311,18 @@ def validate(
     if not stat.S_ISREG(st.st_mode):
         raise QcowlibIOError(f"{name} is not a regular file", file=name)
 
-    if rules is None:
-        rule_list, load_errors = registry.all_rules(extra_rules)
-    else:
-        rule_list = tuple(as_rule(r) for r in (*rules, *extra_rules))
-        load_errors = ()
 
-    findings: list[Finding] = [
+def _rules(
+    rules: Iterable[object] | None, extra_rules: Iterable[object]
+) -> tuple[tuple[Rule, ...], list[Finding]]:
+    """The rules to run, and a ``hook-load`` finding per entry point that failed to load
+    (default rule set only)."""
+    from qcowlib.validate import registry
+
+    if rules is not None:
+        return tuple(as_rule(r) for r in (*rules, *extra_rules)), []
+    rule_list, load_errors = registry.all_rules(extra_rules)
+    return rule_list, [
         Finding(
             "hook-load",
             "error",
@@ -302,26 +332,20 @@ def validate(
         )
         for e in load_errors
     ]
-    host = HostFile(name)
-    try:
-        image = _Image(host, name, fmt, disk_format, pol)
-        seen_ids: set[str] = set()
-        for r in rule_list:
-            if r.id in seen_ids:
-                continue
-            seen_ids.add(r.id)
-            if r.formats is not None and not (r.formats & image.formats):
-                continue
-            findings.extend(_run(r, Context(image, r.id)))
-        out = _apply(pol, findings)
-        if not any(f.severity == "error" for f in out) and not any(
-            f.rule in NAMES_OTHER_FILES for f in out
-        ):
-            out += _apply(pol, _readable(Context(image, "readable")))
-    finally:
-        host.close()
-    out.sort(key=lambda f: f.severity != "error")  # errors first, stable otherwise
-    return ValidationReport(name, image.probe.format, pol.name, disk_format, tuple(out))
+
+
+def _run_rules(image: _Image, rule_list: Iterable[Rule]) -> list[Finding]:
+    """The findings of every rule that applies to the image's formats, each id once."""
+    findings: list[Finding] = []
+    seen_ids: set[str] = set()
+    for r in rule_list:
+        if r.id in seen_ids:
+            continue
+        seen_ids.add(r.id)
+        if r.formats is not None and not (r.formats & image.formats):
+            continue
+        findings.extend(_run(r, Context(image, r.id)))
+    return findings
 
 
 #: Rules whose findings mean the image names other files (validate opens none of them,

@@ -21,14 +21,15 @@ as :class:`Problem` values so that ``validate`` can report every one of them.
 
 from __future__ import annotations
 
+import itertools
 import struct
-import zlib
 from dataclasses import dataclass
 from typing import Any, Final
 
 from qcowlib.errors import CorruptImage, FormatError, QcowlibError, TruncatedImage
 from qcowlib.formats._record import FixedLayout
 from qcowlib.formats.luks import codec as luks
+from qcowlib.formats.qcow2 import extensions as qcow2_extensions
 from qcowlib.formats.qcow2 import header as qcow2_header
 
 SECTOR: Final = 512
@@ -66,8 +67,8 @@ def _cstr(raw: bytes) -> str:
 # qcow2: the fields the safety rules read straight from the header bytes, so that they
 # work even when the full parser (qcowlib.formats.qcow2.header) refuses the header.
 
-QCOW_EXT_DATA_FILE: Final = qcow2_header.EXT_DATA_FILE
-QCOW_EXT_END: Final = qcow2_header.EXT_END
+QCOW_EXT_DATA_FILE: Final = qcow2_extensions.EXT_DATA_FILE
+QCOW_EXT_END: Final = qcow2_extensions.EXT_END
 #: Header extensions looked at: they all live in the first cluster (at most 2 MiB).
 _QCOW_MAX_EXTENSIONS: Final = 4096
 
@@ -128,7 +129,8 @@ def qcow2_fields(head: bytes) -> Qcow2Fields:
 
 
 def _qcow2_data_file_extension(head: bytes, header_length: int, raw: Any) -> str | None:
-    """The external data file name from the extension list, walked leniently."""
+    """The external data file name from the extension list, walked leniently: where the
+    list is broken, no name (the structure rule reports the parser's refusal)."""
     if header_length < 104 or header_length % 8:
         return None
     limit = len(head)
@@ -136,17 +138,14 @@ def _qcow2_data_file_extension(head: bytes, header_length: int, raw: Any) -> str
         limit = min(limit, 1 << raw.cluster_bits)
     if raw.backing_file_offset and raw.backing_file_offset < limit:
         limit = raw.backing_file_offset
-    offset = header_length
-    for _ in range(_QCOW_MAX_EXTENSIONS):
-        if offset + 8 > limit:
-            return None
-        ext_type, length = struct.unpack_from(">II", head, offset)
-        if ext_type == QCOW_EXT_END or offset + 8 + length > limit:
-            return None
-        if ext_type == QCOW_EXT_DATA_FILE:
-            name = head[offset + 8 : offset + 8 + length].split(b"\0", 1)[0]
-            return name.decode("utf-8", "replace")
-        offset += 8 + ((length + 7) & ~7)
+    walk = qcow2_extensions.walk_extensions(head, header_length, limit)
+    try:
+        for offset, ext_type, length in itertools.islice(walk, _QCOW_MAX_EXTENSIONS):
+            if ext_type == QCOW_EXT_DATA_FILE:
+                name = head[offset + 8 : offset + 8 + length].split(b"\0", 1)[0]
+                return name.decode("utf-8", "replace")
+    except CorruptImage:
+        pass
     return None
 
 
@@ -327,6 +326,8 @@ def parse_gpt_header(block: bytes, block_size: int, disk_size: int) -> GptHeader
     else:
         raw = bytearray(block[: h.header_size])
         raw[16:20] = bytes(4)
+        import zlib
+
         if zlib.crc32(bytes(raw)) != h.header_crc32:
             problems.append(Problem("GPT header CRC32 is wrong", at + 16))
     if h.my_lba != 1:

@@ -5,15 +5,16 @@ Third-party packages add rules through the ``qcowlib.validators`` entry-point gr
     [project.entry-points."qcowlib.validators"]
     site-max-size = "mysite.rules:max_size"       # a Rule, or a plain callable
 
-A plain callable gets the entry point's name as its rule id.  Entry points are loaded
-once, on the first validation, and a rule that cannot be loaded is reported as a
-``hook-load`` error in every report (a check that was meant to run must not be skipped
-silently).
+A plain callable gets the entry point's name as its rule id.  The group is listed by
+:mod:`qcowlib.validate.entrypoints` (``importlib.metadata``'s answer, mostly without
+importing it).  Entry points are loaded once, on the first validation, and a rule that
+cannot be loaded is reported as a ``hook-load`` error in every report (a check that was
+meant to run must not be skipped silently).
 """
 
 from __future__ import annotations
 
-import threading
+import _thread
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
@@ -41,7 +42,7 @@ log = get_logger(__name__)
 ENTRY_POINT_GROUP: Final = "qcowlib.validators"
 
 #: Re-entrant: an entry point module may call register() while it is being loaded.
-_lock = threading.RLock()
+_lock = _thread.RLock()  # threading's own, without importing threading
 _registered: dict[str, Rule] = {}
 #: The loaded entry points (one slot; None until first needed).
 _entry_points: list[tuple[tuple[Rule, ...], tuple[LoadError, ...]] | None] = [None]
@@ -110,30 +111,30 @@ def entry_point_rules() -> tuple[tuple[Rule, ...], tuple[LoadError, ...]]:
 
 
 def _load_entry_points() -> tuple[tuple[Rule, ...], tuple[LoadError, ...]]:
-    from importlib.metadata import entry_points
+    from qcowlib.validate import entrypoints
 
     taken = {r.id for r in builtin_rules()}
     rules: list[Rule] = []
     errors: list[LoadError] = []
     seen: set[tuple[str, str]] = set()
     try:
-        eps = list(entry_points(group=ENTRY_POINT_GROUP))
+        eps = entrypoints.group_entries(ENTRY_POINT_GROUP)
     except Exception as exc:  # broken metadata on sys.path must not stop validation
         return (), (LoadError("*", ENTRY_POINT_GROUP, f"cannot list entry points: {exc}"),)
-    for ep in eps:
-        if (ep.name, ep.value) in seen:
+    for name, value in eps:
+        if (name, value) in seen:
             continue  # the same distribution found twice on sys.path
-        seen.add((ep.name, ep.value))
+        seen.add((name, value))
         try:
-            loaded = ep.load()
-            found = _rules_from(loaded, ep.name)
+            loaded = entrypoints.load(value)
+            found = _rules_from(loaded, name)
         except Exception as exc:
-            log.debug("cannot load validator %s = %s", ep.name, ep.value, exc_info=True)
-            errors.append(LoadError(ep.name, ep.value, f"{type(exc).__name__}: {exc}"))
+            log.debug("cannot load validator %s = %s", name, value, exc_info=True)
+            errors.append(LoadError(name, value, f"{type(exc).__name__}: {exc}"))
             continue
         for r in found:
             if r.id in taken:
-                errors.append(LoadError(ep.name, ep.value, f"rule id {r.id!r} is already taken"))
+                errors.append(LoadError(name, value, f"rule id {r.id!r} is already taken"))
                 continue
             taken.add(r.id)
             rules.append(r)

@@ -9,14 +9,15 @@ dependency).
 
 from __future__ import annotations
 
-import hashlib
 import struct
-import uuid as _uuid
 from typing import Any, Final, NamedTuple
 
 from qcowlib.core.qdict import qdict_order
 from qcowlib.errors import CorruptImage, FormatError, UnsupportedFeature
 from qcowlib.formats._record import FixedLayout
+
+# hashlib (OpenSSL) and uuid are imported where a key is derived: validate reads these
+# layouts for every image it checks, and must start fast (DESIGN.md).
 
 LUKS_MAGIC: Final = b"LUKS\xba\xbe"
 LUKS_VERSION: Final = 1
@@ -202,6 +203,8 @@ def _check_aes_sizes(cipher: Cipher) -> None:
             offset=108,
         )
     if cipher.ivgen_hash is not None:
+        import hashlib
+
         digest = hashlib.new(cipher.ivgen_hash).digest_size
         if digest not in _AES_KEY_BYTES:
             raise UnsupportedFeature(
@@ -277,6 +280,8 @@ def _xor(a: bytes, b: bytes) -> bytes:
 
 
 def _diffuse(buf: bytes, hash_name: str) -> bytes:
+    import hashlib
+
     size = hashlib.new(hash_name).digest_size
     out = bytearray()
     for i in range(-(-len(buf) // size)):
@@ -287,15 +292,21 @@ def _diffuse(buf: bytes, hash_name: str) -> bytes:
 
 def slot_key(passphrase: bytes, h: LuksHeader, slot: KeySlot) -> bytes:
     """The key that encrypts a slot's key material (PBKDF2 of the passphrase)."""
+    import hashlib
+
     return hashlib.pbkdf2_hmac(h.hash, passphrase, slot.salt, slot.iterations, h.key_bytes)
 
 
 def is_master_key(key: bytes, h: LuksHeader) -> bool:
     """Whether ``key`` matches the header's master key digest."""
+    import hashlib
+
     digest = hashlib.pbkdf2_hmac(h.hash, key, h.mk_digest_salt, h.mk_digest_iter, DIGEST_SIZE)
     return digest == h.mk_digest
 
 
 def new_uuid_string(raw: bytes) -> str:
     """A UUID string from 16 bytes (for tests that build headers)."""
-    return str(_uuid.UUID(bytes=raw))
+    import uuid
+
+    return str(uuid.UUID(bytes=raw))

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 
 from qcowlib.errors import InvalidArgument, UnsupportedFeature
+from qcowlib.formats.qcow2 import extensions as hext
 from qcowlib.formats.qcow2 import header as hdr
 from qcowlib.formats.qcow2 import tables
 from qcowlib.formats.qcow2.hostio import with_backing
@@ -226,7 +227,7 @@ def _size(disk: Qcow2RWDisk, size: int) -> None:
     disk.resize(size, shrink=True)
 
 
-def _feature_table_fits(h: hdr.Header, exts: list[hdr.HeaderExtension]) -> bool:
+def _feature_table_fits(h: hdr.Header, exts: list[hext.HeaderExtension]) -> bool:
     used = 112 + sum(8 + -(-len(e.data) // 8) * 8 for e in exts) + 8
     return used + len((h.backing_file or "").encode()) <= h.cluster_size
 
@@ -240,8 +241,8 @@ def _upgrade(disk: Qcow2RWDisk) -> None:
     if any(len(sn.extra_data) < 16 for sn in disk.snapshots()):
         write_snapshot_table(disk, current_entries(disk))
     h = disk.header
-    exts = [e for e in h.extensions if e.type not in (hdr.EXT_FEATURE_TABLE, hdr.EXT_BITMAPS)]
-    table = hdr.feature_table_extension(list(FEATURE_NAMES))
+    exts = [e for e in h.extensions if e.type not in (hext.EXT_FEATURE_TABLE, hext.EXT_BITMAPS)]
+    table = hext.feature_table_extension(list(FEATURE_NAMES))
     if _feature_table_fits(h, [*exts, table]):
         exts.append(table)
     new = h.replace(
@@ -283,7 +284,7 @@ def _downgrade(disk: Qcow2RWDisk) -> None:
     for l1 in l1s:
         _expand_zero_clusters(disk, l1)
     disk.flush()
-    exts = [e for e in h.extensions if e.type not in (hdr.EXT_FEATURE_TABLE, hdr.EXT_BITMAPS)]
+    exts = [e for e in h.extensions if e.type not in (hext.EXT_FEATURE_TABLE, hext.EXT_BITMAPS)]
     new = h.replace(
         version=2,
         header_length=hdr.V2_HEADER_LENGTH,

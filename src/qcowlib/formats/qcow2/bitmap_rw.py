@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 
 from qcowlib.errors import CorruptImage, InvalidArgument, UnsupportedFeature
+from qcowlib.formats.qcow2 import extensions as hext
 from qcowlib.formats.qcow2 import header as hdr
 from qcowlib.formats.qcow2.allocator import span
 from qcowlib.formats.qcow2.bitmap import (
@@ -37,7 +38,7 @@ from qcowlib.formats.qcow2.bitmap import (
 if TYPE_CHECKING:
     from qcowlib.core.disk import Disk
     from qcowlib.formats.qcow2.hostio import HostIO
-    from qcowlib.formats.qcow2.writer import Qcow2RWDisk
+    from qcowlib.formats.qcow2.metadata_write import Qcow2MetadataWriter
 
 __all__ = [
     "BITMAPS",
@@ -121,7 +122,7 @@ def _owned_clusters(host: HostIO, offset: int, size: int, cs: int) -> list[int]:
 class _State:
     """The image's bitmaps while ``qemu-img bitmap`` operations run."""
 
-    def __init__(self, disk: Qcow2RWDisk) -> None:
+    def __init__(self, disk: Qcow2MetadataWriter) -> None:
         h = disk.header
         if h.version < 3:
             raise UnsupportedFeature("Cannot store dirty bitmaps in qcow2 v2 files")
@@ -218,7 +219,7 @@ class _State:
                 bm.table_offset, bm.table_size = self._write_data(bm.data)
         directory = encode_directory(self.bitmaps)
         h = disk.header
-        exts = [e for e in h.extensions if e.type != hdr.EXT_BITMAPS]
+        exts = [e for e in h.extensions if e.type != hext.EXT_BITMAPS]
         autoclear = h.autoclear_features & ~hdr.AUTOCLEAR_BITMAPS
         bitmaps = None
         if self.bitmaps:
@@ -226,11 +227,11 @@ class _State:
             disk.check_overlap(at, len(directory), None, "bitmap directory")
             disk.host.pwrite(at, directory)
             disk.flush()
-            bitmaps = hdr.BitmapsExtension(len(self.bitmaps), len(directory), at)
+            bitmaps = hext.BitmapsExtension(len(self.bitmaps), len(directory), at)
             index = next(
-                (i for i, e in enumerate(exts) if e.type == hdr.EXT_FEATURE_TABLE), len(exts)
+                (i for i, e in enumerate(exts) if e.type == hext.EXT_FEATURE_TABLE), len(exts)
             )
-            exts.insert(index, hdr.bitmaps_extension(bitmaps))
+            exts.insert(index, hext.bitmaps_extension(bitmaps))
             autoclear |= hdr.AUTOCLEAR_BITMAPS
         new = h.replace(autoclear_features=autoclear, bitmaps=bitmaps, extensions=tuple(exts))
         from qcowlib.formats.qcow2.hostio import with_backing
@@ -320,7 +321,7 @@ class WriteTracker:
         self.ranges: list[tuple[int, int]] = []
 
     @classmethod
-    def start(cls, disk: Qcow2RWDisk) -> WriteTracker:
+    def start(cls, disk: Qcow2MetadataWriter) -> WriteTracker:
         h = disk.header
         if h.version < 3 or h.bitmaps is None or not h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
             return cls([])
@@ -338,7 +339,7 @@ class WriteTracker:
         if self.names:
             self.ranges.append((offset, length))
 
-    def finish(self, disk: Qcow2RWDisk) -> None:
+    def finish(self, disk: Qcow2MetadataWriter) -> None:
         """Set the written ranges in the tracked bitmaps and clear their in-use flag."""
         if not self.names:
             return
@@ -351,7 +352,7 @@ class WriteTracker:
         self.names = []
 
 
-def remove_all_bitmaps(disk: Qcow2RWDisk) -> None:
+def remove_all_bitmaps(disk: Qcow2MetadataWriter) -> None:
     """Free every bitmap and the directory (``amend -o compat=0.10``)."""
     state = _State(disk)
     for bm in list(state.bitmaps):

@@ -75,10 +75,6 @@ from qcowlib.formats.qcow2.refcount_store import BDRV_MAX_LENGTH
 from qcowlib.formats.qcow2.repair import rebuild_refcount_structure
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from qcowlib.core.disk import Disk
-    from qcowlib.core.hostfile import HostFile
     from qcowlib.formats.qcow2.hostio import HostIO
 
 __all__ = ["BDRV_FIX_ERRORS", "BDRV_FIX_LEAKS", "check_image"]
@@ -311,49 +307,3 @@ class _Pass:
                 res.corruptions += 1
                 raise CheckFailed(EINVAL)
             rec.inc_clusters(offsets[offsets != 0].astype(np.int64))
-
-
-def check_file(
-    host: HostFile, path: str, fix: int, open_backing: Callable[[str, str | None], Disk]
-) -> CheckReport:
-    """The registry's qcow2 checker: read the header as ``qemu-img check`` does, make
-    sure the backing chain (through ``open_backing``) and an external data file open, as
-    qemu-img opens them too, then check the image (:func:`check_image`)."""
-    header = read_header(host, for_check=True)
-    _open_linked_files(path, header, open_backing)
-    return check_image(host, header, path, fix)
-
-
-def _open_linked_files(
-    path: str, h: hdr.Header, open_backing: Callable[[str, str | None], Disk]
-) -> None:
-    """qemu-img opens the backing chain and the data file too; fail as it would.
-
-    ``open_backing`` may carry the caller's backing policy as ``.policy``
-    (:class:`qcowlib.formats.opener.ChainOpener`); the data file and the backing file
-    go through it.
-    """
-    from qcowlib.core.chain import BackingPolicy, open_linked, resolve_linked_path
-    from qcowlib.errors import BackingFormatUnknown, BackingNotFound, QcowlibIOError
-
-    policy = getattr(open_backing, "policy", None)
-    if not isinstance(policy, BackingPolicy):
-        policy = BackingPolicy()
-    policy = policy.rooted(path)
-    if h.has_data_file and h.data_file is not None:
-        host, _ = open_linked(path, h.data_file, "external data file", policy)
-        host.close()
-    if h.backing_file is not None and policy.follow:
-        name = resolve_linked_path(path, h.backing_file, "backing file", policy)
-        if h.backing_format is None and not policy.probe_format:
-            raise BackingFormatUnknown(
-                f"backing file {h.backing_file!r} has no recorded format, and backing "
-                f"policy {policy.name!r} never probes one",
-                file=path,
-            )
-        try:
-            open_backing(name, h.backing_format).close()
-        except QcowlibIOError as exc:
-            raise BackingNotFound(
-                f"cannot open backing file {name!r}: {exc.message}", file=path
-            ) from None

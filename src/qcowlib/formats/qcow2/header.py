@@ -1,4 +1,5 @@
-"""qcow2 header, feature bits and header extensions (QEMU ``docs/interop/qcow2.txt``).
+"""qcow2 header and feature bits (QEMU ``docs/interop/qcow2.txt``); the header
+extensions are :mod:`qcowlib.formats.qcow2.extensions`.
 
 Pure: :func:`parse_header` takes the bytes of the first cluster (or more) and returns a
 :class:`Header`; :func:`build_header` turns a :class:`Header` back into bytes.  Every
@@ -8,11 +9,20 @@ file size, before anything is allocated from it.
 
 from __future__ import annotations
 
-import struct
 from typing import Any, Final, NamedTuple
 
 from qcowlib.errors import CorruptImage, FormatError, TruncatedImage, UnsupportedFeature
 from qcowlib.formats._record import FixedLayout
+from qcowlib.formats.qcow2.extensions import (
+    BitmapsExtension,
+    CryptoExtension,
+    HeaderExtension,
+    decode_known,
+    decode_name,
+    encode_extensions,
+    feature_names,
+    parse_extensions,
+)
 
 QCOW_MAGIC: Final = b"QFI\xfb"
 
@@ -32,8 +42,6 @@ MAX_BACKING_FILE_NAME: Final = 1023
 #: Header extensions live in the first cluster; QEMU caps each one there too.
 V2_HEADER_LENGTH: Final = 72
 V3_HEADER_LENGTH: Final = 104
-#: A header extension with this much data or more is refused (they all fit a cluster).
-MAX_EXTENSION_LENGTH: Final = 1 << MAX_CLUSTER_BITS
 
 # --- feature bits ---------------------------------------------------------------------
 INCOMPAT_DIRTY: Final = 1 << 0
@@ -55,14 +63,6 @@ CRYPT_LUKS: Final = 2
 COMPRESSION_TYPE_ZLIB: Final = 0
 COMPRESSION_TYPE_ZSTD: Final = 1
 COMPRESSION_TYPE_NAMES: Final = {COMPRESSION_TYPE_ZLIB: "zlib", COMPRESSION_TYPE_ZSTD: "zstd"}
-
-# --- header extension types -------------------------------------------------------------
-EXT_END: Final = 0x00000000
-EXT_BACKING_FORMAT: Final = 0xE2792ACA
-EXT_FEATURE_TABLE: Final = 0x6803F857
-EXT_BITMAPS: Final = 0x23852875
-EXT_CRYPTO: Final = 0x0537BE77
-EXT_DATA_FILE: Final = 0x44415441
 
 #: The fields every qcow2 header has (QEMUs QCowHeader up to snapshots_offset).
 HEADER_V2 = FixedLayout(
@@ -95,43 +95,6 @@ HEADER_V3_TAIL = FixedLayout(
         ("header_length", "I"),
     ],
 )
-_ExtensionHead = struct.Struct(">II")
-_FeatureNameEntry = FixedLayout(
-    "feature name table entry", ">", [("type", "B"), ("bit", "B"), ("name", "46s")]
-)
-_BitmapsExt = FixedLayout(
-    "bitmaps extension",
-    ">",
-    [
-        ("nb_bitmaps", "I"),
-        ("reserved32", "I"),
-        ("bitmap_directory_size", "Q"),
-        ("bitmap_directory_offset", "Q"),
-    ],
-)
-_CryptoExt = FixedLayout("crypto extension", ">", [("offset", "Q"), ("length", "Q")])
-
-
-class HeaderExtension(NamedTuple):
-    """One header extension as stored: its type and raw data (unknown ones are kept)."""
-
-    type: int
-    data: bytes
-
-
-class BitmapsExtension(NamedTuple):
-    """The bitmaps header extension (``nb_bitmaps`` and where the directory lies)."""
-
-    nb_bitmaps: int
-    bitmap_directory_size: int
-    bitmap_directory_offset: int
-
-
-class CryptoExtension(NamedTuple):
-    """Full disk encryption header pointer."""
-
-    offset: int
-    length: int
 
 
 class Header(NamedTuple):
@@ -260,6 +223,40 @@ def parse_header(data: bytes, file_size: int | None = None) -> Header:
     :class:`CorruptImage` (a field out of its legal range) or :class:`UnsupportedFeature`
     (unknown incompatible feature bits, an unknown compression type).
     """
+    fields = _parse_fixed(data)
+    cluster_size = 1 << fields["cluster_bits"]
+    if fields["version"] == 3:
+        fields.update(_parse_v3_tail(data, cluster_size))
+    else:
+        fields["header_length"] = V2_HEADER_LENGTH
+    _check_compression(fields)
+
+    ext_limit = min(len(data), cluster_size)
+    backing_file_offset: int = fields["backing_file_offset"]
+    if backing_file_offset and backing_file_offset < ext_limit:
+        ext_limit = backing_file_offset
+    extensions, ext_end = parse_extensions(data, fields["header_length"], ext_limit)
+    names = feature_names(extensions)
+    _check_incompatible(fields.get("incompatible_features", 0), names)
+    known = decode_known(extensions)
+
+    header = Header(
+        **fields,
+        backing_file=_backing_file_name(data, fields, cluster_size),
+        backing_format=known.backing_format,
+        data_file=known.data_file,
+        feature_names=names,
+        bitmaps=known.bitmaps,
+        crypto=known.crypto,
+        extensions=tuple(extensions),
+        extensions_end=ext_end,
+    )
+    _validate(header, file_size)
+    return header
+
+
+def _parse_fixed(data: bytes) -> dict[str, Any]:
+    """The v2 fields (every version's), with magic, version and cluster_bits checked."""
     if len(data) < V2_HEADER_LENGTH:
         raise TruncatedImage("qcow2 header is truncated", structure="header", offset=0)
     v2 = HEADER_V2.parse(data)
@@ -278,46 +275,48 @@ def parse_header(data: bytes, file_size: int | None = None) -> Header:
             field="cluster_bits",
             offset=20,
         )
-    cluster_size = 1 << cluster_bits
-
     fields: dict[str, Any] = {k: v for k, v in v2.items() if not k.startswith("_")}
     del fields["magic"]
-    if version == 3:
-        if len(data) < V3_HEADER_LENGTH:
-            raise TruncatedImage("qcow2 v3 header is truncated", structure="header")
-        v3 = HEADER_V3_TAIL.parse(data[V2_HEADER_LENGTH:V3_HEADER_LENGTH])
-        fields.update({k: v for k, v in v3.items() if not k.startswith("_")})
-        header_length = v3.header_length
-        if header_length < V3_HEADER_LENGTH or header_length % 8:
-            raise CorruptImage(
-                f"header_length {header_length} is invalid",
-                structure="header",
-                field="header_length",
-                offset=100,
-            )
-        if header_length > cluster_size:
-            raise CorruptImage(
-                "header_length is larger than a cluster",
-                structure="header",
-                field="header_length",
-                offset=100,
-            )
-        if len(data) < header_length:
-            raise TruncatedImage("qcow2 header is truncated", structure="header")
-        if header_length > V3_HEADER_LENGTH:
-            fields["compression_type"] = data[V3_HEADER_LENGTH]
-        if not 0 <= v3.refcount_order <= 6:
-            raise CorruptImage(
-                f"refcount_order {v3.refcount_order} is outside 0..6",
-                structure="header",
-                field="refcount_order",
-                offset=96,
-            )
-    else:
-        fields["header_length"] = V2_HEADER_LENGTH
+    return fields
 
+
+def _parse_v3_tail(data: bytes, cluster_size: int) -> dict[str, Any]:
+    """The v3 fields after the v2 ones, and the compression type byte if present."""
+    if len(data) < V3_HEADER_LENGTH:
+        raise TruncatedImage("qcow2 v3 header is truncated", structure="header")
+    v3 = HEADER_V3_TAIL.parse(data[V2_HEADER_LENGTH:V3_HEADER_LENGTH])
+    fields: dict[str, Any] = {k: v for k, v in v3.items() if not k.startswith("_")}
+    header_length = v3.header_length
+    if header_length < V3_HEADER_LENGTH or header_length % 8:
+        raise CorruptImage(
+            f"header_length {header_length} is invalid",
+            structure="header",
+            field="header_length",
+            offset=100,
+        )
+    if header_length > cluster_size:
+        raise CorruptImage(
+            "header_length is larger than a cluster",
+            structure="header",
+            field="header_length",
+            offset=100,
+        )
+    if len(data) < header_length:
+        raise TruncatedImage("qcow2 header is truncated", structure="header")
+    if header_length > V3_HEADER_LENGTH:
+        fields["compression_type"] = data[V3_HEADER_LENGTH]
+    if not 0 <= v3.refcount_order <= 6:
+        raise CorruptImage(
+            f"refcount_order {v3.refcount_order} is outside 0..6",
+            structure="header",
+            field="refcount_order",
+            offset=96,
+        )
+    return fields
+
+
+def _check_compression(fields: dict[str, Any]) -> None:
     incompat = fields.get("incompatible_features", 0)
-    header_length = fields["header_length"]
     compression_type = fields.get("compression_type", COMPRESSION_TYPE_ZLIB)
     if bool(incompat & INCOMPAT_COMPRESSION) != (compression_type != COMPRESSION_TYPE_ZLIB):
         raise CorruptImage(
@@ -334,17 +333,13 @@ def parse_header(data: bytes, file_size: int | None = None) -> Header:
             offset=104,
         )
 
-    # -- extensions ---------------------------------------------------------------------
-    ext_limit = min(len(data), cluster_size)
-    if v2.backing_file_offset and v2.backing_file_offset < ext_limit:
-        ext_limit = v2.backing_file_offset
-    extensions, ext_end = _parse_extensions(data, header_length, ext_limit)
-    feature_names = _feature_names(extensions)
 
+def _check_incompatible(incompat: int, names: tuple[tuple[int, int, str], ...]) -> None:
+    """Refuse incompatible feature bits qcowlib does not know, named from the table."""
     unknown = incompat & ~INCOMPAT_KNOWN
     if unknown:
-        names = [n for (t, b, n) in feature_names if t == 0 and unknown & (1 << b)]
-        what = ", ".join(names) if names else f"bits {unknown:#x}"
+        found = [n for (t, b, n) in names if t == 0 and unknown & (1 << b)]
+        what = ", ".join(found) if found else f"bits {unknown:#x}"
         raise UnsupportedFeature(
             f"unsupported incompatible qcow2 features: {what}",
             structure="header",
@@ -352,120 +347,70 @@ def parse_header(data: bytes, file_size: int | None = None) -> Header:
             offset=72,
         )
 
-    backing_format = data_file = None
-    bitmaps = crypto = None
-    for ext in extensions:
-        if ext.type == EXT_BACKING_FORMAT:
-            backing_format = _decode_name(ext.data, "backing format")
-        elif ext.type == EXT_DATA_FILE:
-            data_file = _decode_name(ext.data, "external data file name")
-        elif ext.type == EXT_BITMAPS:
-            if len(ext.data) < _BitmapsExt.sizeof():
-                raise CorruptImage("bitmaps extension is too short", structure="bitmaps extension")
-            b = _BitmapsExt.parse(ext.data)
-            bitmaps = BitmapsExtension(
-                b.nb_bitmaps, b.bitmap_directory_size, b.bitmap_directory_offset
-            )
-        elif ext.type == EXT_CRYPTO:
-            if len(ext.data) < _CryptoExt.sizeof():
-                raise CorruptImage("crypto extension is too short", structure="crypto extension")
-            c = _CryptoExt.parse(ext.data)
-            crypto = CryptoExtension(c.offset, c.length)
 
-    # -- backing file name --------------------------------------------------------------
-    backing_file = None
-    if v2.backing_file_offset:
-        if v2.backing_file_size > MAX_BACKING_FILE_NAME or v2.backing_file_size == 0:
-            raise CorruptImage(
-                f"backing file name length {v2.backing_file_size} is invalid",
-                structure="header",
-                field="backing_file_size",
-                offset=16,
-            )
-        end = v2.backing_file_offset + v2.backing_file_size
-        if end > cluster_size:
-            raise CorruptImage(
-                "backing file name lies outside the first cluster",
-                structure="header",
-                field="backing_file_offset",
-                offset=8,
-            )
-        if end > len(data):
-            raise TruncatedImage(
-                "backing file name is past the end of the file",
-                structure="header",
-                field="backing_file_offset",
-                offset=v2.backing_file_offset,
-            )
-        backing_file = _decode_name(data[v2.backing_file_offset : end], "backing file name")
-
-    header = Header(
-        **fields,
-        backing_file=backing_file,
-        backing_format=backing_format,
-        data_file=data_file,
-        feature_names=feature_names,
-        bitmaps=bitmaps,
-        crypto=crypto,
-        extensions=tuple(extensions),
-        extensions_end=ext_end,
-    )
-    _validate(header, file_size)
-    return header
-
-
-def _decode_name(raw: bytes, what: str) -> str:
-    raw = raw.split(b"\0", 1)[0]
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise CorruptImage(f"{what} is not valid UTF-8", structure="header") from None
-
-
-def _parse_extensions(data: bytes, start: int, limit: int) -> tuple[list[HeaderExtension], int]:
-    """Walk the extension list from ``start`` to the end marker (or ``limit``)."""
-    extensions: list[HeaderExtension] = []
-    offset = start
-    while True:
-        if offset + 8 > limit:
-            # No room for an end marker: QEMU treats running out of the header area as the
-            # end of the list.
-            return extensions, offset
-        ext_type, length = _ExtensionHead.unpack_from(data, offset)
-        if ext_type == EXT_END:
-            return extensions, offset + 8
-        if length > MAX_EXTENSION_LENGTH or offset + 8 + length > limit:
-            raise CorruptImage(
-                f"header extension {ext_type:#x} of length {length} overruns the header area",
-                structure="header extension",
-                field="length",
-                offset=offset + 4,
-            )
-        extensions.append(HeaderExtension(ext_type, bytes(data[offset + 8 : offset + 8 + length])))
-        offset += 8 + ((length + 7) & ~7)
-
-
-def _feature_names(extensions: list[HeaderExtension]) -> tuple[tuple[int, int, str], ...]:
-    names: list[tuple[int, int, str]] = []
-    for ext in extensions:
-        if ext.type != EXT_FEATURE_TABLE:
-            continue
-        for i in range(len(ext.data) // 48):
-            entry = _FeatureNameEntry.parse(ext.data[i * 48 : (i + 1) * 48])
-            name = entry.name.split(b"\0", 1)[0].decode("utf-8", "replace")
-            names.append((entry.type, entry.bit, name))
-    return tuple(names)
+def _backing_file_name(data: bytes, fields: dict[str, Any], cluster_size: int) -> str | None:
+    """The backing file name, which must lie in the first cluster (and in ``data``)."""
+    offset: int = fields["backing_file_offset"]
+    size: int = fields["backing_file_size"]
+    if not offset:
+        return None
+    if size > MAX_BACKING_FILE_NAME or size == 0:
+        raise CorruptImage(
+            f"backing file name length {size} is invalid",
+            structure="header",
+            field="backing_file_size",
+            offset=16,
+        )
+    end = offset + size
+    if end > cluster_size:
+        raise CorruptImage(
+            "backing file name lies outside the first cluster",
+            structure="header",
+            field="backing_file_offset",
+            offset=8,
+        )
+    if end > len(data):
+        raise TruncatedImage(
+            "backing file name is past the end of the file",
+            structure="header",
+            field="backing_file_offset",
+            offset=offset,
+        )
+    return decode_name(data[offset:end], "backing file name")
 
 
 def _validate(h: Header, file_size: int | None) -> None:
     """Range checks that need the whole header (QEMU's qcow2_do_open order)."""
-    cs_ = h.cluster_size
     if h.size % 512:
         raise CorruptImage(
             "virtual size is not a multiple of 512", structure="header", field="size", offset=24
         )
     if h.size >= 1 << 63:
         raise CorruptImage("virtual size is too large", structure="header", field="size", offset=24)
+    _validate_tables(h, file_size)
+    if h.crypt_method not in (CRYPT_NONE, CRYPT_AES, CRYPT_LUKS):
+        raise CorruptImage(
+            f"unknown crypt_method {h.crypt_method}",
+            structure="header",
+            field="crypt_method",
+            offset=32,
+        )
+    if h.has_data_file and h.data_file is None:
+        raise CorruptImage(
+            "external data file bit set but no data file name extension",
+            structure="header",
+            field="incompatible_features",
+            offset=72,
+        )
+    # A data_file_raw bit without a data file: QEMU clears it on open; reading is
+    # unaffected.
+    if h.version == 2 and h.refcount_order != 4:
+        raise CorruptImage("v2 images have 16-bit refcounts", structure="header")
+
+
+def _validate_tables(h: Header, file_size: int | None) -> None:
+    """The L1 table, refcount table and snapshot table against their caps and the file."""
+    cs_ = h.cluster_size
     if h.l1_size * 8 > MAX_L1_SIZE_BYTES:
         raise CorruptImage(
             f"L1 table with {h.l1_size} entries is larger than the "
@@ -497,13 +442,9 @@ def _validate(h: Header, file_size: int | None) -> None:
             field="refcount_table_clusters",
             offset=56,
         )
+    reftable_entries = h.refcount_table_clusters * cs_ // 8
     _check_table(
-        "refcount_table_offset",
-        h.refcount_table_offset,
-        h.refcount_table_clusters * cs_ // 8,
-        8,
-        cs_,
-        file_size,
+        "refcount_table_offset", h.refcount_table_offset, reftable_entries, 8, cs_, file_size
     )
     if h.nb_snapshots > MAX_SNAPSHOTS:
         raise CorruptImage(
@@ -514,25 +455,6 @@ def _validate(h: Header, file_size: int | None) -> None:
         )
     if h.nb_snapshots:
         _check_table("snapshots_offset", h.snapshots_offset, 1, 40, cs_, file_size)
-    if h.crypt_method not in (CRYPT_NONE, CRYPT_AES, CRYPT_LUKS):
-        raise CorruptImage(
-            f"unknown crypt_method {h.crypt_method}",
-            structure="header",
-            field="crypt_method",
-            offset=32,
-        )
-    if h.has_data_file and h.data_file is None:
-        raise CorruptImage(
-            "external data file bit set but no data file name extension",
-            structure="header",
-            field="incompatible_features",
-            offset=72,
-        )
-    if h.data_file_raw and not h.has_data_file:
-        # QEMU clears the bit on open; reading is unaffected.
-        pass
-    if h.version == 2 and h.refcount_order != 4:
-        raise CorruptImage("v2 images have 16-bit refcounts", structure="header")
 
 
 def build_header(h: Header) -> bytes:
@@ -573,11 +495,7 @@ def build_header(h: Header) -> bytes:
         if h.header_length > V3_HEADER_LENGTH:
             out += bytes([h.compression_type])
             out += bytes(h.header_length - len(out))
-    for ext in h.extensions:
-        out += _ExtensionHead.pack(ext.type, len(ext.data))
-        out += ext.data
-        out += bytes(-len(ext.data) % 8)
-    out += _ExtensionHead.pack(EXT_END, 0)
+    out += encode_extensions(h.extensions)
     if h.backing_file is not None:
         name = h.backing_file.encode("utf-8")
         if h.backing_file_offset < len(out):
@@ -585,32 +503,3 @@ def build_header(h: Header) -> bytes:
         out += bytes(h.backing_file_offset - len(out))
         out += name
     return bytes(out)
-
-
-def extension(ext_type: int, data: bytes) -> HeaderExtension:
-    """Build a header extension value."""
-    return HeaderExtension(ext_type, data)
-
-
-def bitmaps_extension(b: BitmapsExtension) -> HeaderExtension:
-    """Encode the bitmaps extension."""
-    return HeaderExtension(
-        EXT_BITMAPS,
-        _BitmapsExt.build(
-            {
-                "nb_bitmaps": b.nb_bitmaps,
-                "reserved32": 0,
-                "bitmap_directory_size": b.bitmap_directory_size,
-                "bitmap_directory_offset": b.bitmap_directory_offset,
-            }
-        ),
-    )
-
-
-def feature_table_extension(entries: list[tuple[int, int, str]]) -> HeaderExtension:
-    """Encode a feature name table."""
-    data = b"".join(
-        _FeatureNameEntry.build({"type": t, "bit": b, "name": n.encode().ljust(46, b"\0")})
-        for t, b, n in entries
-    )
-    return HeaderExtension(EXT_FEATURE_TABLE, data)

@@ -14,6 +14,7 @@ import struct
 from typing import Final, Protocol
 
 from qcowlib.errors import CorruptImage, InvalidArgument, QcowlibError, TruncatedImage
+from qcowlib.formats.qcow2 import extensions as hext
 from qcowlib.formats.qcow2 import header as hdr
 
 __all__ = [
@@ -96,9 +97,9 @@ def with_backing(h: hdr.Header, name: str | None, fmt: str | None) -> hdr.Header
     """``h`` with a new backing file name and format (or none): the backing format
     extension first, the name right after the extensions.  Raises
     :class:`InvalidArgument` for a name longer than the spec allows."""
-    exts = [e for e in h.extensions if e.type != hdr.EXT_BACKING_FORMAT]
+    exts = [e for e in h.extensions if e.type != hext.EXT_BACKING_FORMAT]
     if name and fmt:
-        exts.insert(0, hdr.extension(hdr.EXT_BACKING_FORMAT, fmt.encode()))
+        exts.insert(0, hext.extension(hext.EXT_BACKING_FORMAT, fmt.encode()))
     ext_end = h.header_length + sum(8 + -(-len(e.data) // 8) * 8 for e in exts) + 8
     raw_name = name.encode() if name else b""
     if len(raw_name) > hdr.MAX_BACKING_FILE_NAME:
@@ -137,13 +138,13 @@ def read_header(host: HostIO, *, for_check: bool = False) -> hdr.Header:
 
 def _validate_bitmaps_extension(h: hdr.Header) -> None:
     """The checks qcow2_read_extensions makes on the bitmaps extension at open."""
-    # Imported here: the bitmap codec loads construct, which a header read does not need.
-    from qcowlib.formats.qcow2.bitmap import MAX_BITMAP_DIRECTORY_SIZE
-
     ext = h.bitmaps
     if ext is None or not h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
         return
-    raw = next(e.data for e in h.extensions if e.type == hdr.EXT_BITMAPS)
+    # Imported here: the bitmap codec loads construct, which a header read does not need.
+    from qcowlib.formats.qcow2.bitmap import MAX_BITMAP_DIRECTORY_SIZE
+
+    raw = next(e.data for e in h.extensions if e.type == hext.EXT_BITMAPS)
     if struct.unpack_from(">I", raw, 4)[0] != 0:
         raise CorruptImage("bitmaps extension: reserved field is not zero", structure="header")
     if ext.nb_bitmaps > 65535:

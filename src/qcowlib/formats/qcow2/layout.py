@@ -13,6 +13,7 @@ from typing import Final
 import numpy as np
 
 from qcowlib.errors import InvalidArgument
+from qcowlib.formats.qcow2 import extensions as hext
 from qcowlib.formats.qcow2 import header as hdr
 from qcowlib.formats.qcow2 import refcount, tables
 
@@ -263,11 +264,11 @@ def build_refcount_structures(
 
 def build_new_header(opts: CreateOptions, layout: Layout, *, dirty: bool = False) -> bytes:
     """The first cluster of a new image: header, extensions and backing file name."""
-    exts: list[hdr.HeaderExtension] = []
+    exts: list[hext.HeaderExtension] = []
     if opts.backing_file and opts.backing_fmt:
-        exts.append(hdr.extension(hdr.EXT_BACKING_FORMAT, opts.backing_fmt.encode()))
+        exts.append(hext.extension(hext.EXT_BACKING_FORMAT, opts.backing_fmt.encode()))
     if opts.version == 3:
-        exts.append(hdr.feature_table_extension(list(FEATURE_NAMES)))
+        exts.append(hext.feature_table_extension(list(FEATURE_NAMES)))
     incompat = 0
     if opts.extended_l2:
         incompat |= hdr.INCOMPAT_EXTL2
@@ -282,7 +283,7 @@ def build_new_header(opts: CreateOptions, layout: Layout, *, dirty: bool = False
         raise InvalidArgument("Backing file name too long")
     if ext_end + len(name) > opts.cluster_size and opts.version == 3:
         # Drop the optional feature name table rather than fail on small clusters.
-        exts = [e for e in exts if e.type != hdr.EXT_FEATURE_TABLE]
+        exts = [e for e in exts if e.type != hext.EXT_FEATURE_TABLE]
         ext_end = header_length + sum(8 + clusters(len(e.data), 8) * 8 for e in exts) + 8
     if ext_end + len(name) > opts.cluster_size:
         raise InvalidArgument("Header and backing file name do not fit in one cluster")

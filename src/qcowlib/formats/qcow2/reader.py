@@ -37,6 +37,8 @@ from qcowlib.formats.qcow2 import hostio
 from qcowlib.formats.qcow2.metadata_read import Qcow2Metadata
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from qcowlib.core.chain import BackingPolicy
     from qcowlib.formats.luks.codec import LuksHeader
     from qcowlib.formats.qcow2 import tables
@@ -425,11 +427,19 @@ class Qcow2Disk(Qcow2Metadata, Disk):
     def layer_runs(self, offset: int, end: int) -> Runs:
         """:meth:`layer_extents` as arrays, built a decoded L2 table at a time."""
         self._need_key()
-        import numpy as np
 
         self._range(offset, end - offset)
         if self.metadata_preallocated():
             return super().layer_runs(offset, end)  # data may be holes: ask the file
+        parts, unordered = self._table_runs(offset, end)
+        return self._clipped_runs(parts, unordered, offset, end)
+
+    def _table_runs(self, offset: int, end: int) -> tuple[list[tuple[np.ndarray, ...]], bool]:
+        """(start, length, kind, host, clen) arrays of every L2 table that ``[offset,
+        end)`` touches, absent tables as one unallocated run each (appended last: the
+        second value says whether there are any, so that the runs need sorting)."""
+        import numpy as np
+
         span, unit = self.l2_span, self.unit_size
         parts: list[tuple[np.ndarray, ...]] = []
         first, last = offset // span, max(offset, end - 1) // span
@@ -450,6 +460,14 @@ class Qcow2Disk(Qcow2Metadata, Disk):
             starts = absent.astype(np.int64) * span
             zeros = np.zeros(starts.size, dtype=np.int64)
             parts.append((starts, zeros + span, zeros.astype(np.uint8), zeros, zeros))
+        return parts, bool(absent.size)
+
+    def _clipped_runs(
+        self, parts: list[tuple[np.ndarray, ...]], unordered: bool, offset: int, end: int
+    ) -> Runs:
+        """The tables' runs in order, clipped to ``[offset, end)``, as :class:`Runs`."""
+        import numpy as np
+
         start = np.concatenate([p[0] for p in parts])
         length = np.concatenate([p[1] for p in parts])
         kind = np.concatenate([p[2] for p in parts]).astype(np.uint8)
@@ -457,7 +475,7 @@ class Qcow2Disk(Qcow2Metadata, Disk):
         clen = np.concatenate([p[4] for p in parts]).astype(np.int64)
         # In order (tables absent from L1 come last), clipped to [offset, end): runs
         # never cross a table, so only the ends need it.
-        order = np.argsort(start, kind="stable") if absent.size else np.arange(start.size)
+        order = np.argsort(start, kind="stable") if unordered else np.arange(start.size)
         keep = order[np.minimum(start + length, end)[order] > np.maximum(start, offset)[order]]
         start, length, kind, host, clen = (
             start[keep],

@@ -13,9 +13,10 @@ import numpy as np
 import numpy.typing as npt
 
 from qcowlib.errors import CorruptImage
+from qcowlib.formats.qcow2 import entries as _entries
 from qcowlib.formats.qcow2.tables import U64
 
-REFT_OFFSET_MASK: Final = 0xFFFF_FFFF_FFFF_FE00
+REFT_OFFSET_MASK: Final = _entries.REFT_OFFSET_MASK
 _WIDE_DTYPES: Final[dict[int, np.dtype[Any]]] = {
     3: np.dtype(">u1"),
     4: np.dtype(">u2"),

@@ -71,57 +71,59 @@ def parse_snapshot_table(
     pos = 0
     mv = memoryview(data)
     for i in range(nb_snapshots):
-        where = base_offset + pos
-        if pos + SNAPSHOT_HEADER_SIZE > len(mv):
-            raise TruncatedImage(
-                f"snapshot table entry {i} is truncated", structure="snapshot table", offset=where
-            )
-        h = parse_fixed(SNAPSHOT_HEADER, mv[pos:], "snapshot table", where)
-        extra_len = h.extra_data_size
-        if extra_len > MAX_SNAPSHOT_EXTRA_DATA:
-            raise CorruptImage(
-                f"snapshot {i} has {extra_len} bytes of extra data",
-                structure="snapshot table",
-                field="extra_data_size",
-                offset=where + 36,
-            )
-        pos += SNAPSHOT_HEADER_SIZE
-        end = pos + extra_len + h.id_str_size + h.name_size
-        if end > len(mv):
-            raise TruncatedImage(
-                f"snapshot table entry {i} is truncated", structure="snapshot table", offset=where
-            )
-        extra = bytes(mv[pos : pos + extra_len])
-        pos += extra_len
-        try:
-            id_str = bytes(mv[pos : pos + h.id_str_size]).decode("utf-8")
-            pos += h.id_str_size
-            name = bytes(mv[pos : pos + h.name_size]).decode("utf-8")
-            pos += h.name_size
-        except UnicodeDecodeError:
-            raise CorruptImage(
-                f"snapshot {i} has an undecodable name", structure="snapshot table", offset=where
-            ) from None
-        pos = (pos + 7) & ~7
-        vm_state_size, disk_size, icount = known_extra(extra, h.vm_state_size)
-        if icount == NO_ICOUNT:
-            icount = None
-        out.append(
-            Snapshot(
-                h.l1_table_offset,
-                h.l1_size,
-                id_str,
-                name,
-                h.date_sec,
-                h.date_nsec,
-                h.vm_clock_nsec,
-                vm_state_size,
-                disk_size,
-                icount,
-                extra,
-            )
-        )
+        snapshot, pos = _parse_entry(mv, pos, i, base_offset)
+        out.append(snapshot)
     return out
+
+
+def _parse_entry(mv: memoryview, pos: int, i: int, base_offset: int) -> tuple[Snapshot, int]:
+    """Entry ``i`` at ``pos`` of the table; returns it and where the next one starts."""
+    where = base_offset + pos
+    if pos + SNAPSHOT_HEADER_SIZE > len(mv):
+        raise TruncatedImage(
+            f"snapshot table entry {i} is truncated", structure="snapshot table", offset=where
+        )
+    h = parse_fixed(SNAPSHOT_HEADER, mv[pos:], "snapshot table", where)
+    extra_len = h.extra_data_size
+    if extra_len > MAX_SNAPSHOT_EXTRA_DATA:
+        raise CorruptImage(
+            f"snapshot {i} has {extra_len} bytes of extra data",
+            structure="snapshot table",
+            field="extra_data_size",
+            offset=where + 36,
+        )
+    pos += SNAPSHOT_HEADER_SIZE
+    end = pos + extra_len + h.id_str_size + h.name_size
+    if end > len(mv):
+        raise TruncatedImage(
+            f"snapshot table entry {i} is truncated", structure="snapshot table", offset=where
+        )
+    extra = bytes(mv[pos : pos + extra_len])
+    pos += extra_len
+    try:
+        id_str = bytes(mv[pos : pos + h.id_str_size]).decode("utf-8")
+        pos += h.id_str_size
+        name = bytes(mv[pos : pos + h.name_size]).decode("utf-8")
+        pos += h.name_size
+    except UnicodeDecodeError:
+        raise CorruptImage(
+            f"snapshot {i} has an undecodable name", structure="snapshot table", offset=where
+        ) from None
+    vm_state_size, disk_size, icount = known_extra(extra, h.vm_state_size)
+    snapshot = Snapshot(
+        h.l1_table_offset,
+        h.l1_size,
+        id_str,
+        name,
+        h.date_sec,
+        h.date_nsec,
+        h.vm_clock_nsec,
+        vm_state_size,
+        disk_size,
+        None if icount == NO_ICOUNT else icount,
+        extra,
+    )
+    return snapshot, (pos + 7) & ~7
 
 
 def snapshot_table_size(snapshots: list[Snapshot]) -> int:

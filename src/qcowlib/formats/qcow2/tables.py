@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from qcowlib.errors import CorruptImage
+from qcowlib.formats.qcow2 import entries as _entries
 
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
@@ -22,13 +23,14 @@ U8 = npt.NDArray[np.uint8]
 
 BE_U64: Final = np.dtype(">u8")
 
-#: Bits 9-55 of L1 and standard L2 entries hold a cluster-aligned host offset.
-OFFSET_MASK: Final = 0x00FF_FFFF_FFFF_FE00
-L1E_RESERVED_MASK: Final = 0x7F00_0000_0000_01FF
-L2E_STD_RESERVED_MASK: Final = 0x3F00_0000_0000_01FE
-OFLAG_COPIED: Final = 1 << 63
-OFLAG_COMPRESSED: Final = 1 << 62
-OFLAG_ZERO: Final = 1
+# The entry bits (declared in entries.py, which needs no numpy).
+OFFSET_MASK: Final = _entries.OFFSET_MASK
+L1E_RESERVED_MASK: Final = _entries.L1E_RESERVED_MASK
+L2E_STD_RESERVED_MASK: Final = _entries.L2E_STD_RESERVED_MASK
+OFLAG_COPIED: Final = _entries.OFLAG_COPIED
+OFLAG_COMPRESSED: Final = _entries.OFLAG_COMPRESSED
+OFLAG_ZERO: Final = _entries.OFLAG_ZERO
+
 
 #: Subclusters per cluster with extended L2 entries.
 SUBCLUSTERS: Final = 32
@@ -194,9 +196,15 @@ def decode_l2(
         return _runs(kind, host, clen, cluster_size)
 
     # Extended L2: the zero flag (bit 0) is reserved; status comes from the bitmap.
-    n = entries.size
-    alloc_bits = (bitmaps & np.uint64(0xFFFF_FFFF)).astype(np.uint64)
-    zero_bits = (bitmaps >> np.uint64(32)).astype(np.uint64)
+    _check_bitmaps(kind, bitmaps, table, first_index)
+    return _subcluster_runs(kind, host, clen, bitmaps, cluster_size)
+
+
+def _check_bitmaps(kind: U8, bitmaps: U64, table: str, first_index: int) -> None:
+    """Refuse a compressed cluster with a bitmap, a subcluster both allocated and zero
+    (as QEMU), and allocated subclusters in a cluster without a host cluster."""
+    alloc_bits = bitmaps & np.uint64(0xFFFF_FFFF)
+    zero_bits = bitmaps >> np.uint64(32)
     compressed = kind == KIND_COMPRESSED
     if np.any(compressed & (bitmaps != 0)):
         i = int(np.flatnonzero(compressed & (bitmaps != 0))[0])
@@ -205,9 +213,8 @@ def decode_l2(
             structure=table,
             field=f"entry[{first_index + i}]",
         )
-    both = (alloc_bits & zero_bits) != 0  # QEMU: any subcluster both allocated and zero
-    cluster_allocated = kind == KIND_DATA
-    alloc_without_cluster = (~cluster_allocated) & (~compressed) & (alloc_bits != 0)
+    both = (alloc_bits & zero_bits) != 0
+    alloc_without_cluster = (kind != KIND_DATA) & (~compressed) & (alloc_bits != 0)
     bad = both | alloc_without_cluster
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
@@ -216,6 +223,15 @@ def decode_l2(
             structure=table,
             field=f"entry[{first_index + i}]",
         )
+
+
+def _subcluster_runs(kind: U8, host: U64, clen: U64, bitmaps: U64, cluster_size: int) -> L2Runs:
+    """Runs of checked extended L2 entries, one unit per subcluster."""
+    n = kind.size
+    alloc_bits = (bitmaps & np.uint64(0xFFFF_FFFF)).astype(np.uint64)
+    zero_bits = (bitmaps >> np.uint64(32)).astype(np.uint64)
+    compressed = kind == KIND_COMPRESSED
+    cluster_allocated = kind == KIND_DATA
     shifts = np.arange(SUBCLUSTERS, dtype=np.uint64)
     sub_alloc = ((alloc_bits[:, None] >> shifts) & np.uint64(1)).astype(bool)
     sub_zero = ((zero_bits[:, None] >> shifts) & np.uint64(1)).astype(bool)
@@ -233,10 +249,9 @@ def decode_l2(
     uhost[compressed, :] = host[compressed, None]
     uclen = np.zeros((n, SUBCLUSTERS), dtype=np.uint64)
     uclen[compressed, :] = clen[compressed, None]
-    runs = _runs(
+    return _runs(
         ukind.reshape(-1), uhost.reshape(-1), uclen.reshape(-1), sc_size, compressed_group=32
     )
-    return runs
 
 
 def decode_l2_tables(

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from qcowlib.errors import (
-    CorruptImage,
-    TruncatedImage,
-)
+from qcowlib.errors import CorruptImage, QcowlibError, TruncatedImage
 from qcowlib.formats.vhdx.header import RegionEntry
 from qcowlib.formats.vhdx.spec import (
     _BAT_OFFSET_SHIFT,
@@ -220,6 +217,20 @@ def check_differencing_bat(
         ),
         (sb_bad, CorruptImage, "is partially present but its sector bitmap block is not"),
     )
+    _raise_first(checks, idx, bat_offset)
+    sectors = m.block_size // m.logical_sector_size
+    bits_at = sb_offsets + (np.arange(n_blocks, dtype=np.int64) % ratio) * (sectors // 8)
+    return payload, np.where(partial, bits_at, -1)
+
+
+def _raise_first(
+    checks: tuple[tuple[npt.NDArray[np.bool_], type[QcowlibError], str], ...],
+    idx: npt.NDArray[np.int64],
+    bat_offset: int,
+) -> None:
+    """Raise the first check's error at the first payload block it fails for."""
+    import numpy as np
+
     for mask, error, text in checks:
         hit = np.flatnonzero(mask)
         if hit.size:
@@ -230,6 +241,3 @@ def check_differencing_bat(
                 field=f"entry[{int(idx[i])}]",
                 offset=bat_offset + 8 * int(idx[i]),
             )
-    sectors = m.block_size // m.logical_sector_size
-    bits_at = sb_offsets + (np.arange(n_blocks, dtype=np.int64) % ratio) * (sectors // 8)
-    return payload, np.where(partial, bits_at, -1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -180,8 +180,40 @@ def _metadata(
     entries: Sequence[MetadataEntry], items: Mapping[bytes, bytes], offset: int
 ) -> tuple[Metadata | None, list[QcowlibError]]:
     """The known items and every problem found in them (None when there is one)."""
-    what = "vhdx metadata"
     by_id = {e.item_id: e for e in entries}
+    values, found = _item_values(entries, items, offset, by_id)
+    if len(values) < len(_ITEM_SIZES):
+        return None, found
+
+    def at(gid: bytes) -> int:
+        return offset + by_id[gid].offset
+
+    found += _value_problems(values, at)
+    if found:
+        return None, found
+    params = values[VHDX_FILE_PARAMETERS]
+    bits = int.from_bytes(params[4:8], "little")
+    metadata = Metadata(
+        block_size=int.from_bytes(params[:4], "little"),
+        leave_blocks_allocated=bool(bits & VHDX_PARAMS_LEAVE_BLOCKS_ALLOCATED),
+        has_parent=bool(bits & VHDX_PARAMS_HAS_PARENT),
+        virtual_disk_size=int.from_bytes(values[VHDX_VIRTUAL_DISK_SIZE], "little"),
+        logical_sector_size=int.from_bytes(values[VHDX_LOGICAL_SECTOR_SIZE], "little"),
+        physical_sector_size=int.from_bytes(values[VHDX_PHYSICAL_SECTOR_SIZE], "little"),
+        page83=values[VHDX_PAGE83],
+    )
+    return metadata, []
+
+
+def _item_values(
+    entries: Sequence[MetadataEntry],
+    items: Mapping[bytes, bytes],
+    offset: int,
+    by_id: Mapping[bytes, MetadataEntry],
+) -> tuple[dict[bytes, bytes], list[QcowlibError]]:
+    """The bytes of each item QEMU requires, and the unknown required items and missing
+    or short known ones."""
+    what = "vhdx metadata"
     found: list[QcowlibError] = [
         UnsupportedFeature(
             f"VHDX has an unknown required metadata item {guid_text(e.item_id)}",
@@ -206,15 +238,16 @@ def _metadata(
             )
         else:
             values[gid] = bytes(raw[:size])
-    if len(values) < len(_ITEM_SIZES):
-        return None, found
+    return values, found
 
-    def at(gid: bytes) -> int:
-        return offset + by_id[gid].offset
 
-    params = values[VHDX_FILE_PARAMETERS]
-    block_size = int.from_bytes(params[:4], "little")
-    bits = int.from_bytes(params[4:8], "little")
+def _value_problems(
+    values: Mapping[bytes, bytes], at: Callable[[bytes], int]
+) -> list[QcowlibError]:
+    """The block size, sector sizes and disk size out of their ranges."""
+    what = "vhdx metadata"
+    found: list[QcowlibError] = []
+    block_size = int.from_bytes(values[VHDX_FILE_PARAMETERS][:4], "little")
     if (
         block_size < VHDX_BLOCK_SIZE_MIN
         or block_size > VHDX_BLOCK_SIZE_MAX
@@ -245,7 +278,8 @@ def _metadata(
             )
         sizes.append(n)
     disk_size = int.from_bytes(values[VHDX_VIRTUAL_DISK_SIZE], "little")
-    if disk_size > VHDX_MAX_SIZE or disk_size % sizes[0]:
+    # Whole sectors only checked against a valid sector size (a 0 would divide by 0).
+    if disk_size > VHDX_MAX_SIZE or (sizes[0] in (512, 4096) and disk_size % sizes[0]):
         found.append(
             CorruptImage(
                 f"VHDX virtual disk size {disk_size} is above 64 TiB or not whole sectors",
@@ -254,18 +288,7 @@ def _metadata(
                 offset=at(VHDX_VIRTUAL_DISK_SIZE),
             )
         )
-    if found:
-        return None, found
-    metadata = Metadata(
-        block_size=block_size,
-        leave_blocks_allocated=bool(bits & VHDX_PARAMS_LEAVE_BLOCKS_ALLOCATED),
-        has_parent=bool(bits & VHDX_PARAMS_HAS_PARENT),
-        virtual_disk_size=disk_size,
-        logical_sector_size=sizes[0],
-        physical_sector_size=sizes[1],
-        page83=values[VHDX_PAGE83],
-    )
-    return metadata, []
+    return found
 
 
 def metadata_problems(

@@ -100,16 +100,10 @@ def plan_vmdk(
     n_gt = -(-n_grains // gtes)
     gd_sectors = -(-n_gt * 4 // SECTOR)
     gt_sectors = gtes * 4 // SECTOR
-    desc = vmdk.build_descriptor(
-        create_type=subformat,
-        extents=[("RW", capacity, "SPARSE", extent_name, None)],
-        cid=random.getrandbits(32) if cid is None else cid,
-        ddb=disk_database(capacity, adapter_type, hw_version, tools_version),
-    )
-    if not embed_descriptor:  # an extent of a split image: its descriptor is a file
-        desc = b""
-    if len(desc) > vmdk.DESC_SECTORS * SECTOR:
-        raise InvalidArgument("VMDK descriptor does not fit 20 sectors")
+    desc = b""
+    if embed_descriptor:  # else an extent of a split image: its descriptor is a file
+        ddb = disk_database(capacity, adapter_type, hw_version, tools_version)
+        desc = _embedded_descriptor(subformat, capacity, extent_name, cid, ddb)
     desc_end = vmdk.VMDK_DESC_SECTOR + vmdk.DESC_SECTORS
     if stream:
         rgd = gd = 0
@@ -118,26 +112,53 @@ def plan_vmdk(
         rgd = desc_end
         gd = rgd + gd_sectors + n_gt * gt_sectors
         grain_offset = -(-(gd + gd_sectors + n_gt * gt_sectors) // gs) * gs
-    flags = vmdk.VMDK4_FLAG_NL_DETECT | (vmdk.VMDK4_FLAG_ZERO_GRAIN if zeroed_grain else 0)
-    header = vmdk.SparseExtentHeader(
-        version=3 if stream else 2 if zeroed_grain else 1,
-        flags=flags
-        | (vmdk.VMDK4_FLAG_COMPRESS | vmdk.VMDK4_FLAG_MARKER if stream else vmdk.VMDK4_FLAG_RGD),
-        capacity=capacity,
-        grain_size=gs,
-        desc_offset=vmdk.VMDK_DESC_SECTOR,
-        desc_size=vmdk.DESC_SECTORS,
-        num_gtes_per_gt=gtes,
-        rgd_offset=rgd,
-        gd_offset=vmdk.GD_AT_END if stream else gd,
-        grain_offset=grain_offset,
-        compress_algorithm=vmdk.COMPRESSION_DEFLATE if stream else vmdk.COMPRESSION_NONE,
-    )
+    header = _sparse_header(stream, zeroed_grain, capacity, rgd, gd, grain_offset)
     head = vmdk.build_header(header) + desc.ljust(vmdk.DESC_SECTORS * SECTOR, b"\0")
     return VmdkPlan(
         stream, header, head, gs, gtes, n_grains, n_gt, gd_sectors, gt_sectors, rgd, gd,
         grain_offset,
     )  # fmt: skip
+
+
+def _embedded_descriptor(
+    subformat: str,
+    capacity: int,
+    extent_name: str,
+    cid: int | None,
+    ddb: list[tuple[str, str]],
+) -> bytes:
+    """The descriptor a one-extent VMDK embeds (a fresh random CID unless given)."""
+    desc = vmdk.build_descriptor(
+        create_type=subformat,
+        extents=[("RW", capacity, "SPARSE", extent_name, None)],
+        cid=random.getrandbits(32) if cid is None else cid,
+        ddb=ddb,
+    )
+    if len(desc) > vmdk.DESC_SECTORS * SECTOR:
+        raise InvalidArgument("VMDK descriptor does not fit 20 sectors")
+    return desc
+
+
+def _sparse_header(
+    stream: bool, zeroed_grain: bool, capacity: int, rgd: int, gd: int, grain_offset: int
+) -> vmdk.SparseExtentHeader:
+    """The hosted sparse extent header: streamOptimized (compressed grains with markers,
+    directory at the end) or monolithicSparse (redundant directory)."""
+    flags = vmdk.VMDK4_FLAG_NL_DETECT | (vmdk.VMDK4_FLAG_ZERO_GRAIN if zeroed_grain else 0)
+    flags |= vmdk.VMDK4_FLAG_COMPRESS | vmdk.VMDK4_FLAG_MARKER if stream else vmdk.VMDK4_FLAG_RGD
+    return vmdk.SparseExtentHeader(
+        version=3 if stream else 2 if zeroed_grain else 1,
+        flags=flags,
+        capacity=capacity,
+        grain_size=vmdk.DEFAULT_GRAIN_SIZE,
+        desc_offset=vmdk.VMDK_DESC_SECTOR,
+        desc_size=vmdk.DESC_SECTORS,
+        num_gtes_per_gt=vmdk.DEFAULT_NUM_GTES_PER_GT,
+        rgd_offset=rgd,
+        gd_offset=vmdk.GD_AT_END if stream else gd,
+        grain_offset=grain_offset,
+        compress_algorithm=vmdk.COMPRESSION_DEFLATE if stream else vmdk.COMPRESSION_NONE,
+    )
 
 
 def disk_database(

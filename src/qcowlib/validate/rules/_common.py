@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shlex
 from collections.abc import Iterable, Iterator
 from typing import Final
 
@@ -35,6 +34,8 @@ def format_name(fmt: str) -> str:
 
 
 def quote(text: str) -> str:
+    import shlex  # only for messages
+
     return shlex.quote(text)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from qcowlib.errors import QcowlibError
-from qcowlib.formats.qcow import codec as qcow1
 from qcowlib.formats.qcow2 import header as qcow2_header
 from qcowlib.validate import formats as fm
 from qcowlib.validate.engine import Context
@@ -51,6 +50,8 @@ def unknown_features(ctx: Context) -> Findings:
 
 
 def _qcow1_encrypted(ctx: Context) -> Findings:
+    from qcowlib.formats.qcow import codec as qcow1
+
     try:
         rec = qcow1.HEADER.parse(ctx.head[: qcow1.HEADER_SIZE])
     except QcowlibError:

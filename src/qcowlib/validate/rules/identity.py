@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from qcowlib.validate import formats as fm
 from qcowlib.validate.engine import Context
-from qcowlib.validate.model import rule
+from qcowlib.validate.model import Finding, rule
 from qcowlib.validate.rules._common import NAMES, Findings, convert_cmd
 
 __all__ = ["banned_format", "format_ambiguous", "format_match"]
@@ -21,68 +21,90 @@ def format_match(ctx: Context) -> Findings:
     declared = ctx.disk_format
     if declared is None:
         return
-    pol = ctx.policy
-    want = declared
-    if want not in pol.disk_formats:
-        hint = ""
-        if _glance_name(declared) in pol.disk_formats:
-            hint = f"; Glance calls it {_glance_name(declared)!r}"
-        yield ctx.error(
-            f"disk_format {declared!r} is not one Glance accepts "
-            f"(its disk_formats: {', '.join(pol.disk_formats)}){hint}"
-        )
+    if declared not in ctx.policy.disk_formats:
+        yield _not_accepted(ctx, declared)
         return
     seen = ctx.inspector.format
     if seen is None:
         return  # format-ambiguous reports it
-    ours = ctx.format
-    if seen == want:
-        if want == "raw" and ours == "vpc" and ctx.probe.detail == "footer-only":
-            yield ctx.warning(
-                "declared raw, and the content is a fixed VHD: a VM sees its disk followed "
-                "by the 512-byte VHD footer (harmless; `qemu-img convert -f vpc -O raw` "
-                "gives the plain disk)"
-            )
-        elif want == "raw" and ours not in ("raw", "iso"):
-            # A container declared raw must not pass as raw, even where Glance's
-            # inspector would let it through.
-            name = NAMES.get(ours, ours)
-            yield ctx.error(
-                f"declared raw, but the content is a {name} image (qcowlib detects "
-                f"{ours}) that Glance's inspector does not recognise; a VM given it as raw "
-                f"would see the {name} container, not its disk: convert it to raw first "
-                f"(`qcowlib convert -O raw ...`)"
-            )
-        return
-    if seen == "raw" and want not in fm.INSPECTOR_FORMATS:
+    if seen == declared:
+        if declared == "raw":
+            yield from _raw_as_seen(ctx)
+    elif seen == "raw" and declared not in fm.INSPECTOR_FORMATS:
         return  # ami/ari/aki and friends: Glance cannot inspect them, raw content passes
-    if want == "raw":
-        # A recognised container declared raw is an error, though Glance stores it: no
-        # VM would boot from it as intended (CONTRACT, validate).  Not a disk with a
-        # partition table (gpt), a bootable ISO, or LUKS (the `encrypted` rule says why).
-        if seen not in ("gpt", "iso", "luks"):
-            theirs = fm.INSPECTOR_TO_QEMU.get(seen, seen)
-            if ours not in (theirs, "raw", "iso"):
-                # The inspector's name is not the format (legacy QCOW looks like qcow2).
-                name = NAMES.get(ours, ours)
-                yield ctx.error(
-                    f"declared raw, but the content is a {name} image (Glance's inspector "
-                    f"takes it for {seen}); Glance would store it, and no VM would boot from "
-                    f"it as intended: convert it first ({convert_cmd(ctx)})"
-                )
-                return
-            shown = NAMES.get(theirs, seen)
-            fix = (
-                f"declare --disk-format {seen} instead"
-                if seen in pol.disk_formats
-                else f"convert it first: {convert_cmd(ctx)}"
-            )
-            yield ctx.error(
-                f"declared raw, but the content is a {shown} image; Glance would store it "
-                f"as raw, and no VM would boot from it as intended: a VM sees the {shown} "
-                f"container as its disk ({fix})"
-            )
+    elif declared == "raw":
+        yield from _container_declared_raw(ctx, seen)
+    else:
+        yield _mismatch(ctx, declared, seen)
+
+
+def _not_accepted(ctx: Context, declared: str) -> Finding:
+    """A disk_format the policy (Glance's disk_formats) does not list."""
+    formats = ctx.policy.disk_formats
+    hint = ""
+    if _glance_name(declared) in formats:
+        hint = f"; Glance calls it {_glance_name(declared)!r}"
+    return ctx.error(
+        f"disk_format {declared!r} is not one Glance accepts "
+        f"(its disk_formats: {', '.join(formats)}){hint}"
+    )
+
+
+def _raw_as_seen(ctx: Context) -> Findings:
+    """Declared raw, and Glance's inspector sees raw: what qcowlib detects may differ."""
+    ours = ctx.format
+    if ours == "vpc" and ctx.probe.detail == "footer-only":
+        yield ctx.warning(
+            "declared raw, and the content is a fixed VHD: a VM sees its disk followed "
+            "by the 512-byte VHD footer (harmless; `qemu-img convert -f vpc -O raw` "
+            "gives the plain disk)"
+        )
+    elif ours not in ("raw", "iso"):
+        # A container declared raw must not pass as raw, even where Glance's
+        # inspector would let it through.
+        name = NAMES.get(ours, ours)
+        yield ctx.error(
+            f"declared raw, but the content is a {name} image (qcowlib detects "
+            f"{ours}) that Glance's inspector does not recognise; a VM given it as raw "
+            f"would see the {name} container, not its disk: convert it to raw first "
+            f"(`qcowlib convert -O raw ...`)"
+        )
+
+
+def _container_declared_raw(ctx: Context, seen: str) -> Findings:
+    """A recognised container declared raw is an error, though Glance stores it: no VM
+    would boot from it as intended (CONTRACT, validate).  Not a disk with a partition
+    table (gpt), a bootable ISO, or LUKS (the `encrypted` rule says why)."""
+    if seen in ("gpt", "iso", "luks"):
         return
+    ours = ctx.format
+    theirs = fm.INSPECTOR_TO_QEMU.get(seen, seen)
+    if ours not in (theirs, "raw", "iso"):
+        # The inspector's name is not the format (legacy QCOW looks like qcow2).
+        name = NAMES.get(ours, ours)
+        yield ctx.error(
+            f"declared raw, but the content is a {name} image (Glance's inspector "
+            f"takes it for {seen}); Glance would store it, and no VM would boot from "
+            f"it as intended: convert it first ({convert_cmd(ctx)})"
+        )
+        return
+    shown = NAMES.get(theirs, seen)
+    fix = (
+        f"declare --disk-format {seen} instead"
+        if seen in ctx.policy.disk_formats
+        else f"convert it first: {convert_cmd(ctx)}"
+    )
+    yield ctx.error(
+        f"declared raw, but the content is a {shown} image; Glance would store it "
+        f"as raw, and no VM would boot from it as intended: a VM sees the {shown} "
+        f"container as its disk ({fix})"
+    )
+
+
+def _mismatch(ctx: Context, declared: str, seen: str) -> Finding:
+    """Declared one format, and Glance's inspector sees another: Glance's
+    ``require_image_format_match`` refuses it (an error where the policy requires it)."""
+    ours = ctx.format
     shown = "raw (a disk with a partition table, which Glance calls gpt)" if seen == "gpt" else seen
     note = ""
     if ours == "vpc" and ctx.probe.detail == "footer-only":
@@ -99,10 +121,9 @@ def format_match(ctx: Context) -> Findings:
     if not note:
         suggest = "raw" if seen == "gpt" else shown
         text += f": declare --disk-format {suggest}, or convert the image to {declared}"
-    if pol.require_image_format_match:
-        yield ctx.error(text)
-    else:
-        yield ctx.warning(text)
+    if ctx.policy.require_image_format_match:
+        return ctx.error(text)
+    return ctx.warning(text)
 
 
 @rule("format-ambiguous")
