@@ -7,6 +7,9 @@ Inputs (:mod:`benchmarks._engine_inputs`, made once by qemu-img/qemu-io, cached 
 ``DIR/inputs`` when ``--dir`` is given): a fragmented 3-deep qcow2 chain on a 1 GiB base
 of mixed random and text data, the chain flattened by qemu-img to qcow2, raw and
 compressed qcow2, a small qcow2, and a 1 TiB qcow2 with exactly 1,024 L2 tables.
+Optional cases, run only when ``--only`` names them (``--only qed,parallels,qcow1``),
+convert fragmented 256 MiB QED, Parallels and qcow (v1) images to raw and qcow2
+(:mod:`benchmarks._clustermap_inputs`, cached in ``DIR/clustermap-inputs``).
 
 Every case runs three commands, alternating, one warm-up each and then ``--repeat``
 rounds (metadata-only cases, which take milliseconds, ``4 * --repeat`` rounds):
@@ -30,11 +33,14 @@ import platform
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from benchmarks._engine_inputs import RECIPE, Inputs, build
+from benchmarks import _clustermap_inputs
+from benchmarks._clustermap_inputs import ClusterMapInputs
+from benchmarks._engine_inputs import RECIPE, Inputs, build, inputs_in
 from benchmarks._harness import Run, Step, alternate, python_pass_cmd, qcowlib_cmd, require_qemu
 
 Basis = Literal["qemu-img", "floor"]
@@ -68,6 +74,8 @@ class Case:
     floor_kind: str
     outputs: tuple[str | None, str | None, str | None]
     targets: tuple[Target, ...] = ()
+    #: Run only when ``--only`` names it (its inputs are built only then).
+    optional: bool = False
 
     @property
     def metadata(self) -> bool:
@@ -96,8 +104,9 @@ def copy_limit(inputs: list[Path], result: str, copy: str) -> list[str]:
     return ["sh", "-c", COPY_LIMIT, "copy-limit", result, copy, *map(str, inputs)]
 
 
-def cases(inp: Inputs, out: Path) -> list[Case]:
-    """Every case of the benchmark, outputs under ``out``."""
+def cases(inp: Inputs, out: Path, frag: ClusterMapInputs | None = None) -> list[Case]:
+    """Every case of the benchmark, outputs under ``out`` (with ``frag``, the optional
+    cluster-map format cases too)."""
 
     def data(
         key: str,
@@ -107,6 +116,7 @@ def cases(inp: Inputs, out: Path) -> list[Case]:
         ours_args: list[str],
         ext: str,
         limit: float,
+        optional: bool = False,
     ) -> Case:
         q, o, c = (str(out / f"{key}.{who}.{ext}") for who in ("qemu-img", "qcowlib", "copy"))
         return Case(
@@ -118,6 +128,7 @@ def cases(inp: Inputs, out: Path) -> list[Case]:
             COPY_FLOOR,
             (q, o, c),
             (Target("qemu-img", limit),),
+            optional,
         )
 
     def meta(key: str, title: str, qemu: list[str], ours: list[str], target: Target | None) -> Case:
@@ -127,6 +138,7 @@ def cases(inp: Inputs, out: Path) -> list[Case]:
             (None, None, None), targets,
         )  # fmt: skip
 
+    extra = _clustermap_cases(frag, data) if frag is not None else []
     top, flat, raw, zlib = (
         str(p) for p in (inp.overlay2, inp.flat_qcow2, inp.flat_raw, inp.flat_zlib)
     )
@@ -156,7 +168,27 @@ def cases(inp: Inputs, out: Path) -> list[Case]:
              ["map", "--output", "json", big], None),
         meta("check-1t", "check 1 TiB, 1,024 L2", ["qemu-img", "check", big],
              ["check", big], None),
+        *extra,
     ]  # fmt: skip
+
+
+def _clustermap_cases(frag: ClusterMapInputs, data: Callable[..., Case]) -> list[Case]:
+    """QED (4 KiB and 64 KiB clusters), Parallels and qcow (v1) -> raw and -> qcow2,
+    fragmented (:mod:`benchmarks._clustermap_inputs`); run only when ``--only`` names them."""
+    out: list[Case] = []
+    for key, path in (
+        ("qed4k", frag.qed_4k),
+        ("qed64k", frag.qed_64k),
+        ("parallels", frag.parallels),
+        ("qcow1", frag.qcow),
+    ):
+        for fmt in ("raw", "qcow2"):
+            title = f"{path.name} -> {fmt}"
+            args = ["-O", fmt, str(path)]
+            out.append(
+                data(f"{key}-{fmt}", title, [path], args, ["convert", *args], fmt, 1.0, True)
+            )
+    return out
 
 
 def selected(all_cases: list[Case], only: str | None) -> list[Case]:
@@ -166,7 +198,7 @@ def selected(all_cases: list[Case], only: str | None) -> list[Case]:
     whose key contains it (``1t`` selects info-1t, map-1t and check-1t).
     """
     if not only:
-        return all_cases
+        return [c for c in all_cases if not c.optional]
     keys = {c.key for c in all_cases}
     words = [w for w in only.split(",") if w]
     exact = {w for w in words if w in keys}
@@ -312,18 +344,27 @@ def main() -> None:
     parser.add_argument("--list", action="store_true", help="list the case keys and exit")
     args = parser.parse_args()
     if args.list:
-        for case in cases(Inputs(*(Path(n) for n in "abcdefgh")), Path()):
-            print(f"{case.key:<16}{case.title}")
+        frag = _clustermap_inputs.inputs_in(Path())
+        for case in cases(inputs_in(Path()), Path(), frag):
+            print(f"{case.key:<16}{case.title}{' (optional)' if case.optional else ''}")
         return
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     require_qemu()
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-engine-") as tmp:
         root = Path(args.dir) if args.dir else Path(tmp)
-        inputs = build(root / "inputs")
-        todo = selected(cases(inputs, Path(tmp)), args.only)
+        frag_dir = root / "clustermap-inputs"
+        planned = cases(
+            inputs_in(root / "inputs"), Path(tmp), _clustermap_inputs.inputs_in(frag_dir)
+        )
+        todo = selected(planned, args.only)
         if not todo:
             parser.error(f"--only {args.only}: no case key matches (see --list)")
+        # Each set of inputs is made only when a chosen case reads it.
+        if any(not c.optional for c in todo):
+            build(root / "inputs")
+        if any(c.optional for c in todo):
+            _clustermap_inputs.build(frag_dir)
         meta = machine(args.repeat)
         results: list[Result] = []
         for case in todo:

@@ -150,3 +150,79 @@ print("\\n".join(failed))
         [sys.executable, "-c", code, str(SRC)], capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == ""
+
+
+def _module_names() -> dict[str, Path]:
+    names: dict[str, Path] = {}
+    for path in SRC.rglob("*.py"):
+        parts = path.relative_to(SRC.parent).with_suffix("").parts
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return names
+
+
+def _load_time_imports(path: Path, name: str, known: dict[str, Path]) -> set[str]:
+    """qcowlib modules imported when ``name`` loads: module-level imports, not those in
+    functions (lazy) or under ``if TYPE_CHECKING``."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(body: list[ast.stmt]) -> None:
+        for node in body:
+            if isinstance(node, ast.If):
+                test = ast.unparse(node.test)
+                if test not in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+                    visit(node.body)
+                    visit(node.orelse)
+            elif isinstance(node, ast.Try):
+                visit(node.body)
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                tail = [node.module] if node.module else []
+                module = ".".join([*base, *tail] if node.level else tail)
+                found.add(module)
+                found.update(f"{module}.{a.name}" for a in node.names)
+
+    visit(ast.parse(path.read_text(), str(path)).body)
+    return {m for m in found if m in known and m != name}
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (module -> modules it imports), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for root, deps in graph.items():
+        if root in state:
+            continue
+        path: list[str] = [root]
+        todo: list[list[str]] = [sorted(deps)]
+        state[root] = 1
+        while todo:
+            if not todo[-1]:
+                state[path.pop()] = 2
+                todo.pop()
+                continue
+            nxt = todo[-1].pop()
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state:
+                state[nxt] = 1
+                path.append(nxt)
+                todo.append(sorted(graph[nxt]))
+    return None
+
+
+def test_cycle_finder() -> None:
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"b"}}) == ["b", "c", "b"]
+
+
+def test_no_import_cycle() -> None:
+    """Issue #11: no import cycle between modules (load-time imports; a function's own
+    lazy import is not a cycle)."""
+    known = _module_names()
+    graph = {name: _load_time_imports(path, name, known) for name, path in known.items()}
+    assert known.keys() > {"qcowlib.formats.qcow2.reader", "qcowlib.core.emit"}
+    assert "qcowlib.formats.qcow2.header" in graph["qcowlib.formats.qcow2.reader"]
+    cycle = _find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])

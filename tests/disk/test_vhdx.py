@@ -29,6 +29,7 @@ from qcowlib.formats.vhdx import codec as vhdx
 from qcowlib.formats.vhdx.output import default_block_size, write_vhdx
 from qcowlib.formats.vhdx.reader import VhdxDisk
 from tests.conftest import qemu_img, qemu_io, qemu_json, seeded_raw
+from tests.formats.vhdx_log_builder import Data, entry, make_dirty
 
 pytestmark = pytest.mark.usefixtures("qemu")
 
@@ -224,10 +225,15 @@ def both_region_tables_bad(p: Path) -> None:
     poke(p, 262144 + 100, b"x")
 
 
+def dirty_log(path: Path) -> None:
+    """One valid entry in the log, named by the headers (as after a crash)."""
+    make_dirty(path, [(0, entry(3, [Data(4 << 20, bytes(4096))], flushed=0, last=0))])
+
+
 HOSTILE: list[tuple[str, Callable[[Path], object], type[QcowlibError]]] = [
     ("bad-signature", lambda p: poke(p, 0, b"XXXXXXXX"), FormatError),
     ("bad-header-crc", both_headers_bad, CorruptImage),
-    ("log-to-replay", lambda p: header_poke(p, 48, b"\x01" * 16), UnsupportedFeature),
+    ("log-to-replay", dirty_log, UnsupportedFeature),
     ("header-version", lambda p: header_poke(p, 66, (2).to_bytes(2, "little")), UnsupportedFeature),
     ("bad-region-crc", both_region_tables_bad, CorruptImage),
     (
@@ -274,16 +280,16 @@ def test_hostile(
     assert exc.value.file == str(p)
     assert exc.value.structure is not None
     if name == "log-to-replay":
-        assert "has a log that must be replayed" in str(exc.value)
-        assert exc.value.field == "log_guid"
+        assert "contains a log that needs to be replayed" in str(exc.value)
+        assert f"qcowlib check -r all '{p}'" in str(exc.value)
 
 
-def test_log_refused_but_qemu_can_replay(tmp_path: Path) -> None:
-    """An image whose header names a log is refused, never read without the log."""
+def test_log_guid_without_entries_is_read_as_qemu_reads_it(tmp_path: Path) -> None:
+    """A log GUID with no valid entry in the log: nothing to replay, QEMU reads the
+    image as it is, and so does qcowlib."""
     p = make_vhdx(tmp_path / "log.vhdx", "dynamic")
     header_poke(p, 48, b"\x01" * 16)
-    with pytest.raises(UnsupportedFeature, match="has a log that must be replayed"):
-        VhdxDisk(HostFile(str(p)), str(p))
+    assert ours(p) == reference(p, tmp_path)
 
 
 def test_one_bad_header_falls_back(tmp_path: Path) -> None:

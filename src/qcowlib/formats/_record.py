@@ -45,9 +45,19 @@ class FixedLayout:
         self.fields = tuple(fields)
         self._struct = struct.Struct(byteorder + "".join(code for _, code in fields))
         self._names = tuple(name for name, _ in fields)
+        self._offsets: dict[str, int] = {}
+        at = 0
+        for name, code in fields:
+            self._offsets[name] = at
+            at += struct.calcsize(byteorder + code)
 
     def sizeof(self) -> int:
         return self._struct.size
+
+    def offset_of(self, name: str) -> int:
+        """Where field ``name`` starts, in bytes from the start of the record (errors
+        name it; no table of offsets kept beside the layout)."""
+        return self._offsets[name]
 
     def parse(self, data: bytes | bytearray | memoryview, offset: int = 0) -> Record:
         """The fields at the start of ``data`` (which sits at ``offset`` in the file)."""

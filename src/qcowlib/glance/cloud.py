@@ -68,12 +68,18 @@ def register_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> Clou
     an unknown auth type.
     """
     config = _openstack_config()
-    before = {id(a) for a in parser._actions}  # by identity: --os-cloud may be replaced
+    # By identity, as --os-cloud may be replaced.  The list keeps the old actions alive:
+    # an action openstacksdk removes could otherwise be freed and its id reused by a new
+    # one, whose option would then go missing from the namespace (a flaky "needs
+    # auth_url" for --os-auth-type none).
+    kept = list(parser._actions)
+    before = {id(a) for a in kept}
     try:
         config.register_argparse_arguments(parser, argv, service_keys=["image"])
     except Exception as exc:
         raise CloudConfigError(explain(exc, config, _peek_cloud(argv))) from None
     dests = tuple(dict.fromkeys(a.dest for a in parser._actions if id(a) not in before))
+    del kept
     return CloudSetup(config, dests)
 
 

@@ -10,7 +10,8 @@ Where qcowlib deliberately differs from qemu-img 7.2:
 
 * qcow2, vmdk, vdi and vhdx are checked (each format's ``check`` module says how it
   follows QEMU). Encrypted images are checked without their key (the check never
-  decrypts). A VHDX log is never replayed, so ``-r`` on one that needs it is refused.
+  decrypts). A VHDX log that needs replaying is replayed by ``-r`` (as QEMU replays it
+  when it opens the image read-write); hostile logs are refused before any write.
 * Repair punches holes where the leaked clusters it frees were, as QEMU's discard does,
   but only when the image has no other error (QEMU discards them even when they only
   look leaked because a broken table could not be followed).  It does not touch

@@ -218,6 +218,42 @@ def vhdx_info(ctx: Context) -> VhdxInfo:
     return ctx.cached("vhdx", lambda: _parse_vhdx(ctx))
 
 
+def _vhdx_log_problems(ctx: Context, header: vhdx.Header, header_at: int) -> list[Problem]:
+    """The log as QEMU's ``vhdx_parse_log`` judges it: entries to replay refuse the image
+    (QEMU will not open it read-only), a log GUID without a valid entry is only noted."""
+    from qcowlib.formats.vhdx import log as vhdx_log
+
+    present = header.log_needs_replay and header.log_length != 0
+    try:
+        vhdx_log.check_log_fields(
+            header.log_offset, header.log_length, header.log_version, header_at, present=present
+        )
+        if not present:
+            return []
+        data = ctx.read_table(header.log_offset, header.log_length)
+        data = data.ljust(header.log_length, b"\0")  # past the end of file reads zeros
+        seq = vhdx_log.find_active_sequence(data, header.log_guid, header.log_offset)
+    except QcowlibError as exc:
+        return [Problem.of(exc)]
+    if seq is None:
+        return [
+            Problem(
+                "its header names a log, but the log holds no valid entry: nothing to "
+                "replay (QEMU reads it as it is)",
+                header_at + 48,
+                fatal=False,
+            )
+        ]
+    return [
+        Problem(
+            "its log has entries that were never replayed (it was not closed cleanly), "
+            "so its metadata may be stale and it cannot be read safely; replay the log "
+            "with `qcowlib check -r all FILE` (or `qemu-img check -r all`, or Hyper-V)",
+            header.log_offset + seq.start,
+        )
+    ]
+
+
 def _parse_vhdx(ctx: Context) -> VhdxInfo:
     from qcowlib.formats.vhdx import codec as vhdx
 
@@ -232,15 +268,7 @@ def _parse_vhdx(ctx: Context) -> VhdxInfo:
         except FormatError:
             pass  # no header there at all: current_header says what that means
     header, header_at = vhdx.current_header(area)
-    if header.log_needs_replay:
-        problems.append(
-            Problem(
-                "its log has entries that were never replayed (it was not closed cleanly), "
-                "so its metadata may be stale and it cannot be read safely; replay the log "
-                "by opening it read-write once (`qemu-img check -r all`, or Hyper-V)",
-                header_at + 48,
-            )
-        )
+    problems += _vhdx_log_problems(ctx, header, header_at)
     regions, table_at = _vhdx_regions(area, problems)
     problems += map(Problem.of, vhdx.region_problems(regions, ctx.size, table_at))
     found = {r.guid: r for r in regions}

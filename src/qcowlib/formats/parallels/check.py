@@ -77,7 +77,7 @@ def _check_pass(host: HostFile, h: prl.ParallelsHeader, unclean: bool, fix: int)
             res.corruptions_fixed += 1
     res.total_clusters = h.bat_entries
     raw = host.pread_exact(prl.HEADER_SIZE, h.bat_bytes, "parallels bat")
-    bat = prl.decode_bat(raw, h).copy()
+    bat = prl.decode_bat(raw, h.bat_entries, prl.HEADER_SIZE).copy()
     offsets = prl.bat_offsets(h, bat)
     outside = np.flatnonzero(offsets > size)
     for i in outside.tolist():
@@ -116,7 +116,7 @@ def _data_end(host: HostFile, h: prl.ParallelsHeader) -> int:
 
     end = h.data_off or -(-(prl.HEADER_SIZE + h.bat_bytes) // prl.SECTOR)
     raw = host.pread_exact(prl.HEADER_SIZE, h.bat_bytes, "parallels bat")
-    sectors = prl.bat_offsets(h, prl.decode_bat(raw, h)) // prl.SECTOR
+    sectors = prl.bat_offsets(h, prl.decode_bat(raw, h.bat_entries, prl.HEADER_SIZE)) // prl.SECTOR
     if sectors.size:
         last = int(sectors.max())
         if last >= end:

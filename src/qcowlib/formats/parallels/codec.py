@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Final, NamedTuple
 from qcowlib.errors import (
     CorruptImage,
     FormatError,
-    QcowlibError,
     TruncatedImage,
     UnsupportedFeature,
 )
+from qcowlib.formats._clustercodec import bad_entry, decode_entries, field_error
 from qcowlib.formats._record import FixedLayout
 
 if TYPE_CHECKING:
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
     U32 = npt.NDArray[np.uint32]
-    U8 = npt.NDArray[np.uint8]
     I64 = npt.NDArray[np.int64]
 
 __all__ = [
@@ -52,6 +51,7 @@ __all__ = [
     "ParallelsBitmap",
     "ParallelsHeader",
     "bat_offsets",
+    "classify_bat",
     "decode_bat",
     "parse_extension",
     "parse_header",
@@ -63,6 +63,8 @@ HEADER_VERSION: Final = 2
 #: ``inuse`` while an image is open read-write (QEMU refuses to open it read-write).
 HEADER_INUSE_MAGIC: Final = 0x746F6E59
 SECTOR: Final = 512
+#: BAT entries: little-endian u32.
+BAT_ENTRY: Final = "<u4"
 #: QEMU: ``tracks > INT32_MAX / 513`` is "Too big cluster".
 MAX_TRACKS: Final = 0x7FFFFFFF // 513
 #: QEMU: ``bat_entries > INT_MAX / 4`` is "Catalog too large".
@@ -93,15 +95,6 @@ HEADER: Final = FixedLayout(
     ],
 )
 HEADER_SIZE: Final = HEADER.sizeof()
-_AT: Final = {
-    "magic": 0,
-    "version": 16,
-    "tracks": 28,
-    "bat_entries": 32,
-    "nb_sectors": 36,
-    "inuse": 44,
-    "ext_off": 56,
-}
 _FEATURE = struct.Struct("<QQII")
 _BITMAP = struct.Struct("<Q16sII")
 
@@ -150,10 +143,6 @@ class ParallelsHeader(NamedTuple):
         return self.inuse == HEADER_INUSE_MAGIC
 
 
-def _field_error(cls: type[QcowlibError], message: str, field: str) -> QcowlibError:
-    return cls(message, structure="parallels header", field=field, offset=_AT.get(field))
-
-
 def parse_header(data: bytes | bytearray | memoryview, file_size: int) -> ParallelsHeader:
     """Parse and check a Parallels header as QEMU's ``parallels_open`` does.
 
@@ -164,7 +153,7 @@ def parse_header(data: bytes | bytearray | memoryview, file_size: int) -> Parall
     rec = HEADER.parse(data)
     if rec.version != HEADER_VERSION or rec.magic not in (HEADER_MAGIC, HEADER_MAGIC2):
         field = "version" if rec.magic in (HEADER_MAGIC, HEADER_MAGIC2) else "magic"
-        raise _field_error(FormatError, "image not in Parallels format", field)
+        raise field_error(HEADER, FormatError, "image not in Parallels format", field)
     h = ParallelsHeader(
         magic=rec.magic,
         heads=rec.heads,
@@ -178,47 +167,27 @@ def parse_header(data: bytes | bytearray | memoryview, file_size: int) -> Parall
         ext_off=rec.ext_off,
     )
     if h.tracks == 0:
-        raise _field_error(CorruptImage, "invalid image: zero sectors per track", "tracks")
+        raise field_error(HEADER, CorruptImage, "invalid image: zero sectors per track", "tracks")
     if h.tracks > MAX_TRACKS:
-        raise _field_error(CorruptImage, "invalid image: too big cluster", "tracks")
+        raise field_error(HEADER, CorruptImage, "invalid image: too big cluster", "tracks")
     if h.bat_entries > MAX_BAT_ENTRIES:
-        raise _field_error(CorruptImage, "catalog too large", "bat_entries")
+        raise field_error(HEADER, CorruptImage, "catalog too large", "bat_entries")
     if h.total_sectors > MAX_SECTORS:
-        raise _field_error(CorruptImage, "image too large", "nb_sectors")
+        raise field_error(HEADER, CorruptImage, "image too large", "nb_sectors")
     if HEADER_SIZE + h.bat_bytes > file_size:
         raise TruncatedImage(
             f"Parallels BAT ({h.bat_entries} entries) extends past the end of the file",
             structure="parallels header",
             field="bat_entries",
-            offset=_AT["bat_entries"],
+            offset=HEADER.offset_of("bat_entries"),
         )
     return h
 
 
-def decode_bat(raw: bytes | bytearray | memoryview, h: ParallelsHeader) -> U32:
-    """The BAT as native ``uint32`` entries."""
-    import numpy as np
-
-    if len(raw) < h.bat_bytes:
-        raise TruncatedImage(
-            f"Parallels BAT is truncated ({len(raw)} of {h.bat_bytes} bytes)",
-            structure="parallels bat",
-            offset=HEADER_SIZE,
-        )
-    return np.frombuffer(raw, dtype=np.dtype("<u4"), count=h.bat_entries).astype(np.uint32)
-
-
-def decode_bat_range(raw: bytes | bytearray | memoryview, count: int, offset: int) -> U32:
-    """``count`` BAT entries from ``raw`` (read from file offset ``offset``)."""
-    import numpy as np
-
-    if len(raw) < count * 4:
-        raise TruncatedImage(
-            f"Parallels BAT is truncated ({len(raw)} of {count * 4} bytes)",
-            structure="parallels bat",
-            offset=offset,
-        )
-    return np.frombuffer(raw, dtype=np.dtype("<u4"), count=count).astype(np.uint32)
+def decode_bat(raw: bytes | bytearray | memoryview, count: int, offset: int) -> U32:
+    """``count`` BAT entries from ``raw`` (read from file offset ``offset``) as native
+    ``uint32``.  Raises :class:`TruncatedImage`."""
+    return decode_entries(raw, count, BAT_ENTRY, "parallels bat", offset)
 
 
 def bat_offsets(h: ParallelsHeader, bat: U32) -> npt.NDArray[np.int64]:
@@ -228,30 +197,29 @@ def bat_offsets(h: ParallelsHeader, bat: U32) -> npt.NDArray[np.int64]:
     return bat.astype(np.int64) * (h.off_multiplier * SECTOR)
 
 
-def classify_bat(h: ParallelsHeader, bat: U32, file_size: int, first: int = 0) -> tuple[U8, I64]:
-    """Cluster kinds (``RUN_*``) and host offsets of BAT entries (from entry ``first``).
+def classify_bat(h: ParallelsHeader, bat: U32, file_size: int, first: int = 0) -> tuple[I64, I64]:
+    """Cluster numbers and host offsets of the allocated clusters among BAT entries
+    ``[first, first + len(bat))`` (a sparse cluster map: the others are unallocated).
 
     Raises :class:`CorruptImage` for a cluster that starts past the end of the file
     (QEMU's check: "cluster is outside image"; QEMU reads zeros there), naming it.
     """
     import numpy as np
 
-    from qcowlib.core.disk import RUN_DATA, RUN_UNALLOCATED
-
     offsets = bat_offsets(h, bat)
-    bad = np.flatnonzero(offsets > file_size)
-    if bad.size:
-        j = int(bad[0])
-        i = first + j
-        raise CorruptImage(
-            f"Parallels cluster {i} (at {int(offsets[j]):#x}) is outside the image",
-            structure="parallels bat",
-            field=f"entry[{i}]",
-            offset=HEADER_SIZE + 4 * i,
-        )
-    data = offsets != 0
-    kind = np.where(data, RUN_DATA, RUN_UNALLOCATED).astype(np.uint8)
-    return kind, np.where(data, offsets, -1).astype(np.int64)
+    error = bad_entry(
+        offsets > file_size,
+        offsets,
+        HEADER_SIZE + 4 * first,
+        "parallels bat",
+        "Parallels cluster {i} (at {v:#x}) is outside the image",
+        width=4,
+        first=first,
+    )
+    if error is not None:
+        raise error
+    present = np.flatnonzero(offsets)
+    return present.astype(np.int64) + first, offsets[present]
 
 
 class ParallelsBitmap(NamedTuple):

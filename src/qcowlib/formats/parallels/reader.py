@@ -14,26 +14,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from qcowlib.core.disk import RUN_DATA
 from qcowlib.core.hostfile import HostFile
-from qcowlib.errors import QcowlibError, TruncatedImage
-from qcowlib.formats._clustermap import MAX_CHUNK_CLUSTERS, ClusterMap, ClusterMapDisk
+from qcowlib.errors import QcowlibError
+from qcowlib.formats._clustermap import MAX_MAP_CLUSTERS, ClusterMap, ClusterMapDisk
+from qcowlib.formats._clustermap import read_header as _read_header
 from qcowlib.formats.parallels import codec as prl
 
 if TYPE_CHECKING:
     from qcowlib.core.chain import BackingPolicy
-    from qcowlib.formats.parallels.codec import I64, U8
 
 
 def read_header(host: HostFile) -> prl.ParallelsHeader:
     """The checked header of a Parallels file."""
-    if host.size < prl.HEADER_SIZE:
-        raise TruncatedImage(
-            "Parallels header is truncated", file=host.path, structure="parallels header"
-        )
-    try:
-        return prl.parse_header(host.pread(0, prl.HEADER_SIZE), host.size)
-    except QcowlibError as exc:
-        raise exc.with_file(host.path) from None
+    return _read_header(host, prl.HEADER_SIZE, prl.parse_header, "Parallels", prl.HEADER.what)
 
 
 def read_extension(host: HostFile, h: prl.ParallelsHeader) -> tuple[prl.ParallelsBitmap, ...]:
@@ -69,33 +63,25 @@ class ParallelsDisk(ClusterMapDisk):
     def info_tail(self) -> dict[str, Any]:
         return {}
 
-    def _bat_map(self, first: int, end: int) -> tuple[U8, I64]:
-        """Kinds and host offsets of BAT entries ``[first, end)``, read from the file
-        (a chunk at a time: QEMU allows a 2 GiB BAT)."""
+    def _cluster_map(self, first: int, end: int) -> ClusterMap:
+        """BAT entries ``[first, end)`` (at most :data:`MAX_MAP_CLUSTERS`), read from the
+        file: QEMU allows a 2 GiB BAT, and checks only the entries a read touches.  Past
+        the BAT the disk is not allocated (QEMU ``seek_to_sector``)."""
+        import numpy as np
+
         h = self.header
-        at = prl.HEADER_SIZE + 4 * first
-        raw = self.host.pread_exact(at, 4 * (end - first), "parallels bat")
+        if first >= h.bat_entries:
+            return ClusterMap.unallocated(first, end)
+        lo, hi = first, min(h.bat_entries, end, first + MAX_MAP_CLUSTERS)
+        at = prl.HEADER_SIZE + 4 * lo
+        raw = self.host.pread_exact(at, 4 * (hi - lo), "parallels bat")
         try:
-            bat = prl.decode_bat_range(raw, end - first, at)
-            return prl.classify_bat(h, bat, self.host.size, first)
+            bat = prl.decode_bat(raw, hi - lo, at)
+            index, host = prl.classify_bat(h, bat, self.host.size, lo)
         except QcowlibError as exc:
             raise exc.with_file(self.filename) from None
-
-    def _chunk_end(self, first: int, end: int) -> int:
-        n = self.header.bat_entries
-        if first >= n:
-            return end  # past the BAT: one unallocated run
-        return min(end, n, first + MAX_CHUNK_CLUSTERS)
-
-    def _cluster_map(self, first: int, end: int) -> ClusterMap:
-        if first >= self.header.bat_entries:
-            # Past the BAT the disk is not allocated (QEMU ``seek_to_sector``).
-            return ClusterMap.unallocated(first, end - first)
-        kind, host = self._bat_map(first, end)
-        return ClusterMap(first, kind, host)
-
-    def runs_data_file(self) -> HostFile | None:
-        return self.host
+        kind = np.full(index.size, RUN_DATA, dtype=np.uint8)
+        return ClusterMap(lo, hi, index, kind, host)
 
 
 def open_image(host: HostFile, path: str, policy: BackingPolicy) -> ParallelsDisk:

@@ -23,14 +23,20 @@ data cluster, or, with bit 63 set, a compressed cluster: its offset in the low
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final, NamedTuple
 
 from qcowlib.errors import (
     CorruptImage,
     FormatError,
-    QcowlibError,
     TruncatedImage,
     UnsupportedFeature,
+)
+from qcowlib.formats._clustercodec import (
+    bad_entry,
+    decode_backing_name,
+    decode_entries,
+    field_error,
 )
 from qcowlib.formats._record import FixedLayout
 
@@ -50,6 +56,7 @@ __all__ = [
     "QCOW_OFLAG_COMPRESSED",
     "QcowHeader",
     "classify_l2",
+    "decode_backing_name",
     "decode_table",
     "decompress",
     "parse_header",
@@ -64,6 +71,8 @@ QCOW_OFLAG_COMPRESSED: Final = 1 << 63
 QCOW_MAX_BACKING_NAME: Final = 1023
 #: QEMU: the L1 table must fit ``INT_MAX`` bytes.
 QCOW_MAX_L1_BYTES: Final = 0x7FFFFFFF
+#: Table entries: big-endian u64.
+TABLE_ENTRY: Final = ">u8"
 _UINT64_MAX: Final = (1 << 64) - 1
 SECTOR: Final = 512
 
@@ -85,17 +94,6 @@ HEADER: Final = FixedLayout(
     ],
 )
 HEADER_SIZE: Final = HEADER.sizeof()
-_AT: Final = {
-    "magic": 0,
-    "version": 4,
-    "backing_file_offset": 8,
-    "backing_file_size": 16,
-    "size": 24,
-    "cluster_bits": 32,
-    "l2_bits": 33,
-    "crypt_method": 36,
-    "l1_table_offset": 40,
-}
 
 
 class QcowHeader(NamedTuple):
@@ -139,10 +137,6 @@ class QcowHeader(NamedTuple):
         return self.backing_file_offset != 0
 
 
-def _field_error(cls: type[QcowlibError], message: str, field: str) -> QcowlibError:
-    return cls(message, structure="qcow header", field=field, offset=_AT.get(field))
-
-
 def parse_header(data: bytes | bytearray | memoryview, file_size: int) -> QcowHeader:
     """Parse and check a qcow v1 header as QEMU's ``qcow_open`` does.
 
@@ -154,23 +148,30 @@ def parse_header(data: bytes | bytearray | memoryview, file_size: int) -> QcowHe
     """
     rec = HEADER.parse(data)
     if rec.magic != QCOW_MAGIC:
-        raise _field_error(FormatError, "image not in qcow format", "magic")
+        raise field_error(HEADER, FormatError, "image not in qcow format", "magic")
     if rec.version != QCOW_VERSION:
-        raise _field_error(
+        raise field_error(
+            HEADER,
             UnsupportedFeature,
             f"qcow (v1) does not support qcow version {rec.version}",
             "version",
         )
     if rec.size <= 1:
-        raise _field_error(
-            CorruptImage, "image size is too small (must be at least 2 bytes)", "size"
+        raise field_error(
+            HEADER, CorruptImage, "image size is too small (must be at least 2 bytes)", "size"
         )
     if not 9 <= rec.cluster_bits <= 16:
-        raise _field_error(CorruptImage, "cluster size must be between 512 and 64k", "cluster_bits")
+        raise field_error(
+            HEADER, CorruptImage, "cluster size must be between 512 and 64k", "cluster_bits"
+        )
     if not 9 - 3 <= rec.l2_bits <= 16 - 3:
-        raise _field_error(CorruptImage, "L2 table size must be between 512 and 64k", "l2_bits")
+        raise field_error(
+            HEADER, CorruptImage, "L2 table size must be between 512 and 64k", "l2_bits"
+        )
     if rec.crypt_method not in (QCOW_CRYPT_NONE, QCOW_CRYPT_AES):
-        raise _field_error(CorruptImage, "invalid encryption method in qcow header", "crypt_method")
+        raise field_error(
+            HEADER, CorruptImage, "invalid encryption method in qcow header", "crypt_method"
+        )
     h = QcowHeader(
         backing_file_offset=rec.backing_file_offset,
         backing_file_size=rec.backing_file_size,
@@ -183,40 +184,32 @@ def parse_header(data: bytes | bytearray | memoryview, file_size: int) -> QcowHe
     )
     shift = h.cluster_bits + h.l2_bits
     if h.size > _UINT64_MAX - (1 << shift) or h.l1_size * 8 > QCOW_MAX_L1_BYTES:
-        raise _field_error(CorruptImage, "image too large", "size")
+        raise field_error(HEADER, CorruptImage, "image too large", "size")
     if h.l1_table_offset + h.l1_size * 8 > file_size:
         raise TruncatedImage(
             f"qcow L1 table ({h.l1_size} entries at {h.l1_table_offset:#x}) extends past the "
             "end of the file",
             structure="qcow header",
             field="l1_table_offset",
-            offset=_AT["l1_table_offset"],
+            offset=HEADER.offset_of("l1_table_offset"),
         )
     if h.has_backing_file and h.backing_file_size > QCOW_MAX_BACKING_NAME:
-        raise _field_error(CorruptImage, "backing file name too long", "backing_file_size")
+        raise field_error(HEADER, CorruptImage, "backing file name too long", "backing_file_size")
     return h
 
 
-def decode_backing_name(raw: bytes) -> str:
-    """The backing file name from its bytes (QEMU keeps it up to a NUL, if any)."""
-    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-
-
 def decode_table(raw: bytes | bytearray | memoryview, entries: int, offset: int) -> U64:
-    """``entries`` big-endian u64 entries as native ``uint64``."""
-    import numpy as np
-
-    if len(raw) < entries * 8:
-        raise TruncatedImage(
-            f"qcow table is truncated ({len(raw)} of {entries * 8} bytes)",
-            structure="qcow table",
-            offset=offset,
-        )
-    return np.frombuffer(raw, dtype=np.dtype(">u8"), count=entries).astype(np.uint64)
+    """``entries`` table entries (an L1 table, or L2 tables one after another) as
+    native ``uint64``.  Raises :class:`TruncatedImage`."""
+    return decode_entries(raw, entries, TABLE_ENTRY, "qcow table", offset)
 
 
-def classify_l2(h: QcowHeader, l2: U64, l2_offset: int, file_size: int) -> tuple[U8, I64, I64]:
-    """Kinds (``RUN_*``), host offsets and compressed sizes of an L2 table's entries.
+def classify_l2(
+    h: QcowHeader, l2: U64, l2_offset: int | Sequence[int], file_size: int
+) -> tuple[U8, I64, I64]:
+    """Kinds (``RUN_*``), host offsets and compressed sizes of L2 table entries: one
+    table read from ``l2_offset``, or the rows of a 2-D array, each read from its offset
+    in ``l2_offset``.
 
     Raises :class:`CorruptImage` for a data cluster that is not 512-aligned (QEMU fails
     the read) or that starts past the end of the file, and for a compressed cluster
@@ -232,18 +225,16 @@ def classify_l2(h: QcowHeader, l2: U64, l2_offset: int, file_size: int) -> tuple
     coffset = l2 & np.uint64(h.cluster_offset_mask)
     csize = (l2 >> shift) & np.uint64(h.cluster_size - 1)
     host = np.where(compressed, coffset, l2)
-    bad = np.flatnonzero(
+    error = bad_entry(
         (data & ((l2 & np.uint64(SECTOR - 1)) != 0))
-        | ((data | compressed) & (host >= np.uint64(file_size)))
+        | ((data | compressed) & (host >= np.uint64(file_size))),
+        l2,
+        l2_offset,
+        "qcow l2 table",
+        "qcow L2 entry {i} ({v:#x}) points outside the file or is misaligned",
     )
-    if bad.size:
-        i = int(bad[0])
-        raise CorruptImage(
-            f"qcow L2 entry {i} ({int(l2[i]):#x}) points outside the file or is misaligned",
-            structure="qcow l2 table",
-            field=f"entry[{i}]",
-            offset=l2_offset + 8 * i,
-        )
+    if error is not None:
+        raise error
     kind = np.where(data, RUN_DATA, np.where(compressed, RUN_COMPRESSED, RUN_UNALLOCATED))
     host_i = np.where(data | compressed, host.astype(np.int64), -1).astype(np.int64)
     clen = np.where(compressed, csize.astype(np.int64), 0).astype(np.int64)

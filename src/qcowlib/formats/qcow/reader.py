@@ -10,22 +10,26 @@ that says so.  A backing file is named in the header, without a format: it is pr
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from qcowlib.core.disk import Extent, ExtentKind, full_backing_filename
 from qcowlib.core.hostfile import HostFile
 from qcowlib.core.qdict import qdict_order
 from qcowlib.errors import QcowlibError, TruncatedImage, UnsupportedFeature
-from qcowlib.formats._clustermap import ClusterMap, ClusterMapDisk
+from qcowlib.formats._clustermap import (
+    MAX_MAP_CLUSTERS,
+    ClusterMap,
+    ClusterMapDisk,
+    read_backing_name,
+    read_tables,
+)
+from qcowlib.formats._clustermap import read_header as _read_header
 from qcowlib.formats.qcow import codec as qcow
 
 if TYPE_CHECKING:
     from qcowlib.core.chain import BackingPolicy
-    from qcowlib.formats.qcow.codec import I64, U8, U64
+    from qcowlib.formats.qcow.codec import U64
 
-#: L2 tables kept decoded per image.
-L2_CACHE_ENTRIES = 256
 #: The L1 table is read in pieces of this many entries (QEMU allows 2 GiB of L1 table;
 #: a map or read only ever needs the piece it is in), at most this many pieces kept.
 L1_PIECE_ENTRIES = 1 << 16
@@ -34,16 +38,10 @@ L1_PIECES_KEPT = 64
 
 def read_header(host: HostFile) -> tuple[qcow.QcowHeader, str | None]:
     """The checked header of a qcow v1 file and its backing file name (if any)."""
-    if host.size < qcow.HEADER_SIZE:
-        raise TruncatedImage("qcow header is truncated", file=host.path, structure="qcow header")
-    try:
-        header = qcow.parse_header(host.pread(0, qcow.HEADER_SIZE), host.size)
-    except QcowlibError as exc:
-        raise exc.with_file(host.path) from None
+    header = _read_header(host, qcow.HEADER_SIZE, qcow.parse_header, "qcow", qcow.HEADER.what)
     name = None
     if header.has_backing_file:
-        raw = host.pread(header.backing_file_offset, header.backing_file_size)
-        name = qcow.decode_backing_name(raw)
+        name = read_backing_name(host, header.backing_file_offset, header.backing_file_size)
     return header, name
 
 
@@ -63,7 +61,6 @@ class QcowDisk(ClusterMapDisk):
         self.virtual_size = self.header.virtual_size
         self.cluster_size = self.header.cluster_size
         self._l1: dict[int, U64] = {}
-        self._l2: dict[int, tuple[U8, I64, I64]] = {}
         self._lock = threading.Lock()
         self._cluster: tuple[int, bytes] | None = None
         #: AES-CBC (crypt_method 1): ``info`` shows it, as qemu-img does; data needs a key
@@ -89,7 +86,7 @@ class QcowDisk(ClusterMapDisk):
         info["dirty-flag"] = False
         return qdict_order(info)
 
-    def _runs(self, start: int, end: int) -> Iterator[Extent]:
+    def _check_readable(self) -> None:
         if self.encrypted:
             raise UnsupportedFeature(
                 "Parameter 'encrypt.key-secret' is required for cipher: this qcow image is "
@@ -97,13 +94,11 @@ class QcowDisk(ClusterMapDisk):
                 "qemu-img convert --object secret,... --image-opts can",
                 file=self.filename,
             )
-        return super()._runs(start, end)
 
     # -- tables -------------------------------------------------------------------------
-    def l1_entry(self, index: int) -> int:
-        """L1 entry ``index`` (its piece of the table is read on first use; the table
-        lies inside the file: checked on open)."""
-        piece, at = divmod(index, L1_PIECE_ENTRIES)
+    def l1_piece(self, piece: int) -> U64:
+        """Entries ``[piece * L1_PIECE_ENTRIES, ...)`` of the L1 table (read on first
+        use; the table lies inside the file: checked on open)."""
         with self._lock:
             entries = self._l1.get(piece)
         if entries is None:
@@ -117,45 +112,58 @@ class QcowDisk(ClusterMapDisk):
                 if len(self._l1) >= L1_PIECES_KEPT:
                     self._l1.clear()
                 self._l1[piece] = entries
-        return int(entries[at])
-
-    def _l2_map(self, index: int) -> tuple[U8, I64, I64] | None:
-        l2_offset = self.l1_entry(index)
-        if l2_offset == 0:
-            return None
-        with self._lock:
-            cached = self._l2.get(l2_offset)
-        if cached is not None:
-            return cached
-        h = self.header
-        try:
-            raw = self.host.pread_exact(l2_offset, h.l2_size * 8, "qcow l2 table")
-            l2 = qcow.decode_table(raw, h.l2_size, l2_offset)
-            decoded = qcow.classify_l2(h, l2, l2_offset, self.host.size)
-        except QcowlibError as exc:
-            if exc.field is None:
-                exc.structure, exc.field = "qcow l1 table", f"entry[{index}]"
-                exc.offset = h.l1_table_offset + 8 * index
-            raise exc.with_file(self.filename) from None
-        with self._lock:
-            if len(self._l2) >= L2_CACHE_ENTRIES:
-                self._l2.clear()
-            self._l2[l2_offset] = decoded
-        return decoded
-
-    def _chunk_end(self, first: int, end: int) -> int:
-        n = self.header.l2_size
-        return min(end, (first // n + 1) * n)
+        return entries
 
     def _cluster_map(self, first: int, end: int) -> ClusterMap:
-        n = self.header.l2_size
-        index, lo = divmod(first, n)
-        hi = lo + (end - first)
-        decoded = self._l2_map(index)
-        if decoded is None:
-            return ClusterMap.unallocated(first, end - first)
-        kind, host, clen = decoded
-        return ClusterMap(first, kind[lo:hi], host[lo:hi], clen[lo:hi])
+        """Every L2 table from the one that maps cluster ``first`` to the one that maps
+        cluster ``end - 1`` (within one piece of the L1 table, at most about
+        :data:`MAX_MAP_CLUSTERS` clusters), decoded together; tables the L1 table does
+        not point at are left out (unallocated)."""
+        import numpy as np
+
+        h = self.header
+        bits, n = h.l2_bits, h.l2_size
+        t0 = first >> bits
+        piece, at = divmod(t0, L1_PIECE_ENTRIES)
+        if t0 >= h.l1_size:  # pragma: no cover - the L1 table covers the disk
+            return ClusterMap.unallocated(first, end)
+        l1 = self.l1_piece(piece)
+        t1 = min((end - 1) >> bits, t0 + max(1, MAX_MAP_CLUSTERS >> bits) - 1)
+        t1 = min(t1, piece * L1_PIECE_ENTRIES + l1.size - 1)
+        l1 = l1[at : at + t1 - t0 + 1]
+        present = np.flatnonzero(l1)
+        offsets = l1[present]
+        table_bytes = n * 8
+        last = self.host.size - table_bytes  # the last offset a table fits at
+        bad = np.flatnonzero(offsets > np.uint64(last)) if last >= 0 else np.arange(offsets.size)
+        if bad.size:
+            index = t0 + int(present[bad[0]])
+            raise TruncatedImage(
+                f"qcow L2 table at {int(offsets[bad[0]]):#x} ({table_bytes} bytes) is past "
+                "the end of the file",
+                file=self.filename,
+                structure="qcow l1 table",
+                field=f"entry[{index}]",
+                offset=h.l1_table_offset + 8 * index,
+            )
+        tables = offsets.astype(np.int64).tolist()
+        raw = read_tables(self.host, tables, table_bytes, "qcow l2 table")
+        try:
+            l2 = qcow.decode_table(raw, len(tables) * n, tables[0] if tables else 0)
+            kind, host, clen = qcow.classify_l2(
+                h, l2.reshape(len(tables), n), tables, self.host.size
+            )
+        except QcowlibError as exc:
+            raise exc.with_file(self.filename) from None
+        clusters = ((present + t0) << bits)[:, None] + np.arange(n, dtype=np.int64)
+        return ClusterMap(
+            t0 << bits,
+            (t1 + 1) << bits,
+            clusters.reshape(-1),
+            kind.reshape(-1),
+            host.reshape(-1),
+            clen.reshape(-1),
+        )
 
     # -- reads --------------------------------------------------------------------------
     def _read_layer(self, ext: Extent, buf: memoryview) -> None:
@@ -181,9 +189,6 @@ class QcowDisk(ClusterMapDisk):
         with self._lock:
             self._cluster = (offset, data)
         return data
-
-    def runs_data_file(self) -> HostFile | None:
-        return self.host
 
 
 def open_image(host: HostFile, path: str, policy: BackingPolicy) -> QcowDisk:

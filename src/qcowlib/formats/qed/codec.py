@@ -22,14 +22,19 @@ cluster.  Data is never compressed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final, NamedTuple
 
 from qcowlib.errors import (
     CorruptImage,
     FormatError,
-    QcowlibError,
-    TruncatedImage,
     UnsupportedFeature,
+)
+from qcowlib.formats._clustercodec import (
+    bad_entry,
+    decode_backing_name,
+    decode_entries,
+    field_error,
 )
 from qcowlib.formats._record import FixedLayout
 
@@ -51,6 +56,7 @@ __all__ = [
     "check_cluster_offset",
     "check_table_offset",
     "classify_l2",
+    "decode_backing_name",
     "decode_table",
     "max_image_size",
     "parse_header",
@@ -79,6 +85,8 @@ QED_MAX_TABLE_BYTES: Final = 256 << 20
 #: L2 entry of a zero cluster (QEMU ``qed_offset_is_zero_cluster``).
 QED_ZERO_CLUSTER: Final = 1
 SECTOR: Final = 512
+#: Table entries: little-endian u64 file offsets.
+TABLE_ENTRY: Final = "<u8"
 _UINT32_MAX: Final = 0xFFFFFFFF
 _UINT64_MASK: Final = (1 << 64) - 1
 
@@ -100,17 +108,6 @@ HEADER: Final = FixedLayout(
     ],
 )
 HEADER_SIZE: Final = HEADER.sizeof()
-_AT: Final = {
-    "magic": 0,
-    "cluster_size": 4,
-    "table_size": 8,
-    "header_size": 12,
-    "features": 16,
-    "l1_table_offset": 40,
-    "image_size": 48,
-    "backing_filename_offset": 56,
-    "backing_filename_size": 60,
-}
 
 
 class QedHeader(NamedTuple):
@@ -156,10 +153,6 @@ class QedHeader(NamedTuple):
         return self.has_backing_file and bool(self.features & QED_F_BACKING_FORMAT_NO_PROBE)
 
 
-def _field_error(cls: type[QcowlibError], message: str, field: str) -> QcowlibError:
-    return cls(message, structure="qed header", field=field, offset=_AT.get(field))
-
-
 def max_image_size(cluster_size: int, table_size: int) -> int:
     """The largest image a geometry addresses (QEMU ``qed_max_image_size``)."""
     entries = table_size * cluster_size // 8
@@ -199,25 +192,28 @@ def parse_header(data: bytes | bytearray | memoryview, file_size: int) -> QedHea
     """
     rec = HEADER.parse(data)
     if rec.magic != QED_MAGIC:
-        raise _field_error(FormatError, "image not in QED format", "magic")
+        raise field_error(HEADER, FormatError, "image not in QED format", "magic")
     unknown = rec.features & ~QED_FEATURE_MASK
     if unknown:
-        raise _field_error(UnsupportedFeature, f"unsupported QED features: {unknown:x}", "features")
+        raise field_error(
+            HEADER, UnsupportedFeature, f"unsupported QED features: {unknown:x}", "features"
+        )
     cs = rec.cluster_size
     if not _power_of_two_in(cs, QED_MIN_CLUSTER_SIZE, QED_MAX_CLUSTER_SIZE):
-        raise _field_error(CorruptImage, f"QED cluster size {cs} is invalid", "cluster_size")
+        raise field_error(HEADER, CorruptImage, f"QED cluster size {cs} is invalid", "cluster_size")
     ts = rec.table_size
     if not _power_of_two_in(ts, QED_MIN_TABLE_SIZE, QED_MAX_TABLE_SIZE):
-        raise _field_error(CorruptImage, f"QED table size {ts} is invalid", "table_size")
+        raise field_error(HEADER, CorruptImage, f"QED table size {ts} is invalid", "table_size")
     if cs * ts > QED_MAX_TABLE_BYTES:
-        raise _field_error(
+        raise field_error(
+            HEADER,
             UnsupportedFeature,
             f"QED tables of {cs * ts} bytes are larger than qcowlib reads ({QED_MAX_TABLE_BYTES})",
             "table_size",
         )
     if rec.image_size % SECTOR or rec.image_size > max_image_size(cs, ts):
-        raise _field_error(
-            CorruptImage, f"QED image size {rec.image_size} is invalid", "image_size"
+        raise field_error(
+            HEADER, CorruptImage, f"QED image size {rec.image_size} is invalid", "image_size"
         )
     h = QedHeader(
         cluster_size=cs,
@@ -233,14 +229,15 @@ def parse_header(data: bytes | bytearray | memoryview, file_size: int) -> QedHea
         file_size=file_size & ~(cs - 1),
     )
     if not check_table_offset(h, h.l1_table_offset):
-        raise _field_error(
+        raise field_error(
+            HEADER,
             CorruptImage,
             f"QED L1 table offset {h.l1_table_offset:#x} is invalid (misaligned, inside the "
             "header or past the end of the file)",
             "l1_table_offset",
         )
     if h.header_size > _UINT32_MAX // cs:
-        raise _field_error(CorruptImage, "QED header size is too large", "header_size")
+        raise field_error(HEADER, CorruptImage, "QED header size is too large", "header_size")
     if h.has_backing_file:
         _check_backing_name(h)
     return h
@@ -248,34 +245,27 @@ def parse_header(data: bytes | bytearray | memoryview, file_size: int) -> QedHea
 
 def _check_backing_name(h: QedHeader) -> None:
     if h.backing_filename_offset + h.backing_filename_size > h.cluster_size * h.header_size:
-        raise _field_error(
-            CorruptImage, "QED backing filename offset is invalid", "backing_filename_offset"
+        raise field_error(
+            HEADER,
+            CorruptImage,
+            "QED backing filename offset is invalid",
+            "backing_filename_offset",
         )
     if h.backing_filename_size > QED_MAX_BACKING_NAME:
-        raise _field_error(
+        raise field_error(
+            HEADER,
             CorruptImage,
             f"QED backing file name is too long ({h.backing_filename_size} bytes)",
             "backing_filename_size",
         )
 
 
-def decode_backing_name(raw: bytes) -> str:
-    """The backing file name from its bytes (QEMU keeps it up to a NUL, if any)."""
-    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-
-
-def decode_table(raw: bytes | bytearray | memoryview, h: QedHeader, offset: int) -> U64:
-    """A table's entries as native ``uint64``; ``offset`` is where it is in the file."""
-    import numpy as np
-
-    n = h.table_nelems
-    if len(raw) < n * 8:
-        raise TruncatedImage(
-            f"QED table is truncated ({len(raw)} of {n * 8} bytes)",
-            structure="qed table",
-            offset=offset,
-        )
-    return np.frombuffer(raw, dtype=np.dtype("<u8"), count=n).astype(np.uint64)
+def decode_table(
+    raw: bytes | bytearray | memoryview, h: QedHeader, offset: int, tables: int = 1
+) -> U64:
+    """A table's entries (or ``tables`` tables' one after another) as native ``uint64``;
+    ``offset`` is where the first is in the file.  Raises :class:`TruncatedImage`."""
+    return decode_entries(raw, tables * h.table_nelems, TABLE_ENTRY, "qed table", offset)
 
 
 def valid_cluster_offsets(h: QedHeader, entries: U64) -> npt.NDArray[np.bool_]:
@@ -288,8 +278,21 @@ def valid_cluster_offsets(h: QedHeader, entries: U64) -> npt.NDArray[np.bool_]:
     return valid
 
 
-def classify_l2(h: QedHeader, l2: U64, l2_offset: int) -> tuple[U8, I64]:
-    """Cluster kinds (``RUN_*``) and host offsets of an L2 table's entries.
+def valid_table_offsets(h: QedHeader, offsets: U64) -> npt.NDArray[np.bool_]:
+    """Vectorised :func:`check_table_offset`."""
+    import numpy as np
+
+    end = offsets + np.uint64((h.table_size - 1) * h.cluster_size)  # wraps as in QEMU
+    valid: npt.NDArray[np.bool_] = (
+        (end > offsets) & valid_cluster_offsets(h, offsets) & valid_cluster_offsets(h, end)
+    )
+    return valid
+
+
+def classify_l2(h: QedHeader, l2: U64, l2_offset: int | Sequence[int]) -> tuple[U8, I64]:
+    """Cluster kinds (``RUN_*``) and host offsets of L2 table entries: one table read
+    from ``l2_offset``, or the rows of a 2-D array, each read from its offset in
+    ``l2_offset``.
 
     Raises :class:`CorruptImage` for an entry that is neither 0, 1 nor a valid cluster
     offset (QEMU fails the read with EINVAL), naming it.
@@ -301,15 +304,15 @@ def classify_l2(h: QedHeader, l2: U64, l2_offset: int) -> tuple[U8, I64]:
     unalloc = l2 == 0
     zero = l2 == QED_ZERO_CLUSTER
     data = ~(unalloc | zero)
-    bad = np.flatnonzero(data & ~valid_cluster_offsets(h, l2))
-    if bad.size:
-        i = int(bad[0])
-        raise CorruptImage(
-            f"QED L2 entry {i} points to invalid cluster offset {int(l2[i]):#x}",
-            structure="qed l2 table",
-            field=f"entry[{i}]",
-            offset=l2_offset + 8 * i,
-        )
+    error = bad_entry(
+        data & ~valid_cluster_offsets(h, l2),
+        l2,
+        l2_offset,
+        "qed l2 table",
+        "QED L2 entry {i} points to invalid cluster offset {v:#x}",
+    )
+    if error is not None:
+        raise error
     kind = np.where(data, RUN_DATA, np.where(zero, RUN_ZERO, RUN_UNALLOCATED)).astype(np.uint8)
     host = np.where(data, l2.astype(np.int64), -1).astype(np.int64)
     return kind, host

@@ -15,35 +15,32 @@ that it is raw.
 
 from __future__ import annotations
 
-import threading
 from typing import TYPE_CHECKING, Any
 
 from qcowlib.core.disk import full_backing_filename
 from qcowlib.core.hostfile import HostFile
-from qcowlib.errors import CorruptImage, QcowlibError, TruncatedImage
-from qcowlib.formats._clustermap import ClusterMap, ClusterMapDisk
+from qcowlib.errors import CorruptImage, QcowlibError
+from qcowlib.formats._clustermap import (
+    MAX_MAP_CLUSTERS,
+    ClusterMap,
+    ClusterMapDisk,
+    read_backing_name,
+    read_tables,
+)
+from qcowlib.formats._clustermap import read_header as _read_header
 from qcowlib.formats.qed import codec as qed
 
 if TYPE_CHECKING:
     from qcowlib.core.chain import BackingPolicy
-    from qcowlib.formats.qed.codec import I64, U8, U64
-
-#: L2 tables kept decoded per image (each maps ``table_nelems`` clusters).
-L2_CACHE_ENTRIES = 64
+    from qcowlib.formats.qed.codec import U64
 
 
 def read_header(host: HostFile) -> tuple[qed.QedHeader, str | None]:
     """The checked header of a QED file and its backing file name (if it has one)."""
-    if host.size < qed.HEADER_SIZE:
-        raise TruncatedImage("QED header is truncated", file=host.path, structure="qed header")
-    try:
-        header = qed.parse_header(host.pread(0, qed.HEADER_SIZE), host.size)
-    except QcowlibError as exc:
-        raise exc.with_file(host.path) from None
+    header = _read_header(host, qed.HEADER_SIZE, qed.parse_header, "QED", qed.HEADER.what)
     name = None
     if header.has_backing_file:
-        raw = host.pread(header.backing_filename_offset, header.backing_filename_size)
-        name = qed.decode_backing_name(raw)
+        name = read_backing_name(host, header.backing_filename_offset, header.backing_filename_size)
     return header, name
 
 
@@ -64,8 +61,6 @@ class QedDisk(ClusterMapDisk):
         self.virtual_size = self.header.image_size
         self.cluster_size = self.header.cluster_size
         self._l1: U64 | None = None
-        self._l2: dict[int, tuple[U8, I64]] = {}
-        self._lock = threading.Lock()
 
     # -- links and info -----------------------------------------------------------------
     @property
@@ -107,55 +102,42 @@ class QedDisk(ClusterMapDisk):
                 raise exc.with_file(self.filename) from None
         return self._l1
 
-    def read_table(self, offset: int, what: str) -> U64:
-        """The table at ``offset`` (inside the file: checked by the caller)."""
-        raw = self.host.pread_exact(offset, self.header.table_bytes, what)
-        return qed.decode_table(raw, self.header, offset)
+    def _cluster_map(self, first: int, end: int) -> ClusterMap:
+        """Every L2 table from the one that maps cluster ``first`` to the one that maps
+        cluster ``end - 1`` (at most about :data:`MAX_MAP_CLUSTERS` clusters), decoded
+        together; tables the L1 table does not point at are left out (unallocated)."""
+        import numpy as np
 
-    def _l2_map(self, index: int) -> tuple[U8, I64] | None:
-        """Kinds and host offsets of L1 entry ``index``'s L2 table (None: no table)."""
         h = self.header
-        l2_offset = int(self.l1_table[index])
-        if l2_offset == 0:
-            return None
-        if not qed.check_table_offset(h, l2_offset):
+        n = h.table_nelems
+        t0 = first // n
+        if t0 >= self.l1_table.size:  # pragma: no cover - image_size is capped by L1
+            return ClusterMap.unallocated(first, end)
+        t1 = min((end - 1) // n, t0 + max(1, MAX_MAP_CLUSTERS // n) - 1, self.l1_table.size - 1)
+        l1 = self.l1_table[t0 : t1 + 1]
+        present = np.flatnonzero(l1)
+        offsets = l1[present]
+        bad = np.flatnonzero(~qed.valid_table_offsets(h, offsets))
+        if bad.size:
+            index = t0 + int(present[bad[0]])
             raise CorruptImage(
-                f"QED L1 entry {index} points to invalid L2 table offset {l2_offset:#x}",
+                f"QED L1 entry {index} points to invalid L2 table offset {int(offsets[bad[0]]):#x}",
                 file=self.filename,
                 structure="qed l1 table",
                 field=f"entry[{index}]",
                 offset=h.l1_table_offset + 8 * index,
             )
-        with self._lock:
-            cached = self._l2.get(l2_offset)
-        if cached is not None:
-            return cached
+        tables = offsets.astype(np.int64).tolist()
+        raw = read_tables(self.host, tables, h.table_bytes, "qed l2 table")
         try:
-            decoded = qed.classify_l2(h, self.read_table(l2_offset, "qed l2 table"), l2_offset)
+            l2 = qed.decode_table(raw, h, tables[0] if tables else 0, len(tables))
+            kind, host = qed.classify_l2(h, l2.reshape(len(tables), n), tables)
         except QcowlibError as exc:
             raise exc.with_file(self.filename) from None
-        with self._lock:
-            if len(self._l2) >= L2_CACHE_ENTRIES:
-                self._l2.clear()
-            self._l2[l2_offset] = decoded
-        return decoded
-
-    def _chunk_end(self, first: int, end: int) -> int:
-        n = self.header.table_nelems
-        return min(end, (first // n + 1) * n)
-
-    def _cluster_map(self, first: int, end: int) -> ClusterMap:
-        n = self.header.table_nelems
-        index, lo = divmod(first, n)
-        hi = lo + (end - first)
-        decoded = self._l2_map(index)
-        if decoded is None:
-            return ClusterMap.unallocated(first, end - first)
-        kind, host = decoded
-        return ClusterMap(first, kind[lo:hi], host[lo:hi])
-
-    def runs_data_file(self) -> HostFile | None:
-        return self.host
+        clusters = ((present + t0) * n)[:, None] + np.arange(n, dtype=np.int64)
+        return ClusterMap(
+            t0 * n, (t1 + 1) * n, clusters.reshape(-1), kind.reshape(-1), host.reshape(-1)
+        )
 
 
 def open_image(host: HostFile, path: str, policy: BackingPolicy) -> QedDisk:

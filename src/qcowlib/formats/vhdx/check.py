@@ -5,9 +5,12 @@ entry, payload or sector bitmap, the block must start and end inside the file (t
 block may be partial), and a payload block must not overlap the header section, the log,
 the BAT or the metadata region.  Each problem is one corruption and one stderr line in
 QEMU's words.  The image is opened as QEMU opens it for a check: headers, regions and
-metadata must be sound; the BAT is judged here instead of refused.  A log that needs
-replaying is refused on open (QEMU replays it only when it may write, ``-r``; qcowlib
-does not replay logs).
+metadata must be sound; the BAT is judged here instead of refused.
+
+A log that needs replaying refuses the image read-only (without ``-r``) and is replayed
+with ``-r leaks`` or ``-r all``, as QEMU replays it when it opens the image read-write
+(:mod:`qcowlib.formats.vhdx.replay`); the replay is one fixed corruption
+(``vhdx_co_check``: ``log_replayed_on_open``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from qcowlib.checkreport import CheckReport
 from qcowlib.core.hostfile import HostFile
 from qcowlib.formats.vhdx import codec as vhdx
 from qcowlib.formats.vhdx.reader import VhdxDisk
+from qcowlib.formats.vhdx.replay import replay_log
 
 _INT64_MAX = (1 << 63) - 1
 _SECTOR = 512
@@ -28,9 +32,11 @@ class _CheckedVhdx(VhdxDisk):
 
 
 def check_file(host: HostFile, path: str, fix: int, _open: Callable[..., object]) -> CheckReport:
-    """Check the VHDX image open as ``host`` (``fix`` changes nothing: no log replay)."""
+    """Check the VHDX image open as ``host``; with ``fix`` (``host`` writable and
+    locked) its log is replayed first, if it has one to replay."""
     import numpy as np
 
+    replayed = replay_log(host) if fix else False
     disk = _CheckedVhdx(host, path)
     m = disk.metadata
     size = host.size
@@ -68,4 +74,11 @@ def check_file(host: HostFile, path: str, fix: int, _open: Callable[..., object]
             hit = next(((a, b) for a, b in regions if not (off >= b or stop <= a)), None)
             if hit is not None:
                 messages.append(f"VHDX region {off}-{stop} overlaps with region {hit[0]}-{hit[1]}")
-    return CheckReport(path, "vhdx", corruptions=len(messages), messages=tuple(messages))
+    return CheckReport(
+        path,
+        "vhdx",
+        corruptions=len(messages),
+        corruptions_fixed=int(replayed),
+        repaired=replayed,
+        messages=tuple(messages),
+    )

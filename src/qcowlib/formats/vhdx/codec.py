@@ -50,6 +50,7 @@ from qcowlib.formats.vhdx.header import (
     parse_header,
     parse_region_table,
     region_problems,
+    updated_header,
 )
 from qcowlib.formats.vhdx.metadata import (
     Metadata,
@@ -190,4 +191,5 @@ __all__ = [
     "parse_region_table",
     "payload_bat_index",
     "region_problems",
+    "updated_header",
 ]

@@ -163,6 +163,37 @@ def build_header(h: Header) -> bytes:
     return _with_checksum(raw.ljust(VHDX_HEADER_SIZE, b"\0"))
 
 
+def updated_header(
+    block: bytes,
+    *,
+    sequence_number: int,
+    file_write_guid: bytes,
+    data_write_guid: bytes | None = None,
+    log_guid: bytes | None = None,
+) -> bytes:
+    """A 4 KiB header block as read from the file, with a new sequence number and file
+    write GUID (and data write GUID, log GUID when given) and a fresh CRC-32C: the
+    update of the non-current header in the two-header protocol (spec 2.2.2.1, QEMU's
+    ``vhdx_update_header``, which keeps every other byte of the block).
+
+    Raises :class:`FormatError` for a sequence number that does not fit 64 bits.
+    """
+    if not 0 <= sequence_number < 1 << 64:
+        raise FormatError(
+            f"VHDX header sequence number {sequence_number} does not fit 64 bits",
+            structure="vhdx header",
+            field="sequence_number",
+        )
+    out = bytearray(bytes(block[:VHDX_HEADER_SIZE]).ljust(VHDX_HEADER_SIZE, b"\0"))
+    out[8:16] = sequence_number.to_bytes(8, "little")
+    out[16:32] = file_write_guid
+    if data_write_guid is not None:
+        out[32:48] = data_write_guid
+    if log_guid is not None:
+        out[48:64] = log_guid
+    return _with_checksum(bytes(out))
+
+
 def current_header(area: bytes) -> tuple[Header, int]:
     """The current header of the first 320 KiB and its offset (spec 2.2.2.1).
 

@@ -1,12 +1,11 @@
 """VHDX images, dynamic and fixed, opened read-only.
 
-What is read and refused follows QEMU's ``vhdx_open`` (see :mod:`qcowlib.formats.vhdx.codec`),
-with these deliberate differences:
+What is read and refused follows QEMU's ``vhdx_open`` (see :mod:`qcowlib.formats.vhdx.codec`).
+An image whose log holds entries to replay is refused with :class:`UnsupportedFeature`,
+as QEMU refuses it read-only (``qcowlib check -r all`` replays it, see
+:mod:`qcowlib.formats.vhdx.replay`); a log GUID without a valid entry is ignored, as QEMU
+ignores it.  Deliberate differences:
 
-* an image whose current header names a log (non-zero log GUID) is refused with
-  :class:`UnsupportedFeature`: the log holds metadata or data writes that must be
-  replayed first, and reading without replaying them could return stale content (QEMU
-  replays the log when it may write, and refuses otherwise);
 * differencing images (``has_parent``, what Hyper-V writes for checkpoints, ``.avhdx``)
   are read over their parent, named by the parent locator (``relative_path`` first) and
   checked by ``parent_linkage``; QEMU refuses them;
@@ -30,8 +29,9 @@ import numpy.typing as npt
 
 from qcowlib.core.disk import Disk, Extent, ExtentKind, full_backing_filename
 from qcowlib.core.hostfile import HostFile
-from qcowlib.errors import BackingMismatch, CorruptImage, QcowlibError, UnsupportedFeature
+from qcowlib.errors import BackingMismatch, CorruptImage, QcowlibError
 from qcowlib.formats.vhdx import codec as vhdx
+from qcowlib.formats.vhdx.replay import refuse_unreplayed
 
 if TYPE_CHECKING:
     from qcowlib.core.chain import BackingPolicy
@@ -71,14 +71,8 @@ class VhdxDisk(Disk):
         area = self.host.pread(0, min(size, vhdx.VHDX_HEADER_AREA))
         self.creator = vhdx.parse_file_identifier(area)
         self.header, self.header_offset = vhdx.current_header(area)
-        if self.header.log_needs_replay:
-            raise UnsupportedFeature(
-                "VHDX image has a log that must be replayed (open it once read-write "
-                "with qemu-img check -r all, or with Hyper-V)",
-                structure="vhdx header",
-                field="log_guid",
-                offset=self.header_offset + 48,
-            )
+        # QEMU's vhdx_parse_log: a log with an active sequence must be replayed first.
+        refuse_unreplayed(self.host, self.header, self.header_offset, self.filename)
         self.regions = self._region_table(area)
         self.bat_region, self.meta_region = vhdx.check_regions(
             self.regions, size, vhdx.VHDX_REGION_TABLE_OFFSETS[0]
