@@ -30,6 +30,7 @@ from qcowlib.errors import (
     UnsupportedFeature,
 )
 from qcowlib.formats.opener import open_disk
+from qcowlib.formats.vmdk.cowd import parse_cowd_header
 from qcowlib.formats.vmdk.reader import open_vmdk
 from tests.conftest import cli, qemu_img
 from tests.formats import esx_builders as b
@@ -483,3 +484,16 @@ def test_validate_reports_the_extents(tmp_path: Path, name: str) -> None:
 def test_refused_sesparse_is_unsupported(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedFeature, match="Replaying journal"):
         _read(_sesparse_desc(tmp_path, _poke(_SE, 512 + 24, 1)))
+
+
+@pytest.mark.parametrize("which", ["granularity-0", "directory-past-end"])
+def test_validate_checks_a_cowd_header_on_its_own(tmp_path: Path, which: str) -> None:
+    """A COWD file given alone is checked by the VMDK package's COWD codec."""
+    path = b.write(tmp_path / "alone.vmdk", _hostile_cowd(which))
+    out = cli("validate", "--output", "json", path)
+    report = json.loads(out.stdout)
+    assert out.returncode == 1 and not report["ok"] and report["format"] == "vmdk"
+    structure = [f["message"] for f in report["findings"] if f["rule"] == "structure"]
+    with pytest.raises(QcowlibError) as caught:
+        parse_cowd_header(path.read_bytes()[:512], path.stat().st_size)
+    assert any(caught.value.message in m for m in structure), report

@@ -78,9 +78,14 @@ def _structure_vmdk(ctx: Context) -> Findings:
 
     info = vmdk_info(ctx)
     if info.kind == "cowd":
-        yield from report_problems(
-            ctx, "vmdk", [Problem("VMware 3 (COWD) extents are not read", 0)]
-        )
+        # An ESX sparse extent on its own (a snapshot delta): its header, checked by the
+        # VMDK package's COWD codec; its parent is the backing-file rule's business.
+        from qcowlib.formats.vmdk.cowd import parse_cowd_header
+
+        try:
+            parse_cowd_header(ctx.read(0, vmdk.SECTOR), ctx.size)
+        except QcowlibError as exc:
+            yield from report_problems(ctx, "vmdk", [Problem.of(exc)])
         return
     problems: list[Problem] = []
     h = info.header
