@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from qcowlib.core.hostfile import HostFile
@@ -91,6 +91,10 @@ def _c_scan(text: str) -> tuple[int | bytes, ...]:
 
 @settings(max_examples=500, deadline=None)
 @given(_LINE)
+@example('RW 100 SPARSE "file.vmdk\n')  # no closing quote: sscanf still assigns the name
+@example('RW 100 VMFS "file.vmdk')
+@example('RW 100 FLAT "' + "a" * 600 + '" 0')  # longer than %511
+@example('RW 100 FLAT "x.img" 7')
 def test_extent_line_matching_equals_sscanf(text: str) -> None:
     c = _c_scan(text)
     m = scan_extent_line(text, 0)

@@ -62,16 +62,19 @@ def _int64(text: str, i: int) -> tuple[int | None, int]:
     return max(_INT64_MIN, min(_INT64_MAX, value)), k
 
 
-def _name(text: str, i: int) -> tuple[str | None, int]:
+def _name(text: str, i: int) -> tuple[str | None, bool, int]:
+    """``"%511[^\\n\\r\"]\"``: the name (assigned as soon as one character matched),
+    whether the closing quote followed it, and where matching stopped."""
     i = _skip(text, i)
     if i >= len(text) or text[i] != '"':
-        return None, i
+        return None, False, i
     j = i + 1
     while j < len(text) and j - i - 1 < 511 and text[j] not in '\n\r"':
         j += 1
-    if j == i + 1 or j >= len(text) or text[j] != '"':
-        return None, i
-    return text[i + 1 : j], j + 1
+    if j == i + 1:
+        return None, False, i
+    closed = j < len(text) and text[j] == '"'
+    return text[i + 1 : j], closed, j + 1 if closed else j
 
 
 def scan_extent_line(text: str, start: int) -> ExtentMatch:
@@ -86,10 +89,12 @@ def scan_extent_line(text: str, start: int) -> ExtentMatch:
     etype, i = _word(text, i, 10)
     if etype is None:
         return ExtentMatch(2, access, sectors, first=first)
-    name, i = _name(text, i)
+    name, closed, i = _name(text, i)
     if name is None:
         return ExtentMatch(3, access, sectors, etype, first=first)
-    offset, i = _int64(text, i)
+    # sscanf has assigned the name; a missing closing quote (or a name longer than 511
+    # characters) ends the match there, with four items.
+    offset, i = _int64(text, i) if closed else (None, i)
     if offset is None:
         return ExtentMatch(4, access, sectors, etype, name, first=first)
     return ExtentMatch(5, access, sectors, etype, name, offset, first)
