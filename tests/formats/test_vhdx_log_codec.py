@@ -155,3 +155,30 @@ def test_whole_log_entry_with_bad_checksum() -> None:
     raw[4:8] = struct.pack("<I", 0)
     with pytest.raises(CorruptImage, match="search this log forever"):
         vhdx_log.find_active_sequence(bytes(raw), LOG_GUID, LOG_AT)
+
+
+def test_scan_stops_at_the_checksum_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Overlapping long entries with sound checksums can make QEMU's scan checksum the
+    whole log once per sector (minutes for an 8 MiB log); qcowlib's scan stops once it
+    has checksummed CHECKSUM_BUDGET times the log.  A sound log is checksummed about
+    once: it passes with a budget of 1, and trips a smaller one."""
+    log = bytearray(MIB)
+    first = entry(7, [Data(4 * MIB, bytes(SECTOR))] * 3, flushed=0, last=0, pad=60)
+    second = entry(8, [Zero(5 * MIB, SECTOR)], flushed=0, last=0, pad=120)
+    log[: len(first)] = first
+    log[len(first) : len(first) + len(second)] = second
+    spent: list[int] = []
+    real_crc = vhdx_log.entry_checksum
+
+    def counting(data: bytes) -> int:
+        spent.append(len(data))
+        return real_crc(data)
+
+    monkeypatch.setattr(vhdx_log, "entry_checksum", counting)
+    monkeypatch.setattr(vhdx_log, "CHECKSUM_BUDGET", 1)
+    found = vhdx_log.find_active_sequence(bytes(log), LOG_GUID, LOG_AT)
+    assert found is not None and found.count == 2
+    assert sum(spent) <= MIB
+    monkeypatch.setattr(vhdx_log, "CHECKSUM_BUDGET", 0.25)
+    with pytest.raises(CorruptImage, match="checksum more than"):
+        vhdx_log.find_active_sequence(bytes(log), LOG_GUID, LOG_AT)

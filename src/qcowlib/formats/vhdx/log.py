@@ -18,19 +18,22 @@ letter of the specification:
 * a descriptor that is not sound in an entry whose header is sound fails the whole
   search (QEMU then refuses to open the image at all);
 * replaying reads the entries one after the other (a padded entry is not skipped),
-  writes each data descriptor's sector and each zero descriptor's range, and grows the
-  file to ``last_file_offset`` rounded up to 1 MiB only where that offset is not
-  already a multiple of 1 MiB (QEMU leaves a file shorter than a 1 MiB-aligned
+  writes each data descriptor's sector and each zero descriptor's range, and sets the
+  file's length to ``last_file_offset`` rounded up to 1 MiB where the file was shorter
+  than that offset before the entry's writes and the offset is not already a multiple
+  of 1 MiB (QEMU compares with the length it read before the writes, so this can cut
+  off a write of the same entry; QEMU leaves a file shorter than a 1 MiB-aligned
   ``last_file_offset`` as it is).
 
 What qemu-img would do without limit is refused here with :class:`CorruptImage`
 (:class:`UnsupportedFeature` for :data:`MAX_LOG_LENGTH`): a log longer than
 :data:`MAX_LOG_LENGTH`; a log whose scan comes back to the entry it started from
 (QEMU's scan never ends: an entry as long as the log with a wrong checksum, a sequence
-that with the sector after it fills the log); writes that reach into the file identifier and headers
-(:data:`PROTECTED_END`) or into the log itself, or end more than
-:data:`MAX_REPLAY_GROWTH` past the end of the file; zero descriptors that together
-zero more than the file plus that growth.
+that with the sector after it fills the log); a scan that would checksum more than
+:data:`CHECKSUM_BUDGET` times the log (overlapping long entries: QEMU spends minutes);
+writes that reach into the file identifier and headers (:data:`PROTECTED_END`) or into
+the log itself, or end more than :data:`MAX_REPLAY_GROWTH` past the end of the file;
+zero descriptors that together zero more than the file plus that growth.
 """
 
 from __future__ import annotations
@@ -71,9 +74,13 @@ DESC_SIGNATURE: Final = b"desc"
 ZERO_SIGNATURE: Final = b"zero"
 DATA_SIGNATURE: Final = b"data"
 #: Longest log read: Hyper-V and qemu-img make 1 MiB logs; the search reads the whole
-#: log into memory and computes CRC-32C over it in Python (about 15 MB/s), up to about
-#: three times over for a hostile log (a few seconds at this size).
+#: log into memory and computes CRC-32C over its entries in Python (about 15 MB/s).
 MAX_LOG_LENGTH: Final = 8 * MIB
+#: The search checksums at most this many times the log's length.  A log as Hyper-V or
+#: QEMU writes it is checksummed about once (each entry in its sequence, then the scan
+#: goes on after it); a hostile log of long, overlapping entries could make QEMU's scan
+#: checksum the whole log once per sector (thousands of times; minutes): refused.
+CHECKSUM_BUDGET: Final = 4
 #: How far past the end of the file a replay may write or extend it (QEMU: no limit;
 #: a new payload block is at most 256 MiB, and a hostile log could ask for exabytes).
 MAX_REPLAY_GROWTH: Final = 1 << 30
@@ -263,6 +270,19 @@ class _Ring:
         self.length = len(log)
         self.guid = log_guid
         self.base = base
+        #: Bytes the scan may still checksum (see :data:`CHECKSUM_BUDGET`).
+        self.budget = CHECKSUM_BUDGET * self.length
+
+    def spend(self, nbytes: int, index: int) -> None:
+        """Account for checksumming ``nbytes`` of the entry at ``index``."""
+        self.budget -= nbytes
+        if self.budget < 0:
+            raise CorruptImage(
+                f"VHDX log scan would checksum more than {CHECKSUM_BUDGET} times the log's "
+                "length: its entries overlap as no log written by Hyper-V or QEMU does",
+                structure="vhdx log",
+                offset=self.base + index,
+            )
 
     def inc(self, index: int, sectors: int = 1) -> int:
         """``index`` moved on by ``sectors`` (QEMU's ``vhdx_log_inc_idx``, repeated)."""
@@ -329,6 +349,7 @@ def _validate_entry(ring: _Ring, index: int, seq: int) -> tuple[LogEntryHeader |
     total = h.entry_length // LOG_SECTOR
     rest = ring.sectors(ring.inc(index, n_desc), total - n_desc) if total > n_desc else b""
     after = ring.inc(index, max(total, n_desc))
+    ring.spend(len(head) + len(rest), index)
     return (h if entry_checksum(head + rest) == h.checksum else None), after
 
 
