@@ -9,12 +9,12 @@ the runs :func:`~qcowlib.formats.vmdk.mapping.table_runs` builds.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
-from qcowlib.errors import CorruptImage, TruncatedImage
+from qcowlib.errors import CorruptImage, TruncatedImage, UnsupportedFeature
 from qcowlib.formats.vmdk import cowd, mapping, sesparse
 from qcowlib.formats.vmdk.grains import decode_table
 from qcowlib.formats.vmdk.header import SECTOR
@@ -24,6 +24,13 @@ if TYPE_CHECKING:
 
 I64 = npt.NDArray[np.int64]
 U8 = npt.NDArray[np.uint8]
+
+#: Grain-table entries decoded for one extent.  The map of an ESX extent is built whole
+#: (about 40 bytes of arrays per entry), so this bounds its memory near 650 MiB: 16 Mi
+#: grains, 8 GiB of a COWD extent with 512-byte grains, 64 GiB of a seSparse one.  A
+#: crafted directory whose entries all name one table could otherwise ask for any size
+#: within a sparse file.  Larger extents are refused (UnsupportedFeature), not mapped.
+MAX_GRAIN_TABLE_ENTRIES: Final = 1 << 24
 
 
 class GrainMap(NamedTuple):
@@ -40,13 +47,24 @@ class GrainMap(NamedTuple):
         return -(-self.capacity // self.grain_size)
 
 
-def _read_tables(host: HostFile, offsets: I64, gt_bytes: int, what: str, gd_offset: int) -> bytes:
-    """The grain tables at ``offsets`` (bytes), concatenated; each inside the file.
+def _read_tables(
+    host: HostFile, offsets: I64, gtes: int, gt_bytes: int, what: str, gd_offset: int
+) -> bytes:
+    """The grain tables at ``offsets`` (bytes) of ``gtes`` entries each, concatenated;
+    each inside the file.
 
-    More tables than the file can hold is a crafted directory, refused before anything
-    is read or allocated for them.
+    More tables than the file can hold is a crafted directory, and more entries than
+    :data:`MAX_GRAIN_TABLE_ENTRIES` more than the whole-map model holds: both refused
+    before anything is read or allocated for them.
     """
     k = int(offsets.size)
+    if k * gtes > MAX_GRAIN_TABLE_ENTRIES:
+        raise UnsupportedFeature(
+            f"{k} grain tables map more than {MAX_GRAIN_TABLE_ENTRIES} grains, the most "
+            "qcowlib maps at once",
+            structure=what,
+            offset=gd_offset,
+        )
     if k * gt_bytes > host.size:
         raise CorruptImage(
             f"{k} grain tables cannot fit a file of {host.size} bytes",
@@ -98,7 +116,7 @@ def open_cowd(host: HostFile, *, strict: bool = True) -> tuple[cowd.CowdHeader, 
     gd = gd[: -(-h.num_grains // gtes)]  # entries past the capacity are never read
     state = np.where(gd != 0, mapping.GD_TABLE, mapping.GD_UNALLOC).astype(np.uint8)
     offsets = gd[gd != 0].astype(np.int64) * SECTOR
-    raw = _read_tables(host, offsets, gtes * 4, what, gd_at)
+    raw = _read_tables(host, offsets, gtes, gtes * 4, what, gd_at)
     entries = decode_table(raw, offsets.size * gtes, offset=int(offsets[0]) if offsets.size else 0)
     kind = np.where(entries == 0, mapping.RUN_UNALLOC, mapping.RUN_DATA).astype(np.uint8)
     runs = mapping.table_runs(
@@ -134,7 +152,7 @@ def open_sesparse(
     gd = gd[: -(-h.num_grains // gtes)]
     state, gt_sector = sesparse.directory_tables(gd, h)
     offsets = gt_sector[state == mapping.GD_TABLE] * SECTOR
-    raw = _read_tables(host, offsets, gtes * 8, what, gd_at)
+    raw = _read_tables(host, offsets, gtes, gtes * 8, what, gd_at)
     entries = sesparse.decode_entries(
         raw, offsets.size * gtes, what="vmdk sesparse grain table", offset=0
     )
