@@ -107,11 +107,35 @@ def make_seeds(where: Path) -> list[Path]:
         )
         if made.returncode == 0:
             break
+    _test_built_seeds(where)
     samples = Path(os.environ.get("QCOWLIB_SAMPLE_IMAGES", "~/.cache/qcowlib-samples"))
     for name in SAMPLES:
         if (samples.expanduser() / name).is_file():
             shutil.copyfile(samples.expanduser() / name, where / name)
     return sorted(where.iterdir())
+
+
+def _test_built_seeds(where: Path) -> None:
+    """Images qemu-img cannot make, built by the test suite's builders (when this runs
+    from a source tree): a VHDX with a log to replay and a COWD (ESX) extent on its own."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    try:
+        from tests.formats import esx_builders, vhdx_log_builder
+    except ImportError:
+        return
+    finally:
+        sys.path.pop(0)
+    dirty = where / "dirty-log.vhdx"
+    run("qemu-img", "create", "-q", "-f", "vhdx", "-o", "block_size=1M", dirty, "4M")
+    run("qemu-io", "-f", "vhdx", "-c", "write -P 0x33 0 64k", dirty)
+    end = dirty.stat().st_size
+    data = vhdx_log_builder.Data(end - 4096, vhdx_log_builder.sector(0x5A, b"tag"))
+    zero = vhdx_log_builder.Zero(end - 8192, 4096)
+    one = vhdx_log_builder.entry(5, [data, zero], flushed=end, last=end)
+    vhdx_log_builder.make_dirty(dirty, [(0, one)])
+    grains = {0: b"\x11" * 512, 33: b"\x22" * 512}
+    text = b"CID=abcdef01\nparentCID=ffffffff\n"
+    (where / "alone.cowd").write_bytes(esx_builders.cowd(2048, grains, text=text))
 
 
 def _value(rng: random.Random) -> int:
