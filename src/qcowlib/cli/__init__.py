@@ -113,6 +113,14 @@ def add_output(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_format_options(
+    p: argparse.ArgumentParser,
+    help: str = "output format options, key=value,... (may repeat; -o help lists them)",
+) -> None:
+    """``-o OPTIONS``, repeatable, as qemu-img takes it (parsed by :func:`parse_options`)."""
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS", help=help)
+
+
 def print_json(value: Any) -> None:
     import json
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qcowlib.cli import INPUT_FORMATS, check_cache, parse_options
+from qcowlib.cli import INPUT_FORMATS, add_format_options, check_cache, parse_options
 from qcowlib.cli.helptext import examples
 
 
@@ -24,13 +24,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             ),
         ),
     )
-    p.add_argument(
-        "-o",
-        dest="options",
-        action="append",
-        default=[],
-        metavar="OPTIONS",
-        help="qcow2: compat=0.10|1.1, lazy_refcounts=on|off, refcount_bits=N, "
+    add_format_options(
+        p,
+        "qcow2: compat=0.10|1.1, lazy_refcounts=on|off, refcount_bits=N, "
         "backing_file=NAME, backing_fmt=FMT, size=SIZE (-o help lists them)",
     )
     p.add_argument("-f", dest="format", choices=INPUT_FORMATS, help="image format (probed)")

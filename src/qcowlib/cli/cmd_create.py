@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qcowlib.cli import parse_options, wants_option_help
+from qcowlib.cli import add_format_options, parse_options, wants_option_help
 from qcowlib.cli.helptext import examples
 from qcowlib.formats import registry
 
@@ -31,13 +31,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="FMT",
         help="the new image's format (default raw): " + ", ".join(registry.creatable()),
     )
-    p.add_argument(
-        "-o",
-        dest="options",
-        action="append",
-        default=[],
-        metavar="OPTIONS",
-        help="format options, key=value,... (may repeat; -o help lists them), e.g. "
+    add_format_options(
+        p,
+        "format options, key=value,... (may repeat; -o help lists them), e.g. "
         "subformat=fixed, preallocation=falloc",
     )
     p.add_argument(

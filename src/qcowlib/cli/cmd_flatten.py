@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from qcowlib.cli import (
+    add_format_options,
     add_input_format,
     add_read_options,
     parse_options,
@@ -40,14 +41,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="FMT",
         help="the output format (default qcow2): " + ", ".join(registry.flattenable()),
     )
-    p.add_argument(
-        "-o",
-        dest="options",
-        action="append",
-        default=[],
-        metavar="OPTIONS",
-        help="output format options, key=value,... (may repeat; -o help lists them)",
-    )
+    add_format_options(p)
     p.add_argument("-c", dest="compress", action="store_true", help="compress the output's data")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
     p.add_argument("-q", dest="quiet", action="store_true", help="print nothing but errors")

@@ -13,6 +13,7 @@ from qcowlib.cli import (
     MAX_COROUTINES,
     Failed,
     _Parser,
+    add_format_options,
     add_input_format,
     add_output,
     add_read_options,
@@ -289,14 +290,7 @@ def _register_convert(sub: argparse._SubParsersAction[_Parser]) -> None:
         metavar="FMT",
         help="the output format (default raw; with -n: the target's, probed)",
     )
-    p.add_argument(
-        "-o",
-        dest="options",
-        action="append",
-        default=[],
-        metavar="OPTIONS",
-        help="output format options, key=value,... (may repeat; -o help lists them)",
-    )
+    add_format_options(p)
     p.add_argument("-c", dest="compress", action="store_true", help="compress the output's data")
     p.add_argument(
         "-B",

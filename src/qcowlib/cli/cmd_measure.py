@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from qcowlib.cli import (
+    add_format_options,
     add_input_format,
     add_output,
     add_read_options,
@@ -35,13 +36,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="FMT",
         help="the output format (default raw)",
     )
-    p.add_argument(
-        "-o",
-        dest="options",
-        action="append",
-        default=[],
-        metavar="OPTIONS",
-        help="output format options, key=value,... (may repeat)",
+    add_format_options(
+        p,
+        "output format options, key=value,... (may repeat)",
     )
     p.add_argument("--size", dest="size", help="measure an empty image of SIZE instead of SRC")
     add_output(p)
