@@ -171,6 +171,10 @@ def table_runs(
     tail = GrainRuns.single(runs.end, n_grains, RUN_ERROR)
     if runs.end == 0:
         return tail
+    if runs.kind[-1] == RUN_ERROR:  # bad entries at the directory's end: one run
+        length = runs.length.copy()
+        length[-1] += n_grains - runs.end
+        return runs._replace(end=n_grains, length=length)
     return GrainRuns(
         0,
         n_grains,
