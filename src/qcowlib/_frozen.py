@@ -165,7 +165,9 @@ def _methods(flds: tuple[Field, ...]) -> dict[str, Any]:
     def __eq__(self: object, other: object) -> bool:
         if other.__class__ is not self.__class__:
             return NotImplemented
-        return all(getattr(self, n) == getattr(other, n) for n in compared)
+        # tuples, as dataclasses compare: an identical value is equal (a NaN to itself)
+        mine = tuple(getattr(self, n) for n in compared)
+        return mine == tuple(getattr(other, n) for n in compared)
 
     def __hash__(self: object) -> int:
         return hash(tuple(getattr(self, n) for n in hashed))
