@@ -57,8 +57,8 @@ GD_ERROR: Final = 2
 class GrainRuns(NamedTuple):
     """Runs covering grains ``[first, end)`` in order, no gaps: each run's first grain,
     grain count (``length``), kind (``RUN_*``) and first grain's sector (0 unless data or
-    compressed).  Neighbours within one window never merge; windows side by side may
-    (the engine merges extents as ``qemu-img map`` does)."""
+    compressed).  No two neighbours in one window could merge; the last run of a window
+    and the first of the next may (the engine merges extents as ``qemu-img map`` does)."""
 
     first: int
     end: int
@@ -92,7 +92,7 @@ def window_runs(
     n_grains: int,
     grain_size: int,
 ) -> GrainRuns:
-    """Runs of the grains directory entries ``[t0, t0 + len(gd_state))`` map.
+    """Runs of the grains that directory entries ``[t0, t0 + len(gd_state))`` map.
 
     ``gd_state`` holds one :data:`GD_UNALLOC`, :data:`GD_TABLE` or :data:`GD_ERROR` per
     directory entry; ``table_kind`` and ``table_sector`` hold ``gtes`` entries for each
