@@ -38,3 +38,46 @@ def test_raw_output_is_sparse_where_data_is_zeros(
     allocated = os.stat(out).st_blocks * 512
     if sparse_size:
         assert allocated <= 2 * M + 64 * 1024  # the zeros were not written (or punched)
+
+
+@pytest.mark.parametrize("sparse_size", [4096, 0])
+def test_fragmented_source_shares_jobs_and_copies_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sparse_size: int
+) -> None:
+    """Thousands of small scattered data blocks (the shape of an overlay after real use)
+    are packed many to a job, past the reserve limit, and come out byte for byte."""
+    import random
+
+    from qcowlib.core import copy as copy_mod
+
+    rng = random.Random(3)
+    src = tmp_path / "frag.raw"
+    size = 64 * M
+    blocks = sorted(rng.sample(range(size // 4096), 3000))
+    with src.open("wb") as f:
+        f.truncate(size)
+        for b in blocks:  # 1 or 2 pages, some with a zero page, some touching
+            f.seek(b * 4096)
+            f.write(rng.randbytes(4096) + (bytes(4096) if b % 3 == 0 else b""))
+    monkeypatch.setattr(copy_mod, "RESERVE_MAX_RANGES", 10)
+    from qcowlib.core.pipeline import ordered_map
+
+    jobs: list[int] = []
+
+    def counting_map(items: object, work: object, **kw: object) -> object:
+        def counted(job: copy_mod._Job) -> object:
+            jobs.append(len(job.segments))
+            return work(job)  # type: ignore[operator]
+
+        return ordered_map(items, counted, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(copy_mod, "ordered_map", counting_map)
+    out = tmp_path / "out.raw"
+    with open_disk(str(src), "raw") as disk:
+        fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            write_raw(disk, fd, sparse_size=sparse_size)
+        finally:
+            os.close(fd)
+    assert out.read_bytes() == src.read_bytes()
+    assert sum(jobs) > 2000 and len(jobs) < sum(jobs) // 100  # many segments a job

@@ -16,6 +16,9 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
 from qcowlib.core.disk import RUN_COMPRESSED, RUN_DATA, Disk, Runs
 from qcowlib.core.hostfile import DataWriter, punch_hole
 from qcowlib.core.pipeline import BufferPool, TaskQueue, ordered_map
@@ -31,7 +34,12 @@ WORKERS = 2
 #: Buffers: chunks being read, waiting in order, and being written.
 BUFFERS = 5 * WORKERS + 2
 
+#: Output ranges are reserved (``posix_fallocate``) only when there are at most this
+#: many: a call per range of a fragmented source costs more than reserving saves.
+RESERVE_MAX_RANGES = 1024
+
 Progress = Callable[[int, int], None]
+I64 = npt.NDArray[np.int64]
 
 
 def _copy_range_kernel(src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: int) -> bool:
@@ -53,44 +61,64 @@ def _copy_range_kernel(src_fd: int, src_off: int, dst_fd: int, dst_off: int, n: 
 
 
 @dataclass
-class _Job:
+class _Segment:
+    """A guest byte range of a job, read into the job's buffer at ``at``; ``runs[a:b]``
+    are the runs over it."""
+
     start: int
     length: int
-    buffer: memoryview
+    at: int
     runs: Runs
     a: int
     b: int
 
 
 @dataclass
+class _Job:
+    """Segments packed into one buffer: a large range is one segment of a chunk, small
+    ranges of a fragmented source share a job (a job per range spent the copy's time in
+    the pipeline)."""
+
+    segments: list[_Segment]
+    buffer: memoryview
+
+    @property
+    def end(self) -> int:
+        last = self.segments[-1]
+        return last.start + last.length
+
+
+@dataclass
 class _Done:
-    """A chunk read: the ``(start, end)`` byte ranges of its buffer left to write, and
-    those found to be zeros (holes to punch where the output was reserved)."""
+    """A job read: the ``(buffer start, buffer end, guest offset)`` parts of its buffer
+    left to write, and the ``(guest offset, length)`` parts found to be zeros (holes to
+    punch where the output was reserved)."""
 
     job: _Job
-    writes: list[tuple[int, int]]
+    writes: list[tuple[int, int, int]]
     zeros: list[tuple[int, int]]
 
 
-def data_ranges(disk: Disk, unit: int) -> list[tuple[int, int]]:
-    """``(start, end)`` guest byte ranges that may hold data, rounded out to ``unit``."""
-    size = disk.virtual_size
+def data_ranges(disk: Disk, unit: int) -> tuple[I64, I64]:
+    """Guest byte ranges ``[start, end)`` that may hold data, rounded out to ``unit``, as
+    two arrays (a fragmented source has hundreds of thousands: no tuple for each)."""
     first, end = RunSource(disk).nonzero_units(unit)
-    return [
-        (f * unit, min(size, e * unit)) for f, e in zip(first.tolist(), end.tolist(), strict=True)
-    ]
+    return first * unit, np.minimum(end * unit, disk.virtual_size)
 
 
-def _pieces(ranges: list[tuple[int, int]], chunk: int) -> Iterator[tuple[int, int]]:
-    """``(start, length)`` pieces of ``ranges``, at most ``chunk`` bytes each."""
-    for pos, stop in ranges:
-        while pos < stop:
-            n = min(chunk, stop - pos)
-            yield pos, n
-            pos += n
+def _pieces(starts: I64, ends: I64, chunk: int) -> Iterator[tuple[int, int]]:
+    """``(start, length)`` pieces of the ranges, at most ``chunk`` bytes each."""
+    for at in range(0, starts.size, 4096):  # a slice of the arrays as ints at a time
+        for pos, stop in zip(
+            starts[at : at + 4096].tolist(), ends[at : at + 4096].tolist(), strict=True
+        ):
+            while pos < stop:
+                n = min(chunk, stop - pos)
+                yield pos, n
+                pos += n
 
 
-def _reserve(fd: int, ranges: list[tuple[int, int]]) -> bool:
+def _reserve(fd: int, starts: I64, ends: I64) -> bool:
     """Allocate the ranges data will go to in a regular output file (best effort).
 
     Direct writes into allocated (unwritten) blocks were ~10% faster here than into
@@ -99,7 +127,7 @@ def _reserve(fd: int, ranges: list[tuple[int, int]]) -> bool:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return False
-        for start, end in ranges:
+        for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
             os.posix_fallocate(fd, start, end - start)
     except OSError:
         return False
@@ -155,32 +183,46 @@ def _copy(disk: Disk, sink: DataWriter, sparse_size: int, progress: Progress | N
     source = RunSource(disk)
     reader = ChainReader(disk)
     in_kernel = sparse_size == 0 and not sink.use_direct
-    ranges = data_ranges(disk, unit)
-    reserved = _reserve(sink.fd, ranges)
+    starts, ends = data_ranges(disk, unit)
+    reserved = starts.size <= RESERVE_MAX_RANGES and _reserve(sink.fd, starts, ends)
 
     def jobs() -> Iterator[_Job]:
-        for start, length in _pieces(ranges, chunk):
+        batch: list[_Segment] = []
+        used = 0
+        for start, length in _pieces(starts, ends, chunk):
+            if batch and used + length > chunk:
+                yield _Job(batch, pool.get())
+                batch, used = [], 0
             runs, a, b = source.get(start, start + length)
-            yield _Job(start, length, pool.get(), runs, a, b)
+            batch.append(_Segment(start, length, used, runs, a, b))
+            used += length
+        if batch:
+            yield _Job(batch, pool.get())
 
     def work(job: _Job) -> _Done:
-        view = job.buffer[: job.length]
-        if in_kernel:
-            return _Done(job, _copy_in_kernel(reader, sink, job), [])
-        reader.read(job.runs, job.a, job.b, job.start, view)
-        if sparse_size:
-            writes = nonzero_runs(view, sparse_size)
-            return _Done(job, writes, _gaps(writes, job.length) if reserved else [])
-        return _Done(job, [(0, job.length)], [])
+        done = _Done(job, [], [])
+        for seg in job.segments:
+            view = job.buffer[seg.at : seg.at + seg.length]
+            if in_kernel:
+                parts = _copy_in_kernel(reader, sink, seg, view)
+            elif sparse_size:
+                reader.read(seg.runs, seg.a, seg.b, seg.start, view)
+                parts = nonzero_runs(view, sparse_size)
+                if reserved:
+                    done.zeros += [(seg.start + s, e - s) for s, e in _gaps(parts, seg.length)]
+            else:
+                reader.read(seg.runs, seg.a, seg.b, seg.start, view)
+                parts = [(0, seg.length)]
+            done.writes += [(seg.at + s, seg.at + e, seg.start + s) for s, e in parts]
+        return done
 
     def write(done: _Done) -> Callable[[], None]:
         def run() -> None:
             view = done.job.buffer
-            start = done.job.start
-            for s, e in done.writes:
-                sink.write(start + s, [view[s:e]])
-            for s, e in done.zeros:
-                punch_hole(sink.fd, start + s, e - s)
+            for s, e, guest in done.writes:
+                sink.write(guest, [view[s:e]])
+            for guest, n in done.zeros:
+                punch_hole(sink.fd, guest, n)
 
         return run
 
@@ -193,7 +235,7 @@ def _copy(disk: Disk, sink: DataWriter, sparse_size: int, progress: Progress | N
             for done in results:
                 tasks.submit(write(done), _giver(pool, done.job.buffer))
                 if progress:
-                    progress(done.job.start + done.job.length, total)
+                    progress(done.job.end, total)
             tasks.join()
     finally:
         results.close()
@@ -206,15 +248,17 @@ def _giver(pool: BufferPool, buf: memoryview) -> Callable[[], None]:
     return give
 
 
-def _copy_in_kernel(reader: ChainReader, sink: DataWriter, job: _Job) -> list[tuple[int, int]]:
-    """Copy a chunk's data runs with ``copy_file_range`` where the kernel can; read the
-    rest into the chunk's buffer and return the byte ranges of it to write."""
-    runs = job.runs
-    view = job.buffer[: job.length]
-    end = job.start + job.length
+def _copy_in_kernel(
+    reader: ChainReader, sink: DataWriter, seg: _Segment, view: memoryview
+) -> list[tuple[int, int]]:
+    """Copy a segment's data runs with ``copy_file_range`` where the kernel can; read the
+    rest into ``view`` (the segment's part of its buffer) and return the byte ranges of
+    it to write."""
+    runs = seg.runs
+    end = seg.start + seg.length
     rest: list[tuple[int, int]] = []
-    for i in range(job.a, job.b):
-        s = max(job.start, int(runs.start[i]))
+    for i in range(seg.a, seg.b):
+        s = max(seg.start, int(runs.start[i]))
         e = min(end, int(runs.start[i] + runs.length[i]))
         if e <= s:
             continue
@@ -230,6 +274,6 @@ def _copy_in_kernel(reader: ChainReader, sink: DataWriter, job: _Job) -> list[tu
             )
         ):
             continue
-        reader.read(runs, i, i + 1, s, view[s - job.start : e - job.start])
-        rest.append((s - job.start, e - job.start))
+        reader.read(runs, i, i + 1, s, view[s - seg.start : e - seg.start])
+        rest.append((s - seg.start, e - seg.start))
     return rest

@@ -397,6 +397,13 @@ def _direct_ok(parts: list[memoryview], offset: int) -> bool:
     return True
 
 
+#: Smaller writes go through the page cache: a direct write waits for the device, and a
+#: fragmented source's thousands of 4 KiB writes, two at a time, were bound by its
+#: latency (a 16 GiB raw with 200,000 scattered 4 KiB blocks converted in 24 s against
+#: qemu-img's 12 s, which writes through the cache).
+DIRECT_MIN = 64 * 1024
+
+
 class DataWriter:
     """Writes the data of a new output file, large aligned writes bypassing the page cache.
 
@@ -423,7 +430,11 @@ class DataWriter:
         call).  Raises :class:`QcowlibIOError` on failure."""
         if self.use_direct:
             views = [memoryview(p).cast("B") for p in parts]
-            if _direct_ok(views, offset) and self._write_direct(views, offset):
+            if (
+                sum(map(len, views)) >= DIRECT_MIN
+                and _direct_ok(views, offset)
+                and self._write_direct(views, offset)
+            ):
                 return
         pwritev_all(self.fd, parts, offset)
 
