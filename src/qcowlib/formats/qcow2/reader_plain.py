@@ -17,14 +17,18 @@ from __future__ import annotations
 
 import _thread
 import sys
+from collections import OrderedDict
 from itertools import compress
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from qcowlib.core.hostfile import HostFile
 from qcowlib.errors import CorruptImage, QcowlibError, TruncatedImage
 from qcowlib.formats.qcow2 import header as hdr
 from qcowlib.formats.qcow2.entries import OFFSET_MASK
 from qcowlib.formats.qcow2.tables_plain import PlainL2Runs, be_u64, decode_l2_plain
+
+if TYPE_CHECKING:
+    from qcowlib.formats.qcow2 import tables
 
 #: L2 entries the plain path decodes per image before numpy's is cheaper: a Python step
 #: per entry in use costs ~0.5 us and one per unused entry ~10 ns, against ~50 ms for
@@ -63,6 +67,7 @@ class PlainL2Mixin:
     _raw_l1: bytes
     _l2_cache_max: int
     _l2_lock: _thread.LockType
+    _l2_cache: OrderedDict[int, tables.L2Runs]
     #: Tables decoded by the plain path, kept for the image's life (the budget bounds them).
     _l2_plain: dict[int, PlainL2Runs]
     #: L2 entries the plain path may still decode for this image.
@@ -77,6 +82,16 @@ class PlainL2Mixin:
         l1 = be_u64(self._raw_l1[first * _L1_ENTRY_SIZE : (last + 1) * _L1_ENTRY_SIZE])
         need = sum(1 for i in compress(range(len(l1)), l1) if first + i not in self._l2_plain)
         return need * self.l2_entries <= self._plain_budget
+
+    def _forget_l2(self, l1_index: int | None = None) -> None:
+        """Drop the decoded L2 tables of both paths (all, or one) after they changed."""
+        with self._l2_lock:
+            if l1_index is None:
+                self._l2_cache.clear()
+                self._l2_plain.clear()
+            else:
+                self._l2_cache.pop(l1_index, None)
+                self._l2_plain.pop(l1_index, None)
 
     def _raw_l2_offset(self, l1_index: int) -> int:
         """The L2 table offset of an L1 entry, read from the raw L1 table."""
