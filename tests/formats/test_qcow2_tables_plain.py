@@ -21,8 +21,7 @@ from hypothesis import strategies as st
 from qcowlib.errors import QcowlibError
 from qcowlib.formats.qcow2 import entries, refcount, tables, tables_plain
 from qcowlib.formats.qcow2.metadata_read import Qcow2Metadata
-
-OFFSET_BITS = entries.OFFSET_MASK
+from tests.formats.qcow2_entries import l2_tables
 
 
 def _error(exc: QcowlibError) -> tuple[object, ...]:
@@ -60,60 +59,6 @@ def _plain(
     except QcowlibError as exc:
         return _error(exc)
     return (runs.start, runs.count, runs.kind, runs.host, runs.clen)
-
-
-@st.composite
-def _entry_chunk(draw: st.DrawFn, cluster_bits: int) -> list[int]:
-    """A few L2 entries: runs of contiguous clusters (data, preallocated zero), plain
-    zero clusters, compressed descriptors, or anything at all (hostile bits)."""
-    cs = 1 << cluster_bits
-    shape = draw(st.sampled_from(["run"] * 5 + ["zero", "compressed", "random", "empty"] * 2))
-    n = draw(st.integers(1, 6))
-    if shape == "empty":
-        return [0] * draw(st.integers(1, 300))
-    if shape == "random":
-        return draw(st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=n))
-    if shape == "compressed":
-        bits = st.integers(0, (1 << 62) - 1)  # host offset and sector count
-        copied = draw(st.sampled_from([0, entries.OFLAG_COPIED]))
-        return [entries.OFLAG_COMPRESSED | copied | draw(bits) for _ in range(n)]
-    # 0: a data file's first cluster (with OFLAG_COPIED), or none
-    first = draw(st.sampled_from([0, cs, draw(st.integers(2, 8)) * cs]))
-    skew = draw(st.sampled_from([0] * 18 + [512, cs // 2]))  # misaligned hosts
-    flags = draw(st.sampled_from([0, entries.OFLAG_COPIED, entries.OFLAG_ZERO]))
-    flags |= draw(st.sampled_from([0, 0, entries.OFLAG_ZERO, entries.L2E_STD_RESERVED_MASK]))
-    if shape == "zero":
-        flags |= entries.OFLAG_ZERO
-        first = draw(st.sampled_from([0, first]))
-    step = draw(st.sampled_from([cs, cs, 0, 2 * cs]))
-    return [flags | (((first + k * step) | skew) & OFFSET_BITS) for k in range(n)]
-
-
-@st.composite
-def _bitmap(draw: st.DrawFn) -> int:
-    """A subcluster bitmap: allocated and zero halves, as QEMU writes them or not."""
-    alloc = draw(st.sampled_from([0, 0xFFFF_FFFF, draw(st.integers(0, 2**32 - 1))]))
-    some = draw(st.integers(0, 2**32 - 1))
-    zero = draw(st.sampled_from([0, ~alloc & 0xFFFF_FFFF, some & ~alloc, some]))
-    return alloc | (zero << 32)
-
-
-@st.composite
-def l2_tables(draw: st.DrawFn) -> tuple[bytes, int, bool, bool]:
-    """An L2 table's bytes (standard or extended) for a cluster size of 512 B..2 MiB."""
-    cluster_bits = draw(st.integers(9, 21))
-    extended = draw(st.booleans())
-    has_data_file = draw(st.booleans())
-    words: list[int] = []
-    for chunk in draw(st.lists(_entry_chunk(cluster_bits), min_size=1, max_size=8)):
-        if not extended:
-            words += chunk
-            continue
-        choices = st.sampled_from([0, 0xFFFF_FFFF, draw(_bitmap())])
-        bitmaps = draw(st.lists(choices, min_size=len(chunk), max_size=len(chunk)))
-        for pair in zip(chunk, bitmaps, strict=True):
-            words += pair
-    return struct.pack(f">{len(words)}Q", *words), cluster_bits, extended, has_data_file
 
 
 @given(l2_tables())
