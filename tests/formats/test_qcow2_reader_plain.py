@@ -303,3 +303,23 @@ def test_errors_in_the_numpy_paths_order(bases: dict[str, Base], tmp_path: Path)
         plain = _extents(path, True, 0, length)
         assert plain == _extents(path, False, 0, length)
         assert isinstance(plain, tuple) and words in plain[1], plain
+
+
+def test_plain_path_budget(tmp_path: Path) -> None:
+    """Nine L2 tables of 64 KiB clusters are more than ``PLAIN_L2_BYTES``: the whole
+    image maps on the numpy path, eight of them on the plain one, and a disk's budget
+    is spent over several walks (a backing file's, one gap at a time)."""
+    require_qemu()
+    assert reader_plain.PLAIN_L2_BYTES == 8 * 65536  # the figures below assume it
+    path = _create(tmp_path / "nine.qcow2", str(9 * 512 * M))
+    qemu_io(path, "qcow2", *(f"write -P 1 {i * 512}M 4k" for i in range(9)))
+    with mock.patch.object(reader_plain, "numpy_loaded", lambda: False):
+        with qcowlib.open(str(path)) as disk:
+            assert isinstance(disk, Qcow2Disk)
+            assert len(list(disk.extents())) == 18
+            assert (len(disk._l2_plain), len(disk._l2_cache)) == (0, 9)
+        with qcowlib.open(str(path)) as disk:
+            assert isinstance(disk, Qcow2Disk)
+            for i in range(9):
+                list(disk.extents(i * 512 * M, 512 * M))
+            assert (len(disk._l2_plain), len(disk._l2_cache)) == (8, 1)

@@ -34,7 +34,7 @@ from qcowlib.errors import (
 from qcowlib.formats.qcow2 import header as hdr
 from qcowlib.formats.qcow2 import hostio
 from qcowlib.formats.qcow2.metadata_read import Qcow2Metadata
-from qcowlib.formats.qcow2.reader_plain import L2_BATCH_BYTES, PLAIN_L2_ENTRIES, PlainL2Mixin
+from qcowlib.formats.qcow2.reader_plain import L2_BATCH_BYTES, PLAIN_L2_BYTES, PlainL2Mixin
 from qcowlib.formats.qcow2.tables_plain import l1_check_aligned
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ class Qcow2Disk(PlainL2Mixin, Qcow2Metadata, Disk):
         self._l2_lock = _thread.allocate_lock()  # threading's Lock, without its import
         self._l2_cache_max = max(4, L2_CACHE_BYTES // self.cluster_size)
         self._l2_plain: dict[int, PlainL2Runs] = {}
-        self._plain_budget = PLAIN_L2_ENTRIES
+        self._plain_budget = PLAIN_L2_BYTES
         self._compressed_cache: tuple[int, bytes] | None = None
         self._metadata_prealloc: bool | None = None
         self._snapshots: list[Snapshot] | None = None

@@ -2,8 +2,8 @@
 
 ``map`` of a small image would spend most of its time importing numpy (~50 ms of a
 ~100 ms run) to decode two or three L2 tables.  So while numpy is not loaded, a range
-whose L2 tables hold at most :data:`PLAIN_L2_ENTRIES` entries (counted over the image's
-life: a chain's repeated walks of a backing layer add up) is decoded from the raw L1
+whose L2 tables are small (at most :data:`PLAIN_L2_BYTES` of them, counted over the
+image's life: a chain's repeated walks of a backing layer add up) is decoded from the raw L1
 table by :func:`~qcowlib.formats.qcow2.tables_plain.decode_l2_plain`.  Everything else,
 and everything once numpy is loaded, takes the numpy path unchanged.
 
@@ -30,12 +30,13 @@ from qcowlib.formats.qcow2.tables_plain import PlainL2Runs, be_u64, decode_l2_pl
 if TYPE_CHECKING:
     from qcowlib.formats.qcow2 import tables
 
-#: L2 entries the plain path decodes per image before numpy's is cheaper: a Python step
-#: per entry in use costs ~0.5 us and one per unused entry ~10 ns, against ~50 ms for
-#: numpy's import.  64 Ki entries are 8 tables of 64 KiB clusters (4 GiB of guest
-#: space): a small image maps in a few milliseconds, one whose tables are full in about
-#: what numpy's import would cost.
-PLAIN_L2_ENTRIES: Final = 1 << 16
+#: L2 table bytes the plain path decodes per image, beyond which numpy's path is cheaper:
+#: 64 Ki standard entries (8 tables of 64 KiB clusters, 4 GiB of guest space) or 32 Ki
+#: extended ones.  A Python step per entry in use costs ~0.4 us (up to ~3 us for an
+#: extended entry whose bitmap changes status at every other subcluster) and one per
+#: unused entry ~25 ns, against 50-90 ms for importing numpy: a small image maps in a
+#: few milliseconds, full tables up to the cap in ~30 ms.
+PLAIN_L2_BYTES: Final = 512 * 1024
 #: Refcount table entries the plain path checks (a Python step per block in use) when it
 #: counts the refcounts for QEMU's metadata-preallocation test; the refcounts themselves
 #: are counted at C speed.  64 Ki blocks of 64 KiB clusters cover 128 TiB of file.
@@ -62,7 +63,6 @@ class PlainL2Mixin:
     cluster_size: int
     cluster_bits: int
     extended_l2: bool
-    l2_entries: int
     l2_span: int
     _raw_l1: bytes
     _l2_cache_max: int
@@ -70,18 +70,19 @@ class PlainL2Mixin:
     _l2_cache: OrderedDict[int, tables.L2Runs]
     #: Tables decoded by the plain path, kept for the image's life (the budget bounds them).
     _l2_plain: dict[int, PlainL2Runs]
-    #: L2 entries the plain path may still decode for this image.
+    #: L2 table bytes the plain path may still decode for this image.
     _plain_budget: int
 
     def _plain_ok(self, start: int, end: int) -> bool:
         """Whether ``[start, end)`` is mapped by the plain path: numpy is not loaded and
-        the L2 tables the range needs that are not decoded yet fit the budget."""
-        if numpy_loaded() or end <= start:
+        the L2 tables the range needs that are not decoded yet fit the budget.  Once
+        the L1 table is decoded (by numpy) the raw one is gone: numpy's path then."""
+        if numpy_loaded() or end <= start or not self._raw_l1:
             return False
         first, last = start // self.l2_span, (end - 1) // self.l2_span
         l1 = be_u64(self._raw_l1[first * _L1_ENTRY_SIZE : (last + 1) * _L1_ENTRY_SIZE])
         need = sum(1 for i in compress(range(len(l1)), l1) if first + i not in self._l2_plain)
-        return need * self.l2_entries <= self._plain_budget
+        return need * self.cluster_size <= self._plain_budget
 
     def _forget_l2(self, l1_index: int | None = None) -> None:
         """Drop the decoded L2 tables of both paths (all, or one) after they changed."""
@@ -158,7 +159,7 @@ class PlainL2Mixin:
         return runs
 
     def _decode_plain(self, l1_index: int, raw: bytes) -> PlainL2Runs:
-        self._plain_budget -= self.l2_entries
+        self._plain_budget -= self.cluster_size
         try:
             return decode_l2_plain(
                 raw,

@@ -2,10 +2,10 @@
 
 :mod:`~qcowlib.formats.qcow2.tables` decodes whole tables with numpy, and importing
 numpy (~50 ms) costs more than a ``map`` of a small image takes.  The reader maps a
-range with these functions instead when numpy is not loaded yet and the range holds few
-L2 entries (``reader_plain.PLAIN_L2_ENTRIES``).  They give exactly what the numpy codecs give, the
-same runs or the same error (tests/formats/test_qcow2_tables_plain.py compares both on
-arbitrary tables): the entry bits, run kinds and errors come from
+range with these functions instead when numpy is not loaded yet and the range has few
+L2 tables (``reader_plain.PLAIN_L2_BYTES``).  They give exactly what the numpy codecs
+give, the same runs or the same error (tests/formats/test_qcow2_tables_plain.py
+compares both on arbitrary tables): the entry bits, run kinds and errors come from
 :mod:`~qcowlib.formats.qcow2.entries`, shared with the numpy codec.
 
 Entries that are zero (most of a sparse table) are skipped at C speed
