@@ -6,9 +6,9 @@ prints an ``ImageCheck`` (``qemu-img.c``: ``img_check``, ``dump_human_image_chec
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Final
 
+from qcowlib._frozen import record
 from qcowlib._json import JSONObject
 from qcowlib.errors import UnsupportedFeature
 
@@ -38,7 +38,7 @@ class CheckNotSupported(UnsupportedFeature):
     status = 63
 
 
-@dataclass(frozen=True)
+@record
 class CheckReport:
     """The result of :func:`qcowlib.check`, with ``qemu-img check``'s fields and meaning.
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from qcowlib.errors import InvalidArgument
 from qcowlib.validate import (
@@ -29,6 +32,7 @@ from qcowlib.validate import (
     unregister,
     validate,
 )
+from qcowlib.validate.model import valid_rule_id
 from tests.validate.images import create
 
 pytestmark = pytest.mark.usefixtures("qemu")
@@ -282,3 +286,14 @@ def test_entry_point_of_installed_package(v2_and_v3: tuple[Path, Path], tmp_path
     new = run(v3)
     assert new.returncode == 0, new.stderr
     assert [f["rule"] for f in json.loads(new.stdout)["findings"]] == ["example-file-name"]
+
+
+@given(st.text(alphabet=st.sampled_from("aZ09._:-\n é/"), max_size=70))
+def test_rule_ids_are_what_the_documented_pattern_matches(rule_id: str) -> None:
+    """1-64 of letters, digits and ``._:-``, starting with a letter or digit (a trailing
+    newline included: ``re.match(...$)`` would have let one through)."""
+    expected = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}", rule_id) is not None
+    assert valid_rule_id(rule_id) is expected
+    if not expected:
+        with pytest.raises(InvalidArgument):
+            Rule(rule_id, lambda ctx: None)

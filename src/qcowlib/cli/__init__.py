@@ -324,6 +324,8 @@ def _image_keys(
 ) -> contextlib.AbstractContextManager[None]:
     """Passphrases for the images named with ``--image-opts`` (``key-secret=ID`` naming
     an ``--object secret``); rewrites those arguments to plain file names."""
+    if not objects and not image_opts:
+        return contextlib.nullcontext()
     from qcowlib.core.secrets import image_keys, parse_image_opts, parse_secret_object
 
     secrets = dict(parse_secret_object(spec) for spec in objects)

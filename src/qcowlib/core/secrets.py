@@ -10,7 +10,6 @@ format asks :func:`image_key` for its own file when it opens.
 
 from __future__ import annotations
 
-import base64
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -75,6 +74,8 @@ def parse_secret_object(spec: str) -> tuple[str, bytes]:
             ) from None
     if fmt == "base64":
         try:
+            import base64  # only for --object secret,format=base64
+
             raw = base64.b64decode(raw, validate=True)
         except ValueError:
             raise InvalidArgument(f"secret {name!r} is not valid base64") from None

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from qcowlib.core.disk import Disk
     from qcowlib.core.drivers import OutputDriver
     from qcowlib.core.hostfile import HostFile
-    from qcowlib.core.probe import ProbeFunction
+    from qcowlib.core.probe import Match, ProbeFunction
 
 __all__ = [
     "FORMATS",
@@ -436,13 +436,32 @@ def upload_targets() -> dict[str, dict[str, str]]:
     }
 
 
+class _LazyProbe:
+    """A probe function imported when first asked: the first probe that answers ends a
+    probe, so ``info`` of a qcow2 image loads neither the DMG nor the Bochs codec."""
+
+    __slots__ = ("_function", "ref")
+
+    def __init__(self, ref: str) -> None:
+        self.ref = ref
+        self._function: ProbeFunction | None = None
+
+    def __call__(self, head: bytes, tail: bytes, file_size: int) -> Match | None:
+        if self._function is None:
+            self._function = _load(self.ref)
+        return self._function(head, tail, file_size)
+
+    def __repr__(self) -> str:
+        return f"<probe {self.ref}>"
+
+
 @functools.cache
 def probe_order() -> tuple[tuple[str, ProbeFunction], ...]:
     """Every format's probes as (format name, probe function), in the order to ask them
-    (imports the probe modules, which are small and pure).  The last one, raw's,
+    (each probe module is imported when its probe is first asked).  The last one, raw's,
     answers for anything."""
     ranked = sorted((rank, f.name, ref) for f in FORMATS for rank, ref in f.probes)
-    return tuple((name, _load(ref)) for _, name, ref in ranked)
+    return tuple((name, _LazyProbe(ref)) for _, name, ref in ranked)
 
 
 def by_name(name: str) -> Format:

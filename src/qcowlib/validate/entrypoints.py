@@ -27,10 +27,14 @@ from typing import Final
 
 __all__ = ["group_entries", "load", "scan"]
 
-#: ``EntryPoint.pattern``: ``module``, ``module:attr.attr``, with optional ``[extras]``.
-_VALUE: Final = re.compile(
-    r"(?P<module>[\w.]+)\s*(:\s*(?P<attr>[\w.]+)\s*)?((?P<extras>\[.*\])\s*)?$"
-)
+
+@functools.cache
+def _value_pattern() -> re.Pattern[str]:
+    """``EntryPoint.pattern``: ``module``, ``module:attr.attr``, with optional ``[extras]``
+    (compiled when an entry point is loaded, not on every validation)."""
+    return re.compile(r"(?P<module>[\w.]+)\s*(:\s*(?P<attr>[\w.]+)\s*)?((?P<extras>\[.*\])\s*)?$")
+
+
 _SUFFIXES: Final = (".dist-info", ".egg-info")
 
 
@@ -106,15 +110,28 @@ def _metadata_dirs(root: str) -> list[tuple[str, str]] | None:
 
 def _normalize(name: str) -> str:
     """PEP 503 normalisation with underscores, as ``importlib.metadata`` compares names."""
-    return re.sub(r"[-_.]+", "-", name).lower().replace("-", "_")
+    out = name.lower().replace("-", "_").replace(".", "_")
+    while "__" in out:  # re.sub(r"[-_.]+", "_", ...) without compiling a pattern
+        out = out.replace("__", "_")
+    return out
 
 
 def _read_text(path: str) -> str | None:
+    # os.open and os.read: a validation reads this file of each installed distribution,
+    # most of them absent or a few hundred bytes; no buffered text object is needed.
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
         return None
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    except IsADirectoryError:
+        return None
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8")
 
 
 def _section(text: str, group: str) -> Iterator[tuple[str, str]]:
@@ -141,7 +158,7 @@ def load(value: str) -> object:
     Raises :class:`ValueError` for a value that names no module, and whatever importing
     the module or getting the attribute raises.
     """
-    match = _VALUE.match(value)
+    match = _value_pattern().match(value)
     if match is None:
         raise ValueError(f"{value!r} is not 'module' or 'module:attribute'")
     module = importlib.import_module(match.group("module"))

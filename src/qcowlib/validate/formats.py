@@ -13,7 +13,7 @@ validate's own job, gathering what the OpenStack image inspector
 * the qcow2 fields the safety rules read even where the qcow2 parser refuses the header.
 
 Pure: every function here takes bytes (and, where it matters, the file size) and returns
-frozen dataclasses.  Nothing opens a file; nothing follows a file name found inside an
+frozen records.  Nothing opens a file; nothing follows a file name found inside an
 image.  Fatal problems raise :class:`~qcowlib.errors.FormatError` subclasses naming the
 structure, field and offset; problems that still let the structure be read are returned
 as :class:`Problem` values so that ``validate`` can report every one of them.
@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import itertools
 import struct
-from dataclasses import dataclass
 from typing import Any, Final
 
+from qcowlib._frozen import record
 from qcowlib.errors import CorruptImage, FormatError, QcowlibError, TruncatedImage
 from qcowlib.formats._record import FixedLayout
-from qcowlib.formats.luks import codec as luks
+from qcowlib.formats.luks.probe import LUKS_MAGIC
 from qcowlib.formats.qcow2 import extensions as qcow2_extensions
 from qcowlib.formats.qcow2 import header as qcow2_header
 
@@ -38,7 +38,7 @@ SECTOR: Final = 512
 # helpers
 
 
-@dataclass(frozen=True)
+@record
 class Problem:
     """A structural problem that does not stop the rest of a structure being read."""
 
@@ -73,7 +73,7 @@ QCOW_EXT_END: Final = qcow2_extensions.EXT_END
 _QCOW_MAX_EXTENSIONS: Final = 4096
 
 
-@dataclass(frozen=True)
+@record
 class Qcow2Fields:
     """The qcow2 header fields the safety rules need, read without validation."""
 
@@ -152,14 +152,11 @@ def _qcow2_data_file_extension(head: bytes, header_length: int, raw: Any) -> str
 # ---------------------------------------------------------------------------------------
 # LUKS
 
-# The layouts are the LUKS reader's (formats/luks/codec.py); validate judges them its way.
-LUKS_MAGIC: Final = luks.LUKS_MAGIC
-LUKS_KEY_ENABLED: Final = luks.KEY_ENABLED
-LUKS_KEY_DISABLED: Final = luks.KEY_DISABLED
-LUKS_HEADER_SIZE: Final = luks.HEADER_SIZE
+# The layouts are the LUKS reader's (formats/luks/codec.py, imported when a LUKS header
+# is parsed); validate judges them its way.
 
 
-@dataclass(frozen=True)
+@record
 class LuksHeader:
     version: int
     cipher: str
@@ -176,6 +173,8 @@ def parse_luks_header(data: bytes, file_size: int) -> LuksHeader:
     version = int.from_bytes(data[6:8], "big")
     if version != 1:
         return LuksHeader(version, "", 0, 0, 0, ())
+    from qcowlib.formats.luks import codec as luks
+
     h = luks.HEADER.parse(data, 0)
     at, step = luks.HEADER.sizeof(), luks.KEY_SLOT.sizeof()
     key_slots = [
@@ -184,9 +183,9 @@ def parse_luks_header(data: bytes, file_size: int) -> LuksHeader:
     problems: list[Problem] = []
     if h.key_bytes not in (16, 24, 32, 48, 64):
         problems.append(Problem(f"LUKS master key length {h.key_bytes} is invalid", 108))
-    slots = [s for s in key_slots if s.active == LUKS_KEY_ENABLED]
+    slots = [s for s in key_slots if s.active == luks.KEY_ENABLED]
     for i, s in enumerate(key_slots):
-        if s.active not in (LUKS_KEY_ENABLED, LUKS_KEY_DISABLED):
+        if s.active not in (luks.KEY_ENABLED, luks.KEY_DISABLED):
             problems.append(Problem(f"LUKS key slot {i} has an invalid state", 208 + 48 * i))
     if not slots:
         problems.append(Problem("LUKS header has no active key slot", 208))
@@ -216,7 +215,7 @@ _MbrEntry = FixedLayout(
 )
 
 
-@dataclass(frozen=True)
+@record
 class MbrPartition:
     index: int
     boot: int
@@ -299,7 +298,7 @@ _GptHeader = FixedLayout(
 )
 
 
-@dataclass(frozen=True)
+@record
 class GptHeader:
     my_lba: int
     alternate_lba: int
@@ -370,7 +369,7 @@ ISO_MAX_DESCRIPTORS: Final = 64
 _ISO_PVD_MIN: Final = 132
 
 
-@dataclass(frozen=True)
+@record
 class IsoVolume:
     volume_size: int
     problems: tuple[Problem, ...]
@@ -458,7 +457,7 @@ _VMDK4_MAGIC: Final = b"KDMV"
 _INSPECTOR_CHUNK: Final = 64 * 1024
 
 
-@dataclass(frozen=True)
+@record
 class InspectorView:
     """The formats the image inspector matches, and the one Glance then picks.
 

@@ -21,11 +21,11 @@ and pass it to ``validate``, or register it under a new name with
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from qcowlib import _frozen
+from qcowlib._frozen import field, record
 from qcowlib.errors import InvalidArgument
 from qcowlib.validate.model import SEVERITIES, Finding
 
@@ -61,7 +61,7 @@ GLANCE_DISK_FORMATS: Final = (
 GLANCE_QCOW2_INCOMPATIBLE_MASK: Final = 0b1111
 
 
-@dataclass(frozen=True)
+@record
 class Policy:
     """A named policy: a severity mode, Glance's settings, and per-rule overrides.
 
@@ -108,7 +108,7 @@ class Policy:
 
     def replace(self, **changes: Any) -> Policy:
         """A copy with some settings changed."""
-        return dataclasses.replace(self, **changes)
+        return _frozen.replace(self, **changes)
 
     def apply(self, finding: Finding) -> Finding | None:
         """The finding with this policy's severity (None when the rule is turned off)."""
@@ -124,7 +124,7 @@ class Policy:
             severity = override
         if severity == finding.severity:
             return finding
-        return dataclasses.replace(finding, severity=severity)
+        return _frozen.replace(finding, severity=severity)
 
 
 POLICIES: dict[str, Policy] = {

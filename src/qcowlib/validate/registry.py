@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import _thread
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Final
 
+from qcowlib._frozen import record
 from qcowlib._log import get_logger
 from qcowlib.errors import InvalidArgument
 from qcowlib.validate.model import Rule, Severity, as_rule
@@ -48,7 +48,7 @@ _registered: dict[str, Rule] = {}
 _entry_points: list[tuple[tuple[Rule, ...], tuple[LoadError, ...]] | None] = [None]
 
 
-@dataclass(frozen=True)
+@record
 class LoadError:
     """An entry point that could not be turned into a rule."""
 
@@ -161,7 +161,7 @@ def all_rules(extra: Iterable[object] = ()) -> tuple[tuple[Rule, ...], tuple[Loa
     return tuple(rules), errors
 
 
-@dataclass(frozen=True)
+@record
 class RuleInfo:
     """What ``validate --list-rules`` shows of one rule."""
 

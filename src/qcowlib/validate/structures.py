@@ -13,16 +13,15 @@ an extent file named inside the image is reported by the rules, never opened.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from qcowlib._frozen import record
 from qcowlib.errors import CorruptImage, FormatError, QcowlibError
 from qcowlib.validate.engine import Context
 from qcowlib.validate.formats import (
     ISO_DESCRIPTOR_SIZE,
     ISO_DESCRIPTORS_AT,
     ISO_MAX_DESCRIPTORS,
-    LUKS_HEADER_SIZE,
     SECTOR,
     IsoVolume,
     LuksHeader,
@@ -66,7 +65,7 @@ _VHDX_MAX_ITEM = 4096
 # VMDK
 
 
-@dataclass(frozen=True)
+@record
 class VmdkInfo:
     """A VMDK as found: ``kind`` is ``sparse`` (KDMV), ``cowd`` or ``descriptor``.
 
@@ -120,7 +119,7 @@ def _parse_vmdk(ctx: Context) -> VmdkInfo:
 # VHD (vpc)
 
 
-@dataclass(frozen=True)
+@record
 class VhdInfo:
     """A VHD's footer (the one QEMU uses), its dynamic header and what is wrong."""
 
@@ -197,7 +196,7 @@ def _parse_vhd(ctx: Context) -> VhdInfo:
 # VHDX
 
 
-@dataclass(frozen=True)
+@record
 class VhdxInfo:
     """What a VHDX's header section and metadata say, and what is wrong with them."""
 
@@ -352,7 +351,9 @@ def iso_volume(ctx: Context) -> IsoVolume:
 
 
 def luks_header(ctx: Context) -> LuksHeader:
-    return ctx.cached("luks", lambda: parse_luks_header(ctx.read(0, LUKS_HEADER_SIZE), ctx.size))
+    from qcowlib.formats.luks.codec import HEADER_SIZE
+
+    return ctx.cached("luks", lambda: parse_luks_header(ctx.read(0, HEADER_SIZE), ctx.size))
 
 
 def qcow1_header(ctx: Context) -> qcow.QcowHeader:

@@ -15,11 +15,11 @@ from typing import Any, Final, NamedTuple
 from qcowlib.core.qdict import qdict_order
 from qcowlib.errors import CorruptImage, FormatError, UnsupportedFeature
 from qcowlib.formats._record import FixedLayout
+from qcowlib.formats.luks.probe import LUKS_MAGIC
 
 # hashlib (OpenSSL) and uuid are imported where a key is derived: validate reads these
 # layouts for every image it checks, and must start fast (DESIGN.md).
 
-LUKS_MAGIC: Final = b"LUKS\xba\xbe"
 LUKS_VERSION: Final = 1
 SECTOR: Final = 512
 KEY_SLOTS: Final = 8

@@ -11,13 +11,14 @@ from typing import Final
 
 from qcowlib.core.probe import Match
 
-__all__ = ["probe"]
+__all__ = ["LUKS_MAGIC", "probe"]
 
-_MAGIC: Final = b"LUKS\xba\xbe"
+#: The magic at offset 0 (the codec takes it from here: probing loads no codec).
+LUKS_MAGIC: Final = b"LUKS\xba\xbe"
 _VERSIONS: Final = (1, 2)
 
 
 def probe(head: bytes, tail: bytes, file_size: int) -> Match | None:
-    if len(head) < 8 or head[:6] != _MAGIC:
+    if len(head) < 8 or head[:6] != LUKS_MAGIC:
         return None
     return Match() if int.from_bytes(head[6:8], "big") in _VERSIONS else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from qcowlib.errors import QcowlibError
+from qcowlib.formats.luks.probe import LUKS_MAGIC
 from qcowlib.formats.qcow2 import header as qcow2_header
 from qcowlib.validate import formats as fm
 from qcowlib.validate.engine import Context
@@ -72,7 +73,7 @@ def encrypted(ctx: Context) -> Findings:
     inspector takes for qcow2, so the rule runs for it).  Stricter than Glance, which
     accepts LUKS1 declared raw: an encrypted image cannot be checked inside.  qcowlib
     does not read encrypted images either, so every policy refuses them (structural)."""
-    if "luks" in ctx.formats and ctx.head[:6] == fm.LUKS_MAGIC:
+    if "luks" in ctx.formats and ctx.head[:6] == LUKS_MAGIC:
         try:
             h = luks_header(ctx)
         except QcowlibError:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
-
 from qcowlib.errors import QcowlibError
 from qcowlib.validate import formats as fm
 from qcowlib.validate.engine import Context
@@ -70,6 +68,8 @@ def gpt(ctx: Context) -> Findings:
     at = header.partition_entry_lba * block
     if header.problems or not 0 < length <= fm.GPT_MAX_ENTRY_ARRAY:
         return
+    import zlib  # a C extension: loaded only for a disk with a GPT
+
     array = ctx.read(at, length)
     if len(array) < length:
         yield ctx.warning("GPT partition entry array lies past the end of the file", at)

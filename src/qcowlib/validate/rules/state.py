@@ -118,10 +118,10 @@ def check(ctx: Context) -> Findings:
 
 
 def _check_findings(ctx: Context, report: CheckReport) -> Findings:
-    cmd = f"`qcowlib check -r all {quote(ctx.path)}`"
     if report.failure:
         yield ctx.error(f"qcowlib check could not complete: {report.failure}", structural=True)
     if report.corruptions:
+        cmd = f"`qcowlib check -r all {quote(ctx.path)}`"
         yield ctx.error(
             f"qcowlib check found {report.corruptions} corruption(s) in this qcow2's metadata: "
             f"data may be wrong and writes may damage it. Repair with {cmd} and re-check, or "
