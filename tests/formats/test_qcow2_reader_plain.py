@@ -323,3 +323,23 @@ def test_plain_path_budget(tmp_path: Path) -> None:
             for i in range(9):
                 list(disk.extents(i * 512 * M, 512 * M))
             assert (len(disk._l2_plain), len(disk._l2_cache)) == (8, 1)
+
+
+@pytest.mark.parametrize("bits", [1, 4, 16, 64])
+def test_preallocation_test_counts_alike(bits: int, tmp_path: Path) -> None:
+    """QEMU's metadata-preallocation test counts the same refcounts on both paths, for
+    refcounts narrower and wider than a byte (and maps the same)."""
+    require_qemu()
+    path = _create(tmp_path / "p.qcow2", "64M", f"refcount_bits={bits}", "preallocation=metadata")
+    qemu_io(path, "qcow2", "write -P 1 1M 64k")
+    counts = []
+    for plain in (True, False):
+        with (
+            mock.patch.object(reader_plain, "numpy_loaded", lambda p=plain: not p),
+            qcowlib.open(str(path)) as disk,
+        ):
+            assert isinstance(disk, Qcow2Disk)
+            counts.append((disk._count_refcounts(1 << 40), disk.metadata_preallocated()))
+    assert counts[0] == counts[1]
+    assert counts[0][1]  # qemu-img creates it so: the test must see it
+    assert _extents(path, True) == _extents(path, False)

@@ -34,7 +34,7 @@ from qcowlib.errors import (
 from qcowlib.formats.qcow2 import header as hdr
 from qcowlib.formats.qcow2 import hostio
 from qcowlib.formats.qcow2.metadata_read import Qcow2Metadata
-from qcowlib.formats.qcow2.reader_plain import L2_BATCH_BYTES, PLAIN_L2_BYTES, PlainL2Mixin
+from qcowlib.formats.qcow2.reader_plain import PLAIN_L2_BYTES, PlainL2Mixin
 from qcowlib.formats.qcow2.tables_plain import l1_check_aligned
 
 if TYPE_CHECKING:
@@ -51,8 +51,6 @@ if TYPE_CHECKING:
 # numpy and the table codecs load on the first mapping or read, not for ``info``: a
 # header read must not pay ~50 ms of imports (DESIGN.md, "metadata-only commands").
 # Mapping a small range does not load them either (reader_plain.py).
-
-__all__ = ["L2_BATCH_BYTES", "L2_CACHE_BYTES", "Qcow2Disk", "open_image", "read_header"]
 
 #: Decoded L2 tables kept per image (bytes of raw table they stand for).
 L2_CACHE_BYTES = 32 * 1024 * 1024
@@ -353,12 +351,9 @@ class Qcow2Disk(PlainL2Mixin, Qcow2Metadata, Disk):
             table_base = l1_index * self.l2_span
             table_end = min(end, table_base + self.l2_span)
             runs: tables.L2Runs | PlainL2Runs | None = None
-            if not self._has_l2(l1_index):
-                pass
-            elif plain:
-                runs = self._plain_runs_ahead(l1_index, last_index)
-            else:
-                runs = self._l2_runs_ahead(l1_index, last_index)
+            if self._has_l2(l1_index):
+                ahead = self._plain_runs_ahead if plain else self._l2_runs_ahead
+                runs = ahead(l1_index, last_index)
             if runs is None:
                 yield Extent(pos, table_end - pos, ExtentKind.UNALLOCATED)
                 pos = table_end
