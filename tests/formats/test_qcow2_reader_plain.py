@@ -116,6 +116,16 @@ def _overlay_raw(d: Path) -> Path:
     return top
 
 
+def _chain(d: Path) -> Path:
+    base = _create(d / "base.qcow2", "128M", "cluster_size=16k")
+    qemu_io(base, "qcow2", "write -P 1 0 8M", "write -P 2 64M 64k")
+    mid = _create(d / "mid.qcow2", "128M", "cluster_size=4k", backing=base)
+    qemu_io(mid, "qcow2", "write -z 1M 1M", "write -P 3 5M 12k", "discard 7M 64k")
+    top = _create(d / "top.qcow2", "128M", "extended_l2=on", backing=mid)
+    qemu_io(top, "qcow2", "write -P 4 1536k 6k", "write -z 5M 4k", "write -P 5 100M 2k")
+    return top
+
+
 IMAGES: dict[str, Callable[[Path], Path]] = {
     "data": _data,
     "v2": _v2,
@@ -127,6 +137,7 @@ IMAGES: dict[str, Callable[[Path], Path]] = {
     "data file": _data_file,
     "overlay over qcow2": _overlay_qcow2,
     "overlay over raw": _overlay_raw,
+    "chain of three": _chain,
 }
 
 
