@@ -497,21 +497,3 @@ def test_validate_checks_a_cowd_header_on_its_own(tmp_path: Path, which: str) ->
     with pytest.raises(QcowlibError) as caught:
         parse_cowd_header(path.read_bytes()[:512], path.stat().st_size)
     assert any(caught.value.message in m for m in structure), report
-
-
-def test_cowd_directory_naming_one_table_many_times_is_capped(tmp_path: Path) -> None:
-    """8,192 directory entries naming one table in a sparse 200 MiB file: the whole map
-    would hold 2^25 grains (review: any size within a sparse file); refused at once."""
-    blob = bytearray(b.cowd(8192, {0: bytes(512)}))
-    struct.pack_into("<II", blob, 0x0C, 0xFFFFFFFF, 1)  # disk sectors, granularity 1
-    n = 8192
-    struct.pack_into("<II", blob, 0x14, 64, n)  # directory at sector 64, n entries
-    blob = blob[: 64 * 512].ljust(64 * 512, b"\0") + struct.pack(f"<{n}I", *[128] * n)
-    path = tmp_path / "c-delta.vmdk"
-    b.write(path, bytes(blob))
-    with path.open("r+b") as f:
-        f.truncate(200 << 20)
-    top = b.write(tmp_path / "c.vmdk", b.descriptor("vmfsSparse", ['RW 8 SPARSE "c-delta.vmdk"']))
-    with pytest.raises(UnsupportedFeature, match="grain tables map more than"):
-        _read(top)
-    assert cli("info", top).returncode == 1

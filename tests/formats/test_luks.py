@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from qcowlib.core.qdict import qdict_order
 from qcowlib.errors import QcowlibError
 from qcowlib.formats.luks import codec
+from qcowlib.formats.luks.probe import LUKS_MAGIC
 from tests.conftest import cli, qemu_img, require_qemu
 
 SECRET = "sekrit"
@@ -232,7 +233,7 @@ def test_qdict_order_matches_qemu_img() -> None:
 
 def test_truncated_or_foreign_headers_are_refused() -> None:
     header = bytearray(codec.HEADER_SIZE)
-    header[:6] = codec.LUKS_MAGIC
+    header[:6] = LUKS_MAGIC
     struct.pack_into(">H", header, 6, 2)
     with pytest.raises(QcowlibError, match="LUKS version 2"):
         codec.parse_header(bytes(header), 1 << 20)

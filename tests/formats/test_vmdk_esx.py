@@ -142,7 +142,7 @@ def test_table_runs_equal_per_grain_model(data: st.DataObject) -> None:
     kinds = data.draw(st.lists(st.sampled_from([0, 1, 2, 4]), min_size=k * gtes, max_size=k * gtes))
     sectors = data.draw(st.lists(st.integers(2, 40), min_size=k * gtes, max_size=k * gtes))
     n = data.draw(st.integers(0, (len(state) + 1) * gtes))
-    start, kind, sector = mapping.table_runs(
+    runs = mapping.table_runs(
         np.array(state, dtype=np.uint8),
         np.array(kinds, dtype=np.uint8),
         np.array(sectors, dtype=np.int64),
@@ -150,13 +150,20 @@ def test_table_runs_equal_per_grain_model(data: st.DataObject) -> None:
         n_grains=n,
         grain_size=gs,
     )
+    assert _per_grain(runs, gs) == _model_runs(state, kinds, sectors, gtes, n)
+
+
+def _per_grain(runs: mapping.GrainRuns, gs: int) -> list[tuple[int, int]]:
+    """Runs expanded to (kind, sector) per grain (checking that they tile the range)."""
+    ends = (runs.start + runs.length).tolist()
+    assert runs.start.tolist() == [runs.first, *ends[:-1]] and ends[-1] == runs.end
     got: list[tuple[int, int]] = []
-    bounds = [*start.tolist(), n]
-    for i in range(start.size if n else 0):
-        for j in range(bounds[i + 1] - bounds[i]):
-            s = int(sector[i]) + j * gs if int(kind[i]) == mapping.RUN_DATA else 0
-            got.append((int(kind[i]), s))
-    assert got == _model_runs(state, kinds, sectors, gtes, n)
+    for length, kind, sector in zip(
+        runs.length.tolist(), runs.kind.tolist(), runs.sector.tolist(), strict=True
+    ):
+        for j in range(length):
+            got.append((kind, sector + j * gs if kind == mapping.RUN_DATA else 0))
+    return got
 
 
 def _decode_one(e: int, grains_offset: int) -> tuple[int, int]:

@@ -47,7 +47,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_map(args: argparse.Namespace) -> int:
-    from qcowlib.cli.render import human_map, render_map_json
+    from qcowlib.cli.render import write_human_map, write_map_json
     from qcowlib.formats.opener import open_disk
     from qcowlib.ops.map import map_entries
 
@@ -56,12 +56,11 @@ def _cmd_map(args: argparse.Namespace) -> int:
     with open_disk(
         args.filename, args.format, args.backing_policy, force_share=args.force_share
     ) as disk:
-        entries = list(map_entries(disk, start or 0, length))
-    if args.output == "json":
-        sys.stdout.write(render_map_json(entries))
-        return 0
-    text, error = human_map(entries)
-    sys.stdout.write(text)
+        entries = map_entries(disk, start or 0, length)  # streamed, as qemu-img prints
+        if args.output == "json":
+            write_map_json(entries, sys.stdout.write)
+            return 0
+        error = write_human_map(entries, sys.stdout.write)
     if error:
         raise Failed(error)
     return 0

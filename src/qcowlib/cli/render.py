@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -100,26 +100,38 @@ def _hex(value: int) -> str:
     return f"{value:#x}" if value else "0"
 
 
-def human_map(entries: Iterable[MapEntry]) -> tuple[str, str | None]:
-    """``qemu-img map`` human output, and an error message if it must stop early."""
+#: Map entries rendered per write: output streams (qemu-img prints entry by entry; a
+#: fragmented image has millions of entries), without a write call per entry.
+MAP_BATCH = 4096
+
+
+def write_human_map(entries: Iterable[MapEntry], write: Callable[[str], object]) -> str | None:
+    """Write ``qemu-img map`` human output as the entries come; returns the error message
+    when it must stop early (what was written before stays, as qemu-img leaves it)."""
     lines = [f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File"]
+    error = None
     for e in entries:
         if e.data and e.offset is None:
-            return (
-                "\n".join(lines) + "\n",
-                "File contains external, encrypted or compressed clusters.",
-            )
+            error = "File contains external, encrypted or compressed clusters."
+            break
         if e.data and not e.zero:
             lines.append(
                 f"{_hex(e.start):<16}{_hex(e.length):<16}{_hex(e.offset or 0):<16}"
                 f"{e.filename or ''}"
             )
-    return "\n".join(lines) + "\n", None
+            if len(lines) >= MAP_BATCH:
+                write("\n".join(lines) + "\n")
+                lines.clear()
+    if lines:
+        write("\n".join(lines) + "\n")
+    return error
 
 
-def render_map_json(entries: Iterable[MapEntry]) -> str:
-    """``qemu-img map --output json``, byte for byte (one entry per line)."""
-    rows = []
+def write_map_json(entries: Iterable[MapEntry], write: Callable[[str], object]) -> None:
+    """Write ``qemu-img map --output json`` as the entries come, byte for byte (one entry
+    per line); an error raised by ``entries`` leaves the list unclosed, as qemu-img does."""
+    rows: list[str] = []
+    lead = "["
     for e in entries:
         row = (
             f'{{ "start": {e.start}, "length": {e.length}, "depth": {e.depth},'
@@ -128,7 +140,14 @@ def render_map_json(entries: Iterable[MapEntry]) -> str:
         if e.offset is not None:
             row += f', "offset": {e.offset}'
         rows.append(row + "}")
-    return "[" + ",\n".join(rows) + "]\n"
+        if len(rows) >= MAP_BATCH:
+            write(lead + ",\n".join(rows))
+            lead = ",\n"
+            rows.clear()
+    if rows:
+        write(lead + ",\n".join(rows) + "]\n")
+    else:
+        write("[]\n" if lead == "[" else "]\n")
 
 
 def _js(flag: bool) -> str:

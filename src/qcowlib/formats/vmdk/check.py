@@ -28,17 +28,8 @@ class _CheckedVmdk(VmdkDisk):
 def _first_bad_grain(part: reader._Part) -> tuple[int, bool] | None:
     """The guest sector (in the part) where QEMU's check stops, and whether it is a grain
     QEMU cannot map (else a grain past the end of its file)."""
-    from qcowlib.formats.vmdk.mapping import first_bad_grain
-
-    assert part.host is not None
-    bad = first_bad_grain(
-        part.run_start,
-        part.run_kind,
-        part.run_sector,
-        n_grains=part.num_grains,
-        grain_size=part.grain_size,
-        file_size=part.host.size,
-    )
+    assert part.host is not None and part.grains is not None
+    bad = part.grains.first_bad(part.host.size)
     return None if bad is None else (bad[0] * part.grain_size, bad[1])
 
 
@@ -53,7 +44,7 @@ def check_file(host: HostFile, path: str, fix: int, _open: Callable[..., object]
             bad: tuple[int, bool] | None = None
             if part.kind == "flat" and part.host is not None:
                 bad = (0, False) if part.flat_offset >= part.host.size else None
-            elif part.kind == "sparse" and part.num_grains:
+            elif part.kind == "sparse" and part.grains is not None:
                 bad = _first_bad_grain(part)
             if bad is not None:
                 sector, unmapped = base + bad[0], bad[1]

@@ -2,11 +2,14 @@
 twoGbMaxExtentSparse, twoGbMaxExtentFlat and ESXi's vmfs, vmfsSparse (COWD) and seSparse
 disks, delta disks included; the createTypes and extent lines QEMU 7.2 opens.
 
-A VMDK is a list of extents laid end to end in the guest.  A sparse extent's grain
-directory and grain tables are read and checked once on open
-(:mod:`qcowlib.formats.vmdk.codec`) and turned into runs with numpy: consecutive grains that
-are all unallocated, all zeroed (GTE 1), or uncompressed at consecutive sectors form one
-run; a compressed grain is a run of its own.  Extent files named by a descriptor are
+A VMDK is a list of extents laid end to end in the guest.  A hosted sparse extent's
+grain directory and grain tables are read and checked once on open
+(:mod:`qcowlib.formats.vmdk.codec`); an ESX one's (COWD, seSparse) are read a bounded
+window at a time (:mod:`qcowlib.formats.vmdk.grainmap`), so that snapshot deltas of any
+size map in bounded memory.  Both are turned into runs with numpy
+(:mod:`qcowlib.formats.vmdk.mapping`): consecutive grains that are all unallocated, all
+zeroed, or uncompressed at consecutive sectors form one run; a compressed grain is a
+run of its own.  Extent files named by a descriptor are
 untrusted paths: they are resolved relative to the descriptor with the caller's
 :class:`~qcowlib.core.chain.BackingPolicy` (:func:`~qcowlib.core.chain.resolve_linked_path`)
 and opened read-only.  A delta disk names its parent in ``parentFileNameHint``; the chain
@@ -17,7 +20,7 @@ backing file, and unallocated grains read through it.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,7 +36,9 @@ from qcowlib.errors import (
     TruncatedImage,
 )
 from qcowlib.formats.vmdk import codec as vmdk
-from qcowlib.formats.vmdk.reader_esx import GrainMap, open_cowd, open_sesparse
+from qcowlib.formats.vmdk import mapping
+from qcowlib.formats.vmdk.grainmap import GrainMap, WholeMap
+from qcowlib.formats.vmdk.reader_esx import open_cowd, open_sesparse
 
 if TYPE_CHECKING:
     from qcowlib.core.chain import BackingPolicy
@@ -43,7 +48,8 @@ U8 = npt.NDArray[np.uint8]
 SECTOR = vmdk.SECTOR
 
 #: Run kinds of a sparse extent (:mod:`qcowlib.formats.vmdk.mapping`'s numbers).
-_UNALLOC, _ZERO, _DATA, _COMPRESSED, _ERROR = 0, 1, 2, 3, 4
+_UNALLOC, _ZERO, _DATA = mapping.RUN_UNALLOC, mapping.RUN_ZERO, mapping.RUN_DATA
+_COMPRESSED, _ERROR = mapping.RUN_COMPRESSED, mapping.RUN_ERROR
 #: createType values read from a stand-alone descriptor (QEMU's list).
 DESCRIPTOR_TYPES = vmdk.DESCRIPTOR_TYPES
 #: A compressed grain may take a little more than the grain (incompressible data).
@@ -66,10 +72,8 @@ class _Part:
     #: Sparse extents: sectors per grain and grains in the extent.
     grain_size: int = 0
     num_grains: int = 0
-    #: Sparse runs: first grain, kind, first grain's sector (0 when none).
-    run_start: I64 = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
-    run_kind: U8 = field(default_factory=lambda: np.zeros(1, dtype=np.uint8))
-    run_sector: I64 = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
+    #: Sparse extents: their grains as runs (``None``: a capacity of 0).
+    grains: GrainMap | None = None
 
     @property
     def end(self) -> int:
@@ -291,15 +295,15 @@ class VmdkDisk(Disk):
                 etype=ext.type,
             )
         if ext.type == "SESPARSE":
-            _, found = open_sesparse(ehost, strict=not self.checking)
-            return self._mapped_part(ehost, full, pos, ext.type, found)
+            h, found = open_sesparse(ehost, full, strict=not self.checking)
+            return self._mapped_part(ehost, full, pos, ext.type, h.capacity, found)
         # SPARSE and VMFSSPARSE: a hosted sparse (KDMV) or a COWD extent, by magic.
         if ehost.size < 4:
             raise FormatError("File is too small, not a valid image", file=full)
         magic = ehost.pread(0, 4)
         if magic == vmdk.VMDK3_MAGIC:
-            _, cowd_map = open_cowd(ehost, strict=not self.checking)
-            return self._mapped_part(ehost, full, pos, ext.type, cowd_map)
+            ch, cowd_map = open_cowd(ehost, full, strict=not self.checking)
+            return self._mapped_part(ehost, full, pos, ext.type, ch.capacity, cowd_map)
         if magic != vmdk.VMDK4_MAGIC:
             raise FormatError("Image not in VMDK format (not a sparse extent)", file=full)
         part = self._sparse_part(ehost, full, pos, self._read_header(ehost))
@@ -307,12 +311,11 @@ class VmdkDisk(Disk):
         return part
 
     def _mapped_part(
-        self, host: HostFile, filename: str, pos: int, etype: str, m: GrainMap
+        self, host: HostFile, filename: str, pos: int, etype: str, capacity: int, m: GrainMap
     ) -> _Part:
         """A COWD or seSparse extent's part (its header is checked and done with)."""
-        part = _Part(pos, m.capacity * SECTOR, "sparse", host, filename, etype=etype)
-        part.grain_size, part.num_grains = m.grain_size, m.num_grains
-        part.run_start, part.run_kind, part.run_sector = m.run_start, m.run_kind, m.run_sector
+        part = _Part(pos, capacity * SECTOR, "sparse", host, filename, etype=etype)
+        part.grain_size, part.num_grains, part.grains = m.grain_size, m.n_grains, m
         return part
 
     def _open_cowd_disk(self) -> None:
@@ -335,8 +338,8 @@ class VmdkDisk(Disk):
             )
         self.descriptor = desc
         self.create_type = ""
-        _, found = open_cowd(self.host, strict=not self.checking)
-        self.parts.append(self._mapped_part(self.host, self.filename, 0, "", found))
+        h, found = open_cowd(self.host, self.filename, strict=not self.checking)
+        self.parts.append(self._mapped_part(self.host, self.filename, 0, "", h.capacity, found))
 
     def _sparse_part(
         self, host: HostFile, filename: str, pos: int, h: vmdk.SparseExtentHeader
@@ -347,9 +350,7 @@ class VmdkDisk(Disk):
         if h.capacity == 0:
             return part
         try:
-            part.run_start, part.run_kind, part.run_sector = _read_runs(
-                host, h, strict=not self.checking
-            )
+            part.grains = WholeMap(_read_runs(host, h, strict=not self.checking), h.grain_size)
         except QcowlibError as exc:
             raise exc.with_file(filename) from None
         return part
@@ -401,18 +402,35 @@ class VmdkDisk(Disk):
             i += 1
 
     def _sparse_extents(self, part: _Part, start: int, end: int) -> Iterator[Extent]:
+        """The extents of a sparse part over guest ``[start, end)``, a window of its
+        grain map at a time."""
+        grains = part.grains
         gb = part.grain_size * SECTOR
-        rel = start - part.start
-        starts = part.run_start
-        j = int(np.searchsorted(starts, rel // gb, side="right")) - 1
-        pos = rel
-        rel_end = end - part.start
-        while pos < rel_end:
-            r0 = int(starts[j]) * gb
-            r1 = int(starts[j + 1]) * gb if j + 1 < starts.size else part.length
-            stop = min(rel_end, r1)
-            kind = int(part.run_kind[j])
-            g = part.start + pos
+        pos, rel_end = start - part.start, end - part.start
+        while grains is not None and pos < rel_end:
+            window = grains.runs(pos // gb, -(-rel_end // gb))
+            stop = min(rel_end, window.end * gb)
+            yield from self._window_extents(part, window, pos, stop)
+            pos = stop
+
+    def _window_extents(
+        self, part: _Part, w: mapping.GrainRuns, pos: int, rel_end: int
+    ) -> Iterator[Extent]:
+        """The extents of part-relative ``[pos, rel_end)``, inside window ``w``."""
+        gb = part.grain_size * SECTOR
+        j = int(np.searchsorted(w.start, pos // gb, side="right")) - 1
+        k = int(np.searchsorted(w.start, -(-rel_end // gb)))
+        rows = zip(
+            w.start[j:k].tolist(),
+            w.length[j:k].tolist(),
+            w.kind[j:k].tolist(),
+            w.sector[j:k].tolist(),
+            strict=True,
+        )
+        for first, count, kind, sector in rows:
+            r0 = first * gb
+            lo, hi = max(pos, r0), min(rel_end, (first + count) * gb)
+            g = part.start + lo
             if kind == _ERROR:
                 raise CorruptImage(
                     f"no valid grain directory or grain table entry maps guest offset {g} "
@@ -421,22 +439,17 @@ class VmdkDisk(Disk):
                     structure="vmdk grain directory",
                 )
             if kind == _UNALLOC:
-                yield Extent(g, stop - pos, ExtentKind.UNALLOCATED)
+                yield Extent(g, hi - lo, ExtentKind.UNALLOCATED)
             elif kind == _ZERO:
-                yield Extent(g, stop - pos, ExtentKind.ZERO)
+                yield Extent(g, hi - lo, ExtentKind.ZERO)
             elif kind == _DATA:
-                host = int(part.run_sector[j]) * SECTOR + (pos - r0)
-                yield Extent(g, stop - pos, ExtentKind.DATA, host_offset=host, file=part.filename)
+                host = sector * SECTOR + (lo - r0)
+                yield Extent(g, hi - lo, ExtentKind.DATA, host_offset=host, file=part.filename)
             else:
+                host = sector * SECTOR
                 yield Extent(
-                    g,
-                    stop - pos,
-                    ExtentKind.COMPRESSED,
-                    host_offset=int(part.run_sector[j]) * SECTOR,
-                    file=part.filename,
+                    g, hi - lo, ExtentKind.COMPRESSED, host_offset=host, file=part.filename
                 )
-            pos = stop
-            j += 1
 
     # -- reads --------------------------------------------------------------------------
     def _read_layer(self, ext: Extent, buf: memoryview) -> None:
@@ -505,7 +518,7 @@ class VmdkDisk(Disk):
 
 def _read_runs(
     host: HostFile, h: vmdk.SparseExtentHeader, *, strict: bool = True
-) -> tuple[I64, U8, I64]:
+) -> mapping.GrainRuns:
     """Read the grain directory and tables of a sparse extent and turn them into runs."""
     gd_at, gd_len = vmdk.grain_directory_extent(h)
     gd = vmdk.decode_table(
@@ -539,46 +552,26 @@ def grain_runs(
     file_size: int,
     *,
     strict: bool = True,
-) -> tuple[I64, U8, I64]:
-    """Runs of a sparse extent: first grain, kind, first grain's sector.
+) -> mapping.GrainRuns:
+    """Runs of a hosted sparse extent (:func:`~qcowlib.formats.vmdk.mapping.table_runs`).
 
-    ``tables`` holds the entries of the allocated grain tables, in directory order.
-    Unallocated directory entries become one item of ``num_gtes_per_gt`` grains, so the
-    work is bounded by the directory and the tables actually present, never by the
-    capacity.  Raises :class:`TruncatedImage` for a grain past the end of the file.
+    ``tables`` holds the entries of the allocated grain tables, in directory order: a
+    grain's sector, 0 (unallocated) or 1 (zeroed), compressed grains in a compressed
+    extent.  Raises :class:`TruncatedImage` (``strict``) for a grain past the end of
+    the file.
     """
     if strict:
         vmdk.check_grain_tables(gd, tables, h, file_size)
-    gtes = h.num_gtes_per_gt
-    n_grains = h.num_grains
-    alloc = gd != 0
-    per_gd = np.where(alloc, gtes, 1).astype(np.int64)
-    total = int(per_gd.sum())
-    gd_of_item = np.repeat(np.arange(gd.size, dtype=np.int64), per_gd)
-    first_item = np.cumsum(per_gd) - per_gd
-    within = np.arange(total, dtype=np.int64) - np.repeat(first_item, per_gd)
-    item_start = gd_of_item * gtes + within
-    item_alloc = alloc[gd_of_item]
-    value = np.zeros(total, dtype=np.int64)
-    value[item_alloc] = tables.astype(np.int64)
-    keep = item_start < n_grains
-    item_start, value = item_start[keep], value[keep]
-    kind = np.full(value.size, _DATA, dtype=np.uint8)
+    value = tables.astype(np.int64)
+    kind = np.full(value.size, _COMPRESSED if h.compressed else _DATA, dtype=np.uint8)
     kind[value == 0] = _UNALLOC
     kind[value == vmdk.GTE_ZEROED] = _ZERO
-    is_data = kind == _DATA
-    if h.compressed:
-        kind[is_data] = _COMPRESSED
-    n = value.size
-    if n == 0:
-        return np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.uint8), np.zeros(1, np.int64)
-    item_len = np.diff(np.append(item_start, n_grains))
-    breaks = np.empty(n, dtype=np.bool_)
-    breaks[0] = True
-    breaks[1:] = (
-        (kind[1:] != kind[:-1])
-        | (kind[1:] == _COMPRESSED)
-        | ((kind[1:] == _DATA) & (value[1:] != value[:-1] + item_len[:-1] * h.grain_size))
+    state = np.where(gd != 0, mapping.GD_TABLE, mapping.GD_UNALLOC).astype(np.uint8)
+    return mapping.table_runs(
+        state,
+        kind,
+        value,
+        gtes=h.num_gtes_per_gt,
+        n_grains=h.num_grains,
+        grain_size=h.grain_size,
     )
-    first = np.flatnonzero(breaks)
-    return item_start[first], kind[first], value[first]
