@@ -196,7 +196,8 @@ _LIGHT_VALIDATE = (*_LIGHT, "importlib.metadata")
     [
         (["info"], _LIGHT, True),
         (["info", "--output=json"], ("numpy", "concurrent.futures", "openstack", "logging"), True),
-        (["map"], (*_LIGHT, "dataclasses"), False),
+        (["map"], (*_LIGHT, "dataclasses"), True),
+        (["map", "--output=json"], (*_LIGHT, "dataclasses"), True),
         (["check"], _LIGHT, True),
         (["check", "--output=json"], _LIGHT, True),
         (["validate"], _LIGHT_VALIDATE, True),
@@ -210,8 +211,9 @@ _LIGHT_VALIDATE = (*_LIGHT, "importlib.metadata")
 def test_metadata_commands_start_light(
     tmp_path: Path, command: list[str], heavy: tuple[str], data: bool
 ) -> None:
-    """DESIGN.md: metadata-only commands (and ``check`` and ``validate`` of a small
-    qcow2, data in it or not) import neither numpy nor thread pools nor openstacksdk."""
+    """DESIGN.md: metadata-only commands (and ``map``, ``check`` and ``validate`` of a
+    small qcow2, data in it or not) import neither numpy nor thread pools nor
+    openstacksdk."""
     require_qemu()
     image = tmp_path / "small.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", image, "1G")

@@ -7,12 +7,15 @@ writer): check, info, the writer and repair read these through the disk they ope
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from qcowlib._log import get_logger
 from qcowlib.core.hostfile import HostFile
 from qcowlib.errors import CorruptImage, QcowlibError
 from qcowlib.formats.qcow2 import header as hdr
+from qcowlib.formats.qcow2 import reader_plain
+from qcowlib.formats.qcow2.entries import entries_per_block
 
 if TYPE_CHECKING:
     from qcowlib.formats.qcow2 import tables
@@ -119,25 +122,11 @@ class Qcow2Metadata:
         blocks: then data clusters may be holes in the file, and the map reports those
         as zero (qemu-img map recurses into the file for them).
         """
-        import numpy as np
-
-        from qcowlib.formats.qcow2 import refcount
-
         if self._metadata_prealloc is None:
             real_clusters = self.host.allocated // self.cluster_size
             threshold = max(real_clusters * 10 // 9, real_clusters + 2)
-            end_cluster = -(-self.host.size // self.cluster_size)
-            per_block = refcount.entries_per_block(self.cluster_bits, self.header.refcount_order)
-            count = 0
             try:
-                for block_index, offset in enumerate(self.refcount_table()):
-                    first = block_index * per_block
-                    if first >= end_cluster or count >= threshold:
-                        break
-                    if not offset:
-                        continue
-                    counts = self.refcount_block(int(offset))[: end_cluster - first]
-                    count += int(np.count_nonzero(counts))
+                count = self._count_refcounts(threshold)
             except QcowlibError as exc:
                 # Only the map's hole detail depends on this; reads must not fail on it.
                 log.debug(
@@ -146,3 +135,44 @@ class Qcow2Metadata:
                 count = 0
             self._metadata_prealloc = count >= threshold
         return self._metadata_prealloc
+
+    def _count_refcounts(self, threshold: int) -> int:
+        """Clusters of the file with a refcount, counted until ``threshold`` is reached;
+        without numpy while it is not loaded and the refcount table is small."""
+        h = self.header
+        cs = self.cluster_size
+        end_cluster = -(-self.host.size // cs)
+        per_block = entries_per_block(self.cluster_bits, h.refcount_order)
+        count_block: Callable[[int, int], int]
+        if (
+            reader_plain.numpy_loaded()
+            or h.refcount_table_clusters * cs // 8 > reader_plain.PLAIN_REFTABLE_ENTRIES
+        ):
+            import numpy as np
+
+            offsets: Iterable[int] = self.refcount_table()
+
+            def count_block(offset: int, n: int) -> int:
+                return int(np.count_nonzero(self.refcount_block(offset)[:n]))
+        else:
+            from qcowlib.formats.qcow2 import tables_plain
+
+            size = h.refcount_table_clusters * cs
+            raw = self.host.pread_exact(h.refcount_table_offset, size, "refcount table")
+            try:
+                offsets = tables_plain.reftable_offsets(raw, cs)
+            except QcowlibError as exc:
+                raise exc.with_file(self.filename) from None
+
+            def count_block(offset: int, n: int) -> int:
+                raw = self.host.pread_exact(offset, cs, "refcount block")
+                return tables_plain.count_refcounts(raw, h.refcount_order, min(n, per_block))
+
+        count = 0
+        for block_index, offset in enumerate(offsets):
+            first = block_index * per_block
+            if first >= end_cluster or count >= threshold:
+                break
+            if offset:
+                count += count_block(int(offset), end_cluster - first)
+        return count

@@ -98,8 +98,7 @@ class Qcow2MetadataWriter(Qcow2Disk):
         """L1/L2 tables, flags or the snapshot table changed behind the write path
         (snapshot and amend operations): forget everything read from them."""
         self._l2_tables.clear()
-        with self._l2_lock:
-            self._l2_cache.clear()
+        self._forget_l2()
         self._compressed_cache = None
         self._snapshots = None
         self._bitmaps = None
@@ -216,8 +215,7 @@ class Qcow2MetadataWriter(Qcow2Disk):
         self._invalidate(l1_index)
 
     def _invalidate(self, l1_index: int) -> None:
-        with self._l2_lock:
-            self._l2_cache.pop(l1_index, None)
+        self._forget_l2(l1_index)
         self._compressed_cache = None
 
     def _entry(self, table: tables.U64, i: int) -> tuple[int, int]:

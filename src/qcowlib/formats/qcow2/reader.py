@@ -9,8 +9,7 @@ table codec.  Reads go through extents, so a long run of contiguous clusters is 
 from __future__ import annotations
 
 import _thread
-import functools
-import struct
+from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from qcowlib.core.disk import (
     RUN_COMPRESSED,
     RUN_DATA,
+    RUN_KINDS,
     Disk,
     Extent,
     ExtentKind,
@@ -27,7 +27,6 @@ from qcowlib.core.disk import (
 from qcowlib.core.hostfile import HostFile
 from qcowlib.core.qdict import qdict_order
 from qcowlib.errors import (
-    CorruptImage,
     InvalidArgument,
     QcowlibError,
     TruncatedImage,
@@ -35,6 +34,8 @@ from qcowlib.errors import (
 from qcowlib.formats.qcow2 import header as hdr
 from qcowlib.formats.qcow2 import hostio
 from qcowlib.formats.qcow2.metadata_read import Qcow2Metadata
+from qcowlib.formats.qcow2.reader_plain import PLAIN_L2_BYTES, PlainL2Mixin
+from qcowlib.formats.qcow2.tables_plain import l1_check_aligned
 
 if TYPE_CHECKING:
     import numpy as np
@@ -45,32 +46,16 @@ if TYPE_CHECKING:
     from qcowlib.formats.qcow2.bitmap import BitmapEntry
     from qcowlib.formats.qcow2.encryption import ClusterCipher
     from qcowlib.formats.qcow2.snapshot import Snapshot
+    from qcowlib.formats.qcow2.tables_plain import PlainL2Runs
 
 # numpy and the table codecs load on the first mapping or read, not for ``info``: a
 # header read must not pay ~50 ms of imports (DESIGN.md, "metadata-only commands").
+# Mapping a small range does not load them either (reader_plain.py).
 
 #: Decoded L2 tables kept per image (bytes of raw table they stand for).
 L2_CACHE_BYTES = 32 * 1024 * 1024
-#: Raw L2 table bytes decoded in one vectorised step when a range spans many tables
-#: (512 tables of 4 KiB clusters, 32 of 64 KiB; large clusters go one at a time).
-L2_BATCH_BYTES = 2 * 1024 * 1024
 #: L1 tables up to this size are checked for misaligned entries without numpy.
 _L1_PLAIN_CHECK_BYTES = 256 * 1024
-_L1_ENTRY = struct.Struct(">Q")
-#: Bits 9-55 of an L1 entry: the L2 table offset (docs/interop/qcow2.txt, "L1 table entry").
-_L1E_OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00
-
-
-@functools.cache
-def _kinds() -> dict[int, ExtentKind]:
-    from qcowlib.formats.qcow2 import tables
-
-    return {
-        tables.KIND_UNALLOCATED: ExtentKind.UNALLOCATED,
-        tables.KIND_DATA: ExtentKind.DATA,
-        tables.KIND_ZERO: ExtentKind.ZERO,
-        tables.KIND_COMPRESSED: ExtentKind.COMPRESSED,
-    }
 
 
 def _l1_to_offsets(raw_l1: bytes, cluster_size: int) -> tables.U64:
@@ -79,18 +64,12 @@ def _l1_to_offsets(raw_l1: bytes, cluster_size: int) -> tables.U64:
     return tables.l1_offsets(tables.decode_table(raw_l1), cluster_size)
 
 
-def _l1_entries_aligned(raw_l1: bytes, cluster_size: int) -> bool:
-    """Whether every L1 entry's offset is cluster aligned, for a small table (no numpy)."""
-    mask = _L1E_OFFSET_MASK & (cluster_size - 1)
-    return not any(e & mask for (e,) in _L1_ENTRY.iter_unpack(raw_l1))
-
-
 def read_header(host: HostFile) -> hdr.Header:
     """Read and parse the header of a qcow2 file (first cluster)."""
     return hostio.read_header(host)
 
 
-class Qcow2Disk(Qcow2Metadata, Disk):
+class Qcow2Disk(PlainL2Mixin, Qcow2Metadata, Disk):
     """A qcow2 image opened read-only (see :func:`qcowlib.formats.opener.open_disk`)."""
 
     format = "qcow2"
@@ -128,11 +107,19 @@ class Qcow2Disk(Qcow2Metadata, Disk):
         )
         self._raw_l1 = raw_l1
         self._l2_offsets: tables.U64 | None = None
-        if len(raw_l1) > _L1_PLAIN_CHECK_BYTES or not _l1_entries_aligned(raw_l1, h.cluster_size):
-            _ = self.l2_offsets  # decode now: a bad entry is an error at open
+        # A bad entry is an error at open: a small table is checked without numpy.
+        if len(raw_l1) > _L1_PLAIN_CHECK_BYTES:
+            _ = self.l2_offsets
+        else:
+            try:
+                l1_check_aligned(raw_l1, h.cluster_size)
+            except QcowlibError as exc:
+                raise exc.with_file(filename) from None
         self._l2_cache: OrderedDict[int, tables.L2Runs] = OrderedDict()
         self._l2_lock = _thread.allocate_lock()  # threading's Lock, without its import
         self._l2_cache_max = max(4, L2_CACHE_BYTES // self.cluster_size)
+        self._l2_plain: dict[int, PlainL2Runs] = {}
+        self._plain_budget = PLAIN_L2_BYTES
         self._compressed_cache: tuple[int, bytes] | None = None
         self._metadata_prealloc: bool | None = None
         self._snapshots: list[Snapshot] | None = None
@@ -272,8 +259,7 @@ class Qcow2Disk(Qcow2Metadata, Disk):
         from qcowlib.formats.qcow2 import tables
 
         cs = self.cluster_size
-        batch = max(1, min(L2_BATCH_BYTES // cs, self._l2_cache_max // 2))
-        last = min(last, first + batch - 1, self.l2_offsets.size - 1)
+        last = self._batch_last(first, last, self.l2_offsets.size)
         offsets = self.l2_offsets[first : last + 1]
         # Offsets that are bad are left to the one-table path, which names the problem.
         usable = (offsets >= np.uint64(cs)) & (offsets + np.uint64(cs) <= np.uint64(self.host.size))
@@ -312,22 +298,7 @@ class Qcow2Disk(Qcow2Metadata, Disk):
         if offset == 0:
             return None
         what = f"L2 table {l1_index}"
-        if offset + self.cluster_size > self.host.size:
-            raise TruncatedImage(
-                f"{what} at {offset:#x} is past the end of the file",
-                file=self.filename,
-                structure="L1 table",
-                field=f"entry[{l1_index}]",
-                offset=self.header.l1_table_offset + 8 * l1_index,
-            )
-        if offset < self.cluster_size:
-            raise CorruptImage(
-                f"{what} overlaps the header",
-                file=self.filename,
-                structure="L1 table",
-                field=f"entry[{l1_index}]",
-                offset=self.header.l1_table_offset + 8 * l1_index,
-            )
+        self._check_l2_offset(l1_index, offset)
         raw = tables.decode_table(self.host.pread(offset, self.cluster_size))
         try:
             if self.extended_l2:
@@ -356,10 +327,7 @@ class Qcow2Disk(Qcow2Metadata, Disk):
         """Whether L1 entry ``l1_index`` points at an L2 table; an L1 not decoded yet (a
         small one) is read without numpy, so mapping an empty image stays light."""
         if self._l2_offsets is None:
-            at = l1_index * _L1_ENTRY.size
-            if at + _L1_ENTRY.size > len(self._raw_l1):
-                return False
-            return bool(_L1_ENTRY.unpack_from(self._raw_l1, at)[0] & _L1E_OFFSET_MASK)
+            return bool(self._raw_l2_offset(l1_index))
         return l1_index < self._l2_offsets.size and bool(self._l2_offsets[l1_index])
 
     def _need_key(self) -> None:
@@ -374,6 +342,7 @@ class Qcow2Disk(Qcow2Metadata, Disk):
     def layer_extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
         self._need_key()
         start, end = self._range(offset, length)
+        plain = self._plain_ok(start, end)  # a small range while numpy is not loaded
         pos = start
         unit = self.unit_size
         last_index = (end - 1) // self.l2_span
@@ -381,48 +350,66 @@ class Qcow2Disk(Qcow2Metadata, Disk):
             l1_index = pos // self.l2_span
             table_base = l1_index * self.l2_span
             table_end = min(end, table_base + self.l2_span)
-            runs = self._l2_runs_ahead(l1_index, last_index) if self._has_l2(l1_index) else None
+            runs: tables.L2Runs | PlainL2Runs | None = None
+            if self._has_l2(l1_index):
+                ahead = self._plain_runs_ahead if plain else self._l2_runs_ahead
+                runs = ahead(l1_index, last_index)
             if runs is None:
                 yield Extent(pos, table_end - pos, ExtentKind.UNALLOCATED)
                 pos = table_end
                 continue
-            import numpy as np  # loaded already: decoding the table needed it
-
-            kinds = _kinds()
             first_unit = (pos - table_base) // unit
-            i = int(np.searchsorted(runs.start, first_unit, side="right")) - 1
-            while pos < table_end:
-                run_start = int(runs.start[i])
-                run_units = int(runs.count[i])
-                g_start = table_base + run_start * unit
-                g_end = min(table_end, table_base + (run_start + run_units) * unit)
-                kind = kinds[int(runs.kind[i])]
-                host = int(runs.host[i])
-                if kind is ExtentKind.COMPRESSED:
-                    ext = Extent(
-                        g_start,
-                        g_end - g_start,
-                        kind,
-                        host_offset=host,
-                        file=self.filename,
-                        compressed_length=int(runs.clen[i]),
-                    )
-                elif kind is ExtentKind.DATA or host:
-                    ext = Extent(
-                        g_start, g_end - g_start, kind, host_offset=host, file=self.data_filename
-                    )
-                else:
-                    ext = Extent(g_start, g_end - g_start, kind)
-                ext = ext.clip(pos, table_end)
-                if kind is ExtentKind.DATA and self.metadata_preallocated():
-                    yield from self._split_holes(ext)
-                else:
-                    yield ext
-                pos = g_end
-                i += 1
-                if i >= len(runs):
-                    break
+            if plain:
+                i = bisect_right(runs.start, first_unit) - 1
+            else:
+                import numpy as np  # loaded already: decoding the table needed it
+
+                i = int(np.searchsorted(runs.start, first_unit, side="right")) - 1
+            yield from self._table_extents(runs, i, pos, table_base, table_end)
             pos = table_end
+
+    def _table_extents(
+        self,
+        runs: tables.L2Runs | PlainL2Runs,
+        i: int,
+        pos: int,
+        table_base: int,
+        table_end: int,
+    ) -> Iterator[Extent]:
+        """The extents of ``[pos, table_end)`` in one table's runs, from run ``i`` on."""
+        unit = self.unit_size
+        n_runs = len(runs.start)
+        while pos < table_end:
+            run_start = int(runs.start[i])
+            run_units = int(runs.count[i])
+            g_start = table_base + run_start * unit
+            g_end = min(table_end, table_base + (run_start + run_units) * unit)
+            kind = RUN_KINDS[int(runs.kind[i])]
+            host = int(runs.host[i])
+            if kind is ExtentKind.COMPRESSED:
+                ext = Extent(
+                    g_start,
+                    g_end - g_start,
+                    kind,
+                    host_offset=host,
+                    file=self.filename,
+                    compressed_length=int(runs.clen[i]),
+                )
+            elif kind is ExtentKind.DATA or host:
+                ext = Extent(
+                    g_start, g_end - g_start, kind, host_offset=host, file=self.data_filename
+                )
+            else:
+                ext = Extent(g_start, g_end - g_start, kind)
+            ext = ext.clip(pos, table_end)
+            if kind is ExtentKind.DATA and self.metadata_preallocated():
+                yield from self._split_holes(ext)
+            else:
+                yield ext
+            pos = g_end
+            i += 1
+            if i >= n_runs:
+                break
 
     def layer_runs(self, offset: int, end: int) -> Runs:
         """:meth:`layer_extents` as arrays, built a decoded L2 table at a time."""

@@ -25,9 +25,7 @@ _WIDE_DTYPES: Final[dict[int, np.dtype[Any]]] = {
 }
 
 
-def entries_per_block(cluster_bits: int, refcount_order: int) -> int:
-    """Refcount entries in one refcount block."""
-    return (1 << (cluster_bits + 3)) >> refcount_order
+entries_per_block = _entries.entries_per_block
 
 
 def decode_block(raw: bytes | bytearray | memoryview, refcount_order: int) -> U64:

@@ -30,16 +30,13 @@ L2E_STD_RESERVED_MASK: Final = _entries.L2E_STD_RESERVED_MASK
 OFLAG_COPIED: Final = _entries.OFLAG_COPIED
 OFLAG_COMPRESSED: Final = _entries.OFLAG_COMPRESSED
 OFLAG_ZERO: Final = _entries.OFLAG_ZERO
-
-
 #: Subclusters per cluster with extended L2 entries.
-SUBCLUSTERS: Final = 32
-
+SUBCLUSTERS: Final = _entries.SUBCLUSTERS
 # Run kinds (small ints so they live in numpy arrays).
-KIND_UNALLOCATED: Final = 0
-KIND_DATA: Final = 1
-KIND_ZERO: Final = 2
-KIND_COMPRESSED: Final = 3
+KIND_UNALLOCATED: Final = _entries.KIND_UNALLOCATED
+KIND_DATA: Final = _entries.KIND_DATA
+KIND_ZERO: Final = _entries.KIND_ZERO
+KIND_COMPRESSED: Final = _entries.KIND_COMPRESSED
 
 
 def decode_table(raw: bytes | bytearray | memoryview) -> U64:
@@ -58,11 +55,7 @@ def l1_offsets(l1: U64, cluster_size: int, *, table: str = "L1 table") -> U64:
     bad = np.flatnonzero(offsets & np.uint64(cluster_size - 1))
     if bad.size:
         i = int(bad[0])
-        raise CorruptImage(
-            f"{table} entry {i} points at unaligned L2 table offset {int(offsets[i]):#x}",
-            structure=table,
-            field=f"entry[{i}]",
-        )
+        raise _entries.unaligned_l2_table(int(offsets[i]), table, i)
     return offsets
 
 
@@ -75,7 +68,7 @@ class CompressedLayout:
     @property
     def offset_bits(self) -> int:
         """``x = 62 - (cluster_bits - 8)``: bits 0..x-1 hold the host offset."""
-        return 62 - (self.cluster_bits - 8)
+        return _entries.compressed_offset_bits(self.cluster_bits)
 
     @property
     def offset_mask(self) -> int:
@@ -83,7 +76,7 @@ class CompressedLayout:
 
     @property
     def sectors_mask(self) -> int:
-        return (1 << (self.cluster_bits - 8)) - 1
+        return _entries.compressed_sectors_mask(self.cluster_bits)
 
     def decode(self, entries: U64) -> tuple[U64, U64]:
         """Host offsets and compressed byte lengths (upper bounds) for descriptors."""
@@ -163,11 +156,7 @@ def _check_alignment(kind: U8, host: U64, cluster_size: int, table: str, first_i
     bad = np.flatnonzero(aligned_kinds & ((host & np.uint64(cluster_size - 1)) != 0))
     if bad.size:
         i = int(bad[0])
-        raise CorruptImage(
-            f"cluster allocation offset {int(host[i]):#x} is unaligned",
-            structure=table,
-            field=f"entry[{first_index + i}]",
-        )
+        raise _entries.unaligned_cluster(int(host[i]), table, first_index + i)
 
 
 def decode_l2(
@@ -203,32 +192,24 @@ def decode_l2(
 def _check_bitmaps(kind: U8, bitmaps: U64, table: str, first_index: int) -> None:
     """Refuse a compressed cluster with a bitmap, a subcluster both allocated and zero
     (as QEMU), and allocated subclusters in a cluster without a host cluster."""
-    alloc_bits = bitmaps & np.uint64(0xFFFF_FFFF)
+    alloc_bits = bitmaps & np.uint64(_entries.SUBCLUSTER_ALLOC_MASK)
     zero_bits = bitmaps >> np.uint64(32)
     compressed = kind == KIND_COMPRESSED
     if np.any(compressed & (bitmaps != 0)):
         i = int(np.flatnonzero(compressed & (bitmaps != 0))[0])
-        raise CorruptImage(
-            "compressed cluster has a non-zero subcluster bitmap",
-            structure=table,
-            field=f"entry[{first_index + i}]",
-        )
+        raise _entries.compressed_with_bitmap(table, first_index + i)
     both = (alloc_bits & zero_bits) != 0
     alloc_without_cluster = (kind != KIND_DATA) & (~compressed) & (alloc_bits != 0)
     bad = both | alloc_without_cluster
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise CorruptImage(
-            "invalid subcluster bitmap",
-            structure=table,
-            field=f"entry[{first_index + i}]",
-        )
+        raise _entries.invalid_bitmap(table, first_index + i)
 
 
 def _subcluster_runs(kind: U8, host: U64, clen: U64, bitmaps: U64, cluster_size: int) -> L2Runs:
     """Runs of checked extended L2 entries, one unit per subcluster."""
     n = kind.size
-    alloc_bits = (bitmaps & np.uint64(0xFFFF_FFFF)).astype(np.uint64)
+    alloc_bits = (bitmaps & np.uint64(_entries.SUBCLUSTER_ALLOC_MASK)).astype(np.uint64)
     zero_bits = (bitmaps >> np.uint64(32)).astype(np.uint64)
     compressed = kind == KIND_COMPRESSED
     cluster_allocated = kind == KIND_DATA
@@ -278,11 +259,7 @@ def decode_l2_tables(
     bad = np.flatnonzero(aligned_kinds & ((host & np.uint64((1 << cluster_bits) - 1)) != 0))
     if bad.size:
         t, i = divmod(int(bad[0]), per_table)
-        raise CorruptImage(
-            f"cluster allocation offset {int(host[bad[0]]):#x} is unaligned",
-            structure=tables[t],
-            field=f"entry[{i}]",
-        )
+        raise _entries.unaligned_cluster(int(host[bad[0]]), tables[t], i)
     runs = _runs(kind, host, clen, 1 << cluster_bits, period=per_table)
     # Every table starts a run (``period``), so each table's runs are one slice.
     bounds = np.searchsorted(runs.start, np.arange(n_tables + 1) * per_table).tolist()

@@ -340,7 +340,7 @@ class Qcow2RWDisk(Qcow2MetadataWriter):
         shrunk = size < self.virtual_size
         self.header = self.header.replace(size=size)
         self.virtual_size = size
-        self._l2_cache.clear()
+        self._forget_l2()
         if shrunk:
             self._truncate_unused_tail()
 
