@@ -226,3 +226,24 @@ def test_no_import_cycle() -> None:
     assert "qcowlib.formats.qcow2.header" in graph["qcowlib.formats.qcow2.reader"]
     cycle = _find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+#: STYLE.md 14: a module over ~600 lines or a function over ~60 is a sign that two jobs
+#: share it (issue #11 made these the limits).
+MAX_MODULE_LINES = 600
+MAX_FUNCTION_LINES = 60
+
+
+def test_modules_and_functions_can_be_read_in_one_sitting() -> None:
+    problems = []
+    for path in sorted(SRC.rglob("*.py")):
+        text = path.read_text()
+        lines = len(text.splitlines())
+        if lines > MAX_MODULE_LINES:
+            problems.append(f"{path.relative_to(SRC)}: {lines} lines")
+        for node in ast.walk(ast.parse(text, str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    problems.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name}: {length}")
+    assert not problems, "\n".join(problems)

@@ -186,19 +186,6 @@ def _copy(disk: Disk, sink: DataWriter, sparse_size: int, progress: Progress | N
     starts, ends = data_ranges(disk, unit)
     reserved = starts.size <= RESERVE_MAX_RANGES and _reserve(sink.fd, starts, ends)
 
-    def jobs() -> Iterator[_Job]:
-        batch: list[_Segment] = []
-        used = 0
-        for start, length in _pieces(starts, ends, chunk):
-            if batch and used + length > chunk:
-                yield _Job(batch, pool.get())
-                batch, used = [], 0
-            runs, a, b = source.get(start, start + length)
-            batch.append(_Segment(start, length, used, runs, a, b))
-            used += length
-        if batch:
-            yield _Job(batch, pool.get())
-
     def work(job: _Job) -> _Done:
         done = _Done(job, [], [])
         for seg in job.segments:
@@ -226,8 +213,9 @@ def _copy(disk: Disk, sink: DataWriter, sparse_size: int, progress: Progress | N
 
         return run
 
+    jobs = _jobs(_pieces(starts, ends, chunk), chunk, source, pool)
     results = ordered_map(
-        jobs(), work, workers=WORKERS, ahead=2 * WORKERS + 1, on_close=pool.close,
+        jobs, work, workers=WORKERS, ahead=2 * WORKERS + 1, on_close=pool.close,
         name="qcowlib-read",
     )  # fmt: skip
     try:
@@ -239,6 +227,23 @@ def _copy(disk: Disk, sink: DataWriter, sparse_size: int, progress: Progress | N
             tasks.join()
     finally:
         results.close()
+
+
+def _jobs(
+    pieces: Iterator[tuple[int, int]], chunk: int, source: RunSource, pool: BufferPool
+) -> Iterator[_Job]:
+    """Pieces packed into jobs of at most ``chunk`` bytes, each with a buffer of the pool."""
+    batch: list[_Segment] = []
+    used = 0
+    for start, length in pieces:
+        if batch and used + length > chunk:
+            yield _Job(batch, pool.get())
+            batch, used = [], 0
+        runs, a, b = source.get(start, start + length)
+        batch.append(_Segment(start, length, used, runs, a, b))
+        used += length
+    if batch:
+        yield _Job(batch, pool.get())
 
 
 def _giver(pool: BufferPool, buf: memoryview) -> Callable[[], None]:

@@ -33,9 +33,10 @@ from typing import Protocol
 import numpy as np
 
 from qcowlib.core.appendsink import AppendWriter
-from qcowlib.core.hostfile import DataWriter, aligned_buffer, preallocate, pwrite_all, reserve
+from qcowlib.core.hostfile import DataWriter, aligned_buffer, pwrite_all
 from qcowlib.core.pipeline import TaskQueue
 from qcowlib.core.plan import Chunk, Classifier
+from qcowlib.core.space import preallocate, reserve
 from qcowlib.core.zero import nonzero_runs
 from qcowlib.errors import QcowlibError, QcowlibIOError, SourceChanged
 
@@ -211,7 +212,7 @@ def write_file(
     """Write the image ``layout`` plans into ``fd`` (a new, empty file) in one read pass.
 
     ``preallocation`` ``falloc`` or ``full`` then allocates the data area from
-    ``layout.data_start`` to the end (:func:`qcowlib.core.hostfile.preallocate`).
+    ``layout.data_start`` to the end (:func:`qcowlib.core.space.preallocate`).
     Returns the file size.  ``hashers`` are fed the file's bytes in file order once it
     is complete (from the file: the source is not read again).  Raises
     :class:`QcowlibIOError` on write errors; read errors from the source propagate.

@@ -397,10 +397,8 @@ def _direct_ok(parts: list[memoryview], offset: int) -> bool:
     return True
 
 
-#: Smaller writes go through the page cache: a direct write waits for the device, and a
-#: fragmented source's thousands of 4 KiB writes, two at a time, were bound by its
-#: latency (a 16 GiB raw with 200,000 scattered 4 KiB blocks converted in 24 s against
-#: qemu-img's 12 s, which writes through the cache).
+#: Smaller writes go through the page cache: a direct write waits for the device, and
+#: a fragmented source's thousands of 4 KiB writes were bound by its latency (2x slower).
 DIRECT_MIN = 64 * 1024
 
 
@@ -531,75 +529,3 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     if err:
         log.debug("no hole punched at %#x+%#x: %s", offset, length, os.strerror(err))
     return not err
-
-
-def reserve(fd: int, offset: int, length: int) -> None:
-    """Best-effort ``posix_fallocate``: file systems without it just skip the hint."""
-    if length <= 0:
-        return
-    try:
-        os.posix_fallocate(fd, offset, length)
-    except OSError as exc:
-        log.debug("no preallocation of the output: %s", exc.strerror)
-
-
-#: ``preallocation=`` modes that allocate the file's data area (``metadata`` is the
-#: format's business: its tables, not the file's blocks).
-FILE_PREALLOCATION = ("falloc", "full")
-
-
-def preallocate(fd: int, start: int, end: int, mode: str) -> None:
-    """Allocate ``[start, end)`` of ``fd`` as qemu's ``preallocation=`` does, keeping
-    what is written there: ``falloc`` reserves the blocks (``posix_fallocate``: they
-    read as zeros, ``du`` counts them), ``full`` writes zeros into every hole.  Other
-    modes do nothing.  Raises :class:`QcowlibIOError` when the file system refuses."""
-    if mode not in FILE_PREALLOCATION or end <= start:
-        return
-    try:
-        if mode == "falloc":
-            os.posix_fallocate(fd, start, end - start)
-            return
-        for hole, hole_end in _holes(fd, start, end):
-            zero = bytes(min(1 << 20, hole_end - hole))
-            for pos in range(hole, hole_end, len(zero)):
-                pwrite_all(fd, zero[: min(len(zero), hole_end - pos)], pos)
-    except OSError as exc:
-        raise QcowlibIOError(f"cannot preallocate: {exc.strerror}") from None
-
-
-def _holes(fd: int, start: int, end: int) -> list[tuple[int, int]]:
-    """The holes of ``fd`` in ``[start, end)`` (none where holes are not reported: file
-    systems without ``SEEK_HOLE`` report the whole file as data, and data must never
-    be overwritten)."""
-    out: list[tuple[int, int]] = []
-    pos = start
-    while pos < end:
-        try:
-            hole = os.lseek(fd, pos, os.SEEK_HOLE)
-        except OSError:
-            return out
-        if hole >= end:
-            break
-        try:
-            data = os.lseek(fd, hole, os.SEEK_DATA)
-        except OSError:
-            data = end  # ENXIO: nothing but a hole to the end of the file
-        out.append((hole, min(data, end)))
-        pos = data
-    return out
-
-
-def allocate_first_block(fd: int, size: int) -> None:
-    """Write zeros over the first 4 KiB of a new file of ``size`` bytes where they are
-    a hole, as QEMU's file driver does for every file it creates (so that alignment
-    probing works): ``map`` and ``du`` of the output then match qemu-img's."""
-    n = min(4096, size)
-    if n <= 0:
-        return
-    try:
-        if os.lseek(fd, 0, os.SEEK_DATA) < n:
-            return
-    except OSError as exc:
-        if exc.errno != errno.ENXIO:
-            return  # holes not reported (a device): its first block may hold data
-    pwrite_all(fd, bytes(n), 0)

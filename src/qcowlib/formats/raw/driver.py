@@ -7,8 +7,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Final
 
 from qcowlib.core.drivers import OutputRequest, Progress, no_backing, no_compress, no_more_options
-from qcowlib.core.hostfile import allocate_first_block, preallocate
 from qcowlib.core.sinks import atomic_output
+from qcowlib.core.space import allocate_first_block, preallocate
 from qcowlib.errors import InvalidArgument, QcowlibIOError
 
 if TYPE_CHECKING:

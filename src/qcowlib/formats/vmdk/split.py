@@ -91,7 +91,7 @@ def _write_extent(
 ) -> None:
     from qcowlib.core.copy import write_raw
     from qcowlib.core.emit import truncate, write_file
-    from qcowlib.core.hostfile import allocate_first_block
+    from qcowlib.core.space import allocate_first_block
     from qcowlib.formats.vmdk.output import VmdkLayout
 
     if o.subformat == "twoGbMaxExtentSparse":
