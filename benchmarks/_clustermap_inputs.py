@@ -11,6 +11,9 @@ the clusters lie in the file in the order the guest first touched them).
 - ``frag.parallels``: Parallels as ``qemu-img create -f parallels`` makes it (1 MiB
   clusters, preallocated in chunks, so unwritten parts of a cluster are holes).
 - ``frag.qcow``: qcow (v1), ``qemu-img convert -O qcow`` of ``frag-64k.qed``.
+- ``scattered.raw``: a sparse raw file of 16 GiB holding 200,000 random 4 KiB blocks at
+  seeded random 4 KiB-aligned offsets (an extreme of scattered small writes: each block
+  is a range of its own for every tool that copies only data).
 
 A directory is reused when its ``READY`` file names the same recipe.
 """
@@ -24,7 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-RECIPE = "clustermap-inputs v1: seed 13, 256M, 40% of 1M regions, pieces 512B-64K, 1/10 dropped"
+RECIPE = (
+    "clustermap-inputs v2: seed 13, 256M, 40% of 1M regions, pieces 512B-64K, 1/10 dropped;"
+    " scattered raw 16G, 200000x4K"
+)
 MIB = 1 << 20
 SIZE = 256 * MIB
 FILL = 0.4
@@ -32,6 +38,8 @@ REGION = MIB
 SEED = 13
 #: qemu-io commands per process (an argv well under the kernel's limit).
 BATCH = 4000
+SCATTERED_SIZE = 16 << 30
+SCATTERED_BLOCKS = 200_000
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,7 @@ class ClusterMapInputs:
     qed_64k: Path
     parallels: Path
     qcow: Path
+    scattered_raw: Path
 
 
 def inputs_in(directory: Path) -> ClusterMapInputs:
@@ -51,6 +60,7 @@ def inputs_in(directory: Path) -> ClusterMapInputs:
         directory / "frag-64k.qed",
         directory / "frag.parallels",
         directory / "frag.qcow",
+        directory / "scattered.raw",
     )
 
 
@@ -83,6 +93,17 @@ def _write(path: Path, fmt: str, plan: list[tuple[int, int]]) -> None:
         _run("qemu-io", "-f", fmt, *commands, str(path))
 
 
+def _make_scattered(path: Path) -> None:
+    """``scattered.raw`` (see the module docstring), written in offset order."""
+    rng = np.random.default_rng(SEED)
+    blocks = np.sort(rng.choice(SCATTERED_SIZE // 4096, SCATTERED_BLOCKS, replace=False))
+    with path.open("wb") as f:
+        f.truncate(SCATTERED_SIZE)
+        for block in blocks.tolist():
+            f.seek(block * 4096)
+            f.write(rng.bytes(4096))
+
+
 def build(directory: Path, log: bool = True) -> ClusterMapInputs:
     """Make the images in ``directory`` unless a complete set of this recipe is there."""
     paths = inputs_in(directory)
@@ -106,6 +127,9 @@ def build(directory: Path, log: bool = True) -> ClusterMapInputs:
     if log:
         print(f"making {paths.qcow}", flush=True)
     _run("qemu-img", "convert", "-q", "-O", "qcow", str(paths.qed_64k), str(paths.qcow))
+    if log:
+        print(f"making {paths.scattered_raw}", flush=True)
+    _make_scattered(paths.scattered_raw)
     ready.write_text(RECIPE + "\n")
     return paths
 

@@ -178,7 +178,8 @@ def cases(inp: Inputs, out: Path, frag: ClusterMapInputs | None = None) -> list[
 
 def _clustermap_cases(frag: ClusterMapInputs, data: Callable[..., Case]) -> list[Case]:
     """QED (4 KiB and 64 KiB clusters), Parallels and qcow (v1) -> raw and -> qcow2,
-    fragmented (:mod:`benchmarks._clustermap_inputs`); run only when ``--only`` names them."""
+    fragmented, and a raw file of scattered 4 KiB blocks -> raw
+    (:mod:`benchmarks._clustermap_inputs`); run only when ``--only`` names them."""
     out: list[Case] = []
     for key, path in (
         ("qed4k", frag.qed_4k),
@@ -192,6 +193,10 @@ def _clustermap_cases(frag: ClusterMapInputs, data: Callable[..., Case]) -> list
             out.append(
                 data(f"{key}-{fmt}", title, [path], args, ["convert", *args], fmt, 1.0, True)
             )
+    raw = ["-f", "raw", "-O", "raw", str(frag.scattered_raw)]
+    title = "scattered.raw (200,000 x 4 KiB) -> raw"
+    out.append(data("scattered-raw", title, [frag.scattered_raw], raw, ["convert", *raw], "raw",
+                    1.0, True))  # fmt: skip
     return out
 
 
