@@ -354,3 +354,36 @@ def test_preallocation_test_counts_alike(bits: int, tmp_path: Path) -> None:
     assert counts[0] == counts[1]
     assert counts[0][1]  # qemu-img creates it so: the test must see it
     assert _extents(path, True) == _extents(path, False)
+
+
+_MIDWAY = """
+import sys, qcowlib
+with qcowlib.open(sys.argv[1]) as disk:
+    walk = disk.extents()
+    got = [next(walk), next(walk)]
+    assert "numpy" not in sys.modules  # the walk is on the plain path
+    disk.layer_runs(0, disk.virtual_size)  # imports numpy, decodes the L1 table
+    got += list(walk)
+print(repr([tuple(e) for e in got]))
+"""
+
+
+@pytest.mark.parametrize("extended", [False, True])
+def test_numpy_decoding_the_l1_table_midway_keeps_a_plain_walk_right(
+    tmp_path: Path, extended: bool
+) -> None:
+    """A plain walk goes on after the numpy path decodes the L1 table (which drops its raw
+    bytes) between two of its tables: another thread, or ``layer_runs`` called while
+    ``extents()`` is iterated.  It used to take the dropped bytes for offset 0 and call
+    the next L2 table "overlapping the header" (fresh interpreter: numpy not loaded)."""
+    require_qemu()
+    opts = "cluster_size=16384" + (",extended_l2=on" if extended else "")
+    path = _create(tmp_path / "mid.qcow2", "64M", opts)
+    qemu_io(path, "qcow2", *(f"write -P {i + 1} {i * 16}M 4k" for i in range(4)))
+    with qcowlib.open(str(path)) as reference:
+        expected = [tuple(e) for e in reference.extents()]
+    out = subprocess.run(
+        [sys.executable, "-c", _MIDWAY, str(path)], check=False, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == repr(expected)

@@ -65,6 +65,7 @@ class PlainL2Mixin:
     extended_l2: bool
     l2_span: int
     _raw_l1: bytes
+    _l2_offsets: tables.U64 | None
     _l2_cache_max: int
     _l2_lock: _thread.LockType
     _l2_cache: OrderedDict[int, tables.L2Runs]
@@ -95,9 +96,19 @@ class PlainL2Mixin:
                 self._l2_plain.pop(l1_index, None)
 
     def _raw_l2_offset(self, l1_index: int) -> int:
-        """The L2 table offset of an L1 entry, read from the raw L1 table."""
+        """The L2 table offset of an L1 entry, read from the raw L1 table; once the numpy
+        path has decoded the L1 table (which drops the raw bytes, and writers change),
+        from its array: a plain walk under way (another thread, a ``layer_runs`` call
+        between two tables) goes on with the current offsets."""
+        decoded = self._l2_offsets
+        if decoded is not None:
+            return int(decoded[l1_index]) if l1_index < decoded.size else 0
         at = l1_index * _L1_ENTRY_SIZE
         return int.from_bytes(self._raw_l1[at : at + _L1_ENTRY_SIZE], "big") & OFFSET_MASK
+
+    def _l1_entries(self) -> int:
+        decoded = self._l2_offsets
+        return int(decoded.size) if decoded is not None else len(self._raw_l1) // _L1_ENTRY_SIZE
 
     def _check_l2_offset(self, l1_index: int, offset: int) -> None:
         """Refuse an L2 table past the end of the file or over the header."""
@@ -135,7 +146,7 @@ class PlainL2Mixin:
         """``_load_l2_batch`` on the plain path: the usable tables missing in the batch
         are read, then decoded in order, and kept only when all of them decode."""
         cs = self.cluster_size
-        last = self._batch_last(first, last, len(self._raw_l1) // _L1_ENTRY_SIZE)
+        last = self._batch_last(first, last, self._l1_entries())
         want = []
         for l1_index in range(first, last + 1):
             offset = self._raw_l2_offset(l1_index)
