@@ -107,43 +107,53 @@ MAP_BATCH = 4096
 
 def write_human_map(entries: Iterable[MapEntry], write: Callable[[str], object]) -> str | None:
     """Write ``qemu-img map`` human output as the entries come; returns the error message
-    when it must stop early (what was written before stays, as qemu-img leaves it)."""
+    when it must stop early.  What was found before an error (the message, or an
+    exception raised by ``entries``) is written, as qemu-img prints line by line."""
     lines = [f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File"]
     error = None
-    for e in entries:
-        if e.data and e.offset is None:
-            error = "File contains external, encrypted or compressed clusters."
-            break
-        if e.data and not e.zero:
-            lines.append(
-                f"{_hex(e.start):<16}{_hex(e.length):<16}{_hex(e.offset or 0):<16}"
-                f"{e.filename or ''}"
-            )
-            if len(lines) >= MAP_BATCH:
-                write("\n".join(lines) + "\n")
-                lines.clear()
-    if lines:
-        write("\n".join(lines) + "\n")
+    try:
+        for e in entries:
+            if e.data and e.offset is None:
+                error = "File contains external, encrypted or compressed clusters."
+                break
+            if e.data and not e.zero:
+                lines.append(
+                    f"{_hex(e.start):<16}{_hex(e.length):<16}{_hex(e.offset or 0):<16}"
+                    f"{e.filename or ''}"
+                )
+                if len(lines) >= MAP_BATCH:
+                    write("\n".join(lines) + "\n")
+                    lines.clear()
+    finally:
+        if lines:
+            write("\n".join(lines) + "\n")
     return error
 
 
 def write_map_json(entries: Iterable[MapEntry], write: Callable[[str], object]) -> None:
     """Write ``qemu-img map --output json`` as the entries come, byte for byte (one entry
-    per line); an error raised by ``entries`` leaves the list unclosed, as qemu-img does."""
+    per line).  An exception raised by ``entries`` leaves what qemu-img leaves: ``[`` and
+    every entry found before it, each followed by ``,`` and a newline, the list unclosed."""
     rows: list[str] = []
     lead = "["
-    for e in entries:
-        row = (
-            f'{{ "start": {e.start}, "length": {e.length}, "depth": {e.depth},'
-            f' "present": {_js(e.present)}, "zero": {_js(e.zero)}, "data": {_js(e.data)}'
-        )
-        if e.offset is not None:
-            row += f', "offset": {e.offset}'
-        rows.append(row + "}")
-        if len(rows) >= MAP_BATCH:
-            write(lead + ",\n".join(rows))
-            lead = ",\n"
-            rows.clear()
+    try:
+        for e in entries:
+            row = (
+                f'{{ "start": {e.start}, "length": {e.length}, "depth": {e.depth},'
+                f' "present": {_js(e.present)}, "zero": {_js(e.zero)}, "data": {_js(e.data)}'
+            )
+            if e.offset is not None:
+                row += f', "offset": {e.offset}'
+            rows.append(row + "}")
+            if len(rows) >= MAP_BATCH:
+                write(lead + ",\n".join(rows))
+                lead = ",\n"
+                rows.clear()
+    except BaseException:
+        # qemu-img prints an entry (and ",\n") once the next is known; the one being
+        # merged when the error came is lost there too.
+        write(lead + "".join(row + ",\n" for row in rows) if rows else lead)
+        raise
     if rows:
         write(lead + ",\n".join(rows) + "]\n")
     else:
