@@ -8,6 +8,7 @@ import inspect
 import pickle
 import subprocess
 import sys
+import typing
 
 import pytest
 from hypothesis import given
@@ -161,3 +162,32 @@ def test_importing_it_loads_no_dataclasses() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_type_hints_resolve_in_the_module_and_factories_show_as_dataclasses_show_them() -> None:
+    from qcowlib.validate import Finding, Policy
+
+    hints = typing.get_type_hints(Finding.__init__)
+    assert hints["offset"] == int | None and hints["return"] is type(None)
+    assert str(inspect.signature(Policy).parameters["severities"]) == (
+        "severities: 'Mapping[str, str]' = <factory>"
+    )
+    assert str(inspect.signature(Point).parameters["extra"]).endswith("= <factory>")
+
+
+def test_copy_replace_protocol() -> None:
+    assert Point(1).__replace__(y=5) == Point(1, 5)  # type: ignore[attr-defined]  # copy.replace
+
+
+@pytest.mark.parametrize("name", ["self", "__record_set", "__record_factory"])
+def test_names_the_generated_init_uses_are_refused(name: str) -> None:
+    with pytest.raises(TypeError, match="bad field name"):
+        record(type("Clash", (), {"__annotations__": {name: "int"}}))
+
+
+def test_mutable_defaults_are_refused() -> None:
+    with pytest.raises(ValueError, match="mutable default"):
+
+        @record
+        class Shared:
+            items: list[int] = []  # noqa: RUF012

@@ -18,6 +18,7 @@ to them; :func:`fields` and :func:`replace` here do.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar, dataclass_transform, overload
 
@@ -120,32 +121,56 @@ def _frozen_delattr(self: object, name: str) -> None:
     raise FrozenInstanceError(f"cannot delete field {name!r}")
 
 
+class _Factory:
+    """The default shown for a field with a ``default_factory`` (as dataclasses show it)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<factory>"
+
+
+_FACTORY: Any = _Factory()
+#: Names the generated ``__init__`` uses itself: no field may take them.
+_RESERVED = frozenset({"self", "__record_set", "__record_factory"})
+
+
 def _make_init(
     cls: type, flds: tuple[Field, ...], annotations: dict[str, Any]
 ) -> Callable[..., None]:
     """``__init__`` with the fields as parameters, compiled once so that its signature is
-    the real one (for ``help()``) and a call costs what a dataclass's costs."""
-    namespace: dict[str, Any] = {"_set": object.__setattr__, "MISSING": MISSING}
+    the real one (for ``help()``) and a call costs what a dataclass's costs.  As in
+    :mod:`dataclasses`, it is made inside a function run in the class's module globals,
+    so that ``typing.get_type_hints`` resolves its annotations there, and the values it
+    needs are that function's arguments (closure cells), not globals."""
+    values: dict[str, Any] = {"__record_set": object.__setattr__, "__record_factory": _FACTORY}
     params, body = [], []
     for f in flds:
         if f.default_factory is not MISSING:
-            namespace[f"_factory_{f.name}"] = f.default_factory
-            params.append(f"{f.name}=MISSING")
+            values[f"__record_make_{f.name}"] = f.default_factory
+            params.append(f"{f.name}=__record_factory")
             body.append(
-                f" _set(self, {f.name!r}, _factory_{f.name}() if {f.name} is MISSING else {f.name})"
+                f"  __record_set(self, {f.name!r}, __record_make_{f.name}()"
+                f" if {f.name} is __record_factory else {f.name})"
             )
             continue
         if f.default is not MISSING:
-            namespace[f"_default_{f.name}"] = f.default
-            params.append(f"{f.name}=_default_{f.name}")
+            values[f"__record_default_{f.name}"] = f.default
+            params.append(f"{f.name}=__record_default_{f.name}")
         else:
             params.append(f.name)
-        body.append(f" _set(self, {f.name!r}, {f.name})")
+        body.append(f"  __record_set(self, {f.name!r}, {f.name})")
     if hasattr(cls, "__post_init__"):
-        body.append(" self.__post_init__()")
-    source = f"def __init__(self, {', '.join(params)}):\n" + ("\n".join(body) or " pass")
-    exec(source, namespace)
-    init: Callable[..., None] = namespace["__init__"]
+        body.append("  self.__post_init__()")
+    source = (
+        f"def __record_create({', '.join(values)}):\n"
+        f" def __init__(self, {', '.join(params)}):\n" + ("\n".join(body) or "  pass") + "\n"
+        " return __init__\n"
+    )
+    module = sys.modules.get(cls.__module__)
+    namespace: dict[str, Any] = {}
+    exec(source, vars(module) if module is not None else {}, namespace)
+    init: Callable[..., None] = namespace["__record_create"](**values)
     init.__qualname__ = f"{cls.__qualname__}.__init__"
     init.__module__ = cls.__module__
     init.__annotations__ = {f.name: annotations[f.name] for f in flds} | {"return": None}
@@ -172,7 +197,11 @@ def _methods(flds: tuple[Field, ...]) -> dict[str, Any]:
     def __hash__(self: object) -> int:
         return hash(tuple(getattr(self, n) for n in hashed))
 
+    def __replace__(self: Any, /, **changes: Any) -> Any:
+        return replace(self, **changes)  # copy.replace() (Python 3.13) calls this
+
     return {
+        "__replace__": __replace__,
         "__repr__": __repr__,
         "__eq__": __eq__,
         "__hash__": __hash__,
@@ -196,11 +225,16 @@ def record(cls: type[T]) -> type[T]:
     for name, annotation in own_annotations.items():
         if str(annotation).startswith(("ClassVar", "typing.ClassVar")):
             continue
-        if not name.isidentifier() or name.startswith("__"):
+        if not name.isidentifier() or name.startswith("__") or name in _RESERVED:
             raise TypeError(f"{cls.__qualname__}: bad field name {name!r}")
         value = cls.__dict__.get(name, MISSING)
         f = value if isinstance(value, Field) else Field(value, MISSING, True, None, True)
         f.name = name
+        if f.default is not MISSING and type(f.default).__hash__ is None:
+            raise ValueError(  # as dataclasses: one list shared by every instance is a bug
+                f"{cls.__qualname__}.{name}: mutable default {type(f.default).__name__}"
+                " is not allowed: use default_factory"
+            )
         if flds and not _has_default(f) and _has_default(flds[-1]):
             raise TypeError(f"{cls.__qualname__}: non-default field {name!r} follows a default")
         if isinstance(value, Field):  # the class attribute holds the default, as dataclasses

@@ -40,7 +40,7 @@ def test_raw_output_is_sparse_where_data_is_zeros(
         assert allocated <= 2 * M + 64 * 1024  # the zeros were not written (or punched)
 
 
-@pytest.mark.parametrize("sparse_size", [4096, 0])
+@pytest.mark.parametrize("sparse_size", [4096, 512, 0])
 def test_fragmented_source_shares_jobs_and_copies_exactly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sparse_size: int
 ) -> None:
@@ -60,6 +60,13 @@ def test_fragmented_source_shares_jobs_and_copies_exactly(
             f.seek(b * 4096)
             f.write(rng.randbytes(4096) + (bytes(4096) if b % 3 == 0 else b""))
     monkeypatch.setattr(copy_mod, "RESERVE_MAX_RANGES", 10)
+    reserved: list[object] = []
+
+    def reserve(*args: object) -> bool:
+        reserved.append(args)
+        return True
+
+    monkeypatch.setattr(copy_mod, "_reserve", reserve)
     from qcowlib.core.pipeline import ordered_map
 
     jobs: list[int] = []
@@ -67,6 +74,7 @@ def test_fragmented_source_shares_jobs_and_copies_exactly(
     def counting_map(items: object, work: object, **kw: object) -> object:
         def counted(job: copy_mod._Job) -> object:
             jobs.append(len(job.segments))
+            assert all(seg.at % 4096 == 0 for seg in job.segments)  # O_DIRECT-able
             return work(job)  # type: ignore[operator]
 
         return ordered_map(items, counted, **kw)  # type: ignore[arg-type]
@@ -81,3 +89,4 @@ def test_fragmented_source_shares_jobs_and_copies_exactly(
             os.close(fd)
     assert out.read_bytes() == src.read_bytes()
     assert sum(jobs) > 2000 and len(jobs) < sum(jobs) // 100  # many segments a job
+    assert reserved == []  # thousands of ranges: no fallocate call for each

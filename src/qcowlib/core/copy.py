@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from qcowlib.core.disk import RUN_COMPRESSED, RUN_DATA, Disk, Runs
-from qcowlib.core.hostfile import DataWriter, punch_hole
+from qcowlib.core.hostfile import DIRECT_ALIGN, DataWriter, punch_hole
 from qcowlib.core.pipeline import BufferPool, TaskQueue, ordered_map
 from qcowlib.core.runs import ChainReader, RunSource
 from qcowlib.core.zero import nonzero_runs
@@ -236,12 +236,13 @@ def _jobs(
     batch: list[_Segment] = []
     used = 0
     for start, length in pieces:
-        if batch and used + length > chunk:
+        at = -(-used // DIRECT_ALIGN) * DIRECT_ALIGN  # page-aligned in the buffer (O_DIRECT)
+        if batch and at + length > chunk:
             yield _Job(batch, pool.get())
-            batch, used = [], 0
+            batch, at = [], 0
         runs, a, b = source.get(start, start + length)
-        batch.append(_Segment(start, length, used, runs, a, b))
-        used += length
+        batch.append(_Segment(start, length, at, runs, a, b))
+        used = at + length
     if batch:
         yield _Job(batch, pool.get())
 

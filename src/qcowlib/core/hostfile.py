@@ -410,8 +410,9 @@ class DataWriter:
     which on this kind of VM (free page reporting) is where most of a convert's kernel
     time went (measured: 1 GiB buffered then ``fdatasync``ed took 1.0-2.6 s and
     0.35-1.0 s of system time; written ``O_DIRECT`` in 1 MiB calls from two threads
-    0.4-0.65 s and 0.06-0.1 s).  Writes whose offset, lengths and buffer addresses are
-    multiples of :data:`DIRECT_ALIGN` go through a second descriptor opened with
+    0.4-0.65 s and 0.06-0.1 s).  Writes of at least :data:`DIRECT_MIN` bytes whose
+    offset, lengths and buffer addresses are multiples of :data:`DIRECT_ALIGN` go
+    through a second descriptor opened with
     ``O_DIRECT`` (whole pages only, so they never share a page with a buffered write);
     everything else, and everything where the file system refuses ``O_DIRECT``, goes
     through ``fd`` as before.  Safe to use from several threads.
