@@ -16,6 +16,7 @@ import random
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -330,6 +331,35 @@ def test_grain_past_eof_check_as_qemu(tmp_path: Path) -> None:
     # qemu-img reads zeros past the end of the file; qcowlib refuses to read such a grain
     with pytest.raises(TruncatedImage):
         _read(path)
+
+
+@pytest.mark.parametrize("window", [1, 4096, 1 << 18])
+def test_a_grain_past_eof_refuses_only_reads_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, window: int
+) -> None:
+    """Only a read (or map) that reaches the grain past the end of the file is refused:
+    the rest of its window reads, whatever the window's size (review)."""
+    from qcowlib.formats.vmdk import grainmap
+
+    init = grainmap.GrainTables.__init__
+
+    def windowed(self: grainmap.GrainTables, *args: Any, **kw: Any) -> None:
+        init(self, *args, **{**kw, "window": window})
+
+    monkeypatch.setattr(grainmap.GrainTables, "__init__", windowed)
+    blob = bytearray(b.cowd(8192, {0: b"\x11" * 512, 3: bytes(512), 4100: b"\x22" * 512}))
+    (gt,) = struct.unpack_from("<I", blob, 4 * 512)
+    struct.pack_into("<I", blob, gt * 512 + 4 * 3, 99999)  # grain 3: past the end
+    b.write(tmp_path / "e-delta.vmdk", bytes(blob))
+    path = b.write(
+        tmp_path / "e.vmdk", b.descriptor("vmfsSparse", ['RW 8192 SPARSE "e-delta.vmdk"'])
+    )
+    with open_vmdk(HostFile(str(path)), str(path)) as d:
+        assert d.read(0, 512) == b"\x11" * 512
+        assert d.read(4100 * 512, 512) == b"\x22" * 512
+        assert d.read(4 * 512, 512) == bytes(512)
+        with pytest.raises(TruncatedImage, match="grain 3 lies past the end"):
+            d.read(3 * 512, 512)
 
 
 def _read(path: Path, policy: object = None) -> bytes:

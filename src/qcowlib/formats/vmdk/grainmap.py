@@ -33,6 +33,7 @@ from qcowlib.formats.vmdk.mapping import (
     RUN_ERROR,
     GrainRuns,
     first_bad_grain,
+    past_end_grains,
     window_runs,
 )
 
@@ -134,6 +135,8 @@ class GrainTables(GrainMap):
         self.grain_size, self.n_grains = geometry.grain_size, geometry.n_grains
         self.strict, self.window = strict, window
         self._last: GrainRuns | None = None
+        #: Grain ranges of the last window whose data lies past the end of the file.
+        self._past_end: tuple[I64, I64] | None = None
         self._dir: tuple[int, U8, I64] | None = None  # first entry, states, table offsets
         try:
             self._scan_directory()
@@ -201,15 +204,35 @@ class GrainTables(GrainMap):
 
     # -- windows ------------------------------------------------------------------------
     def runs(self, first: int, end: int) -> GrainRuns:
+        """The runs of the window holding grain ``first`` (to ``end`` at least as far as
+        a window reaches).  ``strict``: a data grain of ``[first, end)`` past the end of
+        the file is refused (whatever else its window holds: the answer does not depend
+        on the window's size)."""
         last = self._last
-        if last is not None and last.first <= first < last.end:
-            return last
-        try:
-            window = self._window(first, end)
-        except QcowlibError as exc:
-            raise exc.with_file(self.filename) from None
-        self._last = window
-        return window
+        if last is None or not last.first <= first < last.end:
+            try:
+                last = self._window(first, end)
+            except QcowlibError as exc:
+                raise exc.with_file(self.filename) from None
+            self._last = last
+            self._past_end = past_end_grains(
+                last, grain_size=self.grain_size, file_size=self.host.size
+            )
+        if self.strict:
+            self._refuse_past_end(first, end)
+        return last
+
+    def _refuse_past_end(self, first: int, end: int) -> None:
+        if self._past_end is None or not self._past_end[0].size:
+            return
+        starts, ends = self._past_end
+        i = int(ends.searchsorted(first, side="right"))
+        if i < starts.size and int(starts[i]) < end:
+            raise TruncatedImage(
+                f"grain {max(first, int(starts[i]))} lies past the end of the file",
+                structure="vmdk grain table",
+                file=self.filename,
+            )
 
     def _window(self, first: int, end: int) -> GrainRuns:
         import numpy as np
@@ -229,10 +252,4 @@ class GrainTables(GrainMap):
         runs = window_runs(
             state, t0, kind, sector, gtes=g.gtes, n_grains=g.n_grains, grain_size=g.grain_size
         )
-        if self.strict:
-            bad = first_bad_grain(runs, grain_size=g.grain_size, file_size=self.host.size)
-            if bad is not None and not bad[1]:
-                raise TruncatedImage(
-                    f"grain {bad[0]} lies past the end of the file", structure="vmdk grain table"
-                )
         return runs

@@ -38,6 +38,7 @@ __all__ = [
     "RUN_ZERO",
     "GrainRuns",
     "first_bad_grain",
+    "past_end_grains",
     "table_runs",
     "window_runs",
 ]
@@ -183,6 +184,19 @@ def table_runs(
         np.concatenate((runs.kind, tail.kind)),
         np.concatenate((runs.sector, tail.sector)),
     )
+
+
+def past_end_grains(runs: GrainRuns, *, grain_size: int, file_size: int) -> tuple[I64, I64]:
+    """``(starts, ends)`` of the grain ranges of ``runs`` whose data lies at or past the
+    end of the file (``file_size`` bytes), in order."""
+    import numpy as np
+
+    limit = -(-file_size // 512)
+    count, kind, sector = runs.length, runs.kind, runs.sector
+    data = (kind == RUN_DATA) | (kind == RUN_COMPRESSED)
+    skip = np.where(data, np.maximum(0, -(-(limit - sector) // grain_size)), count)
+    bad = skip < count
+    return runs.start[bad] + skip[bad], runs.start[bad] + count[bad]
 
 
 def first_bad_grain(runs: GrainRuns, *, grain_size: int, file_size: int) -> tuple[int, bool] | None:
