@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,18 @@ if TYPE_CHECKING:
 __all__ = ["fixtures", "glance_context_server", "glance_server", "qemu"]
 
 IN_CI = os.environ.get("CI") == "true"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sighup_as_a_terminal_sends_it() -> Iterator[None]:
+    """Children see SIGHUP with its default action even when the test run was started
+    under ``nohup`` (they would inherit its SIG_IGN, which qcowlib rightly keeps, and the
+    signal tests would see no exit status 129)."""
+    import signal
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGHUP, previous)
 
 
 def have_qemu() -> bool:
