@@ -134,3 +134,28 @@ def test_warnings_keep_the_cli_prefix_with_logging_loaded_late(tmp_path: Path) -
         check=True,
     )
     assert out.stderr == "qcowlib: WARNING: careful 1\n"
+
+
+@pytest.mark.parametrize(("command", "collects"), [("info", False), ("convert", True)])
+def test_garbage_collector_is_off_for_metadata_commands_only(
+    tmp_path: Path, command: str, collects: bool
+) -> None:
+    """Start-up runs without the cyclic collector (qcowlib.__main__); the metadata commands
+    keep it off, every other command turns it back on once its command line is parsed."""
+    src = tmp_path / "a.raw"
+    src.write_bytes(bytes(4096))
+    argv = (
+        ["info", str(src)]
+        if command == "info"
+        else ["convert", "-f", "raw", "-O", "raw", str(src), str(tmp_path / "b.raw")]
+    )
+    code = (
+        "import gc, sys; sys.argv = ['qcowlib', *sys.argv[1:]]\n"
+        "from qcowlib.__main__ import run\n"
+        "status = run()\n"
+        "print(status, gc.isenabled(), file=sys.stderr)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True
+    )
+    assert out.stderr.split()[-2:] == ["0", str(collects)]
