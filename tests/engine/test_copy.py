@@ -14,6 +14,17 @@ from qcowlib.formats.opener import open_disk
 M = 1 << 20
 
 
+def _write_raw(src: Path, out: Path, sparse_size: int) -> Path:
+    """``write_raw`` of raw file ``src`` into a new file ``out``."""
+    with open_disk(str(src), "raw") as disk:
+        fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            write_raw(disk, fd, sparse_size=sparse_size)
+        finally:
+            os.close(fd)
+    return out
+
+
 @pytest.mark.parametrize("direct", [True, False])
 @pytest.mark.parametrize("sparse_size", [4096, 0])
 def test_raw_output_is_sparse_where_data_is_zeros(
@@ -27,13 +38,7 @@ def test_raw_output_is_sparse_where_data_is_zeros(
         f.truncate(16 * M + 4096 + 512)  # a hole, and an odd size
     if not direct:
         monkeypatch.setattr(_file, "_open_direct", lambda fd: -1)
-    out = tmp_path / "out.raw"
-    with open_disk(str(src), "raw") as disk:
-        fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            write_raw(disk, fd, sparse_size=sparse_size)
-        finally:
-            os.close(fd)
+    out = _write_raw(src, tmp_path / "out.raw", sparse_size)
     assert out.read_bytes() == src.read_bytes()
     allocated = os.stat(out).st_blocks * 512
     if sparse_size:
@@ -80,13 +85,7 @@ def test_fragmented_source_shares_jobs_and_copies_exactly(
         return ordered_map(items, counted, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(copy_mod, "ordered_map", counting_map)
-    out = tmp_path / "out.raw"
-    with open_disk(str(src), "raw") as disk:
-        fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            write_raw(disk, fd, sparse_size=sparse_size)
-        finally:
-            os.close(fd)
+    out = _write_raw(src, tmp_path / "out.raw", sparse_size)
     assert out.read_bytes() == src.read_bytes()
     assert sum(jobs) > 2000 and len(jobs) < sum(jobs) // 100  # many segments a job
     assert reserved == []  # thousands of ranges: no fallocate call for each
