@@ -7,8 +7,11 @@ traceback (:mod:`qcowlib.core.interrupt`).
 
 from __future__ import annotations
 
+import atexit
 import gc
+import os
 import sys
+from typing import NoReturn
 
 from qcowlib.core import interrupt
 
@@ -22,14 +25,64 @@ def run() -> int:
     gc.disable()
     interrupt.install()
     try:
-        from qcowlib.cli import main
+        from qcowlib.cli import main as cli_main
 
-        status = main()
+        status = cli_main()
     except KeyboardInterrupt as exc:  # before main() could catch it (start-up)
         status = interrupt.report(exc)
     interrupt.ignore_further()  # the work is done: a late signal changes nothing
     return status
 
 
+def main() -> NoReturn:
+    """The program: :func:`run`, then leave.
+
+    Tearing the interpreter down (clearing ~130 modules, a last full collection) costs
+    7-10 ms, a fifth of ``qcowlib info`` of a small image, and does nothing for a
+    program whose work is done.  When nothing is left that needs it (no ``atexit``
+    callback, such as logging's or a coverage tool's; no other thread; no ``python -i``)
+    the process ends at once, once the standard streams are flushed.
+    """
+    status = _flush(run())
+    if _nothing_left_to_run():
+        os._exit(status)
+    sys.exit(status)
+
+
+def _flush(status: int) -> int:
+    """Flush stdout and stderr; a failure is the program's failure (status 1 if it had
+    none), said in one line: a reader gone away (``| head``) is no error to report."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is None:
+            continue
+        try:
+            stream.flush()
+            continue
+        except BrokenPipeError:
+            pass
+        except ValueError:  # closed by the caller's code
+            continue
+        except OSError as exc:
+            if stream is sys.stdout:
+                sys.stderr.write(f"qcowlib: error: cannot write the output: {exc.strerror}\n")
+        status = status or 1
+        # What could not be written is dropped: the usual exit would retry the flush and
+        # print a Python error about it.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass  # not a file descriptor: nothing more to do
+    return status
+
+
+def _nothing_left_to_run() -> bool:
+    threading = sys.modules.get("threading")
+    if threading is not None and threading.active_count() > 1:
+        return False
+    return atexit._ncallbacks() == 0 and not sys.flags.inspect
+
+
 if __name__ == "__main__":
-    sys.exit(run())
+    main()
