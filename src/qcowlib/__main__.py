@@ -8,6 +8,7 @@ traceback (:mod:`qcowlib.core.interrupt`).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import os
 import sys
@@ -64,7 +65,8 @@ def _flush(status: int) -> int:
             continue
         except OSError as exc:
             if stream is sys.stdout:
-                sys.stderr.write(f"qcowlib: error: cannot write the output: {exc.strerror}\n")
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    sys.stderr.write(f"qcowlib: error: cannot write the output: {exc.strerror}\n")
         status = status or 1
         # What could not be written is dropped: the usual exit would retry the flush and
         # print a Python error about it.
@@ -81,7 +83,9 @@ def _nothing_left_to_run() -> bool:
     threading = sys.modules.get("threading")
     if threading is not None and threading.active_count() > 1:
         return False
-    return atexit._ncallbacks() == 0 and not sys.flags.inspect
+    # CPython's count of atexit callbacks; where it is missing, assume there are some.
+    callbacks: int = getattr(atexit, "_ncallbacks", lambda: 1)()
+    return callbacks == 0 and not sys.flags.inspect
 
 
 if __name__ == "__main__":
