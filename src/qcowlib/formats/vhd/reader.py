@@ -277,7 +277,7 @@ class VhdDisk(Disk):
         absent = RUN_UNALLOCATED if self.differencing else RUN_ZERO
         b_start, b_first, b_count, b_set = self._bitmap_runs(alloc)
         # The gaps between allocated blocks, each one run, as layer_extents yields them.
-        prev = np.concatenate(([start], (alloc[:-1] + 1) * bs)).astype(np.int64)
+        prev = np.concatenate(([start], (alloc + 1) * bs))[: alloc.size].astype(np.int64)
         g_end = alloc * bs
         tail = np.array([start if not alloc.size else (int(alloc[-1]) + 1) * bs])
         g_start = np.concatenate((prev, tail))
