@@ -24,6 +24,7 @@ import qcowlib
 from qcowlib.core.disk import Disk, runs_from_extents
 from qcowlib.core.hostfile import HostFile
 from qcowlib.errors import QcowlibError
+from qcowlib.formats.vhdx.reader import VhdxDisk
 from qcowlib.formats.vmdk.reader import open_vmdk
 from tests.conftest import qemu_img
 from tests.formats import esx_builders as b
@@ -205,7 +206,7 @@ def test_vhdx_bats_and_partial_blocks(
     raw = bytearray(bases["vhdx"])
     probe = tmp_path / "probe.vhdx"
     probe.write_bytes(raw)
-    with qcowlib.open(str(probe), "vhdx") as disk:
+    with VhdxDisk(HostFile(str(probe)), str(probe)) as disk:
         bat_at = disk.bat_region.file_offset
     for i, (state, mib) in enumerate(zip(states, offsets, strict=True)):
         struct.pack_into("<Q", raw, bat_at + 8 * i, (mib << 20) | state)
