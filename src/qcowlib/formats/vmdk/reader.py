@@ -4,7 +4,7 @@ disks, delta disks included; the createTypes and extent lines QEMU 7.2 opens.
 
 A VMDK is a list of extents laid end to end in the guest.  A hosted sparse extent's
 grain directory and grain tables are read and checked once on open
-(:mod:`qcowlib.formats.vmdk.codec`); an ESX one's (COWD, seSparse) are read a bounded
+(:mod:`qcowlib.formats.vmdk.hosted`); an ESX one's (COWD, seSparse) are read a bounded
 window at a time (:mod:`qcowlib.formats.vmdk.grainmap`), so that snapshot deltas of any
 size map in bounded memory.  Both are turned into runs with numpy
 (:mod:`qcowlib.formats.vmdk.mapping`): consecutive grains that are all unallocated, all
@@ -476,7 +476,8 @@ class VmdkDisk(Disk):
         assert part.host is not None
         one = np.array([pos], dtype=np.int64)
         at = one - part.start + part.flat_offset
-        _, s, n, h, is_data = split_by_holes(part.host, one, one * 0 + (stop - pos), at)
+        length = np.array([stop - pos], dtype=np.int64)
+        _, s, n, h, is_data = split_by_holes(part.host, one, length, at)
         return s, n, np.full(s.size, _DATA, dtype=np.uint8), h, ~is_data
 
     def _sparse_runs(
