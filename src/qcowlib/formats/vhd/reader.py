@@ -42,8 +42,9 @@ if TYPE_CHECKING:
 
 #: Decoded sector bitmaps kept per image (each stands for one block, 2 MiB by default).
 BITMAP_CACHE_ENTRIES = 4096
-#: Sector bitmaps read at once by :meth:`VhdDisk.layer_runs` at most (bounds memory).
-BITMAPS_PER_READ = 8192
+#: Bytes of sector bitmaps read at once by :meth:`VhdDisk.layer_runs` at most (bounds
+#: the memory of one read: a block's bitmap has no size cap, 512 KiB for 2 GiB blocks).
+BITMAP_READ_BYTES = 4 << 20
 
 _Runs = tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]
 
@@ -314,8 +315,9 @@ class VhdDisk(Disk):
 
         sectors = self.block_size // vhd.SECTOR
         parts = []
-        for at in range(0, max(1, alloc.size), BITMAPS_PER_READ):
-            blocks = alloc[at : at + BITMAPS_PER_READ]
+        step = max(1, BITMAP_READ_BYTES // max(1, self.bitmap_size))
+        for at in range(0, max(1, alloc.size), step):
+            blocks = alloc[at : at + step]
             if self.bitmap_size:
                 raw = b"".join(
                     self.host.pread(int(self.bat[b]) * vhd.SECTOR, self.bitmap_size)
