@@ -366,6 +366,14 @@ class Disk(abc.ABC):
         yields).  Formats with many runs override this with a vectorised version."""
         return runs_from_extents(self.layer_extents(offset, end - offset))
 
+    @property
+    def run_granule(self) -> int:
+        """The shortest guest length one of this layer's runs can have, in bytes (a
+        sector unless the format says more): a range of N bytes holds at most
+        N / run_granule runs, which is what keeps resolving windows bounded
+        (:class:`qcowlib.core.runs.RunSource`)."""
+        return 512
+
     def runs_data_file(self) -> HostFile | None:
         """The file every DATA run of this layer is plain bytes of, at ``host`` (None:
         read through :meth:`_read_layer`).  Lets copies read runs without building

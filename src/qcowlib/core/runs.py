@@ -39,6 +39,12 @@ WINDOW_RUNS = 1 << 16
 #: Windows are whole multiples of this (a large power of two, so they start on
 #: cluster and table boundaries).
 WINDOW_ALIGN = 1 << 21
+#: Runs of one layer a window can hold at most: a window never grows past this many of
+#: the chain's shortest possible run (:attr:`Disk.run_granule`), so an image whose
+#: tables repeat one dense block everywhere (VHD BAT entries that all point at one
+#: block with an alternating bitmap) cannot fill memory with one window's runs
+#: (~60 MB a layer at most).
+MAX_WINDOW_RUNS = 1 << 18
 _ZEROS = bytes(1 << 20)
 _READ_KINDS = (RUN_DATA, RUN_COMPRESSED)
 
@@ -260,7 +266,9 @@ class RunSource:
     def __init__(self, disk: Disk, window: int = WINDOW_BYTES) -> None:
         self.disk = disk
         self.size = disk.virtual_size
-        self.window = window
+        granule = min(layer.run_granule for layer in disk.chain)
+        self.max_window = max(WINDOW_ALIGN, MAX_WINDOW_RUNS * granule)
+        self.window = min(window, self.max_window)
         self.runs: Runs | None = None
         self.lo = self.hi = 0
         self._ends: I64 = np.zeros(0, dtype=np.int64)
@@ -270,7 +278,7 @@ class RunSource:
         hi = min(self.size, max(end, -(-(start + self.window) // WINDOW_ALIGN) * WINDOW_ALIGN))
         runs = resolve(self.disk, start, hi)
         if len(runs) * 4 < WINDOW_RUNS:
-            self.window = min(self.window * 4, 1 << 40)
+            self.window = min(self.window * 4, self.max_window)
         elif len(runs) > WINDOW_RUNS * 4:
             self.window = max(self.window // 4, WINDOW_ALIGN)
         self.lo, self.hi = start, hi
@@ -297,8 +305,12 @@ class RunSource:
             runs = self._resolve(pos, pos)
             stop = self.hi
             data = ~reads_zero(runs)
-            firsts.append(runs.start[data] // unit)
-            ends.append(-(-(runs.start[data] + runs.length[data]) // unit))
+            # Merged window by window: memory follows the merged ranges, not the runs.
+            first, end = merge_unit_ranges(
+                runs.start[data] // unit, -(-(runs.start[data] + runs.length[data]) // unit)
+            )
+            firsts.append(first)
+            ends.append(end)
             pos = stop
         return merge_unit_ranges(
             np.concatenate(firsts) if firsts else np.zeros(0, np.int64),

@@ -495,6 +495,15 @@ class Qcow2Disk(PlainL2Mixin, Qcow2Metadata, Disk):
             (None, self.filename, self.data_filename),
         )
 
+    @property
+    def run_granule(self) -> int:
+        """A (sub)cluster: runs follow the L2 entries, unless holes of the file cut
+        them (an external data file; metadata preallocation, where :meth:`layer_runs`
+        asks the file)."""
+        if self.data_host is not self.host or self.metadata_preallocated():
+            return super().run_granule
+        return self.unit_size
+
     def runs_data_file(self) -> HostFile | None:
         return None if self.encrypted else self.data_host
 
