@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Final
 
 import numpy as np
 
+from qcowlib.core import interrupt
 from qcowlib.errors import InvalidArgument, UnsupportedFeature
 from qcowlib.formats.qcow2 import extensions as hext
 from qcowlib.formats.qcow2 import header as hdr
@@ -195,6 +196,7 @@ def amend(path: str, options: Mapping[str, str], progress: Progress | None = Non
             step(disk)
         if progress:
             progress(i + 1, len(steps))
+        interrupt.checkpoint()  # each step leaves the image whole: a signal may stop here
     if progress and not steps:
         progress(1, 1)
 
