@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from qcowlib.errors import CorruptImage, QcowlibError, TruncatedImage
@@ -114,14 +115,21 @@ def bat_offsets(bat: BatArray) -> npt.NDArray[np.uint64]:
 
 
 def check_bat(
-    bat: BatArray, m: Metadata, file_size: int, bat_offset: int = 0
+    bat: BatArray,
+    m: Metadata,
+    file_size: int,
+    bat_offset: int = 0,
+    regions: Sequence[tuple[int, int]] = (),
 ) -> npt.NDArray[np.uint64]:
     """Check the payload entries of a non-differencing disk; returns them.
 
     Raises :class:`CorruptImage` for an unknown state, a partially present block (only
-    differencing disks have them) or a present block inside the header section, and
+    differencing disks have them), a present block inside the header section or whose
+    whole block meets one of ``regions`` (``(start, end)`` of the log and the region
+    table's entries: QEMU's ``vhdx_check_bat_entries`` refuses the image on open), and
     :class:`TruncatedImage` for a present block whose guest-visible part ends past the
-    end of the file (QEMU: "VHDX BAT data block offset past EOF").
+    end of the file (QEMU: "VHDX BAT data block offset past EOF"; an offset so large
+    that the block's end passes 2**64 is past it too, not wrapped around).
     """
     import numpy as np
 
@@ -148,12 +156,19 @@ def check_bat(
     lengths = np.full(n_blocks, m.block_size, dtype=np.uint64)
     if n_blocks:
         lengths[-1] = m.virtual_disk_size - (n_blocks - 1) * m.block_size
+    end = np.uint64(file_size)
     low = present & (offsets < np.uint64(VHDX_HEADER_SECTION_END))
-    past = present & (offsets + lengths > np.uint64(file_size))
-    for mask, error, text in (
+    # Without wrapping: offset + length > file_size, for offsets up to 2**64 - 1 MiB.
+    past = present & ((offsets > end) | (lengths > end - np.minimum(offsets, end)))
+    checks = [
         (low, CorruptImage, "lies inside the VHDX header section"),
         (past, TruncatedImage, "lies past the end of the file"),
-    ):
+    ]
+    block = np.uint64(m.block_size)
+    for start, stop in regions:  # offsets are now < file_size: no wrapping below
+        meets = present & (offsets < np.uint64(stop)) & (offsets + block > np.uint64(start))
+        checks.append((meets, CorruptImage, f"overlaps the region {start:#x}-{stop:#x}"))
+    for mask, error, text in checks:
         hit = np.flatnonzero(mask)
         if hit.size:
             i = int(hit[0])
