@@ -201,7 +201,12 @@ def test_a_signal_while_submit_waits_for_room_leaves_join_able_to_finish() -> No
     ran: list[int] = []
     main = threading.get_ident()
     with TaskQueue(1, 1, name="t-signal") as tasks:
-        tasks.submit(lambda: (release.wait(10), ran.append(0)) and None)  # running
+
+        def first() -> None:
+            release.wait(10)
+            ran.append(0)
+
+        tasks.submit(first)  # running
         tasks.submit(lambda: ran.append(1))  # queued: the queue is full
         kill = threading.Timer(0.2, signal.pthread_kill, (main, signal.SIGINT))
         kill.start()
