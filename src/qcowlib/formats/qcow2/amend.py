@@ -231,7 +231,7 @@ def _size(disk: Qcow2RWDisk, size: int) -> None:
 
 def _feature_table_fits(h: hdr.Header, exts: list[hext.HeaderExtension]) -> bool:
     used = 112 + sum(8 + -(-len(e.data) // 8) * 8 for e in exts) + 8
-    return used + len((h.backing_file or "").encode()) <= h.cluster_size
+    return used + len(hext.encode_path(h.backing_file or "")) <= h.cluster_size
 
 
 def _upgrade(disk: Qcow2RWDisk) -> None:
