@@ -11,6 +11,11 @@ the clusters lie in the file in the order the guest first touched them).
 - ``frag.parallels``: Parallels as ``qemu-img create -f parallels`` makes it (1 MiB
   clusters, preallocated in chunks, so unwritten parts of a cluster are holes).
 - ``frag.qcow``: qcow (v1), ``qemu-img convert -O qcow`` of ``frag-64k.qed``.
+- ``frag.vmdk`` (monolithicSparse, 64 KiB grains), ``frag.vdi`` (1 MiB blocks),
+  ``frag.vhd`` (vpc dynamic, 2 MiB blocks, ``force_size``) and ``frag.vhdx`` (8 MiB
+  blocks, unwritten parts of a block are holes in the file): the same writes.
+- ``frag-stream.vmdk``: streamOptimized, ``qemu-img convert -O vmdk -o
+  subformat=streamOptimized`` of ``frag.vmdk``.
 - ``scattered.raw``: a sparse raw file of 16 GiB holding 200,000 random 4 KiB blocks at
   seeded random 4 KiB-aligned offsets (an extreme of scattered small writes: each block
   is a range of its own for every tool that copies only data).
@@ -28,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 RECIPE = (
-    "clustermap-inputs v2: seed 13, 256M, 40% of 1M regions, pieces 512B-64K, 1/10 dropped;"
+    "clustermap-inputs v3: seed 13, 256M, 40% of 1M regions, pieces 512B-64K, 1/10 dropped;"
+    " qed 4k/64k, parallels, qcow, vmdk, vmdk stream, vdi, vpc, vhdx;"
     " scattered raw 16G, 200000x4K"
 )
 MIB = 1 << 20
@@ -51,6 +57,11 @@ class ClusterMapInputs:
     parallels: Path
     qcow: Path
     scattered_raw: Path
+    vmdk: Path
+    vmdk_stream: Path
+    vdi: Path
+    vhd: Path
+    vhdx: Path
 
 
 def inputs_in(directory: Path) -> ClusterMapInputs:
@@ -61,6 +72,11 @@ def inputs_in(directory: Path) -> ClusterMapInputs:
         directory / "frag.parallels",
         directory / "frag.qcow",
         directory / "scattered.raw",
+        directory / "frag.vmdk",
+        directory / "frag-stream.vmdk",
+        directory / "frag.vdi",
+        directory / "frag.vhd",
+        directory / "frag.vhdx",
     )
 
 
@@ -118,6 +134,10 @@ def build(directory: Path, log: bool = True) -> ClusterMapInputs:
         (paths.qed_4k, "qed", ["-o", "cluster_size=4096"]),
         (paths.qed_64k, "qed", ["-o", "cluster_size=65536"]),
         (paths.parallels, "parallels", []),
+        (paths.vmdk, "vmdk", []),
+        (paths.vdi, "vdi", []),
+        (paths.vhd, "vpc", ["-o", "subformat=dynamic,force_size=on"]),
+        (paths.vhdx, "vhdx", []),
     ]
     for path, fmt, opts in made:
         if log:
@@ -127,6 +147,10 @@ def build(directory: Path, log: bool = True) -> ClusterMapInputs:
     if log:
         print(f"making {paths.qcow}", flush=True)
     _run("qemu-img", "convert", "-q", "-O", "qcow", str(paths.qed_64k), str(paths.qcow))
+    if log:
+        print(f"making {paths.vmdk_stream}", flush=True)
+    stream = ["-O", "vmdk", "-o", "subformat=streamOptimized"]
+    _run("qemu-img", "convert", "-q", *stream, str(paths.vmdk), str(paths.vmdk_stream))
     if log:
         print(f"making {paths.scattered_raw}", flush=True)
     _make_scattered(paths.scattered_raw)

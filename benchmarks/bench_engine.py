@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -138,7 +138,7 @@ def cases(inp: Inputs, out: Path, frag: ClusterMapInputs | None = None) -> list[
             (None, None, None), targets,
         )  # fmt: skip
 
-    extra = _clustermap_cases(frag, data) if frag is not None else []
+    extra = _clustermap_cases(frag, data, meta) if frag is not None else []
     top, flat, raw, zlib = (
         str(p) for p in (inp.overlay2, inp.flat_qcow2, inp.flat_raw, inp.flat_zlib)
     )
@@ -176,11 +176,31 @@ def cases(inp: Inputs, out: Path, frag: ClusterMapInputs | None = None) -> list[
     ]  # fmt: skip
 
 
-def _clustermap_cases(frag: ClusterMapInputs, data: Callable[..., Case]) -> list[Case]:
+def _clustermap_cases(
+    frag: ClusterMapInputs, data: Callable[..., Case], meta: Callable[..., Case]
+) -> list[Case]:
     """QED (4 KiB and 64 KiB clusters), Parallels and qcow (v1) -> raw and -> qcow2,
     fragmented, and a raw file of scattered 4 KiB blocks -> raw
-    (:mod:`benchmarks._clustermap_inputs`); run only when ``--only`` names them."""
+    (:mod:`benchmarks._clustermap_inputs`); the same writes as VMDK (monolithicSparse
+    and streamOptimized), VDI, VHD and VHDX -> raw, -> qcow2 and ``map --output json``
+    (keys ``frag-*``); run only when ``--only`` names them."""
     out: list[Case] = []
+    for key, path in (
+        ("vmdk", frag.vmdk),
+        ("vmdkstream", frag.vmdk_stream),
+        ("vdi", frag.vdi),
+        ("vhd", frag.vhd),
+        ("vhdx", frag.vhdx),
+    ):
+        for fmt in ("raw", "qcow2"):
+            args = ["-O", fmt, str(path)]
+            out.append(data(f"frag-{key}-{fmt}", f"{path.name} -> {fmt}", [path], args,
+                            ["convert", *args], fmt, 1.0, True))  # fmt: skip
+        m = ["map", "--output", "json", str(path)]
+        out.append(
+            replace(meta(f"frag-{key}-map", f"map {path.name}", ["qemu-img", *m], m, None),
+                    optional=True)
+        )  # fmt: skip
     for key, path in (
         ("qed4k", frag.qed_4k),
         ("qed64k", frag.qed_64k),

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from qcowlib.core.disk import Disk, Extent, ExtentKind
+from qcowlib.core.disk import RUN_DATA, RUN_ZERO, Disk, Extent, ExtentKind, Runs
 from qcowlib.core.hostfile import HostFile
 from qcowlib.errors import QcowlibError, TruncatedImage
 from qcowlib.formats.vdi import codec as vdi
@@ -114,6 +114,45 @@ class VdiDisk(Disk):
         for s, e, is_data in self.host.segments(host, host + ext.length):
             part = ext.clip(ext.start + (s - host), ext.start + (e - host))
             yield part if is_data else part.as_hole()
+
+    def layer_runs(self, offset: int, end: int) -> Runs:
+        """:meth:`layer_extents` as arrays: the block runs over ``[offset, end)``, data
+        runs cut at holes in the file when it may have some."""
+        from qcowlib.core.layerruns import layer_runs, split_by_holes
+
+        start, end = self._range(offset, end - offset)
+        bs = self.block_size
+        a = int(np.searchsorted(self._runs_start, start // bs, side="right")) - 1
+        b = int(np.searchsorted(self._runs_start, -(-end // bs), side="left"))
+        first = self._runs_start[a:b] * bs
+        r_start = np.maximum(first, start)
+        r_end = np.minimum(first + self._runs_count[a:b] * bs, end)
+        r_host = self._runs_host[a:b]
+        keep = r_end > r_start
+        r_start, r_len = r_start[keep], (r_end - r_start)[keep]
+        data = r_host[keep] >= 0
+        host = np.where(data, r_host[keep] + (r_start - first[keep]), -1)
+        hole = np.zeros(r_start.size, dtype=np.bool_)
+        if self._maybe_holes and data.any():
+            run, p_start, p_len, p_host, p_data = split_by_holes(
+                self.host, r_start[data], r_len[data], host[data]
+            )
+            rows = np.flatnonzero(data)[run]
+            zero = np.flatnonzero(~data)
+            r_start = np.concatenate((r_start[zero], p_start))
+            order = np.argsort(r_start, kind="stable")
+            r_start = r_start[order]
+            r_len = np.concatenate((r_len[zero], p_len))[order]
+            host = np.concatenate((host[zero], p_host))[order]
+            hole = np.concatenate((np.zeros(zero.size, np.bool_), ~p_data))[order]
+            data = np.concatenate((data[zero], data[rows]))[order]
+        kind = np.where(data, RUN_DATA, RUN_ZERO).astype(np.uint8)
+        return layer_runs(
+            r_start, r_len, kind, host, data.astype(np.int64), (None, self.filename), hole
+        )
+
+    def runs_data_file(self) -> HostFile | None:
+        return self.host
 
     # -- reads --------------------------------------------------------------------------
     def read_into(self, offset: int, buf: memoryview | bytearray) -> None:

@@ -23,7 +23,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from qcowlib.core.disk import Disk, Extent, ExtentKind, full_backing_filename
+from qcowlib.core.disk import (
+    RUN_DATA,
+    RUN_UNALLOCATED,
+    RUN_ZERO,
+    Disk,
+    Extent,
+    ExtentKind,
+    Runs,
+    full_backing_filename,
+)
 from qcowlib.core.hostfile import HostFile
 from qcowlib.errors import BackingMismatch, CorruptImage, QcowlibError, TruncatedImage
 from qcowlib.formats.vhd import codec as vhd
@@ -33,6 +42,8 @@ if TYPE_CHECKING:
 
 #: Decoded sector bitmaps kept per image (each stands for one block, 2 MiB by default).
 BITMAP_CACHE_ENTRIES = 4096
+#: Sector bitmaps read at once by :meth:`VhdDisk.layer_runs` at most (bounds memory).
+BITMAPS_PER_READ = 8192
 
 _Runs = tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]
 
@@ -243,12 +254,75 @@ class VhdDisk(Disk):
             self._bitmaps[block] = runs
         return runs
 
+    def layer_runs(self, offset: int, end: int) -> Runs:
+        """:meth:`layer_extents` as arrays: the BAT window decoded at once, the sector
+        bitmaps of its allocated blocks turned into runs together."""
+        from qcowlib.core.layerruns import empty_runs, layer_runs, split_by_holes
+
+        start, end = self._range(offset, end - offset)
+        files = (None, self.filename)
+        if start == end:
+            return empty_runs(files)
+        if self.dynamic is None:  # fixed: the file's holes are "data" and "zero"
+            one = np.array([start], dtype=np.int64)
+            _, p_start, p_len, p_host, p_data = split_by_holes(
+                self.host, one, np.array([end - start], dtype=np.int64), one
+            )
+            n = p_start.size
+            kind = np.full(n, RUN_DATA, dtype=np.uint8)
+            return layer_runs(p_start, p_len, kind, p_host, np.ones(n, np.int64), files, ~p_data)
+        bs = self.block_size
+        first, last = start // bs, (end - 1) // bs
+        alloc = np.flatnonzero(self.bat[first : last + 1] != vhd.BAT_UNALLOCATED) + first
+        absent = RUN_UNALLOCATED if self.differencing else RUN_ZERO
+        b_start, b_first, b_count, b_set = self._bitmap_runs(alloc)
+        # The gaps between allocated blocks, each one run, as layer_extents yields them.
+        prev = np.concatenate(([start], (alloc + 1) * bs))[: alloc.size].astype(np.int64)
+        g_end = alloc * bs
+        tail = np.array([start if not alloc.size else (int(alloc[-1]) + 1) * bs])
+        g_start = np.concatenate((prev, tail))
+        g_end = np.concatenate((g_end, [end]))
+        sector = vhd.SECTOR
+        r_lo = np.concatenate((b_start + b_first * sector, g_start))
+        r_hi = np.concatenate((b_start + (b_first + b_count) * sector, g_end))
+        is_set = np.concatenate((b_set, np.zeros(g_start.size, dtype=np.bool_)))
+        lo, hi = np.maximum(r_lo, start), np.minimum(r_hi, end)
+        keep = np.flatnonzero(hi > lo)
+        keep = keep[np.argsort(lo[keep], kind="stable")]
+        lo, hi, is_set, r_lo = lo[keep], hi[keep], is_set[keep], r_lo[keep]
+        blk = lo // bs
+        data_at = self.bat[np.minimum(blk, self.bat.size - 1)].astype(np.int64) * sector
+        host = np.where(is_set, data_at + self.bitmap_size + (lo - blk * bs), -1)
+        kind = np.where(is_set, RUN_DATA, absent).astype(np.uint8)
+        return layer_runs(lo, hi - lo, kind, host, is_set.astype(np.int64), files)
+
+    def _bitmap_runs(self, alloc: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], ...]:
+        """Runs of the sector bitmaps of blocks ``alloc``: each run's block start (guest
+        bytes), first sector and sector count in the block, and whether its bits are set."""
+        from qcowlib.core.layerruns import bit_runs
+
+        sectors = self.block_size // vhd.SECTOR
+        parts = []
+        for at in range(0, max(1, alloc.size), BITMAPS_PER_READ):
+            blocks = alloc[at : at + BITMAPS_PER_READ]
+            raw = b"".join(
+                self.host.pread(int(self.bat[b]) * vhd.SECTOR, self.bitmap_size)
+                for b in blocks.tolist()
+            )
+            rows = np.frombuffer(raw, dtype=np.uint8).reshape(blocks.size, self.bitmap_size)
+            row, first, count, is_set = bit_runs(rows, sectors, "big")
+            parts.append((blocks[row] * self.block_size, first, count, is_set))
+        return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))
+
     # -- reading ------------------------------------------------------------------------
     def _read_layer(self, ext: Extent, buf: memoryview) -> None:
         assert ext.host_offset is not None
         self.host.pread_into(ext.host_offset, buf)
 
     def host_file_for(self, ext: Extent) -> HostFile | None:
+        return self.host
+
+    def runs_data_file(self) -> HostFile | None:
         return self.host
 
     def _close_layer(self) -> None:

@@ -27,7 +27,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from qcowlib.core.disk import Disk, Extent, ExtentKind, full_backing_filename
+from qcowlib.core.disk import (
+    RUN_DATA,
+    RUN_UNALLOCATED,
+    RUN_ZERO,
+    Disk,
+    Extent,
+    ExtentKind,
+    Runs,
+    full_backing_filename,
+)
 from qcowlib.core.hostfile import HostFile
 from qcowlib.errors import BackingMismatch, CorruptImage, QcowlibError
 from qcowlib.formats.vhdx import codec as vhdx
@@ -42,6 +51,8 @@ _KIND_UNALLOCATED = 0
 _KIND_ZERO = 1
 _KIND_DATA = 2
 _KIND_PARTIAL = 3
+#: Sector bitmap bytes read at once by :meth:`VhdxDisk.layer_runs` at most.
+_MAX_BITMAP_READ = 8 << 20
 #: A parent locator item longer than this is not one (a few paths of 32K characters).
 _MAX_LOCATOR = 1 << 18
 
@@ -278,12 +289,92 @@ class VhdxDisk(Disk):
             kind = ExtentKind.DATA if is_data else ExtentKind.ZERO
             yield Extent(s - delta, e - s, kind, host_offset=s, file=self.filename)
 
+    def layer_runs(self, offset: int, end: int) -> Runs:
+        """:meth:`layer_extents` as arrays: runs of blocks of one state from the BAT
+        window at once; present data cut at the file's holes (which read as zeros),
+        partially present blocks by their sector bitmaps, all of them together."""
+        from qcowlib.core.layerruns import empty_runs, layer_runs, split_by_holes
+
+        start, end = self._range(offset, end - offset)
+        files = (None, self.filename)
+        if start == end:
+            return empty_runs(files)
+        bs = self.block_size
+        first, last = start // bs, (end - 1) // bs
+        kinds = self._kinds[first : last + 1]
+        hosts = self._hosts[first : last + 1]
+        brk = kinds[1:] != kinds[:-1]
+        brk |= (kinds[1:] == _KIND_DATA) & (hosts[1:] != hosts[:-1] + bs)
+        heads = np.concatenate(([0], np.flatnonzero(brk) + 1))
+        stops = np.append(heads[1:], kinds.size)
+        g_start = np.maximum(start, (first + heads) * bs)
+        g_end = np.minimum(end, (first + stops) * bs)
+        r_kind = kinds[heads]
+        plain = np.flatnonzero((r_kind == _KIND_ZERO) | (r_kind == _KIND_UNALLOCATED))
+        data = np.flatnonzero(r_kind == _KIND_DATA)
+        _, d_start, d_len, d_host, d_data = split_by_holes(
+            self.host,
+            g_start[data],
+            g_end[data] - g_start[data],
+            hosts[heads[data]] + (g_start[data] - (first + heads[data]) * bs),
+        )
+        p_start, p_len, p_host, p_data = self._partial_runs(
+            np.flatnonzero(kinds == _KIND_PARTIAL) + first, start, end
+        )
+        plain_kind = np.where(r_kind[plain] == _KIND_ZERO, RUN_ZERO, RUN_UNALLOCATED)
+        n_plain = plain.size
+        lo = np.concatenate((g_start[plain], d_start, p_start))
+        order = np.argsort(lo, kind="stable")
+        length = np.concatenate((g_end[plain] - g_start[plain], d_len, p_len))[order]
+        host = np.concatenate((np.full(n_plain, -1, np.int64), d_host, p_host))[order]
+        kind = np.concatenate(
+            (
+                plain_kind,
+                np.where(d_data, RUN_DATA, RUN_ZERO),
+                np.where(p_data, RUN_DATA, RUN_UNALLOCATED),
+            )
+        ).astype(np.uint8)[order]
+        return layer_runs(lo[order], length, kind, host, (host >= 0).astype(np.int64), files)
+
+    def _partial_runs(
+        self, blocks: npt.NDArray[np.int64], start: int, end: int
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], Any]:
+        """Runs of partially present ``blocks`` over ``[start, end)`` by their sector
+        bitmaps: start, length, host offset (-1: the parent's) and whether present."""
+        from qcowlib.core.layerruns import bit_runs
+
+        lss = self.metadata.logical_sector_size
+        bs = self.block_size
+        nbytes = bs // lss // 8
+        parts = []
+        step = max(1, _MAX_BITMAP_READ // nbytes)
+        for at in range(0, max(1, blocks.size), step):
+            chunk = blocks[at : at + step]
+            raw = b"".join(
+                self.host.pread_exact(int(self._bits_at[b]), nbytes, "vhdx sector bitmap")
+                for b in chunk.tolist()
+            )
+            rows = np.frombuffer(raw, dtype=np.uint8).reshape(chunk.size, nbytes)
+            row, bit, count, is_set = bit_runs(rows, nbytes * 8, "little")
+            parts.append((chunk[row], bit, count, is_set))
+        block, bit, count, is_set = (np.concatenate([p[i] for p in parts]) for i in range(4))
+        b_start = block * bs
+        lo = np.maximum(start, b_start + bit * lss)
+        hi = np.minimum(end, b_start + (bit + count) * lss)
+        keep = hi > lo
+        lo, hi, is_set, block = lo[keep], hi[keep], is_set[keep], block[keep]
+        host = np.where(is_set, self._hosts[block] + lo - block * bs, -1)
+        return lo, hi - lo, host, is_set
+
     # -- reading ------------------------------------------------------------------------
     def _read_layer(self, ext: Extent, buf: memoryview) -> None:
         assert ext.host_offset is not None
         self.host.pread_into(ext.host_offset, buf)
 
     def host_file_for(self, ext: Extent) -> HostFile | None:
+        return self.host
+
+    def runs_data_file(self) -> HostFile | None:
         return self.host
 
     def _close_layer(self) -> None:

@@ -219,3 +219,19 @@ def first_bad_grain(runs: GrainRuns, *, grain_size: int, file_size: int) -> tupl
         return None
     i = int(bad[0])
     return int(runs.start[i]) + int(skip[i]), int(kind[i]) == RUN_ERROR
+
+
+def clip_runs(runs: GrainRuns, grain_bytes: int, pos: int, stop: int) -> tuple[I64, I64, U8, I64]:
+    """The runs of a window over extent bytes ``[pos, stop)`` (inside the window), clipped
+    to it: start and length in bytes, kind, host offset (data: where the clipped run's
+    first byte lies; compressed: the grain's marker; else -1)."""
+    import numpy as np
+
+    j = int(np.searchsorted(runs.start, pos // grain_bytes, side="right")) - 1
+    k = int(np.searchsorted(runs.start, -(-stop // grain_bytes)))
+    first, kind = runs.start[j:k] * grain_bytes, runs.kind[j:k]
+    lo = np.maximum(first, pos)
+    hi = np.minimum(first + runs.length[j:k] * grain_bytes, stop)
+    at = runs.sector[j:k] * 512
+    host = np.where(kind == RUN_DATA, at + (lo - first), np.where(kind == RUN_COMPRESSED, at, -1))
+    return lo, hi - lo, kind, host

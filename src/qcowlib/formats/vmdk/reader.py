@@ -4,7 +4,7 @@ disks, delta disks included; the createTypes and extent lines QEMU 7.2 opens.
 
 A VMDK is a list of extents laid end to end in the guest.  A hosted sparse extent's
 grain directory and grain tables are read and checked once on open
-(:mod:`qcowlib.formats.vmdk.codec`); an ESX one's (COWD, seSparse) are read a bounded
+(:mod:`qcowlib.formats.vmdk.hosted`); an ESX one's (COWD, seSparse) are read a bounded
 window at a time (:mod:`qcowlib.formats.vmdk.grainmap`), so that snapshot deltas of any
 size map in bounded memory.  Both are turned into runs with numpy
 (:mod:`qcowlib.formats.vmdk.mapping`): consecutive grains that are all unallocated, all
@@ -21,12 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import numpy.typing as npt
 
-from qcowlib.core.disk import Disk, Extent, ExtentKind, full_backing_filename
+from qcowlib.core.disk import Disk, Extent, ExtentKind, Runs, full_backing_filename
 from qcowlib.core.hostfile import HostFile
 from qcowlib.errors import (
     BackingMismatch,
@@ -38,6 +38,7 @@ from qcowlib.errors import (
 from qcowlib.formats.vmdk import codec as vmdk
 from qcowlib.formats.vmdk import mapping
 from qcowlib.formats.vmdk.grainmap import GrainMap, WholeMap
+from qcowlib.formats.vmdk.hosted import read_runs
 from qcowlib.formats.vmdk.reader_esx import open_cowd, open_sesparse
 
 if TYPE_CHECKING:
@@ -350,7 +351,7 @@ class VmdkDisk(Disk):
         if h.capacity == 0:
             return part
         try:
-            part.grains = WholeMap(_read_runs(host, h, strict=not self.checking), h.grain_size)
+            part.grains = WholeMap(read_runs(host, h, strict=not self.checking), h.grain_size)
         except QcowlibError as exc:
             raise exc.with_file(filename) from None
         return part
@@ -432,12 +433,7 @@ class VmdkDisk(Disk):
             lo, hi = max(pos, r0), min(rel_end, (first + count) * gb)
             g = part.start + lo
             if kind == _ERROR:
-                raise CorruptImage(
-                    f"no valid grain directory or grain table entry maps guest offset {g} "
-                    "(qemu-img reads it as an I/O error)",
-                    file=part.filename,
-                    structure="vmdk grain directory",
-                )
+                self._window_error(part, g)
             if kind == _UNALLOC:
                 yield Extent(g, hi - lo, ExtentKind.UNALLOCATED)
             elif kind == _ZERO:
@@ -450,6 +446,70 @@ class VmdkDisk(Disk):
                 yield Extent(
                     g, hi - lo, ExtentKind.COMPRESSED, host_offset=host, file=part.filename
                 )
+
+    def layer_runs(self, offset: int, end: int) -> Runs:
+        """:meth:`layer_extents` as arrays: a grain map window (or a flat extent's data
+        and holes) at a time, clipped with array operations."""
+        from qcowlib.core.layerruns import empty_runs, layer_runs
+
+        start, end = self._range(offset, end - offset)
+        files = (None, *(p.filename for p in self.parts))
+        pieces: list[tuple[I64, I64, U8, I64, npt.NDArray[np.bool_], int]] = []
+        i, pos = self._part_at(start), start
+        while pos < end:
+            part, stop = self.parts[i], min(end, self.parts[i].end)
+            if part.kind == "flat":
+                pieces.append((*self._flat_runs(part, pos, stop), i + 1))
+            else:
+                pieces.extend((*p, i + 1) for p in self._sparse_runs(part, pos, stop))
+            pos, i = stop, i + 1
+        if not pieces:
+            return empty_runs(files)
+        s, n, k, h, hole = (np.concatenate([p[c] for p in pieces]) for c in range(5))
+        f = np.concatenate([np.where(p[3] >= 0, p[5], 0) for p in pieces])
+        return layer_runs(s, n, k, h, f, files, hole)
+
+    def _flat_runs(self, part: _Part, pos: int, stop: int) -> tuple[I64, I64, U8, I64, Any]:
+        """A flat extent's guest ``[pos, stop)``: data, holes in the file marked."""
+        from qcowlib.core.layerruns import split_by_holes
+
+        assert part.host is not None
+        one = np.array([pos], dtype=np.int64)
+        at = one - part.start + part.flat_offset
+        length = np.array([stop - pos], dtype=np.int64)
+        _, s, n, h, is_data = split_by_holes(part.host, one, length, at)
+        return s, n, np.full(s.size, _DATA, dtype=np.uint8), h, ~is_data
+
+    def _sparse_runs(
+        self, part: _Part, start: int, end: int
+    ) -> Iterator[tuple[I64, I64, U8, I64, Any]]:
+        """A sparse extent's runs over guest ``[start, end)``, a window of its grain map
+        at a time (the windows :meth:`_sparse_extents` reads, errors at the same grains)."""
+        grains = part.grains
+        gb = part.grain_size * SECTOR
+        pos, rel_end = start - part.start, end - part.start
+        while grains is not None and pos < rel_end:
+            window = grains.runs(pos // gb, -(-rel_end // gb))
+            stop = min(rel_end, window.end * gb)
+            lo, length, kind, host = mapping.clip_runs(window, gb, pos, stop)
+            bad = np.flatnonzero(kind == _ERROR)
+            if bad.size:
+                self._window_error(part, part.start + int(lo[int(bad[0])]))
+            yield lo + part.start, length, kind, host, np.zeros(lo.size, dtype=np.bool_)
+            pos = stop
+
+    def runs_data_file(self) -> HostFile | None:
+        hosts = {id(p.host) for p in self.parts}
+        return self.parts[0].host if len(hosts) == 1 else None
+
+    @staticmethod
+    def _window_error(part: _Part, g: int) -> NoReturn:
+        raise CorruptImage(
+            f"no valid grain directory or grain table entry maps guest offset {g} "
+            "(qemu-img reads it as an I/O error)",
+            file=part.filename,
+            structure="vmdk grain directory",
+        )
 
     # -- reads --------------------------------------------------------------------------
     def _read_layer(self, ext: Extent, buf: memoryview) -> None:
@@ -514,64 +574,3 @@ class VmdkDisk(Disk):
     def _close_layer(self) -> None:
         self._close_extents()
         self.host.close()
-
-
-def _read_runs(
-    host: HostFile, h: vmdk.SparseExtentHeader, *, strict: bool = True
-) -> mapping.GrainRuns:
-    """Read the grain directory and tables of a sparse extent and turn them into runs."""
-    gd_at, gd_len = vmdk.grain_directory_extent(h)
-    gd = vmdk.decode_table(
-        host.pread_exact(gd_at, gd_len, "vmdk grain directory"),
-        h.num_gd_entries,
-        what="grain directory",
-        offset=gd_at,
-    )
-    gtes = h.num_gtes_per_gt
-    gt_bytes = h.gt_bytes
-    offsets = vmdk.grain_table_offsets(gd, h, host.size, gd_at)
-    k = int(offsets.size)
-    if k and bool(np.all(np.diff(offsets) == gt_bytes)):
-        # QEMU and VMware write the tables back to back: one read.
-        first = int(offsets[0])
-        raw = host.pread(first, k * gt_bytes)
-        tables = vmdk.decode_table(raw, k * gtes, offset=first)
-    else:
-        tables = np.empty(k * gtes, dtype=np.uint32)
-        for r, off in enumerate(offsets.tolist()):
-            tables[r * gtes : (r + 1) * gtes] = vmdk.decode_table(
-                host.pread(off, gt_bytes), gtes, offset=off
-            )
-    return grain_runs(gd, tables, h, host.size, strict=strict)
-
-
-def grain_runs(
-    gd: vmdk.U32,
-    tables: vmdk.U32,
-    h: vmdk.SparseExtentHeader,
-    file_size: int,
-    *,
-    strict: bool = True,
-) -> mapping.GrainRuns:
-    """Runs of a hosted sparse extent (:func:`~qcowlib.formats.vmdk.mapping.table_runs`).
-
-    ``tables`` holds the entries of the allocated grain tables, in directory order: a
-    grain's sector, 0 (unallocated) or 1 (zeroed), compressed grains in a compressed
-    extent.  Raises :class:`TruncatedImage` (``strict``) for a grain past the end of
-    the file.
-    """
-    if strict:
-        vmdk.check_grain_tables(gd, tables, h, file_size)
-    value = tables.astype(np.int64)
-    kind = np.full(value.size, _COMPRESSED if h.compressed else _DATA, dtype=np.uint8)
-    kind[value == 0] = _UNALLOC
-    kind[value == vmdk.GTE_ZEROED] = _ZERO
-    state = np.where(gd != 0, mapping.GD_TABLE, mapping.GD_UNALLOC).astype(np.uint8)
-    return mapping.table_runs(
-        state,
-        kind,
-        value,
-        gtes=h.num_gtes_per_gt,
-        n_grains=h.num_grains,
-        grain_size=h.grain_size,
-    )
