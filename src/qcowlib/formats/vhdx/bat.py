@@ -153,22 +153,7 @@ def check_bat(
         )
     present = states == PAYLOAD_BLOCK_FULLY_PRESENT
     offsets = bat_offsets(payload)
-    lengths = np.full(n_blocks, m.block_size, dtype=np.uint64)
-    if n_blocks:
-        lengths[-1] = m.virtual_disk_size - (n_blocks - 1) * m.block_size
-    end = np.uint64(file_size)
-    low = present & (offsets < np.uint64(VHDX_HEADER_SECTION_END))
-    # Without wrapping: offset + length > file_size, for offsets up to 2**64 - 1 MiB.
-    past = present & ((offsets > end) | (lengths > end - np.minimum(offsets, end)))
-    checks = [
-        (low, CorruptImage, "lies inside the VHDX header section"),
-        (past, TruncatedImage, "lies past the end of the file"),
-    ]
-    block = np.uint64(m.block_size)
-    for start, stop in regions:  # offsets are now < file_size: no wrapping below
-        meets = present & (offsets < np.uint64(stop)) & (offsets + block > np.uint64(start))
-        checks.append((meets, CorruptImage, f"overlaps the region {start:#x}-{stop:#x}"))
-    for mask, error, text in checks:
+    for mask, error, text in _placement_checks(present, offsets, m, file_size, regions):
         hit = np.flatnonzero(mask)
         if hit.size:
             i = int(hit[0])
@@ -179,6 +164,36 @@ def check_bat(
                 offset=bat_offset + 8 * int(idx[i]),
             )
     return payload
+
+
+def _placement_checks(
+    present: npt.NDArray[np.bool_],
+    offsets: npt.NDArray[np.uint64],
+    m: Metadata,
+    file_size: int,
+    regions: Sequence[tuple[int, int]],
+) -> list[tuple[npt.NDArray[np.bool_], type[QcowlibError], str]]:
+    """Masks of the present blocks that lie where no payload block may: in the header
+    section, past the end of the file, on the log or a region."""
+    import numpy as np
+
+    n_blocks = offsets.size
+    lengths = np.full(n_blocks, m.block_size, dtype=np.uint64)
+    if n_blocks:
+        lengths[-1] = m.virtual_disk_size - (n_blocks - 1) * m.block_size
+    end = np.uint64(file_size)
+    low = present & (offsets < np.uint64(VHDX_HEADER_SECTION_END))
+    # Without wrapping: offset + length > file_size, for offsets up to 2**64 - 1 MiB.
+    past = present & ((offsets > end) | (lengths > end - np.minimum(offsets, end)))
+    checks: list[tuple[npt.NDArray[np.bool_], type[QcowlibError], str]] = [
+        (low, CorruptImage, "lies inside the VHDX header section"),
+        (past, TruncatedImage, "lies past the end of the file"),
+    ]
+    block = np.uint64(m.block_size)
+    for start, stop in regions:  # a block meeting one lies inside the file: no wrapping
+        meets = present & ~past & (offsets < np.uint64(stop)) & (offsets + block > np.uint64(start))
+        checks.append((meets, CorruptImage, f"overlaps the region {start:#x}-{stop:#x}"))
+    return checks
 
 
 def check_differencing_bat(

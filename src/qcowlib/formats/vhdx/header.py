@@ -356,20 +356,8 @@ def region_problems(
     """
     what = "vhdx region table"
     found: list[QcowlibError] = []
-    taken = [("the log", log[0], log[0] + log[1])] if log is not None else []
     for i, r in enumerate(entries):
         at = offset + 16 + _REGION_ENTRY_SIZE * i
-        clash = next((n for n, a, b in taken if overlaps(r.file_offset, r.length, a, b)), None)
-        if clash is not None:
-            found.append(
-                CorruptImage(
-                    f"VHDX region {guid_text(r.guid)} overlaps {clash}",
-                    structure=what,
-                    field=f"entry[{i}].file_offset",
-                    offset=at + 16,
-                )
-            )
-        taken.append((f"region {guid_text(r.guid)}", r.file_offset, r.file_offset + r.length))
         if r.guid not in (VHDX_BAT_GUID, VHDX_METADATA_GUID):
             if r.required:
                 found.append(
@@ -403,6 +391,28 @@ def region_problems(
     for needed, name in ((VHDX_BAT_GUID, "BAT"), (VHDX_METADATA_GUID, "metadata")):
         if needed not in by_guid:
             found.append(CorruptImage(f"VHDX has no {name} region", structure=what, offset=offset))
+    found += _overlap_problems(entries, offset, log)
+    return found
+
+
+def _overlap_problems(
+    entries: Sequence[RegionEntry], offset: int, log: tuple[int, int] | None
+) -> list[QcowlibError]:
+    """Each entry that meets the log or an earlier entry, in QEMU's order."""
+    found: list[QcowlibError] = []
+    taken = [("the log", log[0], log[0] + log[1])] if log is not None else []
+    for i, r in enumerate(entries):
+        clash = next((n for n, a, b in taken if overlaps(r.file_offset, r.length, a, b)), None)
+        if clash is not None:
+            found.append(
+                CorruptImage(
+                    f"VHDX region {guid_text(r.guid)} overlaps {clash}",
+                    structure="vhdx region table",
+                    field=f"entry[{i}].file_offset",
+                    offset=offset + 16 + _REGION_ENTRY_SIZE * i + 16,
+                )
+            )
+        taken.append((f"region {guid_text(r.guid)}", r.file_offset, r.file_offset + r.length))
     return found
 
 
