@@ -36,23 +36,38 @@ def run() -> int:
 
 
 def main() -> NoReturn:
-    """The program: :func:`run`, then leave.
+    """Run the command line and exit with its status (``SystemExit``), as any program
+    run inside another Python program should."""
+    sys.exit(run())
+
+
+def program() -> NoReturn:
+    """The ``qcowlib`` program (console script, ``python -m qcowlib``): :func:`run`, then
+    end the process.
 
     Tearing the interpreter down (clearing ~130 modules, a last full collection) costs
     7-10 ms, a fifth of ``qcowlib info`` of a small image, and does nothing for a
-    program whose work is done.  When nothing is left that needs it (no ``atexit``
+    process whose only work is done.  When nothing is left that needs it (no ``atexit``
     callback, such as logging's or a coverage tool's; no other thread; no ``python -i``)
-    the process ends at once, once the standard streams are flushed.
+    the process ends at once, once the standard streams are flushed.  Never returns:
+    a program that runs qcowlib inside itself calls :func:`main` or :func:`run`.
     """
-    status = _flush(run())
+    status = _flush(run(), _failure_status())
     if _nothing_left_to_run():
         os._exit(status)
     sys.exit(status)
 
 
-def _flush(status: int) -> int:
-    """Flush stdout and stderr; a failure is the program's failure (status 1 if it had
-    none), said in one line: a reader gone away (``| head``) is no error to report."""
+def _failure_status() -> int:
+    from qcowlib.cli import command_of, failure_status
+
+    return failure_status(command_of(sys.argv[1:]))
+
+
+def _flush(status: int, failure: int) -> int:
+    """Flush stdout and stderr.  A failure is the program's failure (``failure``, the
+    command's error status, unless it already failed), said in one line; a reader gone
+    away (``| head``) is no error to report."""
     for stream in (sys.stdout, sys.stderr):
         if stream is None:
             continue
@@ -67,7 +82,7 @@ def _flush(status: int) -> int:
             if stream is sys.stdout:
                 with contextlib.suppress(OSError, ValueError, AttributeError):
                     sys.stderr.write(f"qcowlib: error: cannot write the output: {exc.strerror}\n")
-        status = status or 1
+        status = failure if failure != 1 or status == 0 else status
         # What could not be written is dropped: the usual exit would retry the flush and
         # print a Python error about it.
         try:
@@ -88,5 +103,14 @@ def _nothing_left_to_run() -> bool:
     return callbacks == 0 and not sys.flags.inspect
 
 
+def _is_the_process() -> bool:
+    """True when this module is the process's ``__main__`` (``python -m qcowlib``), not
+    code that another program runs with ``runpy``."""
+    top = sys.modules.get("__main__")
+    return top is not None and vars(top) is globals()
+
+
 if __name__ == "__main__":
+    if _is_the_process():
+        program()
     main()

@@ -169,8 +169,8 @@ _LEAVE = (
     "witness = Witness()\n"
     "{extra}"
     "sys.argv = ['qcowlib', *sys.argv[1:]]\n"
-    "from qcowlib.__main__ import main\n"
-    "main()\n"
+    "from qcowlib.__main__ import program\n"
+    "program()\n"
 )
 
 
@@ -261,6 +261,7 @@ def test_program_output_is_complete_through_a_pipe_and_a_full_disk(tmp_path: Pat
             res = subprocess.run(
                 [sys.executable, "-m", "qcowlib", "info", str(src)],
                 check=False,
+                env=_buffered_env(),
                 stdout=full,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -272,39 +273,94 @@ def test_program_output_is_complete_through_a_pipe_and_a_full_disk(tmp_path: Pat
         assert res.stderr.count("\n") == 1
 
 
+def _buffered_env() -> dict[str, str]:
+    """The environment without PYTHONUNBUFFERED: stdout to a file or pipe is then block
+    buffered, so output is still in the buffer when the command returns."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
-@pytest.mark.parametrize("broken", ["full", "pipe"])
-def test_output_lost_at_the_last_flush_is_one_line_and_status_1(
-    tmp_path: Path, broken: str
+@pytest.mark.parametrize(
+    ("broken", "command", "status"),
+    [("full", "info", 1), ("pipe", "info", 1), ("full", "compare", 2), ("pipe", "compare", 2)],
+)
+def test_output_lost_at_the_last_flush_is_one_line_and_the_error_status(
+    tmp_path: Path, broken: str, command: str, status: int
 ) -> None:
-    """Output still buffered when the command returns (a large stdout buffer) is flushed
-    by the program before it leaves: a full disk is one error line and status 1; a
-    reader that went away is status 1 without a word; never a Python error."""
+    """Output still buffered when the command returns is flushed by the program before
+    it leaves: a full disk is one error line, a reader that went away is no word, and
+    either is the command's error status (2 for compare, whose 1 means "different");
+    never a Python error."""
     src = tmp_path / "a.raw"
     src.write_bytes(bytes(4096))
+    args = ["info", str(src)] if command == "info" else ["compare", str(src), str(src)]
+    if broken == "full":
+        with open("/dev/full", "wb") as full:
+            res = subprocess.run(
+                [sys.executable, "-m", "qcowlib", *args],
+                check=False,
+                env=_buffered_env(),
+                stdout=full,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=60,
+            )
+        assert res.stderr == "qcowlib: error: cannot write the output: No space left on device\n"
+    else:
+        code = (
+            "import os, sys\n"
+            "r, w = os.pipe(); os.close(r)\n"
+            "sys.stdout = open(w, 'w')\n"
+            "sys.argv = ['qcowlib', *sys.argv[1:]]\n"
+            "from qcowlib.__main__ import program\n"
+            "program()\n"
+        )
+        res = subprocess.run(
+            [sys.executable, "-c", code, *args],
+            check=False,
+            env=_buffered_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert res.stderr == ""
+    assert res.returncode == status
+
+
+def test_a_program_running_qcowlib_inside_itself_goes_on(tmp_path: Path) -> None:
+    """Run by another program (``runpy``, or ``main()``), qcowlib exits with SystemExit
+    as usual: the host catches it, its own buffered files keep their data, its code goes
+    on.  Only qcowlib's own process (``python -m qcowlib``, the console script) ends early."""
+    src = tmp_path / "a.raw"
+    src.write_bytes(bytes(4096))
+    log = tmp_path / "host.log"
     code = (
-        "import os, sys\n"
-        "if sys.argv[1] == 'full':\n"
-        "    sys.stdout = open('/dev/full', 'w', buffering=1 << 20)\n"
-        "else:\n"
-        "    r, w = os.pipe(); os.close(r)\n"
-        "    sys.stdout = open(w, 'w', buffering=1 << 20)\n"
-        "sys.argv = ['qcowlib', *sys.argv[2:]]\n"
-        "from qcowlib.__main__ import main\n"
-        "main()\n"
+        "import runpy, sys\n"
+        "log = open(sys.argv[1], 'w')\n"
+        "log.write('before\\n')\n"
+        "for how in ('runpy', 'main'):\n"
+        "    sys.argv = ['qcowlib', 'info', sys.argv[2]] if how == 'runpy' else sys.argv\n"
+        "    try:\n"
+        "        if how == 'runpy':\n"
+        "            runpy.run_module('qcowlib', run_name='__main__')\n"
+        "        else:\n"
+        "            from qcowlib.__main__ import main\n"
+        "            main()\n"
+        "    except SystemExit as exc:\n"
+        "        log.write(f'{how} exit {exc.code}\\n')\n"
+        "print('HOST DONE')\n"
     )
     res = subprocess.run(
-        [sys.executable, "-c", code, broken, "info", str(src)],
+        [sys.executable, "-c", code, str(log), str(src)],
         check=False,
+        env=_buffered_env(),
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert res.returncode == 1
-    if broken == "full":
-        assert res.stderr == "qcowlib: error: cannot write the output: No space left on device\n"
-    else:
-        assert res.stderr == ""
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.endswith("HOST DONE\n")
+    assert log.read_text() == "before\nrunpy exit 0\nmain exit 0\n"
 
 
 def run_bytes(*args: str | Path) -> subprocess.CompletedProcess[bytes]:

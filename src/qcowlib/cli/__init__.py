@@ -370,6 +370,17 @@ def _configure_logging(debug: bool) -> None:
 _SHORT_COMMANDS: Final = frozenset({"info", "map", "check", "validate"})
 
 
+def failure_status(command: str | None) -> int:
+    """The exit status of a failed ``command``: 1, but 2 for ``compare``, whose 1 means
+    "the images differ" (as qemu-img)."""
+    return 2 if command == "compare" else 1
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command an argument list names (its first argument that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status.
 
@@ -386,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "numpy" not in sys.modules:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     argv, objects, image_opts = _take_secret_options(list(sys.argv[1:] if argv is None else argv))
-    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
+    parser = build_parser(command_of(argv))
     if "resize" in argv and argv and re.match(r"^-\d", argv[-1]) and "--" not in argv:
         argv.insert(len(argv) - 1, "--")  # "resize FILE -3M": a size, not an option
     args = _parse(parser, argv)
@@ -394,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         gc.enable()  # off for start-up (qcowlib.__main__); long runs collect cycles
     configure_on_use(lambda: _configure_logging(args.debug))
     func: Callable[[argparse.Namespace], int] = args.func
-    error_status = 2 if args.command == "compare" else 1
+    error_status = failure_status(args.command)
     if args.debug:  # logging loads only when something is logged (qcowlib._log)
         shown = {k: v for k, v in vars(args).items() if k not in ("func", "parser")}
         log.debug("%s %s", args.command, shown)

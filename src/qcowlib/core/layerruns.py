@@ -73,6 +73,8 @@ def bit_runs(rows: U8, nbits: int, bitorder: Literal["big", "little"]) -> tuple[
         e = np.zeros(0, dtype=np.int64)
         return e, e, e, np.zeros(0, dtype=np.bool_)
     whole, rem = divmod(nbits, 8)
+    if int(rows.shape[1]) * 8 < nbits:
+        raise ValueError(f"bitmaps of {rows.shape[1]} bytes cannot hold {nbits} bits")
     body = rows[:, :whole]
     ones = (body == 0xFF).all(axis=1)
     zeros = (body == 0).all(axis=1)

@@ -42,10 +42,19 @@ if TYPE_CHECKING:
 
 #: Decoded sector bitmaps kept per image (each stands for one block, 2 MiB by default).
 BITMAP_CACHE_ENTRIES = 4096
-#: Sector bitmaps read at once by :meth:`VhdDisk.layer_runs` at most (bounds memory).
-BITMAPS_PER_READ = 8192
+#: Bytes of sector bitmaps read at once by :meth:`VhdDisk.layer_runs` at most (bounds
+#: the memory of one read: a block's bitmap has no size cap, 512 KiB for 2 GiB blocks).
+BITMAP_READ_BYTES = 4 << 20
 
 _Runs = tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]
+
+
+def _all_present(sectors: int) -> bytes:
+    """The bitmap of a block whose every sector is present.  Blocks under 4 KiB have no
+    bitmap in the file (QEMU's size rule, ``block_size / 4096`` rounded up to sectors,
+    gives 0 bytes, and QEMU reads the data right after the BAT entry's sector): all
+    their sectors are data, as qemu-img reads and maps them."""
+    return b"\xff" * -(-sectors // 8)
 
 
 def read_footer(host: HostFile) -> tuple[vhd.Footer, int]:
@@ -245,9 +254,12 @@ class VhdDisk(Disk):
             cached = self._bitmaps.get(block)
         if cached is not None:
             return cached
-        at = int(self.bat[block]) * vhd.SECTOR
-        raw = self.host.pread(at, self.bitmap_size)
-        runs = vhd.bitmap_runs(raw, self.block_size // vhd.SECTOR)
+        sectors = self.block_size // vhd.SECTOR
+        if self.bitmap_size:
+            raw = self.host.pread(int(self.bat[block]) * vhd.SECTOR, self.bitmap_size)
+        else:
+            raw = _all_present(sectors)
+        runs = vhd.bitmap_runs(raw, sectors)
         with self._lock:
             if len(self._bitmaps) >= BITMAP_CACHE_ENTRIES:
                 self._bitmaps.clear()
@@ -303,13 +315,19 @@ class VhdDisk(Disk):
 
         sectors = self.block_size // vhd.SECTOR
         parts = []
-        for at in range(0, max(1, alloc.size), BITMAPS_PER_READ):
-            blocks = alloc[at : at + BITMAPS_PER_READ]
-            raw = b"".join(
-                self.host.pread(int(self.bat[b]) * vhd.SECTOR, self.bitmap_size)
-                for b in blocks.tolist()
-            )
-            rows = np.frombuffer(raw, dtype=np.uint8).reshape(blocks.size, self.bitmap_size)
+        step = max(1, BITMAP_READ_BYTES // max(1, self.bitmap_size))
+        for at in range(0, max(1, alloc.size), step):
+            blocks = alloc[at : at + step]
+            if self.bitmap_size:
+                raw = b"".join(
+                    self.host.pread(int(self.bat[b]) * vhd.SECTOR, self.bitmap_size)
+                    for b in blocks.tolist()
+                )
+                width = self.bitmap_size
+            else:
+                width = len(_all_present(sectors))
+                raw = _all_present(sectors) * blocks.size
+            rows = np.frombuffer(raw, dtype=np.uint8).reshape(blocks.size, width)
             row, first, count, is_set = bit_runs(rows, sectors, "big")
             parts.append((blocks[row] * self.block_size, first, count, is_set))
         return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))
