@@ -265,3 +265,40 @@ def test_a_signal_landing_in_library_clean_up_still_exits_as_the_signal() -> Non
     except RuntimeError as exc:
         found = interrupt.cause(exc)
     assert found is not None and interrupt.exit_status(found) == 129
+
+
+def test_a_signal_landing_in_a_weakref_callback_is_delivered_again(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A signal whose exception is raised inside a weak-reference callback (the garbage
+    collector or a thread pool's clean-up running when it lands) was printed as
+    "Exception ignored in ..." with a traceback, and `flatten` then finished with status
+    0 as if never signalled; the signal is raised again in the main flow."""
+    import weakref
+
+    from qcowlib.core import interrupt
+
+    handlers = {sig: signal.getsignal(sig) for sig in interrupt.HANDLED}
+    hook = sys.unraisablehook
+    saved = vars(interrupt._state).copy()
+
+    class Thing:
+        pass
+
+    try:
+        interrupt.install()
+        thing = Thing()
+        ref = weakref.ref(thing, lambda _: interrupt._handler(signal.SIGTERM, None))
+        with pytest.raises(interrupt.Interrupted) as caught:
+            del thing  # the callback runs here; its exception cannot propagate
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                time.sleep(0.001)
+        assert ref() is None
+    finally:
+        for sig, previous in handlers.items():
+            signal.signal(sig, previous)
+        sys.unraisablehook = hook
+        vars(interrupt._state).update(saved)
+    assert caught.value.signum == signal.SIGTERM
+    assert "Exception ignored" not in capsys.readouterr().err

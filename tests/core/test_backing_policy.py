@@ -305,3 +305,32 @@ def test_upload_flatten_source_follows_the_policy(tmp_path: Path, outside: Path)
     req = UploadRequest(str(evil), "x", flatten=True, backing_policy="contained")
     with pytest.raises(qcowlib.UnsafeBackingPath):
         _Source(req, "qcow2")
+
+
+def test_a_backing_file_name_that_is_not_utf8_is_followed_as_qemu_img_follows_it(
+    tmp_path: Path,
+) -> None:
+    """A backing file named in another encoding (Latin-1 "café.qcow2") was refused as
+    "backing file name is not valid UTF-8": no info, no convert.  The name is bytes on
+    disk, as for qemu-img; JSON shows the odd byte as U+FFFD, as qemu-img's does."""
+    base = os.path.join(os.fsencode(tmp_path), "caf\xe9.qcow2".encode("latin-1"))
+    top = tmp_path / "top.qcow2"
+    subprocess.run([b"qemu-img", b"create", b"-q", b"-f", b"qcow2", base, b"4M"], check=True)
+    qemu_io(os.fsdecode(base), "qcow2", "write -P 5 0 1M")
+    name = "caf\xe9.qcow2".encode("latin-1")
+    subprocess.run(
+        [b"qemu-img", b"create", b"-q", b"-f", b"qcow2", b"-b", name, b"-F", b"qcow2",
+         os.fsencode(top)],
+        check=True,
+    )  # fmt: skip
+    qemu_io(top, "qcow2", "write -P 6 2M 1M")
+    assert read_all(top, "follow") == qemu_raw(tmp_path, str(top))
+    ref = json.loads(qemu_img("info", "--output=json", top).stdout)
+    ours = json.loads(cli("info", "--output=json", top).stdout)
+    assert ours["backing-filename"] == ref["backing-filename"] == "caf\ufffd.qcow2"
+    res = cli("rebase", "-u", "-b", os.fsdecode(name), "-F", "qcow2", top)
+    assert res.returncode == 0, res.stderr
+    assert name in top.read_bytes()
+    res = cli("commit", top)
+    assert res.returncode == 0, res.stderr
+    assert qemu_img("check", os.fsdecode(base)).returncode == 0

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -262,6 +263,26 @@ HOSTILE: list[tuple[str, Callable[[Path], object], type[QcowlibError]]] = [
         TruncatedImage,
     ),
     ("bat-bad-state", lambda p: poke(p, bat_at(p) + 8, (5).to_bytes(8, "little")), CorruptImage),
+    (
+        # offset + block size wraps past 2**64: it was taken for a block inside the file
+        # (map showed offset -1048576, reads returned zeros); QEMU: "offset overflow"
+        "bat-entry-wraps",
+        lambda p: poke(p, bat_at(p), (0xFFFF_FFFF_FFF0_0000 | 6).to_bytes(8, "little")),
+        TruncatedImage,
+    ),
+    (
+        # a payload block on top of the BAT region: QEMU's vhdx_check_bat_entries
+        # refuses the image on open ("VHDX region ... overlaps with region ...")
+        "bat-entry-on-bat",
+        lambda p: poke(p, bat_at(p), (bat_at(p) | 6).to_bytes(8, "little")),
+        CorruptImage,
+    ),
+    (
+        # a log that covers the BAT and metadata regions: QEMU refuses the region table
+        "log-over-regions",
+        lambda p: header_poke(p, 68, (64 * MIB).to_bytes(4, "little")),
+        CorruptImage,
+    ),
     ("metadata-signature", lambda p: poke(p, 3 * MIB, b"XXXXXXXX"), FormatError),
     ("truncated", lambda p: os.truncate(p, 100_000), QcowlibError),
 ]
@@ -282,6 +303,21 @@ def test_hostile(
     if name == "log-to-replay":
         assert "contains a log that needs to be replayed" in str(exc.value)
         assert f"qcowlib check -r all '{p}'" in str(exc.value)
+
+
+@pytest.mark.parametrize("name", ["bat-entry-wraps", "bat-entry-on-bat", "log-over-regions"])
+def test_qemu_img_refuses_what_we_refuse(tmp_path: Path, name: str) -> None:
+    """The oracle agrees that these cannot be opened, and ``check`` counts the BAT
+    entries it refuses as qemu-img check does."""
+    damage = next(h[1] for h in HOSTILE if h[0] == name)
+    p = make_vhdx(tmp_path / "h.vhdx", "dynamic")
+    damage(p)
+    assert qemu_img("convert", "-O", "raw", p, tmp_path / "q.raw", check=False).returncode == 1
+    if name.startswith("bat"):
+        from qcowlib import check
+
+        ref = qemu_img("check", "-f", "vhdx", "--output=json", p, check=False)
+        assert check(str(p)).corruptions == json.loads(ref.stdout)["corruptions"] > 0
 
 
 def test_log_guid_without_entries_is_read_as_qemu_reads_it(tmp_path: Path) -> None:

@@ -225,3 +225,30 @@ def test_parent_cid_without_hint_reads_alone(tmp_path: Path) -> None:
     p.write_bytes(desc.encode())
     with open_disk(str(p)) as d:
         assert d.backing is None and d.read(0, 4096) == b"\x5a" * 4096
+
+
+def test_descriptors_that_are_not_ascii_read_as_qemu_reads_them(tmp_path: Path) -> None:
+    """VMware writes extent file names and ddb values in the encoding it declares (a VM
+    named "Café" on Windows): such descriptors were refused ("not ASCII text") although
+    qemu-img reads them.  An extent name that is not UTF-8 still names its file."""
+    flat = make(tmp_path / "m.vmdk", "monolithicFlat")
+    name = "caf\xe9-flat.vmdk".encode("latin-1")
+    os.rename(tmp_path / "m-flat.vmdk", os.path.join(os.fsencode(tmp_path), name))
+    text = flat.read_bytes().replace(b'"m-flat.vmdk"', b'"' + name + b'"')
+    flat.write_bytes(text + b'ddb.comment = "V\xc3\xa9hicule \xe9t\xe9"\n')
+    sparse = make(tmp_path / "s.vmdk", "monolithicSparse")
+    raw = bytearray(sparse.read_bytes())
+    desc_at = struct.unpack_from("<Q", raw, 28)[0] * 512
+    end = raw.index(b"\0", desc_at)
+    raw[end : end + 20] = b'ddb.x = "caf\xe9"\n'.ljust(20, b"\0")
+    sparse.write_bytes(bytes(raw))
+    for image in (flat, sparse):
+        assert ours(image) == reference(image), image
+        assert qemu_json("info", image)["virtual-size"] == 30 << 20
+    # Glance's image inspector refuses them: validate still does (not structural).
+    from qcowlib.validate import validate
+
+    report = validate(sparse, "glance", "vmdk")
+    assert not report.ok
+    assert any("not ASCII" in f.message for f in report.findings if f.rule == "vmdk-descriptor")
+    assert validate(sparse, "permissive", "vmdk").ok

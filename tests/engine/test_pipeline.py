@@ -188,3 +188,35 @@ def test_task_queue_runs_every_done_callback_and_raises_the_first_error(
     # Every buffer is given back, even for tasks skipped after the error.
     assert sorted(done) == list(range(submitted))
     assert not _threads("t-tasks")
+
+
+def test_a_signal_while_submit_waits_for_room_leaves_join_able_to_finish() -> None:
+    """SIGINT/SIGTERM landing in :meth:`TaskQueue.submit` while it waited for room (a
+    slow disk: the writers behind) left a task counted that was never queued: the clean-up's
+    ``join`` then waited forever (a ``convert`` signalled at the wrong moment hung with
+    its temporary output).  A task is counted only by the thread that runs it."""
+    import signal
+
+    release = threading.Event()
+    ran: list[int] = []
+    main = threading.get_ident()
+    with TaskQueue(1, 1, name="t-signal") as tasks:
+
+        def first() -> None:
+            release.wait(10)
+            ran.append(0)
+
+        tasks.submit(first)  # running
+        tasks.submit(lambda: ran.append(1))  # queued: the queue is full
+        kill = threading.Timer(0.2, signal.pthread_kill, (main, signal.SIGINT))
+        kill.start()
+        with pytest.raises(KeyboardInterrupt):
+            tasks.submit(lambda: ran.append(2))  # waits for room; the signal lands
+        kill.join()
+        release.set()
+        joined = threading.Thread(target=tasks.join, daemon=True)
+        joined.start()
+        joined.join(10)
+        assert not joined.is_alive(), "join waits for a task that was never queued"
+    assert ran == [0, 1]
+    assert not _threads("t-signal")

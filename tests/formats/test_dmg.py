@@ -268,3 +268,37 @@ def image_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @settings(max_examples=40, deadline=None)
 def test_random_reads(image_file: Path, reads: list[tuple[int, int]]) -> None:
     check_random_reads(image_file, dmg_expected(DISK, SPECS["partitions"]), reads)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"<dict><key>Data</key><data></data></dict>" * 300_000,  # blkx-looking entries
+        b"<array>" * 1_000_000 + b"</array>" * 1_000_000,  # nesting
+        b"<true/>" * 1_000_000,
+    ],
+    ids=["entries", "nesting", "elements"],
+)
+def test_a_property_list_of_millions_of_elements_is_refused_before_parsing(
+    body: bytes,
+) -> None:
+    """Within the 16 MiB cap, a property list of small elements made plistlib build an
+    object each: 600 MB and 1-2 s per open (per command) for a 14 MB file."""
+    import resource
+    import time
+
+    xml = b'<?xml version="1.0"?><plist version="1.0"><array>' + body + b"</array></plist>"
+    assert len(xml) < 16 << 20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.monotonic()
+    with pytest.raises(CorruptImage, match="elements"):
+        blkx_from_plist(xml)
+    assert time.monotonic() - t0 < 0.5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 << 10  # KiB
+
+
+def test_a_resource_fork_of_millions_of_resources_is_refused() -> None:
+    res = (struct.pack(">I", 1) + b"x") * 3_000_000
+    fork = struct.pack(">IIII", 16, 0, len(res), 0) + res
+    with pytest.raises(CorruptImage, match="resources"):
+        blkx_from_rsrc(fork, 0)

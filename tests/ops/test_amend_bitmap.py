@@ -291,3 +291,37 @@ def test_writer_records_writes_in_enabled_bitmaps_like_qemu(tmp_path: Path) -> N
     for name in ("on", "off", "coarse"):
         assert bits(ours, name) == bits(ref, name), name
     assert qemu_img("compare", ours, ref).returncode == 0
+
+
+def test_a_bitmap_name_that_is_not_utf8_reads_as_in_qemu_img(tmp_path: Path) -> None:
+    """A bitmap name in another tool's legacy encoding made `info` fail ("undecodable
+    name"); qemu-img shows it with U+FFFD, and rewriting the directory keeps its bytes."""
+    import json
+    import struct
+
+    img = tmp_path / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "4M")
+    qemu_img("bitmap", "--add", img, "bm0")
+    raw = img.read_bytes()
+    (at,) = struct.unpack_from(">I", raw, 100)  # header_length: extensions follow
+    while True:
+        kind, length = struct.unpack_from(">II", raw, at)
+        if kind == 0x23852875:
+            break
+        at += 8 + (length + 7) // 8 * 8
+    (directory,) = struct.unpack_from(">Q", raw, at + 8 + 16)
+    (extra,) = struct.unpack_from(">I", raw, directory + 20)
+    with img.open("r+b") as f:
+        f.seek(directory + 24 + extra)
+        f.write(b"\xe9\xff")  # "bm0" becomes b"\xe9\xff0"
+    shown = qemu_json("info", img)["format-specific"]["data"]["bitmaps"]
+    res = cli("info", "--output=json", img)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["format-specific"]["data"]["bitmaps"] == shown
+    assert shown[0]["name"] == "\ufffd\ufffd0"
+    res = cli("bitmap", "--add", img, "b1")
+    assert res.returncode == 0, res.stderr
+    clean(img)
+    names = [b["name"] for b in qemu_json("info", img)["format-specific"]["data"]["bitmaps"]]
+    assert names == ["\ufffd\ufffd0", "b1"]
+    assert b"\xe9\xff0" in img.read_bytes()

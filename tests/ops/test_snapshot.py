@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -244,3 +245,36 @@ def test_random_plans_against_a_model(
     for name, content in snaps.items():
         qemu_img("convert", "-l", f"snapshot.name={name}", "-O", "raw", img, out)
         assert out.read_bytes() == content, name
+
+
+def _snapshot_name_at(img: Path) -> int:
+    """File offset of snapshot 0's name (after its 40-byte header, extra data, ID)."""
+    import struct
+
+    raw = img.read_bytes()
+    (table,) = struct.unpack_from(">Q", raw, 64)
+    id_size, name_size = struct.unpack_from(">HH", raw, table + 12)
+    (extra,) = struct.unpack_from(">I", raw, table + 36)
+    assert name_size >= 2
+    return int(table + 40 + extra + id_size)
+
+
+def test_a_snapshot_name_that_is_not_utf8_reads_as_in_qemu_img(tmp_path: Path) -> None:
+    """Another tool's snapshot name in a legacy encoding (bytes that are not UTF-8)
+    made `info`, `snapshot -l` and every snapshot command fail ("undecodable name");
+    qemu-img shows it (U+FFFD in JSON), and writing the table back keeps its bytes."""
+    img = image(tmp_path)
+    qemu_img("snapshot", "-c", "s0", img)
+    at = _snapshot_name_at(img)
+    with img.open("r+b") as f:
+        f.seek(at)
+        f.write(b"\xe9\xff")  # "é" in Latin-1, then a byte no encoding uses
+    ref = qemu_json("info", img)
+    ours = json.loads(ok("info", "--output=json", img).stdout)
+    assert ours["snapshots"] == ref["snapshots"]
+    assert ref["snapshots"][0]["name"] == "\ufffd\ufffd"
+    ok("snapshot", "-l", img)
+    ok("snapshot", "-c", "s1", img)
+    clean(img)
+    assert img.read_bytes()[_snapshot_name_at(img) :][:2] == b"\xe9\xff"
+    assert [s["name"] for s in qemu_json("info", img)["snapshots"]] == ["\ufffd\ufffd", "s1"]

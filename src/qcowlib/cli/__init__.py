@@ -125,7 +125,15 @@ def add_format_options(
 def print_json(value: Any) -> None:
     import json
 
-    sys.stdout.write(json.dumps(value, indent=4) + "\n")
+    text = json.dumps(value, indent=4)
+    if "\\udc" in text:
+        # File and snapshot names that are not UTF-8 are carried as lone surrogates
+        # (U+DC80-U+DCFF); qemu-img's JSON shows such bytes as U+FFFD, and lone
+        # surrogates are not valid Unicode for strict JSON readers.
+        import re
+
+        text = re.sub(r"(?<!\\ud[89ab][0-9a-f]{2})\\udc[89a-f][0-9a-f]", r"\\ufffd", text)
+    sys.stdout.write(text + "\n")
 
 
 # -- commands ------------------------------------------------------------------------------

@@ -64,9 +64,11 @@ class HostFile:
         """
         self.path = path = os.fspath(path)
         flags = os.O_RDWR if writable else os.O_RDONLY
+        # Never block on open: a FIFO (or a tty) named as the image would wait for ever
+        # for a writer (qemu-img hangs there); the flag is cleared once it is open.
+        flags |= os.O_NONBLOCK | os.O_NOCTTY
         if linked:
             _refuse_special(path, os.stat)
-            flags |= os.O_NONBLOCK | os.O_NOCTTY  # belt and braces: never block on open
         try:
             self.fd = os.open(path, flags | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -81,11 +83,15 @@ class HostFile:
             st = os.fstat(self.fd)
             if stat.S_ISDIR(st.st_mode):
                 raise QcowlibIOError("is a directory", file=path)
+            if stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+                # No offsets to read at: a stream is not an image (and would block).
+                raise QcowlibIOError(f"is {_kind(st.st_mode)}, not a disk image", file=path)
             if linked:
                 _refuse_special(path, lambda _: st)
-                _clear_nonblock(self.fd)
                 if within is not None:
                     _check_within(self.fd, path, within)
+            _clear_nonblock(self.fd)
+            size = _size_of(self.fd, st)
         except QcowlibError:
             os.close(self.fd)
             raise
@@ -95,7 +101,7 @@ class HostFile:
         except BaseException:
             os.close(self.fd)
             raise
-        self.size = st.st_size
+        self.size = size
         self.identity = (st.st_dev, st.st_ino)
         self.allocated = st.st_blocks * 512
 
@@ -269,6 +275,19 @@ def refuse_special(path: str) -> None:
     """Raise :class:`QcowlibIOError` unless ``path`` may be opened as a linked file (a
     regular file outside /proc and /sys); for callers that open it some other way."""
     _refuse_special(path, os.stat)
+
+
+def _size_of(fd: int, st: os.stat_result) -> int:
+    """The size of an open file: ``st_size``, but a block device's (an LVM volume,
+    a SAN LUN) own size, where ``st_size`` is 0."""
+    if stat.S_ISBLK(st.st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    return st.st_size
+
+
+def size_of(fd: int) -> int:
+    """:func:`_size_of` of an open descriptor, for code that opens files itself."""
+    return _size_of(fd, os.fstat(fd))
 
 
 def _clear_nonblock(fd: int) -> None:

@@ -23,8 +23,10 @@ from __future__ import annotations
 import _thread
 import contextlib
 import signal
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from types import FrameType
+from typing import Any, Final
 
 __all__ = [
     "HANDLED",
@@ -95,6 +97,43 @@ def install() -> None:
             signal.signal(sig, _handler)
         except ValueError:  # not the main thread: signals are not ours to handle
             return
+    if not isinstance(sys.unraisablehook, _Redeliver):
+        sys.unraisablehook = _Redeliver(sys.unraisablehook)
+
+
+class _Redeliver:
+    """``sys.unraisablehook`` that does not let Python swallow a signal.
+
+    A signal can land while Python runs a weak-reference callback or a ``__del__``
+    (the garbage collector, a thread pool's clean-up): the exception the handler raises
+    there cannot propagate, Python prints it as "Exception ignored in ..." with a
+    traceback, and the command would go on to finish as if never signalled.  Such an
+    :class:`Interrupted` is sent again instead, a moment later, from a helper thread:
+    the handler must not run again before the callback (and this hook) have returned,
+    and a real signal also wakes the main thread from a blocking call.  Anything else
+    goes to the previous hook.
+    """
+
+    #: Long enough for the hook and the callback that failed to return.
+    DELAY: Final = 0.005
+
+    def __init__(self, previous: Callable[[Any], object]) -> None:
+        self.previous = previous
+
+    def __call__(self, unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if not isinstance(exc, Interrupted):
+            self.previous(unraisable)
+            return
+        import threading
+
+        with _state.lock:
+            _state.raised = False  # the handler raises once more, where it counts
+        main = threading.main_thread().ident
+        assert main is not None
+        again = threading.Timer(self.DELAY, signal.pthread_kill, (main, exc.signum))
+        again.daemon = True
+        again.start()
 
 
 def checkpoint() -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Generator, Iterable
 from typing import Generic, TypeVar, cast
 
@@ -208,14 +209,20 @@ class TaskQueue:
     Use as a context manager: leaving it waits for the queued tasks (after an error,
     skipping those not started, but still running their ``done`` callbacks).  The first
     error a task raises is raised by the next :meth:`submit` or by :meth:`join`.
+
+    The caller's thread may be interrupted anywhere (Ctrl-C, or a signal that the
+    command line turns into an exception): so that :meth:`join` and :meth:`close`
+    still end, the only state it changes is the list of queued tasks, one append under
+    the lock; what is running is counted by the threads that run it.
     """
 
     def __init__(self, threads: int = 2, depth: int = 4, name: str = "qcowlib-write") -> None:
-        self._q: queue.Queue[tuple[Callable[[], None], Callable[[], None] | None] | None]
-        self._q = queue.Queue(maxsize=depth)
+        self._items: deque[tuple[Callable[[], None], Callable[[], None] | None]] = deque()
+        self._depth = depth
         self._error: BaseException | None = None
         self._cv = threading.Condition()
-        self._pending = 0
+        self._running = 0
+        self._stopping = False
         #: Set when the body of the ``with`` block raised (an error, Ctrl-C, a signal):
         #: tasks not started yet are skipped, their ``done`` callbacks still run.
         self._abandoned = False
@@ -227,11 +234,18 @@ class TaskQueue:
             t.start()
         self._stopped = False
 
+    def _take(self) -> tuple[Callable[[], None], Callable[[], None] | None] | None:
+        with self._cv:
+            while not self._items and not self._stopping:
+                self._cv.wait()
+            if not self._items:
+                return None
+            self._running += 1
+            self._cv.notify_all()  # room for a waiting submit
+            return self._items.popleft()
+
     def _run(self) -> None:
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
+        while (item := self._take()) is not None:
             task, done = item
             try:
                 if self._error is None and not self._abandoned:
@@ -241,11 +255,12 @@ class TaskQueue:
                     if self._error is None:
                         self._error = exc
             finally:
-                if done is not None:
-                    done()
-                with self._cv:
-                    self._pending -= 1
-                    if self._pending == 0:
+                try:
+                    if done is not None:
+                        done()
+                finally:
+                    with self._cv:
+                        self._running -= 1
                         self._cv.notify_all()
 
     def _raise(self) -> None:
@@ -260,13 +275,16 @@ class TaskQueue:
         """
         self._raise()
         with self._cv:
-            self._pending += 1
-        self._q.put((task, done))
+            while len(self._items) >= self._depth:
+                self._cv.wait()
+            self._items.append((task, done))
+            self._cv.notify_all()
 
     def join(self) -> None:
         """Wait until every submitted task has run; raise the first error."""
         with self._cv:
-            while self._pending:
+            self._cv.notify_all()  # in case a submit was interrupted before it woke them
+            while self._items or self._running:
                 self._cv.wait()
         self._raise()
 
@@ -275,8 +293,9 @@ class TaskQueue:
         if self._stopped:
             return
         self._stopped = True
-        for _ in self._threads:
-            self._q.put(None)
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
         for t in self._threads:
             t.join()
 

@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from qcowlib.core import interrupt
 from qcowlib.errors import UnsupportedFeature
 
 __all__ = ["amend", "amend_option_help"]
@@ -35,7 +36,10 @@ def amend(
 
     path = os.fspath(path)
     fmt = _format_of(path, fmt)
-    _part(fmt).run(path, options, progress)
+    # In place: a signal waits until the image is whole again (the format stops at
+    # interrupt.checkpoint() between steps that each leave it consistent).
+    with interrupt.deferred():
+        _part(fmt).run(path, options, progress)
 
 
 def amend_option_help(fmt: str) -> str:

@@ -8,6 +8,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from qcowlib.core import interrupt
 from qcowlib.core.chain import BackingPolicy
 from qcowlib.errors import InvalidArgument, UnsupportedFeature
 
@@ -62,7 +63,8 @@ def bitmap(
         _read_sources(part, actions, os.fspath(source_file), source_fmt) if source_file else {}
     )
     steps = [BitmapAction(op, src) for op, src in actions]
-    part.run(path, name, steps, granularity, sources)
+    with interrupt.deferred():  # in place: a signal waits until the change is whole
+        part.run(path, name, steps, granularity, sources)
 
 
 def _read_sources(

@@ -154,7 +154,9 @@ def hash_file(
     """Feed the bytes of the file at ``path`` to ``hasher``, start to end; returns the count.
 
     Reads until end of file rather than trusting the size from ``stat``, so block
-    devices and files that grow while being read are hashed as read.  Unless
+    devices and files that grow while being read are hashed as read; a character
+    device (``/dev/zero`` never ends) only as far as its size, as the readers see it.
+    FIFOs and sockets are refused (:class:`~qcowlib.core.hostfile.HostFile`).  Unless
     ``force_share``, the file is locked as qemu-img locks what it reads (raises
     :class:`~qcowlib.errors.ImageLocked` when another process writes it).  Raises
     :class:`QcowlibIOError`.
@@ -162,17 +164,20 @@ def hash_file(
     host = HostFile(path)
     try:
         fd = host.fd
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
             raise QcowlibIOError(f"{path} is a directory", file=path)
+        limit = None if stat.S_ISREG(mode) or stat.S_ISBLK(mode) else host.size
         if not force_share:
             take_read_locks(fd, path)
         with contextlib.suppress(OSError, AttributeError):  # advice only
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         view = aligned_buffer(chunk)
         offset = 0
-        while True:
+        while limit is None or offset < limit:
+            want = view if limit is None else view[: min(len(view), limit - offset)]
             try:
-                got = os.preadv(fd, [view], offset)
+                got = os.preadv(fd, [want], offset)
             except OSError as exc:
                 raise QcowlibIOError(
                     f"read error at {offset:#x}: {exc.strerror}", file=path, offset=offset
@@ -183,6 +188,7 @@ def hash_file(
             offset += got
             if progress is not None:
                 progress(offset)
+        return offset
     finally:
         host.close()
 

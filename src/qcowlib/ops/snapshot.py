@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from qcowlib._json import JSONObject
+from qcowlib.core import interrupt
 from qcowlib.core.chain import BackingPolicy
 from qcowlib.errors import InvalidArgument, QcowlibError, UnsupportedFeature
 
@@ -107,7 +108,8 @@ def create_snapshot(path: str | os.PathLike[str], name: str, fmt: str | None = N
     now = time.time_ns() // 1000  # qemu-img records microseconds (g_get_real_time)
     new = NewSnapshot(name=name, date_sec=now // 1_000_000, date_nsec=now % 1_000_000 * 1000)
     try:
-        part.create(path, new)
+        with interrupt.deferred():  # in place: a signal waits until the change is whole
+            part.create(path, new)
     except QcowlibError as exc:
         raise _prefixed(exc, f"Could not create snapshot '{name}': ") from None
 
@@ -119,7 +121,8 @@ def apply_snapshot(path: str | os.PathLike[str], name: str, fmt: str | None = No
     path = os.fspath(path)
     part = _part(path, fmt, "apply", name)
     try:
-        part.apply(path, name)
+        with interrupt.deferred():
+            part.apply(path, name)
     except SnapshotNotFound:
         raise SnapshotNotFound(
             f"Could not apply snapshot '{name}': Failed to load snapshot: No such file or directory"
@@ -133,7 +136,8 @@ def delete_snapshot(path: str | os.PathLike[str], name: str, fmt: str | None = N
     path = os.fspath(path)
     part = _part(path, fmt, "delete", name)
     try:
-        part.delete(path, name)
+        with interrupt.deferred():
+            part.delete(path, name)
     except QcowlibError as exc:
         raise _prefixed(exc, f"Could not delete snapshot '{name}': ") from None
 

@@ -269,7 +269,8 @@ def _parse_vhdx(ctx: Context) -> VhdxInfo:
     header, header_at = vhdx.current_header(area)
     problems += _vhdx_log_problems(ctx, header, header_at)
     regions, table_at = _vhdx_regions(area, problems)
-    problems += map(Problem.of, vhdx.region_problems(regions, ctx.size, table_at))
+    log = (header.log_offset, header.log_length)
+    problems += map(Problem.of, vhdx.region_problems(regions, ctx.size, table_at, log))
     found = {r.guid: r for r in regions}
     meta = found.get(vhdx.VHDX_METADATA_GUID)
     if meta is None or meta.file_offset + vhdx.VHDX_METADATA_TABLE_SIZE > ctx.size:

@@ -29,13 +29,29 @@ __all__ = ["blkx_from_plist", "blkx_from_rsrc"]
 
 _U32 = struct.Struct(">I")
 
+#: Most XML tags (``<`` characters) a property list may have.  plistlib builds a
+#: Python object per element (~400 bytes each): within the 16 MiB cap, a list of
+#: millions of tiny elements took 600 MB and seconds to parse.  A real DMG's list has
+#: a dozen elements per partition; this allows thousands of partitions.
+DMG_XML_MAX_TAGS = 1 << 17
+#: Most resources a binary resource fork may hold (a few per partition in real images;
+#: 16 MiB of 5-byte resources was a loop of millions of them per open).
+DMG_RSRC_MAX_RESOURCES = 1 << 16
+
 
 def blkx_from_plist(xml: bytes) -> list[bytes]:
     """The ``Data`` of each ``resource-fork`` / ``blkx`` entry of an XML property list.
 
-    Raises :class:`CorruptImage` for bytes that are not an XML property list, or one
-    whose ``blkx`` entries are not dictionaries with a ``Data`` field.
+    Raises :class:`CorruptImage` for bytes that are not an XML property list, one of
+    more than :data:`DMG_XML_MAX_TAGS` elements, or one whose ``blkx`` entries are not
+    dictionaries with a ``Data`` field.
     """
+    tags = xml.count(b"<")
+    if tags > DMG_XML_MAX_TAGS:
+        raise CorruptImage(
+            f"the property list has {tags} XML elements, more than {DMG_XML_MAX_TAGS}",
+            structure="dmg plist",
+        )
     try:
         plist: Any = plistlib.loads(xml, fmt=plistlib.FMT_XML)
     except (plistlib.InvalidFileException, ExpatError, ValueError, TypeError,
@@ -60,7 +76,8 @@ def blkx_from_rsrc(fork: bytes, fork_offset: int) -> list[bytes]:
     """The resources in a binary resource fork (``fork``, read at ``fork_offset``).
 
     Checked as QEMU checks them: the data must lie inside the fork, and each resource
-    must be non-empty and inside the data.  Raises :class:`CorruptImage`.
+    must be non-empty and inside the data; at most :data:`DMG_RSRC_MAX_RESOURCES` of
+    them.  Raises :class:`CorruptImage`.
     """
     if len(fork) < 12:
         raise _bad("the resource fork is too short", fork_offset)
@@ -69,13 +86,15 @@ def blkx_from_rsrc(fork: bytes, fork_offset: int) -> list[bytes]:
     if start > len(fork) or count == 0 or start + count > len(fork):
         raise _bad("the resource data does not lie inside the resource fork", fork_offset)
     pos, end = start, start + count
-    blocks = []
+    blocks: list[bytes] = []
     while pos < end:
         if end - pos < 4:
             raise _bad("a resource length is truncated", fork_offset + pos)
         (size,) = _U32.unpack_from(fork, pos)
         if size == 0 or size > end - pos - 4:
             raise _bad(f"resource of {size} bytes does not fit the data", fork_offset + pos)
+        if len(blocks) == DMG_RSRC_MAX_RESOURCES:
+            raise _bad(f"more than {DMG_RSRC_MAX_RESOURCES} resources", fork_offset + pos)
         blocks.append(fork[pos + 4 : pos + 4 + size])
         pos += 4 + size
     return blocks

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Final
 
 import numpy as np
 
+from qcowlib.core import interrupt
 from qcowlib.errors import InvalidArgument, UnsupportedFeature
 from qcowlib.formats.qcow2 import extensions as hext
 from qcowlib.formats.qcow2 import header as hdr
@@ -195,6 +196,7 @@ def amend(path: str, options: Mapping[str, str], progress: Progress | None = Non
             step(disk)
         if progress:
             progress(i + 1, len(steps))
+        interrupt.checkpoint()  # each step leaves the image whole: a signal may stop here
     if progress and not steps:
         progress(1, 1)
 
@@ -229,7 +231,7 @@ def _size(disk: Qcow2RWDisk, size: int) -> None:
 
 def _feature_table_fits(h: hdr.Header, exts: list[hext.HeaderExtension]) -> bool:
     used = 112 + sum(8 + -(-len(e.data) // 8) * 8 for e in exts) + 8
-    return used + len((h.backing_file or "").encode()) <= h.cluster_size
+    return used + len(hext.encode_path(h.backing_file or "")) <= h.cluster_size
 
 
 def _upgrade(disk: Qcow2RWDisk) -> None:

@@ -50,6 +50,11 @@ class BitmapEntry:
         return 1 << self.granularity_bits
 
     @property
+    def shown_name(self) -> str:
+        """The name as qemu-img shows it: bytes that are not UTF-8 as U+FFFD."""
+        return self.name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+    @property
     def flag_names(self) -> list[str]:
         """As ``qemu-img info`` lists them."""
         names = []
@@ -78,13 +83,13 @@ def parse_bitmap_directory(data: bytes | memoryview, nb_bitmaps: int) -> list[Bi
         end = pos + extra + name_size
         if end > len(mv):
             raise TruncatedImage(f"bitmap directory entry {i} is truncated", structure=_DIR)
-        try:
-            name = bytes(mv[pos + extra : end]).decode("utf-8")
-        except UnicodeDecodeError:
-            raise CorruptImage(f"bitmap {i} has an undecodable name", structure=_DIR) from None
+        # Bytes that are not UTF-8 are kept as surrogates: written back unchanged,
+        # shown as U+FFFD (shown_name), as qemu-img shows them.
+        name = bytes(mv[pos + extra : end]).decode("utf-8", "surrogateescape")
         pos = (end + 7) & ~7
         if not 9 <= gbits <= 31:
-            raise CorruptImage(f"bitmap {name!r} has granularity bits {gbits}", structure=_DIR)
+            shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            raise CorruptImage(f"bitmap {shown!r} has granularity bits {gbits}", structure=_DIR)
         out.append(
             BitmapEntry(e.bitmap_table_offset, e.bitmap_table_size, e.flags, e.type, gbits, name)
         )

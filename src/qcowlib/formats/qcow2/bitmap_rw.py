@@ -177,7 +177,7 @@ class _State:
     def add(self, name: str, granularity: int) -> None:
         if not name:
             raise InvalidArgument("Bitmap name cannot be empty")
-        if len(name.encode()) > MAX_BITMAP_NAME:
+        if len(name.encode("utf-8", "surrogateescape")) > MAX_BITMAP_NAME:
             raise InvalidArgument("Name length exceeds maximum (1023 characters)")
         if any(bm.name == name for bm in self.bitmaps):
             raise InvalidArgument(f"Bitmap already exists: {name}")
@@ -283,7 +283,7 @@ def encode_directory(bitmaps: list[_Bitmap]) -> bytes:
     """The bitmap directory: each entry padded to 8 bytes (no extra data)."""
     out = bytearray()
     for bm in bitmaps:
-        name = bm.name.encode()
+        name = bm.name.encode("utf-8", "surrogateescape")  # another tool's bytes kept
         out += BITMAP_DIR_ENTRY.build(
             {
                 "bitmap_table_offset": bm.table_offset,

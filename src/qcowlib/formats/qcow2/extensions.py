@@ -95,13 +95,25 @@ class KnownExtensions(NamedTuple):
     crypto: CryptoExtension | None = None
 
 
-def decode_name(raw: bytes, what: str) -> str:
-    """A NUL-padded UTF-8 name stored in the header area."""
+def decode_name(raw: bytes, what: str, *, path: bool = False) -> str:
+    """A NUL-padded UTF-8 name stored in the header area.
+
+    A file name (``path``) is bytes on disk, as QEMU uses it: bytes that are not UTF-8
+    (a name in another encoding) are kept as surrogates, which ``os`` functions and
+    :func:`encode_path` turn back into the same bytes.
+    """
     raw = raw.split(b"\0", 1)[0]
+    if path:
+        return raw.decode("utf-8", "surrogateescape")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         raise CorruptImage(f"{what} is not valid UTF-8", structure="header") from None
+
+
+def encode_path(name: str) -> bytes:
+    """A file name's bytes as stored (see :func:`decode_name`)."""
+    return name.encode("utf-8", "surrogateescape")
 
 
 def walk_extensions(data: bytes, start: int, limit: int) -> Iterator[tuple[int, int, int]]:
@@ -163,7 +175,7 @@ def decode_known(extensions: list[HeaderExtension]) -> KnownExtensions:
         if ext.type == EXT_BACKING_FORMAT:
             backing_format = decode_name(ext.data, "backing format")
         elif ext.type == EXT_DATA_FILE:
-            data_file = decode_name(ext.data, "external data file name")
+            data_file = decode_name(ext.data, "external data file name", path=True)
         elif ext.type == EXT_BITMAPS:
             if len(ext.data) < _BitmapsExt.sizeof():
                 raise CorruptImage("bitmaps extension is too short", structure="bitmaps extension")

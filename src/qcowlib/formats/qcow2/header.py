@@ -20,6 +20,7 @@ from qcowlib.formats.qcow2.extensions import (
     decode_known,
     decode_name,
     encode_extensions,
+    encode_path,
     feature_names,
     parse_extensions,
 )
@@ -376,7 +377,7 @@ def _backing_file_name(data: bytes, fields: dict[str, Any], cluster_size: int) -
             field="backing_file_offset",
             offset=offset,
         )
-    return decode_name(data[offset:end], "backing file name")
+    return decode_name(data[offset:end], "backing file name", path=True)
 
 
 def _validate(h: Header, file_size: int | None) -> None:
@@ -497,7 +498,7 @@ def build_header(h: Header) -> bytes:
             out += bytes(h.header_length - len(out))
     out += encode_extensions(h.extensions)
     if h.backing_file is not None:
-        name = h.backing_file.encode("utf-8")
+        name = encode_path(h.backing_file)
         if h.backing_file_offset < len(out):
             raise CorruptImage("backing file name would overlap the header extensions")
         out += bytes(h.backing_file_offset - len(out))

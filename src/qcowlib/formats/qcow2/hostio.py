@@ -101,7 +101,7 @@ def with_backing(h: hdr.Header, name: str | None, fmt: str | None) -> hdr.Header
     if name and fmt:
         exts.insert(0, hext.extension(hext.EXT_BACKING_FORMAT, fmt.encode()))
     ext_end = h.header_length + sum(8 + -(-len(e.data) // 8) * 8 for e in exts) + 8
-    raw_name = name.encode() if name else b""
+    raw_name = hext.encode_path(name) if name else b""
     if len(raw_name) > hdr.MAX_BACKING_FILE_NAME:
         raise InvalidArgument("backing file name is too long")
     return h.replace(

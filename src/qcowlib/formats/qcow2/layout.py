@@ -278,7 +278,7 @@ def build_new_header(opts: CreateOptions, layout: Layout, *, dirty: bool = False
         incompat |= hdr.INCOMPAT_DIRTY
     header_length = 112 if opts.version == 3 else hdr.V2_HEADER_LENGTH
     ext_end = header_length + sum(8 + clusters(len(e.data), 8) * 8 for e in exts) + 8
-    name = opts.backing_file.encode() if opts.backing_file else b""
+    name = hext.encode_path(opts.backing_file) if opts.backing_file else b""
     if len(name) > hdr.MAX_BACKING_FILE_NAME:
         raise InvalidArgument("Backing file name too long")
     if ext_end + len(name) > opts.cluster_size and opts.version == 3:

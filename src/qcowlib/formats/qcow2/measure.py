@@ -102,7 +102,9 @@ def bitmaps_size(disk: Disk, cluster_size: int) -> int:
         clusters = div_round_up(div_round_up(bits, 8), cluster_size)
         total += clusters * cluster_size
         total += align_up(clusters * _BITMAP_TABLE_ENTRY_SIZE, cluster_size)
-        directory += align_up(BITMAP_DIR_ENTRY_SIZE + len(bm.name.encode()), 8)
+        directory += align_up(
+            BITMAP_DIR_ENTRY_SIZE + len(bm.name.encode("utf-8", "surrogateescape")), 8
+        )
     return total + align_up(directory, cluster_size)
 
 

@@ -191,7 +191,7 @@ class Qcow2Disk(PlainL2Mixin, Qcow2Metadata, Disk):
             bitmaps = self.bitmaps()
             if bitmaps:
                 data["bitmaps"] = [
-                    {"flags": b.flag_names, "name": b.name, "granularity": b.granularity}
+                    {"flags": b.flag_names, "name": b.shown_name, "granularity": b.granularity}
                     for b in bitmaps
                 ]
         data["refcount-bits"] = h.refcount_bits

@@ -42,7 +42,12 @@ NO_ICOUNT: Final = 2**64 - 1
 
 @dataclass(frozen=True)
 class Snapshot:
-    """One internal snapshot.  ``icount`` is None where the entry does not record it."""
+    """One internal snapshot.  ``icount`` is None where the entry does not record it.
+
+    ``id_str`` and ``name`` are for showing and matching: bytes that are not UTF-8
+    (another tool's legacy encoding) read as U+FFFD, as qemu-img's JSON shows them;
+    ``id_raw`` and ``name_raw`` are the stored bytes, written back unchanged.
+    """
 
     l1_table_offset: int
     l1_size: int
@@ -55,6 +60,8 @@ class Snapshot:
     disk_size: int | None
     icount: int | None
     extra_data: bytes
+    id_raw: bytes = b""
+    name_raw: bytes = b""
 
 
 def parse_snapshot_table(
@@ -63,7 +70,7 @@ def parse_snapshot_table(
     """Parse ``nb_snapshots`` entries from ``data`` (the table's bytes from its start).
 
     Raises :class:`TruncatedImage` when the entries run past ``data`` and
-    :class:`CorruptImage` for oversized extra data or undecodable names.
+    :class:`CorruptImage` for oversized extra data.
     """
     if nb_snapshots > MAX_SNAPSHOTS:
         raise CorruptImage("too many snapshots", structure="snapshot table")
@@ -100,21 +107,16 @@ def _parse_entry(mv: memoryview, pos: int, i: int, base_offset: int) -> tuple[Sn
         )
     extra = bytes(mv[pos : pos + extra_len])
     pos += extra_len
-    try:
-        id_str = bytes(mv[pos : pos + h.id_str_size]).decode("utf-8")
-        pos += h.id_str_size
-        name = bytes(mv[pos : pos + h.name_size]).decode("utf-8")
-        pos += h.name_size
-    except UnicodeDecodeError:
-        raise CorruptImage(
-            f"snapshot {i} has an undecodable name", structure="snapshot table", offset=where
-        ) from None
+    id_raw = bytes(mv[pos : pos + h.id_str_size])
+    pos += h.id_str_size
+    name_raw = bytes(mv[pos : pos + h.name_size])
+    pos += h.name_size
     vm_state_size, disk_size, icount = known_extra(extra, h.vm_state_size)
     snapshot = Snapshot(
         h.l1_table_offset,
         h.l1_size,
-        id_str,
-        name,
+        id_raw.decode("utf-8", "replace"),
+        name_raw.decode("utf-8", "replace"),
         h.date_sec,
         h.date_nsec,
         h.vm_clock_nsec,
@@ -122,6 +124,8 @@ def _parse_entry(mv: memoryview, pos: int, i: int, base_offset: int) -> tuple[Sn
         disk_size,
         None if icount == NO_ICOUNT else icount,
         extra,
+        id_raw,
+        name_raw,
     )
     return snapshot, (pos + 7) & ~7
 
@@ -133,7 +137,7 @@ def snapshot_table_size(snapshots: list[Snapshot]) -> int:
     for sn in snapshots:
         size = (size + 7) & ~7
         size += SNAPSHOT_HEADER_SIZE + len(sn.extra_data)
-        size += len(sn.id_str.encode()) + len(sn.name.encode())
+        size += len(raw_id(sn)) + len(raw_name(sn))
     return size
 
 
@@ -212,6 +216,16 @@ def encode_snapshot_table(entries: list[SnapshotEntry]) -> bytes:
         table += bytes(-len(table) % 8)
         table += entry.encode()
     return bytes(table)
+
+
+def raw_id(sn: Snapshot) -> bytes:
+    """The ID string's stored bytes (encoded from ``id_str`` for a made-up entry)."""
+    return sn.id_raw or sn.id_str.encode()
+
+
+def raw_name(sn: Snapshot) -> bytes:
+    """The name's stored bytes (encoded from ``name`` for a made-up entry)."""
+    return sn.name_raw or sn.name.encode()
 
 
 def _cstr(raw: bytes) -> str:

@@ -33,6 +33,8 @@ from qcowlib.formats.qcow2.snapshot import (
     Snapshot,
     SnapshotEntry,
     encode_snapshot_table,
+    raw_id,
+    raw_name,
 )
 
 if TYPE_CHECKING:
@@ -76,8 +78,8 @@ def _entry(sn: Snapshot, disk_size: int) -> SnapshotEntry:
     return SnapshotEntry(
         l1_table_offset=sn.l1_table_offset,
         l1_size=sn.l1_size,
-        id_raw=sn.id_str.encode(),
-        name_raw=sn.name.encode(),
+        id_raw=raw_id(sn),
+        name_raw=raw_name(sn),
         extra_data_size=len(sn.extra_data),
         vm_state_size=sn.vm_state_size,
         date_sec=sn.date_sec,

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Self
 
 from qcowlib.core.disk import Disk, Extent, ExtentKind
-from qcowlib.core.hostfile import HostFile, pwrite_all
+from qcowlib.core.hostfile import HostFile, pwrite_all, size_of
 from qcowlib.errors import QcowlibIOError
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ class RawWriter:
             raise QcowlibIOError(f"cannot open {path}: {exc.strerror}", file=path) from None
         try:
             take_write_locks(self.fd, path)
-            self.virtual_size = os.fstat(self.fd).st_size
+            self.virtual_size = size_of(self.fd)  # a block device's size too
         except BaseException:
             os.close(self.fd)
             raise

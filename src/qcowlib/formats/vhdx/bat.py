@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from qcowlib.errors import CorruptImage, QcowlibError, TruncatedImage
@@ -114,14 +115,21 @@ def bat_offsets(bat: BatArray) -> npt.NDArray[np.uint64]:
 
 
 def check_bat(
-    bat: BatArray, m: Metadata, file_size: int, bat_offset: int = 0
+    bat: BatArray,
+    m: Metadata,
+    file_size: int,
+    bat_offset: int = 0,
+    regions: Sequence[tuple[int, int]] = (),
 ) -> npt.NDArray[np.uint64]:
     """Check the payload entries of a non-differencing disk; returns them.
 
     Raises :class:`CorruptImage` for an unknown state, a partially present block (only
-    differencing disks have them) or a present block inside the header section, and
+    differencing disks have them), a present block inside the header section or whose
+    whole block meets one of ``regions`` (``(start, end)`` of the log and the region
+    table's entries: QEMU's ``vhdx_check_bat_entries`` refuses the image on open), and
     :class:`TruncatedImage` for a present block whose guest-visible part ends past the
-    end of the file (QEMU: "VHDX BAT data block offset past EOF").
+    end of the file (QEMU: "VHDX BAT data block offset past EOF"; an offset so large
+    that the block's end passes 2**64 is past it too, not wrapped around).
     """
     import numpy as np
 
@@ -145,15 +153,7 @@ def check_bat(
         )
     present = states == PAYLOAD_BLOCK_FULLY_PRESENT
     offsets = bat_offsets(payload)
-    lengths = np.full(n_blocks, m.block_size, dtype=np.uint64)
-    if n_blocks:
-        lengths[-1] = m.virtual_disk_size - (n_blocks - 1) * m.block_size
-    low = present & (offsets < np.uint64(VHDX_HEADER_SECTION_END))
-    past = present & (offsets + lengths > np.uint64(file_size))
-    for mask, error, text in (
-        (low, CorruptImage, "lies inside the VHDX header section"),
-        (past, TruncatedImage, "lies past the end of the file"),
-    ):
+    for mask, error, text in _placement_checks(present, offsets, m, file_size, regions):
         hit = np.flatnonzero(mask)
         if hit.size:
             i = int(hit[0])
@@ -164,6 +164,36 @@ def check_bat(
                 offset=bat_offset + 8 * int(idx[i]),
             )
     return payload
+
+
+def _placement_checks(
+    present: npt.NDArray[np.bool_],
+    offsets: npt.NDArray[np.uint64],
+    m: Metadata,
+    file_size: int,
+    regions: Sequence[tuple[int, int]],
+) -> list[tuple[npt.NDArray[np.bool_], type[QcowlibError], str]]:
+    """Masks of the present blocks that lie where no payload block may: in the header
+    section, past the end of the file, on the log or a region."""
+    import numpy as np
+
+    n_blocks = offsets.size
+    lengths = np.full(n_blocks, m.block_size, dtype=np.uint64)
+    if n_blocks:
+        lengths[-1] = m.virtual_disk_size - (n_blocks - 1) * m.block_size
+    end = np.uint64(file_size)
+    low = present & (offsets < np.uint64(VHDX_HEADER_SECTION_END))
+    # Without wrapping: offset + length > file_size, for offsets up to 2**64 - 1 MiB.
+    past = present & ((offsets > end) | (lengths > end - np.minimum(offsets, end)))
+    checks: list[tuple[npt.NDArray[np.bool_], type[QcowlibError], str]] = [
+        (low, CorruptImage, "lies inside the VHDX header section"),
+        (past, TruncatedImage, "lies past the end of the file"),
+    ]
+    block = np.uint64(m.block_size)
+    for start, stop in regions:  # a block meeting one lies inside the file: no wrapping
+        meets = present & ~past & (offsets < np.uint64(stop)) & (offsets + block > np.uint64(start))
+        checks.append((meets, CorruptImage, f"overlaps the region {start:#x}-{stop:#x}"))
+    return checks
 
 
 def check_differencing_bat(

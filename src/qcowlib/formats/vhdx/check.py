@@ -42,7 +42,7 @@ def check_file(host: HostFile, path: str, fix: int, _open: Callable[..., object]
     size = host.size
     bat = disk.bat
     states = vhdx.bat_states(bat)
-    offsets = vhdx.bat_offsets(bat).astype(np.int64)
+    offsets = vhdx.bat_offsets(bat)  # uint64: offsets up to 2**64 - 1 MiB stay positive
     index = np.arange(bat.size, dtype=np.int64)
     total = (m.virtual_disk_size // m.logical_sector_size) * _SECTOR
     # MIN(block_size, total_sectors * 512 - i * block_size) in QEMU's unsigned arithmetic.
@@ -56,7 +56,8 @@ def check_file(host: HostFile, path: str, fix: int, _open: Callable[..., object]
     ]
     messages: list[str] = []
     for i in np.flatnonzero(states == vhdx.PAYLOAD_BLOCK_FULLY_PRESENT).tolist():
-        off, end = int(offsets[i]), int(offsets[i] + length[i])
+        off = int(offsets[i])
+        end = off + int(length[i])  # Python integers: no wrapping past 2**64
         if off > _INT64_MAX - m.block_size:
             messages.append(f"VHDX BAT entry {i} offset overflow.")
         if off >= size:

@@ -340,14 +340,19 @@ def build_region_table(entries: Sequence[RegionEntry]) -> bytes:
 
 
 def region_problems(
-    entries: Sequence[RegionEntry], file_size: int, offset: int = 0
+    entries: Sequence[RegionEntry],
+    file_size: int,
+    offset: int = 0,
+    log: tuple[int, int] | None = None,
 ) -> list[QcowlibError]:
     """Everything refused in the entries of a region table (spec 2.2.3.1), in order.
 
-    ``offset`` is where the table is (for messages).  :class:`UnsupportedFeature` for
-    an unknown required region, :class:`CorruptImage` for a missing BAT or metadata
-    region, one not 1 MiB aligned, inside the header section or overlapping another,
-    and :class:`TruncatedImage` for one past the end of the file.
+    ``offset`` is where the table is (for messages); ``log`` is the current header's
+    ``(log_offset, log_length)``.  :class:`UnsupportedFeature` for an unknown required
+    region, :class:`CorruptImage` for a missing BAT or metadata region, one not 1 MiB
+    aligned, inside the header section or overlapping the log or another region (any
+    entry, known or not, as QEMU's ``vhdx_open_region_tables`` checks them), and
+    :class:`TruncatedImage` for one past the end of the file.
     """
     what = "vhdx region table"
     found: list[QcowlibError] = []
@@ -386,27 +391,48 @@ def region_problems(
     for needed, name in ((VHDX_BAT_GUID, "BAT"), (VHDX_METADATA_GUID, "metadata")):
         if needed not in by_guid:
             found.append(CorruptImage(f"VHDX has no {name} region", structure=what, offset=offset))
-    bat, meta = by_guid.get(VHDX_BAT_GUID), by_guid.get(VHDX_METADATA_GUID)
-    if (
-        bat is not None
-        and meta is not None
-        and bat.file_offset < meta.file_offset + meta.length
-        and meta.file_offset < bat.file_offset + bat.length
-    ):
-        found.append(
-            CorruptImage("VHDX BAT and metadata regions overlap", structure=what, offset=offset)
-        )
+    found += _overlap_problems(entries, offset, log)
     return found
 
 
+def _overlap_problems(
+    entries: Sequence[RegionEntry], offset: int, log: tuple[int, int] | None
+) -> list[QcowlibError]:
+    """Each entry that meets the log or an earlier entry, in QEMU's order."""
+    found: list[QcowlibError] = []
+    taken = [("the log", log[0], log[0] + log[1])] if log is not None else []
+    for i, r in enumerate(entries):
+        clash = next((n for n, a, b in taken if overlaps(r.file_offset, r.length, a, b)), None)
+        if clash is not None:
+            found.append(
+                CorruptImage(
+                    f"VHDX region {guid_text(r.guid)} overlaps {clash}",
+                    structure="vhdx region table",
+                    field=f"entry[{i}].file_offset",
+                    offset=offset + 16 + _REGION_ENTRY_SIZE * i + 16,
+                )
+            )
+        taken.append((f"region {guid_text(r.guid)}", r.file_offset, r.file_offset + r.length))
+    return found
+
+
+def overlaps(start: int, length: int, region_start: int, region_end: int) -> bool:
+    """Whether ``[start, start + length)`` meets ``[region_start, region_end)``, as
+    QEMU's ``vhdx_region_check`` decides it (an empty region inside the range counts)."""
+    return not (start >= region_end or start + length <= region_start)
+
+
 def check_regions(
-    entries: Sequence[RegionEntry], file_size: int, offset: int = 0
+    entries: Sequence[RegionEntry],
+    file_size: int,
+    offset: int = 0,
+    log: tuple[int, int] | None = None,
 ) -> tuple[RegionEntry, RegionEntry]:
     """The BAT and metadata regions of a region table, checked (spec 2.2.3.1).
 
     Raises the first of :func:`region_problems`.
     """
-    problems = region_problems(entries, file_size, offset)
+    problems = region_problems(entries, file_size, offset, log)
     if problems:
         raise problems[0]
     found = {r.guid: r for r in entries}

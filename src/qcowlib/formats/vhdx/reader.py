@@ -85,8 +85,9 @@ class VhdxDisk(Disk):
         # QEMU's vhdx_parse_log: a log with an active sequence must be replayed first.
         refuse_unreplayed(self.host, self.header, self.header_offset, self.filename)
         self.regions = self._region_table(area)
+        log = (self.header.log_offset, self.header.log_length)
         self.bat_region, self.meta_region = vhdx.check_regions(
-            self.regions, size, vhdx.VHDX_REGION_TABLE_OFFSETS[0]
+            self.regions, size, vhdx.VHDX_REGION_TABLE_OFFSETS[0], log
         )
         self.metadata = self._metadata(self.meta_region)
         m = self.metadata
@@ -111,7 +112,7 @@ class VhdxDisk(Disk):
         if m.has_parent:
             self.payload, self._bits_at = vhdx.check_differencing_bat(self.bat, m, size, at)
         else:
-            self.payload = vhdx.check_bat(self.bat, m, size, at)
+            self.payload = vhdx.check_bat(self.bat, m, size, at, self.occupied)
         states = vhdx.bat_states(self.payload)
         kinds = np.full(states.shape, _KIND_UNALLOCATED, dtype=np.int8)
         kinds[states == vhdx.PAYLOAD_BLOCK_ZERO] = _KIND_ZERO
@@ -119,6 +120,16 @@ class VhdxDisk(Disk):
         kinds[states == vhdx.PAYLOAD_BLOCK_PARTIALLY_PRESENT] = _KIND_PARTIAL
         self._kinds: npt.NDArray[np.int8] = kinds
         self._hosts: npt.NDArray[np.int64] = vhdx.bat_offsets(self.payload).astype(np.int64)
+
+    @property
+    def occupied(self) -> list[tuple[int, int]]:
+        """``(start, end)`` of the log and of every region table entry: no payload
+        block may meet them (QEMU's ``vhdx_region_check``)."""
+        h = self.header
+        return [
+            (h.log_offset, h.log_offset + h.log_length),
+            *((r.file_offset, r.file_offset + r.length) for r in self.regions),
+        ]
 
     def _region_table(self, area: bytes) -> tuple[vhdx.RegionEntry, ...]:
         first: QcowlibError | None = None

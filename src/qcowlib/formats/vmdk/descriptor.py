@@ -56,6 +56,10 @@ class VmdkDescriptor:
     read_extents: tuple[VmdkExtent, ...] = ()
     #: The first line QEMU refuses (``Invalid extent line``), or one it would read twice.
     extent_problem: tuple[int, str, str] | None = None
+    #: Where the first byte that is not ASCII is (from the start of the text), if any:
+    #: QEMU reads such a descriptor (VMware writes non-ASCII file names and ddb values
+    #: in the encoding it declares), the image inspector refuses it.
+    non_ascii_at: int | None = None
 
     def field(self, name: str) -> str | None:
         """A header field's value, name matched case-insensitively (last one wins)."""
@@ -128,16 +132,14 @@ def parse_descriptor(raw: bytes | bytearray | memoryview) -> VmdkDescriptor:
     """Parse a text descriptor (embedded or stand-alone), at most 1 MiB of it (VDF 3).
 
     The text ends at the first NUL byte (embedded descriptors are NUL padded).  Lines
-    are kept as found; :mod:`qcowlib.formats.vmdk.reader` decides what it opens.  Raises
-    :class:`CorruptImage` when the text is not ASCII, as the image inspector refuses it.
+    are kept as found; :mod:`qcowlib.formats.vmdk.reader` decides what it opens.  Text
+    that is not ASCII is read as QEMU reads it (see ``non_ascii_at``).
     """
     data = bytes(raw[:VMDK_DESC_MAX]).split(b"\0", 1)[0]
-    try:
-        text = data.decode("ascii")
-    except UnicodeDecodeError as exc:
-        raise CorruptImage(
-            "VMDK descriptor is not ASCII text", structure="vmdk descriptor", offset=exc.start
-        ) from None
+    # Bytes, as QEMU reads them: whatever is not UTF-8 is kept as surrogates, so that a
+    # file name in another encoding still names the file it names on disk.
+    text = data.decode("utf-8", "surrogateescape")
+    odd = None if data.isascii() else re.search(rb"[\x80-\xff]", data)
     fields: list[tuple[str, str]] = []
     extents: list[VmdkExtent] = []
     unsupported: list[tuple[int, str]] = []
@@ -178,6 +180,7 @@ def parse_descriptor(raw: bytes | bytearray | memoryview) -> VmdkDescriptor:
         tuple(ddb),
         read,
         problem,
+        None if odd is None else odd.start(),
     )
 
 

@@ -101,6 +101,13 @@ def vmdk_descriptor(ctx: Context) -> Findings:
     d = info.descriptor
     if d is None:
         return
+    if d.non_ascii_at is not None:
+        start = h.desc_offset * vmdk.SECTOR if h is not None else 0
+        yield ctx.error(
+            "the VMDK descriptor is not ASCII text (QEMU reads it, VMware writes file "
+            "names and ddb values in other encodings); Glance's image inspector refuses it",
+            start + d.non_ascii_at,
+        )
     if h is not None and not d.fields and not d.extents:
         yield ctx.error(
             "this sparse VMDK's embedded descriptor is empty: it is one extent of a "
