@@ -317,6 +317,23 @@ class RunSource:
             np.concatenate(ends) if ends else np.zeros(0, np.int64),
         )
 
+    def nonzero_unit_count(self, unit: int) -> int:
+        """How many units :meth:`nonzero_units` covers, counted window by window
+        without keeping the ranges (``unit`` a power of two up to
+        :data:`WINDOW_ALIGN`: windows start on its multiples, so no unit spans two)."""
+        if unit & (unit - 1) or unit > WINDOW_ALIGN:
+            raise ValueError(f"unit {unit} is not a power of two up to {WINDOW_ALIGN}")
+        count = pos = 0
+        while pos < self.size:
+            runs = self._resolve(pos, pos)
+            data = ~reads_zero(runs)
+            first, end = merge_unit_ranges(
+                runs.start[data] // unit, -(-(runs.start[data] + runs.length[data]) // unit)
+            )
+            count += int((end - first).sum())
+            pos = self.hi
+        return count
+
 
 def merge_unit_ranges(first: I64, end: I64) -> tuple[I64, I64]:
     """Sorted ``[first, end)`` ranges with overlapping or touching ones merged."""

@@ -4,7 +4,7 @@ and ``qcow2_refcount_metadata_size`` (block/qcow2.c) and
 
 ``fully-allocated`` is the size of the image with every cluster allocated.  ``required``
 is that minus the data clusters the source leaves unallocated or zero (see
-:func:`qcowlib.core.measure.allocated_clusters`).  Metadata is counted as for the fully
+:func:`qcowlib.core.measure.allocated_units`).  Metadata is counted as for the fully
 allocated image, so ``required`` overestimates a little, exactly as qemu-img does.
 """
 
@@ -21,7 +21,7 @@ from qcowlib.core.measure import (
     STRING,
     OptionValues,
     SizeMeasure,
-    allocated_clusters,
+    allocated_units,
 )
 from qcowlib.errors import InvalidArgument, UnsupportedFeature
 from qcowlib.formats.qcow2 import header as hdr
@@ -183,7 +183,7 @@ def _measure(opts: OptionValues, disk: Disk | None) -> dict[str, int]:
             # every cluster will be written; full preallocation writes them all anyway.
             required = virtual_size
         else:
-            required = allocated_clusters(disk.extents(), cs) * cs
+            required = allocated_units(disk, cs) * cs
     if full:
         required = virtual_size
 

@@ -54,6 +54,9 @@ if TYPE_CHECKING:
 
 #: Decoded L2 tables kept per image (bytes of raw table they stand for).
 L2_CACHE_BYTES = 32 * 1024 * 1024
+#: What a decoded table costs beyond its entries (five small arrays and their record):
+#: with 512-byte clusters that is most of it, so the cache counts it.
+L2_RUNS_OVERHEAD = 1536
 #: L1 tables up to this size are checked for misaligned entries without numpy.
 _L1_PLAIN_CHECK_BYTES = 256 * 1024
 
@@ -117,7 +120,7 @@ class Qcow2Disk(PlainL2Mixin, Qcow2Metadata, Disk):
                 raise exc.with_file(filename) from None
         self._l2_cache: OrderedDict[int, tables.L2Runs] = OrderedDict()
         self._l2_lock = _thread.allocate_lock()  # threading's Lock, without its import
-        self._l2_cache_max = max(4, L2_CACHE_BYTES // self.cluster_size)
+        self._l2_cache_max = max(4, L2_CACHE_BYTES // (self.cluster_size + L2_RUNS_OVERHEAD))
         self._l2_plain: dict[int, PlainL2Runs] = {}
         self._plain_budget = PLAIN_L2_BYTES
         self._compressed_cache: tuple[int, bytes] | None = None
