@@ -14,6 +14,7 @@ from them with one positional read per run.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +44,7 @@ WINDOW_ALIGN = 1 << 21
 #: the chain's shortest possible run (:attr:`Disk.run_granule`), so an image whose
 #: tables repeat one dense block everywhere (VHD BAT entries that all point at one
 #: block with an alternating bitmap) cannot fill memory with one window's runs
-#: (~60 MB a layer at most).
+#: (~15 MB of run arrays a layer at most).
 MAX_WINDOW_RUNS = 1 << 18
 _ZEROS = bytes(1 << 20)
 _READ_KINDS = (RUN_DATA, RUN_COMPRESSED)
@@ -295,44 +296,35 @@ class RunSource:
         b = int(np.searchsorted(runs.start, end, side="left"))
         return runs, a, b
 
-    def nonzero_units(self, unit: int) -> tuple[I64, I64]:
-        """Unit ranges ``[first, end)`` of the whole disk that may hold non-zero data
-        (runs not known to read as zeros, rounded out to ``unit`` and merged)."""
-        firsts: list[I64] = []
-        ends: list[I64] = []
+    def _window_units(self, unit: int) -> Iterator[tuple[I64, I64]]:
+        """Window by window over the whole disk, the merged unit ranges ``[first, end)``
+        of runs not known to read as zeros (memory follows the merged ranges of one
+        window, not its runs)."""
         pos = 0
         while pos < self.size:
             runs = self._resolve(pos, pos)
-            stop = self.hi
             data = ~reads_zero(runs)
-            # Merged window by window: memory follows the merged ranges, not the runs.
-            first, end = merge_unit_ranges(
+            yield merge_unit_ranges(
                 runs.start[data] // unit, -(-(runs.start[data] + runs.length[data]) // unit)
             )
-            firsts.append(first)
-            ends.append(end)
-            pos = stop
+            pos = self.hi
+
+    def nonzero_units(self, unit: int) -> tuple[I64, I64]:
+        """Unit ranges ``[first, end)`` of the whole disk that may hold non-zero data
+        (runs not known to read as zeros, rounded out to ``unit`` and merged)."""
+        parts = list(self._window_units(unit))
         return merge_unit_ranges(
-            np.concatenate(firsts) if firsts else np.zeros(0, np.int64),
-            np.concatenate(ends) if ends else np.zeros(0, np.int64),
+            np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64),
+            np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64),
         )
 
     def nonzero_unit_count(self, unit: int) -> int:
-        """How many units :meth:`nonzero_units` covers, counted window by window
-        without keeping the ranges (``unit`` a power of two up to
-        :data:`WINDOW_ALIGN`: windows start on its multiples, so no unit spans two)."""
+        """How many units :meth:`nonzero_units` covers, without keeping the ranges
+        (``unit`` a power of two up to :data:`WINDOW_ALIGN`: windows start on its
+        multiples, so no unit spans two)."""
         if unit & (unit - 1) or unit > WINDOW_ALIGN:
             raise ValueError(f"unit {unit} is not a power of two up to {WINDOW_ALIGN}")
-        count = pos = 0
-        while pos < self.size:
-            runs = self._resolve(pos, pos)
-            data = ~reads_zero(runs)
-            first, end = merge_unit_ranges(
-                runs.start[data] // unit, -(-(runs.start[data] + runs.length[data]) // unit)
-            )
-            count += int((end - first).sum())
-            pos = self.hi
-        return count
+        return sum(int((end - first).sum()) for first, end in self._window_units(unit))
 
 
 def merge_unit_ranges(first: I64, end: I64) -> tuple[I64, I64]:
