@@ -59,8 +59,10 @@ def program() -> NoReturn:
 
 
 def _failure_status() -> int:
-    from qcowlib.cli import command_of, failure_status
-
+    try:
+        from qcowlib.cli import command_of, failure_status
+    except Exception:  # the command line never loaded (start-up interrupted)
+        return 1
     return failure_status(command_of(sys.argv[1:]))
 
 
